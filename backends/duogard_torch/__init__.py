@@ -1,0 +1,292 @@
+"""The PyTorch backend of duogard.
+
+Same public names as ``duogard_jax`` (a test checks it). Autodiff goes through
+``torch.func`` with JAX's signatures; randomness takes explicit keys (a key is a CPU
+int64 tensor of two 32-bit words, hashed into a fresh ``torch.Generator`` seed per draw).
+"""
+
+from __future__ import annotations
+
+try:
+    import torch
+    import torch.func
+    import torch.nn.functional as F
+except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
+    raise ImportError(
+        "duogard's torch backend needs PyTorch: pip install torch==2.13.0 (CPU wheel), then "
+        "pip install \"duogard[torch]\""
+    ) from exc
+try:
+    import array_api_compat.torch as _xp
+except ImportError as exc:  # pragma: no cover
+    raise ImportError(
+        "duogard's torch backend needs array-api-compat: pip install \"duogard[torch]\""
+    ) from exc
+
+import numpy as np
+
+from duogard.tree import tree_flatten, tree_leaves, tree_map, tree_structure, tree_unflatten
+
+name = "torch"
+framework = "torch"
+install_hint = 'pip install torch==2.13.0 "duogard[torch]"'
+xp = _xp
+
+float32 = torch.float32
+float64 = torch.float64
+int32 = torch.int32
+int64 = torch.int64
+
+_DTYPES = {
+    "float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
+    "float64": torch.float64, "int8": torch.int8, "int16": torch.int16, "int32": torch.int32,
+    "int64": torch.int64, "uint8": torch.uint8, "bool": torch.bool,
+    "complex64": torch.complex64, "complex128": torch.complex128,
+}
+
+
+def framework_version() -> str:
+    return torch.__version__
+
+
+# ----------------------------------------------------------------------------- arrays
+
+def is_array(x) -> bool:
+    return isinstance(x, torch.Tensor)
+
+
+def as_dtype(dtype):
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    key = dtype if isinstance(dtype, str) else np.dtype(dtype).name
+    try:
+        return _DTYPES[key]
+    except KeyError:
+        raise TypeError(f"as_dtype: unsupported dtype {dtype!r}; expected one of {sorted(_DTYPES)}") from None
+
+
+def dtype_name(dtype) -> str:
+    return str(as_dtype(dtype)).removeprefix("torch.")
+
+
+def default_device():
+    return torch.device("cpu")
+
+
+def device_of(x):
+    return x.device
+
+
+def device_kind(x) -> str:
+    return x.device.type
+
+
+def asarray(x, dtype=None, device=None):
+    dtype = as_dtype(dtype)
+    if type(x).__module__.startswith(("jax", "jaxlib")):
+        from duogard.interop import convert  # DLPack, zero-copy where possible
+
+        x = convert(x, to="torch")
+    elif isinstance(x, np.ndarray) and not x.flags.writeable:
+        x = x.copy()  # torch refuses to wrap read-only NumPy memory
+    return torch.as_tensor(x, dtype=dtype, device=device)
+
+
+def to_numpy(x) -> np.ndarray:
+    return x.detach().cpu().numpy()
+
+
+# ----------------------------------------------------------------------------- nn ops
+
+def conv2d(x, w, *, stride=(1, 1), padding=((0, 0), (0, 0)), dilation=(1, 1), groups=1):
+    (pt, pb), (pl, pr) = padding
+    if pt == pb and pl == pr:
+        return F.conv2d(x, w, None, tuple(stride), (pt, pl), tuple(dilation), groups)
+    # torch's conv takes symmetric padding only; pad asymmetric cases ("same", even kernel)
+    x = F.pad(x, (pl, pr, pt, pb))
+    return F.conv2d(x, w, None, tuple(stride), 0, tuple(dilation), groups)
+
+
+def max_pool2d(x, *, kernel_size, stride, padding=(0, 0)):
+    return F.max_pool2d(x, tuple(kernel_size), tuple(stride), tuple(padding))
+
+
+def avg_pool2d(x, *, kernel_size, stride, padding=(0, 0), count_include_pad=True):
+    return F.avg_pool2d(x, tuple(kernel_size), tuple(stride), tuple(padding),
+                        count_include_pad=count_include_pad)
+
+
+def relu(x):
+    return torch.relu(x)
+
+
+def leaky_relu(x, negative_slope=0.01):
+    return F.leaky_relu(x, negative_slope)
+
+
+def gelu(x, approximate=False):
+    return F.gelu(x, approximate="tanh" if approximate else "none")
+
+
+def sigmoid(x):
+    return torch.sigmoid(x)
+
+
+def softplus(x, beta=1.0, threshold=20.0):
+    return F.softplus(x, beta, threshold)
+
+
+def elu(x, alpha=1.0):
+    return F.elu(x, alpha)
+
+
+def silu(x):
+    return F.silu(x)
+
+
+def tanh(x):
+    return torch.tanh(x)
+
+
+def softmax(x, axis=-1):
+    return torch.softmax(x, dim=axis)
+
+
+def log_softmax(x, axis=-1):
+    return torch.log_softmax(x, dim=axis)
+
+
+def logsumexp(x, axis=None, keepdims=False):
+    if axis is None:
+        return torch.logsumexp(x.reshape(-1), dim=0)
+    return torch.logsumexp(x, dim=axis, keepdim=keepdims)
+
+
+def layer_norm(x, weight, bias, *, normalized_ndim, eps=1e-5):
+    return F.layer_norm(x, tuple(x.shape[x.ndim - normalized_ndim:]), weight, bias, eps)
+
+
+# ----------------------------------------------------------------------------- autodiff
+
+def jvp(f, primals, tangents):
+    return torch.func.jvp(f, tuple(primals), tuple(tangents))
+
+
+def vjp(f, *primals):
+    return torch.func.vjp(f, *primals)
+
+
+def value_and_grad(f, argnums=0, has_aux=False):
+    # torch.func returns (grad, value) / (grad, (value, aux)); JAX's order is (value, grad)
+    gv = torch.func.grad_and_value(f, argnums=argnums, has_aux=has_aux)
+
+    def wrapped(*args, **kwargs):
+        g, v = gv(*args, **kwargs)
+        return v, g
+
+    return wrapped
+
+
+def grad(f, argnums=0, has_aux=False):
+    return torch.func.grad(f, argnums=argnums, has_aux=has_aux)
+
+
+def vmap(f, in_axes=0, out_axes=0):
+    return torch.func.vmap(f, in_dims=in_axes, out_dims=out_axes)
+
+
+def jit(f, *, static_argnums=None, static_argnames=None, donate_argnums=None, compile=False):
+    # eager by default; torch.compile is opt-in (compile=True)
+    return torch.compile(f) if compile else f
+
+
+def stop_gradient(x):
+    return x.detach()
+
+
+def is_tracing(x) -> bool:
+    return torch._C._functorch.is_functorch_wrapped_tensor(x) or torch.compiler.is_compiling()
+
+
+def synchronize(tree=None):
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+    return tree
+
+
+# ----------------------------------------------------------------------------- random
+
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(z: int) -> int:
+    z = (z + 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
+def _key_int(key) -> int:
+    hi, lo = (int(v) for v in key.tolist())
+    return ((hi & 0xFFFFFFFF) << 32) | (lo & 0xFFFFFFFF)
+
+
+def _make_key(z: int):
+    return torch.tensor([(z >> 32) & 0xFFFFFFFF, z & 0xFFFFFFFF], dtype=torch.int64)
+
+
+def _generator(key, device):
+    device = torch.device("cpu") if device is None else torch.device(device)
+    g = torch.Generator(device=device)
+    g.manual_seed(_splitmix64(_key_int(key)) & 0x7FFFFFFFFFFFFFFF)
+    return g
+
+
+def key(seed: int):
+    return _make_key(int(seed) & _MASK64)
+
+
+def split(key, num: int = 2):
+    base = _key_int(key)
+    return torch.stack([_make_key(_splitmix64(base ^ _splitmix64(i + 1))) for i in range(num)])
+
+
+def fold_in(key, data: int):
+    return _make_key(_splitmix64(_key_int(key) ^ _splitmix64((int(data) + 0x632BE5AB) & _MASK64)))
+
+
+def key_data(key) -> np.ndarray:
+    return key.numpy().astype(np.uint32)
+
+
+def key_from_data(data):
+    return torch.as_tensor(np.asarray(data, dtype=np.uint32).astype(np.int64))
+
+
+def normal(key, shape, dtype=torch.float32, device=None):
+    return torch.randn(tuple(shape), generator=_generator(key, device), dtype=as_dtype(dtype),
+                       device=device)
+
+
+def rademacher(key, shape, dtype=torch.float32, device=None):
+    # one random byte gives eight signs: 8x fewer generator calls than randint per element
+    shape = tuple(shape)
+    n = int(np.prod(shape))
+    g = _generator(key, device)
+    packed = torch.randint(0, 256, ((n + 7) // 8, 1), generator=g, dtype=torch.uint8, device=device)
+    bits = torch.bitwise_and(torch.bitwise_right_shift(packed, _SHIFTS.to(packed.device)), 1)
+    out = bits.reshape(-1)[:n].to(as_dtype(dtype)).mul_(2).sub_(1)
+    return out.reshape(shape)
+
+
+_SHIFTS = torch.arange(8, dtype=torch.uint8)
+
+
+def uniform(key, shape, dtype=torch.float32, minval=0.0, maxval=1.0, device=None):
+    u = torch.rand(tuple(shape), generator=_generator(key, device), dtype=as_dtype(dtype),
+                   device=device)
+    return u * (maxval - minval) + minval
+
+
+def bernoulli(key, p, shape, device=None):
+    return torch.rand(tuple(shape), generator=_generator(key, device), device=device) < p

@@ -1,0 +1,175 @@
+"""Backend contract, registry and selection.
+
+A backend is a module (``duogard_jax``, ``duogard_torch``, or a third party's) with the
+public names listed in :data:`CONTRACT`. Backends register themselves as entry points in
+the group ``duogard.backends``; this module discovers them without importing any framework
+until a backend is actually asked for.
+
+Selection order: explicit argument > :func:`use_backend` context > ``$DUOGARD_BACKEND`` >
+default (jax if installed, else torch). This is the one place in the front end that
+chooses between backends by name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import importlib
+import importlib.metadata
+import os
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Iterator
+
+__all__ = [
+    "CONTRACT",
+    "BackendInfo",
+    "available_backends",
+    "backend",
+    "backend_of",
+    "use_backend",
+]
+
+#: Public names every backend module defines (a test checks both built-in backends).
+CONTRACT: tuple[str, ...] = (
+    # identity
+    "name", "framework", "framework_version", "install_hint",
+    # arrays, dtypes, devices
+    "xp", "asarray", "to_numpy", "is_array", "as_dtype", "dtype_name", "float32", "float64",
+    "int32", "int64", "default_device", "device_of", "device_kind",
+    # nn ops that the array API lacks
+    "conv2d", "max_pool2d", "avg_pool2d", "relu", "leaky_relu", "gelu", "sigmoid", "softplus",
+    "elu", "silu", "tanh", "softmax", "log_softmax", "logsumexp", "layer_norm",
+    # autodiff and compilation
+    "jvp", "vjp", "value_and_grad", "grad", "vmap", "jit", "stop_gradient",
+    # explicit-key randomness
+    "key", "split", "fold_in", "key_data", "key_from_data", "normal", "rademacher",
+    "uniform", "bernoulli",
+    # pytrees
+    "tree_map", "tree_leaves", "tree_flatten", "tree_unflatten", "tree_structure",
+    # misc
+    "synchronize", "is_tracing",
+)
+
+_ENTRY_POINT_GROUP = "duogard.backends"
+_BUILTIN = {"jax": "duogard_jax", "torch": "duogard_torch"}
+_DEFAULT_ORDER = ("jax", "torch")
+_current: contextvars.ContextVar[str | None] = contextvars.ContextVar("duogard_backend", default=None)
+_loaded: dict[str, ModuleType] = {}
+
+
+@dataclass(frozen=True)
+class BackendInfo:
+    """One registered backend: whether it can be used, its framework version, or why not."""
+
+    name: str
+    module: str
+    available: bool
+    version: str | None
+    reason: str | None
+
+    def __str__(self) -> str:
+        if self.available:
+            return f"{self.name}: available ({self.module}, framework {self.version})"
+        return f"{self.name}: unavailable ({self.reason})"
+
+
+def _registry() -> dict[str, str]:
+    """name -> module path, from entry points, falling back to the built-ins (source checkout)."""
+    found = dict(_BUILTIN)
+    try:
+        for ep in importlib.metadata.entry_points(group=_ENTRY_POINT_GROUP):
+            found[ep.name] = ep.value.split(":")[0]
+    except Exception:  # pragma: no cover - broken metadata must not break import
+        pass
+    return found
+
+
+def _load(name: str) -> ModuleType:
+    if name in _loaded:
+        return _loaded[name]
+    registry = _registry()
+    if name not in registry:
+        raise ValueError(
+            f"backend: unknown backend {name!r}; expected one of {sorted(registry)}"
+        )
+    module = importlib.import_module(registry[name])  # raises ImportError with install hint
+    missing = [n for n in CONTRACT if not hasattr(module, n)]
+    if missing:
+        raise TypeError(f"backend {name!r} ({registry[name]}) lacks contract names {missing}")
+    _loaded[name] = module
+    return module
+
+
+def available_backends() -> list[BackendInfo]:
+    """List every registered backend with its framework version, or why it is unavailable."""
+    out = []
+    for name, mod in sorted(_registry().items()):
+        try:
+            be = _load(name)
+            out.append(BackendInfo(name, mod, True, be.framework_version(), None))
+        except ImportError as exc:
+            out.append(BackendInfo(name, mod, False, None, str(exc)))
+    return out
+
+
+def _default_name() -> str:
+    for name in _DEFAULT_ORDER:
+        try:
+            _load(name)
+            return name
+        except ImportError:
+            continue
+    raise ImportError(
+        "duogard: no backend is installed. Install one: pip install \"duogard[jax]\" or "
+        "pip install torch==2.13.0 \"duogard[torch]\" (CPU wheel first)"
+    )
+
+
+def backend(name: str | ModuleType | None = None) -> ModuleType:
+    """Return a backend module.
+
+    ``name`` may be ``"jax"``, ``"torch"``, another registered name, a backend module
+    (returned as is), or None: then the :func:`use_backend` context, then
+    ``$DUOGARD_BACKEND``, then the default (jax if installed, else torch).
+
+    Raises ValueError for an unknown name (listing the known ones) and ImportError, with
+    the command that installs it, for a known backend whose framework is missing.
+    """
+    if isinstance(name, ModuleType):
+        return name
+    if name is None:
+        name = _current.get() or os.environ.get("DUOGARD_BACKEND") or None
+        if name is None:
+            name = _default_name()
+    if not isinstance(name, str):
+        raise TypeError(f"backend: expected a backend name (str) or module, got {type(name).__name__}")
+    return _load(name.strip().lower())
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[ModuleType]:
+    """Context manager: ``with duogard.use_backend("torch"): ...`` selects the default backend."""
+    be = backend(name)
+    token = _current.set(be.name)
+    try:
+        yield be
+    finally:
+        _current.reset(token)
+
+
+def backend_of(x, default: str | ModuleType | None = None) -> ModuleType:
+    """The backend that owns array ``x`` (a jax array or tracer, a torch tensor).
+
+    NumPy arrays and Python scalars belong to no framework: ``default`` (or the selected
+    backend) is returned for them.
+    """
+    mod = type(x).__module__
+    if mod.startswith(("jax", "jaxlib")):
+        return _load("jax")
+    if mod.startswith("torch"):
+        return _load("torch")
+    for name, be in _loaded.items():
+        if be.is_array(x):
+            return be
+    return backend(default)

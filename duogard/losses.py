@@ -1,0 +1,132 @@
+"""Pure losses, written once against the backend contract.
+
+Each takes predictions first and targets second, and reduces with ``reduction="mean"``
+(the default, as in torch), ``"sum"`` or ``"none"`` (unreduced: one value per example for the
+classification losses, one per element for the elementwise ones, as in torch). All are
+numerically stable (log-sum-exp, log1p). A shape mismatch raises ValueError naming both
+shapes.
+"""
+
+from __future__ import annotations
+
+from duogard.backend import backend_of
+
+__all__ = ["cross_entropy", "nll_loss", "mse", "l1", "binary_cross_entropy_with_logits", "LOSSES", "get"]
+
+_REDUCTIONS = ("mean", "sum", "none")
+
+
+def _reduce(be, values, reduction: str, fn: str):
+    if reduction == "mean":
+        return be.xp.mean(values)
+    if reduction == "sum":
+        return be.xp.sum(values)
+    if reduction == "none":
+        return values
+    raise ValueError(f"{fn}: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+
+
+def _is_int(be, x) -> bool:
+    return not be.xp.isdtype(x.dtype, ("real floating", "complex floating"))
+
+
+def _targets_from(be, fn: str, logits, targets, label_smoothing: float):
+    """Class indices or probabilities -> a probability matrix like ``logits``."""
+    xp = be.xp
+    if logits.ndim < 1:
+        raise ValueError(f"{fn}: expected logits of shape (N, C) or (C,), got {tuple(logits.shape)}")
+    num_classes = logits.shape[-1]
+    if _is_int(be, targets):
+        if tuple(targets.shape) != tuple(logits.shape[:-1]):
+            raise ValueError(
+                f"{fn}: integer labels must have shape {tuple(logits.shape[:-1])} for logits of shape "
+                f"{tuple(logits.shape)}, got labels of shape {tuple(targets.shape)}"
+            )
+        classes = xp.arange(num_classes, device=be.device_of(logits))
+        probs = xp.astype(targets[..., None] == classes, logits.dtype)
+    else:
+        if tuple(targets.shape) != tuple(logits.shape):
+            raise ValueError(
+                f"{fn}: probability targets must have the logits' shape {tuple(logits.shape)}, "
+                f"got {tuple(targets.shape)}"
+            )
+        probs = targets
+    if label_smoothing:
+        if not 0.0 <= label_smoothing <= 1.0:
+            raise ValueError(f"{fn}: label_smoothing must be in [0, 1], got {label_smoothing!r}")
+        probs = probs * (1.0 - label_smoothing) + label_smoothing / num_classes
+    return probs
+
+
+def cross_entropy(logits, targets, *, reduction: str = "mean", label_smoothing: float = 0.0, axis: int = -1):
+    """Softmax cross-entropy from logits (``torch.nn.functional.cross_entropy``).
+
+    ``targets`` are integer class labels (shape ``logits.shape[:-1]``) or class
+    probabilities (the logits' shape); ``label_smoothing`` mixes in the uniform distribution
+    as torch does.
+    """
+    be = backend_of(logits)
+    if axis not in (-1, logits.ndim - 1):
+        logits = be.xp.moveaxis(logits, axis, -1)
+        if not _is_int(be, targets):
+            targets = be.xp.moveaxis(targets, axis, -1)
+    probs = _targets_from(be, "cross_entropy", logits, targets, label_smoothing)
+    values = -be.xp.sum(probs * be.log_softmax(logits, axis=-1), axis=-1)
+    return _reduce(be, values, reduction, "cross_entropy")
+
+
+def nll_loss(log_probs, labels, *, reduction: str = "mean"):
+    """Negative log-likelihood of integer ``labels`` under ``log_probs`` (``F.nll_loss``)."""
+    be = backend_of(log_probs)
+    if not _is_int(be, labels):
+        raise ValueError(f"nll_loss: labels must be integers, got dtype {labels.dtype}")
+    probs = _targets_from(be, "nll_loss", log_probs, labels, 0.0)
+    return _reduce(be, -be.xp.sum(probs * log_probs, axis=-1), reduction, "nll_loss")
+
+
+def _check_same(fn: str, pred, target) -> None:
+    if tuple(pred.shape) != tuple(target.shape):
+        raise ValueError(f"{fn}: predictions of shape {tuple(pred.shape)} and targets of shape "
+                         f"{tuple(target.shape)} differ")
+
+
+def mse(pred, target, *, reduction: str = "mean"):
+    """Mean squared error (``F.mse_loss``)."""
+    _check_same("mse", pred, target)
+    be = backend_of(pred)
+    return _reduce(be, be.xp.square(pred - target), reduction, "mse")
+
+
+def l1(pred, target, *, reduction: str = "mean"):
+    """Mean absolute error (``F.l1_loss``)."""
+    _check_same("l1", pred, target)
+    be = backend_of(pred)
+    return _reduce(be, be.xp.abs(pred - target), reduction, "l1")
+
+
+def binary_cross_entropy_with_logits(logits, targets, *, reduction: str = "mean"):
+    """Binary cross-entropy from logits, stable (``F.binary_cross_entropy_with_logits``)."""
+    _check_same("binary_cross_entropy_with_logits", logits, targets)
+    be = backend_of(logits)
+    xp = be.xp
+    values = xp.maximum(logits, 0.0) - logits * targets + xp.log1p(xp.exp(-xp.abs(logits)))
+    return _reduce(be, values, reduction, "binary_cross_entropy_with_logits")
+
+
+LOSSES = {
+    "cross_entropy": cross_entropy,
+    "nll": nll_loss,
+    "mse": mse,
+    "l1": l1,
+    "bce_with_logits": binary_cross_entropy_with_logits,
+}
+
+
+def get(name):
+    """A loss by name (or a callable, returned as is)."""
+    if callable(name):
+        return name
+    try:
+        return LOSSES[name]
+    except KeyError:
+        raise ValueError(f"loss: unknown loss {name!r}; expected one of {sorted(LOSSES)}") from None

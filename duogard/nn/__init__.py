@@ -1,0 +1,21 @@
+"""Layers written once against the backend contract.
+
+Layers take their output size first and infer input sizes from an example input; params are
+plain nested dicts named like torch's ``state_dict``; images are NCHW.
+"""
+
+from duogard.nn._activations import (
+    ACTIVATIONS, Activation, activation, elu, gelu, leaky_relu, log_softmax, relu, sigmoid, silu,
+    softmax, softplus, tanh,
+)
+from duogard.nn._conv import Conv2d
+from duogard.nn._linear import Linear
+from duogard.nn._module import Lambda, Module, Sequential
+from duogard.nn._norm import Dropout, LayerNorm
+from duogard.nn._pool import AvgPool2d, Flatten, MaxPool2d
+
+__all__ = [
+    "Module", "Sequential", "Lambda", "Linear", "Conv2d", "MaxPool2d", "AvgPool2d", "Flatten",
+    "Dropout", "LayerNorm", "Activation", "activation", "ACTIVATIONS", "relu", "leaky_relu",
+    "tanh", "sigmoid", "gelu", "softplus", "elu", "silu", "softmax", "log_softmax",
+]

@@ -1,0 +1,67 @@
+"""Normalisation and dropout layers."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from duogard.nn._module import Module
+
+__all__ = ["LayerNorm", "Dropout"]
+
+
+class LayerNorm(Module):
+    """Layer normalisation over the last ``normalized_ndim`` axes, like ``torch.nn.LayerNorm``.
+
+    The normalised shape is inferred from the example input (torch's ``normalized_shape``).
+    """
+
+    def __init__(self, normalized_ndim: int = 1, *, eps: float = 1e-5, elementwise_affine: bool = True):
+        if int(normalized_ndim) < 1:
+            raise ValueError(f"LayerNorm: normalized_ndim must be >= 1, got {normalized_ndim!r}")
+        if not eps > 0:
+            raise ValueError(f"LayerNorm: eps must be > 0, got {eps!r}")
+        self.normalized_ndim = int(normalized_ndim)
+        self.eps = float(eps)
+        self.elementwise_affine = bool(elementwise_affine)
+
+    def init_params(self, rng, input_shape, dtype):
+        if len(input_shape) < self.normalized_ndim:
+            raise ValueError(f"LayerNorm: expected an input of rank >= {self.normalized_ndim}, "
+                             f"got shape {tuple(input_shape)}")
+        shape = tuple(input_shape[len(input_shape) - self.normalized_ndim:])
+        params = {}
+        if self.elementwise_affine:
+            params = {"weight": np.ones(shape, dtype), "bias": np.zeros(shape, dtype)}
+        return params, tuple(input_shape)
+
+    def forward(self, be, params, x, *, key=None, train=False):
+        if self.elementwise_affine:
+            want = tuple(params["weight"].shape)
+            got = tuple(x.shape[x.ndim - self.normalized_ndim:]) if x.ndim >= self.normalized_ndim else ()
+            if got != want:
+                raise ValueError(f"LayerNorm: expected input shape (..., {', '.join(map(str, want))}), "
+                                 f"got {tuple(x.shape)}")
+        return be.layer_norm(x, params.get("weight"), params.get("bias"),
+                             normalized_ndim=self.normalized_ndim, eps=self.eps)
+
+
+class Dropout(Module):
+    """Inverted dropout: zero each element with probability ``p`` and scale by ``1/(1-p)``.
+
+    Identity unless ``train=True``; then a ``key`` is required (explicit randomness).
+    """
+
+    has_params = False
+
+    def __init__(self, p: float = 0.5):
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"Dropout: p must be in [0, 1), got {p!r}")
+        self.p = float(p)
+
+    def forward(self, be, params, x, *, key=None, train=False):
+        if not train or self.p == 0.0:
+            return x
+        if key is None:
+            raise ValueError("Dropout: train=True needs an explicit key (apply(..., key=be.key(seed)))")
+        keep = be.bernoulli(key, 1.0 - self.p, tuple(x.shape), device=be.device_of(x))
+        return be.xp.where(keep, x / (1.0 - self.p), be.xp.zeros_like(x))

@@ -1,0 +1,72 @@
+"""Shared fixtures: every layer/loss/optimizer/estimator test runs on each backend.
+
+JAX's 64-bit mode is switched on once here, so float64 checks are real float64 on both
+backends; every float32 test gives its dtypes explicitly.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import duogard as dg
+
+BACKENDS = ("jax", "torch")
+
+try:
+    import jax
+
+    jax.config.update("jax_enable_x64", True)
+except ImportError:  # pragma: no cover - the torch-only install
+    pass
+
+
+def _available(name: str) -> bool:
+    try:
+        dg.backend(name)
+        return True
+    except ImportError:
+        return False
+
+
+AVAILABLE = tuple(b for b in BACKENDS if _available(b))
+
+
+@pytest.fixture(params=AVAILABLE)
+def be(request):
+    """The backend module under test (parametrised over the installed backends)."""
+    return dg.backend(request.param)
+
+
+@pytest.fixture
+def both():
+    """(jax, torch) backend modules, for cross-backend tests."""
+    if len(AVAILABLE) < 2:
+        pytest.skip("needs both jax and torch installed")
+    return dg.backend("jax"), dg.backend("torch")
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)
+
+
+TOL = {"float32": dict(rtol=1e-5, atol=1e-6), "float64": dict(rtol=1e-10, atol=1e-12)}
+
+
+def to_backend(be, tree, dtype=None):
+    """A NumPy pytree on backend ``be`` (optionally cast)."""
+    return dg.tree.tree_map(lambda a: be.asarray(np.asarray(a) if dtype is None else np.asarray(a, dtype)), tree)
+
+
+def to_numpy(be, tree):
+    return dg.tree.tree_map(be.to_numpy, tree)
+
+
+def has_cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False

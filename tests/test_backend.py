@@ -1,0 +1,140 @@
+"""Backend registry, selection order, contract names, errors."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+import duogard as dg
+from duogard.backend import CONTRACT
+
+
+def _public(module) -> set[str]:
+    return {n for n in vars(module) if not n.startswith("_") and n not in {"annotations", "np", "os"}
+            and not isinstance(getattr(module, n), type(os))}
+
+
+def test_import_duogard_imports_no_framework():
+    code = textwrap.dedent("""
+        import sys, duogard, duogard.nn, duogard.losses, duogard.optim, duogard.grad
+        bad = [m for m in ("jax", "torch") if m in sys.modules]
+        assert not bad, bad
+        print("clean")
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "clean" in out.stdout
+
+
+def test_backend_modules_have_identical_public_names(both):
+    jx, th = both
+    names_jax = {n for n in dir(jx) if not n.startswith("_")} - {"annotations", "jax", "jnp", "np", "os"}
+    names_torch = {n for n in dir(th) if not n.startswith("_")} - {"annotations", "torch", "F", "np"}
+    assert names_jax == names_torch, (names_jax ^ names_torch)
+    assert set(CONTRACT) <= names_jax
+
+
+def test_selection_order(both, monkeypatch):
+    monkeypatch.delenv("DUOGARD_BACKEND", raising=False)
+    assert dg.backend().name == "jax"  # default: jax when installed
+    monkeypatch.setenv("DUOGARD_BACKEND", "torch")
+    assert dg.backend().name == "torch"  # environment beats the default
+    with dg.use_backend("jax"):
+        assert dg.backend().name == "jax"  # context beats the environment
+        assert dg.backend("torch").name == "torch"  # the argument beats everything
+        with dg.use_backend("torch"):
+            assert dg.backend().name == "torch"
+        assert dg.backend().name == "jax"
+    assert dg.backend().name == "torch"
+
+
+def test_unknown_backend_lists_names():
+    with pytest.raises(ValueError, match=r"unknown backend 'tensorflow'.*'jax'.*'torch'"):
+        dg.backend("tensorflow")
+
+
+def test_available_backends_reports_versions(both):
+    infos = {b.name: b for b in dg.available_backends()}
+    import jax
+    import torch
+
+    assert infos["jax"].available and infos["jax"].version == jax.__version__
+    assert infos["torch"].available and infos["torch"].version == torch.__version__
+
+
+def test_missing_framework_says_how_to_install(tmp_path):
+    # hide torch from a subprocess: the torch backend must say which extra to install
+    (tmp_path / "torch").mkdir()
+    (tmp_path / "torch" / "__init__.py").write_text("raise ImportError('No module named torch')\n")
+    code = textwrap.dedent("""
+        import duogard as dg
+        try:
+            dg.backend("torch")
+        except ImportError as e:
+            print("MSG:", e)
+        print([str(b) for b in dg.available_backends() if b.name == "torch"])
+    """)
+    env = dict(os.environ, PYTHONPATH=str(tmp_path))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    assert 'pip install "duogard[torch]"' in out.stdout
+    assert "unavailable" in out.stdout
+
+
+def test_backend_of_arrays(be):
+    x = be.asarray(np.ones(3, np.float32))
+    assert dg.backend_of(x) is be
+    assert be.is_array(x) and not be.is_array(np.ones(3))
+
+
+def test_roundtrip_and_dtypes(be):
+    a = np.arange(6, dtype=np.float64).reshape(2, 3)
+    for dt in ("float32", "float64"):
+        x = be.asarray(a, dtype=dt)
+        assert be.dtype_name(x.dtype) == dt
+        np.testing.assert_array_equal(be.to_numpy(x), a.astype(dt))
+    assert be.device_kind(be.asarray(a)) == "cpu"
+
+
+def test_random_keys_are_explicit_and_deterministic(be):
+    k = be.key(0)
+    a = be.to_numpy(be.normal(k, (1000,)))
+    b = be.to_numpy(be.normal(k, (1000,)))
+    np.testing.assert_array_equal(a, b)  # same key, same numbers
+    k1, k2 = be.split(k)
+    c = be.to_numpy(be.normal(k1, (1000,)))
+    d = be.to_numpy(be.normal(k2, (1000,)))
+    assert not np.array_equal(c, d) and not np.array_equal(a, c)
+    e = be.to_numpy(be.normal(be.fold_in(k, 1), (1000,)))
+    assert not np.array_equal(a, e)
+    assert abs(a.mean()) < 0.1 and abs(a.std() - 1) < 0.1
+    r = be.to_numpy(be.rademacher(k, (10001,)))
+    assert set(np.unique(r)) == {-1.0, 1.0} and abs(r.mean()) < 0.05
+    u = be.to_numpy(be.uniform(k, (1000,), minval=2.0, maxval=3.0))
+    assert u.min() >= 2.0 and u.max() < 3.0
+    m = be.to_numpy(be.bernoulli(k, 0.25, (4000,)))
+    assert abs(m.mean() - 0.25) < 0.03
+    # a key survives a round trip through its data (checkpoints)
+    k3 = be.key_from_data(be.key_data(k1))
+    np.testing.assert_array_equal(be.to_numpy(be.normal(k3, (1000,))), c)
+
+
+def test_autodiff_signatures_match_jax(be):
+    f = lambda x: be.xp.sum(x ** 3)  # noqa: E731
+    x = be.asarray(np.array([1.0, 2.0], np.float64))
+    v, g = be.value_and_grad(f)(x)
+    assert float(v) == 9.0
+    np.testing.assert_allclose(be.to_numpy(g), [3.0, 12.0])
+    out, t = be.jvp(f, (x,), (be.asarray(np.array([1.0, 0.0])),))
+    assert float(out) == 9.0 and float(t) == 3.0
+    out, vjp_fn = be.vjp(f, x)
+    (gx,) = vjp_fn(be.asarray(np.array(1.0)))
+    np.testing.assert_allclose(be.to_numpy(gx), [3.0, 12.0])
+    sq = be.vmap(lambda r: be.xp.sum(r * r))(be.asarray(np.arange(6.0).reshape(3, 2)))
+    np.testing.assert_allclose(be.to_numpy(sq), [1.0, 13.0, 41.0])
+    np.testing.assert_allclose(be.to_numpy(be.jit(f)(x)), 9.0)
