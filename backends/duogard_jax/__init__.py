@@ -71,6 +71,8 @@ def _resolve_device(device):
 
 
 def device_of(x):
+    if isinstance(x, jax.core.Tracer):
+        return None  # placement is decided by the jit/vmap around a tracer
     return next(iter(x.devices()))
 
 
@@ -190,8 +192,8 @@ def layer_norm(x, weight, bias, *, normalized_ndim, eps=1e-5):
 
 # ----------------------------------------------------------------------------- autodiff
 
-def jvp(f, primals, tangents):
-    return jax.jvp(f, tuple(primals), tuple(tangents))
+def jvp(f, primals, tangents, has_aux=False):
+    return jax.jvp(f, tuple(primals), tuple(tangents), has_aux=has_aux)
 
 
 def vjp(f, *primals):

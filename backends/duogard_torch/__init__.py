@@ -168,8 +168,8 @@ def layer_norm(x, weight, bias, *, normalized_ndim, eps=1e-5):
 
 # ----------------------------------------------------------------------------- autodiff
 
-def jvp(f, primals, tangents):
-    return torch.func.jvp(f, tuple(primals), tuple(tangents))
+def jvp(f, primals, tangents, has_aux=False):
+    return torch.func.jvp(f, tuple(primals), tuple(tangents), has_aux=has_aux)
 
 
 def vjp(f, *primals):

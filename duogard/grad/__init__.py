@@ -1,0 +1,17 @@
+"""Gradient estimators: backprop, forward gradients and their variants, diagnostics.
+
+``duogard.estimator(name, **options)`` returns a callable ``(loss_fn, params, batch, key) ->
+(loss, grads)``; the names are the ``--grad`` flag of the scripts and the CLI.
+"""
+
+from duogard.grad._activity import ForwardActivity
+from duogard.grad._base import ESTIMATORS, Estimator, FlatView, ForwardModeError, estimator, register
+from duogard.grad._diagnostics import gradient_agreement, with_diagnostics
+from duogard.grad._forward import Backprop, Forward, ForwardExact, forward_mode_errors, jvp_loss
+from duogard.grad._objective import Supervised, supervised
+
+__all__ = [
+    "Estimator", "ESTIMATORS", "estimator", "register", "FlatView", "ForwardModeError",
+    "Backprop", "Forward", "ForwardExact", "ForwardActivity", "Supervised", "supervised",
+    "gradient_agreement", "with_diagnostics", "forward_mode_errors", "jvp_loss",
+]

@@ -1,0 +1,146 @@
+"""Activity-perturbed forward gradients (Ren, Kornblith, Liao, Hinton; ICLR 2023)."""
+
+from __future__ import annotations
+
+from duogard.grad._base import Estimator, params_backend, register
+from duogard.grad._forward import forward_mode_errors
+from duogard.grad._objective import Supervised, _unpack
+from duogard.nn import Conv2d, Linear, Sequential
+
+__all__ = ["ForwardActivity"]
+
+_DISTRIBUTIONS = ("normal", "rademacher")
+
+
+@register("forward-activity")
+class ForwardActivity(Estimator):
+    """Perturb each Linear/Conv2d layer's pre-activations (per example) instead of its weights.
+
+    For pre-activations z_l = W_l a_l + b_l, draw u_l per example, get the per-example
+    directional derivatives d_b = Σ_l ∇_{z_l[b]} loss_b · u_l[b] from ONE forward-mode JVP,
+    estimate ∂loss/∂z_l[b] ≈ d_b u_l[b], and form the weight gradients from the layer inputs:
+    Σ_b ĝ_l[b] ⊗ a_l[b] for Linear (and the same contraction, the convolution's weight
+    gradient, for Conv2d). The number of perturbed numbers falls from the parameter count to
+    the activity count, which cuts the variance by about the fan-in.
+
+    Supports: ``duogard.grad.supervised(model, loss)`` objectives whose model is a
+    :class:`duogard.nn.Sequential` whose layers with parameters are all Linear or Conv2d
+    (any parameterless layers between them: activations, pooling, Flatten, Dropout), and
+    whose loss is per-example (cross-entropy, MSE ...; the batch mean). Anything else
+    raises a clear error; use ``"forward"`` for arbitrary models.
+
+    ``layerwise=True`` perturbs one layer per JVP (vmapped over layers) so each layer's
+    estimate carries no noise from the others: lower variance, L× the tangent work.
+    """
+
+    stochastic = True
+
+    def __init__(self, *, distribution: str = "normal", layerwise: bool = False):
+        if distribution not in _DISTRIBUTIONS:
+            raise ValueError(f"forward-activity: distribution must be one of {_DISTRIBUTIONS}, got {distribution!r}")
+        self.distribution = distribution
+        self.layerwise = bool(layerwise)
+        self._shapes: dict = {}
+
+    # -- which layers, and their output shapes
+    def _layers(self, loss_fn):
+        if not isinstance(loss_fn, Supervised) or not isinstance(loss_fn.model, Sequential):
+            raise TypeError(
+                "forward-activity: supports losses made by duogard.grad.supervised(model, loss) "
+                f"with a duogard.nn.Sequential model; got {type(loss_fn).__name__}"
+                + (f" over {type(loss_fn.model).__name__}" if isinstance(loss_fn, Supervised) else "")
+                + ". Use --grad forward for other models."
+            )
+        names = []
+        for i, layer in enumerate(loss_fn.model.layers):
+            if isinstance(layer, (Linear, Conv2d)):
+                names.append(str(i))
+            elif getattr(layer, "has_params", True) and not _parameterless(layer):
+                raise TypeError(f"forward-activity: layer {i} ({type(layer).__name__}) has parameters but is "
+                                "neither Linear nor Conv2d; use --grad forward for this model")
+        if not names:
+            raise TypeError("forward-activity: the model has no Linear or Conv2d layer to perturb")
+        return names
+
+    def _out_shapes(self, model, x_shape):
+        key = (id(model), tuple(x_shape))
+        if key not in self._shapes:
+            self._shapes[key] = model.layer_shapes(tuple(x_shape))
+        return self._shapes[key]
+
+    def sample(self, loss_fn, params, batch, key):
+        names = self._layers(loss_fn)
+        be = params_backend(params)
+        x, _, _ = _unpack(batch)
+        shapes = self._out_shapes(loss_fn.model, x.shape)
+        draw = be.rademacher if self.distribution == "rademacher" else be.normal
+        keys = be.split(key, len(names))
+        dtype, dev = x.dtype, be.device_of(x)
+        return {n: draw(keys[j], shapes[int(n)], dtype=dtype, device=dev) for j, n in enumerate(names)}
+
+    def estimate(self, loss_fn, params, batch, tangents):
+        names = self._layers(loss_fn)
+        be = params_backend(params)
+        xp = be.xp
+        x, y, dkey = _unpack(batch)
+        model, loss = loss_fn.model, loss_fn.loss
+        zeros = {n: xp.zeros_like(tangents[n]) for n in names}
+
+        def per_example(perturb):
+            inputs: dict = {}
+            out = model.forward(be, params, x, key=dkey, train=dkey is not None, perturb=perturb, capture=inputs)
+            values = loss(out, y, reduction="none")
+            values = xp.reshape(values, (x.shape[0], -1))
+            # each example's share of the batch-mean loss
+            return xp.sum(values, axis=1) / (values.shape[0] * values.shape[1]), inputs
+
+        with forward_mode_errors("forward-activity"):
+            if not self.layerwise:
+                contrib, d, inputs = be.jvp(per_example, (zeros,), (tangents,), has_aux=True)
+                dz = {n: _scale_rows(xp, d, tangents[n]) for n in names}
+            else:
+                dz, contrib, inputs = self._layerwise(be, per_example, zeros, tangents, names)
+        grads = {}
+        for n in names:
+            grads[n] = _weight_grads(be, model.layers[int(n)], params[n], inputs[n], dz[n])
+        return xp.sum(contrib), grads
+
+    def _layerwise(self, be, per_example, zeros, tangents, names):
+        xp = be.xp
+        count = len(names)
+        sel = {n: xp.reshape(xp.astype(xp.arange(count) == j, tangents[n].dtype),
+                             (count,) + (1,) * tangents[n].ndim) for j, n in enumerate(names)}
+        stacked = {n: sel[n] * tangents[n][None] for n in names}
+        contrib, d, inputs = be.vmap(lambda t: be.jvp(per_example, (zeros,), (t,), has_aux=True))(stacked)
+        dz = {n: _scale_rows(xp, d[j], tangents[n]) for j, n in enumerate(names)}
+        return dz, contrib[0], {n: v[0] for n, v in inputs.items()}
+
+
+def _parameterless(layer) -> bool:
+    return getattr(layer, "has_params", True) is False
+
+
+def _scale_rows(xp, d, u):
+    """d (B,) times u (B, ...): the per-example estimate of ∂loss/∂z."""
+    return xp.reshape(d, (d.shape[0],) + (1,) * (u.ndim - 1)) * u
+
+
+def _weight_grads(be, layer, p, a, gz):
+    """Weight and bias gradients of one layer from its input ``a`` and output gradient ``gz``."""
+    xp = be.xp
+    if isinstance(layer, Linear):
+        a2 = xp.reshape(a, (-1, a.shape[-1]))
+        g2 = xp.reshape(gz, (-1, gz.shape[-1]))
+        out = {"weight": xp.matmul(xp.matrix_transpose(g2), a2)}
+        if "bias" in p:
+            out["bias"] = xp.sum(g2, axis=0)
+        return out
+    # Conv2d: the weight gradient is the transpose of the convolution in w, applied to gz
+    w = p["weight"]
+    _, pullback = be.vjp(lambda ww: be.conv2d(a, ww, stride=layer.stride, padding=layer._pads(),
+                                              dilation=layer.dilation, groups=layer.groups), w)
+    (gw,) = pullback(gz)
+    out = {"weight": gw}
+    if "bias" in p:
+        out["bias"] = xp.sum(gz, axis=(0, 2, 3))
+    return out

@@ -1,0 +1,43 @@
+"""A supervised objective: a model and a loss, as a ``loss_fn(params, batch)``."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from duogard import losses as _losses
+
+__all__ = ["Supervised", "supervised"]
+
+
+class Supervised:
+    """``loss_fn(params, batch) = loss(model.apply(params, x), y)`` for ``batch = (x, y)``.
+
+    Estimators that need the model's structure (``forward-activity``) read ``.model`` and
+    ``.loss``; every other estimator just calls it. ``batch`` may carry a third item, a
+    random key for dropout (then the model runs with ``train=True``).
+    """
+
+    def __init__(self, model, loss: Callable | str = _losses.cross_entropy):
+        self.model = model
+        self.loss = _losses.get(loss)
+
+    def __call__(self, params, batch):
+        x, y, key = _unpack(batch)
+        out = self.model.apply(params, x, key=key, train=key is not None)
+        return self.loss(out, y)
+
+    def __repr__(self) -> str:
+        return f"supervised({self.model!r}, {getattr(self.loss, '__name__', self.loss)!r})"
+
+
+def _unpack(batch):
+    if not isinstance(batch, (tuple, list)) or len(batch) not in (2, 3):
+        raise ValueError(f"supervised loss: batch must be (x, y) or (x, y, key), got "
+                         f"{type(batch).__name__} of length {len(batch) if hasattr(batch, '__len__') else '?'}")
+    x, y, *rest = batch
+    return x, y, rest[0] if rest else None
+
+
+def supervised(model, loss: Callable | str = _losses.cross_entropy) -> Supervised:
+    """Make ``loss_fn(params, (x, y))`` from a model and a loss (default: softmax cross-entropy)."""
+    return Supervised(model, loss)
