@@ -35,10 +35,13 @@ __all__ = [
 
 def __getattr__(name: str):
     if name in _LAZY_MODULES:
-        return importlib.import_module(f"duogard.{name}")
-    if name in _LAZY_NAMES:
-        return getattr(importlib.import_module(_LAZY_NAMES[name]), name)
-    raise AttributeError(f"module 'duogard' has no attribute {name!r}")
+        value = importlib.import_module(f"duogard.{name}")
+    elif name in _LAZY_NAMES:
+        value = getattr(importlib.import_module(_LAZY_NAMES[name]), name)
+    else:
+        raise AttributeError(f"module 'duogard' has no attribute {name!r}")
+    globals()[name] = value  # resolved once; later lookups are plain attribute reads
+    return value
 
 
 def __dir__():

@@ -87,7 +87,8 @@ def asarray(x, dtype=None, device=None):
     if type(x).__module__.startswith("torch"):
         from duogard.interop import convert  # DLPack, zero-copy where possible
 
-        x = convert(x, to="jax")
+        # asking for a narrower dtype is an explicit downcast: let convert allow it
+        x = convert(x, to="jax", allow_downcast=dtype is not None and dtype.itemsize < 8)
     if dtype is not None and dtype.itemsize == 8 and not jax.config.jax_enable_x64:
         raise TypeError(
             f"asarray: dtype {dtype.name} needs JAX 64-bit mode "
@@ -136,7 +137,8 @@ def relu(x):
 
 
 def leaky_relu(x, negative_slope=0.01):
-    return jax.nn.leaky_relu(x, negative_slope)
+    # not jax.nn.leaky_relu: its slope at x = 0 is 1, torch's is negative_slope
+    return jnp.where(x > 0, x, negative_slope * x)
 
 
 def gelu(x, approximate=False):

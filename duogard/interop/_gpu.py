@@ -1,0 +1,156 @@
+"""JAX and PyTorch on one CUDA GPU: memory preallocation and matmul precision.
+
+Rules
+-----
+Preallocation
+    JAX reserves 75% of GPU memory when its GPU backend starts, leaving PyTorch little.
+    ``XLA_PYTHON_CLIENT_PREALLOCATE=false`` makes JAX allocate on demand; it is read once,
+    when JAX first initialises its backends (the first device query or computation, not
+    ``import jax``). Importing duogard's JAX backend sets it by default (opt out with
+    ``DUOGARD_SHARED_GPU=0``); :func:`configure_shared_gpu` sets it explicitly, for scripts
+    that use JAX before asking duogard for a backend. A value the user set is kept.
+
+TF32
+    On Ampere and later GPUs JAX computes float32 matmuls and convolutions in TF32 by
+    default; PyTorch does not for matmuls but does for cuDNN convolutions. Parity runs pin
+    both to full float32 with :func:`pin_matmul_precision`, which restores the previous
+    settings on exit. On CPU the settings change nothing measurable (oneDNN may use
+    reduced precision on some CPUs; it is pinned too).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import sys
+import warnings
+from typing import Iterator
+
+__all__ = ["configure_shared_gpu", "pin_matmul_precision"]
+
+PREALLOCATE_VAR = "XLA_PYTHON_CLIENT_PREALLOCATE"
+
+
+def _jax_backends_started() -> bool:
+    """Whether JAX has created its backends (after which the variable is not read again)."""
+    if "jax" not in sys.modules:
+        return False
+    bridge = sys.modules.get("jax._src.xla_bridge")
+    backends = getattr(bridge, "_backends", None)
+    return True if backends is None else bool(backends)  # unknown internals: assume started
+
+
+def configure_shared_gpu(*, preallocate: bool = False) -> str:
+    """Set ``XLA_PYTHON_CLIENT_PREALLOCATE`` so JAX and PyTorch can share one GPU.
+
+    Call it before the first JAX computation. A value already in the environment (the
+    user's) is kept and returned. If JAX's backends have already started, the variable
+    is still set (for child processes) but a ``RuntimeWarning`` says it no longer affects
+    this process.
+
+    Args:
+      preallocate: the value to set when the user has set none: ``False`` (the default)
+        lets JAX allocate GPU memory on demand.
+
+    Returns:
+      The value of ``XLA_PYTHON_CLIENT_PREALLOCATE`` now in force (``"false"``/``"true"``
+      or the user's value).
+    """
+    if PREALLOCATE_VAR in os.environ:
+        return os.environ[PREALLOCATE_VAR]
+    value = "true" if preallocate else "false"
+    os.environ[PREALLOCATE_VAR] = value
+    if _jax_backends_started():
+        warnings.warn(
+            f"configure_shared_gpu: JAX's backends have already started, so "
+            f"{PREALLOCATE_VAR}={value} only affects new processes. Call it before the first "
+            f"JAX computation, or set {PREALLOCATE_VAR} in the shell.",
+            RuntimeWarning, stacklevel=2)
+    return value
+
+
+# ----------------------------------------------------------------------------- precision
+
+# torch >= 2.9 settings (the legacy allow_tf32 flags are deprecated there and, mixed with
+# the new ones, can leave cuDNN in TF32): every leaf of the fp32_precision tree, set to IEEE
+_TORCH_KNOBS = ("cuda.matmul", "cudnn.conv", "cudnn.rnn", "mkldnn.matmul", "mkldnn.conv",
+                "mkldnn.rnn")
+
+
+def _installed(name: str) -> bool:
+    return name in sys.modules or importlib.util.find_spec(name) is not None
+
+
+def _torch_knob(torch, path: str):
+    obj = torch.backends
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _pin_torch(torch):
+    """Pin torch to full float32 precision; return a function that restores the old state."""
+    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        knobs = [_torch_knob(torch, p) for p in _TORCH_KNOBS]
+        saved = [k.fp32_precision for k in knobs]
+        for k in knobs:
+            k.fp32_precision = "ieee"
+
+        def restore():
+            for k, value in zip(knobs, saved):
+                k.fp32_precision = value
+
+        return restore
+
+    # older torch: the legacy flags
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+             torch.get_float32_matmul_precision())
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
+
+    def restore_legacy():
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved[:2]
+        torch.set_float32_matmul_precision(saved[2])
+
+    return restore_legacy
+
+
+def _pin_jax(jax):
+    saved = jax.config.jax_default_matmul_precision
+    jax.config.update("jax_default_matmul_precision", "highest")
+    return lambda: jax.config.update("jax_default_matmul_precision", saved)
+
+
+@contextlib.contextmanager
+def pin_matmul_precision() -> Iterator[None]:
+    """Context manager (or decorator): full float32 matmuls and convolutions on both frameworks.
+
+    Inside it, TF32 is off on PyTorch (``torch.backends.cuda.matmul`` and
+    ``torch.backends.cudnn`` conv/RNN, and oneDNN on CPU, set to ``"ieee"``; on torch
+    older than 2.9 ``allow_tf32 = False`` for cuBLAS and cuDNN and
+    ``set_float32_matmul_precision("highest")``) and JAX's
+    ``jax_default_matmul_precision`` is ``"highest"``. The previous settings are restored
+    on exit, also after an exception. Frameworks that are not installed are skipped;
+    installed ones are imported.
+
+    Example::
+
+        with dg.interop.pin_matmul_precision():
+            report = dg.parity.compare(...)
+    """
+    restores = []
+    try:
+        if _installed("torch"):
+            import torch
+
+            restores.append(_pin_torch(torch))
+        if _installed("jax"):
+            import jax
+
+            restores.append(_pin_jax(jax))
+        yield
+    finally:
+        for restore in reversed(restores):
+            restore()
