@@ -20,6 +20,15 @@ try:
 except ImportError:  # pragma: no cover - the torch-only install
     pass
 
+try:
+    import torch
+
+    # The suite's shapes are tiny: one intra-op thread avoids OpenMP spin-waiting against
+    # JAX's thread pool (and other processes) on a 2-core machine, which made steps 100x slower.
+    torch.set_num_threads(1)
+except ImportError:  # pragma: no cover - the jax-only install
+    pass
+
 
 def _available(name: str) -> bool:
     try:

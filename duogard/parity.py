@@ -1,0 +1,175 @@
+"""Run two backends in lockstep and report where (and whether) they diverge.
+
+The same initial params (NumPy init), the same batches (NumPy, step-indexed), and for
+stochastic estimators the SAME tangents: drawn once per step on the first backend and
+handed to the second by DLPack. Any difference is then the frameworks' own arithmetic (or a
+real bug), not noise.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from duogard import losses as _losses
+from duogard.backend import backend as _backend
+from duogard.tree import flatten_dict, tree_leaves, tree_map
+
+__all__ = ["ParityReport", "compare", "default_tolerance", "cli"]
+
+
+def default_tolerance(dtype: str) -> float:
+    """Relative divergence beyond which two backends are said to differ."""
+    return 1e-4 if str(dtype) == "float32" else 1e-10
+
+
+@dataclass
+class ParityReport:
+    """Per-step records and the first step where the backends diverge beyond ``tol``."""
+
+    backends: tuple[str, str]
+    dtype: str
+    tol: float
+    records: list[dict] = field(default_factory=list)
+    first_divergence: int | None = None
+
+    @property
+    def final(self) -> dict:
+        return self.records[-1] if self.records else {}
+
+    def table(self, every: int = 10) -> str:
+        a, b = self.backends
+        head = f"{'step':>5}  {'loss ' + a:>14}  {'loss ' + b:>14}  {'param max abs':>13}  {'param rel':>10}  " \
+               f"{'grad max abs':>12}  {'grad rel':>10}  worst leaf"
+        lines = [head, "-" * len(head)]
+        for r in self.records:
+            if r["step"] % every == 0 or r["step"] == 1 or r["step"] == self.first_divergence:
+                lines.append(f"{r['step']:>5}  {r['loss_a']:>14.8g}  {r['loss_b']:>14.8g}  {r['param_max_abs']:>13.3e}  "
+                             f"{r['param_rel']:>10.3e}  {r['grad_max_abs']:>12.3e}  {r['grad_rel']:>10.3e}  "
+                             f"{r['worst_leaf']}")
+        verdict = (f"agree within rel {self.tol:g} for {len(self.records)} steps" if self.first_divergence is None
+                   else f"DIVERGE beyond rel {self.tol:g} first at step {self.first_divergence}")
+        lines.append(f"{a} vs {b} ({self.dtype}): {verdict}")
+        return "\n".join(lines)
+
+
+def _per_backend(value, names):
+    """``value`` or a ``{backend: value}`` dict (to plant a difference on one side)."""
+    if isinstance(value, dict) and set(value) == set(names):
+        return [value[n] for n in names]
+    return [value, value]
+
+
+def _diff(tree_a: dict, tree_b: dict):
+    """(max abs diff, global relative diff ‖a-b‖/‖b‖, name of the leaf with the largest rel diff)."""
+    fa, fb = flatten_dict(tree_a), flatten_dict(tree_b)
+    max_abs, num, den, worst, worst_rel = 0.0, 0.0, 0.0, "", -1.0
+    for k in fa:
+        a, b = np.asarray(fa[k], np.float64), np.asarray(fb[k], np.float64)
+        d = a - b
+        max_abs = max(max_abs, float(np.max(np.abs(d))) if d.size else 0.0)
+        nd, nb = float(np.sum(d * d)), float(np.sum(b * b))
+        num, den = num + nd, den + nb
+        rel = math.sqrt(nd) / max(math.sqrt(nb), 1e-30)
+        if rel > worst_rel:
+            worst, worst_rel = k, rel
+    return max_abs, math.sqrt(num) / max(math.sqrt(den), 1e-30), worst
+
+
+def compare(model, loss: Callable | str, optimizer, estimator, data, *, steps: int = 100,
+            backends=("jax", "torch"), seed: int = 0, batch_size: int = 64, dtype: str = "float32",
+            tol: float | None = None, params=None, callback=None) -> ParityReport:
+    """Train on two backends in lockstep and compare them every step.
+
+    ``optimizer`` and ``estimator`` may be one object for both, or ``{backend: object}`` to
+    plant a difference on one side. ``estimator`` may be a name. Returns a
+    :class:`ParityReport` with, per step, each backend's loss and the max abs / relative
+    difference of the params and of the grads, and ``first_divergence``: the first step
+    whose relative param or grad difference exceeds ``tol``.
+    """
+    from duogard import grad as _grad
+    from duogard import optim as _optim
+
+    if len(backends) != 2:
+        raise ValueError(f"parity: backends must name two backends, got {backends!r}")
+    names = tuple(backends)
+    bes = [_backend(n) for n in names]
+    if dtype not in ("float32", "float64"):
+        raise ValueError(f"parity: dtype must be 'float32' or 'float64', got {dtype!r}")
+    tol = default_tolerance(dtype) if tol is None else float(tol)
+    loss_fn = _grad.supervised(model, _losses.get(loss))
+    ests = [_grad.estimator(e) if isinstance(e, str) else e for e in _per_backend(estimator, names)]
+    opts = _per_backend(optimizer, names)
+    p0 = model.init(seed, data.example_input, dtype=dtype) if params is None else params
+    p0 = tree_map(lambda a: np.asarray(a, dtype), p0)
+
+    def make_step(be, est, opt):
+        def step(params, state, x, y, tangents):
+            value, grads = est.estimate(loss_fn, params, (x, y), tangents)
+            updates, state = opt.update(grads, state, params)
+            return _optim.apply_updates(params, updates), state, value, grads
+
+        return be.jit(step)
+
+    sides = []
+    for be, est, opt in zip(bes, ests, opts):
+        p = tree_map(lambda a, be=be: be.asarray(a, dtype=dtype), p0)
+        sides.append({"be": be, "est": est, "params": p, "state": opt.init(p), "step": make_step(be, est, opt)})
+    key = bes[0].key(seed)
+    report = ParityReport(names, dtype, tol)
+    for step in range(steps):
+        xb, yb = data.batch_at(step, batch_size, seed=seed)
+        xb = xb.astype(dtype)
+        batches = [(s["be"].asarray(xb), s["be"].asarray(yb)) for s in sides]
+        # tangents drawn once, on the first backend, and shared with the second (DLPack)
+        a = sides[0]
+        tangents = a["est"].sample(loss_fn, a["params"], batches[0], bes[0].fold_in(key, step)) \
+            if a["est"].stochastic else None
+        shared = [tangents, None if tangents is None else tree_map(sides[1]["be"].asarray, tangents)]
+        outs = []
+        for s, (x, y), t in zip(sides, batches, shared):
+            s["params"], s["state"], value, grads = s["step"](s["params"], s["state"], x, y, t)
+            outs.append((value, grads))
+        to_np = [lambda t, be=s["be"]: tree_map(be.to_numpy, t) for s in sides]
+        pa, pb = to_np[0](sides[0]["params"]), to_np[1](sides[1]["params"])
+        ga, gb = to_np[0](outs[0][1]), to_np[1](outs[1][1])
+        p_abs, p_rel, p_worst = _diff(pa, pb)
+        g_abs, g_rel, g_worst = _diff(ga, gb)
+        rec = {"step": step + 1, "loss_a": float(outs[0][0]), "loss_b": float(outs[1][0]),
+               "param_max_abs": p_abs, "param_rel": p_rel, "grad_max_abs": g_abs, "grad_rel": g_rel,
+               "worst_leaf": p_worst if p_rel >= g_rel else g_worst}
+        report.records.append(rec)
+        if report.first_divergence is None and (max(p_rel, g_rel) > tol or not np.isfinite([p_rel, g_rel]).all()):
+            report.first_divergence = step + 1
+        if callback is not None:
+            callback(rec)
+    return report
+
+
+def cli(args) -> int:
+    """``duogard parity``: print the lockstep table; exit 1 when the backends diverge."""
+    import duogard as dg
+    from duogard import optim
+    from duogard.train import build_model
+    from duogard.train._compare import parse_method
+
+    backends = tuple(b.strip() for b in args.backends.split(",")) if args.backends else ("jax", "torch")
+    if args.dtype == "float64" and "jax" in backends:
+        import jax
+
+        jax.config.update("jax_enable_x64", True)
+    spec = parse_method(args.grad)
+    ds = dg.data.load(args.dataset, seed=args.seed, data_dir=args.data_dir)
+    hidden = tuple(int(h) for h in args.hidden.split(","))
+    model = build_model(args.model, ds.num_classes, hidden=hidden)
+    lr = args.lr if args.lr is not None else spec.learning_rate() * (0.1 if args.optimizer == "adam" else 1)
+    opt = optim.adam(lr) if args.optimizer == "adam" else optim.sgd(lr)
+    print(f"duogard parity: {args.model} on {args.dataset}, {spec.label}, {args.optimizer}(lr={lr}), "
+          f"{args.steps} steps, {args.dtype}, {backends[0]} vs {backends[1]} (shared tangents)")
+    report = compare(model, "cross_entropy", opt, spec.build(), ds, steps=args.steps, backends=backends,
+                     seed=args.seed, batch_size=args.batch_size, dtype=args.dtype, tol=args.tol)
+    print(report.table(every=args.every))
+    return 0 if report.first_divergence is None else 1
