@@ -58,6 +58,15 @@ def _targets_from(be, fn: str, logits, targets, label_smoothing: float):
     return probs
 
 
+def _neg_weighted_sum(be, weights, log_probs, integer_labels: bool):
+    """``-sum(weights * log_probs)`` over the last axis. With integer labels a class of weight 0
+    adds nothing even where its log-probability is -inf (masked logits), as in torch."""
+    terms = weights * log_probs
+    if integer_labels:
+        terms = be.xp.where(weights > 0, terms, be.xp.zeros_like(terms))
+    return -be.xp.sum(terms, axis=-1)
+
+
 def cross_entropy(logits, targets, *, reduction: str = "mean", label_smoothing: float = 0.0, axis: int = -1):
     """Softmax cross-entropy from logits (``torch.nn.functional.cross_entropy``).
 
@@ -71,7 +80,7 @@ def cross_entropy(logits, targets, *, reduction: str = "mean", label_smoothing: 
         if not _is_int(be, targets):
             targets = be.xp.moveaxis(targets, axis, -1)
     probs = _targets_from(be, "cross_entropy", logits, targets, label_smoothing)
-    values = -be.xp.sum(probs * be.log_softmax(logits, axis=-1), axis=-1)
+    values = _neg_weighted_sum(be, probs, be.log_softmax(logits, axis=-1), _is_int(be, targets))
     return _reduce(be, values, reduction, "cross_entropy")
 
 
@@ -81,7 +90,7 @@ def nll_loss(log_probs, labels, *, reduction: str = "mean"):
     if not _is_int(be, labels):
         raise ValueError(f"nll_loss: labels must be integers, got dtype {labels.dtype}")
     probs = _targets_from(be, "nll_loss", log_probs, labels, 0.0)
-    return _reduce(be, -be.xp.sum(probs * log_probs, axis=-1), reduction, "nll_loss")
+    return _reduce(be, _neg_weighted_sum(be, probs, log_probs, True), reduction, "nll_loss")
 
 
 def _check_same(fn: str, pred, target) -> None:
@@ -101,7 +110,9 @@ def l1(pred, target, *, reduction: str = "mean"):
     """Mean absolute error (``F.l1_loss``)."""
     _check_same("l1", pred, target)
     be = backend_of(pred)
-    return _reduce(be, be.xp.abs(pred - target), reduction, "l1")
+    diff = pred - target
+    # |d| as d * sign(d): the same value, with torch's subgradient 0 at d = 0 (JAX's abs has 1)
+    return _reduce(be, diff * be.xp.sign(diff), reduction, "l1")
 
 
 def binary_cross_entropy_with_logits(logits, targets, *, reduction: str = "mean"):
@@ -109,7 +120,10 @@ def binary_cross_entropy_with_logits(logits, targets, *, reduction: str = "mean"
     _check_same("binary_cross_entropy_with_logits", logits, targets)
     be = backend_of(logits)
     xp = be.xp
-    values = xp.maximum(logits, 0.0) - logits * targets + xp.log1p(xp.exp(-xp.abs(logits)))
+    # max(x, 0) as (x + |x|) / 2 (the same value, exactly): at x = 0 its derivative then sums with
+    # log1p(exp(-|x|))'s to sigmoid(0) = 1/2 whatever |x|'s derivative at 0 is (1 in JAX, 0 in
+    # torch); with maximum, JAX's gradient at x = 0 was -t instead of 1/2 - t
+    values = 0.5 * (logits + xp.abs(logits)) - logits * targets + xp.log1p(xp.exp(-xp.abs(logits)))
     return _reduce(be, values, reduction, "binary_cross_entropy_with_logits")
 
 
