@@ -13,19 +13,24 @@ __all__ = ["Backprop", "Forward", "ForwardExact", "forward_mode_errors", "jvp_lo
 _DISTRIBUTIONS = ("normal", "rademacher")
 
 # What the frameworks say when forward mode cannot go through, and what it means.
-_CAUSES = (
+_CAUSES = (  # most specific first: the generic "jvp" also appears in other messages
     ("custom_vjp", "the loss uses a jax.custom_vjp function, which has no forward-mode rule "
                    "(define it with jax.custom_jvp instead)"),
-    ("forward-mode", "an op in the loss has no forward-mode (JVP) rule"),
-    ("forward ad", "an op in the loss has no forward-mode (JVP) rule"),
-    ("forward_ad", "an op in the loss has no forward-mode (JVP) rule"),
     ("setup_context", "the loss uses a torch.autograd.Function without forward-mode support "
                       "(it needs setup_context and a jvp staticmethod)"),
-    ("jvp", "an op in the loss has no forward-mode (JVP) rule"),
+    ("custom autograd.function", "the loss uses a torch.autograd.Function without a jvp staticmethod "
+                                 "(forward mode needs one)"),
+    ("does not have vmap support", "the loss uses a torch.autograd.Function without vmap support, which "
+                                   "batched JVPs (num_tangents > 1, forward-exact) need (set "
+                                   "generate_vmap_rule=True; forward mode also needs a jvp staticmethod)"),
     ("in-place", "the loss mutates a tensor in place (e.g. BatchNorm in training mode updates its "
                  "running statistics); pass buffers explicitly or use eval mode"),
     ("inplace", "the loss mutates a tensor in place (e.g. BatchNorm in training mode updates its "
                 "running statistics); pass buffers explicitly or use eval mode"),
+    ("forward-mode", "an op in the loss has no forward-mode (JVP) rule"),
+    ("forward ad", "an op in the loss has no forward-mode (JVP) rule"),
+    ("forward_ad", "an op in the loss has no forward-mode (JVP) rule"),
+    ("jvp", "an op in the loss has no forward-mode (JVP) rule"),
 )
 
 
