@@ -1,0 +1,119 @@
+"""The optimizers: chains of the small transformations, with torch.optim's semantics.
+
+Hyperparameters and defaults are torch.optim's (names of the Adam betas are optax's ``b1``,
+``b2``), so a torch training script ports number for number. Where optax differs, the
+docstring says how and which optax options give the same numbers.
+"""
+
+from __future__ import annotations
+
+from duogard.optim._base import GradientTransformation, chain, check, nonneg, positive, unit_interval
+from duogard.optim._schedules import as_schedule
+from duogard.optim._transforms import (
+    add_decayed_weights, scale_by_adam, scale_by_learning_rate, scale_by_rms, scale_by_rss, trace,
+)
+
+__all__ = ["sgd", "adam", "adamw", "rmsprop", "adagrad"]
+
+
+def _chain(*parts) -> GradientTransformation:
+    return chain(*(p for p in parts if p is not None))
+
+
+def sgd(learning_rate=1e-3, *, momentum=0.0, nesterov: bool = False, weight_decay=0.0) -> GradientTransformation:
+    """Stochastic gradient descent, as ``torch.optim.SGD`` (``dampening=0``).
+
+    ``g += weight_decay * param``; with momentum ``buf = momentum * buf + g`` (``buf = g`` at
+    the first step) and the step is ``-lr * buf`` (``-lr * (g + momentum * buf)`` with
+    ``nesterov``). optax: ``chain(add_decayed_weights(weight_decay), optax.sgd(lr, momentum,
+    nesterov))`` is the same.
+    """
+    schedule = as_schedule("sgd", learning_rate)
+    m = nonneg("sgd", "momentum", momentum)
+    wd = nonneg("sgd", "weight_decay", weight_decay)
+    check("sgd", "nesterov", nesterov, not nesterov or m > 0, "False when momentum is 0")
+    return _chain(
+        add_decayed_weights(wd) if wd else None,
+        trace(decay=m, nesterov=bool(nesterov)) if m else None,
+        scale_by_learning_rate(schedule),
+    )
+
+
+def _adam_args(fn, b1, b2, eps, weight_decay):
+    return (unit_interval(fn, "b1", b1), unit_interval(fn, "b2", b2), positive(fn, "eps", eps),
+            nonneg(fn, "weight_decay", weight_decay))
+
+
+def adam(learning_rate=1e-3, *, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0) -> GradientTransformation:
+    """Adam, as ``torch.optim.Adam``: ``-lr * m_hat / (sqrt(v_hat) + eps)``.
+
+    ``weight_decay`` is torch's L2 term, added to the gradient before the moments (for the
+    decoupled decay use :func:`adamw`). ``optax.adam(lr, b1, b2, eps)`` (``eps_root=0``)
+    computes the same expression; eps sits outside the square root in both. (Keras/TF's
+    "epsilon hat" form differs.)
+    """
+    b1, b2, eps, wd = _adam_args("adam", b1, b2, eps, weight_decay)
+    return _chain(
+        add_decayed_weights(wd) if wd else None,
+        scale_by_adam(b1=b1, b2=b2, eps=eps),
+        scale_by_learning_rate(as_schedule("adam", learning_rate)),
+    )
+
+
+def adamw(learning_rate=1e-3, *, b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-2) -> GradientTransformation:
+    """AdamW, as ``torch.optim.AdamW``: Adam's step plus the decoupled decay ``-lr * wd * param``.
+
+    ``optax.adamw(lr, b1, b2, eps, weight_decay=wd)`` is the same (its default ``weight_decay``
+    is 1e-4; torch's, and this one's, 1e-2). The decay applies to every leaf (no mask).
+    """
+    b1, b2, eps, wd = _adam_args("adamw", b1, b2, eps, weight_decay)
+    return _chain(
+        scale_by_adam(b1=b1, b2=b2, eps=eps),
+        add_decayed_weights(wd) if wd else None,
+        scale_by_learning_rate(as_schedule("adamw", learning_rate)),
+    )
+
+
+def rmsprop(learning_rate=1e-2, *, alpha=0.99, eps=1e-8, momentum=0.0, centered: bool = False,
+            weight_decay=0.0) -> GradientTransformation:
+    """RMSprop, as ``torch.optim.RMSprop``: ``g / (sqrt(v) + eps)`` (centered:
+    ``sqrt(v - m**2)``), then momentum ``buf = momentum * buf + that``, step ``-lr * buf``.
+
+    optax.rmsprop differs by default: eps inside the square root (``eps_in_sqrt=False`` gives
+    torch's), decay 0.9 (torch's ``alpha`` 0.99), and its momentum accumulates ``lr * g``
+    rather than ``g``: the same numbers for a constant learning rate, not under a schedule.
+    This follows torch.
+    """
+    fn = "rmsprop"
+    a, eps = unit_interval(fn, "alpha", alpha), positive(fn, "eps", eps)
+    m, wd = nonneg(fn, "momentum", momentum), nonneg(fn, "weight_decay", weight_decay)
+    return _chain(
+        add_decayed_weights(wd) if wd else None,
+        scale_by_rms(alpha=a, eps=eps, centered=bool(centered)),
+        trace(decay=m) if m else None,
+        scale_by_learning_rate(as_schedule(fn, learning_rate)),
+    )
+
+
+def adagrad(learning_rate=1e-2, *, lr_decay=0.0, weight_decay=0.0, initial_accumulator_value=0.0,
+            eps=1e-10) -> GradientTransformation:
+    """Adagrad, as ``torch.optim.Adagrad``: step ``-lr_t * g / (sqrt(s) + eps)`` with
+    ``s = initial_accumulator_value + sum of g**2`` and ``lr_t = lr / (1 + t * lr_decay)`` at
+    the ``t``-th update (from 0).
+
+    optax.adagrad differs: eps inside the square root (``g / sqrt(s + eps)``), default
+    ``initial_accumulator_value=0.1`` (torch: 0) and no ``lr_decay`` (pass the schedule
+    ``lambda t: lr / (1 + t * lr_decay)``). This follows torch.
+    """
+    fn = "adagrad"
+    base = as_schedule(fn, learning_rate)
+    decay = nonneg(fn, "lr_decay", lr_decay)
+    wd = nonneg(fn, "weight_decay", weight_decay)
+    acc0 = nonneg(fn, "initial_accumulator_value", initial_accumulator_value)
+    eps = positive(fn, "eps", eps)
+    schedule = (lambda step: base(step) / (1.0 + decay * step)) if decay else base
+    return _chain(
+        add_decayed_weights(wd) if wd else None,
+        scale_by_rss(initial_accumulator_value=acc0, eps=eps),
+        scale_by_learning_rate(schedule),
+    )
