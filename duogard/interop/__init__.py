@@ -20,7 +20,7 @@ from duogard.interop._convert import convert
 from duogard.interop._gpu import configure_shared_gpu, pin_matmul_precision
 
 # torch.nn.Module import/export: a framework-specific module, loaded on first use
-_TORCH_MODULE_NAMES = ("from_torch", "to_torch")
+_TORCH_MODULE_NAMES = ("from_torch", "to_torch", "TorchModel", "UnsupportedTorchOpsError")
 
 __all__ = ["convert", "configure_shared_gpu", "pin_matmul_precision", *_TORCH_MODULE_NAMES]
 
