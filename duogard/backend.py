@@ -41,7 +41,7 @@ CONTRACT: tuple[str, ...] = (
     "conv2d", "max_pool2d", "avg_pool2d", "relu", "leaky_relu", "gelu", "sigmoid", "softplus",
     "elu", "silu", "tanh", "softmax", "log_softmax", "logsumexp", "layer_norm",
     # autodiff and compilation
-    "jvp", "vjp", "value_and_grad", "grad", "vmap", "jit", "stop_gradient",
+    "jvp", "vjp", "value_and_grad", "grad", "vmap", "jit", "stop_gradient", "fast_jvp_rules",
     # explicit-key randomness
     "key", "split", "fold_in", "key_data", "key_from_data", "normal", "rademacher",
     "uniform", "bernoulli",

@@ -6,11 +6,14 @@ import contextlib
 import math
 
 from duogard.grad._base import Estimator, FlatView, ForwardModeError, params_backend, register
+from duogard.grad._rules import plan as _rules_plan
+from duogard.grad._rules import sequential_loss_jvp
 from duogard.tree import tree_leaves, tree_map
 
 __all__ = ["Backprop", "Forward", "ForwardExact", "forward_mode_errors", "jvp_loss"]
 
 _DISTRIBUTIONS = ("normal", "rademacher")
+_JVP_PATHS = ("auto", "framework", "rules")
 
 # What the frameworks say when forward mode cannot go through, and what it means.
 _CAUSES = (  # most specific first: the generic "jvp" also appears in other messages
@@ -91,6 +94,12 @@ class Forward(Estimator):
       tangents, ``Vᵀ(VVᵀ)⁻¹Vᵀ∇f`` (FROG-style); with K = n it is the exact gradient. Not
       unbiased (it is a projection).
 
+    - ``jvp``: ``"framework"`` (``jax.jvp`` / ``torch.func.jvp``, any loss), ``"rules"``
+      (duogard's hand-written forward rules for its own Sequential layers and losses, see
+      :mod:`duogard.grad._rules`), or ``"auto"`` (default): the rules where they cover the loss
+      and the backend's generic forward AD is the slower one (``be.fast_jvp_rules``: torch),
+      the framework's jvp otherwise. Both give the same numbers (checked in the tests).
+
     Tangents are drawn as one flat ``(K, n)`` array (n = number of parameters) and viewed as
     the params pytree; :meth:`sample` returns that array so parity runs can share it.
     """
@@ -98,8 +107,11 @@ class Forward(Estimator):
     stochastic = True
 
     def __init__(self, *, num_tangents: int = 1, distribution: str = "normal", orthogonal: bool = False,
-                 projection: bool = False):
+                 projection: bool = False, jvp: str = "auto"):
         self.num_tangents = _positive("num_tangents", num_tangents)
+        if jvp not in _JVP_PATHS:
+            raise ValueError(f"forward: jvp must be one of {_JVP_PATHS}, got {jvp!r}")
+        self.jvp = jvp
         if distribution not in _DISTRIBUTIONS:
             raise ValueError(f"forward: distribution must be one of {_DISTRIBUTIONS}, got {distribution!r}")
         self.distribution = distribution
@@ -127,7 +139,19 @@ class Forward(Estimator):
         if tuple(tangents.shape) != (k, flat.size):
             raise ValueError(f"forward: tangents must have shape (num_tangents, n) = {(k, flat.size)}, "
                              f"got {tuple(tangents.shape)}")
-        if k == 1:
+        rules = None
+        if self.jvp == "rules" or (self.jvp == "auto" and be.fast_jvp_rules):
+            rules = _rules_plan(loss_fn, batch)
+            if rules is None and self.jvp == "rules":
+                raise ValueError("forward: jvp='rules' covers supervised(Sequential of duogard layers, "
+                                 "cross_entropy or mse) losses only; use jvp='framework' for this loss")
+        if rules is not None:
+            with forward_mode_errors("forward"):
+                loss, ds = sequential_loss_jvp(be, *rules, params, flat.unflatten(be, tangents, leading=(k,)),
+                                               batch, k)
+            if k == 1 and not self.projection:
+                return loss, flat.unflatten(be, ds[0] * tangents[0])
+        elif k == 1:
             loss, d = jvp_loss(be, loss_fn, params, batch, flat.unflatten(be, tangents[0]))
             if not self.projection:
                 return loss, flat.unflatten(be, d * tangents[0])

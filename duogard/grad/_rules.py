@@ -1,0 +1,136 @@
+"""Hand-written forward-mode rules for duogard's own layers and losses.
+
+Where a framework's generic forward AD is the bottleneck (``torch.func.jvp`` pays for dual
+tensors op by op), a JVP through a :class:`duogard.nn.Sequential` of duogard's own layers can
+be written directly: for ``y = x Wᵀ + b`` the tangent is ``ẏ = ẋ Wᵀ + x Ẇᵀ + ḃ``, and so on.
+The rules are written once against the backend contract, carry K tangents at once (a leading
+axis on every tangent), and are checked against the framework's ``jvp`` in the tests. Any
+layer without a rule here goes through the framework's ``jvp`` for that layer alone; a model
+or loss that is not covered at all makes :func:`plan` return None, and the estimator uses the
+framework's ``jvp`` for the whole loss (the path for arbitrary user code).
+"""
+
+from __future__ import annotations
+
+from duogard import losses as _losses
+from duogard.grad._objective import Supervised, _unpack
+from duogard.nn import Activation, Conv2d, Dropout, Flatten, Linear, Sequential
+
+__all__ = ["plan", "sequential_loss_jvp"]
+
+_ELEMENTWISE = {
+    # name -> derivative as a function of (be, x, y, options)
+    "relu": lambda be, x, y, o: be.xp.astype(x > 0, x.dtype),
+    "tanh": lambda be, x, y, o: 1 - y * y,
+    "sigmoid": lambda be, x, y, o: y * (1 - y),
+    "leaky_relu": lambda be, x, y, o: be.xp.where(x > 0, be.xp.ones_like(x),
+                                                  be.xp.full_like(x, o.get("negative_slope", 0.01))),
+}
+_LOSSES = (_losses.cross_entropy, _losses.mse)
+
+
+def plan(loss_fn, batch):
+    """``(model, loss)`` when hand-written rules cover this loss, else None."""
+    if not isinstance(loss_fn, Supervised) or not isinstance(loss_fn.model, Sequential):
+        return None
+    if loss_fn.loss not in _LOSSES:
+        return None
+    if len(batch) == 3 and batch[2] is not None:  # dropout in training mode: generic path
+        return None
+    if not any(isinstance(layer, (Linear, Conv2d)) for layer in loss_fn.model.layers):
+        return None
+    for layer in loss_fn.model.layers:
+        if not layer.has_params or isinstance(layer, (Linear, Conv2d)):
+            continue
+        return None  # a layer with params but no rule here (LayerNorm, users' layers ...)
+    return loss_fn.model, loss_fn.loss
+
+
+def _linear(be, layer, p, tp, x, tx, k):
+    xp = be.xp
+    w = p["weight"]
+    y = xp.matmul(x, xp.matrix_transpose(w))
+    ty = xp.matmul(x, xp.matrix_transpose(tp["weight"]))  # (K, B, out) by broadcasting
+    if tx is not None:
+        ty = ty + xp.matmul(tx, xp.matrix_transpose(w))
+    if layer.bias:
+        y = y + p["bias"]
+        tb = tp["bias"]
+        ty = ty + xp.reshape(tb, (tb.shape[0],) + (1,) * (ty.ndim - 2) + (tb.shape[-1],))
+    return y, ty
+
+
+def _conv(be, layer, p, tp, x, tx, k):
+    xp = be.xp
+    w, tw = p["weight"], tp["weight"]
+    conv = lambda inp, ker: be.conv2d(inp, ker, stride=layer.stride, padding=layer._pads(),  # noqa: E731
+                                      dilation=layer.dilation, groups=layer.groups)
+    y = conv(x, w)
+    out = w.shape[0]
+    if layer.groups == 1:
+        # all K weight tangents in one convolution: (B, K*out, H, W) -> (K, B, out, H, W)
+        t = conv(x, xp.reshape(tw, (k * out, *w.shape[1:])))
+        ty = xp.permute_dims(xp.reshape(t, (t.shape[0], k, out, *t.shape[2:])), (1, 0, 2, 3, 4))
+    else:
+        ty = xp.stack([conv(x, tw[i]) for i in range(k)])
+    if tx is not None:
+        b = tx.shape[1]
+        t2 = conv(xp.reshape(tx, (k * b, *tx.shape[2:])), w)
+        ty = ty + xp.reshape(t2, (k, b, *t2.shape[1:]))
+    if layer.bias:
+        y = y + xp.reshape(p["bias"], (1, -1, 1, 1))
+        ty = ty + xp.reshape(tp["bias"], (k, 1, -1, 1, 1))
+    return y, ty
+
+
+def _layer(be, layer, p, tp, x, tx, k):
+    if isinstance(layer, Linear):
+        return _linear(be, layer, p, tp, x, tx, k)
+    if isinstance(layer, Conv2d):
+        return _conv(be, layer, p, tp, x, tx, k)
+    if isinstance(layer, Flatten):
+        y = layer.forward(be, {}, x)
+        return y, None if tx is None else be.xp.reshape(tx, (k, *y.shape))
+    if isinstance(layer, Dropout):  # not training: identity
+        return x, tx
+    if isinstance(layer, Activation) and layer.name in _ELEMENTWISE:
+        y = layer.forward(be, {}, x)
+        if tx is None:
+            return y, None
+        return y, tx * _ELEMENTWISE[layer.name](be, x, y, layer.options)
+    return _generic_layer(be, layer, x, tx, k)
+
+
+def _generic_layer(be, layer, x, tx, k):
+    """A parameterless layer without a rule (pooling ...): the framework's jvp for it alone, over K."""
+    f = lambda z: layer.forward(be, {}, z)  # noqa: E731
+    y = f(x)
+    if tx is None:
+        return y, None
+    return y, be.vmap(lambda t: be.jvp(f, (x,), (t,))[1])(tx)
+
+
+def _loss_jvp(be, loss, z, tz, y):
+    """(loss, K directional derivatives) of the batch-mean loss at logits ``z`` along ``tz`` (K, ...)."""
+    xp = be.xp
+    axes = tuple(range(1, tz.ndim))
+    if loss is _losses.cross_entropy:
+        value = loss(z, y)
+        target = _losses._targets_from(be, "cross_entropy", z, y, 0.0)
+        g = (be.softmax(z, axis=-1) - target) / z.shape[0]  # d mean CE / dz
+        return value, xp.sum(g[None] * tz, axis=axes)
+    diff = z - y  # mse
+    numel = 1
+    for d in diff.shape:
+        numel *= int(d)
+    return xp.mean(diff * diff), xp.sum((2.0 / numel) * diff[None] * tz, axis=axes)
+
+
+def sequential_loss_jvp(be, model, loss, params, tparams, batch, k: int):
+    """``(loss, d)`` with ``d[i] = ∇loss · tparams[i]`` for K tangents (leading axis on every leaf)."""
+    x, y, _ = _unpack(batch)
+    tx = None
+    for i, layer in enumerate(model.layers):
+        name = str(i)
+        x, tx = _layer(be, layer, params.get(name, {}), tparams.get(name, {}), x, tx, k)
+    return _loss_jvp(be, loss, x, tx, y)

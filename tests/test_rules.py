@@ -1,0 +1,100 @@
+"""duogard's hand-written forward rules agree with the frameworks' own jvp (and are used on torch)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import duogard as dg
+from duogard import losses, nn
+from duogard.grad import FlatView
+from duogard.grad._rules import plan
+
+MODELS = {
+    "mlp": (lambda: nn.Sequential(nn.Flatten(), nn.Linear(12), nn.relu, nn.Linear(8), nn.tanh, nn.Linear(5)), (6, 1, 4, 4)),
+    "cnn": (lambda: nn.Sequential(nn.Conv2d(3, 3, padding="same"), nn.relu, nn.MaxPool2d(2), nn.Conv2d(4, 3, padding=1),
+                                  nn.sigmoid, nn.AvgPool2d(2), nn.Flatten(), nn.Linear(5)), (4, 2, 8, 8)),
+    "mix": (lambda: nn.Sequential(nn.Conv2d(4, 3, stride=2, groups=1), nn.leaky_relu, nn.Flatten(), nn.Dropout(0.3),
+                                  nn.Linear(7), nn.gelu, nn.Linear(5)), (3, 2, 9, 9)),
+    "grouped": (lambda: nn.Sequential(nn.Conv2d(4, 3, groups=2, bias=False), nn.relu, nn.Flatten(), nn.Linear(5)), (3, 2, 6, 6)),
+}
+
+
+def _setup(be, name, loss, dtype):
+    make, shape = MODELS[name]
+    model = make()
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=shape).astype(dtype)
+    y = rng.integers(0, 5, size=shape[0]) if loss is losses.cross_entropy else rng.normal(size=(shape[0], 5)).astype(dtype)
+    params = dg.tree.tree_map(be.asarray, model.init(0, x))
+    return dg.supervised(model, loss), params, (be.asarray(x), be.asarray(y))
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("loss", [losses.cross_entropy, losses.mse], ids=["ce", "mse"])
+@pytest.mark.parametrize("k", [1, 3])
+def test_rules_equal_framework_jvp(be, name, loss, k):
+    obj, params, batch = _setup(be, name, loss, "float64")
+    assert plan(obj, batch) is not None
+    framework = dg.estimator("forward", num_tangents=k, jvp="framework")
+    rules = dg.estimator("forward", num_tangents=k, jvp="rules")
+    tangents = framework.sample(obj, params, batch, be.key(3))
+    l1, g1 = framework.estimate(obj, params, batch, tangents)
+    l2, g2 = rules.estimate(obj, params, batch, tangents)
+    flat = FlatView.of(params)
+    np.testing.assert_allclose(float(l2), float(l1), rtol=1e-12)
+    np.testing.assert_allclose(be.to_numpy(flat.flatten(be, g2)), be.to_numpy(flat.flatten(be, g1)),
+                               rtol=1e-9, atol=1e-12)
+
+
+def test_rules_projection_and_float32(be):
+    obj, params, batch = _setup(be, "cnn", losses.cross_entropy, "float32")
+    for kw in ({"num_tangents": 4, "projection": True}, {"num_tangents": 2, "distribution": "rademacher"}):
+        a = dg.estimator("forward", jvp="framework", **kw)
+        b = dg.estimator("forward", jvp="rules", **kw)
+        t = a.sample(obj, params, batch, be.key(0))
+        flat = FlatView.of(params)
+        ga = be.to_numpy(flat.flatten(be, a.estimate(obj, params, batch, t)[1]))
+        gb = be.to_numpy(flat.flatten(be, b.estimate(obj, params, batch, t)[1]))
+        np.testing.assert_allclose(gb, ga, rtol=1e-4, atol=1e-5 * np.abs(ga).max())
+
+
+def test_rules_not_planned_for_other_losses(be):
+    model = nn.Sequential(nn.Linear(4), nn.LayerNorm(), nn.Linear(3))
+    x = be.asarray(np.ones((2, 5), np.float64))
+    y = be.asarray(np.array([0, 1]))
+    params = dg.tree.tree_map(be.asarray, model.init(0, x))
+    obj = dg.supervised(model)
+    assert plan(obj, (x, y)) is None  # LayerNorm has params and no rule here
+    assert plan(lambda p, b: 0.0, (x, y)) is None  # arbitrary user code
+    assert plan(dg.supervised(nn.Sequential(nn.Linear(3)), losses.l1), (x, y)) is None
+    with pytest.raises(ValueError, match="jvp='rules' covers"):
+        dg.estimator("forward", jvp="rules")(obj, params, (x, y), be.key(0))
+    # auto falls back to the framework's jvp and still gives the right answer
+    auto = dg.estimator("forward", num_tangents=2)
+    fw = dg.estimator("forward", num_tangents=2, jvp="framework")
+    t = auto.sample(obj, params, (x, y), be.key(1))
+    flat = FlatView.of(params)
+    np.testing.assert_allclose(be.to_numpy(flat.flatten(be, auto.estimate(obj, params, (x, y), t)[1])),
+                               be.to_numpy(flat.flatten(be, fw.estimate(obj, params, (x, y), t)[1])), rtol=1e-12)
+
+
+def test_bad_jvp_option():
+    with pytest.raises(ValueError, match="jvp must be one of"):
+        dg.estimator("forward", jvp="fast")
+
+
+def test_auto_uses_rules_on_torch_only(both):
+    jx, th = both
+    assert th.fast_jvp_rules is True and jx.fast_jvp_rules is False
+
+
+def test_auto_path_calls_the_rules_where_the_backend_prefers_them(be, monkeypatch):
+    import duogard.grad._forward as fwd
+
+    calls = []
+    real = fwd.sequential_loss_jvp
+    monkeypatch.setattr(fwd, "sequential_loss_jvp", lambda *a, **k: calls.append(1) or real(*a, **k))
+    obj, params, batch = _setup(be, "mlp", losses.cross_entropy, "float64")
+    dg.estimator("forward")(obj, params, batch, be.key(0))
+    assert len(calls) == (1 if be.fast_jvp_rules else 0)
