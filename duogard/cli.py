@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from typing import Sequence
 
@@ -94,12 +93,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _hidden(text: str) -> tuple[int, ...]:
+    # ValueError: main() reports it as a usage error (exit 2)
     try:
         sizes = tuple(int(h) for h in text.split(",") if h.strip())
     except ValueError:
-        raise SystemExit(f"duogard: --hidden must be comma-separated ints, got {text!r}") from None
+        raise ValueError(f"--hidden must be comma-separated ints, got {text!r}") from None
     if not sizes or min(sizes) <= 0:
-        raise SystemExit(f"duogard: --hidden must be positive ints, got {text!r}")
+        raise ValueError(f"--hidden must be positive ints, got {text!r}")
     return sizes
 
 
@@ -182,8 +182,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    if getattr(args, "backend", None):
-        os.environ.setdefault("DUOGARD_BACKEND", args.backend)
     try:
         return _COMMANDS[args.command](args)
     except (ValueError, TypeError, FileNotFoundError, ImportError) as exc:

@@ -163,7 +163,9 @@ def cli(args) -> int:
         jax.config.update("jax_enable_x64", True)
     spec = parse_method(args.grad)
     ds = dg.data.load(args.dataset, seed=args.seed, data_dir=args.data_dir)
-    hidden = tuple(int(h) for h in args.hidden.split(","))
+    from duogard.cli import _hidden
+
+    hidden = _hidden(args.hidden)
     model = build_model(args.model, ds.num_classes, hidden=hidden)
     lr = args.lr if args.lr is not None else spec.learning_rate() * (0.1 if args.optimizer == "adam" else 1)
     opt = optim.adam(lr) if args.optimizer == "adam" else optim.sgd(lr)

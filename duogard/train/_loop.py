@@ -21,6 +21,8 @@ from duogard.tree import tree_leaves, tree_map
 __all__ = ["fit", "Trainer", "FitResult", "NonFiniteError", "rss_bytes"]
 
 _ON_NAN = ("raise", "skip")
+#: per-step record keys that appear only on some steps (so a CSV log needs their columns from the start)
+_LATE_FIELDS = ("cosine", "rel_norm", "test_loss", "test_accuracy")
 
 
 class NonFiniteError(FloatingPointError):
@@ -95,7 +97,8 @@ class _Log:
             self._f.write(json.dumps(rec) + "\n")
             return
         if self._writer is None:
-            self._fields = list(rec)
+            # columns that only some steps carry (evaluations, diagnostics) are declared up front
+            self._fields = list(rec) + [k for k in _LATE_FIELDS if k not in rec]
             self._writer = csv.DictWriter(self._f, fieldnames=self._fields, extrasaction="ignore")
             self._writer.writeheader()
         self._writer.writerow(rec)
@@ -265,9 +268,10 @@ def fit(model, params, data, *, loss: Callable | str = _losses.cross_entropy, op
             if not finite:
                 if on_nan == "raise":
                     raise NonFiniteError(
-                        f"fit: non-finite {'loss' if not math.isfinite(value) else 'gradient'} at step {step} "
-                        f"(loss={value}, |grad|^2={gsq}) with {result.estimator} on {be.name}; the last good "
-                        f"checkpoint is kept. Lower the learning rate, or pass on_nan='skip'."
+                        f"fit: non-finite {'loss' if not math.isfinite(value) else 'gradient'} at step {step + 1} "
+                        f"(loss={value}, |grad|^2={gsq}) with {result.estimator} on {be.name}"
+                        + (f"; the last good checkpoint in {str(checkpoint)!r} is kept" if checkpoint else "")
+                        + ". Lower the learning rate, or pass on_nan='skip'."
                     )
                 result.skipped_steps += 1
             else:
@@ -289,7 +293,7 @@ def fit(model, params, data, *, loss: Callable | str = _losses.cross_entropy, op
                 rec_e = {"step": done, "test_loss": ev["loss"], "test_accuracy": ev["accuracy"],
                          "time": time.perf_counter() - t_begin}
                 result.evals.append(rec_e)
-                rec.update({k: v for k, v in rec_e.items() if k != "step"})
+                rec.update({k: v for k, v in rec_e.items() if k not in ("step", "time")})
             if writer is not None:
                 writer.write(rec)
             if checkpoint is not None and checkpoint_every and done % checkpoint_every == 0:

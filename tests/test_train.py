@@ -1,0 +1,301 @@
+"""The training loop: determinism, exact resume, non-finite handling, memory, logs, metrics,
+argument checks, and the digits acceptance of issue 7."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+
+import numpy as np
+import pytest
+
+import duogard as dg
+from duogard import optim
+from duogard.train import NonFiniteError, build_model, fit, load_checkpoint, rss_bytes
+from duogard.train._compare import DEFAULT_METHODS, compare, parse_method
+from conftest import AVAILABLE
+
+BATCH = 32
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    """Tiny models: torch's intra-op threads only fight each other (and other processes) here."""
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - the jax-only install
+        yield
+        return
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return dg.data.load("digits")
+
+
+@pytest.fixture(scope="module")
+def mlp():
+    return build_model("mlp", 10, hidden=(16,))
+
+
+@pytest.fixture(scope="module")
+def params0(mlp, digits):
+    return mlp.init(0, digits.example_input)
+
+
+def _leaves(tree):
+    return [np.asarray(x) for x in dg.tree.tree_leaves(tree)]
+
+
+def _assert_bitwise(a, b):
+    la, lb = _leaves(a), _leaves(b)
+    assert len(la) == len(lb)
+    for x, y in zip(la, lb):
+        assert x.dtype == y.dtype and x.shape == y.shape
+        assert x.tobytes() == y.tobytes()
+
+
+def _losses(result):
+    return [h["loss"] for h in result.history]
+
+
+def _run(mlp, params0, digits, be, **kw):
+    kw.setdefault("steps", 20)
+    kw.setdefault("batch_size", BATCH)
+    kw.setdefault("progress", False)
+    return fit(mlp, params0, digits, backend=be.name, **kw)
+
+
+def _poisoned(ds, step, *, batch_size=BATCH, seed=0):
+    """A copy of ``ds`` whose training batch at 0-based ``step`` (and only there, in epoch 0)
+    holds one NaN example, so exactly that step's loss is non-finite."""
+    assert step < ds.steps_per_epoch(batch_size)
+    i = ds.epoch_order(0, seed=seed)[step * batch_size]
+    x = ds.x_train.copy()
+    x[i] = np.nan
+    return dataclasses.replace(ds, x_train=x)
+
+
+# ----------------------------------------------------------------------------- determinism
+
+@pytest.mark.parametrize("method", ["backprop", "forward"])
+def test_fit_is_deterministic(be, mlp, params0, digits, method):
+    kw = dict(estimator=method, optimizer=optim.sgd(0.05, momentum=0.9), seed=3, steps=25)
+    a = _run(mlp, params0, digits, be, **kw)
+    b = _run(mlp, params0, digits, be, **kw)
+    assert _losses(a) == _losses(b)
+    _assert_bitwise(a.params, b.params)
+    _assert_bitwise(a.opt_state, b.opt_state)
+    assert [e["test_accuracy"] for e in a.evals] == [e["test_accuracy"] for e in b.evals]
+    # and the seed matters (batches, and tangents for forward)
+    c = _run(mlp, params0, digits, be, **(kw | {"seed": 4}))
+    assert _losses(c) != _losses(a)
+
+
+# ----------------------------------------------------------------------------- resume
+
+@pytest.mark.parametrize("opt", ["momentum", "adam"])
+def test_resume_is_exact(be, mlp, params0, digits, tmp_path, opt):
+    make = {"momentum": lambda: optim.sgd(0.02, momentum=0.9), "adam": lambda: optim.adam(1e-3)}[opt]
+    kw = dict(estimator=dg.estimator("forward", num_tangents=2), seed=1)
+    full = _run(mlp, params0, digits, be, optimizer=make(), steps=100, **kw)
+    half = _run(mlp, params0, digits, be, optimizer=make(), steps=50, checkpoint=tmp_path / "ck", **kw)
+    assert load_checkpoint(tmp_path / "ck").step == 50
+    rest = _run(mlp, params0, digits, be, optimizer=make(), steps=100, resume=tmp_path / "ck", **kw)
+
+    assert [h["step"] for h in rest.history] == list(range(51, 101))
+    assert _losses(half) + _losses(rest) == _losses(full)
+    assert rest.step == 100
+    _assert_bitwise(rest.params, full.params)
+    _assert_bitwise(rest.opt_state, full.opt_state)
+    if be.name == "jax":
+        assert rest.compiles == 1  # the loaded state is placed like the step's outputs
+
+
+@pytest.mark.parametrize("src,dst", [("jax", "torch"), ("torch", "jax")])
+def test_checkpoint_resumes_on_the_other_backend(mlp, params0, digits, tmp_path, src, dst):
+    if len(AVAILABLE) < 2:
+        pytest.skip("needs both jax and torch")
+    kw = dict(estimator="backprop", seed=2, batch_size=BATCH, progress=False)
+    full = fit(mlp, params0, digits, optimizer=optim.adam(1e-3), backend=src, steps=40, **kw)
+    fit(mlp, params0, digits, optimizer=optim.adam(1e-3), backend=src, steps=20, checkpoint=tmp_path, **kw)
+    rest = fit(mlp, params0, digits, optimizer=optim.adam(1e-3), backend=dst, steps=40, resume=tmp_path, **kw)
+
+    assert rest.backend == dst and rest.step == 40
+    assert {dg.backend_of(x).name for x in dg.tree.tree_leaves(rest.params)} == {dst}
+    np.testing.assert_allclose(_losses(rest), _losses(full)[20:], rtol=1e-5)
+    for x, y in zip(_leaves(rest.params), _leaves(full.params)):
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
+    # the params moved since the checkpoint: the comparison is not of two copies of step 20
+    assert not np.allclose(_leaves(rest.params)[0], _leaves(load_checkpoint(tmp_path).params)[0])
+
+
+# ----------------------------------------------------------------------------- non-finite
+
+def test_nan_raise_names_the_step_and_keeps_the_last_good_checkpoint(be, mlp, params0, digits, tmp_path):
+    bad = _poisoned(digits, 6)  # the 7th step (0-based index 6) sees a NaN input
+    ck = tmp_path / "ck"
+    with pytest.raises(NonFiniteError, match=r"non-finite loss at step 7\b") as info:
+        _run(mlp, params0, bad, be, optimizer=optim.sgd(0.05), steps=20, checkpoint=ck, checkpoint_every=3)
+    assert "on_nan='skip'" in str(info.value)
+    kept = load_checkpoint(ck, backend=be.name)
+    assert kept.step == 6
+    good = _run(mlp, params0, digits, be, optimizer=optim.sgd(0.05), steps=6)
+    _assert_bitwise(kept.params, good.params)
+
+
+def test_nan_from_a_huge_learning_rate_raises(be, mlp, params0, digits):
+    with pytest.raises(NonFiniteError, match=r"at step \d+"):
+        _run(mlp, params0, digits, be, optimizer=optim.sgd(1e30), steps=50)
+
+
+def test_nan_skip_drops_the_step_and_counts_it(be, mlp, params0, digits):
+    bad = _poisoned(digits, 6)
+    opt = optim.sgd(0.05, momentum=0.9)
+    upto = _run(mlp, params0, bad, be, optimizer=opt, steps=7, on_nan="skip")
+    assert upto.skipped_steps == 1
+    assert math.isnan(upto.history[6]["loss"])
+    # the skipped step changed nothing: params and optimizer state are those after 6 clean steps
+    clean = _run(mlp, params0, digits, be, optimizer=opt, steps=6)
+    _assert_bitwise(upto.params, clean.params)
+    _assert_bitwise(upto.opt_state, clean.opt_state)
+
+    on = _run(mlp, params0, bad, be, optimizer=opt, steps=12, on_nan="skip")
+    assert on.skipped_steps == 1 and on.summary()["skipped_steps"] == 1
+    assert all(math.isfinite(h["loss"]) for i, h in enumerate(on.history) if i != 6)
+    assert all(np.isfinite(x).all() for x in _leaves(on.params))
+
+
+# ----------------------------------------------------------------------------- memory, compiles
+
+def test_memory_stays_flat_and_jax_compiles_once(be, mlp, params0, digits):
+    rss = []
+    res = _run(mlp, params0, digits, be, estimator="forward", optimizer=optim.sgd(0.01), steps=600,
+               callback=lambda rec: rss.append(rss_bytes()))
+    assert len(rss) == 600 and rss[100] > 0
+    growth = (max(rss[100:]) - rss[100]) / rss[100]
+    assert growth <= 0.05, f"RSS grew by {100 * growth:.1f}% after warm-up"
+    assert res.peak_memory_bytes >= 0
+    if be.name == "jax":
+        assert res.compiles == 1
+    else:
+        assert res.compiles is None
+
+
+# ----------------------------------------------------------------------------- logs
+
+def _read_log(path):
+    if path.suffix == ".jsonl":
+        return [json.loads(line) for line in path.read_text().splitlines()]
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    return [{k: float(v) for k, v in r.items() if v != ""} for r in rows]
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
+def test_log_has_one_record_per_step(be, mlp, params0, digits, tmp_path, suffix):
+    path = tmp_path / "logs" / f"run{suffix}"
+    res = _run(mlp, params0, digits, be, optimizer=optim.adam(1e-3), steps=12, eval_every=5, log=path)
+    recs = _read_log(path)
+    assert [int(r["step"]) for r in recs] == list(range(1, 13))
+    for r, h in zip(recs, res.history):
+        assert r["loss"] == pytest.approx(h["loss"], rel=1e-12)
+        assert r["step_time"] > 0
+        assert r["lr"] == pytest.approx(1e-3, rel=1e-6)
+    times = [r["time"] for r in recs]
+    assert times == sorted(times) and times[0] > 0
+    evals = {int(r["step"]): r["test_accuracy"] for r in recs if "test_accuracy" in r}
+    assert evals == {e["step"]: pytest.approx(e["test_accuracy"]) for e in res.evals}
+    assert sorted(evals) == [5, 10, 12]
+
+
+def test_log_without_learning_rate_when_the_optimizer_has_none(be, mlp, params0, digits, tmp_path):
+    res = _run(mlp, params0, digits, be, optimizer=optim.scale(-0.05), steps=3, log=tmp_path / "l.jsonl")
+    assert all("lr" not in r for r in _read_log(tmp_path / "l.jsonl"))
+    assert all("lr" not in h for h in res.history)
+
+
+def test_bad_log_suffix(be, mlp, params0, digits, tmp_path):
+    with pytest.raises(ValueError, match=r"log.*\.csv or \.jsonl.*run\.txt"):
+        _run(mlp, params0, digits, be, steps=2, log=tmp_path / "run.txt")
+
+
+# ----------------------------------------------------------------------------- metrics
+
+def test_time_per_step_excludes_the_first_step(be, mlp, params0, digits):
+    res = _run(mlp, params0, digits, be, steps=9)
+    times = [h["step_time"] for h in res.history]
+    assert res.first_step_seconds == times[0]
+    assert res.time_per_step == pytest.approx(float(np.median(times[1:])))
+    assert res.total_seconds >= sum(times)
+    if be.name == "jax":  # the first step compiles
+        assert res.first_step_seconds > 5 * res.time_per_step
+
+
+@pytest.mark.parametrize("method", ["backprop", "forward-exact", "forward"])
+def test_diagnostics_compare_the_estimate_with_backprop(be, mlp, params0, digits, method):
+    res = _run(mlp, params0, digits, be, estimator=method, optimizer=optim.sgd(0.01), steps=10,
+               diagnostics_every=4)
+    with_diag = [h["step"] for h in res.history if "cosine" in h]
+    assert with_diag == [1, 5, 9]
+    cos = np.array([h["cosine"] for h in res.history if "cosine" in h])
+    rel = np.array([h["rel_norm"] for h in res.history if "rel_norm" in h])
+    assert res.mean_cosine == pytest.approx(cos.mean())
+    if method == "forward":
+        # (g.v) v against g: cos = |g.v| / (|g||v|) and rel_norm = |g.v||v| / |g|, so
+        # cos >= 0 is small and rel_norm / cos = |v|^2 ~ chi^2(n): about n (std sqrt(2n))
+        n = sum(x.size for x in _leaves(params0))
+        assert ((cos >= 0) & (cos < 0.5)).all()
+        np.testing.assert_allclose(rel / cos, n, rtol=0.2)
+    else:  # exact gradients
+        np.testing.assert_allclose(cos, 1, atol=1e-5)
+        np.testing.assert_allclose(rel, 1, atol=1e-4)
+
+
+def test_evaluation_every_n_steps_matches_an_independent_count(be, mlp, params0, digits):
+    res = _run(mlp, params0, digits, be, optimizer=optim.sgd(0.1), steps=20, eval_every=7)
+    assert [e["step"] for e in res.evals] == [7, 14, 20]
+    logits = be.to_numpy(mlp.apply(res.params, be.asarray(digits.x_test))).astype(np.float64)
+    acc = float(np.mean(np.argmax(logits, -1) == digits.y_test))
+    z = logits - logits.max(-1, keepdims=True)
+    nll = -(z - np.log(np.exp(z).sum(-1, keepdims=True)))[np.arange(len(z)), digits.y_test]
+    assert res.evals[-1]["test_accuracy"] == acc == res.test_accuracy
+    assert res.evals[-1]["test_loss"] == pytest.approx(nll.mean(), rel=1e-5)
+    assert res.history[6]["test_accuracy"] == res.evals[0]["test_accuracy"]
+    assert "test_accuracy" not in res.history[7]
+
+
+# ----------------------------------------------------------------------------- bad arguments
+
+@pytest.mark.parametrize("kw,name", [
+    ({"steps": -1}, "steps"),
+    ({"batch_size": 0}, "batch_size"),
+    ({"batch_size": 100_000}, "batch_size"),
+    ({"on_nan": "ignore"}, "on_nan"),
+])
+def test_bad_arguments_name_themselves(be, mlp, params0, digits, kw, name):
+    with pytest.raises(ValueError, match=name):
+        _run(mlp, params0, digits, be, **kw)
+
+
+# ----------------------------------------------------------------------------- acceptance (issue 7)
+
+@pytest.mark.slow
+def test_digits_acceptance_within_the_compare_budget(be):
+    """Backprop MLP >= 95% and a forward method >= 90% test accuracy on digits with
+    ``duogard compare``'s defaults (80/20 split, seed 0, 1500 steps, hidden 128, the
+    methods' own learning rates). Diagnostics are off: they never change the run."""
+    backprop = next(m for m in DEFAULT_METHODS if parse_method(m).name == "backprop")
+    forward = next(m for m in DEFAULT_METHODS if parse_method(m).name == "forward-activity")
+    out = compare(backends=[be.name], methods=[backprop, forward], diagnostics_every=0, out_dir=None,
+                  progress=False, log=None)
+    acc = {r["method"]: r["test_accuracy"] for r in out["runs"]}
+    assert out["config"]["steps"] == 1500 and out["config"]["hidden"] == [128]
+    assert acc[parse_method(backprop).label] >= 0.95, acc
+    assert acc[parse_method(forward).label] >= 0.90, acc
