@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--methods", default=None,
                    help="semicolon-separated methods, name[:key=value,...] (lr=... sets the method's "
                         "learning rate); default: " + "; ".join(DEFAULT_METHODS))
-    c.add_argument("--steps", type=int, default=1500)
+    c.add_argument("--steps", type=int, default=2500)
     c.add_argument("--lr", type=float, default=None, help="one learning rate for all (default: per method)")
     c.add_argument("--diagnostics-every", type=int, default=25)
     c.add_argument("--out", default="duogard-out", help="output directory (compare.json, compare.png)")

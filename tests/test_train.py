@@ -289,13 +289,15 @@ def test_bad_arguments_name_themselves(be, mlp, params0, digits, kw, name):
 @pytest.mark.slow
 def test_digits_acceptance_within_the_compare_budget(be):
     """Backprop MLP >= 95% and a forward method >= 90% test accuracy on digits with
-    ``duogard compare``'s defaults (80/20 split, seed 0, 1500 steps, hidden 128, the
+    ``duogard compare``'s defaults (80/20 split, seed 0, 2500 steps, hidden 128, the
     methods' own learning rates). Diagnostics are off: they never change the run."""
     backprop = next(m for m in DEFAULT_METHODS if parse_method(m).name == "backprop")
-    forward = next(m for m in DEFAULT_METHODS if parse_method(m).name == "forward-activity")
-    out = compare(backends=[be.name], methods=[backprop, forward], diagnostics_every=0, out_dir=None,
+    # the default forward methods with more than one tangent's worth of signal per step
+    forward = [m for m in DEFAULT_METHODS if parse_method(m).name == "forward-activity"
+               or dict(parse_method(m).options).get("num_tangents", 1) > 1]
+    out = compare(backends=[be.name], methods=[backprop, *forward], diagnostics_every=0, out_dir=None,
                   progress=False, log=None)
     acc = {r["method"]: r["test_accuracy"] for r in out["runs"]}
-    assert out["config"]["steps"] == 1500 and out["config"]["hidden"] == [128]
-    assert acc[parse_method(backprop).label] >= 0.95, acc
-    assert acc[parse_method(forward).label] >= 0.90, acc
+    assert out["config"]["steps"] == 2500 and out["config"]["hidden"] == [128]
+    assert acc.pop(parse_method(backprop).label) >= 0.95, acc
+    assert len(acc) == 2 and max(acc.values()) >= 0.90, acc

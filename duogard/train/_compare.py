@@ -87,7 +87,7 @@ def parse_method(spec: str) -> MethodSpec:
 
 
 def compare(*, dataset: str = "digits", model: str = "mlp", backends=None, methods=DEFAULT_METHODS,
-            steps: int = 1500, batch_size: int = 64, learning_rate: float | None = None,
+            steps: int = 2500, batch_size: int = 64, learning_rate: float | None = None,
             decay: float = 0.0, seed: int = 0, hidden=(128,), data_dir=None,
             diagnostics_every: int = 25, out_dir="duogard-out", progress=None, log=print) -> dict:
     """Run every ``backend x method`` with the same data, initial weights, steps and batches.
