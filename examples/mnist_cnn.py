@@ -33,30 +33,17 @@ does better: ``--grad forward-activity:layerwise=true,lr=0.02 --steps 5000`` get
 from __future__ import annotations
 
 import argparse
-import os
 import sys
+from pathlib import Path
 
-import duogard as dg
-from duogard import optim
 from duogard.train import build_model
-from duogard.train import parse_method
 
-#: SGD learning rates per gradient method when --lr and the method's own lr= are not given
-#: (forward gradients are noisier and need smaller steps; tuned on digits, seed 0)
-LEARNING_RATES = {"backprop": 0.2, "forward-exact": 0.2, "forward": 0.005, "forward-activity": 0.003}
+if (_here := str(Path(__file__).resolve().parent)) not in sys.path:
+    sys.path.insert(0, _here)  # there when run as a script, maybe not when imported (the tests)
+from _common import run  # noqa: E402  the command line, data, training and printing
 
-
-def load_data(args):
-    """``--dataset auto``: MNIST when its IDX files are in --data-dir, else digits (offline)."""
-    if args.dataset != "auto":
-        return dg.data.load(args.dataset, seed=args.seed, data_dir=args.data_dir)
-    try:
-        return dg.data.load("mnist", seed=args.seed, data_dir=args.data_dir)
-    except FileNotFoundError:
-        where = args.data_dir or os.environ.get("DUOGARD_DATA_DIR", "./data")
-        print(f"(no MNIST IDX files in {where}: using the built-in digits dataset; "
-              f"pass --dataset mnist --data-dir DIR for MNIST)")
-        return dg.data.load("digits", seed=args.seed)
+LEARNING_RATES = {  # SGD, when neither --lr nor the method's lr= is given (tuned on digits)
+    "backprop": 0.2, "forward-exact": 0.2, "forward": 0.005, "forward-activity": 0.003}
 
 
 def positive_int(text: str) -> int:
@@ -70,70 +57,27 @@ def positive_int(text: str) -> int:
     return value
 
 
-def main(argv=None) -> int:
-    """Parse the command line, train, print the results; return the exit code."""
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--backend", default=None, choices=("jax", "torch"),
-                   help="default: $DUOGARD_BACKEND, else jax")
-    p.add_argument("--grad", default="backprop",
-                   help="backprop, forward, forward-exact or forward-activity, with options as "
-                        "name:key=value,... (e.g. forward:num_tangents=4,lr=0.02)")
-    p.add_argument("--dataset", default="auto", choices=("auto", "digits", "mnist", "fashion-mnist"),
-                   help="auto (default): mnist if its IDX files are in --data-dir, else digits")
-    p.add_argument("--data-dir", default=None, help="directory with the MNIST IDX files")
+def add_arguments(p):
+    """The network's own options: --channels and --cnn-hidden."""
     p.add_argument("--channels", type=positive_int, default=None,
                    help="channels of each convolution (default: 64 on MNIST, 16 on digits)")
     p.add_argument("--cnn-hidden", type=positive_int, default=None,
                    help="units of the hidden linear layer (default: 1024 on MNIST, 128 on digits)")
-    p.add_argument("--steps", type=int, default=1000)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=None, help="initial learning rate (default: per method)")
-    p.add_argument("--decay", type=float, default=1e-4, help="k in lr * exp(-k * step) (paper: 1e-4)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    args = p.parse_args(argv)
-    try:
-        method = parse_method(args.grad)
-    except (ValueError, TypeError) as exc:
-        p.error(str(exc))
-    for flag in ("steps", "batch_size", "lr"):
-        value = getattr(args, flag)
-        if value is not None and not value > 0:
-            p.error(f"--{flag.replace('_', '-')} must be > 0, got {value}")
-    if args.decay < 0:
-        p.error(f"--decay must be >= 0, got {args.decay}")
 
-    try:
-        data = load_data(args)
-    except FileNotFoundError as exc:
-        sys.exit(f"mnist_cnn.py: {exc}")
+
+def make_model(args, data):
+    """The CNN (the paper's sizes on MNIST, narrower on digits) and its title."""
     small = data.name == "digits"
     channels = args.channels or (16 if small else 64)
     cnn_hidden = args.cnn_hidden or (128 if small else 1024)
     model = build_model("cnn", data.num_classes, channels=channels, cnn_hidden=cnn_hidden)
-    params = model.init(args.seed, data.example_input)  # NumPy: the same weights on both backends
-    lr = args.lr if args.lr is not None else method.learning_rate(LEARNING_RATES.get(method.name))
-    print(f"CNN 4 x conv3x3({channels}), linear {cnn_hidden}, {data.num_classes} classes "
-          f"({dg.tree.tree_size(params):,} parameters) on {data.name}: "
-          f"{data.num_train} train / {data.num_test} test, {method.label}, SGD lr {lr:g} "
-          f"decay {args.decay:g}, {args.steps} steps of {args.batch_size}")
+    return model, f"CNN 4 x conv3x3({channels}), linear {cnn_hidden}, {data.num_classes} classes"
 
-    try:
-        result = dg.fit(model, params, data, estimator=method.build(),
-                        optimizer=optim.sgd(optim.exponential_decay(lr, rate=args.decay)),
-                        backend=args.backend, steps=args.steps, batch_size=args.batch_size,
-                        seed=args.seed, progress=False if args.quiet else None)
-    except dg.train.NonFiniteError as exc:
-        sys.exit(f"mnist_cnn.py: {exc}")
-    for ev in result.evals:
-        print(f"  step {ev['step']:>6}  test loss {ev['test_loss']:.4f}  "
-              f"test accuracy {ev['test_accuracy']:.4f}  {ev['time']:6.1f} s")
-    s = result.summary()
-    print(f"{s['backend']} {method.label}: final loss {s['final_loss']:.4f}, "
-          f"test accuracy {s['test_accuracy']:.4f}, {1e3 * s['time_per_step']:.2f} ms/step "
-          f"(first step {s['first_step_seconds']:.2f} s), total {s['total_seconds']:.1f} s")
-    return 0
+
+def main(argv=None) -> int:
+    """Parse the command line, train, print the results; return the exit code."""
+    return run(argv, doc=__doc__, script="mnist_cnn.py", steps=1000, learning_rates=LEARNING_RATES,
+               make_model=make_model, add_arguments=add_arguments)
 
 
 if __name__ == "__main__":

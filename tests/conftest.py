@@ -60,6 +60,12 @@ def rng():
     return np.random.default_rng(0)
 
 
+@pytest.fixture(scope="module")
+def digits():
+    """scikit-learn's digits as a duogard dataset (1797 8x8 images, 10 classes), loaded once a module."""
+    return dg.data.load("digits")
+
+
 TOL = {"float32": dict(rtol=1e-5, atol=1e-6), "float64": dict(rtol=1e-10, atol=1e-12)}
 
 

@@ -17,20 +17,6 @@ from conftest import AVAILABLE
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """Tiny models: torch's intra-op threads only fight each other (and other processes) here."""
-    try:
-        import torch
-    except ImportError:  # pragma: no cover - the jax-only install
-        yield
-        return
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def run(argv) -> int:
     """``main(argv)``'s exit code, whether it returns it or argparse exits."""
     try:

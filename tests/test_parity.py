@@ -31,22 +31,6 @@ ESTIMATORS = {
 OPTIMIZERS = {"sgd": lambda: optim.sgd(0.05), "adam": lambda: optim.adam(1e-3)}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """Tiny models: torch's intra-op threads only fight each other (and other processes) here."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return dg.data.load("digits")
-
-
 MODELS = {
     "mlp": lambda: build_model("mlp", 10, hidden=(16,)),
     "cnn": lambda: build_model("cnn", 10, channels=4, cnn_hidden=16),

@@ -4,7 +4,9 @@ duogard.torch.forward_grad_ against the hand-written torch.func.jvp loop it repl
 from __future__ import annotations
 
 import copy
+import importlib.util
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,40 +28,19 @@ F32 = dict(rtol=1e-5, atol=1e-6)
 
 # ----------------------------------------------------------------------------- fwdgrad-style modules
 
-class SetattrMLP(tnn.Module):
-    """Layers created with setattr in a loop; forward loops with getattr and F.relu."""
-
-    def __init__(self, sizes=(64, 32, 16, 10)):
-        super().__init__()
-        self.num_layers = len(sizes) - 1
-        for i in range(self.num_layers):
-            setattr(self, f"fc{i}", tnn.Linear(sizes[i], sizes[i + 1]))
-
-    def forward(self, x):
-        x = x.view(x.shape[0], -1)
-        for i in range(self.num_layers):
-            x = getattr(self, f"fc{i}")(x)
-            if i < self.num_layers - 1:
-                x = F.relu(x)
-        return x
+def _example(name):
+    """A script of examples/ (not a package), imported by its path."""
+    path = Path(__file__).resolve().parents[1] / "examples" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"example_{name}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
-class FunctionalConvNet(tnn.Module):
-    """A LeNet-like ConvNet whose forward calls F.relu, F.max_pool2d and x.view(x.shape[0], -1)."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv1 = tnn.Conv2d(1, 4, 3, padding=1)
-        self.conv2 = tnn.Conv2d(4, 6, 3, stride=1, padding=1)
-        self.fc1 = tnn.Linear(6 * 2 * 2, 16)
-        self.fc2 = tnn.Linear(16, 10)
-
-    def forward(self, x):
-        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
-        x = F.max_pool2d(F.relu(self.conv2(x)), (2, 2))
-        x = x.view(x.shape[0], -1)
-        x = F.relu(self.fc1(x))
-        return self.fc2(x)
+# The modules examples/port_fwdgrad.py ports, so the ones users read there are the ones tested:
+# an MLP built with setattr in a loop (forward: getattr, F.relu), and a LeNet-like ConvNet whose
+# forward calls F.relu, F.max_pool2d and x.view(x.shape[0], -1).
+PORT = _example("port_fwdgrad")
 
 
 def _data(n=8, seed=0):
@@ -71,7 +52,7 @@ def _data(n=8, seed=0):
 
 def _module(kind, seed=0):
     torch.manual_seed(seed)
-    return SetattrMLP() if kind == "mlp" else FunctionalConvNet()
+    return PORT.MLP(sizes=(64, 32, 16, 10)) if kind == "mlp" else PORT.ConvNet()
 
 
 def _np(t):
@@ -171,7 +152,7 @@ class Everything(tnn.Module):
         h = self.gelu(h) + torch.tanh(h) - self.sigmoid(h) * torch.relu(h) + self.tanh(h) / 3.0
         h = self.conv_same(self.relu(h)) + F.conv2d(h, self.kernel, None, 1, 1)
         h = self.apool(h) - 0.5 * F.avg_pool2d(h, 3, stride=1, padding=1)
-        h = self.mpool(h) + F.max_pool2d(h, kernel_size=2, stride=2)  # (N, 4, 2, 2)
+        h = self.mpool(h) + F.max_pool2d(h, kernel_size=(2, 2), stride=2)  # (N, 4, 2, 2)
         n = h.size(0)
         h = h.reshape(n, -1) + torch.flatten(h, 1) - self.flat(h) + h.view(h.size()[0], h.shape[1] * 4)
         h = F.dropout(self.drop(h), 0.2, training=self.training)

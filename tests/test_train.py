@@ -20,25 +20,6 @@ from conftest import AVAILABLE
 BATCH = 32
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """Tiny models: torch's intra-op threads only fight each other (and other processes) here."""
-    try:
-        import torch
-    except ImportError:  # pragma: no cover - the jax-only install
-        yield
-        return
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return dg.data.load("digits")
-
-
 @pytest.fixture(scope="module")
 def mlp():
     return build_model("mlp", 10, hidden=(16,))
