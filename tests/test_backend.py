@@ -138,3 +138,19 @@ def test_autodiff_signatures_match_jax(be):
     sq = be.vmap(lambda r: be.xp.sum(r * r))(be.asarray(np.arange(6.0).reshape(3, 2)))
     np.testing.assert_allclose(be.to_numpy(sq), [1.0, 13.0, 41.0])
     np.testing.assert_allclose(be.to_numpy(be.jit(f)(x)), 9.0)
+
+
+@pytest.mark.parametrize("shape", [(1,), (7,), (3, 5), (64,), (65, 3)])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_rademacher_signs_any_shape(be, shape, dtype):
+    r = be.rademacher(be.key(3), shape, dtype=dtype)
+    assert tuple(r.shape) == shape and be.dtype_name(r.dtype) == dtype
+    assert set(np.unique(be.to_numpy(r))) <= {-1.0, 1.0}
+
+
+def test_rademacher_bits_are_balanced_and_independent(be):
+    r = be.to_numpy(be.rademacher(be.key(11), (200_000,)))
+    assert abs(r.mean()) < 0.01
+    # neighbours (within a word and across words) are uncorrelated
+    for lag in (1, 8, 31, 32, 63, 64):
+        assert abs(np.mean(r[:-lag] * r[lag:])) < 0.01, lag
