@@ -103,6 +103,13 @@ def _hidden(text: str) -> tuple[int, ...]:
     return sizes
 
 
+def _optimizer_from_args(args, spec):
+    """The optimizer a command asked for: ``--optimizer``, ``--lr`` (default: the method's own
+    SGD rate, a tenth of it for Adam), ``--decay``."""
+    lr = args.lr if args.lr is not None else spec.learning_rate() * (0.1 if args.optimizer.startswith("adam") else 1)
+    return _optimizer(args.optimizer, lr, getattr(args, "decay", 0.0)), lr
+
+
 def _optimizer(name: str, lr, decay: float):
     from duogard import optim
 
@@ -125,8 +132,8 @@ def _cmd_train(args) -> int:
     ds = dg.data.load(args.dataset, seed=args.seed, data_dir=args.data_dir)
     model = build_model(args.model, ds.num_classes, hidden=_hidden(args.hidden))
     params = model.init(args.seed, ds.example_input)
-    lr = args.lr if args.lr is not None else spec.learning_rate() * (0.1 if args.optimizer.startswith("adam") else 1)
-    res = fit(model, params, ds, estimator=spec.build(), optimizer=_optimizer(args.optimizer, lr, args.decay),
+    optimizer, _ = _optimizer_from_args(args, spec)
+    res = fit(model, params, ds, estimator=spec.build(), optimizer=optimizer,
               backend=args.backend, steps=args.steps, batch_size=args.batch_size, seed=args.seed,
               eval_every=args.eval_every, diagnostics_every=args.diagnostics_every, log=args.log,
               progress=False if args.quiet else None, compile=args.compile or None, on_nan=args.on_nan,

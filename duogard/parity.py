@@ -152,7 +152,7 @@ def compare(model, loss: Callable | str, optimizer, estimator, data, *, steps: i
 def cli(args) -> int:
     """``duogard parity``: print the lockstep table; exit 1 when the backends diverge."""
     import duogard as dg
-    from duogard import optim
+    from duogard.cli import _hidden, _optimizer_from_args
     from duogard.train import build_model
     from duogard.train._compare import parse_method
 
@@ -163,12 +163,8 @@ def cli(args) -> int:
         jax.config.update("jax_enable_x64", True)
     spec = parse_method(args.grad)
     ds = dg.data.load(args.dataset, seed=args.seed, data_dir=args.data_dir)
-    from duogard.cli import _hidden
-
-    hidden = _hidden(args.hidden)
-    model = build_model(args.model, ds.num_classes, hidden=hidden)
-    lr = args.lr if args.lr is not None else spec.learning_rate() * (0.1 if args.optimizer == "adam" else 1)
-    opt = optim.adam(lr) if args.optimizer == "adam" else optim.sgd(lr)
+    model = build_model(args.model, ds.num_classes, hidden=_hidden(args.hidden))
+    opt, lr = _optimizer_from_args(args, spec)
     print(f"duogard parity: {args.model} on {args.dataset}, {spec.label}, {args.optimizer}(lr={lr}), "
           f"{args.steps} steps, {args.dtype}, {backends[0]} vs {backends[1]} (shared tangents)")
     report = compare(model, "cross_entropy", opt, spec.build(), ds, steps=args.steps, backends=backends,
