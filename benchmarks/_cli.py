@@ -1,0 +1,16 @@
+"""The flags every script here takes (the same as ``duogard bench``)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def run(sections: tuple[str, ...], description: str) -> int:
+    from duogard import bench
+
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--quick", action="store_true", help="a reduced set")
+    p.add_argument("--tiny", action="store_true", help="tiny sizes (a smoke test)")
+    p.add_argument("--json", default=None, help="write every figure here")
+    a = p.parse_args()
+    return bench.main(quick=a.quick, tiny=a.tiny, json_path=a.json, sections=sections)
