@@ -103,3 +103,16 @@ def test_auto_path_calls_the_rules_where_the_backend_prefers_them(be, monkeypatc
     obj, params, batch = _setup(be, "mlp", losses.cross_entropy, "float64")
     dg.estimator("forward")(obj, params, batch, be.key(0))
     assert len(calls) == (1 if be.fast_jvp_rules else 0)
+
+
+def test_auto_path_keeps_the_framework_jvp_for_convolutions(be, monkeypatch):
+    import duogard.grad._forward as fwd
+
+    calls = []
+    real = fwd.sequential_loss_jvp
+    monkeypatch.setattr(fwd, "sequential_loss_jvp", lambda *a, **k: calls.append(1) or real(*a, **k))
+    obj, params, batch = _setup(be, "cnn", losses.cross_entropy, "float64")
+    dg.estimator("forward")(obj, params, batch, be.key(0))
+    assert calls == []  # torch's own forward AD is as fast for convolutions (benchmarks/RESULTS.md)
+    dg.estimator("forward", jvp="rules")(obj, params, batch, be.key(0))
+    assert calls == [1]

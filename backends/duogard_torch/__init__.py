@@ -277,7 +277,8 @@ def rademacher(key, shape, dtype=torch.float32, device=None):
     n = int(np.prod(shape))
     words = torch.randint(-(2**63), 2**63 - 1, ((n + 63) // 64,), generator=_generator(key, device),
                           dtype=torch.int64, device=device)
-    signs = F.embedding(words.view(torch.uint8).long(), _sign_table(as_dtype(dtype), words.device))
+    table = _sign_table(as_dtype(dtype), words.device)
+    signs = torch.index_select(table, 0, words.view(torch.uint8).long())  # (bytes, 8)
     return signs.reshape(-1)[:n].reshape(shape)
 
 

@@ -96,9 +96,9 @@ class Forward(Estimator):
 
     - ``jvp``: ``"framework"`` (``jax.jvp`` / ``torch.func.jvp``, any loss), ``"rules"``
       (duogard's hand-written forward rules for its own Sequential layers and losses, see
-      :mod:`duogard.grad._rules`), or ``"auto"`` (default): the rules where they cover the loss
-      and the backend's generic forward AD is the slower one (``be.fast_jvp_rules``: torch),
-      the framework's jvp otherwise. Both give the same numbers (checked in the tests).
+      :mod:`duogard.grad._rules`), or ``"auto"`` (default): the rules where they cover the loss,
+      the model has no convolution, and the backend's generic forward AD is the slower one
+      (``be.fast_jvp_rules``: torch, for Linear layers), the framework's jvp otherwise. Both give the same numbers (checked in the tests).
 
     Tangents are drawn as one flat ``(K, n)`` array (n = number of parameters) and viewed as
     the params pytree; :meth:`sample` returns that array so parity runs can share it.
@@ -141,7 +141,9 @@ class Forward(Estimator):
                              f"got {tuple(tangents.shape)}")
         rules = None
         if self.jvp == "rules" or (self.jvp == "auto" and be.fast_jvp_rules):
-            rules = _rules_plan(loss_fn, batch)
+            # measured (benchmarks/RESULTS.md): the rules win for Linear layers; for convolutions
+            # torch's own forward AD is as fast or faster, so "auto" keeps it there
+            rules = _rules_plan(loss_fn, batch, convolutions=self.jvp == "rules")
             if rules is None and self.jvp == "rules":
                 raise ValueError("forward: jvp='rules' covers supervised(Sequential of duogard layers, "
                                  "cross_entropy or mse) losses only; use jvp='framework' for this loss")

@@ -29,8 +29,10 @@ _ELEMENTWISE = {
 _LOSSES = (_losses.cross_entropy, _losses.mse)
 
 
-def plan(loss_fn, batch):
-    """``(model, loss)`` when hand-written rules cover this loss, else None."""
+def plan(loss_fn, batch, *, convolutions: bool = True):
+    """``(model, loss)`` when hand-written rules cover this loss, else None.
+
+    ``convolutions=False`` declines models with a Conv2d (where they are not faster)."""
     if not isinstance(loss_fn, Supervised) or not isinstance(loss_fn.model, Sequential):
         return None
     if loss_fn.loss not in _LOSSES:
@@ -38,6 +40,8 @@ def plan(loss_fn, batch):
     if len(batch) == 3 and batch[2] is not None:  # dropout in training mode: generic path
         return None
     if not any(isinstance(layer, (Linear, Conv2d)) for layer in loss_fn.model.layers):
+        return None
+    if not convolutions and any(isinstance(layer, Conv2d) for layer in loss_fn.model.layers):
         return None
     for layer in loss_fn.model.layers:
         if not layer.has_params or isinstance(layer, (Linear, Conv2d)):
