@@ -94,23 +94,26 @@ def test_auto_uses_rules_on_torch_only(both):
     assert th.fast_jvp_rules is True and jx.fast_jvp_rules is False
 
 
-def test_auto_path_calls_the_rules_where_the_backend_prefers_them(be, monkeypatch):
+@pytest.fixture
+def rules_calls(monkeypatch):
+    """A list that gets one entry each time the forward estimator runs the hand-written rules."""
     import duogard.grad._forward as fwd
 
     calls = []
     real = fwd.sequential_loss_jvp
     monkeypatch.setattr(fwd, "sequential_loss_jvp", lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+def test_auto_path_calls_the_rules_where_the_backend_prefers_them(be, rules_calls):
+    calls = rules_calls
     obj, params, batch = _setup(be, "mlp", losses.cross_entropy, "float64")
     dg.estimator("forward")(obj, params, batch, be.key(0))
     assert len(calls) == (1 if be.fast_jvp_rules else 0)
 
 
-def test_auto_path_keeps_the_framework_jvp_for_convolutions(be, monkeypatch):
-    import duogard.grad._forward as fwd
-
-    calls = []
-    real = fwd.sequential_loss_jvp
-    monkeypatch.setattr(fwd, "sequential_loss_jvp", lambda *a, **k: calls.append(1) or real(*a, **k))
+def test_auto_path_keeps_the_framework_jvp_for_convolutions(be, rules_calls):
+    calls = rules_calls
     obj, params, batch = _setup(be, "cnn", losses.cross_entropy, "float64")
     dg.estimator("forward")(obj, params, batch, be.key(0))
     assert calls == []  # torch's own forward AD is as fast for convolutions (benchmarks/RESULTS.md)
