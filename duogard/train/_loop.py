@@ -138,9 +138,12 @@ class Trainer:
             # the estimate next to the true gradient, outside the timed step
             return measure(loss_fn, params, (x, y), key)[2]
 
+        # a loss with a reduction argument gives the evaluation's summed loss (decided once)
+        loss_sum = _losses.get(loss) if _takes_reduction(loss) else None
+
         def evaluate(params, x, y):
             logits = model.apply(params, x)
-            per = _losses.get(loss)(logits, y, reduction="sum") if _takes_reduction(loss) else None
+            per = loss_sum(logits, y, reduction="sum") if loss_sum is not None else None
             correct = be.xp.sum(be.xp.astype(be.xp.argmax(logits, axis=-1) == y, be.xp.int32)) \
                 if y.ndim == 1 and not be.xp.isdtype(y.dtype, "real floating") else None
             return per, correct
@@ -181,10 +184,6 @@ def _takes_reduction(loss) -> bool:
         return "reduction" in inspect.signature(_losses.get(loss)).parameters
     except (TypeError, ValueError):
         return False
-
-
-def _float(x) -> float:
-    return float(x)
 
 
 def fit(model, params, data, *, loss: Callable | str = _losses.cross_entropy, optimizer=None,
@@ -258,7 +257,7 @@ def fit(model, params, data, *, loss: Callable | str = _losses.cross_entropy, op
             diag = tr.diagnose(params, xb, yb, key) if diagnostics_every and step % diagnostics_every == 0 else {}
             t0 = time.perf_counter()
             new_params, new_state, value, gsq = tr.step(params, opt_state, xb, yb, key)
-            value, gsq = _float(value), _float(gsq)  # waits for the step: honest timing
+            value, gsq = float(value), float(gsq)  # waits for the step: honest timing
             dt = time.perf_counter() - t0
             if step == start:
                 result.first_step_seconds = dt
@@ -280,11 +279,11 @@ def fit(model, params, data, *, loss: Callable | str = _losses.cross_entropy, op
                    "time": time.perf_counter() - t_begin, "step_time": dt}
             if lr_of is not None:
                 try:
-                    rec["lr"] = _float(lr_of(opt_state))
+                    rec["lr"] = float(lr_of(opt_state))
                 except (TypeError, ValueError, KeyError):
                     pass
             for k, v in diag.items():
-                rec[k] = _float(v)
+                rec[k] = float(v)
             result.history.append(rec)
             peak = max(peak, rss_bytes())
             done = step + 1
