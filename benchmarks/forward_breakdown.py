@@ -40,10 +40,7 @@ def main() -> int:
 
     sz = bench.sizes_for()
     x_np, y_np = bench._data(sz)
-    model = bench._duogard_model(a.model, sz)
-    params_np = model.init(0, x_np)
-    ops = bench._ops(a.model, sz)
-    layers_np = bench._layers_np(params_np)
+    model, params_np, ops, layers_np = bench.workload(a.model, sz, x_np)
     loss_fn = supervised(model, dg.losses.cross_entropy)
     pieces: dict[str, callable] = {}
 

@@ -32,12 +32,10 @@ def main() -> int:
 
     sz = bench.sizes_for()
     x, y = bench._data(sz)
-    model = bench._duogard_model(a.model, sz)
-    params = model.init(0, x)
-    ops = bench._ops(a.model, sz)
+    model, params, ops, layers_np = bench.workload(a.model, sz, x)
     runs = {
         "duogard": bench._duogard_step("torch", model, params, x, y, a.method)[0],
-        "hand": bench._torch_hand(ops, bench._layers_np(params), x, y, a.method, "hand")[0],
+        "hand": bench._torch_hand(ops, layers_np, x, y, a.method, "hand")[0],
     }
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {a.model} {a.method}, batch {sz.batch}")
     for name, run in runs.items():

@@ -41,7 +41,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
@@ -239,6 +239,22 @@ def _duogard_model(model: str, sz: Sizes, hidden=None):
     if model == "mlp":
         return build_model("mlp", 10, hidden=tuple(hidden or sz.mlp_hidden))
     return build_model("cnn", 10, channels=sz.cnn_channels, cnn_hidden=sz.cnn_hidden)
+
+
+class Workload(NamedTuple):
+    """One benchmark model, made once: the duogard model, its NumPy params, and the op list and
+    per-layer params that the hand-written steps read."""
+
+    model: Any
+    params_np: dict
+    ops: list
+    layers_np: list
+
+
+def workload(model_name: str, sz: Sizes, x_np) -> Workload:
+    model = _duogard_model(model_name, sz)
+    params_np = model.init(0, x_np)
+    return Workload(model, params_np, _ops(model_name, sz), _layers_np(params_np))
 
 
 def _layers_np(params_np) -> list[dict]:
@@ -685,10 +701,7 @@ def _step_configs(sz: Sizes, backends) -> list[_Config]:
         methods = sz.methods.get(model_name, ())
         if not methods:
             continue
-        model = _duogard_model(model_name, sz)
-        params_np = model.init(0, data[0])
-        ops = _ops(model_name, sz)
-        layers_np = _layers_np(params_np)
+        model, params_np, ops, layers_np = workload(model_name, sz, data[0])
         for method in methods:
             est = METHODS[method][0]
             for backend in backends:
