@@ -48,7 +48,7 @@ CONTRACT: tuple[str, ...] = (
     # pytrees
     "tree_map", "tree_leaves", "tree_flatten", "tree_unflatten", "tree_structure",
     # misc
-    "synchronize", "is_tracing",
+    "synchronize", "is_tracing", "add_scaled_",
 )
 
 _ENTRY_POINT_GROUP = "duogard.backends"

@@ -96,6 +96,8 @@ class Sizes:
     compile_methods: tuple = ()  # MLP methods also timed with torch.compile (Trainer(compile=True))
     extras: bool = True          # torch hand-autograd and hand-jvp steps
     framework_jvp_methods: tuple = ()  # torch: also timed with the estimator's jvp="framework"
+    lean_methods: tuple = ()     # forward methods also timed with lean=True (both backends)
+    gradnorm_methods: tuple = ()  # also timed with Trainer(grad_norm=True), fit's default
 
 
 def sizes_for(*, quick: bool = False, tiny: bool = False) -> Sizes:
@@ -114,17 +116,20 @@ def sizes_for(*, quick: bool = False, tiny: bool = False) -> Sizes:
                      methods={"mlp": ("backprop", "fwd-K1-normal", "fwd-K1-rademacher", "fwd-K4-normal"),
                               "cnn": ("backprop", "fwd-K1-rademacher")},
                      rounds=3, round_seconds=0.05, max_reps=10, depths=(4, 16), mem_width=1024, mem_batch=256,
-                     mem_backends=("torch",), mem_runs=(("backprop", "duogard"), ("forward", "duogard")),
+                     mem_backends=("torch",), mem_runs=(("backprop", "duogard"), ("forward", "duogard"),
+                                                        ("forward", "duogard-lean")),
                      mem_steps=2, conv_sizes=(1_000, 10_000, 100_000, 1_000_000), conv_reps=20,
-                     parallel_subprocesses=2, extras=False)
+                     parallel_subprocesses=2, extras=False, lean_methods=("fwd-K1-rademacher",))
     return Sizes("full", batch=64, image=(1, 28, 28), mlp_hidden=(1024, 1024), cnn_channels=64, cnn_hidden=1024,
                  methods={"mlp": all_methods, "cnn": all_methods}, rounds=5, round_seconds=0.3, max_reps=25,
                  depths=(2, 4, 8, 16, 32), mem_width=1024, mem_batch=1024, mem_backends=("jax", "torch"),
                  mem_runs=(("backprop", "duogard"), ("backprop", "hand"), ("forward", "duogard"), ("forward", "hand"),
-                           ("forward", "hand-lean")),
+                           ("forward", "duogard-lean"), ("forward", "hand-lean")),
                  mem_steps=3, conv_sizes=tuple(10 ** e for e in range(3, 9)), conv_reps=30,
                  parallel_subprocesses=2, compile_methods=("backprop", "fwd-K1-rademacher"),
-                 framework_jvp_methods=("fwd-K1-normal", "fwd-K1-rademacher", "fwd-K4-normal"))
+                 framework_jvp_methods=("fwd-K1-normal", "fwd-K1-rademacher", "fwd-K4-normal"),
+                 lean_methods=("fwd-K1-normal", "fwd-K1-rademacher"),
+                 gradnorm_methods=("backprop", "fwd-K1-rademacher"))
 
 
 # ============================================================================ small helpers
@@ -639,11 +644,15 @@ def _has_jvp_option() -> bool:
     return "jvp" in inspect.signature(Forward.__init__).parameters
 
 
-def _duogard_step(backend, model, params_np, x_np, y_np, method, compile=None, jvp=None):
+def _duogard_step(backend, model, params_np, x_np, y_np, method, compile=None, jvp=None, lean=False,
+                  grad_norm=False):
     """duogard's ``Trainer.step`` (estimator + SGD update): ``(run, draw)``.
 
     ``jvp``: the forward estimator's ``jvp`` option (``"framework"`` forces the framework's
-    generic forward AD where duogard would use its own rules)."""
+    generic forward AD where duogard would use its own rules). ``lean``: the forward
+    estimator's ``lean`` option (the fused, layer-by-layer step of ``duogard.grad._lean``).
+    ``grad_norm``: the Trainer's option (fit's default; off here, as the hand-written steps
+    compute no norm: the ``duogard-gradnorm`` rows measure what it costs)."""
     import duogard as dg
     from duogard import optim
     from duogard.train import Trainer
@@ -652,8 +661,11 @@ def _duogard_step(backend, model, params_np, x_np, y_np, method, compile=None, j
     est_name, opts = METHODS[method]
     if jvp is not None:
         opts = {**opts, "jvp": jvp}
+    if lean:
+        opts = {**opts, "lean": True}
     est = dg.estimator(est_name, **opts)
-    tr = Trainer(model, optimizer=optim.sgd(LR), estimator=est, backend=backend, compile=compile)
+    tr = Trainer(model, optimizer=optim.sgd(LR), estimator=est, backend=backend, compile=compile,
+                 grad_norm=grad_norm)
     params, opt_state = tr.init_state(params_np)
     x, y = be.asarray(x_np), be.asarray(y_np)
     keys = [be.fold_in(be.key(0), i) for i in range(16)]
@@ -714,11 +726,16 @@ def _step_configs(sz: Sizes, backends) -> list[_Config]:
                     impls.append("duogard-compiled")
                 if backend == "torch" and method in sz.framework_jvp_methods and _has_jvp_option():
                     impls.append("duogard-framework-jvp")
+                if method in sz.lean_methods:
+                    impls.append("duogard-lean")
+                if method in sz.gradnorm_methods:
+                    impls.append("duogard-gradnorm")
                 for impl in impls:
                     if impl.startswith("duogard"):
                         make = (lambda b=backend, m=model, p=params_np, me=method, im=impl:
                                 _duogard_step(b, m, p, *data, me, compile=(im == "duogard-compiled") or None,
-                                              jvp="framework" if im == "duogard-framework-jvp" else None))
+                                              jvp="framework" if im == "duogard-framework-jvp" else None,
+                                              lean=im == "duogard-lean", grad_norm=im == "duogard-gradnorm"))
                     elif backend == "jax":
                         make = lambda o=ops, ln=layers_np, me=method: _jax_hand(o, ln, *data, me)
                     else:
@@ -951,8 +968,8 @@ def _memory_worker(spec: dict) -> dict:
         params_np = model.init(0, x_np)
         nbytes = sum(a.nbytes for layer in params_np.values() for a in layer.values())
         est = "backprop" if method == "backprop" else "fwd-K1-normal"
-        if impl == "duogard":
-            return _duogard_step(backend, model, params_np, x_np, y_np, est)[0], nbytes
+        if impl in ("duogard", "duogard-lean"):
+            return _duogard_step(backend, model, params_np, x_np, y_np, est, lean=impl == "duogard-lean")[0], nbytes
         if impl == "hand":
             ops = ["flatten"] + ["linear", "relu"] * d + ["linear"]
             if backend == "torch":
@@ -1240,12 +1257,17 @@ def _targets(step, memory, conv, draw_opts) -> list[dict]:
     # 1. forward <= 1.0 x backprop
     for b in backends:
         for m in models:
-            for me in ("fwd-K1-normal", "fwd-K1-rademacher"):
-                if (b, m, me, "duogard") not in idx:
+            for me, im in (("fwd-K1-normal", "duogard"), ("fwd-K1-rademacher", "duogard"),
+                           ("fwd-K1-normal", "duogard-lean"), ("fwd-K1-rademacher", "duogard-lean")):
+                if (b, m, me, im) not in idx:
                     continue
-                ratio = _ratio(t(b, m, me), t(b, m, "backprop"))
-                rec = {"target": "forward step / backprop step", "backend": b, "model": m, "method": me,
+                ratio = _ratio(t(b, m, me, im), t(b, m, "backprop"))
+                rec = {"target": "forward step / backprop step", "backend": b, "model": m,
+                       "method": me + (" lean" if im == "duogard-lean" else ""),
                        "measured": ratio, "limit": TARGETS["forward_over_backprop"], "baydin": BAYDIN_RATIO}
+                if im != "duogard":
+                    out.append(rec)
+                    continue
                 if not ratio <= rec["limit"]:
                     hand = _ratio(t(b, m, me, "hand"), t(b, m, "backprop", "hand"))
                     hj = _ratio(t(b, m, me, "hand-jvp"), t(b, m, "backprop", "hand-autograd"))
@@ -1355,15 +1377,15 @@ def _memory_targets(memory) -> list[dict]:
         if not ratio <= rec["limit"]:
             p_deep = rows[deep]["params_mb"]
             times_p = _ratio(rows[deep]["peak_beyond_params_mb"], p_deep)
-            lean = [r for r in memory if (r["backend"], r["method"], r["impl"]) == (b, "forward", "hand-lean")
+            lean = [r for r in memory if (r["backend"], r["method"], r["impl"]) == (b, "forward", "duogard-lean")
                     and r["depth"] == deep and "ratios" in r]
             rec["why"] = (f"the peak at depth {deep} is {times_p:.1f}x the parameters ({p_deep:.0f} MB): what grows is "
-                          "not activations but parameter-sized buffers (the whole tangent, the estimate d*v, the "
-                          "optimizer's update, the new params beside the old)")
+                          "not activations but parameter-sized buffers (the whole tangent, the estimate d*v, "
+                          "the new params beside the old)")
             if lean:
                 lean_ratio = next(iter(lean[0]["ratios"].values()))
-                rec["why"] += (f"; drawing each layer's tangent from a per-layer seed inside the JVP and again for an "
-                               f"in-place update keeps it flat (hand-lean: {lean_ratio:.2f}x)")
+                rec["why"] += (f"; estimator('forward', lean=True) draws each layer's tangent from its own key inside "
+                               f"the JVP and again for an in-place update, and stays flat ({lean_ratio:.2f}x)")
         out.append(rec)
     return out
 
@@ -1384,14 +1406,14 @@ def _print_step_tables(step, batch, log) -> None:
 
     models = [m for m in ("mlp", "cnn") if any(r["model"] == m for r in step)]
     pairs = [(m, me) for m in models for me in METHODS if any(k[1:3] == (m, me) for k in idx)]
-    extra_impls = sorted({k[3] for k in idx if k[3] not in ("duogard", "hand")})
+    extra = sorted({(k[0], k[3]) for k in idx if k[3] not in ("duogard", "hand")})
     log(f"\n1. Step time, median ms per step (batch {batch}; d/h = duogard / hand-written)")
     log(_table(["model  method", "jax duogard", "jax hand", "d/h", "torch duogard", "torch hand", "d/h",
-                *[f"torch {im}" for im in extra_impls]],
+                *[f"{b} {im}" for b, im in extra]],
                [[f"{m}  {me}", ms("jax", m, me, "duogard"), ms("jax", m, me, "hand"),
                  rat("duogard_over_hand", "jax", m, me, "duogard"), ms("torch", m, me, "duogard"),
                  ms("torch", m, me, "hand"), rat("duogard_over_hand", "torch", m, me, "duogard"),
-                 *[ms("torch", m, me, im) for im in extra_impls]] for m, me in pairs]))
+                 *[ms(b, m, me, im) for b, im in extra]] for m, me in pairs]))
     log(f"\n   Ratios: forward/backprop (Baydin et al.: {BAYDIN_RATIO}); JAX/torch; tangent drawing as % of the step")
     log(_table(["model  method", "f/b jax", "f/b jax hand", "f/b torch", "f/b torch hand", "f/b torch hand-jvp",
                 "jax/torch", "jax/torch hand", "draw% jax", "draw% torch"],

@@ -237,6 +237,12 @@ def synchronize(tree=None):
     return tree
 
 
+def add_scaled_(target, value, scale, where=None):
+    # arrays are immutable: a new array (in place when jitted with ``target`` donated)
+    out = (target + jnp.asarray(scale, target.dtype) * value).astype(target.dtype)
+    return out if where is None else jnp.where(where, out, target)
+
+
 # ----------------------------------------------------------------------------- random
 
 def key(seed: int):

@@ -100,6 +100,14 @@ class Forward(Estimator):
       the model has no convolution, and the backend's generic forward AD is the slower one
       (``be.fast_jvp_rules``: torch, for Linear layers), the framework's jvp otherwise. Both give the same numbers (checked in the tests).
 
+    - ``lean``: draw each leaf's tangent from its own key (``fold_in(key, leaf index)``)
+      instead of one flat draw. Used the ordinary way it gives an estimate like any other;
+      in :class:`duogard.Trainer` / :func:`duogard.fit` with a momentum-free
+      :func:`duogard.optim.sgd` it runs the step of :mod:`duogard.grad._lean`: layer by
+      layer, each tangent drawn twice (for the JVP, then for an in-place update) and never
+      the whole tangent or gradient at once, so the step's memory stays flat in depth. For
+      a Sequential of duogard layers; not with ``orthogonal`` or ``projection``.
+
     Tangents are drawn as one flat ``(K, n)`` array (n = number of parameters) and viewed as
     the params pytree; :meth:`sample` returns that array so parity runs can share it.
     """
@@ -107,7 +115,7 @@ class Forward(Estimator):
     stochastic = True
 
     def __init__(self, *, num_tangents: int = 1, distribution: str = "normal", orthogonal: bool = False,
-                 projection: bool = False, jvp: str = "auto"):
+                 projection: bool = False, jvp: str = "auto", lean: bool = False):
         self.num_tangents = _positive("num_tangents", num_tangents)
         if jvp not in _JVP_PATHS:
             raise ValueError(f"forward: jvp must be one of {_JVP_PATHS}, got {jvp!r}")
@@ -117,6 +125,11 @@ class Forward(Estimator):
         self.distribution = distribution
         self.orthogonal = bool(orthogonal)
         self.projection = bool(projection)
+        self.lean = bool(lean)
+        if self.lean and (self.orthogonal or self.projection):
+            raise ValueError("forward: lean=True draws each leaf's tangent on its own; it does not combine "
+                             f"with orthogonal=True or projection=True (got orthogonal={orthogonal!r}, "
+                             f"projection={projection!r})")
 
     def sample(self, loss_fn, params, batch, key):
         be = params_backend(params)
@@ -124,6 +137,11 @@ class Forward(Estimator):
         leaf = tree_leaves(params)[0]
         shape = (self.num_tangents, flat.size)
         draw = be.rademacher if self.distribution == "rademacher" else be.normal
+        if self.lean:  # one key per leaf, as the lean step draws them (duogard.grad._lean)
+            k = self.num_tangents
+            return be.xp.concat([be.xp.reshape(draw(be.fold_in(key, i), (k, *a.shape), dtype=a.dtype,
+                                                    device=be.device_of(a)), (k, -1))
+                                 for i, a in enumerate(tree_leaves(params))], axis=1)
         v = draw(key, shape, dtype=leaf.dtype, device=be.device_of(leaf))
         if self.orthogonal:
             if self.num_tangents > flat.size:

@@ -22,7 +22,7 @@ from duogard.optim._base import (
     EmptyState, GradientTransformation, apply_updates, chain, current_learning_rate, identity,
     step_count,
 )
-from duogard.optim._optimizers import adagrad, adam, adamw, rmsprop, sgd
+from duogard.optim._optimizers import PlainSGD, adagrad, adam, adamw, plain_sgd, rmsprop, sgd
 from duogard.optim._schedules import (
     Schedule, constant_schedule, cosine_decay, exponential_decay, step_decay, warmup_cosine_decay,
 )
@@ -37,7 +37,7 @@ __all__ = [
     "GradientTransformation", "EmptyState", "identity", "chain", "apply_updates",
     "current_learning_rate", "step_count",
     # optimizers
-    "sgd", "adam", "adamw", "rmsprop", "adagrad",
+    "sgd", "adam", "adamw", "rmsprop", "adagrad", "PlainSGD", "plain_sgd",
     # transformations
     "scale", "scale_by_learning_rate", "add_decayed_weights", "trace", "scale_by_adam",
     "scale_by_rms", "scale_by_rss", "clip", "clip_by_global_norm",

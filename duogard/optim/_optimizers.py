@@ -7,13 +7,16 @@ docstring says how and which optax options give the same numbers.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any, Callable
+
 from duogard.optim._base import GradientTransformation, chain, check, nonneg, positive, unit_interval
 from duogard.optim._schedules import as_schedule
 from duogard.optim._transforms import (
     add_decayed_weights, scale_by_adam, scale_by_learning_rate, scale_by_rms, scale_by_rss, trace,
 )
 
-__all__ = ["sgd", "adam", "adamw", "rmsprop", "adagrad"]
+__all__ = ["sgd", "adam", "adamw", "rmsprop", "adagrad", "PlainSGD", "plain_sgd"]
 
 
 def _chain(*parts) -> GradientTransformation:
@@ -32,11 +35,39 @@ def sgd(learning_rate=1e-3, *, momentum=0.0, nesterov: bool = False, weight_deca
     m = nonneg("sgd", "momentum", momentum)
     wd = nonneg("sgd", "weight_decay", weight_decay)
     check("sgd", "nesterov", nesterov, not nesterov or m > 0, "False when momentum is 0")
-    return _chain(
+    tx = _chain(
         add_decayed_weights(wd) if wd else None,
         trace(decay=m, nesterov=bool(nesterov)) if m else None,
         scale_by_learning_rate(schedule),
     )
+    if not m:
+        tx.update.plain_sgd = PlainSGD(schedule, wd)  # stateless: an update can be fused (see plain_sgd)
+    return tx
+
+
+@dataclass(frozen=True)
+class PlainSGD:
+    """What a momentum-free :func:`sgd` does, for steps that apply it themselves.
+
+    ``params <- params * (1 - lr * weight_decay) - lr * g``. A step that fuses the update into
+    the gradient computation (``estimator("forward", lean=True)``) reads the rate with
+    :meth:`advance`, which also returns the optimizer state one update later, exactly as
+    ``update`` would.
+    """
+
+    schedule: Callable[[Any], Any]
+    weight_decay: float
+
+    def advance(self, state):
+        """``(learning_rate, new_state)``: the rate this update uses (0-d array) and the state after it."""
+        lr_state = state[-1]  # sgd's chain ends with scale_by_learning_rate
+        _, new = scale_by_learning_rate(self.schedule).update({"lr": lr_state.learning_rate}, lr_state)
+        return lr_state.learning_rate, (*state[:-1], new)
+
+
+def plain_sgd(optimizer) -> PlainSGD | None:
+    """The :class:`PlainSGD` of an optimizer made by :func:`sgd` without momentum, else None."""
+    return getattr(getattr(optimizer, "update", None), "plain_sgd", None)
 
 
 def _adam_args(fn, b1, b2, eps, weight_decay):

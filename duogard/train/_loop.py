@@ -110,11 +110,24 @@ class _Log:
 class Trainer:
     """Holds one compiled step (and evaluation) for a model, loss, optimizer and estimator.
 
-    ``fit`` is the one-call front; use a Trainer to drive steps yourself.
+    ``fit`` is the one-call front; use a Trainer to drive steps yourself:
+    ``params, opt_state, loss, grad_sq_norm = trainer.step(params, opt_state, x, y, key)``.
+
+    The Trainer owns the params it steps. :meth:`init_state` copies them once; after that
+    each step may reuse their buffers: a momentum-free :func:`duogard.optim.sgd` is applied in
+    one pass, in place on torch and into the donated input buffers on JAX (the same numbers
+    as ``update`` + ``apply_updates``, without the intermediate arrays). So pass each step the
+    params that the previous one returned, never older ones. When the loss (or, with
+    ``grad_norm``, the gradient) is not finite, the step returns the params and optimizer
+    state it was given, unchanged.
+
+    ``grad_norm`` (default True): also return ``|g|²`` (one more pass over the gradient; the
+    step then also refuses a non-finite gradient with a finite loss). With False the fourth
+    result is None.
     """
 
     def __init__(self, model, *, loss: Callable | str = _losses.cross_entropy, optimizer=None,
-                 estimator="backprop", backend=None, compile=None):
+                 estimator="backprop", backend=None, compile=None, grad_norm: bool = True):
         from duogard import grad as _grad
         from duogard import optim as _optim
 
@@ -127,12 +140,45 @@ class Trainer:
         be, est, opt, loss_fn = self.be, self.estimator, self.optimizer, self.loss_fn
         measure = _grad.with_diagnostics(est)
 
+        self.grad_norm = bool(grad_norm)
+        sgd = _optim.plain_sgd(opt)
+        xp = be.xp
+
         def step(params, opt_state, x, y, key):
             value, grads = est(loss_fn, params, (x, y), key)
-            updates, opt_state = opt.update(grads, opt_state, params)
-            params = _optim.apply_updates(params, updates)
-            gsq = sum(be.xp.sum(g * g) for g in tree_leaves(grads))
-            return params, opt_state, value, gsq
+            ok = xp.isfinite(value)
+            gsq = None
+            if self.grad_norm:
+                gsq = sum(xp.linalg.vector_norm(g) ** 2 for g in tree_leaves(grads))
+                ok = xp.logical_and(ok, xp.isfinite(gsq))
+            if sgd is not None:  # one pass per leaf: p (1 - lr wd) - lr g, in place / donated
+                lr, new_state = sgd.advance(opt_state)
+                wd = sgd.weight_decay
+
+                def apply(p, g):
+                    if wd:
+                        p = be.add_scaled_(p, p, -xp.astype(lr, p.dtype) * wd, where=ok)
+                    return be.add_scaled_(p, g, -xp.astype(lr, p.dtype), where=ok)
+
+                params = tree_map(apply, params, grads)
+            else:
+                updates, new_state = opt.update(grads, opt_state, params)
+                params = _keep_if(be, ok, _optim.apply_updates(params, updates), params)
+            return params, _keep_if(be, ok, new_state, opt_state), value, gsq
+
+        jit_kw = {} if compile is None else {"compile": bool(compile)}
+        self.lean = None
+        if getattr(est, "lean", False):
+            sgd = _optim.plain_sgd(opt)
+            if sgd is None:
+                raise ValueError(
+                    "Trainer: estimator forward(lean=True) applies the SGD update itself, layer by layer; "
+                    "optimizer must be duogard.optim.sgd(learning_rate, weight_decay=...) without momentum, "
+                    f"got {opt!r:.120}"
+                )
+            from duogard.grad._lean import LeanStep
+
+            self.lean = LeanStep(est, self.loss_fn, be, sgd, compile=compile)
 
         def diagnose(params, x, y, key):
             # the estimate next to the true gradient, outside the timed step
@@ -148,8 +194,12 @@ class Trainer:
                 if y.ndim == 1 and not be.xp.isdtype(y.dtype, "real floating") else None
             return per, correct
 
-        jit_kw = {} if compile is None else {"compile": bool(compile)}
-        self.step = be.jit(step, **jit_kw)
+        if self.lean is not None:
+            # not one compiled program: the lean step's layers are (see duogard.grad._lean)
+            self.step = lambda params, opt_state, x, y, key: self.lean.step(params, opt_state, (x, y), key)
+        else:
+            # params are donated: with sgd XLA updates them in place (they are this Trainer's own)
+            self.step = be.jit(step, donate_argnums=(0,), **jit_kw)
         self.diagnose = be.jit(diagnose, **jit_kw)
         self.evaluate_batch = be.jit(evaluate, **jit_kw)
 
@@ -161,6 +211,7 @@ class Trainer:
         """Params on this backend (from NumPy or either framework) and the optimizer state."""
         be = self.be
         params = tree_map(be.asarray, params)
+        params = _owned_copy(be, params)  # steps update in place / donate: never the caller's arrays
         # placed explicitly (committed, on JAX) like the step's outputs, so the step compiles once
         place = lambda a: be.asarray(a, device=be.default_device()) if be.is_array(a) else a  # noqa: E731
         return tree_map(place, params), tree_map(place, self.optimizer.init(params))
@@ -177,6 +228,17 @@ class Trainer:
         return {"loss": total / max(n, 1), "accuracy": correct / max(n, 1)}
 
 
+def _owned_copy(be, tree):
+    return tree_map(lambda a: be.xp.asarray(a, copy=True) if be.is_array(a) else a, tree)
+
+
+def _keep_if(be, ok, new, old):
+    """``new`` where the 0-d bool ``ok`` holds, else ``old`` (selected inside a compiled step)."""
+    if be.is_tracing(ok):
+        return tree_map(lambda a, b: be.xp.where(ok, a, b), new, old)
+    return new if bool(ok) else old
+
+
 def _takes_reduction(loss) -> bool:
     import inspect
 
@@ -190,7 +252,8 @@ def fit(model, params, data, *, loss: Callable | str = _losses.cross_entropy, op
         estimator="backprop", backend=None, steps: int = 1000, batch_size: int = 64, seed: int = 0,
         eval_every: int | None = None, diagnostics_every: int = 0, log=None, progress=None,
         compile=None, on_nan: str = "raise", checkpoint=None, checkpoint_every: int | None = None,
-        resume=None, callback: Callable[[dict], Any] | None = None, trainer: Trainer | None = None) -> FitResult:
+        resume=None, callback: Callable[[dict], Any] | None = None, trainer: Trainer | None = None,
+        grad_norm: bool = True) -> FitResult:
     """Train ``model`` from ``params`` on ``data`` and measure everything on the way.
 
     Parameters (keyword-only after ``data``):
@@ -211,6 +274,12 @@ def fit(model, params, data, *, loss: Callable | str = _losses.cross_entropy, op
         checkpoint; ``"skip"`` drops the step, keeps the previous params, and counts it.
       checkpoint, checkpoint_every: a directory to write checkpoints to (atomically).
       resume: a checkpoint directory to continue from (exactly: same batches, same keys).
+      grad_norm: record ``grad_norm`` (|g|) every step (default; one more pass over the
+        gradient, and a non-finite gradient is caught even when the loss is finite).
+      trainer: a :class:`Trainer` to reuse (its model, loss, optimizer, estimator and
+        ``grad_norm`` are used; those arguments are then ignored).
+
+    ``params`` are copied once; the arrays passed in are never modified.
     """
     if on_nan not in _ON_NAN:
         raise ValueError(f"fit: on_nan must be one of {_ON_NAN}, got {on_nan!r}")
@@ -219,7 +288,7 @@ def fit(model, params, data, *, loss: Callable | str = _losses.cross_entropy, op
     if not isinstance(batch_size, int) or batch_size <= 0:
         raise ValueError(f"fit: batch_size must be a positive int, got {batch_size!r}")
     tr = trainer or Trainer(model, loss=loss, optimizer=optimizer, estimator=estimator, backend=backend,
-                            compile=compile)
+                            compile=compile, grad_norm=grad_norm)
     be = tr.be
     params, opt_state = tr.init_state(params)
     base_key = be.key(seed)
@@ -256,14 +325,16 @@ def fit(model, params, data, *, loss: Callable | str = _losses.cross_entropy, op
             key = be.fold_in(base_key, step)
             diag = tr.diagnose(params, xb, yb, key) if diagnostics_every and step % diagnostics_every == 0 else {}
             t0 = time.perf_counter()
-            new_params, new_state, value, gsq = tr.step(params, opt_state, xb, yb, key)
-            value, gsq = float(value), float(gsq)  # waits for the step: honest timing
+            # the step returns what to continue from: its inputs, unchanged, when not finite
+            params, opt_state, value, gsq = tr.step(params, opt_state, xb, yb, key)
+            value = float(value)  # waits for the step: honest timing
+            gsq = float(gsq) if gsq is not None else float("nan")
             dt = time.perf_counter() - t0
             if step == start:
                 result.first_step_seconds = dt
             else:
                 times.append(dt)
-            finite = math.isfinite(value) and math.isfinite(gsq)
+            finite = math.isfinite(value) and (math.isfinite(gsq) or not tr.grad_norm)
             if not finite:
                 if on_nan == "raise":
                     raise NonFiniteError(
@@ -273,10 +344,10 @@ def fit(model, params, data, *, loss: Callable | str = _losses.cross_entropy, op
                         + ". Lower the learning rate, or pass on_nan='skip'."
                     )
                 result.skipped_steps += 1
-            else:
-                params, opt_state = new_params, new_state
-            rec = {"step": step + 1, "loss": value, "grad_norm": math.sqrt(gsq) if gsq >= 0 else float("nan"),
-                   "time": time.perf_counter() - t_begin, "step_time": dt}
+            rec = {"step": step + 1, "loss": value}
+            if tr.grad_norm:
+                rec["grad_norm"] = math.sqrt(gsq) if gsq >= 0 else float("nan")
+            rec.update(time=time.perf_counter() - t_begin, step_time=dt)
             if lr_of is not None:
                 try:
                     rec["lr"] = float(lr_of(opt_state))
