@@ -154,3 +154,59 @@ def test_rademacher_bits_are_balanced_and_independent(be):
     # neighbours (within a word and across words) are uncorrelated
     for lag in (1, 8, 31, 32, 63, 64):
         assert abs(np.mean(r[:-lag] * r[lag:])) < 0.01, lag
+
+
+# ----------------------------------------------------------------------------- torch: autograd fast path
+
+def _torch_or_skip():
+    torch = pytest.importorskip("torch")
+    return torch, dg.backend("torch")
+
+
+def test_torch_value_and_grad_plain_autograd_equals_torch_func():
+    """Outside torch.func transforms value_and_grad runs torch.autograd (faster); same numbers."""
+    torch, bt = _torch_or_skip()
+    rng = np.random.default_rng(0)
+    params = {"w": torch.tensor(rng.normal(size=(3, 4))), "b": torch.tensor(rng.normal(size=3)),
+              "unused": torch.tensor(rng.normal(size=2))}
+    x = torch.tensor(rng.normal(size=(5, 4)))
+
+    def f(p, x):
+        h = torch.tanh(x @ p["w"].T + p["b"])
+        return (h ** 2).sum(), {"h": h}
+
+    (v, aux), g = bt.value_and_grad(f, has_aux=True)(params, x)
+    gf, (vf, auxf) = torch.func.grad_and_value(f, has_aux=True)(params, x)
+    assert float(v) == pytest.approx(float(vf), rel=1e-15)
+    for k in params:
+        np.testing.assert_allclose(g[k].numpy(), gf[k].numpy(), rtol=1e-13, atol=0)
+    assert not v.requires_grad and not aux["h"].requires_grad and not g["w"].requires_grad
+    np.testing.assert_array_equal(g["unused"].numpy(), np.zeros(2))  # as torch.func: zeros, not None
+    assert not params["w"].requires_grad  # the caller's tensors are left alone
+    # a constant function: zero gradients
+    v0, g0 = bt.value_and_grad(lambda p: torch.tensor(2.0, dtype=torch.float64))(params)
+    assert float(v0) == 2.0 and all(float(t.abs().sum()) == 0 for t in g0.values())
+    with pytest.raises(RuntimeError, match="scalar"):
+        bt.value_and_grad(lambda p: p["w"] * 2)(params)
+
+
+def test_torch_value_and_grad_nested_and_transformed_stay_exact():
+    """Nested derivatives (grad of grad), vmap and jvp over it go through torch.func."""
+    torch, bt = _torch_or_skip()
+    x = torch.tensor([0.3, -1.2, 2.0], dtype=torch.float64)
+    f = lambda z: (torch.sin(z) * z).sum()  # noqa: E731
+    # second derivative by value_and_grad twice: d/dz (sin z + z cos z) = 2 cos z - z sin z
+    hess_diag = bt.value_and_grad(lambda z: bt.value_and_grad(f)(z)[1][0])(x)[1]
+    expected0 = 2 * np.cos(0.3) - 0.3 * np.sin(0.3)
+    assert float(hess_diag[0]) == pytest.approx(expected0, rel=1e-12)
+    batched = bt.vmap(lambda z: bt.value_and_grad(f)(z)[1])(torch.stack([x, 2 * x]))
+    np.testing.assert_allclose(batched[1].numpy(), (torch.sin(2 * x) + 2 * x * torch.cos(2 * x)).numpy(), rtol=1e-12)
+    # forward-over-reverse: the Hessian-vector product along e_0
+    t = torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64)
+    _, hvp = bt.jvp(lambda z: bt.value_and_grad(f)(z)[1], (x,), (t,))
+    assert float(hvp[0]) == pytest.approx(expected0, rel=1e-12)
+    # inputs that already require grad (an outer autograd graph): the outer gradient is right
+    xr = x.clone().requires_grad_(True)
+    inner = bt.value_and_grad(f)(xr)[1].sum()  # sum of first derivatives
+    (outer,) = torch.autograd.grad(inner, xr)
+    np.testing.assert_allclose(outer.numpy(), (2 * torch.cos(x) - x * torch.sin(x)).numpy(), rtol=1e-12)

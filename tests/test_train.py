@@ -282,3 +282,68 @@ def test_digits_acceptance_within_the_compare_budget(be):
     assert out["config"]["steps"] == 2500 and out["config"]["hidden"] == [128]
     assert acc.pop(parse_method(backprop).label) >= 0.95, acc
     assert len(acc) == 2 and max(acc.values()) >= 0.90, acc
+
+
+# ----------------------------------------------------------------------------- one-pass SGD, ownership
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.01])
+def test_one_pass_sgd_equals_update_then_apply(be, mlp, params0, digits, weight_decay):
+    """The Trainer applies a momentum-free sgd in one pass (in place / donated): same numbers as
+    optim's update + apply_updates, step after step, with a schedule."""
+    from duogard.train import Trainer
+
+    opt = optim.sgd(optim.exponential_decay(0.1, rate=0.1), weight_decay=weight_decay)
+    tr = Trainer(mlp, optimizer=opt, estimator="backprop", backend=be.name)
+    params, state = tr.init_state(params0)
+    ref, ref_state = tr.init_state(params0)
+    for step in range(3):
+        xb, yb = (be.asarray(a) for a in digits.batch_at(step, BATCH))
+        _, g = dg.estimator("backprop")(tr.loss_fn, ref, (xb, yb))
+        u, ref_state = opt.update(g, ref_state, ref)
+        ref = optim.apply_updates(ref, u)
+        params, state, _, gsq = tr.step(params, state, xb, yb, be.key(0))
+        for a, b in zip(_leaves(dg.tree.tree_map(be.to_numpy, params)), _leaves(dg.tree.tree_map(be.to_numpy, ref))):
+            np.testing.assert_allclose(a, b, rtol=2e-6, atol=1e-7)
+        want = sum(float(np.sum(np.asarray(be.to_numpy(t), np.float64) ** 2)) for t in dg.tree.tree_leaves(g))
+        assert float(gsq) == pytest.approx(want, rel=1e-4)
+        assert float(optim.current_learning_rate(state)) == pytest.approx(
+            float(optim.current_learning_rate(ref_state)), rel=1e-7)
+
+
+@pytest.mark.parametrize("opt_name", ["sgd", "adam"])
+def test_fit_never_touches_the_callers_arrays(be, mlp, params0, digits, opt_name):
+    opt = optim.sgd(0.05) if opt_name == "sgd" else optim.adam(1e-3)
+    given = dg.tree.tree_map(be.asarray, params0)
+    before = _leaves(dg.tree.tree_map(be.to_numpy, given))
+    res = _run(mlp, given, digits, be, optimizer=opt, steps=5)
+    after = _leaves(dg.tree.tree_map(be.to_numpy, given))  # on JAX a donated array would raise here
+    for a, b in zip(before, after):
+        assert a.tobytes() == b.tobytes()
+    assert any(not np.array_equal(a, b) for a, b in zip(_leaves(dg.tree.tree_map(be.to_numpy, res.params)), before))
+
+
+@pytest.mark.parametrize("opt_name", ["sgd", "momentum"])
+def test_a_non_finite_step_returns_its_inputs_unchanged(be, mlp, params0, digits, opt_name):
+    from duogard.train import Trainer
+
+    opt = optim.sgd(0.05) if opt_name == "sgd" else optim.sgd(0.05, momentum=0.9)
+    tr = Trainer(mlp, optimizer=opt, estimator="backprop", backend=be.name)
+    params, state = tr.init_state(params0)
+    x = digits.x_train[:8].copy()
+    x[0] = np.nan
+    want_p = _leaves(dg.tree.tree_map(be.to_numpy, params))
+    want_s = _leaves(dg.tree.tree_map(be.to_numpy, state))
+    params, state, loss, gsq = tr.step(params, state, be.asarray(x), be.asarray(digits.y_train[:8]), be.key(0))
+    assert not math.isfinite(float(loss))
+    _assert_bitwise(dg.tree.tree_map(be.to_numpy, params), want_p)
+    _assert_bitwise(dg.tree.tree_map(be.to_numpy, state), want_s)
+
+
+def test_grad_norm_off_drops_the_record_and_still_catches_a_nan_loss(be, mlp, params0, digits):
+    res = _run(mlp, params0, digits, be, optimizer=optim.sgd(0.05), steps=5, grad_norm=False)
+    assert all("grad_norm" not in h for h in res.history)
+    on = _run(mlp, params0, digits, be, optimizer=optim.sgd(0.05), steps=5)
+    assert all(h["grad_norm"] > 0 for h in on.history)
+    _assert_bitwise(res.params, on.params)  # the norm is a measurement only
+    with pytest.raises(NonFiniteError, match="non-finite loss at step 7"):
+        _run(mlp, params0, _poisoned(digits, 6), be, optimizer=optim.sgd(0.05), steps=10, grad_norm=False)

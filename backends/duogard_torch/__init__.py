@@ -243,7 +243,8 @@ def stop_gradient(x):
 
 
 def is_tracing(x) -> bool:
-    return torch._C._functorch.is_functorch_wrapped_tensor(x) or torch.compiler.is_compiling()
+    # is_compiling first: under torch.compile it is a constant, and dynamo cannot trace the other
+    return torch.compiler.is_compiling() or torch._C._functorch.is_functorch_wrapped_tensor(x)
 
 
 def synchronize(tree=None):
