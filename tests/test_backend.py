@@ -156,6 +156,20 @@ def test_rademacher_bits_are_balanced_and_independent(be):
         assert abs(np.mean(r[:-lag] * r[lag:])) < 0.01, lag
 
 
+def test_rademacher_draws_from_different_keys_are_uncorrelated(be):
+    """Keys folded from one seed (as a training run makes them) give independent sign vectors:
+    the correlation of two draws has standard deviation 1/sqrt(n); every bit position of a
+    word is balanced."""
+    n, m = 4096, 120
+    v = np.stack([np.asarray(be.to_numpy(be.rademacher(be.fold_in(be.key(1), i), (n,)))) for i in range(m)])
+    corr = (v @ v.T / n)[~np.eye(m, dtype=bool)]
+    sd = 1 / np.sqrt(n)
+    assert abs(corr.mean()) < 0.5 * sd and 0.8 * sd < corr.std() < 1.2 * sd
+    assert np.abs(corr).max() < 5.5 * sd
+    per_bit = v.reshape(m, -1, 32).mean(axis=(0, 1))
+    assert np.abs(per_bit).max() < 5 / np.sqrt(m * n / 32)
+
+
 # ----------------------------------------------------------------------------- torch: autograd fast path
 
 def _torch_or_skip():

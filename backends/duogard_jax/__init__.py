@@ -275,13 +275,24 @@ def normal(key, shape, dtype=jnp.float32, device=None):
 
 
 def rademacher(key, shape, dtype=jnp.float32, device=None):
-    # 32 signs from each random word: 3x faster than jax.random.rademacher (a uniform per sign)
+    # 32 signs from each 32-bit word. The words come from a counter hash (two rounds of a
+    # bijective 32-bit mixer over the word index, seeded with 64 threefry bits of ``key``):
+    # threefry for every word cost 1.1 of the 1.4 ms for 1.86M signs, the hash 0.17 ms
     shape = tuple(shape)
     n = int(np.prod(shape))
-    words = jax.random.bits(key, ((n + 31) // 32,), jnp.uint32)
+    seed = jax.random.bits(key, (2,), jnp.uint32)
+    index = jnp.arange((n + 31) // 32, dtype=jnp.uint32)
+    words = _mix32(_mix32(index * jnp.uint32(0x9E3779B9) + seed[0]) ^ seed[1])
     bits = (words[:, None] >> jnp.arange(32, dtype=jnp.uint32)) & 1
     signs = bits.reshape(-1)[:n].astype(as_dtype(dtype)) * 2 - 1
     return _placed(signs.reshape(shape), device)
+
+
+def _mix32(x):
+    # a bijective avalanche mixer on uint32 (xor-shift / multiply, "lowbias32" constants)
+    x = (x ^ (x >> 16)) * jnp.uint32(0x7FEB352D)
+    x = (x ^ (x >> 15)) * jnp.uint32(0x846CA68B)
+    return x ^ (x >> 16)
 
 
 def uniform(key, shape, dtype=jnp.float32, minval=0.0, maxval=1.0, device=None):
