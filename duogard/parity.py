@@ -63,8 +63,9 @@ def _per_backend(value, names):
     return [value, value]
 
 
-def _diff(tree_a: dict, tree_b: dict):
-    """(max abs diff, global relative diff ‖a-b‖/‖b‖, name of the leaf with the largest rel diff)."""
+def _diff(tree_a: dict, tree_b: dict, floor: float = 0.0):
+    """(max abs diff, global relative diff ‖a-b‖/max(‖b‖, floor), name of the leaf with the
+    largest rel diff, ‖b‖)."""
     fa, fb = flatten_dict(tree_a), flatten_dict(tree_b)
     max_abs, num, den, worst, worst_rel = 0.0, 0.0, 0.0, "", -1.0
     for k in fa:
@@ -76,7 +77,7 @@ def _diff(tree_a: dict, tree_b: dict):
         rel = math.sqrt(nd) / max(math.sqrt(nb), 1e-30)
         if rel > worst_rel:
             worst, worst_rel = k, rel
-    return max_abs, math.sqrt(num) / max(math.sqrt(den), 1e-30), worst
+    return max_abs, math.sqrt(num) / max(math.sqrt(den), floor, 1e-30), worst, math.sqrt(den)
 
 
 def compare(model, loss: Callable | str, optimizer, estimator, data, *, steps: int = 100,
@@ -88,7 +89,9 @@ def compare(model, loss: Callable | str, optimizer, estimator, data, *, steps: i
     plant a difference on one side. ``estimator`` may be a name. Returns a
     :class:`ParityReport` with, per step, each backend's loss and the max abs / relative
     difference of the params and of the grads, and ``first_divergence``: the first step
-    whose relative param or grad difference exceeds ``tol``.
+    whose relative param or grad difference exceeds ``tol``. The grads' difference is taken
+    relative to the larger of that step's grad norm and the mean norm of the steps before
+    (a forward gradient whose directional derivative is near zero is pure rounding).
     """
     from duogard import grad as _grad
     from duogard import optim as _optim
@@ -120,6 +123,7 @@ def compare(model, loss: Callable | str, optimizer, estimator, data, *, steps: i
         sides.append({"be": be, "est": est, "params": p, "state": opt.init(p), "step": make_step(be, est, opt)})
     key = bes[0].key(seed)
     report = ParityReport(names, dtype, tol)
+    grad_norms: list[float] = []
     for step in range(steps):
         xb, yb = data.batch_at(step, batch_size, seed=seed)
         xb = xb.astype(dtype)
@@ -136,8 +140,12 @@ def compare(model, loss: Callable | str, optimizer, estimator, data, *, steps: i
         to_np = [lambda t, be=s["be"]: tree_map(be.to_numpy, t) for s in sides]
         pa, pb = to_np[0](sides[0]["params"]), to_np[1](sides[1]["params"])
         ga, gb = to_np[0](outs[0][1]), to_np[1](outs[1][1])
-        p_abs, p_rel, p_worst = _diff(pa, pb)
-        g_abs, g_rel, g_worst = _diff(ga, gb)
+        p_abs, p_rel, p_worst, _ = _diff(pa, pb)
+        # gradients relative to the larger of this step's norm and the run's mean so far: a
+        # forward gradient (∇f·v) v whose directional derivative happens to be near zero is
+        # only the rounding of a cancelling dot product, and would otherwise be a false alarm
+        g_abs, g_rel, g_worst, g_norm = _diff(ga, gb, floor=float(np.mean(grad_norms)) if grad_norms else 0.0)
+        grad_norms.append(g_norm)
         rec = {"step": step + 1, "loss_a": float(outs[0][0]), "loss_b": float(outs[1][0]),
                "param_max_abs": p_abs, "param_rel": p_rel, "grad_max_abs": g_abs, "grad_rel": g_rel,
                "worst_leaf": p_worst if p_rel >= g_rel else g_worst}

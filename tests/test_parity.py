@@ -140,3 +140,17 @@ def test_default_tolerance():
 def test_bad_arguments(digits, kw, match):
     with pytest.raises(ValueError, match=match):
         compare(_mlp(), "cross_entropy", optim.sgd(0.1), "backprop", digits, steps=1, **kw)
+
+
+def test_grad_difference_is_relative_to_the_runs_gradient_scale():
+    """A step whose gradient is nearly zero (a forward gradient with d ≈ 0) compares its rounding
+    against the run's typical gradient norm, not against its own tiny norm."""
+    import numpy as np
+
+    from duogard.parity import _diff
+
+    a, b = {"w": np.array([1e-7, 0.0])}, {"w": np.array([2e-7, 0.0])}
+    assert _diff(a, b)[1] == pytest.approx(0.5)                 # against its own norm: 50%
+    assert _diff(a, b, floor=1.0)[1] == pytest.approx(1e-7)     # against the run's scale
+    big_a, big_b = {"w": np.array([1.0, 2.0])}, {"w": np.array([1.1, 2.0])}
+    assert _diff(big_a, big_b, floor=1e-3)[1] == pytest.approx(0.1 / np.sqrt(1.1 ** 2 + 4))  # a real gap stays

@@ -414,17 +414,13 @@ def test_forward_grad_matches_the_hand_written_jvp_loop_step_for_step(kind):
         x, y = _data(seed=step)
         batch = (torch.from_numpy(x), torch.from_numpy(y))
 
-        # the hand-written fwdgrad loop: one tangent (drawn as duogard draws it: one flat
-        # normal vector over the params in sorted-name order), torch.func.jvp, p.grad = v * jvp
+        # the hand-written fwdgrad loop: one tangent (drawn as duogard draws it: leaf i of the
+        # params in sorted-name order from fold_in(step key, i)), torch.func.jvp, p.grad = v * jvp
         names = sorted(k for k, _ in manual.named_parameters())
         params = {k: p.detach() for k, p in manual.named_parameters()}
-        n = sum(params[k].numel() for k in names)
-        flat = be.normal(be.fold_in(base, step), (1, n), dtype=torch.float32)[0]
-        tangents, offset = {}, 0
-        for k in names:
-            size = params[k].numel()
-            tangents[k] = flat[offset:offset + size].reshape(params[k].shape)
-            offset += size
+        step_key = be.fold_in(base, step)
+        tangents = {k: be.normal(be.fold_in(step_key, i), (1, *params[k].shape), dtype=torch.float32)[0]
+                    for i, k in enumerate(names)}
         tangents = {k: tangents[k] for k in params}  # torch.func.jvp wants the primals' key order
         loss_m, jvp = torch.func.jvp(
             lambda p: F.cross_entropy(torch.func.functional_call(manual, p, (batch[0],)), batch[1]),
