@@ -347,3 +347,16 @@ def test_grad_norm_off_drops_the_record_and_still_catches_a_nan_loss(be, mlp, pa
     _assert_bitwise(res.params, on.params)  # the norm is a measurement only
     with pytest.raises(NonFiniteError, match="non-finite loss at step 7"):
         _run(mlp, params0, _poisoned(digits, 6), be, optimizer=optim.sgd(0.05), steps=10, grad_norm=False)
+
+
+@pytest.mark.skipif("torch" not in AVAILABLE, reason="needs torch")
+def test_torch_compile_step_matches_the_eager_step(mlp, params0, digits):
+    """Trainer(compile=True) on torch (torch.compile) with a forward gradient: the keyed draws run
+    eagerly in a graph break, and the numbers are the eager step's."""
+    est = dg.estimator("forward", distribution="rademacher")
+    compiled = _run(mlp, params0, digits, dg.backend("torch"), estimator=est, optimizer=optim.sgd(0.05),
+                    steps=3, compile=True)
+    eager = _run(mlp, params0, digits, dg.backend("torch"), estimator=est, optimizer=optim.sgd(0.05), steps=3)
+    np.testing.assert_allclose(_losses(compiled), _losses(eager), rtol=1e-5)
+    for a, b in zip(_leaves(compiled.params), _leaves(eager.params)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

@@ -284,6 +284,9 @@ def _make_key(z: int):
     return torch.tensor([(z >> 32) & 0xFFFFFFFF, z & 0xFFFFFFFF], dtype=torch.int64)
 
 
+# key arithmetic runs on the host with Python ints: torch.compile must not trace it (it would
+# turn the ints into symbols that Generator.manual_seed refuses); it runs eagerly in a graph break
+@torch.compiler.disable
 def _generator(key, device):
     device = torch.device("cpu") if device is None else torch.device(device)
     g = torch.Generator(device=device)
@@ -295,11 +298,13 @@ def key(seed: int):
     return _make_key(int(seed) & _MASK64)
 
 
+@torch.compiler.disable
 def split(key, num: int = 2):
     base = _key_int(key)
     return torch.stack([_make_key(_splitmix64(base ^ _splitmix64(i + 1))) for i in range(num)])
 
 
+@torch.compiler.disable
 def fold_in(key, data: int):
     return _make_key(_splitmix64(_key_int(key) ^ _splitmix64((int(data) + 0x632BE5AB) & _MASK64)))
 
