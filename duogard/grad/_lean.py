@@ -22,7 +22,7 @@ import numpy as np
 
 from duogard.grad._rules import _layer, _loss_jvp
 from duogard.grad._rules import plan as _rules_plan
-from duogard.tree import tree_leaves, tree_map
+from duogard.tree import tree_leaves, tree_structure
 
 __all__ = ["LeanStep", "leaf_keys_order"]
 
@@ -34,7 +34,7 @@ def leaf_keys_order(params) -> dict:
 
 
 class LeanStep:
-    """``step(params, batch, key, lr_state)``: the forward-gradient SGD step without whole-model buffers.
+    """``step(params, opt_state, batch, key)``: the forward-gradient SGD step without whole-model buffers.
 
     Built by :class:`duogard.Trainer` for ``estimator("forward", lean=True)`` with a
     momentum-free :func:`duogard.optim.sgd`. The loss must be covered by duogard's forward rules
@@ -52,9 +52,9 @@ class LeanStep:
         self.model, self.loss = plan
         self._indices = {}
         self.be, self.sgd, self.k = be, sgd, estimator.num_tangents
-        self.draw = be.rademacher if estimator.distribution == "rademacher" else be.normal
+        draw = be.rademacher if estimator.distribution == "rademacher" else be.normal
         jit_kw = {} if compile is None else {"compile": bool(compile)}
-        k, draw = self.k, self.draw
+        k = self.k
 
         def tangents(p, key, index):
             # fold_in inside the program: eager key arithmetic costs more than the draw on JAX
@@ -75,6 +75,7 @@ class LeanStep:
                         return _layer(be, layer, {}, {}, x, tx, k)
                 programs[ident] = be.jit(fwd, **jit_kw)
             self._forward.append(programs[ident])
+
         def head(z, tz, y):
             value, ds = _loss_jvp(be, self.loss, z, tz, y)
             xp = be.xp
@@ -131,17 +132,14 @@ class LeanStep:
         return params, opt_state, value, gsq
 
     def _index(self, params):
-        """Each leaf's index in ``tree_leaves(params)`` as a 0-d array (one program for every layer)."""
-        order = leaf_keys_order(params)
-        cached = self._indices.get(tuple(order))
+        """Each leaf's index in ``tree_leaves(params)`` as a 0-d array (one program for every
+        layer), computed once per params structure."""
+        structure = tree_structure(params)
+        cached = self._indices.get(structure)
         if cached is None:
-            be = self.be
+            be, order = self.be, leaf_keys_order(params)
             cached = {ln: {n: be.asarray(np.asarray(order[(ln, n)], dtype=np.uint32)) for n in layer}
                       for ln, layer in params.items()}
-            self._indices[tuple(order)] = cached
+            self._indices[structure] = cached
         return cached
 
-
-def owned_copy(be, params):
-    """A copy of ``params`` that a lean step may overwrite (it never touches the caller's arrays)."""
-    return tree_map(lambda a: be.xp.asarray(a, copy=True) if be.is_array(a) else a, params)

@@ -169,7 +169,6 @@ class Trainer:
         jit_kw = {} if compile is None else {"compile": bool(compile)}
         self.lean = None
         if getattr(est, "lean", False):
-            sgd = _optim.plain_sgd(opt)
             if sgd is None:
                 raise ValueError(
                     "Trainer: estimator forward(lean=True) applies the SGD update itself, layer by layer; "
