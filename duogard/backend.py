@@ -38,13 +38,13 @@ CONTRACT: tuple[str, ...] = (
     "xp", "asarray", "to_numpy", "is_array", "as_dtype", "dtype_name", "float32", "float64",
     "int32", "int64", "default_device", "device_of", "device_kind",
     # nn ops that the array API lacks
-    "conv2d", "max_pool2d", "avg_pool2d", "relu", "leaky_relu", "gelu", "sigmoid", "softplus",
+    "conv2d", "conv2d_weight_grad", "max_pool2d", "avg_pool2d", "relu", "leaky_relu", "gelu", "sigmoid", "softplus",
     "elu", "silu", "tanh", "softmax", "log_softmax", "logsumexp", "layer_norm",
     # autodiff and compilation
     "jvp", "vjp", "value_and_grad", "grad", "vmap", "jit", "stop_gradient", "fast_jvp_rules",
     # explicit-key randomness
     "key", "split", "fold_in", "key_data", "key_from_data", "normal", "rademacher",
-    "uniform", "bernoulli",
+    "uniform", "bernoulli", "draw_rows",
     # pytrees
     "tree_map", "tree_leaves", "tree_flatten", "tree_unflatten", "tree_structure",
     # misc

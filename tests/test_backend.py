@@ -148,6 +148,35 @@ def test_rademacher_signs_any_shape(be, shape, dtype):
     assert set(np.unique(be.to_numpy(r))) <= {-1.0, 1.0}
 
 
+@pytest.mark.parametrize("kind", ["normal", "rademacher"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_draw_rows_is_each_block_row_drawn_from_its_own_folded_key(be, kind, dtype):
+    """draw_rows(kind, keys, sizes, K): row r of block j is kind(fold_in(keys[j], r), (sizes[j],)),
+    the same numbers as the single draw (on torch it fills the rows in place)."""
+    keys = [be.fold_in(be.key(9), i) for i in range(3)]
+    sizes = [5, 1, 70]
+    out = be.draw_rows(kind, keys, sizes, 3, dtype=dtype)
+    assert tuple(out.shape) == (3, 76) and be.dtype_name(out.dtype) == dtype
+    got = be.to_numpy(out)
+    draw = getattr(be, kind)
+    start = 0
+    for key, size in zip(keys, sizes):
+        for r in range(3):
+            want = be.to_numpy(draw(be.fold_in(key, r), (size,), dtype=dtype))
+            np.testing.assert_array_equal(got[r, start:start + size], want)
+        start += size
+    assert len(np.unique(got[:, 6:])) > 100 if kind == "normal" else set(np.unique(got)) == {-1.0, 1.0}
+    # rows are different draws, not copies
+    assert not np.array_equal(got[0], got[1])
+
+
+def test_draw_rows_rejects_bad_arguments(be):
+    with pytest.raises(ValueError, match="kind must be 'normal' or 'rademacher', got 'uniform'"):
+        be.draw_rows("uniform", [be.key(0)], [3], 1)
+    with pytest.raises(ValueError, match="one key per block: got 1 keys for 2 sizes"):
+        be.draw_rows("normal", [be.key(0)], [3, 4], 1)
+
+
 def test_rademacher_bits_are_balanced_and_independent(be):
     r = be.to_numpy(be.rademacher(be.key(11), (200_000,)))
     assert abs(r.mean()) < 0.01
@@ -224,3 +253,47 @@ def test_torch_value_and_grad_nested_and_transformed_stay_exact():
     inner = bt.value_and_grad(f)(xr)[1].sum()  # sum of first derivatives
     (outer,) = torch.autograd.grad(inner, xr)
     np.testing.assert_allclose(outer.numpy(), (2 * torch.cos(x) - x * torch.sin(x)).numpy(), rtol=1e-12)
+
+
+# ----------------------------------------------------------------------------- conv weight gradient
+
+def _np_conv_weight_grad(x, gz, w_shape, stride, padding, dilation, groups):
+    """sum over n, h, w of gz[n, o, h, w] * xpad[n, group channel c, h*s + i*d, w*s + j*d]."""
+    (pt, pb), (pl, pr) = padding
+    xp = np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr)))
+    out_c, in_c, kh, kw = w_shape
+    per = out_c // groups
+    ho, wo = gz.shape[2:]
+    gw = np.zeros(w_shape)
+    for o in range(out_c):
+        g = o // per
+        for i in range(kh):
+            for j in range(kw):
+                hs, ws = i * dilation[0], j * dilation[1]
+                patch = xp[:, g * in_c:(g + 1) * in_c,
+                           hs:hs + stride[0] * (ho - 1) + 1:stride[0], ws:ws + stride[1] * (wo - 1) + 1:stride[1]]
+                gw[o, :, i, j] = np.einsum("nchw,nhw->c", patch, gz[:, o])
+    return gw
+
+
+@pytest.mark.parametrize("stride, padding, dilation, groups", [
+    ((1, 1), ((1, 1), (1, 1)), (1, 1), 1),
+    ((2, 1), ((0, 1), (2, 0)), (1, 1), 1),  # asymmetric padding ("same" with an even kernel)
+    ((1, 2), ((1, 1), (0, 0)), (2, 1), 2),
+])
+def test_conv2d_weight_grad_matches_numpy_and_the_vjp(be, stride, padding, dilation, groups):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3, 4, 9, 8))
+    w_shape = (6, 4 // groups, 3, 2)
+    w = be.asarray(rng.standard_normal(w_shape), dtype="float64")
+    xb = be.asarray(x, dtype="float64")
+    conv = lambda ww: be.conv2d(xb, ww, stride=stride, padding=padding, dilation=dilation, groups=groups)  # noqa: E731
+    out, pullback = be.vjp(conv, w)
+    gz = rng.standard_normal(tuple(out.shape))
+    got = be.conv2d_weight_grad(xb, be.asarray(gz, dtype="float64"), w_shape, stride=stride, padding=padding,
+                                dilation=dilation, groups=groups)
+    assert tuple(got.shape) == w_shape
+    want = _np_conv_weight_grad(x, gz, w_shape, stride, padding, dilation, groups)
+    np.testing.assert_allclose(be.to_numpy(got), want, rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(be.to_numpy(got), be.to_numpy(pullback(be.asarray(gz, dtype="float64"))[0]),
+                               rtol=1e-10, atol=1e-10)

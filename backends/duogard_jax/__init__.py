@@ -116,6 +116,15 @@ def conv2d(x, w, *, stride=(1, 1), padding=((0, 0), (0, 0)), dilation=(1, 1), gr
     )
 
 
+def conv2d_weight_grad(x, gz, w_shape, *, stride=(1, 1), padding=((0, 0), (0, 0)), dilation=(1, 1), groups=1):
+    """The gradient of ``sum(gz * conv2d(x, w))`` in ``w`` (shape ``w_shape``). The transpose of the
+    convolution in ``w``; under jit XLA drops the unused forward convolution of the vjp."""
+    w0 = jnp.zeros(tuple(w_shape), dtype=gz.dtype)
+    _, pullback = jax.vjp(lambda w: conv2d(x, w, stride=stride, padding=padding, dilation=dilation,
+                                           groups=groups), w0)
+    return pullback(gz)[0]
+
+
 def max_pool2d(x, *, kernel_size, stride, padding=(0, 0)):
     pads = ((0, 0), (0, 0), (padding[0], padding[0]), (padding[1], padding[1]))
     return jax.lax.reduce_window(
@@ -286,6 +295,20 @@ def rademacher(key, shape, dtype=jnp.float32, device=None):
     bits = (words[:, None] >> jnp.arange(32, dtype=jnp.uint32)) & 1
     signs = bits.reshape(-1)[:n].astype(as_dtype(dtype)) * 2 - 1
     return _placed(signs.reshape(shape), device)
+
+
+def draw_rows(kind, keys, sizes, rows, dtype=jnp.float32, device=None):
+    """A ``(rows, sum(sizes))`` array: row r of block j is ``kind(fold_in(keys[j], r), (sizes[j],))``."""
+    if kind not in ("normal", "rademacher"):
+        raise ValueError(f"draw_rows: kind must be 'normal' or 'rademacher', got {kind!r}")
+    sizes = [int(s) for s in sizes]
+    if len(keys) != len(sizes):
+        raise ValueError(f"draw_rows: one key per block: got {len(keys)} keys for {len(sizes)} sizes")
+    draw = normal if kind == "normal" else rademacher
+    rows_index = jnp.arange(int(rows), dtype=jnp.uint32)
+    blocks = [jax.vmap(lambda r, k=k, s=s: draw(jax.random.fold_in(k, r), (s,), dtype=dtype))(rows_index)
+              for k, s in zip(keys, sizes)]
+    return _placed(jnp.concatenate(blocks, axis=1), device)
 
 
 def _mix32(x):

@@ -109,6 +109,15 @@ def conv2d(x, w, *, stride=(1, 1), padding=((0, 0), (0, 0)), dilation=(1, 1), gr
     return F.conv2d(x, w, None, tuple(stride), 0, tuple(dilation), groups)
 
 
+def conv2d_weight_grad(x, gz, w_shape, *, stride=(1, 1), padding=((0, 0), (0, 0)), dilation=(1, 1), groups=1):
+    """The gradient of ``sum(gz * conv2d(x, w))`` in ``w`` (shape ``w_shape``), without the forward
+    convolution that ``vjp`` would run first (it cost the forward-activity CNN step a quarter)."""
+    (pt, pb), (pl, pr) = padding
+    if not (pt == pb and pl == pr):
+        x, (pt, pl) = F.pad(x, (pl, pr, pt, pb)), (0, 0)
+    return torch.nn.grad.conv2d_weight(x, tuple(w_shape), gz, tuple(stride), (pt, pl), tuple(dilation), groups)
+
+
 def max_pool2d(x, *, kernel_size, stride, padding=(0, 0)):
     return F.max_pool2d(x, tuple(kernel_size), tuple(stride), tuple(padding))
 
@@ -332,6 +341,33 @@ def rademacher(key, shape, dtype=torch.float32, device=None):
     table = _sign_table(as_dtype(dtype), words.device)
     signs = torch.index_select(table, 0, words.view(torch.uint8).long())  # (bytes, 8)
     return signs.reshape(-1)[:n].reshape(shape)
+
+
+@torch.compiler.disable
+def draw_rows(kind, keys, sizes, rows, dtype=torch.float32, device=None):
+    """A ``(rows, sum(sizes))`` array: row r of block j is ``kind(fold_in(keys[j], r), (sizes[j],))``.
+
+    Filled in place, row by row (each block of a row is contiguous): no per-block arrays to
+    concatenate. For the forward estimators' flat (K, n) tangents, whose concatenation cost
+    about a sixth of the K=16 step (benchmarks/RESULTS.md)."""
+    if kind not in ("normal", "rademacher"):
+        raise ValueError(f"draw_rows: kind must be 'normal' or 'rademacher', got {kind!r}")
+    sizes = [int(s) for s in sizes]
+    if len(keys) != len(sizes):
+        raise ValueError(f"draw_rows: one key per block: got {len(keys)} keys for {len(sizes)} sizes")
+    dtype = as_dtype(dtype)
+    out = torch.empty((int(rows), sum(sizes)), dtype=dtype, device=device)
+    start = 0
+    for k, size in zip(keys, sizes):
+        for r in range(int(rows)):
+            view = out[r, start:start + size]
+            if kind == "normal":
+                # the same kernel and stream as normal(): a contiguous normal_ with this generator
+                view.normal_(generator=_generator(fold_in(k, r), out.device))
+            else:
+                view.copy_(rademacher(fold_in(k, r), (size,), dtype=dtype, device=out.device))
+        start += size
+    return out
 
 
 _SIGN_TABLES: dict = {}

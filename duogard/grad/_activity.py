@@ -136,10 +136,8 @@ def _weight_grads(be, layer, p, a, gz):
             out["bias"] = xp.sum(g2, axis=0)
         return out
     # Conv2d: the weight gradient is the transpose of the convolution in w, applied to gz
-    w = p["weight"]
-    _, pullback = be.vjp(lambda ww: be.conv2d(a, ww, stride=layer.stride, padding=layer._pads(),
-                                              dilation=layer.dilation, groups=layer.groups), w)
-    (gw,) = pullback(gz)
+    gw = be.conv2d_weight_grad(a, gz, p["weight"].shape, stride=layer.stride, padding=layer._pads(),
+                               dilation=layer.dilation, groups=layer.groups)
     out = {"weight": gw}
     if "bias" in p:
         out["bias"] = xp.sum(gz, axis=(0, 2, 3))

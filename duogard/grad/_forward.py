@@ -107,7 +107,8 @@ class Forward(Estimator):
       a Sequential of duogard layers; not with ``orthogonal`` or ``projection``.
 
     Tangents are one flat ``(K, n)`` array (n = number of parameters) viewed as the params
-    pytree; leaf i's part is drawn from ``fold_in(key, i)``. :meth:`sample` returns that array
+    pytree; row r of leaf i's part is drawn from ``fold_in(fold_in(key, i), r)``
+    (``be.draw_rows``). :meth:`sample` returns that array
     so parity runs can share it.
     """
 
@@ -133,15 +134,13 @@ class Forward(Estimator):
     def sample(self, loss_fn, params, batch, key):
         be = params_backend(params)
         flat = FlatView.of(params)
-        leaf = tree_leaves(params)[0]
-        draw = be.rademacher if self.distribution == "rademacher" else be.normal
-        # one key per leaf (fold_in(key, leaf index)), as the lean step draws them: on JAX a
-        # threefry draw costs more per number the bigger it is (13.2 against 8.7 ms for the
-        # MLP's normal forward gradient, benchmarks/RESULTS.md)
-        k = self.num_tangents
-        v = be.xp.concat([be.xp.reshape(draw(be.fold_in(key, i), (k, *a.shape), dtype=leaf.dtype,
-                                             device=be.device_of(leaf)), (k, -1))
-                          for i, a in enumerate(tree_leaves(params))], axis=1)
+        leaves = tree_leaves(params)
+        # row r of leaf i's block is drawn from fold_in(fold_in(key, i), r), as the lean step
+        # draws them; drawn in place into the flat (K, n) array (torch), where concatenating
+        # per-leaf draws cost about a sixth of the K=16 step (benchmarks/RESULTS.md)
+        v = be.draw_rows(self.distribution, [be.fold_in(key, i) for i in range(len(leaves))],
+                         [b - a for a, b in zip(flat.offsets[:-1], flat.offsets[1:])], self.num_tangents,
+                         dtype=leaves[0].dtype, device=be.device_of(leaves[0]))
         if self.orthogonal:
             if self.num_tangents > flat.size:
                 raise ValueError(f"forward: orthogonal=True needs num_tangents <= number of parameters "

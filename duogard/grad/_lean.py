@@ -2,7 +2,7 @@
 
 Forward mode keeps no activations, but the usual step still holds parameter-sized buffers:
 the whole tangent, the estimate ``d·v``, the update and the new parameters. Here every leaf's
-tangent is drawn from its own key (``fold_in(key, leaf index)``) when the forward pass reaches
+tangent is drawn from its own key (``fold_in(key, leaf index)``, row r of K from ``fold_in`` of that by r) when the forward pass reaches
 its layer, used, and dropped; once the directional derivatives are known, each leaf's tangent
 is drawn again from the same key and the SGD update is applied to that leaf alone, in place
 (torch) or into the donated buffer (JAX). No buffer the size of the whole model is ever made,
@@ -52,7 +52,13 @@ class LeanStep:
         self.model, self.loss = plan
         self._indices = {}
         self.be, self.sgd, self.k = be, sgd, estimator.num_tangents
-        draw = be.rademacher if estimator.distribution == "rademacher" else be.normal
+        kind = estimator.distribution
+
+        def draw(key, shape, dtype, device):
+            # leaf ``shape`` (K, *leaf shape), row r from fold_in(key, r): as Forward.sample
+            size = int(np.prod(shape[1:]))
+            return be.xp.reshape(be.draw_rows(kind, [key], [size], shape[0], dtype=dtype, device=device), shape)
+
         jit_kw = {} if compile is None else {"compile": bool(compile)}
         k = self.k
 
