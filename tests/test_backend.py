@@ -150,24 +150,29 @@ def test_rademacher_signs_any_shape(be, shape, dtype):
 
 @pytest.mark.parametrize("kind", ["normal", "rademacher"])
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_draw_rows_is_each_block_row_drawn_from_its_own_folded_key(be, kind, dtype):
-    """draw_rows(kind, keys, sizes, K): row r of block j is kind(fold_in(keys[j], r), (sizes[j],)),
-    the same numbers as the single draw (on torch it fills the rows in place)."""
+def test_draw_rows_blocks_depend_on_their_own_key_only(be, kind, dtype):
+    """draw_rows(kind, keys, sizes, R): block j is what keys[j] alone draws (so a leaf's tangent
+    can be drawn again on its own, as the lean step does); with R = 1 it is kind(keys[j], (1, size));
+    rows are different draws with the distribution's moments."""
     keys = [be.fold_in(be.key(9), i) for i in range(3)]
-    sizes = [5, 1, 70]
+    sizes = [5, 1, 70000]
     out = be.draw_rows(kind, keys, sizes, 3, dtype=dtype)
-    assert tuple(out.shape) == (3, 76) and be.dtype_name(out.dtype) == dtype
+    assert tuple(out.shape) == (3, 70006) and be.dtype_name(out.dtype) == dtype
     got = be.to_numpy(out)
+    one = be.to_numpy(be.draw_rows(kind, keys, sizes, 1, dtype=dtype))
     draw = getattr(be, kind)
     start = 0
     for key, size in zip(keys, sizes):
-        for r in range(3):
-            want = be.to_numpy(draw(be.fold_in(key, r), (size,), dtype=dtype))
-            np.testing.assert_array_equal(got[r, start:start + size], want)
+        alone = be.to_numpy(be.draw_rows(kind, [key], [size], 3, dtype=dtype))
+        np.testing.assert_array_equal(got[:, start:start + size], alone)
+        np.testing.assert_array_equal(one[:, start:start + size], be.to_numpy(draw(key, (1, size), dtype=dtype)))
         start += size
-    assert len(np.unique(got[:, 6:])) > 100 if kind == "normal" else set(np.unique(got)) == {-1.0, 1.0}
-    # rows are different draws, not copies
-    assert not np.array_equal(got[0], got[1])
+    big = got[:, 6:]
+    assert not np.array_equal(big[0], big[1]) and not np.array_equal(big[1], big[2])
+    assert abs(big.mean()) < 0.05 and abs(big.std() - 1) < 0.05
+    if kind == "rademacher":
+        assert set(np.unique(got)) == {-1.0, 1.0}
+    assert np.abs(np.corrcoef(big)[~np.eye(3, dtype=bool)]).max() < 0.02  # rows independent (sd 0.004)
 
 
 def test_draw_rows_rejects_bad_arguments(be):

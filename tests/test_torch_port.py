@@ -415,12 +415,11 @@ def test_forward_grad_matches_the_hand_written_jvp_loop_step_for_step(kind):
         batch = (torch.from_numpy(x), torch.from_numpy(y))
 
         # the hand-written fwdgrad loop: one tangent (drawn as duogard draws it: leaf i of the
-        # params in sorted-name order from fold_in(fold_in(step key, i), 0)), torch.func.jvp,
-        # p.grad = v * jvp
+        # params in sorted-name order from fold_in(step key, i)), torch.func.jvp, p.grad = v * jvp
         names = sorted(k for k, _ in manual.named_parameters())
         params = {k: p.detach() for k, p in manual.named_parameters()}
         step_key = be.fold_in(base, step)
-        tangents = {k: be.normal(be.fold_in(be.fold_in(step_key, i), 0), params[k].shape, dtype=torch.float32)
+        tangents = {k: be.normal(be.fold_in(step_key, i), (1, *params[k].shape), dtype=torch.float32)[0]
                     for i, k in enumerate(names)}
         tangents = {k: tangents[k] for k in params}  # torch.func.jvp wants the primals' key order
         loss_m, jvp = torch.func.jvp(

@@ -298,16 +298,15 @@ def rademacher(key, shape, dtype=jnp.float32, device=None):
 
 
 def draw_rows(kind, keys, sizes, rows, dtype=jnp.float32, device=None):
-    """A ``(rows, sum(sizes))`` array: row r of block j is ``kind(fold_in(keys[j], r), (sizes[j],))``."""
+    """A ``(rows, sum(sizes))`` array; block j (its columns) is ``kind(keys[j], (rows, sizes[j]))``.
+    (XLA writes the draws straight into the concatenation under jit.)"""
     if kind not in ("normal", "rademacher"):
         raise ValueError(f"draw_rows: kind must be 'normal' or 'rademacher', got {kind!r}")
     sizes = [int(s) for s in sizes]
     if len(keys) != len(sizes):
         raise ValueError(f"draw_rows: one key per block: got {len(keys)} keys for {len(sizes)} sizes")
     draw = normal if kind == "normal" else rademacher
-    rows_index = jnp.arange(int(rows), dtype=jnp.uint32)
-    blocks = [jax.vmap(lambda r, k=k, s=s: draw(jax.random.fold_in(k, r), (s,), dtype=dtype))(rows_index)
-              for k, s in zip(keys, sizes)]
+    blocks = [draw(k, (int(rows), s), dtype=dtype) for k, s in zip(keys, sizes)]
     return _placed(jnp.concatenate(blocks, axis=1), device)
 
 

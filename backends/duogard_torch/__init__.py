@@ -343,29 +343,36 @@ def rademacher(key, shape, dtype=torch.float32, device=None):
     return signs.reshape(-1)[:n].reshape(shape)
 
 
+_ROW_FILL_MIN = 1 << 16  # numbers per row from which draw_rows fills a normal block row by row
+
+
 @torch.compiler.disable
 def draw_rows(kind, keys, sizes, rows, dtype=torch.float32, device=None):
-    """A ``(rows, sum(sizes))`` array: row r of block j is ``kind(fold_in(keys[j], r), (sizes[j],))``.
+    """A ``(rows, sum(sizes))`` array; block j (its columns) depends on ``keys[j]`` alone.
 
-    Filled in place, row by row (each block of a row is contiguous): no per-block arrays to
-    concatenate. For the forward estimators' flat (K, n) tangents, whose concatenation cost
-    about a sixth of the K=16 step (benchmarks/RESULTS.md)."""
+    Large normal blocks (and every normal block when ``rows=1``): one generator per block,
+    seeded from its key, fills the block's rows one after another in place (each row of a block
+    is contiguous), so no per-block array is made and concatenated; with ``rows=1`` the numbers
+    are ``normal(keys[j], (1, sizes[j]))``. Other blocks are ``kind(keys[j], (rows, sizes[j]))``
+    copied in (a call per row costs more than the copy of a small block; signs are cheap).
+    For the forward estimators' flat (K, n) tangents, where concatenating per-leaf normal draws
+    cost about a sixth of the K=16 step (benchmarks/RESULTS.md)."""
     if kind not in ("normal", "rademacher"):
         raise ValueError(f"draw_rows: kind must be 'normal' or 'rademacher', got {kind!r}")
     sizes = [int(s) for s in sizes]
     if len(keys) != len(sizes):
         raise ValueError(f"draw_rows: one key per block: got {len(keys)} keys for {len(sizes)} sizes")
-    dtype = as_dtype(dtype)
-    out = torch.empty((int(rows), sum(sizes)), dtype=dtype, device=device)
+    dtype, rows = as_dtype(dtype), int(rows)
+    out = torch.empty((rows, sum(sizes)), dtype=dtype, device=device)
     start = 0
     for k, size in zip(keys, sizes):
-        for r in range(int(rows)):
-            view = out[r, start:start + size]
-            if kind == "normal":
-                # the same kernel and stream as normal(): a contiguous normal_ with this generator
-                view.normal_(generator=_generator(fold_in(k, r), out.device))
-            else:
-                view.copy_(rademacher(fold_in(k, r), (size,), dtype=dtype, device=out.device))
+        if kind == "normal" and (rows == 1 or size >= _ROW_FILL_MIN):
+            g = _generator(k, out.device)
+            for r in range(rows):
+                out[r, start:start + size].normal_(generator=g)
+        else:  # small blocks: one draw and a copy cost less than a call per row
+            draw = normal if kind == "normal" else rademacher
+            out[:, start:start + size].copy_(draw(k, (rows, size), dtype=dtype, device=out.device))
         start += size
     return out
 

@@ -107,8 +107,7 @@ class Forward(Estimator):
       a Sequential of duogard layers; not with ``orthogonal`` or ``projection``.
 
     Tangents are one flat ``(K, n)`` array (n = number of parameters) viewed as the params
-    pytree; row r of leaf i's part is drawn from ``fold_in(fold_in(key, i), r)``
-    (``be.draw_rows``). :meth:`sample` returns that array
+    pytree; leaf i's ``(K, size)`` part is drawn from ``fold_in(key, i)`` (``be.draw_rows``). :meth:`sample` returns that array
     so parity runs can share it.
     """
 
@@ -135,9 +134,9 @@ class Forward(Estimator):
         be = params_backend(params)
         flat = FlatView.of(params)
         leaves = tree_leaves(params)
-        # row r of leaf i's block is drawn from fold_in(fold_in(key, i), r), as the lean step
-        # draws them; drawn in place into the flat (K, n) array (torch), where concatenating
-        # per-leaf draws cost about a sixth of the K=16 step (benchmarks/RESULTS.md)
+        # leaf i's (K, size) block from fold_in(key, i), as the lean step draws it; filled in
+        # place into the flat (K, n) array on torch, where concatenating per-leaf normal draws
+        # cost about a sixth of the K=16 step (benchmarks/RESULTS.md)
         v = be.draw_rows(self.distribution, [be.fold_in(key, i) for i in range(len(leaves))],
                          [b - a for a, b in zip(flat.offsets[:-1], flat.offsets[1:])], self.num_tangents,
                          dtype=leaves[0].dtype, device=be.device_of(leaves[0]))

@@ -2,7 +2,7 @@
 
 Forward mode keeps no activations, but the usual step still holds parameter-sized buffers:
 the whole tangent, the estimate ``d·v``, the update and the new parameters. Here every leaf's
-tangent is drawn from its own key (``fold_in(key, leaf index)``, row r of K from ``fold_in`` of that by r) when the forward pass reaches
+tangent is drawn from its own key (``fold_in(key, leaf index)``) when the forward pass reaches
 its layer, used, and dropped; once the directional derivatives are known, each leaf's tangent
 is drawn again from the same key and the SGD update is applied to that leaf alone, in place
 (torch) or into the donated buffer (JAX). No buffer the size of the whole model is ever made,
@@ -55,7 +55,7 @@ class LeanStep:
         kind = estimator.distribution
 
         def draw(key, shape, dtype, device):
-            # leaf ``shape`` (K, *leaf shape), row r from fold_in(key, r): as Forward.sample
+            # one leaf's (K, *leaf shape) tangent, drawn as Forward.sample draws its block
             size = int(np.prod(shape[1:]))
             return be.xp.reshape(be.draw_rows(kind, [key], [size], shape[0], dtype=dtype, device=device), shape)
 
