@@ -38,7 +38,7 @@ CONTRACT: tuple[str, ...] = (
     "xp", "asarray", "to_numpy", "is_array", "as_dtype", "dtype_name", "float32", "float64",
     "int32", "int64", "default_device", "device_of", "device_kind",
     # nn ops that the array API lacks
-    "conv2d", "conv2d_weight_grad", "max_pool2d", "avg_pool2d", "relu", "leaky_relu", "gelu", "sigmoid", "softplus",
+    "linear", "conv2d", "conv2d_weight_grad", "max_pool2d", "avg_pool2d", "relu", "leaky_relu", "gelu", "sigmoid", "softplus",
     "elu", "silu", "tanh", "softmax", "log_softmax", "logsumexp", "layer_norm",
     # autodiff and compilation
     "jvp", "vjp", "value_and_grad", "grad", "vmap", "jit", "stop_gradient", "fast_jvp_rules",

@@ -302,3 +302,16 @@ def test_conv2d_weight_grad_matches_numpy_and_the_vjp(be, stride, padding, dilat
     np.testing.assert_allclose(be.to_numpy(got), want, rtol=1e-10, atol=1e-10)
     np.testing.assert_allclose(be.to_numpy(got), be.to_numpy(pullback(be.asarray(gz, dtype="float64"))[0]),
                                rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_is_x_times_w_transposed_plus_b(be, bias):
+    rng = np.random.default_rng(3)
+    x, w, b = rng.standard_normal((2, 3, 5)), rng.standard_normal((4, 5)), rng.standard_normal(4)
+    got = be.linear(be.asarray(x), be.asarray(w), be.asarray(b) if bias else None)
+    np.testing.assert_allclose(be.to_numpy(got), x @ w.T + (b if bias else 0), rtol=1e-12, atol=1e-12)
+    # and its derivative in w along a tangent is linear(x, tw) (no bias), forward mode
+    tw = rng.standard_normal((4, 5))
+    _, t = be.jvp(lambda ww: be.linear(be.asarray(x), ww, be.asarray(b) if bias else None),
+                  (be.asarray(w),), (be.asarray(tw),))
+    np.testing.assert_allclose(be.to_numpy(t), x @ tw.T, rtol=1e-12, atol=1e-12)

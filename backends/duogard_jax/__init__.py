@@ -108,6 +108,11 @@ def to_numpy(x) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- nn ops
 
+def linear(x, w, b=None):
+    y = jnp.matmul(x, jnp.matrix_transpose(w))
+    return y if b is None else y + b
+
+
 def conv2d(x, w, *, stride=(1, 1), padding=((0, 0), (0, 0)), dilation=(1, 1), groups=1):
     return jax.lax.conv_general_dilated(
         x, w, window_strides=tuple(stride), padding=tuple(tuple(p) for p in padding),

@@ -100,6 +100,12 @@ def to_numpy(x) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- nn ops
 
+def linear(x, w, b=None):
+    # one fused addmm (and its fused forward and backward rules): x @ w.T + b as two ops cost
+    # forward-activity's MLP JVP 14% (benchmarks/RESULTS.md)
+    return F.linear(x, w, b)
+
+
 def conv2d(x, w, *, stride=(1, 1), padding=((0, 0), (0, 0)), dilation=(1, 1), groups=1):
     (pt, pb), (pl, pr) = padding
     if pt == pb and pl == pr:

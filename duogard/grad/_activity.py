@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from duogard.grad._base import Estimator, params_backend, register
 from duogard.grad._forward import forward_mode_errors
 from duogard.grad._objective import Supervised, _unpack
@@ -90,9 +92,12 @@ class ForwardActivity(Estimator):
             inputs: dict = {}
             out = model.forward(be, params, x, key=dkey, train=dkey is not None, perturb=perturb, capture=inputs)
             values = loss(out, y, reduction="none")
-            values = xp.reshape(values, (x.shape[0], -1))
-            # each example's share of the batch-mean loss
-            return xp.sum(values, axis=1) / (values.shape[0] * values.shape[1]), inputs
+            # each example's share of the batch-mean loss (ops are dear under forward AD: no
+            # reshape and sum for the usual one value per example)
+            count = math.prod(values.shape)
+            if values.ndim != 1:
+                values = xp.sum(xp.reshape(values, (x.shape[0], -1)), axis=1)
+            return values / count, inputs
 
         with forward_mode_errors("forward-activity"):
             if not self.layerwise:

@@ -53,7 +53,7 @@ def plan(loss_fn, batch, *, convolutions: bool = True):
 def _linear(be, layer, p, tp, x, tx, k):
     xp = be.xp
     w = p["weight"]
-    y = xp.matmul(x, xp.matrix_transpose(w))
+    y = be.linear(x, w, p["bias"] if layer.bias else None)
     tw = tp["weight"]
     if k == 1:
         # one 2-D product: XLA's broadcast batched product (K=1) is twice as slow on CPU
@@ -65,7 +65,6 @@ def _linear(be, layer, p, tp, x, tx, k):
     if tx is not None:
         ty = ty + xp.matmul(tx, xp.matrix_transpose(w))
     if layer.bias:
-        y = y + p["bias"]
         tb = tp["bias"]
         ty = ty + xp.reshape(tb, (tb.shape[0],) + (1,) * (ty.ndim - 2) + (tb.shape[-1],))
     return y, ty

@@ -55,7 +55,4 @@ class Linear(Module):
                 f"Linear({self.out_features}): expected input shape (..., {w.shape[1]}), "
                 f"got {tuple(x.shape)}"
             )
-        y = be.xp.matmul(x, be.xp.matrix_transpose(w))
-        if self.bias:
-            y = y + params["bias"]
-        return y
+        return be.linear(x, w, params["bias"] if self.bias else None)
