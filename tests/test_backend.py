@@ -315,3 +315,7 @@ def test_linear_is_x_times_w_transposed_plus_b(be, bias):
     _, t = be.jvp(lambda ww: be.linear(be.asarray(x), ww, be.asarray(b) if bias else None),
                   (be.asarray(w),), (be.asarray(tw),))
     np.testing.assert_allclose(be.to_numpy(t), x @ tw.T, rtol=1e-12, atol=1e-12)
+    # float32 data with float64 params promotes, as matmul does (duogard's float64 runs on float32 data)
+    mixed = be.linear(be.asarray(x, dtype="float32"), be.asarray(w), be.asarray(b) if bias else None)
+    assert be.dtype_name(mixed.dtype) == "float64"
+    np.testing.assert_allclose(be.to_numpy(mixed), x.astype(np.float32) @ w.T + (b if bias else 0), rtol=1e-12)

@@ -101,8 +101,14 @@ def to_numpy(x) -> np.ndarray:
 # ----------------------------------------------------------------------------- nn ops
 
 def linear(x, w, b=None):
-    # one fused addmm (and its fused forward and backward rules): x @ w.T + b as two ops cost
-    # forward-activity's MLP JVP 14% (benchmarks/RESULTS.md)
+    # one fused addmm (and its fused forward and backward rules): x @ w.T + b as two ops were part
+    # of why forward-activity's MLP JVP was slower than the hand-written one (benchmarks/RESULTS.md)
+    if x.dtype != w.dtype or (b is not None and b.dtype != w.dtype):
+        # F.linear does not promote; the array API's matmul (and JAX) do: float32 data with
+        # float64 params computes in float64
+        dt = torch.promote_types(x.dtype, w.dtype) if b is None else \
+            torch.promote_types(torch.promote_types(x.dtype, w.dtype), b.dtype)
+        x, w, b = x.to(dt), w.to(dt), None if b is None else b.to(dt)
     return F.linear(x, w, b)
 
 
