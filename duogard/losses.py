@@ -86,12 +86,15 @@ def cross_entropy(logits, targets, *, reduction: str = "mean", label_smoothing: 
         if not _is_int(be, targets):
             targets = be.xp.moveaxis(targets, axis, -1)
     if _is_int(be, targets) and not label_smoothing:
-        # integer labels: pick each target's log-probability (what torch does). The one-hot
-        # product below gives the same numbers with five more ops, which under forward-mode AD
-        # cost forward-activity's torch MLP step 1 ms (benchmarks/RESULTS.md)
+        # integer labels: select each target's log-probability. The one-hot product below gives
+        # the same numbers with four more ops, which under forward-mode AD cost forward-activity's
+        # torch MLP step about 1 ms (benchmarks/RESULTS.md). Not a gather: torch's
+        # take_along_dim reads out of the row for a label >= C instead of raising
         _check_labels(be, "cross_entropy", logits, targets)
+        xp = be.xp
+        hit = targets[..., None] == xp.arange(logits.shape[-1], device=be.device_of(logits))
         log_probs = be.log_softmax(logits, axis=-1)
-        values = -be.xp.take_along_axis(log_probs, be.xp.astype(targets, be.int64)[..., None], axis=-1)[..., 0]
+        values = -xp.sum(xp.where(hit, log_probs, xp.zeros_like(log_probs)), axis=-1)
         return _reduce(be, values, reduction, "cross_entropy")
     probs = _targets_from(be, "cross_entropy", logits, targets, label_smoothing)
     values = _neg_weighted_sum(be, probs, be.log_softmax(logits, axis=-1), _is_int(be, targets))
