@@ -54,18 +54,7 @@ def test_backends_agree_after_100_steps(digits, model, est, opt, dtype):
     assert [r["step"] for r in rep.records] == list(range(1, STEPS + 1))
     final = rep.final
     assert final["param_rel"] <= TOL[dtype], rep.table()
-    if dtype == "float64" or model == "mlp":
-        assert rep.first_divergence is None, rep.table()
-    else:
-        # float32 CNN: a ReLU pre-activation can land within float32 rounding of zero (the CNN
-        # K=4 SGD case has one at 3e-8 in the first conv layer at step 80); the unit is then on
-        # in one framework and off in the other, and that one step's gradients differ (2e-4).
-        # The trajectory stays together: every step's params within tol, and the gradients
-        # agree again on the next step. A real difference would persist.
-        assert max(r["param_rel"] for r in rep.records) <= TOL[dtype], rep.table()
-        blips = [r["step"] for r in rep.records if r["grad_rel"] > TOL[dtype]]
-        assert len(blips) <= 2, rep.table(every=1)
-        assert all(rep.records[s]["grad_rel"] <= TOL[dtype] for s in blips if s < STEPS), rep.table(every=1)
+    assert rep.first_divergence is None, rep.table()
     # both sides trained (the same way): the loss moved, and equally on both
     first = rep.records[0]
     assert abs(final["loss_a"] - first["loss_a"]) > 1e-3
