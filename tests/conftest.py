@@ -6,6 +6,8 @@ backends; every float32 test gives its dtypes explicitly.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -17,6 +19,11 @@ try:
     import jax
 
     jax.config.update("jax_enable_x64", True)
+    # Most of the suite's time is XLA compiling many small programs once each; its optimisation
+    # passes (fusion, layout, ...) are what cost, not running them. The programs mean the same
+    # without them; DUOGARD_TEST_JAX_OPTIMIZE=1 keeps them (the benchmarks always do).
+    if os.environ.get("DUOGARD_TEST_JAX_OPTIMIZE", "0") != "1":
+        jax.config.update("jax_disable_most_optimizations", True)
 except ImportError:  # pragma: no cover - the torch-only install
     pass
 

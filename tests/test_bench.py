@@ -15,20 +15,25 @@ from duogard import bench
 from duogard.cli import main as cli_main
 
 
-@pytest.fixture(scope="module")
-def result(tmp_path_factory):
+def test_bench_tiny_runs_every_section_and_its_json_is_consistent(tmp_path):
+    """One test, one bench run (about a minute): under pytest-xdist a module fixture would run
+    the bench once in every worker that gets one of its tests."""
     pytest.importorskip("jax")
     pytest.importorskip("torch")
-    path = tmp_path_factory.mktemp("bench") / "bench.json"
+    path = tmp_path / "bench.json"
     assert cli_main(["bench", "--tiny", "--json", str(path)]) == 0
-    return json.loads(path.read_text())
+    result = json.loads(path.read_text())
+    for check in (_check_machine_and_versions_at_the_top, _check_one_step_record_per_configuration,
+                  _check_ratios_are_the_ratios_of_the_medians, _check_other_sections,
+                  _check_targets_have_figure_limit_status_and_why):
+        check(result)
 
 
 def _finite_positive(x) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
 
 
-def test_machine_and_versions_at_the_top(result):
+def _check_machine_and_versions_at_the_top(result):
     m = result["machine"]
     assert m["cores"] >= 1 and m["cpu"]
     assert m["jax"] and m["torch"] and m["duogard"]
@@ -36,7 +41,7 @@ def test_machine_and_versions_at_the_top(result):
     assert result["mode"] == "tiny"
 
 
-def test_one_step_record_per_configuration(result):
+def _check_one_step_record_per_configuration(result):
     sz = bench.sizes_for(tiny=True)
     recs = {(r["backend"], r["model"], r["method"], r["impl"]): r for r in result["step_time"]}
     for model, methods in sz.methods.items():
@@ -55,7 +60,7 @@ def test_one_step_record_per_configuration(result):
     assert recs[("torch", "mlp", "fwd-K4-normal", "hand-jvp")]["same_first_loss"] is True
 
 
-def test_ratios_are_the_ratios_of_the_medians(result):
+def _check_ratios_are_the_ratios_of_the_medians(result):
     recs = {(r["backend"], r["model"], r["method"], r["impl"]): r for r in result["step_time"]}
     for (b, m, me, im), r in recs.items():
         t = r["median_s"]
@@ -72,7 +77,7 @@ def test_ratios_are_the_ratios_of_the_medians(result):
             assert _finite_positive(r["draw_median_s"])
 
 
-def test_other_sections(result):
+def _check_other_sections(result):
     assert {d["backend"] for d in result["draw_options"]} == {"jax", "torch"}
     assert all(_finite_positive(d["ns_per_element"]) for d in result["draw_options"])
     mem = result["memory"]
@@ -88,7 +93,7 @@ def test_other_sections(result):
         (b, m) for b in ("jax", "torch") for m in ("mlp", "cnn")}
 
 
-def test_targets_have_figure_limit_status_and_why(result):
+def _check_targets_have_figure_limit_status_and_why(result):
     targets = result["targets"]
     names = {t["target"].split(" (")[0].split(",")[0] for t in targets}
     assert {"forward step / backprop step", "duogard step / hand-written step",
