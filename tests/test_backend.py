@@ -319,3 +319,37 @@ def test_linear_is_x_times_w_transposed_plus_b(be, bias):
     mixed = be.linear(be.asarray(x, dtype="float32"), be.asarray(w), be.asarray(b) if bias else None)
     assert be.dtype_name(mixed.dtype) == "float64"
     np.testing.assert_allclose(be.to_numpy(mixed), x.astype(np.float32) @ w.T + (b if bias else 0), rtol=1e-12)
+
+
+@pytest.mark.parametrize("padding", [((1, 1), (1, 1)), ((0, 1), (2, 0))])  # symmetric; asymmetric
+def test_conv2d_bias_is_added_per_channel(be, padding):
+    """``conv2d(x, w, b)`` (fused on torch) is the convolution plus b per output channel, in
+    value and in its forward-mode derivative; a float32 bias on float64 params promotes."""
+    rng = np.random.default_rng(4)
+    x, w, b = rng.standard_normal((2, 3, 6, 5)), rng.standard_normal((4, 3, 3, 3)), rng.standard_normal(4)
+    xb, wb, bb = be.asarray(x), be.asarray(w), be.asarray(b)
+    plain = be.to_numpy(be.conv2d(xb, wb, padding=padding))
+    got = be.conv2d(xb, wb, bb, padding=padding)
+    np.testing.assert_allclose(be.to_numpy(got), plain + b[None, :, None, None], rtol=1e-12, atol=1e-12)
+    tw, tb = rng.standard_normal(w.shape), rng.standard_normal(4)
+    _, t = be.jvp(lambda ww, bias: be.conv2d(xb, ww, bias, padding=padding), (wb, bb),
+                  (be.asarray(tw), be.asarray(tb)))
+    want = be.to_numpy(be.conv2d(xb, be.asarray(tw), padding=padding)) + tb[None, :, None, None]
+    np.testing.assert_allclose(be.to_numpy(t), want, rtol=1e-12, atol=1e-12)
+    mixed = be.conv2d(xb, wb, be.asarray(b, dtype="float32"), padding=padding)
+    assert be.dtype_name(mixed.dtype) == "float64"
+    np.testing.assert_allclose(be.to_numpy(mixed), plain + b.astype(np.float32)[None, :, None, None], rtol=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(1, 802816), (3, 5), (7,), (2, 3, 64), (1, 10), ()])
+def test_jax_normal_draws_in_a_fast_shape_with_jax_s_numbers(shape):
+    """duogard_jax.normal draws in a 2-D shape of the same size (XLA's CPU code for (1, n) was
+    about 30% slower) and reshapes: the numbers must be exactly jax.random.normal's."""
+    jax = pytest.importorskip("jax")
+    bj = dg.backend("jax")
+    key = jax.random.fold_in(jax.random.PRNGKey(7), 3)
+    for dtype in ("float32", "float64"):
+        got = bj.normal(key, shape, dtype=dtype)
+        want = jax.random.normal(key, shape, dtype=bj.as_dtype(dtype))
+        assert tuple(got.shape) == shape and got.dtype == want.dtype
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))

@@ -112,13 +112,18 @@ def linear(x, w, b=None):
     return F.linear(x, w, b)
 
 
-def conv2d(x, w, *, stride=(1, 1), padding=((0, 0), (0, 0)), dilation=(1, 1), groups=1):
+def conv2d(x, w, b=None, *, stride=(1, 1), padding=((0, 0), (0, 0)), dilation=(1, 1), groups=1):
+    # the bias inside the convolution: a separate broadcast add is one more pass over the
+    # output (and, under forward AD, over its tangent), as matmul + add was for linear
+    late = b is not None and b.dtype != w.dtype  # F.conv2d does not promote; the add does
+    fused = None if late else b
     (pt, pb), (pl, pr) = padding
     if pt == pb and pl == pr:
-        return F.conv2d(x, w, None, tuple(stride), (pt, pl), tuple(dilation), groups)
-    # torch's conv takes symmetric padding only; pad asymmetric cases ("same", even kernel)
-    x = F.pad(x, (pl, pr, pt, pb))
-    return F.conv2d(x, w, None, tuple(stride), 0, tuple(dilation), groups)
+        y = F.conv2d(x, w, fused, tuple(stride), (pt, pl), tuple(dilation), groups)
+    else:
+        # torch's conv takes symmetric padding only; pad asymmetric cases ("same", even kernel)
+        y = F.conv2d(F.pad(x, (pl, pr, pt, pb)), w, fused, tuple(stride), 0, tuple(dilation), groups)
+    return y + b.reshape(1, -1, 1, 1) if late else y
 
 
 def conv2d_weight_grad(x, gz, w_shape, *, stride=(1, 1), padding=((0, 0), (0, 0)), dilation=(1, 1), groups=1):

@@ -73,9 +73,10 @@ def _linear(be, layer, p, tp, x, tx, k):
 def _conv(be, layer, p, tp, x, tx, k):
     xp = be.xp
     w, tw = p["weight"], tp["weight"]
-    conv = lambda inp, ker: be.conv2d(inp, ker, stride=layer.stride, padding=layer._pads(),  # noqa: E731
-                                      dilation=layer.dilation, groups=layer.groups)
-    y = conv(x, w)
+    conv = lambda inp, ker, bias=None: be.conv2d(inp, ker, bias, stride=layer.stride,  # noqa: E731
+                                                 padding=layer._pads(), dilation=layer.dilation,
+                                                 groups=layer.groups)
+    y = conv(x, w, p["bias"] if layer.bias else None)
     out = w.shape[0]
     if layer.groups == 1:
         # all K weight tangents in one convolution: (B, K*out, H, W) -> (K, B, out, H, W)
@@ -88,7 +89,6 @@ def _conv(be, layer, p, tp, x, tx, k):
         t2 = conv(xp.reshape(tx, (k * b, *tx.shape[2:])), w)
         ty = ty + xp.reshape(t2, (k, b, *t2.shape[1:]))
     if layer.bias:
-        y = y + xp.reshape(p["bias"], (1, -1, 1, 1))
         ty = ty + xp.reshape(tp["bias"], (k, 1, -1, 1, 1))
     return y, ty
 

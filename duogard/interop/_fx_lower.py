@@ -290,10 +290,9 @@ def _rules() -> dict[Any, _Rule]:
 
     def conv2d(rt, i, input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
         kernel = tuple(weight.shape[2:])
-        out = rt.be.conv2d(input, weight, stride=_pair(stride),
-                           padding=_conv_padding(padding, kernel, dilation, stride),
-                           dilation=_pair(dilation), groups=int(groups))
-        return out if bias is None else out + _channel_view(rt.be.xp, bias, 4)
+        return rt.be.conv2d(input, weight, bias, stride=_pair(stride),
+                            padding=_conv_padding(padding, kernel, dilation, stride),
+                            dilation=_pair(dilation), groups=int(groups))
 
     def conv2d_check(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
         for name, v in (("stride", stride), ("padding", padding), ("dilation", dilation), ("groups", groups)):
@@ -496,9 +495,8 @@ def _module_rule(mod: nn.Module, path: str) -> Callable:
         has_bias = mod.bias is not None
 
         def fn(rt, i, params, x):
-            out = rt.be.conv2d(x, param(params, "weight"), stride=stride, padding=pads,
-                               dilation=dilation, groups=groups)
-            return out + _channel_view(rt.be.xp, param(params, "bias"), 4) if has_bias else out
+            return rt.be.conv2d(x, param(params, "weight"), param(params, "bias") if has_bias else None,
+                                stride=stride, padding=pads, dilation=dilation, groups=groups)
         return fn
 
     simple = {nn.ReLU: "relu", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid", nn.SiLU: "silu"}

@@ -98,8 +98,5 @@ class Conv2d(Module):
                 f"Conv2d({self.out_channels}, {self.kernel_size}): expected {w.shape[1] * self.groups} "
                 f"input channels (NCHW), got input shape {tuple(x.shape)}"
             )
-        y = be.conv2d(x, w, stride=self.stride, padding=self._pads(), dilation=self.dilation,
-                      groups=self.groups)
-        if self.bias:
-            y = y + be.xp.reshape(params["bias"], (1, -1, 1, 1))
-        return y
+        return be.conv2d(x, w, params["bias"] if self.bias else None, stride=self.stride,
+                         padding=self._pads(), dilation=self.dilation, groups=self.groups)
