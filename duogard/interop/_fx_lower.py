@@ -285,8 +285,7 @@ def _rules() -> dict[Any, _Rule]:
         return R(fn, check)
 
     def linear(rt, i, input, weight, bias=None):
-        out = rt.be.xp.matmul(input, rt.be.xp.matrix_transpose(weight))
-        return out if bias is None else out + bias
+        return rt.be.linear(input, weight, bias)
 
     def conv2d(rt, i, input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
         kernel = tuple(weight.shape[2:])
@@ -483,8 +482,7 @@ def _module_rule(mod: nn.Module, path: str) -> Callable:
         has_bias = mod.bias is not None
 
         def fn(rt, i, params, x):
-            out = rt.be.xp.matmul(x, rt.be.xp.matrix_transpose(param(params, "weight")))
-            return out + param(params, "bias") if has_bias else out
+            return rt.be.linear(x, param(params, "weight"), param(params, "bias") if has_bias else None)
         return fn
 
     if isinstance(mod, nn.Conv2d):
