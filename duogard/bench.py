@@ -1319,8 +1319,7 @@ def _targets(step, memory, conv, draw_opts) -> list[dict]:
                                  + (f", of which tangent drawing +{d_draw:.2f} ms" if me != "backprop" else "") + ")")
                 rec["why"] = ("misses: " + "; ".join(parts) + ". See RESULTS.md (third and fourth rounds): "
                               "the rows found above 1.05 and what was fixed; on this shared machine single ratios "
-                              "move by up to "
-                              "±20% between runs, so re-time a miss in pairs before chasing it.")
+                              "move by up to ±20% between runs, so re-time a miss in pairs before chasing it.")
             out.append(rec)
     # 3. tangent drawing <= 25% of the forward step
     for b in backends:
