@@ -310,6 +310,58 @@ def test_one_pass_sgd_equals_update_then_apply(be, mlp, params0, digits, weight_
             float(optim.current_learning_rate(ref_state)), rel=1e-7)
 
 
+@pytest.mark.parametrize("distribution, weight_decay, jvp", [
+    ("normal", 0.0, "auto"), ("rademacher", 0.01, "auto"), ("normal", 0.01, "framework"),
+])
+def test_one_pass_sgd_with_a_factored_forward_gradient(be, mlp, params0, digits, distribution, weight_decay, jvp):
+    """Forward, one tangent: the Trainer applies p -= (lr d) v without writing d v first; the
+    same numbers as the estimator's gradient, sgd's update and apply_updates, with |g|²."""
+    from duogard.train import Trainer
+
+    est = dg.estimator("forward", distribution=distribution, jvp=jvp)
+    opt = optim.sgd(optim.exponential_decay(0.1, rate=0.1), weight_decay=weight_decay)
+    tr = Trainer(mlp, optimizer=opt, estimator=est, backend=be.name)
+    params, state = tr.init_state(params0)
+    ref, ref_state = tr.init_state(params0)
+    for step in range(3):
+        xb, yb = (be.asarray(a) for a in digits.batch_at(step, BATCH))
+        key = be.fold_in(be.key(3), step)
+        loss, d, v = est.factored(tr.loss_fn, ref, (xb, yb), key)
+        value, g = est(tr.loss_fn, ref, (xb, yb), key)
+        assert float(loss) == float(value)
+        for gi, vi in zip(_leaves(dg.tree.tree_map(be.to_numpy, g)), _leaves(dg.tree.tree_map(be.to_numpy, v))):
+            np.testing.assert_array_equal(gi, np.asarray(be.to_numpy(d)) * vi)  # d * v is the estimate
+        u, ref_state = opt.update(g, ref_state, ref)
+        ref = optim.apply_updates(ref, u)
+        params, state, _, gsq = tr.step(params, state, xb, yb, key)
+        for a, b in zip(_leaves(dg.tree.tree_map(be.to_numpy, params)), _leaves(dg.tree.tree_map(be.to_numpy, ref))):
+            np.testing.assert_allclose(a, b, rtol=2e-6, atol=1e-7)
+        want = sum(float(np.sum(np.asarray(be.to_numpy(t), np.float64) ** 2)) for t in dg.tree.tree_leaves(g))
+        assert float(gsq) == pytest.approx(want, rel=1e-4)
+
+
+def test_factored_is_none_where_the_estimate_is_not_one_scaled_array(be, mlp, params0, digits):
+    from duogard.grad import Forward
+
+    xb, yb = (be.asarray(a) for a in digits.batch_at(0, BATCH))
+    params = dg.tree.tree_map(be.asarray, params0)
+    loss_fn = dg.grad.supervised(mlp, "cross_entropy")
+    key = be.key(0)
+    for est in (dg.estimator("backprop"), dg.estimator("forward", num_tangents=2),
+                dg.estimator("forward", projection=True), dg.estimator("forward-activity")):
+        assert est.factored(loss_fn, params, (xb, yb), key) is None, est
+
+    class Halved(Forward):  # a subclass with its own estimate keeps it: no factored shortcut
+        def estimate(self, loss_fn, params, batch, tangents):
+            loss, g = super().estimate(loss_fn, params, batch, tangents)
+            return loss, dg.tree.tree_map(lambda a: a / 2, g)
+
+    assert Halved().factored(loss_fn, params, (xb, yb), key) is None
+    assert dg.estimator("forward").factored(loss_fn, params, (xb, yb), key) is not None
+    with pytest.raises(ValueError, match="random key"):
+        dg.estimator("forward").factored(loss_fn, params, (xb, yb), None)
+
+
 @pytest.mark.parametrize("opt_name", ["sgd", "adam"])
 def test_fit_never_touches_the_callers_arrays(be, mlp, params0, digits, opt_name):
     opt = optim.sgd(0.05) if opt_name == "sgd" else optim.adam(1e-3)

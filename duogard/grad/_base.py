@@ -78,12 +78,23 @@ class Estimator:
         raise NotImplementedError
 
     def __call__(self, loss_fn: Callable, params, batch, key=None):
+        self._check_key(key)
+        return self.estimate(loss_fn, params, batch, self.sample(loss_fn, params, batch, key))
+
+    def factored(self, loss_fn: Callable, params, batch, key=None):
+        """``(loss, d, v)`` when the estimate is one params-shaped array ``v`` times a 0-d ``d``
+        (the forward gradient with one tangent), else None (the default).
+
+        Lets a training step apply ``p -= lr d v`` without first writing the gradient ``d v``;
+        when it is not None, ``d * v`` is exactly what ``__call__`` returns for the same key."""
+        return None
+
+    def _check_key(self, key) -> None:
         if self.stochastic and key is None:
             raise ValueError(
                 f"estimator {self.name!r}: needs an explicit random key (be.key(seed), then "
                 "be.fold_in(key, step)); got key=None"
             )
-        return self.estimate(loss_fn, params, batch, self.sample(loss_fn, params, batch, key))
 
     def options(self) -> dict:
         return {k: v for k, v in vars(self).items() if not k.startswith("_")}

@@ -154,24 +154,16 @@ class Forward(Estimator):
         if tuple(tangents.shape) != (k, flat.size):
             raise ValueError(f"forward: tangents must have shape (num_tangents, n) = {(k, flat.size)}, "
                              f"got {tuple(tangents.shape)}")
-        rules = None
-        if self.jvp == "rules" or (self.jvp == "auto" and be.fast_jvp_rules):
-            # measured (benchmarks/RESULTS.md): the rules win for Linear layers; for convolutions
-            # torch's own forward AD is as fast or faster, so "auto" keeps it there
-            rules = _rules_plan(loss_fn, batch, convolutions=self.jvp == "rules")
-            if rules is None and self.jvp == "rules":
-                raise ValueError("forward: jvp='rules' covers supervised(Sequential of duogard layers, "
-                                 "cross_entropy or mse) losses only; use jvp='framework' for this loss")
+        if k == 1 and not self.projection:
+            loss, d, _ = self._one_jvp(loss_fn, params, batch, tangents, be, flat)
+            return loss, flat.unflatten(be, d * tangents[0])
+        rules = self._rules(loss_fn, batch, be)
         if rules is not None:
             with forward_mode_errors("forward"):
                 loss, ds = sequential_loss_jvp(be, *rules, params, flat.unflatten(be, tangents, leading=(k,)),
                                                batch, k)
-            if k == 1 and not self.projection:
-                return loss, flat.unflatten(be, ds[0] * tangents[0])
         elif k == 1:
             loss, d = jvp_loss(be, loss_fn, params, batch, flat.unflatten(be, tangents[0]))
-            if not self.projection:
-                return loss, flat.unflatten(be, d * tangents[0])
             ds = be.xp.reshape(d, (1,))
         else:
             vtree = flat.unflatten(be, tangents, leading=(k,))
@@ -184,6 +176,48 @@ class Forward(Estimator):
         else:
             g = be.xp.matmul(ds[None, :], tangents)[0] / k
         return loss, flat.unflatten(be, g)
+
+    def factored(self, loss_fn, params, batch, key):
+        """With one tangent and no projection: ``(loss, d, v)``, the estimate being ``d * v``
+        (``d = ∇f·v`` a 0-d array, ``v`` the params-shaped tangent); None otherwise.
+
+        The same draw and JVP as ``__call__``; a training step applies ``p -= lr d v`` in one
+        pass over each leaf instead of first writing the gradient ``d v`` (on torch that array
+        and its pass were about 4% of the MLP's K=1 step)."""
+        if self.num_tangents != 1 or self.projection or type(self).estimate is not Forward.estimate:
+            return None  # (a subclass with its own estimate keeps it)
+        self._check_key(key)
+        be = params_backend(params)
+        flat = FlatView.of(params)
+        tangents = self.sample(loss_fn, params, batch, key)
+        return self._one_jvp(loss_fn, params, batch, tangents, be, flat)
+
+    def _rules(self, loss_fn, batch, be):
+        """The hand-written rules' plan when ``jvp`` selects them for this loss, else None."""
+        if self.jvp == "rules" or (self.jvp == "auto" and be.fast_jvp_rules):
+            # measured (benchmarks/RESULTS.md): the rules win for Linear layers; for convolutions
+            # torch's own forward AD is as fast or faster, so "auto" keeps it there
+            rules = _rules_plan(loss_fn, batch, convolutions=self.jvp == "rules")
+            if rules is None and self.jvp == "rules":
+                raise ValueError("forward: jvp='rules' covers supervised(Sequential of duogard layers, "
+                                 "cross_entropy or mse) losses only; use jvp='framework' for this loss")
+            return rules
+        return None
+
+    def _one_jvp(self, loss_fn, params, batch, tangents, be, flat):
+        """``(loss, ∇f·v, v)`` for the single tangent ``tangents[0]`` (v as a params pytree)."""
+        if tuple(tangents.shape) != (1, flat.size):
+            raise ValueError(f"forward: tangents must have shape (num_tangents, n) = {(1, flat.size)}, "
+                             f"got {tuple(tangents.shape)}")
+        v = flat.unflatten(be, tangents[0])
+        rules = self._rules(loss_fn, batch, be)
+        if rules is not None:
+            with forward_mode_errors("forward"):
+                loss, ds = sequential_loss_jvp(be, *rules, params, flat.unflatten(be, tangents, leading=(1,)),
+                                               batch, 1)
+            return loss, ds[0], v
+        loss, d = jvp_loss(be, loss_fn, params, batch, v)
+        return loss, d, v
 
 
 def _orthonormal_rows(be, g):

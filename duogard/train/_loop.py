@@ -145,11 +145,20 @@ class Trainer:
         xp = be.xp
 
         def step(params, opt_state, x, y, key):
-            value, grads = est(loss_fn, params, (x, y), key)
+            # with sgd, an estimate of the form d * v (forward, one tangent) is applied as such:
+            # p -= (lr d) v, one pass per leaf, the gradient array d v never written
+            parts = est.factored(loss_fn, params, (x, y), key) if sgd is not None else None
+            if parts is None:
+                value, grads = est(loss_fn, params, (x, y), key)
+                coef = None
+            else:
+                value, coef, grads = parts  # the estimate is coef * grads
             ok = xp.isfinite(value)
             gsq = None
             if self.grad_norm:
                 gsq = sum(xp.linalg.vector_norm(g) ** 2 for g in tree_leaves(grads))
+                if coef is not None:
+                    gsq = gsq * coef * coef
                 ok = xp.logical_and(ok, xp.isfinite(gsq))
             if sgd is not None:  # one pass per leaf: p (1 - lr wd) - lr g, in place / donated
                 lr, new_state = sgd.advance(opt_state)
@@ -158,7 +167,10 @@ class Trainer:
                 def apply(p, g):
                     if wd:
                         p = be.add_scaled_(p, p, -xp.astype(lr, p.dtype) * wd, where=ok)
-                    return be.add_scaled_(p, g, -xp.astype(lr, p.dtype), where=ok)
+                    scale = -xp.astype(lr, p.dtype)
+                    if coef is not None:
+                        scale = scale * xp.astype(coef, p.dtype)
+                    return be.add_scaled_(p, g, scale, where=ok)
 
                 params = tree_map(apply, params, grads)
             else:
