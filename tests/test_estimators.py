@@ -138,6 +138,30 @@ def test_forward_is_the_mean_of_directional_derivatives_times_tangents(be, num_t
     np.testing.assert_array_equal(_flat(be, again), _flat(be, grads))
 
 
+@pytest.mark.parametrize("options", [
+    {"num_tangents": 16}, {"num_tangents": 3, "distribution": "rademacher", "jvp": "rules"},
+    {"num_tangents": 3, "projection": True}, {"num_tangents": 1, "jvp": "rules"},
+])
+def test_forward_call_draws_leaf_by_leaf_the_numbers_of_sample(be, options):
+    """``est(key)`` draws each leaf's (K, *shape) tangent on its own (contiguous); the same numbers
+    as the flat ``sample(key)``, so the same estimate as ``estimate(sample(key))`` (float32 CNN)."""
+    loss_fn, params, batch = _cnn_case(be, "float32")
+    est = dg.estimator("forward", **options)
+    k = est.num_tangents
+    flat = est.sample(loss_fn, params, batch, be.key(5))
+    tree = est._sample_tree(params, be.key(5))
+    views = FlatView.of(params).unflatten(be, flat, leading=(k,))
+    for a, b in zip(dg.tree.tree_leaves(tree), dg.tree.tree_leaves(views)):
+        assert tuple(a.shape) == tuple(b.shape) and a.shape[0] == k
+        np.testing.assert_array_equal(be.to_numpy(a), be.to_numpy(b))
+        if be.name == "torch":
+            assert a.is_contiguous()
+    want_loss, want = est.estimate(loss_fn, params, batch, flat)
+    loss, got = est(loss_fn, params, batch, be.key(5))
+    assert float(loss) == float(want_loss)
+    np.testing.assert_allclose(_flat(be, got), _flat(be, want), rtol=1e-6, atol=1e-7 * np.abs(_flat(be, want)).max())
+
+
 @pytest.mark.parametrize("distribution,excess", [("normal", 2), ("rademacher", 0)])
 def test_forward_is_unbiased_and_its_second_moment_matches_theory(be, distribution, excess):
     """20,000 individual estimates: mean -> ∇f (cosine >= 0.99); mean ‖g‖² -> (n+excess)‖∇f‖².
