@@ -357,6 +357,18 @@ def test_factored_is_none_where_the_estimate_is_not_one_scaled_array(be, mlp, pa
             return loss, dg.tree.tree_map(lambda a: a / 2, g)
 
     assert Halved().factored(loss_fn, params, (xb, yb), key) is None
+
+    class Ones(Forward):  # a subclass with its own tangents: __call__ and the Trainer use them
+        def sample(self, loss_fn, params, batch, key):
+            n = dg.grad.FlatView.of(params).size
+            return be.xp.ones((1, n), dtype=dg.tree.tree_leaves(params)[0].dtype)
+
+    assert Ones().factored(loss_fn, params, (xb, yb), key) is None
+    _, g = Ones()(loss_fn, params, (xb, yb), key)
+    d = sum(float(np.sum(a)) for a in _leaves(dg.tree.tree_map(be.to_numpy, dg.estimator("backprop")(
+        loss_fn, params, (xb, yb))[1])))  # ∇f · ones
+    for a in _leaves(dg.tree.tree_map(be.to_numpy, g)):
+        np.testing.assert_allclose(a, np.full_like(a, d), rtol=1e-4, atol=1e-6)
     assert dg.estimator("forward").factored(loss_fn, params, (xb, yb), key) is not None
     with pytest.raises(ValueError, match="random key"):
         dg.estimator("forward").factored(loss_fn, params, (xb, yb), None)

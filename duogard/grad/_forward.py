@@ -168,9 +168,13 @@ class Forward(Estimator):
 
     def __call__(self, loss_fn, params, batch, key=None):
         self._check_key(key)
-        if self.orthogonal:  # the frame is made from the whole (K, n) array
+        if self.orthogonal or not self._own_draws():  # the frame is made from the whole (K, n) array
             return self.estimate(loss_fn, params, batch, self.sample(loss_fn, params, batch, key))
         return self._estimate_tree(loss_fn, params, batch, self._sample_tree(params, key))
+
+    def _own_draws(self) -> bool:
+        """True unless a subclass overrides ``sample`` or ``estimate`` (then those are used as given)."""
+        return type(self).sample is Forward.sample and type(self).estimate is Forward.estimate
 
     def estimate(self, loss_fn, params, batch, tangents):
         be = params_backend(params)
@@ -188,8 +192,8 @@ class Forward(Estimator):
         The same draw and JVP as ``__call__``; a training step applies ``p -= lr d v`` in one
         pass over each leaf instead of first writing the gradient ``d v`` (on torch that array
         and its pass were about 4% of the MLP's K=1 step)."""
-        if self.num_tangents != 1 or self.projection or type(self).estimate is not Forward.estimate:
-            return None  # (a subclass with its own estimate keeps it)
+        if self.num_tangents != 1 or self.projection or not self._own_draws():
+            return None  # (a subclass with its own sample or estimate keeps them)
         self._check_key(key)
         if self.orthogonal:
             be = params_backend(params)

@@ -147,7 +147,8 @@ class Trainer:
         def step(params, opt_state, x, y, key):
             # with sgd, an estimate of the form d * v (forward, one tangent) is applied as such:
             # p -= (lr d) v, one pass per leaf, the gradient array d v never written
-            parts = est.factored(loss_fn, params, (x, y), key) if sgd is not None else None
+            factored = getattr(est, "factored", None) if sgd is not None else None
+            parts = factored(loss_fn, params, (x, y), key) if factored is not None else None
             if parts is None:
                 value, grads = est(loss_fn, params, (x, y), key)
                 coef = None
