@@ -1317,7 +1317,7 @@ def _targets(step, memory, conv, draw_opts) -> list[dict]:
                                     - (idx.get((b, m, me, "hand"), {}).get("draw_median_s") or 0))
                     parts.append(f"{me} {v:.2f}x (+{extra_ms:.2f} ms"
                                  + (f", of which tangent drawing +{d_draw:.2f} ms" if me != "backprop" else "") + ")")
-                rec["why"] = ("misses: " + "; ".join(parts) + ". See RESULTS.md (third and fourth rounds): "
+                rec["why"] = ("misses: " + "; ".join(parts) + ". See RESULTS.md (third to fifth rounds): "
                               "the rows found above 1.05 and what was fixed; on this shared machine single ratios "
                               "move by up to ±20% between runs, so re-time a miss in pairs before chasing it.")
             out.append(rec)
