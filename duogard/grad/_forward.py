@@ -157,20 +157,26 @@ class Forward(Estimator):
         0.3 s of its 4.4 s step)."""
         be = params_backend(params)
         leaves, treedef = tree_flatten(params)
-        k, xp = self.num_tangents, be.xp
-        out = []
-        for i, leaf in enumerate(leaves):
-            shape = tuple(leaf.shape)
-            block = be.draw_rows(self.distribution, [be.fold_in(key, i)], [math.prod(shape)], k,
-                                 dtype=leaf.dtype, device=be.device_of(leaf))
-            out.append(xp.reshape(block, (k, *shape)))
-        return tree_unflatten(treedef, out)
+        return tree_unflatten(treedef, [
+            draw_leaf_tangent(be, self.distribution, be.fold_in(key, i), self.num_tangents, tuple(leaf.shape),
+                              dtype=leaf.dtype, device=be.device_of(leaf))
+            for i, leaf in enumerate(leaves)])
+
+    def _tangent_tree(self, loss_fn, params, batch, key):
+        """The tangents of ``key`` as a params-shaped pytree with a leading K axis: drawn leaf by
+        leaf, or, with ``orthogonal`` (a frame made from the whole (K, n) array), views of
+        :meth:`sample`'s array."""
+        if self.orthogonal:
+            be = params_backend(params)
+            return FlatView.of(params).unflatten(be, self.sample(loss_fn, params, batch, key),
+                                                 leading=(self.num_tangents,))
+        return self._sample_tree(params, key)
 
     def __call__(self, loss_fn, params, batch, key=None):
         self._check_key(key)
-        if self.orthogonal or not self._own_draws():  # the frame is made from the whole (K, n) array
-            return self.estimate(loss_fn, params, batch, self.sample(loss_fn, params, batch, key))
-        return self._estimate_tree(loss_fn, params, batch, self._sample_tree(params, key))
+        if not self._own_draws():
+            return super().__call__(loss_fn, params, batch, key)
+        return self._estimate_tree(loss_fn, params, batch, self._tangent_tree(loss_fn, params, batch, key))
 
     def _own_draws(self) -> bool:
         """True unless a subclass overrides ``sample`` or ``estimate`` (then those are used as given)."""
@@ -195,11 +201,7 @@ class Forward(Estimator):
         if self.num_tangents != 1 or self.projection or not self._own_draws():
             return None  # (a subclass with its own sample or estimate keeps them)
         self._check_key(key)
-        if self.orthogonal:
-            be = params_backend(params)
-            vtree = FlatView.of(params).unflatten(be, self.sample(loss_fn, params, batch, key), leading=(1,))
-        else:
-            vtree = self._sample_tree(params, key)
+        vtree = self._tangent_tree(loss_fn, params, batch, key)
         loss, d = self._directional(loss_fn, params, batch, vtree)
         return loss, d[0], tree_map(lambda t: t[0], vtree)
 
@@ -248,6 +250,14 @@ class Forward(Estimator):
                                  "cross_entropy or mse) losses only; use jvp='framework' for this loss")
             return rules
         return None
+
+
+def draw_leaf_tangent(be, kind: str, key, k: int, shape: tuple, *, dtype, device):
+    """One leaf's ``(k, *shape)`` tangent from its own key, as one contiguous array: the numbers
+    of that leaf's block in :meth:`Forward.sample`'s flat array (``be.draw_rows`` with one key).
+    The forward estimator and the lean step both draw through it."""
+    block = be.draw_rows(kind, [key], [math.prod(shape)], k, dtype=dtype, device=device)
+    return be.xp.reshape(block, (k, *shape))
 
 
 def _orthonormal_rows(be, g):

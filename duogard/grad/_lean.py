@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from duogard.grad._forward import draw_leaf_tangent
 from duogard.grad._rules import _layer, _loss_jvp
 from duogard.grad._rules import plan as _rules_plan
 from duogard.tree import tree_leaves, tree_structure
@@ -54,18 +55,13 @@ class LeanStep:
         self.be, self.sgd, self.k = be, sgd, estimator.num_tangents
         kind = estimator.distribution
 
-        def draw(key, shape, dtype, device):
-            # one leaf's (K, *leaf shape) tangent, drawn as Forward.sample draws its block
-            size = int(np.prod(shape[1:]))
-            return be.xp.reshape(be.draw_rows(kind, [key], [size], shape[0], dtype=dtype, device=device), shape)
-
         jit_kw = {} if compile is None else {"compile": bool(compile)}
         k = self.k
 
         def tangents(p, key, index):
             # fold_in inside the program: eager key arithmetic costs more than the draw on JAX
-            return {n: draw(be.fold_in(key, index[n]), (k, *p[n].shape), dtype=p[n].dtype,
-                            device=be.device_of(p[n])) for n in p}
+            return {n: draw_leaf_tangent(be, kind, be.fold_in(key, index[n]), k, tuple(p[n].shape),
+                                         dtype=p[n].dtype, device=be.device_of(p[n])) for n in p}
 
         # one program per distinct layer (by its repr: the same config and shapes compile once)
         programs = {}
@@ -91,7 +87,8 @@ class LeanStep:
 
         def update(p, key, index, coef, lr):
             # p <- p (1 - lr wd) - lr g, g = sum_k coef_k v_k (coef = d / K); returns |g|^2 too
-            v = draw(be.fold_in(key, index), (k, *p.shape), dtype=p.dtype, device=be.device_of(p))
+            v = draw_leaf_tangent(be, kind, be.fold_in(key, index), k, tuple(p.shape), dtype=p.dtype,
+                                  device=be.device_of(p))
             xp = be.xp
             if sgd.weight_decay:
                 p = be.add_scaled_(p, p, -lr * sgd.weight_decay)
