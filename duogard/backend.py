@@ -27,6 +27,7 @@ __all__ = [
     "available_backends",
     "backend",
     "backend_of",
+    "extra",
     "use_backend",
 ]
 
@@ -173,3 +174,39 @@ def backend_of(x, default: str | ModuleType | None = None) -> ModuleType:
         if be.is_array(x):
             return be
     return backend(default)
+
+
+def extra(name: str, attr: str):
+    """A framework-specific extra of backend ``name``: ``extra("torch", "forward_grad_")``.
+
+    Extras are what only one framework can offer (the ``torch.nn.Module`` port, the
+    ``torch.optim`` and optax adapters). A backend package ships them in its optional
+    submodule ``extras`` (``duogard_torch.extras``); this loads the backend (which imports its
+    framework), then that module, and returns the attribute. Public front-end names such as
+    ``duogard.torch.forward_grad_`` and ``duogard.optim.from_optax`` resolve through here, so
+    the front end never imports a framework itself.
+
+    Args:
+        name: a registered backend name (``"jax"``, ``"torch"``).
+        attr: the extra's name.
+
+    Returns:
+        The attribute of ``<backend package>.extras``.
+
+    Raises:
+        ImportError: the backend's framework is not installed (the message says how to
+            install it).
+        AttributeError: the backend offers no such extra (the message lists those it has).
+    """
+    module = _load(name)
+    try:
+        extras = importlib.import_module(module.__name__ + ".extras")
+    except ModuleNotFoundError as exc:
+        if exc.name != module.__name__ + ".extras":
+            raise
+        raise AttributeError(f"backend {name!r} offers no extras (no module {module.__name__}.extras); "
+                             f"{attr!r} is not available") from None
+    if not hasattr(extras, attr):
+        offered = sorted(getattr(extras, "__all__", [n for n in vars(extras) if not n.startswith("_")]))
+        raise AttributeError(f"backend {name!r} has no extra {attr!r}; it offers {offered}")
+    return getattr(extras, attr)
