@@ -1,0 +1,1 @@
+"""The benchmark suite of duogard (being split out of duogard/bench.py)."""
