@@ -1,8 +1,8 @@
 """duogard: forward gradients against backprop, on JAX and PyTorch at once.
 
 ``import duogard`` imports neither JAX nor PyTorch: a framework is imported when a backend
-is first asked for (:func:`backend`), or when a framework-specific submodule
-(``duogard.torch``) is first used.
+is first asked for (:func:`backend`), or when a framework-specific extra
+(``duogard.torch.forward_grad_``, ``duogard.from_torch``) is first used.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ __version__ = "0.1.0"
 
 # Submodules and names loaded on first use (some import a framework; all are heavier than
 # the front door needs to be).
-_LAZY_MODULES = ("optim", "grad", "data", "train", "interop", "parity", "testing", "torch", "cli", "bench")
+_LAZY_MODULES = ("optim", "grad", "data", "train", "interop", "parity", "testing", "torch", "cli")
 _LAZY_NAMES = {
     "convert": "duogard.interop",
     "from_torch": "duogard.interop",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import subprocess
 import sys
@@ -11,12 +12,19 @@ import numpy as np
 import pytest
 
 import duogard as dg
-from duogard.backend import CONTRACT
+from duogard.backend import CONTRACT, Backend, ExportedArray
 
 
 def _public(module) -> set[str]:
-    return {n for n in vars(module) if not n.startswith("_") and n not in {"annotations", "np", "os"}
-            and not isinstance(getattr(module, n), type(os))}
+    """A module's public names, without imported modules (``jax``, ``torch``, submodules) but
+    with the contract's (``xp``)."""
+    return {n for n in vars(module) if not n.startswith("_") and n != "annotations"
+            and (n in CONTRACT or not isinstance(getattr(module, n), type(os)))}
+
+
+def _parameters(fn, *, method: bool = False) -> list[tuple]:
+    params = list(inspect.signature(fn).parameters.values())[1 if method else 0:]
+    return [(p.name, p.kind, p.default) for p in params]
 
 
 def test_import_duogard_imports_no_framework():
@@ -33,10 +41,117 @@ def test_import_duogard_imports_no_framework():
 
 def test_backend_modules_have_identical_public_names(both):
     jx, th = both
-    names_jax = {n for n in dir(jx) if not n.startswith("_")} - {"annotations", "jax", "jnp", "np", "os"}
-    names_torch = {n for n in dir(th) if not n.startswith("_")} - {"annotations", "torch", "F", "np"}
+    names_jax, names_torch = _public(jx), _public(th)
     assert names_jax == names_torch, (names_jax ^ names_torch)
     assert set(CONTRACT) <= names_jax
+
+
+def test_contract_is_the_protocol():
+    methods = [n for n, v in vars(Backend).items() if inspect.isfunction(v) and not n.startswith("_")]
+    assert set(CONTRACT) == set(methods) | set(inspect.get_annotations(Backend))
+    assert len(CONTRACT) == len(set(CONTRACT))
+    for n in ("enable_float64", "pin_float32_precision"):
+        assert n in CONTRACT and getattr(Backend, n).__doc__
+    for n in ("dlpack_export", "dlpack_import", "draw_rows", "conv2d"):
+        assert n in CONTRACT and "Args:" in getattr(Backend, n).__doc__
+
+
+def test_backends_implement_the_protocol(be):
+    """Every contract name is there, and every op has the Protocol's parameters (names, kinds,
+    defaults)."""
+    for n in CONTRACT:
+        assert hasattr(be, n), n
+        spec = getattr(Backend, n, None)
+        if inspect.isfunction(spec):
+            assert _parameters(getattr(be, n)) == _parameters(spec, method=True), n
+        else:
+            assert not callable(getattr(be, n)) or n == "xp" or n.startswith(("float", "int")), n
+    assert set(be.__all__) == set(CONTRACT)  # the package re-exports the contract, nothing else
+    assert isinstance(be.name, str) and be.framework == be.name  # registered under the framework's name
+    assert isinstance(be.fast_jvp_rules, bool)
+
+
+def test_backend_of_loads_a_backend_only_for_an_imported_framework():
+    code = textwrap.dedent("""
+        import sys
+        import numpy as np
+        import duogard as dg
+        assert dg.backend_of(np.ones(2), fallback=False) is None
+        assert dg.backend_of(3.0, fallback=False) is None
+        assert not [m for m in ("jax", "torch") if m in sys.modules]  # nothing imported to ask
+        import torch
+        assert dg.backend_of(torch.ones(2)).name == "torch"  # loaded on demand: torch was imported
+        assert "jax" not in sys.modules
+        print("ok")
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "ok" in out.stdout
+
+
+def test_backend_of_defaults_for_values_no_backend_owns(both):
+    jx, th = both
+    assert dg.backend_of(np.ones(2), default="torch") is th
+    assert dg.backend_of(np.ones(2), default=jx) is jx
+    assert dg.backend_of([1.0], fallback=False) is None
+
+
+def test_dlpack_pair_exchanges_zero_copy(both):
+    jx, th = both
+    import torch
+
+    t = torch.arange(16, dtype=torch.float32, requires_grad=True)
+    ex = th.dlpack_export(t)
+    assert isinstance(ex, ExportedArray) and ex.backend is th and not ex.fresh
+    assert (ex.dtype, ex.shape, ex.strides, ex.device) == ("float32", (16,), (1,), ("cpu", 0))
+    assert ex.address == t.data_ptr() and not ex.array.requires_grad and t.requires_grad
+    j = jx.dlpack_import(ex)
+    assert j.unsafe_buffer_pointer() == t.data_ptr()
+    back = th.dlpack_import(jx.dlpack_export(j))
+    assert back.data_ptr() == t.data_ptr()
+    own = th.dlpack_import(th.dlpack_export(t), copy=True)  # the same framework: a copy of its own
+    assert own.data_ptr() != t.data_ptr() and torch.equal(own, t.detach())
+    fresh = ex.copy(dtype="float64")  # the source framework copies: dense row-major
+    assert fresh.fresh and fresh.dtype == "float64" and fresh.address != ex.address
+    with pytest.raises(ValueError, match="strided view"):
+        jx.dlpack_import(th.dlpack_export(t.detach()[::2]), copy=False)
+    with pytest.raises(ValueError, match="a move from cpu to cuda:0"):
+        th.dlpack_export(t, device=("cuda", 0), copy=False)
+
+
+def test_device_problem_and_dlpack_device(be):
+    x = be.asarray(np.ones(3, np.float32))
+    assert be.dlpack_device(x) == ("cpu", 0)
+    assert be.device_problem(("cpu", 0)) is None
+    assert be.device_problem(("cuda", 99)) is not None
+
+
+def test_enable_float64_and_pinned_precision(be):
+    be.enable_float64()  # conftest has switched JAX's 64-bit mode on already: a no-op here
+    assert be.dtype_name(be.asarray(np.ones(2), dtype="float64").dtype) == "float64"
+    restore = be.pin_float32_precision()
+    restore()
+
+
+def test_enable_float64_switches_jax_to_64_bits():
+    code = textwrap.dedent("""
+        import numpy as np
+        import duogard as dg
+        be = dg.backend("jax")
+        try:
+            be.asarray(np.ones(2), dtype="float64")
+        except TypeError:
+            pass
+        else:
+            raise AssertionError("float64 without 64-bit mode")
+        be.enable_float64()
+        assert be.dtype_name(be.asarray(np.ones(2), dtype="float64").dtype) == "float64"
+        print("ok")
+    """)
+    env = dict(os.environ, JAX_ENABLE_X64="0")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    assert "ok" in out.stdout
 
 
 def test_selection_order(both, monkeypatch):
@@ -125,7 +240,9 @@ def test_random_keys_are_explicit_and_deterministic(be):
 
 
 def test_autodiff_signatures_match_jax(be):
-    f = lambda x: be.xp.sum(x ** 3)  # noqa: E731
+    def f(x):
+        return be.xp.sum(x ** 3)
+
     x = be.asarray(np.array([1.0, 2.0], np.float64))
     v, g = be.value_and_grad(f)(x)
     assert float(v) == 9.0
@@ -165,7 +282,8 @@ def test_draw_rows_blocks_depend_on_their_own_key_only(be, kind, dtype):
     for key, size in zip(keys, sizes):
         alone = be.to_numpy(be.draw_rows(kind, [key], [size], 3, dtype=dtype))
         np.testing.assert_array_equal(got[:, start:start + size], alone)
-        np.testing.assert_array_equal(one[:, start:start + size], be.to_numpy(draw(key, (1, size), dtype=dtype)))
+        np.testing.assert_array_equal(one[:, start:start + size],
+                                      be.to_numpy(draw(key, (1, size), dtype=dtype)))
         start += size
     big = got[:, 6:]
     assert not np.array_equal(big[0], big[1]) and not np.array_equal(big[1], big[2])
@@ -242,13 +360,17 @@ def test_torch_value_and_grad_nested_and_transformed_stay_exact():
     """Nested derivatives (grad of grad), vmap and jvp over it go through torch.func."""
     torch, bt = _torch_or_skip()
     x = torch.tensor([0.3, -1.2, 2.0], dtype=torch.float64)
-    f = lambda z: (torch.sin(z) * z).sum()  # noqa: E731
+
+    def f(z):
+        return (torch.sin(z) * z).sum()
+
     # second derivative by value_and_grad twice: d/dz (sin z + z cos z) = 2 cos z - z sin z
     hess_diag = bt.value_and_grad(lambda z: bt.value_and_grad(f)(z)[1][0])(x)[1]
     expected0 = 2 * np.cos(0.3) - 0.3 * np.sin(0.3)
     assert float(hess_diag[0]) == pytest.approx(expected0, rel=1e-12)
     batched = bt.vmap(lambda z: bt.value_and_grad(f)(z)[1])(torch.stack([x, 2 * x]))
-    np.testing.assert_allclose(batched[1].numpy(), (torch.sin(2 * x) + 2 * x * torch.cos(2 * x)).numpy(), rtol=1e-12)
+    np.testing.assert_allclose(batched[1].numpy(), (torch.sin(2 * x) + 2 * x * torch.cos(2 * x)).numpy(),
+                               rtol=1e-12)
     # forward-over-reverse: the Hessian-vector product along e_0
     t = torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64)
     _, hvp = bt.jvp(lambda z: bt.value_and_grad(f)(z)[1], (x,), (t,))
@@ -276,7 +398,8 @@ def _np_conv_weight_grad(x, gz, w_shape, stride, padding, dilation, groups):
             for j in range(kw):
                 hs, ws = i * dilation[0], j * dilation[1]
                 patch = xp[:, g * in_c:(g + 1) * in_c,
-                           hs:hs + stride[0] * (ho - 1) + 1:stride[0], ws:ws + stride[1] * (wo - 1) + 1:stride[1]]
+                           hs:hs + stride[0] * (ho - 1) + 1:stride[0],
+                           ws:ws + stride[1] * (wo - 1) + 1:stride[1]]
                 gw[o, :, i, j] = np.einsum("nchw,nhw->c", patch, gz[:, o])
     return gw
 
@@ -292,7 +415,10 @@ def test_conv2d_weight_grad_matches_numpy_and_the_vjp(be, stride, padding, dilat
     w_shape = (6, 4 // groups, 3, 2)
     w = be.asarray(rng.standard_normal(w_shape), dtype="float64")
     xb = be.asarray(x, dtype="float64")
-    conv = lambda ww: be.conv2d(xb, ww, stride=stride, padding=padding, dilation=dilation, groups=groups)  # noqa: E731
+
+    def conv(ww):
+        return be.conv2d(xb, ww, stride=stride, padding=padding, dilation=dilation, groups=groups)
+
     out, pullback = be.vjp(conv, w)
     gz = rng.standard_normal(tuple(out.shape))
     got = be.conv2d_weight_grad(xb, be.asarray(gz, dtype="float64"), w_shape, stride=stride, padding=padding,
@@ -318,7 +444,8 @@ def test_linear_is_x_times_w_transposed_plus_b(be, bias):
     # float32 data with float64 params promotes, as matmul does (duogard's float64 runs on float32 data)
     mixed = be.linear(be.asarray(x, dtype="float32"), be.asarray(w), be.asarray(b) if bias else None)
     assert be.dtype_name(mixed.dtype) == "float64"
-    np.testing.assert_allclose(be.to_numpy(mixed), x.astype(np.float32) @ w.T + (b if bias else 0), rtol=1e-12)
+    np.testing.assert_allclose(be.to_numpy(mixed), x.astype(np.float32) @ w.T + (b if bias else 0),
+                               rtol=1e-12)
 
 
 @pytest.mark.parametrize("padding", [((1, 1), (1, 1)), ((0, 1), (2, 0))])  # symmetric; asymmetric
@@ -338,13 +465,14 @@ def test_conv2d_bias_is_added_per_channel(be, padding):
     np.testing.assert_allclose(be.to_numpy(t), want, rtol=1e-12, atol=1e-12)
     mixed = be.conv2d(xb, wb, be.asarray(b, dtype="float32"), padding=padding)
     assert be.dtype_name(mixed.dtype) == "float64"
-    np.testing.assert_allclose(be.to_numpy(mixed), plain + b.astype(np.float32)[None, :, None, None], rtol=1e-12)
+    np.testing.assert_allclose(be.to_numpy(mixed), plain + b.astype(np.float32)[None, :, None, None],
+                               rtol=1e-12)
 
 
 @pytest.mark.parametrize("shape", [(1, 802816), (3, 5), (7,), (2, 3, 64), (1, 10), ()])
 def test_jax_normal_draws_in_a_fast_shape_with_jax_s_numbers(shape):
-    """duogard_jax.normal draws in a 2-D shape of the same size (XLA's CPU code for (1, n) was
-    about 30% slower) and reshapes: the numbers must be exactly jax.random.normal's."""
+    """duogard_jax.normal draws in a 2-D shape of the same size (XLA's CPU code draws faster
+    there than in (1, n)) and reshapes: the numbers must be exactly jax.random.normal's."""
     jax = pytest.importorskip("jax")
     bj = dg.backend("jax")
     key = jax.random.fold_in(jax.random.PRNGKey(7), 3)

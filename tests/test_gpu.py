@@ -17,6 +17,7 @@ import pytest
 
 import duogard as dg
 from duogard.interop import pin_matmul_precision
+
 from conftest import has_cuda
 
 jax = pytest.importorskip("jax")

@@ -373,7 +373,7 @@ def test_device_mismatch_is_an_error(monkeypatch):
     t_cpu, t_gpu = torch.ones(2), torch.zeros(2)
     real = _convert._device_of
     monkeypatch.setattr(_convert, "_device_of",
-                        lambda x, kind: ("cuda", 0) if x is t_gpu else real(x, kind))
+                        lambda x, *args: ("cuda", 0) if x is t_gpu else real(x, *args))
     with pytest.raises(ValueError, match=r"different devices.*'a' on cpu.*'b' on cuda:0.*device="):
         dg.convert({"a": t_cpu, "b": t_gpu}, to="jax")
 

@@ -507,7 +507,7 @@ def test_from_optax_rejects_torch_leaves():
     th = dg.backend("torch")
     tx = optim.from_optax(optax.sgd(0.1))
     params = {"layer": {"w": th.asarray(np.ones(3))}}
-    with pytest.raises(TypeError, match=r"from_optax: expected jax\.Array leaves in params, got a torch\.Tensor at "
+    with pytest.raises(TypeError, match=r"from_optax: expected jax\.Array leaves in params, got a torch array at "
                                         r"'layer\.w'; .*backend='jax'.*from_torch"):
         tx.init(params)
     state = tx.init({"layer": {"w": jnp.ones(3)}})
@@ -597,7 +597,7 @@ def test_from_torch_errors():
     tx = optim.from_torch(T.Adam, lr=1e-3)
     with pytest.raises(RuntimeError, match="call init"):
         tx.update({"w": torch.ones(2)}, None)
-    with pytest.raises(TypeError, match=r"from_torch: expected torch.Tensor leaves in params, got a jax.Array at 'w'; "
+    with pytest.raises(TypeError, match=r"from_torch: expected torch.Tensor leaves in params, got a jax array at 'w'; "
                                         r".*backend='torch'.*from_optax"):
         tx.init({"w": jx.asarray(np.ones(2))})
     state = tx.init({"w": torch.ones(2)})

@@ -19,7 +19,7 @@ import jax.numpy as jnp  # noqa: E402
 import torch.nn as tnn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from duogard.interop._torch_module import (  # noqa: E402
+from duogard.interop import (  # noqa: E402
     TorchModel, UnsupportedTorchOpsError, from_torch, to_torch,
 )
 
@@ -535,3 +535,34 @@ def test_from_torch_model_trains_with_a_duogard_estimator_on_jax():
     to_torch(params, module)
     np.testing.assert_allclose(_np(F.cross_entropy(module(torch.from_numpy(x)), torch.from_numpy(y))), last,
                                rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- where the names live
+
+def test_front_end_names_are_the_backends_extras():
+    """duogard.torch, duogard.interop and duogard.optim resolve their framework names through
+    duogard.backend.extra; the front-end modules themselves import no framework."""
+    import subprocess
+    import sys
+
+    import duogard_jax.extras as jax_extras
+    import duogard_torch.extras as torch_extras
+
+    for name in ("forward_grad_", "KeySequence", "from_torch", "to_torch", "TorchModel"):
+        assert getattr(dg.torch, name) is getattr(torch_extras, name), name
+        assert name in dir(dg.torch)
+    for name in ("from_torch", "to_torch", "TorchModel", "UnsupportedTorchOpsError"):
+        assert getattr(dg.interop, name) is getattr(torch_extras, name), name
+    assert dg.from_torch is torch_extras.from_torch and dg.to_torch is torch_extras.to_torch
+    assert dg.optim.from_torch is torch_extras.optimizer_from_torch
+    assert dg.optim.TorchOptimizerState is torch_extras.TorchOptimizerState
+    assert dg.optim.from_optax is jax_extras.from_optax
+    assert set(torch_extras.__all__) == {"from_torch", "to_torch", "TorchModel", "UnsupportedTorchOpsError",
+                                         "forward_grad_", "KeySequence", "optimizer_from_torch",
+                                         "TorchOptimizerState"}
+    assert jax_extras.__all__ == ["from_optax"]
+    assert not hasattr(dg.torch, "nope") and not hasattr(dg.optim, "nope")
+    code = ("import sys, duogard.torch, duogard.interop, duogard.optim; "
+            "bad = [m for m in ('jax', 'torch') if m in sys.modules]; assert not bad, bad")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert out.returncode == 0, out.stderr

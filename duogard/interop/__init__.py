@@ -5,21 +5,20 @@
   streams, read-only shared buffers, donation) are listed below.
 - :func:`configure_shared_gpu` and :func:`pin_matmul_precision` set up JAX and PyTorch to
   share one GPU and to agree on float32 matmul precision (rules in ``_gpu``).
-- ``from_torch`` / ``to_torch`` (torch.nn.Module import/export) live in ``_torch_module``
-  and are loaded on first use.
+- ``from_torch`` / ``to_torch`` (torch.nn.Module import/export) live in the torch backend
+  (``duogard_torch.port``) and are loaded on first use with :func:`duogard.backend.extra`.
 
 Importing this package imports neither JAX nor PyTorch.
 """
 
 from __future__ import annotations
 
-import importlib
-
+from duogard.backend import extra
 from duogard.interop._convert import __doc__ as _convert_rules
 from duogard.interop._convert import convert
 from duogard.interop._gpu import configure_shared_gpu, pin_matmul_precision
 
-# torch.nn.Module import/export: a framework-specific module, loaded on first use
+# torch.nn.Module import/export: extras of the torch backend, loaded on first use
 _TORCH_MODULE_NAMES = ("from_torch", "to_torch", "TorchModel", "UnsupportedTorchOpsError")
 
 __all__ = ["convert", "configure_shared_gpu", "pin_matmul_precision", *_TORCH_MODULE_NAMES]
@@ -30,15 +29,7 @@ __doc__ += "\nRules of convert\n----------------\n" + _convert_rules.split("Rule
 
 def __getattr__(name: str):
     if name in _TORCH_MODULE_NAMES:
-        try:
-            module = importlib.import_module("duogard.interop._torch_module")
-        except ModuleNotFoundError as exc:
-            if exc.name != "duogard.interop._torch_module":
-                raise
-            raise AttributeError(
-                f"duogard.interop.{name} is not available in this version (it lives in "
-                "duogard/interop/_torch_module.py)") from None
-        return getattr(module, name)
+        return extra("torch", name)
     raise AttributeError(f"module 'duogard.interop' has no attribute {name!r}")
 
 

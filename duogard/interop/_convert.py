@@ -1,9 +1,13 @@
 """``convert``: move a pytree of arrays between JAX, PyTorch and NumPy, zero-copy where possible.
 
-JAX <-> PyTorch goes through DLPack, passing the array *object* to the consumer's
-``from_dlpack`` (never a capsule), so the consumer can hand its stream to ``__dlpack__``.
-Neither framework is imported at module level: each one is imported when a leaf or the
-target needs it.
+JAX <-> PyTorch goes through DLPack, as a pair of backend ops: the source backend's
+``dlpack_export`` applies its framework's rules (torch: detach, resolve lazy bits) and the
+destination backend's ``dlpack_import`` applies its own (JAX: compact layouts, alignment, 64-bit
+mode), passing the exported *object* to the consumer's ``from_dlpack`` (never a capsule), so
+the consumer can hand its stream to ``__dlpack__``. This module orchestrates: it finds each
+leaf's backend (``duogard.backend.backend_of``), checks the devices and decides which framework
+moves a leaf. It imports no framework itself (a backend is loaded when a leaf or the target
+needs it) and handles NumPy, which is no framework, on its own.
 
 Rules
 -----
@@ -39,7 +43,8 @@ Alignment (torch/NumPy -> JAX)
     With JAX's 64-bit mode off, JAX silently turns float64/int64/uint64/complex128 into
     their 32-bit halves. duogard refuses (``TypeError`` naming the dtype and the leaf)
     unless ``allow_downcast=True``, which casts explicitly (a copy). Switch 64-bit mode on
-    with ``jax.config.update("jax_enable_x64", True)`` or ``JAX_ENABLE_X64=1``.
+    with ``duogard.backend("jax").enable_float64()``, ``jax.config.update("jax_enable_x64",
+    True)`` or ``JAX_ENABLE_X64=1``.
 
 Dtypes
     bool, int8/16/32/64, uint8, float16, bfloat16, float32/64, complex64/128 round-trip
@@ -94,25 +99,20 @@ Other leaves
 
 from __future__ import annotations
 
-import sys
+import importlib.util
+from types import ModuleType
 from typing import Any
 
 import numpy as np
 import optree
 
+from duogard.backend import backend, backend_of, device_label, registered_backends
 from duogard.tree import tree_flatten, tree_unflatten
 
 __all__ = ["convert"]
 
-TARGETS = ("jax", "torch", "numpy")
-JAX_ALIGNMENT = 64  # bytes; XLA's minimum alignment for a buffer it does not copy
-
-# 64-bit dtypes JAX shrinks when its 64-bit mode is off, and what they become
-_NARROW = {"float64": "float32", "int64": "int32", "uint64": "uint32", "complex128": "complex64"}
-
-# DLPack device types (DLDeviceType) -> duogard's device kinds
-_DL_CPU, _DL_CUDA, _DL_CUDA_HOST, _DL_ROCM = 1, 2, 3, 10
-_DL_KIND = {_DL_CPU: "cpu", _DL_CUDA_HOST: "cpu", _DL_CUDA: "cuda", _DL_ROCM: "cuda"}
+_NUMPY = "numpy"
+_SCALAR = object()  # the owner of a Python scalar leaf: returned unchanged
 
 
 def convert(tree: Any, to: Any, device: Any = None, *, copy: bool | None = None,
@@ -144,61 +144,62 @@ def convert(tree: Any, to: Any, device: Any = None, *, copy: bool | None = None,
         params_t = dg.convert(params_j, to="torch")     # the same memory, as tensors
         grads_j = dg.convert(grads_t, to="jax")
     """
-    target = _target_name(to)
+    target = _target(to)
     if copy not in (None, True, False):
         raise TypeError(f"convert: copy must be None, True or False, got {copy!r}")
     leaves, treedef = tree_flatten(tree)
-    kinds = [_kind(x, tree, i) for i, x in enumerate(leaves)]
-    devices = [None if k == "scalar" else _device_of(x, k) for x, k in zip(leaves, kinds)]
+    owners = [_owner(x, tree, i) for i, x in enumerate(leaves)]
+    devices = [None if owner is _SCALAR else _device_of(x, owner, lambda i=i: _path(tree, i))
+               for i, (x, owner) in enumerate(zip(leaves, owners))]
     if device is None:
         dest = _common_device(devices, tree)
     else:
         dest = _parse_device(device)
-    if dest is not None and not _reaches(target, dest):
+    if dest is not None and _device_problem(target, dest) is not None:
         raise ValueError(_unreachable_message(target, dest, device is None))
     out = [
-        x if kind == "scalar" else _convert_leaf(
-            x, kind, target, src_dev, dest, copy=copy, allow_downcast=allow_downcast,
+        x if owner is _SCALAR else _convert_leaf(
+            x, owner, target, src_dev, dest, copy=copy, allow_downcast=allow_downcast,
             where=lambda i=i: _path(tree, i))
-        for i, (x, kind, src_dev) in enumerate(zip(leaves, kinds, devices))
+        for i, (x, owner, src_dev) in enumerate(zip(leaves, owners, devices))
     ]
     return tree_unflatten(treedef, out)
 
 
 # ----------------------------------------------------------------------------- arguments
 
-def _target_name(to) -> str:
-    name = getattr(to, "framework", to)  # a backend module names its framework
-    if isinstance(name, str) and name.strip().lower() in TARGETS:
-        return name.strip().lower()
+def _target(to):
+    """The target backend module, or _NUMPY."""
+    if isinstance(to, ModuleType) and hasattr(to, "dlpack_import"):  # a backend module
+        return to
+    name = to.strip().lower() if isinstance(to, str) else None
+    if name == _NUMPY:
+        return _NUMPY
+    if name in registered_backends():
+        return backend(name)
     raise ValueError(
-        f"convert: to must be one of {list(TARGETS)} (or a backend module), got {to!r}")
+        f"convert: to must be one of {[*registered_backends(), _NUMPY]} (or a backend module), "
+        f"got {to!r}")
 
 
-def _kind(x, tree, i) -> str:
-    """'numpy', 'torch', 'jax' or 'scalar' (left unchanged); TypeError for anything else."""
+def _owner(x, tree, i):
+    """The backend that owns leaf ``x``, _NUMPY, or _SCALAR (left unchanged); TypeError for
+    anything else.
+    """
     if isinstance(x, (np.ndarray, np.generic)):
-        return "numpy"
+        return _NUMPY
     if isinstance(x, (bool, int, float, complex)):
-        return "scalar"
-    torch = sys.modules.get("torch")
-    if torch is not None and isinstance(x, torch.Tensor):
-        if torch._C._functorch.is_functorch_wrapped_tensor(x):
-            raise TypeError(
-                f"convert: leaf {_path(tree, i)} is a torch tensor traced by torch.func "
-                "(grad/jvp/vmap); convert concrete tensors, outside the transform")
-        return "torch"
-    jax = sys.modules.get("jax")
-    if jax is not None:
-        if isinstance(x, jax.core.Tracer):
-            raise TypeError(
-                f"convert: leaf {_path(tree, i)} is a traced JAX value ({type(x).__name__}); "
-                "convert concrete arrays, outside jax.jit/grad/vmap")
-        if isinstance(x, jax.Array):
-            return "jax"
-    raise TypeError(
-        f"convert: leaf {_path(tree, i)} is a {type(x).__module__}.{type(x).__qualname__}; "
-        "expected a JAX array, a torch tensor, a NumPy array or a Python scalar")
+        return _SCALAR
+    owner = backend_of(x, fallback=False)
+    if owner is None:
+        raise TypeError(
+            f"convert: leaf {_path(tree, i)} is a {type(x).__module__}.{type(x).__qualname__}; "
+            "expected a JAX array, a torch tensor, a NumPy array or a Python scalar")
+    return owner
+
+
+def _name(owner) -> str:
+    return _NUMPY if owner is _NUMPY else owner.name
 
 
 def _path(tree, i: int) -> str:
@@ -226,23 +227,8 @@ def _parse_device(device) -> tuple[str, int]:
         f"CPU/GPU device, got {device!r}")
 
 
-def _device_of(x, kind) -> tuple[str, int]:
-    if kind == "jax" and len(x.devices()) != 1:
-        raise ValueError(
-            f"convert: a JAX array sharded over {len(x.devices())} devices cannot be "
-            "exchanged by DLPack; gather it onto one device first (jax.device_put)")
-    if kind == "numpy":
-        return "cpu", 0
-    dl_type, index = x.__dlpack_device__()
-    kind = _DL_KIND.get(int(dl_type))
-    if kind is None:
-        raise ValueError(f"convert: arrays on DLPack device type {dl_type!r} are not supported "
-                         "(only CPU and CUDA/ROCm)")
-    return kind, 0 if kind == "cpu" else int(index)
-
-
-def _fmt(dev) -> str:
-    return "cpu" if dev[0] == "cpu" else f"{dev[0]}:{dev[1]}"
+def _device_of(x, owner, where) -> tuple[str, int]:
+    return ("cpu", 0) if owner is _NUMPY else owner.dlpack_device(x, where=where)
 
 
 def _common_device(devices, tree):
@@ -251,7 +237,7 @@ def _common_device(devices, tree):
         if dev is not None:
             seen.setdefault(dev, i)
     if len(seen) > 1:
-        where = ", ".join(f"{_path(tree, i)} on {_fmt(dev)}" for dev, i in seen.items())
+        where = ", ".join(f"{_path(tree, i)} on {device_label(dev)}" for dev, i in seen.items())
         raise ValueError(
             f"convert: the array leaves are on different devices ({where}); pass device= "
             "(e.g. device='cpu' or device='cuda:0') to say where the results go")
@@ -260,238 +246,48 @@ def _common_device(devices, tree):
 
 # ----------------------------------------------------------------------------- devices
 
-def _jax_device(dev):
-    """The JAX device for ('cpu', 0) / ('cuda', i), or None if this JAX has none."""
-    import jax
-
-    if dev[0] == "cpu":
-        return jax.devices("cpu")[0]
-    try:
-        gpus = jax.devices("gpu")
-    except RuntimeError:  # no GPU plugin installed
-        return None
-    for d in gpus:
-        if getattr(d, "local_hardware_id", d.id) == dev[1]:
-            return d
-    return None
-
-
-def _torch_device(dev):
-    import torch
-
-    return torch.device("cpu") if dev[0] == "cpu" else torch.device("cuda", dev[1])
-
-
-def _reaches(framework: str, dev) -> bool:
-    """Whether ``framework`` can hold memory on device ``dev``."""
-    if dev[0] == "cpu":
-        return True
-    if framework == "numpy":
-        return False
-    if framework == "torch":
-        import torch
-
-        return torch.cuda.is_available() and dev[1] < torch.cuda.device_count()
-    return _jax_device(dev) is not None
+def _device_problem(owner, dev) -> str | None:
+    """Why arrays of ``owner`` (a backend or _NUMPY) cannot live on device ``dev``, or None."""
+    if owner is _NUMPY:
+        return None if dev[0] == "cpu" else "NumPy arrays live in host memory"
+    return owner.device_problem(dev)
 
 
 def _unreachable_message(target, dest, implicit) -> str:
-    why = {"numpy": "NumPy arrays live in host memory",
-           "jax": "this JAX has no such device (a CUDA build of JAX is needed: "
-                  "pip install 'jax[cuda12]')",
-           "torch": "this PyTorch has no such device (a CUDA build of PyTorch is needed)"}[target]
     hint = "; pass device='cpu' to copy the leaves to the host" if implicit else ""
-    return f"convert: cannot put {target} arrays on {_fmt(dest)}: {why}{hint}"
-
-
-def _move(framework: str, x, dev):
-    if framework == "torch":
-        return x.to(_torch_device(dev))
-    if framework == "jax":
-        import jax
-
-        return jax.device_put(x, _jax_device(dev))
-    raise AssertionError(f"NumPy arrays cannot be moved to {dev}")  # excluded by _reaches
+    return (f"convert: cannot put {_name(target)} arrays on {device_label(dest)}: "
+            f"{_device_problem(target, dest)}{hint}")
 
 
 # ----------------------------------------------------------------------------- one leaf
 
-def _no_copy(where, reason: str):
-    return ValueError(f"convert: leaf {where()} needs a copy ({reason}), but copy=False")
-
-
-def _convert_leaf(x, src: str, target: str, src_dev, dest, *, copy, allow_downcast, where):
-    fresh = False  # True once x is a new buffer that nothing else holds
-    if src == "numpy":
-        x = np.asarray(x)  # a NumPy scalar becomes a 0-d array
-    elif src == "torch":
-        x = x.detach()  # shares memory; the caller's tensor keeps requires_grad
-        if x.is_conj() or x.is_neg():
-            if copy is False:
-                raise _no_copy(where, "a torch tensor with the lazy conjugate/negative bit")
-            x, fresh = x.resolve_conj().resolve_neg(), True
-    if target == "jax" and src != "jax":
-        x, fresh = _fit_jax_width(x, src, copy=copy, allow_downcast=allow_downcast,
-                                  where=where, fresh=fresh)
-
-    move_after = False
-    if dest is not None and dest != src_dev:
-        if copy is False:
-            raise _no_copy(where, f"a move from {_fmt(src_dev)} to {_fmt(dest)}")
-        if src != "numpy" and _reaches(src, dest):
-            x, fresh = _move(src, x, dest), True
-        elif _reaches(target, src_dev):
-            move_after = True  # import where it is (zero-copy), then move
-        else:
-            raise ValueError(f"convert: neither {src} nor {target} can move leaf {where()} "
-                             f"from {_fmt(src_dev)} to {_fmt(dest)}")
-    want_copy = copy is True and not fresh and not move_after
-
-    if target == src:
-        out = _copy_same(x, src) if want_copy else x
-    elif target == "jax":
-        out = _to_jax(x, src, copy=copy, want_copy=want_copy, where=where)
-    elif target == "torch":
-        out = _to_torch(x, src, copy=copy, want_copy=want_copy, where=where)
+def _convert_leaf(x, source, target, src_dev, dest, *, copy, allow_downcast, where):
+    """One array leaf from ``source`` to ``target`` (backend modules or _NUMPY)."""
+    move = dest is not None and dest != src_dev
+    # the source moves the leaf when it can reach dest (before the exchange), else the target
+    # imports it where it is (zero-copy) and moves it then
+    by_source = move and _device_problem(source, dest) is None
+    if move and not by_source and _device_problem(target, src_dev) is not None:
+        raise ValueError(f"convert: neither {_name(source)} nor {_name(target)} can move leaf "
+                         f"{where()} from {device_label(src_dev)} to {device_label(dest)}")
+    if source is _NUMPY:
+        obj = np.asarray(x)  # a NumPy scalar becomes a 0-d array
     else:
-        out = _to_numpy(x, src, want_copy=want_copy)
-    return _move(target, out, dest) if move_after else out
+        obj = source.dlpack_export(x, copy=False if copy is False else None,
+                                   device=dest if by_source else None, where=where)
+    if target is _NUMPY:
+        return _to_numpy(obj, source, copy=copy)
+    return target.dlpack_import(obj, copy=copy, device=dest if move and not by_source else None,
+                                allow_downcast=allow_downcast, where=where)
 
 
-def _copy_same(x, framework):
-    if framework == "torch":
-        return x.clone()
-    if framework == "jax":
-        import jax.numpy as jnp
-
-        return jnp.array(x, copy=True)
-    return np.array(x, copy=True)
-
-
-def _dtype_name(x, src) -> str:
-    return str(x.dtype).removeprefix("torch.") if src == "torch" else np.dtype(x.dtype).name
-
-
-def _fit_jax_width(x, src, *, copy, allow_downcast, where, fresh):
-    """Refuse (or, if allowed, perform) the 64 -> 32 bit narrowing JAX does silently."""
-    import jax
-
-    name = _dtype_name(x, src)
-    if name not in _NARROW or jax.dtypes.canonicalize_dtype(np.dtype(name)) == np.dtype(name):
-        return x, fresh
-    narrow = _NARROW[name]
-    if not allow_downcast:
-        raise TypeError(
-            f"convert: leaf {where()} is {name}, but JAX's 64-bit mode is off and JAX would "
-            f"silently store it as {narrow}. Enable 64-bit mode "
-            "(jax.config.update('jax_enable_x64', True), or JAX_ENABLE_X64=1 before importing "
-            f"jax), or pass allow_downcast=True to cast it to {narrow} explicitly")
-    if copy is False:
-        raise _no_copy(where, f"a downcast from {name} to {narrow}")
-    if src == "torch":
-        import torch
-
-        return x.to(getattr(torch, narrow)), True
-    return x.astype(narrow), True
-
-
-def _is_compact(shape, strides) -> bool:
-    """Whether strides (in elements) describe a dense buffer in some dimension order.
-
-    That is what JAX's DLPack import accepts: row-major and its transpositions, not
-    strided slices or broadcasting (stride 0). Size-1 dims may have any stride; an empty
-    array any strides at all.
-    """
-    if 0 in shape:
-        return True
-    expected = 1
-    for stride, size in sorted((s, n) for n, s in zip(shape, strides) if n != 1):
-        if stride != expected:
-            return False
-        expected *= size
-    return True
-
-
-def _jax_layout_problem(x, src) -> str | None:
-    """Why JAX cannot import ``x`` (a torch tensor or NumPy array) zero-copy, or None."""
-    if src == "torch":
-        shape, strides, address = tuple(x.shape), x.stride(), x.data_ptr()
-    else:
-        if not x.flags.writeable:
-            return "a read-only NumPy array (DLPack 0.x cannot mark it read-only)"
-        if x.dtype.kind not in "biufc":
-            return f"NumPy dtype {x.dtype} has no DLPack code"
-        if any(s % x.itemsize for s in x.strides):
-            return "strides that are not a multiple of the item size"
-        shape, strides, address = x.shape, [s // x.itemsize for s in x.strides], x.ctypes.data
-    if not _is_compact(shape, strides):
-        kind = "a broadcast view (stride 0)" if 0 in strides else "a strided view"
-        return f"{kind}: JAX imports only compact layouts"
-    if x.size if src == "numpy" else x.numel():
-        if address % JAX_ALIGNMENT:
-            return f"a buffer not aligned to {JAX_ALIGNMENT} bytes (address % {JAX_ALIGNMENT} = " \
-                   f"{address % JAX_ALIGNMENT})"
-    return None
-
-
-def _to_jax(x, src, *, copy, want_copy, where):
-    import jax.numpy as jnp
-
-    problem = _jax_layout_problem(x, src)
-    if problem is not None and copy is False:
-        raise _no_copy(where, problem)
-    if src == "numpy":
-        if problem is not None or want_copy:
-            return jnp.array(x, copy=True)
-        return jnp.from_dlpack(x)
-    import torch
-
-    if problem is not None or want_copy:
-        # a fresh torch buffer: dense row-major, and torch's allocator aligns it
-        x = x.clone(memory_format=torch.contiguous_format)
-    if copy is False:
-        return jnp.from_dlpack(x, copy=False)  # JAX raises rather than copy behind our back
-    try:
-        return jnp.from_dlpack(x)  # passes JAX's stream to x.__dlpack__
-    except Exception as exc:
-        # JAX releases before 0.5 refuse transposed layouts ("non-default layout") as well
-        if x.is_contiguous() or "layout" not in str(exc):
-            raise
-        return jnp.from_dlpack(x.contiguous())
-
-
-def _to_torch(x, src, *, copy, want_copy, where):
-    import torch
-
-    if src == "jax":
-        out = torch.from_dlpack(x)  # passes torch's current stream to x.__dlpack__
-        return out.clone() if want_copy else out
-    # NumPy source
-    bf16 = x.dtype.name == "bfloat16"  # ml_dtypes: torch.from_numpy does not know it
-    view = x.view(np.int16) if bf16 else x
-    if not x.flags.writeable or any(s < 0 for s in x.strides):
-        if copy is False:
-            raise _no_copy(where, "a read-only or negatively strided NumPy array")
-        view, want_copy = np.array(view, copy=True), False
-    out = torch.from_numpy(view.copy() if want_copy else view)
-    return out.view(torch.bfloat16) if bf16 else out
-
-
-def _to_numpy(x, src, *, want_copy):
-    if src == "jax":
-        out = np.asarray(x)  # zero-copy on CPU, read-only; bfloat16 as ml_dtypes.bfloat16
-        return np.array(out, copy=True) if want_copy else out
-    # torch source (detached, on the CPU)
-    import torch
-
-    if x.dtype == torch.bfloat16:
-        try:
-            import ml_dtypes
-        except ImportError as exc:
-            raise ImportError(
-                "convert: to='numpy' of a bfloat16 tensor needs ml_dtypes (NumPy has no "
-                "bfloat16): pip install ml_dtypes") from exc
-        out = x.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-    else:
-        out = x.numpy()
-    return out.copy() if want_copy else out
+def _to_numpy(obj, source, *, copy):
+    """NumPy's view of an exported array (on the host), or of a NumPy array."""
+    if source is _NUMPY:
+        return np.array(obj, copy=True) if copy is True else obj
+    if obj.dtype == "bfloat16" and importlib.util.find_spec("ml_dtypes") is None:
+        # NumPy has no bfloat16 of its own: the result is an ml_dtypes.bfloat16 array
+        raise ImportError("convert: to='numpy' of a bfloat16 tensor needs ml_dtypes (NumPy has no "
+                          "bfloat16): pip install ml_dtypes")
+    out = source.to_numpy(obj.array)  # zero-copy on the host (read-only from JAX)
+    return np.array(out, copy=True) if copy is True and not obj.fresh else out

@@ -21,11 +21,12 @@ TF32
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import os
 import sys
 import warnings
-from typing import Iterator
+from collections.abc import Iterator
+
+from duogard.backend import available_backends, backend
 
 __all__ = ["configure_shared_gpu", "pin_matmul_precision"]
 
@@ -70,70 +71,17 @@ def configure_shared_gpu(*, preallocate: bool = False) -> str:
     return value
 
 
-# ----------------------------------------------------------------------------- precision
-
-# torch >= 2.9 settings (the legacy allow_tf32 flags are deprecated there and, mixed with
-# the new ones, can leave cuDNN in TF32): every leaf of the fp32_precision tree, set to IEEE
-_TORCH_KNOBS = ("cuda.matmul", "cudnn.conv", "cudnn.rnn", "mkldnn.matmul", "mkldnn.conv",
-                "mkldnn.rnn")
-
-
-def _installed(name: str) -> bool:
-    return name in sys.modules or importlib.util.find_spec(name) is not None
-
-
-def _torch_knob(torch, path: str):
-    obj = torch.backends
-    for part in path.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
-def _pin_torch(torch):
-    """Pin torch to full float32 precision; return a function that restores the old state."""
-    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
-        knobs = [_torch_knob(torch, p) for p in _TORCH_KNOBS]
-        saved = [k.fp32_precision for k in knobs]
-        for k in knobs:
-            k.fp32_precision = "ieee"
-
-        def restore():
-            for k, value in zip(knobs, saved):
-                k.fp32_precision = value
-
-        return restore
-
-    # older torch: the legacy flags
-    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
-             torch.get_float32_matmul_precision())
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    torch.set_float32_matmul_precision("highest")
-
-    def restore_legacy():
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved[:2]
-        torch.set_float32_matmul_precision(saved[2])
-
-    return restore_legacy
-
-
-def _pin_jax(jax):
-    saved = jax.config.jax_default_matmul_precision
-    jax.config.update("jax_default_matmul_precision", "highest")
-    return lambda: jax.config.update("jax_default_matmul_precision", saved)
-
-
 @contextlib.contextmanager
 def pin_matmul_precision() -> Iterator[None]:
-    """Context manager (or decorator): full float32 matmuls and convolutions on both frameworks.
+    """Context manager (or decorator): full float32 matmuls and convolutions on every framework.
 
-    Inside it, TF32 is off on PyTorch (``torch.backends.cuda.matmul`` and
-    ``torch.backends.cudnn`` conv/RNN, and oneDNN on CPU, set to ``"ieee"``; on torch
-    older than 2.9 ``allow_tf32 = False`` for cuBLAS and cuDNN and
-    ``set_float32_matmul_precision("highest")``) and JAX's
-    ``jax_default_matmul_precision`` is ``"highest"``. The previous settings are restored
-    on exit, also after an exception. Frameworks that are not installed are skipped;
-    installed ones are imported.
+    Each installed backend pins its own framework (its ``pin_float32_precision``, see
+    :class:`duogard.backend.Backend`): inside, TF32 is off on PyTorch
+    (``torch.backends.cuda.matmul`` and ``torch.backends.cudnn`` conv/RNN, and oneDNN on CPU,
+    set to ``"ieee"``; on torch older than 2.9 ``allow_tf32 = False`` for cuBLAS and cuDNN and
+    ``set_float32_matmul_precision("highest")``) and JAX's ``jax_default_matmul_precision`` is
+    ``"highest"``. The previous settings are restored on exit, also after an exception.
+    Backends whose framework is not installed are skipped; installed ones are imported.
 
     Example::
 
@@ -142,14 +90,9 @@ def pin_matmul_precision() -> Iterator[None]:
     """
     restores = []
     try:
-        if _installed("torch"):
-            import torch
-
-            restores.append(_pin_torch(torch))
-        if _installed("jax"):
-            import jax
-
-            restores.append(_pin_jax(jax))
+        for info in available_backends():  # loads each installed backend, with its framework
+            if info.available:
+                restores.append(backend(info.name).pin_float32_precision())
         yield
     finally:
         for restore in reversed(restores):

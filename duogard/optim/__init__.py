@@ -14,15 +14,17 @@ whole training step compiles under ``jax.jit`` and runs unchanged, eagerly, on t
 
 The optimizers follow ``torch.optim`` (hyperparameters, defaults, where eps goes) so a torch
 script ports number for number; each docstring says where optax differs. Use your own optax
-or torch.optim optimizer with :func:`from_optax` / :func:`from_torch`.
+or torch.optim optimizer with :func:`from_optax` / :func:`from_torch`: these adapters live in
+the backends (``duogard_jax.optax``, ``duogard_torch.optim``) and are loaded on first use with
+:func:`duogard.backend.extra`, so importing this package imports no framework.
 """
 
-from duogard.optim._adapters import TorchOptimizerState, from_optax, from_torch
+from duogard.backend import extra
 from duogard.optim._base import (
     EmptyState, GradientTransformation, apply_updates, chain, current_learning_rate, identity,
     step_count,
 )
-from duogard.optim._optimizers import PlainSGD, adagrad, adam, adamw, plain_sgd, rmsprop, sgd
+from duogard.optim._optimizers import PlainSGD, adagrad, adam, adamw, rmsprop, sgd
 from duogard.optim._schedules import (
     Schedule, constant_schedule, cosine_decay, exponential_decay, step_decay, warmup_cosine_decay,
 )
@@ -37,7 +39,7 @@ __all__ = [
     "GradientTransformation", "EmptyState", "identity", "chain", "apply_updates",
     "current_learning_rate", "step_count",
     # optimizers
-    "sgd", "adam", "adamw", "rmsprop", "adagrad", "PlainSGD", "plain_sgd",
+    "sgd", "adam", "adamw", "rmsprop", "adagrad", "PlainSGD",
     # transformations
     "scale", "scale_by_learning_rate", "add_decayed_weights", "trace", "scale_by_adam",
     "scale_by_rms", "scale_by_rss", "clip", "clip_by_global_norm",
@@ -49,3 +51,22 @@ __all__ = [
     # adapters
     "from_optax", "from_torch", "TorchOptimizerState",
 ]
+
+# adapter name -> (backend, name of its extra)
+_ADAPTERS = {
+    "from_optax": ("jax", "from_optax"),
+    "from_torch": ("torch", "optimizer_from_torch"),
+    "TorchOptimizerState": ("torch", "TorchOptimizerState"),
+}
+
+
+def __getattr__(name: str):
+    if name in _ADAPTERS:
+        value = extra(*_ADAPTERS[name])
+        globals()[name] = value  # resolved once; later lookups are plain attribute reads
+        return value
+    raise AttributeError(f"module 'duogard.optim' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

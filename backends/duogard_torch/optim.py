@@ -1,11 +1,8 @@
-"""Adapters: drive duogard's training with the optimizers users already know.
+"""``torch.optim`` optimizers as duogard optimizers: :func:`optimizer_from_torch`.
 
-- :func:`from_optax`: any optax transformation, on the JAX backend (it has the same shape;
-  the adapter only checks the arrays).
-- :func:`from_torch`: any ``torch.optim`` class, on the torch backend. Torch optimizers keep
-  their state inside; the adapter hides one behind ``init``/``update`` (eager only).
-
-Both frameworks are imported lazily (this module is framework-specific by nature).
+Front-end name: ``duogard.optim.from_torch`` (``from_torch`` alone is the module port, so the
+extra is called ``optimizer_from_torch`` here). Torch optimizers keep their state inside; the
+adapter hides one behind ``init``/``update`` (eager only).
 """
 
 from __future__ import annotations
@@ -13,71 +10,41 @@ from __future__ import annotations
 from typing import Any, Callable, NamedTuple
 
 import optree
+import torch
 
-from duogard.optim._base import GradientTransformation
+from duogard.backend import backend_of
+from duogard.optim import GradientTransformation
 from duogard.tree import tree_flatten, tree_unflatten
 
-__all__ = ["from_optax", "from_torch", "TorchOptimizerState"]
+__all__ = ["TorchOptimizerState", "optimizer_from_torch"]
+
+_TORCH_FIX = ("torch.optim optimizers run on the torch backend (backend='torch'); on JAX use "
+              "duogard.optim's own optimizers or from_optax(...)")
 
 
-def _framework(x) -> str | None:
-    mod = type(x).__module__
-    if mod.startswith(("jax", "jaxlib")):
-        return "jax"
-    if mod.startswith("torch"):
-        return "torch"
-    return None
+def _describe(leaf) -> str:
+    """What a leaf is, for error messages: ``a jax array``, ``a numpy.ndarray`` ..."""
+    be = backend_of(leaf)
+    if be.is_array(leaf):
+        return f"a {be.name} array"
+    return f"a {type(leaf).__module__}.{type(leaf).__name__}"
 
 
-_KIND = {"jax": "jax.Array", "torch": "torch.Tensor"}
-
-
-def _check_leaves(fn: str, what: str, tree, want: str, fix: str) -> None:
+def _check_leaves(what: str, tree) -> None:
     paths, leaves, _ = optree.tree_flatten_with_path(tree)
     for path, leaf in zip(paths, leaves):
-        have = _framework(leaf)
-        if have != want:
+        if not isinstance(leaf, torch.Tensor):
             name = ".".join(str(p) for p in path) or "<root>"
-            kind = _KIND.get(have) or f"{type(leaf).__module__}.{type(leaf).__name__}"
-            raise TypeError(f"{fn}: expected {_KIND[want]} leaves in {what}, got a {kind} at {name!r}; {fix}")
-
-
-_OPTAX_FIX = ("optax transformations run on the JAX backend (backend='jax'); on torch use "
-              "duogard.optim's own optimizers or from_torch(torch.optim.<Class>, ...)")
-
-
-def from_optax(tx) -> GradientTransformation:
-    """Use an optax ``GradientTransformation`` (``optax.adam(1e-3)``, a chain ...) with duogard.
-
-    It runs on the JAX backend only (params, grads and state are jax arrays; it compiles under
-    ``jax.jit`` with the rest of the step); a torch tensor raises TypeError saying what to use
-    instead. Wrap it in ``optax.inject_hyperparams`` to let :func:`current_learning_rate`
-    read its learning rate.
-    """
-    if not (callable(getattr(tx, "init", None)) and callable(getattr(tx, "update", None))):
-        raise TypeError(f"from_optax: expected an optax GradientTransformation, got {type(tx).__name__}")
-
-    def init(params):
-        _check_leaves("from_optax", "params", params, "jax", _OPTAX_FIX)
-        return tx.init(params)
-
-    def update(grads, state, params=None):
-        _check_leaves("from_optax", "grads", grads, "jax", _OPTAX_FIX)
-        return tx.update(grads, state, params)
-
-    return GradientTransformation(init, update)
+            raise TypeError(f"from_torch: expected torch.Tensor leaves in {what}, got {_describe(leaf)} "
+                            f"at {name!r}; {_TORCH_FIX}")
 
 
 class TorchOptimizerState(NamedTuple):
-    """The state of :func:`from_torch`: tensors only, so it checkpoints like any other."""
+    """The state of :func:`optimizer_from_torch`: tensors only, so it checkpoints like any other."""
 
     count: Any  #: updates made so far (0-d int32 CPU tensor)
     learning_rate: Any  #: the first param group's lr for the next update (0-d float64 CPU tensor)
     buffers: Any  #: per parameter (params' structure), the torch optimizer's tensor state
-
-
-_TORCH_FIX = ("torch.optim optimizers run on the torch backend (backend='torch'); on JAX use "
-              "duogard.optim's own optimizers or from_optax(...)")
 
 
 class _TorchDriver:
@@ -98,8 +65,6 @@ class _TorchDriver:
         return optimizer, scheduler
 
     def _state(self, count):
-        import torch
-
         group = self.optimizer.param_groups[0]
         lr = torch.as_tensor(float(group["lr"]), dtype=torch.float64)
         buffers = [{k: v for k, v in self.optimizer.state[w].items() if isinstance(v, torch.Tensor)}
@@ -108,9 +73,7 @@ class _TorchDriver:
         return self.latest
 
     def init(self, params):
-        import torch
-
-        _check_leaves("from_torch", "params", params, "torch", _TORCH_FIX)
+        _check_leaves("params", params)
         leaves, self.treedef = tree_flatten(params)
         self.weights = [p.detach().clone().requires_grad_(p.is_floating_point()) for p in leaves]
         self.optimizer, self.scheduler = self._construct(self.weights)
@@ -119,8 +82,6 @@ class _TorchDriver:
 
     def _load(self, state) -> None:
         """Make the live optimizer hold ``state`` (a restored or earlier one)."""
-        import torch
-
         buffers = self.treedef.flatten_up_to(state.buffers)
         for w, saved in zip(self.weights, buffers):
             live = self.optimizer.state[w]
@@ -139,15 +100,13 @@ class _TorchDriver:
             self.scheduler.last_epoch = int(state.count)
 
     def update(self, grads, state, params=None):
-        import torch
-
         if self.optimizer is None:
             raise RuntimeError("from_torch: call init(params) before update")
-        _check_leaves("from_torch", "grads", grads, "torch", _TORCH_FIX)
+        _check_leaves("grads", grads)
         grad_leaves = self.treedef.flatten_up_to(grads)
         with torch.no_grad():
             if params is not None:
-                _check_leaves("from_torch", "params", params, "torch", _TORCH_FIX)
+                _check_leaves("params", params)
                 old = self.treedef.flatten_up_to(params)
                 for w, p in zip(self.weights, old):
                     w.copy_(p)
@@ -167,30 +126,43 @@ class _TorchDriver:
         return tree_unflatten(self.treedef, updates), self._state(state.count + 1)
 
 
-def from_torch(optimizer_class, /, *, scheduler: Callable | None = None, **hyperparameters) -> GradientTransformation:
+def optimizer_from_torch(optimizer_class, /, *, scheduler: Callable | None = None,
+                         **hyperparameters) -> GradientTransformation:
     """Use any ``torch.optim`` optimizer with duogard: ``from_torch(torch.optim.Adam, lr=1e-3)``.
 
     ``init(params)`` copies the params into fresh leaf tensors and builds
     ``optimizer_class(those, **hyperparameters)``; ``update(grads, state, params)`` copies
     ``params`` in, sets ``.grad``, calls ``.step()`` (then ``scheduler.step()``) and returns
     ``updates = new - old``, so ``apply_updates`` gives the torch optimizer's result (exactly,
-    up to the rounding of that subtraction). ``scheduler``, optional, builds a torch lr
-    scheduler from the optimizer (``lambda opt: StepLR(opt, step_size=30)``); it steps once
-    per update.
+    up to the rounding of that subtraction).
 
     Torch backend and eager mode only (a jax array raises TypeError saying what to use
-    instead). The state holds the step count, the next learning rate and the optimizer's
-    per-parameter tensors: these *are* the live optimizer's tensors, updated in place by the
-    next ``update`` (clone them to keep a snapshot). A state that is not the latest one (a
-    restored checkpoint, an earlier snapshot) is loaded into the optimizer first. One live
-    optimizer per ``from_torch(...)`` object: ``init`` again restarts it.
+    instead). The state (:class:`TorchOptimizerState`) holds the step count, the next learning
+    rate and the optimizer's per-parameter tensors: these *are* the live optimizer's tensors,
+    updated in place by the next ``update`` (clone them to keep a snapshot). A state that is
+    not the latest one (a restored checkpoint, an earlier snapshot) is loaded into the
+    optimizer first. One live optimizer per ``from_torch(...)`` object: ``init`` again
+    restarts it.
+
+    Args:
+        optimizer_class: a ``torch.optim`` optimizer class (``torch.optim.AdamW``).
+        scheduler: optional, builds a torch lr scheduler from the optimizer
+            (``lambda opt: StepLR(opt, step_size=30)``); it steps once per update.
+        **hyperparameters: the optimizer's keyword arguments (``lr=1e-3``).
+
+    Returns:
+        A :class:`duogard.optim.GradientTransformation`.
+
+    Raises:
+        TypeError: ``optimizer_class`` or ``scheduler`` is not callable.
+        ValueError: the optimizer rejects the hyperparameters (checked at once, on a dummy
+            tensor).
     """
     if not callable(optimizer_class):
         raise TypeError(f"from_torch: expected a torch.optim optimizer class, got {optimizer_class!r}")
     if scheduler is not None and not callable(scheduler):
-        raise TypeError(f"from_torch: scheduler must be a callable optimizer -> lr scheduler, got {scheduler!r}")
-    import torch
-
+        raise TypeError(f"from_torch: scheduler must be a callable optimizer -> lr scheduler, "
+                        f"got {scheduler!r}")
     driver = _TorchDriver(optimizer_class, dict(hyperparameters), scheduler)
     driver._construct([torch.zeros(1, requires_grad=True)])  # fail now on bad hyperparameters
     return GradientTransformation(driver.init, driver.update)

@@ -6,11 +6,9 @@ its parameters and buffers become a flat dict of NumPy arrays keyed exactly like
 
 - torch tensors: ``torch.func.functional_call`` on the module itself (the reference);
 - any other backend (JAX): the forward captured once with ``torch.fx`` and lowered onto
-  duogard's backend ops (:mod:`duogard.interop._fx_lower`), differentiable and jittable there.
+  duogard's backend ops (:mod:`.lower`), differentiable and jittable there.
 
 :func:`to_torch` loads trained params (of any backend, or NumPy) back into the module.
-
-torch is imported inside functions only: this module is importable without it.
 """
 
 from __future__ import annotations
@@ -18,33 +16,16 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import torch
+import torch.func
 
 from duogard.backend import backend, backend_of
-from duogard.nn._module import Module
+from duogard.nn import Module
 from duogard.tree import flatten_dict
 
+from .lower import UnsupportedTorchOpsError, lower_module
+
 __all__ = ["TorchModel", "UnsupportedTorchOpsError", "from_torch", "to_torch"]
-
-
-class UnsupportedTorchOpsError(NotImplementedError):
-    """The module's graph uses ops duogard cannot lower; ``.ops`` lists every one of them."""
-
-    def __init__(self, module_name: str, ops: list[tuple[str, str, str, str]]):
-        self.ops = ops  # (node name, op, module path, reason)
-        lines = [f"  - node {name!r}: {op} in module {path}" + (f" ({reason})" if reason else "")
-                 for name, op, path, reason in ops]
-        super().__init__(
-            f"from_torch: cannot lower {len(ops)} op(s) of {module_name} to duogard's ops "
-            "(needed to run it on a non-torch backend):\n" + "\n".join(lines)
-            + "\nRewrite them with supported ops, or run the model on the torch backend "
-            "(torch tensors use torch.func.functional_call and need no lowering)."
-        )
-
-
-def _is_torch_module(obj) -> bool:
-    import torch
-
-    return isinstance(obj, torch.nn.Module)
 
 
 def _flat_params(params, where: str) -> dict:
@@ -64,8 +45,6 @@ def _torch_seed(key) -> int:
 
 
 def _bn_with_running_stats(module) -> list[str]:
-    import torch
-
     return [name for name, m in module.named_modules()
             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
 
@@ -99,7 +78,7 @@ class TorchModel(Module):
     """
 
     def __init__(self, module, example_input=None):
-        if not _is_torch_module(module):
+        if not isinstance(module, torch.nn.Module):
             raise TypeError(f"from_torch: module must be a torch.nn.Module, got {type(module).__name__}")
         self.module = module
         state = module.state_dict(keep_vars=True)
@@ -130,8 +109,6 @@ class TorchModel(Module):
 
     def init_params(self, rng, input_shape, dtype):
         # nested in a duogard Sequential: the torch weights, and the output shape from torch
-        import torch
-
         with torch.no_grad():
             x = torch.zeros(tuple(input_shape), dtype=torch.float32)
             out = self._torch_apply(self.params, x, key=None, train=False)
@@ -142,8 +119,11 @@ class TorchModel(Module):
 
     def apply(self, params, x, *, key=None, train: bool = False):
         """Run the module on ``x`` with ``params`` (see the class docstring)."""
-        be = backend_of(x)
-        if be.name == "torch":
+        if not isinstance(x, torch.Tensor):
+            be = backend_of(x)
+            if not be.is_array(x):  # NumPy or a list: an array of the selected backend
+                x = be.asarray(np.asarray(x))
+        if isinstance(x, torch.Tensor):
             return self._torch_apply(params, x, key=key, train=train)
         return self.lowered_apply(params, x, key=key, train=train)
 
@@ -172,8 +152,6 @@ class TorchModel(Module):
 
     # ------------------------------------------------------------------ torch path
     def _torch_apply(self, params, x, *, key, train):
-        import torch
-
         be = backend("torch")
         if train and self._batchnorms:
             raise ValueError(
@@ -195,13 +173,20 @@ class TorchModel(Module):
 
     # ------------------------------------------------------------------ lowered path
     def lower(self, *, train: bool = False):
-        """The module's forward traced with torch.fx and lowered onto duogard's backend ops
-        (cached per mode). Raises :class:`UnsupportedTorchOpsError` listing every op it cannot
-        lower, with node names and module paths."""
+        """The module's forward traced with torch.fx and lowered onto duogard's backend ops.
+
+        Args:
+            train: lower the training-mode forward (dropout active) or the eval-mode one.
+
+        Returns:
+            The :class:`~duogard_torch.port.lower.LoweredGraph` (cached per mode).
+
+        Raises:
+            UnsupportedTorchOpsError: lists every op it cannot lower, with node names and
+                module paths.
+        """
         train = bool(train)
         if train not in self._lowered:
-            from duogard.interop._fx_lower import lower_module
-
             self._lowered[train] = lower_module(self.module, train=train)
         return self._lowered[train]
 
@@ -210,7 +195,7 @@ class TorchModel(Module):
         be = backend_of(x)
         graph = self.lower(train=train)
         # torch: put NumPy params on x's device (jax places them on its default device)
-        device = be.device_of(x) if be.name == "torch" else None
+        device = be.device_of(x) if isinstance(x, torch.Tensor) else None
         full = self._full_params(params, be, "TorchModel.apply", device=device)
         return graph.run(be, full, x, key=key)
 
@@ -224,14 +209,12 @@ class TorchModel(Module):
 
 def _maybe_numpy(value):
     # another framework's array goes through the target backend's asarray (DLPack there)
-    if isinstance(value, np.ndarray) or type(value).__module__.startswith(("jax", "jaxlib", "torch")):
+    if isinstance(value, (np.ndarray, torch.Tensor)) or backend_of(value).is_array(value):
         return value
     return np.asarray(value)
 
 
 def _as_torch(x, where: str):
-    import torch
-
     if isinstance(x, torch.Tensor):
         return x
     try:
@@ -256,6 +239,11 @@ def from_torch(module, example_input=None, *, lower: bool = False) -> TorchModel
         ``model.apply(params, x, *, key=None, train=False)`` on torch tensors or JAX arrays.
         Train it with any duogard estimator on ``model.trainable(params)`` (for a module
         without buffers or frozen parameters, that is all of ``params``).
+
+    Raises:
+        TypeError: ``module`` is not a ``torch.nn.Module``.
+        ValueError: the module fails on ``example_input``.
+        UnsupportedTorchOpsError: with ``lower=True``, the ops that cannot be lowered.
     """
     model = TorchModel(module, example_input)
     if lower:
@@ -264,16 +252,26 @@ def from_torch(module, example_input=None, *, lower: bool = False) -> TorchModel
 
 
 def to_torch(params, module, *, strict: bool = True):
-    """Load ``params`` (a dict keyed like ``module.state_dict()``; NumPy, torch or JAX arrays)
-    into ``module`` in place, with ``load_state_dict``. Returns the module.
+    """Load ``params`` into ``module`` in place, with ``load_state_dict``.
 
-    With ``strict=True`` (default) the keys must match the state_dict exactly; otherwise a
-    KeyError lists the missing and unexpected keys. Shapes must match. Values are copied
-    into the module's tensors (their dtype and device are kept).
+    Values are copied into the module's tensors (their dtype and device are kept).
+
+    Args:
+        params: a dict keyed like ``module.state_dict()`` (flat, or nested by module path) of
+            NumPy, torch or JAX arrays.
+        module: the ``torch.nn.Module`` to load them into.
+        strict: the keys must match the state_dict exactly (default); with False, missing
+            keys keep the module's values.
+
+    Returns:
+        The module.
+
+    Raises:
+        TypeError: ``module`` is not a ``torch.nn.Module``.
+        KeyError: the keys do not match (it lists the missing and unexpected ones).
+        ValueError: a shape does not match the module's.
     """
-    import torch
-
-    if not _is_torch_module(module):
+    if not isinstance(module, torch.nn.Module):
         raise TypeError(f"to_torch: module must be a torch.nn.Module, got {type(module).__name__}")
     flat = _flat_params(params, "to_torch")
     current = module.state_dict()

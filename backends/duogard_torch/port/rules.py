@@ -1,21 +1,17 @@
-"""Lower a ``torch.nn.Module``'s forward onto duogard's backend ops (torch.fx).
+"""The rules that lower torch ops onto duogard's backend ops (used by :mod:`.lower`).
 
-The module is traced once per mode (eval / train) with ``torch.fx``'s symbolic tracer; every
-node of the graph is mapped to a small function written against the backend contract
-(``be.xp``, ``be.conv2d``, ``be.max_pool2d`` ...). The resulting :class:`LoweredGraph` runs on
-any backend: with JAX arrays it is differentiable by ``jax.jvp``/``jax.grad`` and jittable.
+Three tables map what a ``torch.fx`` graph calls to functions written against the backend
+contract (``be.xp``, ``be.conv2d``, ``be.max_pool2d`` ...):
 
-Every node is checked when the graph is lowered, so an unsupported op is reported together
-with all the others of the graph (:class:`UnsupportedTorchOpsError`), each with its node name
-and module path. A ``torch.autograd.Function`` is recorded as one opaque node (its custom
-backward/jvp cannot be lowered) instead of being traced through.
+- :func:`function_rules`: ``torch.*``, ``torch.nn.functional.*`` and Python operators;
+- :func:`method_rules`: tensor methods (``x.view``, ``x.sum`` ...);
+- :func:`module_rule`: leaf ``torch.nn`` modules (``nn.Linear``, ``nn.Conv2d`` ...).
 
-This module is framework-specific: it imports torch, and is only imported lazily.
+A rule that cannot lower its node raises :class:`Unsupported` with the reason.
 """
 
 from __future__ import annotations
 
-import inspect
 import math
 import operator
 from dataclasses import dataclass
@@ -26,114 +22,11 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from duogard.interop._torch_module import UnsupportedTorchOpsError
-
-__all__ = ["LoweredGraph", "UnsupportedTorchOpsError", "lower_module"]
+__all__ = ["Rule", "Unsupported", "function_rules", "method_rules", "module_rule"]
 
 
-class _Unsupported(Exception):
+class Unsupported(Exception):
     """Raised by a rule builder: this node cannot be lowered (the message says why)."""
-
-
-@dataclass
-class _RunContext:
-    be: Any
-    key: Any
-    params: dict
-
-    def key_for(self, index: int, what: str):
-        if self.key is None:
-            raise ValueError(f"{what} in training mode needs an explicit random key: "
-                             "model.apply(params, x, train=True, key=be.key(seed))")
-        return self.be.fold_in(self.key, index)
-
-
-@dataclass
-class _Step:
-    index: int
-    name: str
-    op: str              # fx op kind
-    fn: Callable | None  # fn(rt, index, *args, **kwargs); None for placeholder / output
-    args: tuple
-    kwargs: dict
-
-
-class LoweredGraph:
-    """A module's forward as a list of backend-neutral steps; call :meth:`run`."""
-
-    def __init__(self, steps: list[_Step], output_args, module_name: str):
-        self.steps = steps
-        self._output = output_args
-        self.module_name = module_name
-
-    def run(self, be, params: dict, x, *, key=None):
-        """Evaluate the graph on backend ``be``: ``params`` maps state_dict names to arrays of ``be``;
-        ``key`` (a key of ``be``) is needed only by dropout in training mode."""
-        env: dict[str, Any] = {}
-        rt = _RunContext(be, key, params)
-
-        def value(node):
-            return env[node.name]
-
-        for step in self.steps:
-            if step.op == "placeholder":
-                env[step.name] = x if step.index == 0 else step.args[0]
-            else:
-                args = torch.fx.node.map_arg(step.args, value)
-                kwargs = torch.fx.node.map_arg(step.kwargs, value)
-                env[step.name] = step.fn(rt, step.index, *args, **kwargs)
-        return torch.fx.node.map_arg(self._output, value)
-
-    def __repr__(self) -> str:
-        return f"LoweredGraph({self.module_name}, {len(self.steps)} steps)"
-
-
-# ============================================================================ tracing
-
-class _OpaqueFunction:
-    """A ``torch.autograd.Function`` call kept as one graph node (never lowered)."""
-
-    def __init__(self, cls):
-        self.cls = cls
-        self.__name__ = f"{cls.__name__}.apply"
-        self.__qualname__ = self.__name__
-        self.__module__ = cls.__module__
-
-    def __call__(self, *args, **kwargs):
-        return self.cls.apply(*args, **kwargs)
-
-
-def _has_proxy(args) -> bool:
-    found = []
-    torch.fx.node.map_aggregate(args, lambda a: found.append(isinstance(a, torch.fx.Proxy)))
-    return any(found)
-
-
-def trace(module: nn.Module) -> torch.fx.Graph:
-    """Symbolically trace ``module`` (in its current train/eval mode) into an fx Graph.
-
-    ``torch.autograd.Function.apply`` is intercepted while tracing, so a custom Function is
-    recorded as one node rather than silently inlined (its backward/jvp would be lost).
-    """
-    tracer = torch.fx.Tracer()
-    original = torch.autograd.Function.__dict__["apply"]
-
-    def apply(cls, *args, **kwargs):
-        if _has_proxy((args, kwargs)):
-            return tracer.create_proxy("call_function", _OpaqueFunction(cls), args, kwargs)
-        return original.__func__(cls, *args, **kwargs)
-
-    torch.autograd.Function.apply = classmethod(apply)
-    try:
-        return tracer.trace(module)
-    except Exception as exc:
-        raise NotImplementedError(
-            f"from_torch: torch.fx cannot trace {type(module).__name__}.forward, so it cannot run on "
-            f"a non-torch backend ({type(exc).__name__}: {str(exc).splitlines()[0][:300]}). Typical "
-            "cause: Python control flow on tensor values. On the torch backend the module runs as is."
-        ) from exc
-    finally:
-        torch.autograd.Function.apply = original
 
 
 # ============================================================================ helpers
@@ -145,7 +38,7 @@ def _pair(v) -> tuple[int, int]:
 def _static(value, what: str):
     """A trace-time constant argument (an fx Node here means it depends on data)."""
     if isinstance(value, torch.fx.Node):
-        raise _Unsupported(f"{what} must be a constant, not computed from tensors")
+        raise Unsupported(f"{what} must be a constant, not computed from tensors")
     return value
 
 
@@ -155,13 +48,13 @@ def _conv_padding(padding, kernel, dilation, stride):
             return ((0, 0), (0, 0))
         if padding == "same":
             if _pair(stride) != (1, 1):
-                raise _Unsupported("padding='same' with stride != 1")
+                raise Unsupported("padding='same' with stride != 1")
             out = []
             for k, d in zip(kernel, _pair(dilation)):
                 total = d * (k - 1)
                 out.append((total // 2, total - total // 2))
             return tuple(out)
-        raise _Unsupported(f"padding={padding!r}")
+        raise Unsupported(f"padding={padding!r}")
     ph, pw = _pair(padding)
     return ((ph, ph), (pw, pw))
 
@@ -214,18 +107,18 @@ def _dropout(rt, index, x, p, what):
 
 def _no_dtype(dtype):
     if dtype is not None:
-        raise _Unsupported(f"dtype={dtype}")
+        raise Unsupported(f"dtype={dtype}")
 
 
 def _pool_checks(kind, dilation=1, ceil_mode=False, return_indices=False, divisor_override=None):
     if _pair(_static(dilation, "dilation")) != (1, 1):
-        raise _Unsupported(f"{kind} with dilation != 1")
+        raise Unsupported(f"{kind} with dilation != 1")
     if _static(ceil_mode, "ceil_mode"):
-        raise _Unsupported(f"{kind} with ceil_mode=True")
+        raise Unsupported(f"{kind} with ceil_mode=True")
     if _static(return_indices, "return_indices"):
-        raise _Unsupported(f"{kind} with return_indices=True")
+        raise Unsupported(f"{kind} with return_indices=True")
     if _static(divisor_override, "divisor_override") is not None:
-        raise _Unsupported(f"{kind} with divisor_override")
+        raise Unsupported(f"{kind} with divisor_override")
 
 
 def _max_pool(be, x, kernel_size, stride, padding):
@@ -243,13 +136,13 @@ def _avg_pool(be, x, kernel_size, stride, padding, count_include_pad):
 
 def _gelu(be, x, approximate):
     if approximate not in ("none", "tanh"):
-        raise _Unsupported(f"gelu approximate={approximate!r}")
+        raise Unsupported(f"gelu approximate={approximate!r}")
     return be.gelu(x, approximate=approximate == "tanh")
 
 
 def _softmax_dim(dim):
     if _static(dim, "dim") is None:
-        raise _Unsupported("softmax without an explicit dim")
+        raise Unsupported("softmax without an explicit dim")
 
 
 # ============================================================================ function rules
@@ -257,13 +150,13 @@ def _softmax_dim(dim):
 # (same parameters, minus rt/index) runs at lowering time with fx Nodes for tensor arguments.
 
 @dataclass(frozen=True)
-class _Rule:
+class Rule:
     fn: Callable
     check: Callable | None = None
 
 
-def _rules() -> dict[Any, _Rule]:
-    R = _Rule
+def function_rules() -> dict[Any, Rule]:
+    R = Rule
 
     def binary(op):
         return R(lambda rt, i, input, other, alpha=1: op(input, other if alpha == 1 else other * alpha))
@@ -297,7 +190,7 @@ def _rules() -> dict[Any, _Rule]:
         for name, v in (("stride", stride), ("padding", padding), ("dilation", dilation), ("groups", groups)):
             _static(v, name)
         if isinstance(padding, str) and padding not in ("same", "valid"):
-            raise _Unsupported(f"padding={padding!r}")
+            raise Unsupported(f"padding={padding!r}")
 
     def max_pool2d(rt, i, input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
                    return_indices=False):
@@ -329,7 +222,7 @@ def _rules() -> dict[Any, _Rule]:
     def batch_norm_check(input, running_mean, running_var, weight=None, bias=None, training=False,
                          momentum=0.1, eps=1e-5):
         if _static(training, "training") and running_mean is not None:
-            raise _Unsupported("batch_norm in training mode updates running statistics in place; "
+            raise Unsupported("batch_norm in training mode updates running statistics in place; "
                                "use eval mode")
 
     def flatten(rt, i, input, start_dim=0, end_dim=-1):
@@ -352,7 +245,7 @@ def _rules() -> dict[Any, _Rule]:
 
     def div_check(input, other, rounding_mode=None):
         if _static(rounding_mode, "rounding_mode") is not None:
-            raise _Unsupported(f"div with rounding_mode={rounding_mode!r}")
+            raise Unsupported(f"div with rounding_mode={rounding_mode!r}")
 
     def getattr_(rt, i, obj, name):
         if name == "shape":
@@ -365,7 +258,7 @@ def _rules() -> dict[Any, _Rule]:
 
     def getattr_check(obj, name):
         if name not in ("shape", "ndim", "T"):
-            raise _Unsupported(f"tensor attribute .{name}")
+            raise Unsupported(f"tensor attribute .{name}")
 
     def leaky_relu(rt, i, input, negative_slope=0.01, inplace=False):
         return rt.be.leaky_relu(input, negative_slope)
@@ -412,12 +305,12 @@ def _rules() -> dict[Any, _Rule]:
 
 def _gelu_check(approximate):
     if _static(approximate, "approximate") not in ("none", "tanh"):
-        raise _Unsupported(f"gelu approximate={approximate!r}")
+        raise Unsupported(f"gelu approximate={approximate!r}")
 
 
 # method name -> function rule it is equivalent to (self is the first argument), or own rule
-def _method_rules(fn_rules) -> dict[str, _Rule]:
-    R = _Rule
+def method_rules(fn_rules) -> dict[str, Rule]:
+    R = Rule
 
     def view(rt, i, self, *shape):
         return rt.be.xp.reshape(self, _shape_args(shape))
@@ -471,8 +364,8 @@ def _method_rules(fn_rules) -> dict[str, _Rule]:
 
 # ============================================================================ module rules
 
-def _module_rule(mod: nn.Module, path: str) -> Callable:
-    """fn(rt, index, params, x) for a leaf torch.nn module, or raise _Unsupported."""
+def module_rule(mod: nn.Module, path: str) -> Callable:
+    """fn(rt, index, params, x) for a leaf torch.nn module, or raise Unsupported."""
     p = f"{path}." if path else ""
 
     def param(params, name):
@@ -487,7 +380,7 @@ def _module_rule(mod: nn.Module, path: str) -> Callable:
 
     if isinstance(mod, nn.Conv2d):
         if mod.padding_mode != "zeros":
-            raise _Unsupported(f"padding_mode={mod.padding_mode!r}")
+            raise Unsupported(f"padding_mode={mod.padding_mode!r}")
         pads = _conv_padding(mod.padding, mod.kernel_size, mod.dilation, mod.stride)
         stride, dilation, groups = _pair(mod.stride), _pair(mod.dilation), mod.groups
         has_bias = mod.bias is not None
@@ -541,7 +434,7 @@ def _module_rule(mod: nn.Module, path: str) -> Callable:
     if isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)):
         running = mod.running_mean is not None
         if mod.training and running:
-            raise _Unsupported("BatchNorm in training mode updates its running statistics in place; "
+            raise Unsupported("BatchNorm in training mode updates its running statistics in place; "
                                "use eval mode (module.eval() / train=False) or track_running_stats=False")
         batch_stats = mod.training or not running
         has_w = mod.weight is not None
@@ -553,144 +446,5 @@ def _module_rule(mod: nn.Module, path: str) -> Callable:
             b = param(params, "bias") if has_w else None
             return _batch_norm(rt.be, x, mean, var, w, b, mod.eps, batch_stats)
         return fn
-    raise _Unsupported(None)
+    raise Unsupported(None)
 
-
-# ============================================================================ lowering
-
-def _describe(target) -> str:
-    """A readable name for an fx call target: ``torch.sort``, ``torch.nn.functional.gelu`` ..."""
-    if isinstance(target, str):
-        return target
-    if isinstance(target, _OpaqueFunction):
-        return f"custom torch.autograd.Function {target.cls.__module__}.{target.cls.__qualname__}"
-    for prefix, namespace in (("torch.nn.functional", F), ("torch", torch), ("torch.fft", torch.fft),
-                              ("torch.linalg", torch.linalg), ("torch.special", torch.special),
-                              ("operator", operator)):
-        name = getattr(target, "__name__", None)
-        for candidate in (name, name and name.split("_", 1)[-1]):
-            if candidate and getattr(namespace, candidate, None) is target:
-                return f"{prefix}.{candidate}"
-    mod = getattr(target, "__module__", None) or ""
-    name = getattr(target, "__qualname__", None) or getattr(target, "__name__", repr(target))
-    return f"{mod}.{name}" if mod else name
-
-
-def _module_path(node, root) -> str:
-    stack = node.meta.get("nn_module_stack") or {}
-    if node.op == "call_module":
-        path = node.target
-    elif stack:
-        path = list(stack.values())[-1][0]
-    else:
-        return f"'' ({type(root).__name__}, the root)"
-    try:
-        cls = type(root.get_submodule(path)).__name__
-    except AttributeError:
-        cls = "?"
-    return f"{path!r} ({cls})"
-
-
-def _bind_check(rule: _Rule, node) -> None:
-    if rule.check is None:
-        params = list(inspect.signature(rule.fn).parameters.values())[2:]
-        sig = inspect.Signature(params)
-        try:
-            sig.bind(*node.args, **node.kwargs)
-        except TypeError as exc:
-            raise _Unsupported(f"arguments not understood: {exc}") from None
-        return
-    try:
-        inspect.signature(rule.check).bind(*node.args, **node.kwargs)
-    except TypeError as exc:
-        raise _Unsupported(f"arguments not understood: {exc}") from None
-    rule.check(*node.args, **node.kwargs)
-
-
-def lower_module(module: nn.Module, *, train: bool) -> LoweredGraph:
-    """Trace ``module`` in train or eval mode and lower every node; raise one error listing all
-    unsupported ops. The module's mode is restored afterwards."""
-    was_training = module.training
-    module.train(train)
-    try:
-        graph = trace(module)
-        return _lower_graph(module, graph)
-    finally:
-        module.train(was_training)
-
-
-def _lower_graph(module: nn.Module, graph: torch.fx.Graph) -> LoweredGraph:
-    fn_rules = _rules()
-    method_rules = _method_rules(fn_rules)
-    state_names = set(module.state_dict().keys())
-    steps, bad, bad_names, output, n_placeholders = [], [], set(), None, 0
-
-    for index, node in enumerate(graph.nodes):
-        try:
-            if node.op == "placeholder":
-                if n_placeholders > 0 and not node.args:
-                    raise _Unsupported("forward takes more than one required input; "
-                                       "from_torch models take one input x")
-                steps.append(_Step(n_placeholders, node.name, "placeholder", None, tuple(node.args), {}))
-                n_placeholders += 1
-            elif node.op == "get_attr":
-                rule = _get_attr_rule(module, node.target, state_names)
-                steps.append(_Step(index, node.name, "get_attr", rule, (), {}))
-            elif node.op == "call_module":
-                sub = module.get_submodule(node.target)
-                mrule = _module_rule(sub, node.target)
-                if node.kwargs or len(node.args) != 1:
-                    raise _Unsupported("called with more than one argument")
-                steps.append(_Step(index, node.name, "call_module",
-                                   lambda rt, i, x, _f=mrule: _f(rt, i, rt.params, x),
-                                   tuple(node.args), {}))
-            elif node.op in ("call_function", "call_method"):
-                table = fn_rules if node.op == "call_function" else method_rules
-                try:
-                    rule = table.get(node.target)
-                except TypeError:  # unhashable target
-                    rule = None
-                if rule is None:
-                    raise _Unsupported(None)
-                _bind_check(rule, node)
-                steps.append(_Step(index, node.name, node.op, rule.fn, tuple(node.args), dict(node.kwargs)))
-            elif node.op == "output":
-                output = node.args[0]
-        except _Unsupported as exc:
-            bad_names.add(node.name)
-            source = node.args[0] if node.args and isinstance(node.args[0], torch.fx.Node) else None
-            if node.target is getattr and source is not None and source.name in bad_names:
-                continue  # an attribute of an unsupported op's result (.values, .real): reported with it
-            bad.append(_report(node, source, module, exc.args[0] if exc.args else None))
-
-    if bad:
-        raise UnsupportedTorchOpsError(type(module).__name__, bad)
-    return LoweredGraph(steps, output, type(module).__name__)
-
-
-def _report(node, source, module: nn.Module, reason) -> tuple[str, str, str, str | None]:
-    """(node name, op, module path, reason) of an unsupported node."""
-    where = node
-    if node.op == "call_module":
-        cls = type(module.get_submodule(node.target))
-        op = f"module {cls.__module__}.{cls.__qualname__}"
-    elif node.target is getattr and len(node.args) == 2:
-        op, reason = f"tensor attribute .{node.args[1]}", None
-        # fx creates attribute nodes lazily (at their first use): report their input's module
-        where = source if source is not None else node
-    else:
-        op = ("tensor method ." if node.op == "call_method" else "") + _describe(node.target)
-    return node.name, op, _module_path(where, module), reason
-
-
-def _get_attr_rule(module: nn.Module, target: str, state_names: set) -> Callable:
-    if target in state_names:
-        return lambda rt, i: rt.params[target]
-    # a plain tensor attribute (not a parameter or buffer): a constant of the graph
-    obj = module
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    if not isinstance(obj, torch.Tensor):
-        raise _Unsupported(f"attribute {target!r} of type {type(obj).__name__}")
-    const = obj.detach().cpu().numpy().copy()
-    return lambda rt, i: rt.be.asarray(const)

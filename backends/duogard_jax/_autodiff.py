@@ -1,0 +1,54 @@
+"""Autodiff, vectorisation and compilation on JAX (the signatures are JAX's own)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def jvp(f, primals, tangents, has_aux=False):
+    return jax.jvp(f, tuple(primals), tuple(tangents), has_aux=has_aux)
+
+
+def vjp(f, *primals):
+    return jax.vjp(f, *primals)
+
+
+def value_and_grad(f, argnums=0, has_aux=False):
+    return jax.value_and_grad(f, argnums=argnums, has_aux=has_aux)
+
+
+def grad(f, argnums=0, has_aux=False):
+    return jax.grad(f, argnums=argnums, has_aux=has_aux)
+
+
+def vmap(f, in_axes=0, out_axes=0):
+    return jax.vmap(f, in_axes=in_axes, out_axes=out_axes)
+
+
+def jit(f, *, static_argnums=None, static_argnames=None, donate_argnums=None, compile=None):
+    # compiled unless compile is False (torch's default is eager)
+    if compile is not None and not compile:
+        return f
+    return jax.jit(f, static_argnums=static_argnums, static_argnames=static_argnames,
+                   donate_argnums=donate_argnums)
+
+
+def stop_gradient(x):
+    return jax.lax.stop_gradient(x)
+
+
+def is_tracing(x) -> bool:
+    return isinstance(x, jax.core.Tracer)
+
+
+def synchronize(tree=None):
+    if tree is not None:
+        jax.block_until_ready(tree)
+    return tree
+
+
+def add_scaled_(target, value, scale, where=None):
+    # arrays are immutable: a new array (in place when jitted with ``target`` donated)
+    out = (target + jnp.asarray(scale, target.dtype) * value).astype(target.dtype)
+    return out if where is None else jnp.where(where, out, target)

@@ -1,0 +1,68 @@
+"""optax transformations as duogard optimizers: :func:`from_optax`.
+
+optax has the same ``(init, update)`` shape as :mod:`duogard.optim`; the adapter only checks
+that params and grads are jax arrays (front-end name: ``duogard.optim.from_optax``).
+"""
+
+from __future__ import annotations
+
+import jax
+import optree
+
+from duogard.backend import backend_of
+from duogard.optim import GradientTransformation
+
+__all__ = ["from_optax"]
+
+_OPTAX_FIX = ("optax transformations run on the JAX backend (backend='jax'); on torch use "
+              "duogard.optim's own optimizers or from_torch(torch.optim.<Class>, ...)")
+
+
+def _describe(leaf) -> str:
+    """What a leaf is, for error messages: ``a torch array``, ``a numpy.ndarray`` ..."""
+    be = backend_of(leaf)
+    if be.is_array(leaf):
+        return f"a {be.name} array"
+    return f"a {type(leaf).__module__}.{type(leaf).__name__}"
+
+
+def _check_leaves(what: str, tree) -> None:
+    paths, leaves, _ = optree.tree_flatten_with_path(tree)
+    for path, leaf in zip(paths, leaves):
+        if not isinstance(leaf, jax.Array):
+            name = ".".join(str(p) for p in path) or "<root>"
+            raise TypeError(f"from_optax: expected jax.Array leaves in {what}, got {_describe(leaf)} "
+                            f"at {name!r}; {_OPTAX_FIX}")
+
+
+def from_optax(tx) -> GradientTransformation:
+    """Use an optax ``GradientTransformation`` (``optax.adam(1e-3)``, a chain ...) with duogard.
+
+    It runs on the JAX backend only (params, grads and state are jax arrays; it compiles under
+    ``jax.jit`` with the rest of the step). Wrap it in ``optax.inject_hyperparams`` to let
+    :func:`duogard.optim.current_learning_rate` read its learning rate.
+
+    Args:
+        tx: an optax ``GradientTransformation`` (anything with callable ``init`` and ``update``).
+
+    Returns:
+        A :class:`duogard.optim.GradientTransformation` whose ``init`` and ``update`` check
+        their arguments, then call ``tx``'s.
+
+    Raises:
+        TypeError: ``tx`` is not a transformation; later, from ``init``/``update``, a leaf of
+            params or grads is not a jax array (a torch tensor: the message says what to use
+            instead).
+    """
+    if not (callable(getattr(tx, "init", None)) and callable(getattr(tx, "update", None))):
+        raise TypeError(f"from_optax: expected an optax GradientTransformation, got {type(tx).__name__}")
+
+    def init(params):
+        _check_leaves("params", params)
+        return tx.init(params)
+
+    def update(grads, state, params=None):
+        _check_leaves("grads", grads)
+        return tx.update(grads, state, params)
+
+    return GradientTransformation(init, update)

@@ -1,0 +1,102 @@
+"""Autodiff, vectorisation and compilation on PyTorch: torch.func with JAX's signatures."""
+
+from __future__ import annotations
+
+import torch
+import torch.func
+
+from duogard.tree import tree_flatten, tree_leaves, tree_map, tree_unflatten
+
+
+def jvp(f, primals, tangents, has_aux=False):
+    return torch.func.jvp(f, tuple(primals), tuple(tangents), has_aux=has_aux)
+
+
+def vjp(f, *primals):
+    return torch.func.vjp(f, *primals)
+
+
+def value_and_grad(f, argnums=0, has_aux=False):
+    # torch.func returns (grad, value) / (grad, (value, aux)); JAX's order is (value, grad)
+    gv = torch.func.grad_and_value(f, argnums=argnums, has_aux=has_aux)
+
+    def wrapped(*args, **kwargs):
+        if _plain_autograd_ok(args, argnums):
+            return _autograd_value_and_grad(f, argnums, has_aux, args, kwargs)
+        g, v = gv(*args, **kwargs)
+        return v, g
+
+    return wrapped
+
+
+def _plain_autograd_ok(args, argnums) -> bool:
+    # torch.autograd runs a whole training step faster than torch.func, but only where it
+    # cannot change the numbers: not under a torch.func transform or torch.compile, and not
+    # when the inputs already belong to an autograd graph (a nested derivative)
+    if not isinstance(argnums, int) or torch._C._functorch.peek_interpreter_stack() is not None:
+        return False
+    if torch.compiler.is_compiling():
+        return False
+    leaves = tree_leaves(args[argnums])
+    return bool(leaves) and all(isinstance(x, torch.Tensor) and x.is_floating_point() and not x.requires_grad
+                                for x in leaves)
+
+
+def _autograd_value_and_grad(f, argnums, has_aux, args, kwargs):
+    leaves, treedef = tree_flatten(args[argnums])
+    inputs = [x.detach().requires_grad_(True) for x in leaves]
+    args = (*args[:argnums], tree_unflatten(treedef, inputs), *args[argnums + 1:])
+    with torch.enable_grad():
+        out = f(*args, **kwargs)
+        value, aux = out if has_aux else (out, None)
+        if not isinstance(value, torch.Tensor) or value.ndim != 0:
+            raise RuntimeError(f"value_and_grad: the function must return a scalar tensor, got "
+                               f"{type(value).__name__} of shape {tuple(getattr(value, 'shape', ()))}")
+        if value.requires_grad:
+            grads = torch.autograd.grad(value, inputs, allow_unused=True)
+        else:  # the output does not depend on the inputs
+            grads = [None] * len(inputs)
+    grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, leaves)]
+    value = value.detach()
+    if has_aux:
+        value = (value, tree_map(lambda a: a.detach() if isinstance(a, torch.Tensor) else a, aux))
+    return value, tree_unflatten(treedef, grads)
+
+
+def grad(f, argnums=0, has_aux=False):
+    return torch.func.grad(f, argnums=argnums, has_aux=has_aux)
+
+
+def vmap(f, in_axes=0, out_axes=0):
+    return torch.func.vmap(f, in_dims=in_axes, out_dims=out_axes)
+
+
+def jit(f, *, static_argnums=None, static_argnames=None, donate_argnums=None, compile=None):
+    # eager unless compile is true (JAX's default is to compile); torch.compile needs no
+    # static or donated arguments
+    return torch.compile(f) if compile else f
+
+
+def stop_gradient(x):
+    return x.detach()
+
+
+def is_tracing(x) -> bool:
+    # is_compiling first: under torch.compile it is a constant, and dynamo cannot trace the other
+    return torch.compiler.is_compiling() or torch._C._functorch.is_functorch_wrapped_tensor(x)
+
+
+def synchronize(tree=None):
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+    return tree
+
+
+def add_scaled_(target, value, scale, where=None):
+    # in place: the caller owns ``target`` (a training step updating its own params); with
+    # ``where`` false (a 0-d bool) nothing is written, decided on the host
+    if where is not None and not bool(where):
+        return target
+    if isinstance(scale, torch.Tensor):
+        return target.addcmul_(value, scale.to(target.dtype))
+    return target.add_(value, alpha=float(scale))

@@ -1,0 +1,318 @@
+"""Lower a ``torch.nn.Module``'s forward onto duogard's backend ops (torch.fx).
+
+The module is traced once per mode (eval / train) with ``torch.fx``'s symbolic tracer; every
+node of the graph is mapped to a small function written against the backend contract
+(``be.xp``, ``be.conv2d``, ``be.max_pool2d`` ...; the rules are in :mod:`.rules`). The
+resulting :class:`LoweredGraph` runs on any backend: with JAX arrays it is differentiable by
+``jax.jvp``/``jax.grad`` and jittable.
+
+Every node is checked when the graph is lowered, so an unsupported op is reported together
+with all the others of the graph (:class:`UnsupportedTorchOpsError`), each with its node name
+and module path. A ``torch.autograd.Function`` is recorded as one opaque node (its custom
+backward/jvp cannot be lowered) instead of being traced through.
+"""
+
+from __future__ import annotations
+
+import inspect
+import operator
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import nn
+
+from .rules import Rule, Unsupported, function_rules, method_rules, module_rule
+
+__all__ = ["LoweredGraph", "UnsupportedTorchOpsError", "lower_module", "trace"]
+
+
+class UnsupportedTorchOpsError(NotImplementedError):
+    """The module's graph uses ops duogard cannot lower; ``.ops`` lists every one of them.
+
+    Attributes:
+        ops: one ``(node name, op, module path, reason)`` tuple per unsupported node.
+    """
+
+    def __init__(self, module_name: str, ops: list[tuple[str, str, str, str]]):
+        self.ops = ops
+        lines = [f"  - node {name!r}: {op} in module {path}" + (f" ({reason})" if reason else "")
+                 for name, op, path, reason in ops]
+        super().__init__(
+            f"from_torch: cannot lower {len(ops)} op(s) of {module_name} to duogard's ops "
+            "(needed to run it on a non-torch backend):\n" + "\n".join(lines)
+            + "\nRewrite them with supported ops, or run the model on the torch backend "
+            "(torch tensors use torch.func.functional_call and need no lowering)."
+        )
+
+
+@dataclass
+class _RunContext:
+    be: Any
+    key: Any
+    params: dict
+
+    def key_for(self, index: int, what: str):
+        if self.key is None:
+            raise ValueError(f"{what} in training mode needs an explicit random key: "
+                             "model.apply(params, x, train=True, key=be.key(seed))")
+        return self.be.fold_in(self.key, index)
+
+
+@dataclass
+class _Step:
+    index: int
+    name: str
+    op: str              # fx op kind
+    fn: Callable | None  # fn(rt, index, *args, **kwargs); None for placeholder / output
+    args: tuple
+    kwargs: dict
+
+
+class LoweredGraph:
+    """A module's forward as a list of backend-neutral steps; call :meth:`run`."""
+
+    def __init__(self, steps: list[_Step], output_args, module_name: str):
+        self.steps = steps
+        self._output = output_args
+        self.module_name = module_name
+
+    def run(self, be, params: dict, x, *, key=None):
+        """Evaluate the graph on backend ``be``.
+
+        Args:
+            be: the backend module whose ops to run.
+            params: state_dict names to arrays of ``be``.
+            x: the input, an array of ``be``.
+            key: a key of ``be``; needed only by dropout in training mode.
+
+        Returns:
+            The module's output (arrays of ``be``, in the structure ``forward`` returns).
+        """
+        env: dict[str, Any] = {}
+        rt = _RunContext(be, key, params)
+
+        def value(node):
+            return env[node.name]
+
+        for step in self.steps:
+            if step.op == "placeholder":
+                env[step.name] = x if step.index == 0 else step.args[0]
+            else:
+                args = torch.fx.node.map_arg(step.args, value)
+                kwargs = torch.fx.node.map_arg(step.kwargs, value)
+                env[step.name] = step.fn(rt, step.index, *args, **kwargs)
+        return torch.fx.node.map_arg(self._output, value)
+
+    def __repr__(self) -> str:
+        return f"LoweredGraph({self.module_name}, {len(self.steps)} steps)"
+
+
+# ============================================================================ tracing
+
+class _OpaqueFunction:
+    """A ``torch.autograd.Function`` call kept as one graph node (never lowered)."""
+
+    def __init__(self, cls):
+        self.cls = cls
+        self.__name__ = f"{cls.__name__}.apply"
+        self.__qualname__ = self.__name__
+        self.__module__ = cls.__module__
+
+    def __call__(self, *args, **kwargs):
+        return self.cls.apply(*args, **kwargs)
+
+
+def _has_proxy(args) -> bool:
+    found = []
+    torch.fx.node.map_aggregate(args, lambda a: found.append(isinstance(a, torch.fx.Proxy)))
+    return any(found)
+
+
+def trace(module: nn.Module) -> torch.fx.Graph:
+    """Symbolically trace ``module`` (in its current train/eval mode) into an fx Graph.
+
+    ``torch.autograd.Function.apply`` is intercepted while tracing, so a custom Function is
+    recorded as one node rather than silently inlined (its backward/jvp would be lost).
+
+    Args:
+        module: the torch module.
+
+    Returns:
+        The ``torch.fx.Graph`` of its forward.
+
+    Raises:
+        NotImplementedError: torch.fx cannot trace the forward (typically Python control flow
+            on tensor values).
+    """
+    tracer = torch.fx.Tracer()
+    original = torch.autograd.Function.__dict__["apply"]
+
+    def apply(cls, *args, **kwargs):
+        if _has_proxy((args, kwargs)):
+            return tracer.create_proxy("call_function", _OpaqueFunction(cls), args, kwargs)
+        return original.__func__(cls, *args, **kwargs)
+
+    torch.autograd.Function.apply = classmethod(apply)
+    try:
+        return tracer.trace(module)
+    except Exception as exc:
+        raise NotImplementedError(
+            f"from_torch: torch.fx cannot trace {type(module).__name__}.forward, so it cannot run on "
+            f"a non-torch backend ({type(exc).__name__}: {str(exc).splitlines()[0][:300]}). Typical "
+            "cause: Python control flow on tensor values. On the torch backend the module runs as is."
+        ) from exc
+    finally:
+        torch.autograd.Function.apply = original
+
+
+# ============================================================================ lowering
+
+def _describe(target) -> str:
+    """A readable name for an fx call target: ``torch.sort``, ``torch.nn.functional.gelu`` ..."""
+    if isinstance(target, str):
+        return target
+    if isinstance(target, _OpaqueFunction):
+        return f"custom torch.autograd.Function {target.cls.__module__}.{target.cls.__qualname__}"
+    for prefix, namespace in (("torch.nn.functional", F), ("torch", torch), ("torch.fft", torch.fft),
+                              ("torch.linalg", torch.linalg), ("torch.special", torch.special),
+                              ("operator", operator)):
+        name = getattr(target, "__name__", None)
+        for candidate in (name, name and name.split("_", 1)[-1]):
+            if candidate and getattr(namespace, candidate, None) is target:
+                return f"{prefix}.{candidate}"
+    mod = getattr(target, "__module__", None) or ""
+    name = getattr(target, "__qualname__", None) or getattr(target, "__name__", repr(target))
+    return f"{mod}.{name}" if mod else name
+
+
+def _module_path(node, root) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    if node.op == "call_module":
+        path = node.target
+    elif stack:
+        path = list(stack.values())[-1][0]
+    else:
+        return f"'' ({type(root).__name__}, the root)"
+    try:
+        cls = type(root.get_submodule(path)).__name__
+    except AttributeError:
+        cls = "?"
+    return f"{path!r} ({cls})"
+
+
+def _bind_check(rule: Rule, node) -> None:
+    if rule.check is None:
+        params = list(inspect.signature(rule.fn).parameters.values())[2:]
+        sig = inspect.Signature(params)
+        try:
+            sig.bind(*node.args, **node.kwargs)
+        except TypeError as exc:
+            raise Unsupported(f"arguments not understood: {exc}") from None
+        return
+    try:
+        inspect.signature(rule.check).bind(*node.args, **node.kwargs)
+    except TypeError as exc:
+        raise Unsupported(f"arguments not understood: {exc}") from None
+    rule.check(*node.args, **node.kwargs)
+
+
+def lower_module(module: nn.Module, *, train: bool) -> LoweredGraph:
+    """Trace ``module`` in train or eval mode and lower every node.
+
+    Args:
+        module: the torch module; its train/eval mode is restored afterwards.
+        train: trace the training-mode forward (dropout active) or the eval-mode one.
+
+    Returns:
+        The :class:`LoweredGraph`.
+
+    Raises:
+        UnsupportedTorchOpsError: one error listing every op that cannot be lowered.
+    """
+    was_training = module.training
+    module.train(train)
+    try:
+        graph = trace(module)
+        return _lower_graph(module, graph)
+    finally:
+        module.train(was_training)
+
+
+def _lower_graph(module: nn.Module, graph: torch.fx.Graph) -> LoweredGraph:
+    fn_rules = function_rules()
+    meth_rules = method_rules(fn_rules)
+    state_names = set(module.state_dict().keys())
+    steps, bad, bad_names, output, n_placeholders = [], [], set(), None, 0
+
+    for index, node in enumerate(graph.nodes):
+        try:
+            if node.op == "placeholder":
+                if n_placeholders > 0 and not node.args:
+                    raise Unsupported("forward takes more than one required input; "
+                                       "from_torch models take one input x")
+                steps.append(_Step(n_placeholders, node.name, "placeholder", None, tuple(node.args), {}))
+                n_placeholders += 1
+            elif node.op == "get_attr":
+                rule = _get_attr_rule(module, node.target, state_names)
+                steps.append(_Step(index, node.name, "get_attr", rule, (), {}))
+            elif node.op == "call_module":
+                sub = module.get_submodule(node.target)
+                mrule = module_rule(sub, node.target)
+                if node.kwargs or len(node.args) != 1:
+                    raise Unsupported("called with more than one argument")
+                steps.append(_Step(index, node.name, "call_module",
+                                   lambda rt, i, x, _f=mrule: _f(rt, i, rt.params, x),
+                                   tuple(node.args), {}))
+            elif node.op in ("call_function", "call_method"):
+                table = fn_rules if node.op == "call_function" else meth_rules
+                try:
+                    rule = table.get(node.target)
+                except TypeError:  # unhashable target
+                    rule = None
+                if rule is None:
+                    raise Unsupported(None)
+                _bind_check(rule, node)
+                steps.append(_Step(index, node.name, node.op, rule.fn, tuple(node.args), dict(node.kwargs)))
+            elif node.op == "output":
+                output = node.args[0]
+        except Unsupported as exc:
+            bad_names.add(node.name)
+            source = node.args[0] if node.args and isinstance(node.args[0], torch.fx.Node) else None
+            if node.target is getattr and source is not None and source.name in bad_names:
+                continue  # an attribute of an unsupported op's result (.values, .real): reported with it
+            bad.append(_report(node, source, module, exc.args[0] if exc.args else None))
+
+    if bad:
+        raise UnsupportedTorchOpsError(type(module).__name__, bad)
+    return LoweredGraph(steps, output, type(module).__name__)
+
+
+def _report(node, source, module: nn.Module, reason) -> tuple[str, str, str, str | None]:
+    """(node name, op, module path, reason) of an unsupported node."""
+    where = node
+    if node.op == "call_module":
+        cls = type(module.get_submodule(node.target))
+        op = f"module {cls.__module__}.{cls.__qualname__}"
+    elif node.target is getattr and len(node.args) == 2:
+        op, reason = f"tensor attribute .{node.args[1]}", None
+        # fx creates attribute nodes lazily (at their first use): report their input's module
+        where = source if source is not None else node
+    else:
+        op = ("tensor method ." if node.op == "call_method" else "") + _describe(node.target)
+    return node.name, op, _module_path(where, module), reason
+
+
+def _get_attr_rule(module: nn.Module, target: str, state_names: set) -> Callable:
+    if target in state_names:
+        return lambda rt, i: rt.params[target]
+    # a plain tensor attribute (not a parameter or buffer): a constant of the graph
+    obj = module
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    if not isinstance(obj, torch.Tensor):
+        raise Unsupported(f"attribute {target!r} of type {type(obj).__name__}")
+    const = obj.detach().cpu().numpy().copy()
+    return lambda rt, i: rt.be.asarray(const)

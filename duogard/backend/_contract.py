@@ -1,0 +1,464 @@
+"""The backend contract, written once: every op's signature and its one docstring.
+
+Each backend module implements :class:`Backend` with these names and signatures (a test checks
+both built-in backends against it); its functions stay short, with a comment only where the
+frameworks differ.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+from duogard.backend._exchange import Device, ExportedArray
+
+__all__ = ["Backend", "CONTRACT"]
+
+
+class Backend(Protocol):
+    """What every backend module provides: the one place its ops are documented.
+
+    Backends implement each op as a module-level function with this signature (``self`` aside;
+    a test checks the names, kinds and defaults of every parameter). Arrays are the framework's
+    own (``jax.Array``, ``torch.Tensor``); ``xp`` is its array-API namespace for the rest.
+    Randomness takes explicit keys; the same key gives the same numbers on one backend, but the
+    numbers differ between backends.
+    """
+
+    #: The registered name (``"jax"``, ``"torch"``), by convention its framework's import name.
+    name: str
+    #: The framework's import name.
+    framework: str
+    #: The command that installs the backend with its framework.
+    install_hint: str
+    #: Whether duogard's hand-written forward rules for its own layers beat the framework's jvp.
+    fast_jvp_rules: bool
+    #: The framework's array-API namespace (``jax.numpy``, ``array_api_compat.torch``).
+    xp: Any
+    #: The framework's dtypes.
+    float32: Any
+    float64: Any
+    int32: Any
+    int64: Any
+
+    # identity and numerics
+
+    def framework_version(self) -> str:
+        """The installed framework's version string."""
+
+    def enable_float64(self) -> None:
+        """Let the framework hold and compute float64 (and int64) values.
+
+        Call it before making arrays. JAX otherwise stores 64-bit values silently in 32 bits
+        (its 64-bit mode, ``jax_enable_x64``); PyTorch needs nothing. Callers need not import a
+        framework to run in float64.
+        """
+
+    def pin_float32_precision(self) -> Callable[[], None]:
+        """Make float32 matmuls and convolutions use full float32 precision (no TF32).
+
+        Returns:
+            A function that restores the previous settings.
+        """
+
+    # arrays, dtypes, devices
+
+    def is_array(self, x: Any) -> bool:
+        """Whether ``x`` is this framework's array (a traced one included).
+
+        The answer depends on ``type(x)`` only; :func:`backend_of` asks it.
+        """
+
+    def as_dtype(self, dtype: Any) -> Any:
+        """The framework's dtype for ``dtype``.
+
+        Args:
+            dtype: a name (``"float32"``, ``"bfloat16"``), a NumPy dtype, the framework's own
+                dtype, or None.
+
+        Returns:
+            The framework's dtype, or None for None.
+
+        Raises:
+            TypeError: a dtype the framework does not have.
+        """
+
+    def dtype_name(self, dtype: Any) -> str:
+        """The name of ``dtype`` (``"float32"``), the same on every backend."""
+
+    def asarray(self, x: Any, dtype: Any = None, device: Any = None) -> Any:
+        """``x`` as an array of this framework.
+
+        Another framework's array crosses by DLPack (:meth:`dlpack_export` of its backend, then
+        :meth:`dlpack_import`), zero-copy where the layout allows; asking for a narrower
+        ``dtype`` allows a 64-bit source into JAX with its 64-bit mode off.
+
+        Args:
+            x: a NumPy array, a scalar, a nested sequence, or an array of any loaded backend.
+            dtype: the result's dtype (anything :meth:`as_dtype` takes); None keeps x's.
+            device: ``"cpu"``, ``"cuda:1"`` or the framework's device; None leaves placement to
+                the framework.
+
+        Raises:
+            TypeError: a 64-bit ``dtype`` on JAX with its 64-bit mode off (see
+                :meth:`enable_float64`); JAX would silently use 32 bits.
+        """
+
+    def to_numpy(self, x: Any) -> Any:
+        """The values of ``x`` as a NumPy array in host memory.
+
+        Zero-copy for arrays in host memory: JAX's come back read-only, torch's share the
+        tensor's (writable) memory. bfloat16 comes back as ``ml_dtypes.bfloat16``.
+
+        Raises:
+            ImportError: a bfloat16 array and ml_dtypes is not installed.
+        """
+
+    def default_device(self) -> Any:
+        """The device new arrays go to by default (JAX: its first device; torch: the CPU)."""
+
+    def device_of(self, x: Any) -> Any:
+        """The framework's device holding ``x``, to pass as ``device=`` to this backend.
+
+        None for a value traced by ``jax.jit``/``vmap``, where the transform places it.
+        """
+
+    def device_kind(self, x: Any) -> str:
+        """``"cpu"`` or ``"cuda"``: where ``x`` is, in the same words on every backend."""
+
+    # nn ops that the array API lacks
+
+    def linear(self, x: Any, w: Any, b: Any = None) -> Any:
+        """``x @ w.T + b``, with ``w`` of shape ``(out, in)`` and ``b`` of shape ``(out,)`` or None.
+
+        Mixed dtypes promote as matmul does: float32 data with float64 parameters computes in
+        float64.
+        """
+
+    def conv2d(self, x: Any, w: Any, b: Any = None, *, stride: Sequence[int] = (1, 1),
+               padding: Sequence[Sequence[int]] = ((0, 0), (0, 0)), dilation: Sequence[int] = (1, 1),
+               groups: int = 1) -> Any:
+        """2-D cross-correlation of ``x`` (NCHW) with ``w`` (OIHW), plus ``b`` per output channel.
+
+        Args:
+            x: the input, ``(N, C, H, W)``.
+            w: the kernel, ``(O, C // groups, KH, KW)``.
+            b: the bias, ``(O,)``, or None; a bias of another dtype promotes the result.
+            stride: ``(sh, sw)``.
+            padding: ``((top, bottom), (left, right))`` zeros; asymmetric padding is allowed.
+            dilation: ``(dh, dw)``.
+            groups: the number of channel groups.
+
+        Returns:
+            The output, ``(N, O, H', W')``.
+        """
+
+    def conv2d_weight_grad(self, x: Any, gz: Any, w_shape: Sequence[int], *,
+                           stride: Sequence[int] = (1, 1),
+                           padding: Sequence[Sequence[int]] = ((0, 0), (0, 0)),
+                           dilation: Sequence[int] = (1, 1), groups: int = 1) -> Any:
+        """The gradient of ``sum(gz * conv2d(x, w))`` in ``w``: the transpose of the convolution in
+        ``w``, without computing the forward convolution.
+
+        Args:
+            x: the convolution's input.
+            gz: the cotangent of its output.
+            w_shape: the kernel's shape.
+            stride: as for :meth:`conv2d`.
+            padding: as for :meth:`conv2d`.
+            dilation: as for :meth:`conv2d`.
+            groups: as for :meth:`conv2d`.
+
+        Returns:
+            An array of shape ``w_shape``.
+        """
+
+    def max_pool2d(self, x: Any, *, kernel_size: Sequence[int], stride: Sequence[int],
+                   padding: Sequence[int] = (0, 0)) -> Any:
+        """Max pooling over the last two axes of ``x`` (NCHW); ``padding`` ``(ph, pw)`` on each side
+        never wins.
+        """
+
+    def avg_pool2d(self, x: Any, *, kernel_size: Sequence[int], stride: Sequence[int],
+                   padding: Sequence[int] = (0, 0), count_include_pad: bool = True) -> Any:
+        """Average pooling over the last two axes of ``x`` (NCHW), zero ``padding`` ``(ph, pw)`` on
+        each side, counted in the divisor when ``count_include_pad``.
+        """
+
+    def relu(self, x: Any) -> Any:
+        """``max(x, 0)``."""
+
+    def leaky_relu(self, x: Any, negative_slope: float = 0.01) -> Any:
+        """``x`` where ``x > 0``, else ``negative_slope * x`` (at ``x = 0`` the slope is
+        ``negative_slope``, as in PyTorch).
+        """
+
+    def gelu(self, x: Any, approximate: bool = False) -> Any:
+        """GELU: the exact erf form, or the tanh approximation when ``approximate``."""
+
+    def sigmoid(self, x: Any) -> Any:
+        """``1 / (1 + exp(-x))``."""
+
+    def softplus(self, x: Any, beta: float = 1.0, threshold: float = 20.0) -> Any:
+        """``log(1 + exp(beta * x)) / beta``, and ``x`` itself where ``beta * x > threshold``
+        (PyTorch's rule).
+        """
+
+    def elu(self, x: Any, alpha: float = 1.0) -> Any:
+        """``x`` where ``x > 0``, else ``alpha * (exp(x) - 1)``."""
+
+    def silu(self, x: Any) -> Any:
+        """``x * sigmoid(x)``."""
+
+    def tanh(self, x: Any) -> Any:
+        """The hyperbolic tangent."""
+
+    def softmax(self, x: Any, axis: int = -1) -> Any:
+        """Softmax along ``axis``."""
+
+    def log_softmax(self, x: Any, axis: int = -1) -> Any:
+        """Log-softmax along ``axis``."""
+
+    def logsumexp(self, x: Any, axis: int | None = None, keepdims: bool = False) -> Any:
+        """``log(sum(exp(x)))`` along ``axis`` (over every element when None)."""
+
+    def layer_norm(self, x: Any, weight: Any, bias: Any, *, normalized_ndim: int,
+                   eps: float = 1e-5) -> Any:
+        """Layer normalisation over the last ``normalized_ndim`` axes of ``x``.
+
+        ``(x - mean) / sqrt(var + eps)`` with the biased variance, times ``weight``, plus
+        ``bias`` (either may be None).
+        """
+
+    # autodiff and compilation (JAX's signatures)
+
+    def jvp(self, f: Callable, primals: Sequence[Any], tangents: Sequence[Any],
+            has_aux: bool = False) -> tuple:
+        """Forward mode: ``f(*primals)`` and its derivative along ``tangents``.
+
+        Returns:
+            ``(out, tangent_out)``, or ``(out, tangent_out, aux)`` when ``has_aux``.
+        """
+
+    def vjp(self, f: Callable, *primals: Any) -> tuple:
+        """Reverse mode: ``(f(*primals), pullback)``; ``pullback(cotangent)`` returns a tuple with
+        one gradient per primal.
+        """
+
+    def value_and_grad(self, f: Callable, argnums: int | Sequence[int] = 0,
+                       has_aux: bool = False) -> Callable:
+        """A function returning ``(f(...), gradient)`` (``((value, aux), gradient)`` when
+        ``has_aux``), the gradient in argument ``argnums``; ``f`` returns a scalar.
+        """
+
+    def grad(self, f: Callable, argnums: int | Sequence[int] = 0, has_aux: bool = False) -> Callable:
+        """A function returning the gradient of scalar ``f`` in argument ``argnums`` (and ``aux``
+        after it when ``has_aux``).
+        """
+
+    def vmap(self, f: Callable, in_axes: Any = 0, out_axes: Any = 0) -> Callable:
+        """``f`` mapped over axis ``in_axes`` of its arguments, stacking results along ``out_axes``."""
+
+    def jit(self, f: Callable, *, static_argnums: Any = None, static_argnames: Any = None,
+            donate_argnums: Any = None, compile: bool | None = None) -> Callable:
+        """``f`` compiled, or ``f`` itself.
+
+        Args:
+            f: the function.
+            static_argnums: as for ``jax.jit`` (PyTorch needs none).
+            static_argnames: as for ``jax.jit`` (PyTorch needs none).
+            donate_argnums: as for ``jax.jit`` (PyTorch updates in place instead).
+            compile: True compiles (``jax.jit``, ``torch.compile``); False returns ``f``; None
+                is the backend's default: JAX compiles, PyTorch runs eagerly.
+        """
+
+    def stop_gradient(self, x: Any) -> Any:
+        """``x`` as a constant for differentiation."""
+
+    def is_tracing(self, x: Any) -> bool:
+        """Whether ``x`` is a traced value (inside ``jax.jit``/``grad``/``vmap``, a ``torch.func``
+        transform or ``torch.compile``) rather than concrete data.
+        """
+
+    def synchronize(self, tree: Any = None) -> Any:
+        """Wait until the device work that ``tree`` (or everything, on PyTorch) needs is done,
+        for timing; returns ``tree``.
+        """
+
+    def add_scaled_(self, target: Any, value: Any, scale: Any, where: Any = None) -> Any:
+        """``target + scale * value`` in ``target``'s dtype, written into ``target`` where the
+        framework allows.
+
+        Args:
+            target: the array to update (the caller owns it).
+            value: an array of ``target``'s shape.
+            scale: a number or a 0-d array.
+            where: None, or a 0-d bool array: where it is false, ``target`` is kept as it is.
+
+        Returns:
+            The updated array: ``target`` itself on PyTorch (updated in place), a new array on
+            JAX (in place under ``jit`` with ``target`` donated).
+        """
+
+    # explicit-key randomness
+
+    def key(self, seed: int) -> Any:
+        """A random key from an integer seed."""
+
+    def split(self, key: Any, num: int = 2) -> Any:
+        """``num`` new independent keys from ``key``, stacked along the first axis."""
+
+    def fold_in(self, key: Any, data: int) -> Any:
+        """A new key from ``key`` and the integer ``data``."""
+
+    def key_data(self, key: Any) -> Any:
+        """The key's words as a NumPy uint32 array (for checkpoints); :meth:`key_from_data`
+        inverts it.
+        """
+
+    def key_from_data(self, data: Any) -> Any:
+        """The key whose :meth:`key_data` is ``data``."""
+
+    def normal(self, key: Any, shape: Sequence[int], dtype: Any = "float32", device: Any = None) -> Any:
+        """Standard normal numbers of ``shape``.
+
+        On JAX they are ``jax.random.normal``'s numbers for ``key`` and ``shape``.
+        """
+
+    def rademacher(self, key: Any, shape: Sequence[int], dtype: Any = "float32",
+                   device: Any = None) -> Any:
+        """Independent signs, -1 or +1 with probability 1/2 each, of ``shape``."""
+
+    def uniform(self, key: Any, shape: Sequence[int], dtype: Any = "float32", minval: float = 0.0,
+                maxval: float = 1.0, device: Any = None) -> Any:
+        """Uniform numbers in ``[minval, maxval)`` of ``shape``."""
+
+    def bernoulli(self, key: Any, p: float, shape: Sequence[int], device: Any = None) -> Any:
+        """A bool array of ``shape``, each entry True with probability ``p``."""
+
+    def draw_rows(self, kind: str, keys: Sequence[Any], sizes: Sequence[int], rows: int,
+                  dtype: Any = "float32", device: Any = None) -> Any:
+        """A ``(rows, sum(sizes))`` array of blocks side by side, each from its own key.
+
+        Block ``j`` (``sizes[j]`` columns) depends on ``keys[j]`` alone: drawing it alone gives
+        the same numbers, so a leaf's tangent can be drawn again on its own. With ``rows=1`` it
+        is ``kind(keys[j], (1, sizes[j]))``. The forward estimators draw their flat ``(K, n)``
+        tangents with it.
+
+        Args:
+            kind: ``"normal"`` or ``"rademacher"``.
+            keys: one key per block.
+            sizes: the blocks' widths.
+            rows: the number of rows.
+            dtype: the dtype.
+            device: where the result goes.
+
+        Raises:
+            ValueError: another ``kind``, or not one key per block.
+        """
+
+    # pytrees (duogard.tree: nested dicts/lists/tuples, dict keys sorted)
+
+    def tree_map(self, fn: Callable, tree: Any, *rest: Any) -> Any:
+        """``fn`` applied leafwise over one or more trees of the same structure."""
+
+    def tree_leaves(self, tree: Any) -> list:
+        """The leaves of ``tree``, in order."""
+
+    def tree_flatten(self, tree: Any) -> tuple:
+        """``(leaves, treedef)``; :meth:`tree_unflatten` inverts it."""
+
+    def tree_unflatten(self, treedef: Any, leaves: Any) -> Any:
+        """The tree of structure ``treedef`` with ``leaves``."""
+
+    def tree_structure(self, tree: Any) -> Any:
+        """The structure (treedef) of ``tree``."""
+
+    # the DLPack exchange between frameworks (duogard.interop.convert orchestrates it)
+
+    def dlpack_device(self, x: Any, *, where: Callable[[], str] | None = None) -> Device:
+        """Where the memory of array ``x`` is, in the exchange's terms.
+
+        Args:
+            x: an array of this framework.
+            where: names ``x`` in error messages (``convert`` passes the leaf's path).
+
+        Returns:
+            ``("cpu", 0)`` or ``("cuda", index)``.
+
+        Raises:
+            TypeError: ``x`` is traced (inside a transform it has no buffer to share).
+            ValueError: ``x`` spans several devices, or is on a device that is neither a CPU
+                nor a CUDA/ROCm GPU.
+        """
+
+    def device_problem(self, device: Device) -> str | None:
+        """Why this framework cannot hold arrays on ``device`` (a :data:`Device`), or None when
+        it can.
+        """
+
+    def dlpack_export(self, x: Any, *, copy: bool | None = None, device: Device | None = None,
+                      dtype: str | None = None, where: Callable[[], str] | None = None) -> ExportedArray:
+        """Make array ``x`` ready to leave this framework, applying the source's rules.
+
+        PyTorch detaches ``x`` (the result shares its memory; ``x`` keeps ``requires_grad``)
+        and resolves a lazy conjugate or negative bit (a copy).
+
+        Args:
+            x: an array of this framework, not traced.
+            copy: None copies only where a rule, ``device`` or ``dtype`` needs it; True always
+                gives a new dense row-major buffer; False never copies and raises instead.
+            device: a :data:`Device` to move ``x`` to first (a copy), or None.
+            dtype: the name of a dtype (``"float32"``) to cast ``x`` to (a copy), or None.
+            where: names ``x`` in error messages.
+
+        Returns:
+            An :class:`ExportedArray`, which any framework's ``from_dlpack`` takes.
+
+        Raises:
+            ValueError: ``copy=False`` where a copy is needed.
+        """
+
+    def dlpack_import(self, obj: Any, *, copy: bool | None = None, device: Device | None = None,
+                      allow_downcast: bool = False, where: Callable[[], str] | None = None) -> Any:
+        """An array of this framework from another's, applying the destination's rules.
+
+        Zero-copy where the rules allow. The consumer's ``from_dlpack`` passes its own stream to
+        ``__dlpack__``, so the producer orders pending work on CUDA. JAX takes only compact
+        layouts (dense row-major or a permutation of it) 64-byte aligned, and stores 64-bit
+        values only in its 64-bit mode: other buffers are copied first (by the source framework,
+        through :meth:`ExportedArray.copy`) and 64-bit values are refused unless
+        ``allow_downcast``. PyTorch wraps NumPy memory directly, copying read-only or negatively
+        strided arrays.
+
+        Args:
+            obj: an :class:`ExportedArray` (from any backend's :meth:`dlpack_export`, this one's
+                included) or a NumPy array.
+            copy: None shares memory wherever the rules allow; True gives memory of its own (a
+                ``fresh`` export is kept); False never copies and raises instead.
+            device: a :data:`Device` to move the result to after the import (a copy), or None.
+            allow_downcast: JAX with its 64-bit mode off: cast 64-bit values to 32 bits instead
+                of raising.
+            where: names ``obj`` in error messages.
+
+        Returns:
+            The framework's array.
+
+        Raises:
+            TypeError: a 64-bit ``obj`` that the framework would store in 32 bits, without
+                ``allow_downcast``.
+            ValueError: ``copy=False`` where a copy is needed.
+        """
+
+
+def _contract(protocol: type) -> tuple[str, ...]:
+    """The public names a protocol class declares: its attributes, then its methods."""
+    attributes = [n for n in inspect.get_annotations(protocol) if not n.startswith("_")]
+    methods = [n for n, v in vars(protocol).items() if inspect.isfunction(v) and not n.startswith("_")]
+    return (*attributes, *methods)
+
+
+#: Public names every backend module defines, from :class:`Backend` (a test checks both built-in
+#: backends against it, signatures included).
+CONTRACT: tuple[str, ...] = _contract(Backend)
