@@ -87,8 +87,8 @@ def cross_entropy(logits, targets, *, reduction: str = "mean", label_smoothing: 
             targets = be.xp.moveaxis(targets, axis, -1)
     if _is_int(be, targets) and not label_smoothing:
         # integer labels: select each target's log-probability. The one-hot product below gives
-        # the same numbers with four more ops, which under forward-mode AD cost forward-activity's
-        # torch MLP step about 1 ms (benchmarks/RESULTS.md). Not a gather: torch's
+        # the same numbers with four more ops, each of them paid again under forward-mode AD.
+        # Not a gather: torch's
         # take_along_dim reads out of the row for a label >= C instead of raising
         _check_labels(be, "cross_entropy", logits, targets)
         xp = be.xp

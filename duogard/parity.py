@@ -18,7 +18,7 @@ from duogard import losses as _losses
 from duogard.backend import backend as _backend
 from duogard.tree import flatten_dict, tree_leaves, tree_map
 
-__all__ = ["ParityReport", "compare", "default_tolerance", "cli"]
+__all__ = ["ParityReport", "compare", "default_tolerance"]
 
 
 def default_tolerance(dtype: str) -> float:
@@ -155,27 +155,3 @@ def compare(model, loss: Callable | str, optimizer, estimator, data, *, steps: i
         if callback is not None:
             callback(rec)
     return report
-
-
-def cli(args) -> int:
-    """``duogard parity``: print the lockstep table; exit 1 when the backends diverge."""
-    import duogard as dg
-    from duogard.cli import _hidden, _optimizer_from_args
-    from duogard.train import build_model
-    from duogard.train._compare import parse_method
-
-    backends = tuple(b.strip() for b in args.backends.split(",")) if args.backends else ("jax", "torch")
-    if args.dtype == "float64" and "jax" in backends:
-        import jax
-
-        jax.config.update("jax_enable_x64", True)
-    spec = parse_method(args.grad)
-    ds = dg.data.load(args.dataset, seed=args.seed, data_dir=args.data_dir)
-    model = build_model(args.model, ds.num_classes, hidden=_hidden(args.hidden))
-    opt, lr = _optimizer_from_args(args, spec)
-    print(f"duogard parity: {args.model} on {args.dataset}, {spec.label}, {args.optimizer}(lr={lr}), "
-          f"{args.steps} steps, {args.dtype}, {backends[0]} vs {backends[1]} (shared tangents)")
-    report = compare(model, "cross_entropy", opt, spec.build(), ds, steps=args.steps, backends=backends,
-                     seed=args.seed, batch_size=args.batch_size, dtype=args.dtype, tol=args.tol)
-    print(report.table(every=args.every))
-    return 0 if report.first_divergence is None else 1

@@ -33,7 +33,7 @@ import numpy as np
 import duogard as dg
 from duogard import optim
 from duogard.data import OBJECTIVES
-from duogard.train import parse_method
+from duogard.cli import parse_method
 
 #: per function: initial learning rate, decay rate k, steps (all overridable on the command line)
 DEFAULTS = {
@@ -48,7 +48,7 @@ def minimise(name: str, *, backend, method, lr: float, decay: float, steps: int,
     """Minimise objective ``name`` from its standard start; return the final point and timings."""
     be = dg.backend(backend)
     objective = OBJECTIVES[name]
-    estimator = method.build()
+    estimator = method.estimator
     optimizer = optim.chain(
         optim.clip_by_global_norm(CLIP),
         optim.sgd(optim.exponential_decay(lr, rate=decay), momentum=0.9, nesterov=True),

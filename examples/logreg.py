@@ -20,28 +20,16 @@ in a few seconds on 2 CPU cores.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-from duogard.train import build_model
+from duogard.cli.train import main as train_main
 
-if (_here := str(Path(__file__).resolve().parent)) not in sys.path:
-    sys.path.insert(0, _here)  # there when run as a script, maybe not when imported (the tests)
-from _common import run  # noqa: E402  the command line, data, training and printing
-
-LEARNING_RATES = {  # SGD, when neither --lr nor the method's lr= is given (tuned on digits)
-    "backprop": 0.5, "forward-exact": 0.5, "forward": 0.03, "forward-activity": 0.4}
-
-
-def make_model(args, data):
-    """The linear classifier and its title."""
-    title = f"logistic regression {data.x_train[0].size}-{data.num_classes}"
-    return build_model("logreg", data.num_classes), title
+#: this script's defaults; every other flag is ``duogard train``'s (learning rates: its table)
+DEFAULTS = {"model": "logreg", "dataset": "auto", "steps": 2000, "decay": 1e-4}
 
 
 def main(argv=None) -> int:
     """Parse the command line, train, print the results; return the exit code."""
-    return run(argv, doc=__doc__, script="logreg.py", steps=2000, learning_rates=LEARNING_RATES,
-               make_model=make_model)
+    return train_main(argv, prog="logreg.py", description=__doc__, defaults=DEFAULTS)
 
 
 if __name__ == "__main__":

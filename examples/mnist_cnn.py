@@ -32,52 +32,17 @@ does better: ``--grad forward-activity:layerwise=true,lr=0.02 --steps 5000`` get
 
 from __future__ import annotations
 
-import argparse
 import sys
-from pathlib import Path
 
-from duogard.train import build_model
+from duogard.cli.train import main as train_main
 
-if (_here := str(Path(__file__).resolve().parent)) not in sys.path:
-    sys.path.insert(0, _here)  # there when run as a script, maybe not when imported (the tests)
-from _common import run  # noqa: E402  the command line, data, training and printing
-
-LEARNING_RATES = {  # SGD, when neither --lr nor the method's lr= is given (tuned on digits)
-    "backprop": 0.2, "forward-exact": 0.2, "forward": 0.005, "forward-activity": 0.003}
-
-
-def positive_int(text: str) -> int:
-    """argparse type: a positive int."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}")
-    return value
-
-
-def add_arguments(p):
-    """The network's own options: --channels and --cnn-hidden."""
-    p.add_argument("--channels", type=positive_int, default=None,
-                   help="channels of each convolution (default: 64 on MNIST, 16 on digits)")
-    p.add_argument("--cnn-hidden", type=positive_int, default=None,
-                   help="units of the hidden linear layer (default: 1024 on MNIST, 128 on digits)")
-
-
-def make_model(args, data):
-    """The CNN (the paper's sizes on MNIST, narrower on digits) and its title."""
-    small = data.name == "digits"
-    channels = args.channels or (16 if small else 64)
-    cnn_hidden = args.cnn_hidden or (128 if small else 1024)
-    model = build_model("cnn", data.num_classes, channels=channels, cnn_hidden=cnn_hidden)
-    return model, f"CNN 4 x conv3x3({channels}), linear {cnn_hidden}, {data.num_classes} classes"
+#: this script's defaults; every other flag is ``duogard train``'s (learning rates: its table)
+DEFAULTS = {"model": "cnn", "dataset": "auto", "steps": 1000, "decay": 1e-4}
 
 
 def main(argv=None) -> int:
     """Parse the command line, train, print the results; return the exit code."""
-    return run(argv, doc=__doc__, script="mnist_cnn.py", steps=1000, learning_rates=LEARNING_RATES,
-               make_model=make_model, add_arguments=add_arguments)
+    return train_main(argv, prog="mnist_cnn.py", description=__doc__, defaults=DEFAULTS)
 
 
 if __name__ == "__main__":

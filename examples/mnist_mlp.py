@@ -26,48 +26,17 @@ parameters, so on MNIST with the paper's MLP give forward a smaller ``--lr`` (e.
 
 from __future__ import annotations
 
-import argparse
 import sys
-from pathlib import Path
 
-from duogard.train import build_model
+from duogard.cli.train import main as train_main
 
-if (_here := str(Path(__file__).resolve().parent)) not in sys.path:
-    sys.path.insert(0, _here)  # there when run as a script, maybe not when imported (the tests)
-from _common import run  # noqa: E402  the command line, data, training and printing
-
-LEARNING_RATES = {  # SGD, when neither --lr nor the method's lr= is given (tuned on digits)
-    "backprop": 0.2, "forward-exact": 0.2, "forward": 0.005, "forward-activity": 0.03}
-
-
-def parse_hidden(text: str) -> tuple[int, ...]:
-    """argparse type: comma-separated positive ints, e.g. ``1024,1024``."""
-    try:
-        sizes = tuple(int(h) for h in text.split(",") if h.strip())
-    except ValueError:
-        sizes = ()
-    if not sizes or min(sizes) <= 0:
-        raise argparse.ArgumentTypeError(f"expected positive comma-separated ints, got {text!r}")
-    return sizes
-
-
-def add_arguments(p):
-    """The network's own options: --hidden."""
-    p.add_argument("--hidden", type=parse_hidden, default=None,
-                   help="hidden sizes, comma-separated (default: 1024,1024 on MNIST, 128 on digits)")
-
-
-def make_model(args, data):
-    """The MLP (the paper's hidden sizes on MNIST, smaller on digits) and its title."""
-    hidden = args.hidden or ((128,) if data.name == "digits" else (1024, 1024))
-    sizes = "-".join(map(str, (data.x_train[0].size, *hidden, data.num_classes)))
-    return build_model("mlp", data.num_classes, hidden=hidden), f"MLP {sizes}"
+#: this script's defaults; every other flag is ``duogard train``'s (learning rates: its table)
+DEFAULTS = {"model": "mlp", "dataset": "auto", "steps": 2000, "decay": 1e-4}
 
 
 def main(argv=None) -> int:
     """Parse the command line, train, print the results; return the exit code."""
-    return run(argv, doc=__doc__, script="mnist_mlp.py", steps=2000, learning_rates=LEARNING_RATES,
-               make_model=make_model, add_arguments=add_arguments)
+    return train_main(argv, prog="mnist_mlp.py", description=__doc__, defaults=DEFAULTS)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from duogard.cli import main
-from duogard.train._compare import DEFAULT_METHODS
+from duogard.cli import DEFAULT_METHODS
 from conftest import AVAILABLE
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -100,7 +100,8 @@ def test_train_writes_json_and_log(be, capsys, tmp_path):
               "--quiet", "--json", str(js), "--log", str(log)])
     assert rc == 0
     out = capsys.readouterr().out
-    assert f"{be.name} forward(num_tangents=2) mlp on digits: 20 steps" in out
+    assert "MLP 64-8-10 (" in out and "on digits:" in out and "20 steps of 32" in out
+    assert f"{be.name} forward(num_tangents=2): final loss" in out
     s = json.loads(js.read_text())
     assert s["backend"] == be.name and s["steps"] == 20 and s["method"] == "forward(num_tangents=2)"
     assert 0.0 <= s["test_accuracy"] <= 1.0 and s["final_loss"] > 0

@@ -149,7 +149,7 @@ def test_forward_call_draws_leaf_by_leaf_the_numbers_of_sample(be, options):
     est = dg.estimator("forward", **options)
     k = est.num_tangents
     flat = est.sample(loss_fn, params, batch, be.key(5))
-    tree = est._sample_tree(params, be.key(5))
+    tree = est.tangent_tree(params, be.key(5))
     views = FlatView.of(params).unflatten(be, flat, leading=(k,))
     for a, b in zip(dg.tree.tree_leaves(tree), dg.tree.tree_leaves(views)):
         assert tuple(a.shape) == tuple(b.shape) and a.shape[0] == k

@@ -111,17 +111,26 @@ def test_mnist_defaults_follow_the_paper_on_mnist_and_shrink_on_digits(examples,
 
 
 def test_mnist_example_usage_errors(examples, capsys, monkeypatch, tmp_path):
+    """The examples are ``duogard train`` with their own defaults: usage errors exit 2 with the message."""
     monkeypatch.chdir(tmp_path)
     mod = examples["mnist_mlp"]
     for argv, needle in ((["--grad", "sideways"], "sideways"), (["--grad", "forward:tangents=3"], "tangents"),
-                         (["--steps", "0"], "--steps"), (["--hidden", "12,x"], "--hidden")):
-        with pytest.raises(SystemExit) as exc:
-            mod.main(argv)
-        assert exc.value.code == 2
+                         (["--steps", "-1"], "--steps"), (["--hidden", "12,x"], "--hidden"),
+                         (["--dataset", "mnist", "--data-dir", str(tmp_path)], "train-images-idx3-ubyte")):
+        assert mod.main(argv) == 2
         assert needle in capsys.readouterr().err
-    with pytest.raises(SystemExit) as exc:  # --dataset mnist without the files: which files, where from
-        mod.main(["--dataset", "mnist", "--data-dir", str(tmp_path)])
-    assert "train-images-idx3-ubyte" in str(exc.value.code)
+    with pytest.raises(SystemExit) as exc:  # argparse's own checks
+        mod.main(["--steps", "ten"])
+    assert exc.value.code == 2
+
+
+def test_examples_are_duogard_train_with_their_own_defaults(examples):
+    from duogard.cli.train import main as train_main
+
+    for name, model in (("logreg", "logreg"), ("mnist_mlp", "mlp"), ("mnist_cnn", "cnn")):
+        mod = examples[name]
+        assert mod.DEFAULTS["model"] == model and mod.DEFAULTS["dataset"] == "auto"
+        assert mod.train_main is train_main
 
 
 # ---------------------------------------------------------------------------- Beale and Rosenbrock

@@ -16,7 +16,7 @@ import pytest
 
 import duogard as dg
 from duogard import losses, nn, optim
-from duogard.train import NonFiniteError, Trainer, build_model, fit
+from duogard.train import Evaluate, NonFiniteError, Trainer, build_model, fit
 
 from conftest import to_backend
 
@@ -53,7 +53,7 @@ def test_lean_step_equals_the_estimate_then_sgd(be, mlp, batch, distribution, k,
     est = dg.estimator("forward", lean=True, num_tangents=k, distribution=distribution)
     opt = optim.sgd(optim.exponential_decay(0.1, rate=0.3), weight_decay=weight_decay)
     tr = Trainer(mlp, optimizer=opt, estimator=est, backend=be.name)
-    assert tr.lean is not None
+    assert tr.update_strategy == "sgd-lean"
     p0 = mlp.init(0, batch[0], dtype="float64")
     x, y = be.asarray(batch[0]), be.asarray(batch[1])
     params, state = tr.init_state(p0)
@@ -101,7 +101,7 @@ def test_fit_lean_keeps_the_callers_params_and_learns(be, digits):
     given = to_backend(be, p0)  # backend arrays too: a torch in-place update or a JAX donation must not reach them
     est = dg.estimator("forward", lean=True, num_tangents=8, distribution="rademacher")
     res = fit(model, given, digits, estimator=est, optimizer=optim.sgd(0.03), backend=be.name, steps=300,
-              batch_size=64, progress=False)
+              batch_size=64, callbacks=[Evaluate()])
     for a, b, c in zip(dg.tree.tree_leaves(p0), before, dg.tree.tree_leaves(given)):
         np.testing.assert_array_equal(a, b)
         np.testing.assert_array_equal(np.asarray(be.to_numpy(c)), b)
@@ -117,7 +117,7 @@ def test_fit_lean_equals_fit_with_the_same_estimator_unfused(be, digits):
     p0 = model.init(0, digits.example_input, dtype="float64")
     est = dg.estimator("forward", lean=True, distribution="normal")
     lean = fit(model, p0, digits, estimator=est, optimizer=optim.sgd(0.01), backend=be.name, steps=15,
-               batch_size=16, progress=False)
+               batch_size=16, callbacks=[])
     tr = Trainer(model, optimizer=optim.sgd(0.01), estimator="backprop", backend=be.name)
     params, state = tr.init_state(p0)
     key0 = be.key(0)
@@ -146,8 +146,7 @@ def test_lean_nan_leaves_params_unchanged(be, digits):
         np.testing.assert_array_equal(a, b)
     assert float(optim.step_count(new_state)) == 0
     with pytest.raises(NonFiniteError, match="non-finite loss"):
-        fit(model, p0, digits, estimator=est, optimizer=optim.sgd(1e30), backend=be.name, steps=30,
-            progress=False)
+        fit(model, p0, digits, estimator=est, optimizer=optim.sgd(1e30), backend=be.name, steps=30, callbacks=[])
 
 
 @pytest.mark.parametrize("opt, needle", [
@@ -190,18 +189,20 @@ def test_lean_conv_model_matches_the_unfused_step(be):
         np.testing.assert_allclose(got, exp, rtol=1e-9, atol=1e-12)
 
 
-def test_plain_sgd_spec():
-    assert optim.plain_sgd(optim.sgd(0.1)).weight_decay == 0.0
-    assert optim.plain_sgd(optim.sgd(0.1, weight_decay=0.2)).weight_decay == 0.2
+def test_plain_sgd_is_the_type_of_a_momentum_free_sgd():
+    assert isinstance(optim.sgd(0.1), optim.PlainSGD) and optim.sgd(0.1).weight_decay == 0.0
+    assert optim.sgd(0.1, weight_decay=0.2).weight_decay == 0.2
+    init, update = optim.sgd(0.1)  # still a GradientTransformation pair
+    assert callable(init) and callable(update)
     for opt in (optim.sgd(0.1, momentum=0.5), optim.adam(), optim.chain(optim.clip(1.0), optim.sgd(0.1))):
-        assert optim.plain_sgd(opt) is None
+        assert not isinstance(opt, optim.PlainSGD)
 
 
 def test_plain_sgd_advance_matches_update(be):
     opt = optim.sgd(optim.step_decay(0.5, step_size=2, gamma=0.1), weight_decay=0.01)
     params = to_backend(be, {"w": np.ones(3)})
     state = opt.init(params)
-    spec = optim.plain_sgd(opt)
+    spec = opt
     for _ in range(5):
         expected = float(optim.current_learning_rate(state))
         lr, advanced = spec.advance(state)

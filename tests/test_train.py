@@ -13,8 +13,12 @@ import pytest
 
 import duogard as dg
 from duogard import optim
-from duogard.train import NonFiniteError, build_model, fit, load_checkpoint, rss_bytes
-from duogard.train._compare import DEFAULT_METHODS, compare, parse_method
+from duogard.cli import DEFAULT_METHODS, parse_method
+from duogard.cli.compare import compare
+from duogard.train import (
+    Checkpointer, Diagnostics, Evaluate, LogFile, NonFiniteError, OnNonFinite, Trainer, build_model, fit,
+    load_checkpoint, rss_bytes,
+)
 from conftest import AVAILABLE
 
 BATCH = 32
@@ -46,11 +50,17 @@ def _losses(result):
     return [h["loss"] for h in result.history]
 
 
-def _run(mlp, params0, digits, be, **kw):
+def _run(mlp, params0, digits, be, *, callbacks=None, grad_norm=True, compile=None, **kw):
+    """fit on ``be`` with an evaluation by default (no progress bar); ``grad_norm`` and ``compile``
+    go to a Trainer of their own."""
     kw.setdefault("steps", 20)
     kw.setdefault("batch_size", BATCH)
-    kw.setdefault("progress", False)
-    return fit(mlp, params0, digits, backend=be.name, **kw)
+    callbacks = [Evaluate()] if callbacks is None else callbacks
+    if grad_norm and compile is None:
+        return fit(mlp, params0, digits, backend=be.name, callbacks=callbacks, **kw)
+    tr = Trainer(mlp, optimizer=kw.pop("optimizer", None), estimator=kw.pop("estimator", "backprop"),
+                 backend=be.name, grad_norm=grad_norm, compile=compile)
+    return fit(mlp, params0, digits, callbacks=callbacks, trainer=tr, **kw)
 
 
 def _poisoned(ds, step, *, batch_size=BATCH, seed=0):
@@ -86,9 +96,9 @@ def test_resume_is_exact(be, mlp, params0, digits, tmp_path, opt):
     make = {"momentum": lambda: optim.sgd(0.02, momentum=0.9), "adam": lambda: optim.adam(1e-3)}[opt]
     kw = dict(estimator=dg.estimator("forward", num_tangents=2), seed=1)
     full = _run(mlp, params0, digits, be, optimizer=make(), steps=100, **kw)
-    half = _run(mlp, params0, digits, be, optimizer=make(), steps=50, checkpoint=tmp_path / "ck", **kw)
+    half = _run(mlp, params0, digits, be, optimizer=make(), steps=50, callbacks=[Checkpointer(tmp_path / "ck")], **kw)
     assert load_checkpoint(tmp_path / "ck").step == 50
-    rest = _run(mlp, params0, digits, be, optimizer=make(), steps=100, resume=tmp_path / "ck", **kw)
+    rest = _run(mlp, params0, digits, be, optimizer=make(), steps=100, callbacks=[Checkpointer(resume=tmp_path / "ck")], **kw)
 
     assert [h["step"] for h in rest.history] == list(range(51, 101))
     assert _losses(half) + _losses(rest) == _losses(full)
@@ -103,10 +113,12 @@ def test_resume_is_exact(be, mlp, params0, digits, tmp_path, opt):
 def test_checkpoint_resumes_on_the_other_backend(mlp, params0, digits, tmp_path, src, dst):
     if len(AVAILABLE) < 2:
         pytest.skip("needs both jax and torch")
-    kw = dict(estimator="backprop", seed=2, batch_size=BATCH, progress=False)
-    full = fit(mlp, params0, digits, optimizer=optim.adam(1e-3), backend=src, steps=40, **kw)
-    fit(mlp, params0, digits, optimizer=optim.adam(1e-3), backend=src, steps=20, checkpoint=tmp_path, **kw)
-    rest = fit(mlp, params0, digits, optimizer=optim.adam(1e-3), backend=dst, steps=40, resume=tmp_path, **kw)
+    kw = dict(estimator="backprop", seed=2, batch_size=BATCH)
+    full = fit(mlp, params0, digits, optimizer=optim.adam(1e-3), backend=src, steps=40, callbacks=[], **kw)
+    fit(mlp, params0, digits, optimizer=optim.adam(1e-3), backend=src, steps=20, callbacks=[Checkpointer(tmp_path)],
+        **kw)
+    rest = fit(mlp, params0, digits, optimizer=optim.adam(1e-3), backend=dst, steps=40,
+               callbacks=[Checkpointer(resume=tmp_path)], **kw)
 
     assert rest.backend == dst and rest.step == 40
     assert {dg.backend_of(x).name for x in dg.tree.tree_leaves(rest.params)} == {dst}
@@ -119,15 +131,17 @@ def test_checkpoint_resumes_on_the_other_backend(mlp, params0, digits, tmp_path,
 
 # ----------------------------------------------------------------------------- non-finite
 
-def test_nan_raise_names_the_step_and_keeps_the_last_good_checkpoint(be, mlp, params0, digits, tmp_path):
+@pytest.mark.parametrize("every", [3, None])
+def test_nan_raise_names_the_step_and_writes_the_last_good_params(be, mlp, params0, digits, tmp_path, every):
     bad = _poisoned(digits, 6)  # the 7th step (0-based index 6) sees a NaN input
     ck = tmp_path / "ck"
     with pytest.raises(NonFiniteError, match=r"non-finite loss at step 7\b") as info:
-        _run(mlp, params0, bad, be, optimizer=optim.sgd(0.05), steps=20, checkpoint=ck, checkpoint_every=3)
-    assert "on_nan='skip'" in str(info.value)
-    kept = load_checkpoint(ck, backend=be.name)
-    assert kept.step == 6
+        _run(mlp, params0, bad, be, optimizer=optim.sgd(0.05), steps=20, callbacks=[Checkpointer(ck, every=every)])
+    assert "OnNonFinite('skip')" in str(info.value) and info.value.step == 7
     good = _run(mlp, params0, digits, be, optimizer=optim.sgd(0.05), steps=6)
+    _assert_bitwise(info.value.params, good.params)  # the error carries the last good params
+    kept = load_checkpoint(ck, backend=be.name)  # and the checkpoint holds them, also without every=
+    assert kept.step == 6
     _assert_bitwise(kept.params, good.params)
 
 
@@ -139,7 +153,7 @@ def test_nan_from_a_huge_learning_rate_raises(be, mlp, params0, digits):
 def test_nan_skip_drops_the_step_and_counts_it(be, mlp, params0, digits):
     bad = _poisoned(digits, 6)
     opt = optim.sgd(0.05, momentum=0.9)
-    upto = _run(mlp, params0, bad, be, optimizer=opt, steps=7, on_nan="skip")
+    upto = _run(mlp, params0, bad, be, optimizer=opt, steps=7, callbacks=[OnNonFinite("skip")])
     assert upto.skipped_steps == 1
     assert math.isnan(upto.history[6]["loss"])
     # the skipped step changed nothing: params and optimizer state are those after 6 clean steps
@@ -147,7 +161,7 @@ def test_nan_skip_drops_the_step_and_counts_it(be, mlp, params0, digits):
     _assert_bitwise(upto.params, clean.params)
     _assert_bitwise(upto.opt_state, clean.opt_state)
 
-    on = _run(mlp, params0, bad, be, optimizer=opt, steps=12, on_nan="skip")
+    on = _run(mlp, params0, bad, be, optimizer=opt, steps=12, callbacks=[OnNonFinite("skip")])
     assert on.skipped_steps == 1 and on.summary()["skipped_steps"] == 1
     assert all(math.isfinite(h["loss"]) for i, h in enumerate(on.history) if i != 6)
     assert all(np.isfinite(x).all() for x in _leaves(on.params))
@@ -158,7 +172,7 @@ def test_nan_skip_drops_the_step_and_counts_it(be, mlp, params0, digits):
 def test_memory_stays_flat_and_jax_compiles_once(be, mlp, params0, digits):
     rss = []
     res = _run(mlp, params0, digits, be, estimator="forward", optimizer=optim.sgd(0.01), steps=600,
-               callback=lambda rec: rss.append(rss_bytes()))
+               callbacks=[lambda rec: rss.append(rss_bytes())])
     assert len(rss) == 600 and rss[100] > 0
     growth = (max(rss[100:]) - rss[100]) / rss[100]
     assert growth <= 0.05, f"RSS grew by {100 * growth:.1f}% after warm-up"
@@ -182,7 +196,7 @@ def _read_log(path):
 @pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
 def test_log_has_one_record_per_step(be, mlp, params0, digits, tmp_path, suffix):
     path = tmp_path / "logs" / f"run{suffix}"
-    res = _run(mlp, params0, digits, be, optimizer=optim.adam(1e-3), steps=12, eval_every=5, log=path)
+    res = _run(mlp, params0, digits, be, optimizer=optim.adam(1e-3), steps=12, callbacks=[LogFile(path), Evaluate(5)])
     recs = _read_log(path)
     assert [int(r["step"]) for r in recs] == list(range(1, 13))
     for r, h in zip(recs, res.history):
@@ -197,14 +211,14 @@ def test_log_has_one_record_per_step(be, mlp, params0, digits, tmp_path, suffix)
 
 
 def test_log_without_learning_rate_when_the_optimizer_has_none(be, mlp, params0, digits, tmp_path):
-    res = _run(mlp, params0, digits, be, optimizer=optim.scale(-0.05), steps=3, log=tmp_path / "l.jsonl")
+    res = _run(mlp, params0, digits, be, optimizer=optim.scale(-0.05), steps=3, callbacks=[LogFile(tmp_path / "l.jsonl")])
     assert all("lr" not in r for r in _read_log(tmp_path / "l.jsonl"))
     assert all("lr" not in h for h in res.history)
 
 
 def test_bad_log_suffix(be, mlp, params0, digits, tmp_path):
-    with pytest.raises(ValueError, match=r"log.*\.csv or \.jsonl.*run\.txt"):
-        _run(mlp, params0, digits, be, steps=2, log=tmp_path / "run.txt")
+    with pytest.raises(ValueError, match=r"LogFile.*\.csv or \.jsonl.*run\.txt"):
+        LogFile(tmp_path / "run.txt")
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -222,7 +236,7 @@ def test_time_per_step_excludes_the_first_step(be, mlp, params0, digits):
 @pytest.mark.parametrize("method", ["backprop", "forward-exact", "forward"])
 def test_diagnostics_compare_the_estimate_with_backprop(be, mlp, params0, digits, method):
     res = _run(mlp, params0, digits, be, estimator=method, optimizer=optim.sgd(0.01), steps=10,
-               diagnostics_every=4)
+               callbacks=[Diagnostics(4)])
     with_diag = [h["step"] for h in res.history if "cosine" in h]
     assert with_diag == [1, 5, 9]
     cos = np.array([h["cosine"] for h in res.history if "cosine" in h])
@@ -240,7 +254,7 @@ def test_diagnostics_compare_the_estimate_with_backprop(be, mlp, params0, digits
 
 
 def test_evaluation_every_n_steps_matches_an_independent_count(be, mlp, params0, digits):
-    res = _run(mlp, params0, digits, be, optimizer=optim.sgd(0.1), steps=20, eval_every=7)
+    res = _run(mlp, params0, digits, be, optimizer=optim.sgd(0.1), steps=20, callbacks=[Evaluate(7)])
     assert [e["step"] for e in res.evals] == [7, 14, 20]
     logits = be.to_numpy(mlp.apply(res.params, be.asarray(digits.x_test))).astype(np.float64)
     acc = float(np.mean(np.argmax(logits, -1) == digits.y_test))
@@ -258,11 +272,49 @@ def test_evaluation_every_n_steps_matches_an_independent_count(be, mlp, params0,
     ({"steps": -1}, "steps"),
     ({"batch_size": 0}, "batch_size"),
     ({"batch_size": 100_000}, "batch_size"),
-    ({"on_nan": "ignore"}, "on_nan"),
+    ({"callbacks": [OnNonFinite("skip"), OnNonFinite("raise")]}, "OnNonFinite"),
 ])
 def test_bad_arguments_name_themselves(be, mlp, params0, digits, kw, name):
     with pytest.raises(ValueError, match=name):
         _run(mlp, params0, digits, be, **kw)
+
+
+def test_callbacks_check_their_arguments(be, mlp, params0, digits):
+    for make, needle in ((lambda: OnNonFinite("ignore"), "action"), (lambda: Evaluate(0), "every"),
+                         (lambda: Diagnostics(-1), "every"), (lambda: Checkpointer(), "directory"),
+                         (lambda: Checkpointer(None, every=2, resume="x"), "directory")):
+        with pytest.raises(ValueError, match=needle):
+            make()
+    with pytest.raises(TypeError, match="callback"):
+        _run(mlp, params0, digits, be, callbacks=[object()])
+    tr = Trainer(mlp, backend=be.name)
+    with pytest.raises(ValueError, match="optimizer, estimator given with trainer="):
+        fit(mlp, params0, digits, optimizer=optim.sgd(0.1), estimator="forward", trainer=tr, steps=1)
+
+
+def test_callbacks_run_in_order_and_see_every_hook(be, mlp, params0, digits):
+    from duogard.train import Callback
+
+    seen = []
+
+    class Spy(Callback):
+        order = 95  # after LogFile-like consumers' default order (50) and Evaluate (10)
+
+        def on_fit_start(self, run):
+            seen.append(("start", run.start, run.steps))
+
+        def before_step(self, run, step, x, y, key):
+            seen.append(("before", step))
+
+        def on_step_end(self, run, record):
+            seen.append(("end", record["step"], "test_accuracy" in record))
+
+        def on_fit_end(self, run):
+            seen.append(("fit_end", run.completed, run.result.step))
+
+    _run(mlp, params0, digits, be, steps=2, callbacks=[Spy(), Evaluate(2)])
+    assert seen == [("start", 0, 2), ("before", 0), ("end", 1, False), ("before", 1), ("end", 2, True),
+                    ("fit_end", True, 2)]
 
 
 # ----------------------------------------------------------------------------- acceptance (issue 7)
@@ -276,10 +328,11 @@ def test_digits_acceptance_within_the_compare_budget(be):
     # the default forward methods with more than one tangent's worth of signal per step
     forward = [m for m in DEFAULT_METHODS if parse_method(m).name == "forward-activity"
                or dict(parse_method(m).options).get("num_tangents", 1) > 1]
-    out = compare(backends=[be.name], methods=[backprop, *forward], diagnostics_every=0, out_dir=None,
-                  progress=False, log=None)
+    data = dg.data.load("digits", seed=0)
+    out = compare(build_model("mlp", 10, hidden=(128,)), data, backends=[be.name], methods=[backprop, *forward],
+                  diagnostics_every=0, out_dir=None, progress=False, log=None)
     acc = {r["method"]: r["test_accuracy"] for r in out["runs"]}
-    assert out["config"]["steps"] == 2500 and out["config"]["hidden"] == [128]
+    assert out["config"]["steps"] == 2500
     assert acc.pop(parse_method(backprop).label) >= 0.95, acc
     assert len(acc) == 2 and max(acc.values()) >= 0.90, acc
 
@@ -341,6 +394,7 @@ def test_one_pass_sgd_with_a_factored_forward_gradient(be, mlp, params0, digits,
 
 
 def test_factored_is_none_where_the_estimate_is_not_one_scaled_array(be, mlp, params0, digits):
+    """factored() is None unless the estimate is d v; a Forward subclass's own tangents go everywhere."""
     from duogard.grad import Forward
 
     xb, yb = (be.asarray(a) for a in digits.batch_at(0, BATCH))
@@ -351,24 +405,19 @@ def test_factored_is_none_where_the_estimate_is_not_one_scaled_array(be, mlp, pa
                 dg.estimator("forward", projection=True), dg.estimator("forward-activity")):
         assert est.factored(loss_fn, params, (xb, yb), key) is None, est
 
-    class Halved(Forward):  # a subclass with its own estimate keeps it: no factored shortcut
-        def estimate(self, loss_fn, params, batch, tangents):
-            loss, g = super().estimate(loss_fn, params, batch, tangents)
-            return loss, dg.tree.tree_map(lambda a: a / 2, g)
+    class Ones(Forward):  # a subclass with its own tangents: sample, __call__ and factored draw them
+        def tangent_tree(self, params, key):
+            return dg.tree.tree_map(lambda p: be.xp.ones((1, *p.shape), dtype=p.dtype), params)
 
-    assert Halved().factored(loss_fn, params, (xb, yb), key) is None
-
-    class Ones(Forward):  # a subclass with its own tangents: __call__ and the Trainer use them
-        def sample(self, loss_fn, params, batch, key):
-            n = dg.grad.FlatView.of(params).size
-            return be.xp.ones((1, n), dtype=dg.tree.tree_leaves(params)[0].dtype)
-
-    assert Ones().factored(loss_fn, params, (xb, yb), key) is None
     _, g = Ones()(loss_fn, params, (xb, yb), key)
-    d = sum(float(np.sum(a)) for a in _leaves(dg.tree.tree_map(be.to_numpy, dg.estimator("backprop")(
+    loss_f, d, v = Ones().factored(loss_fn, params, (xb, yb), key)
+    want = sum(float(np.sum(a)) for a in _leaves(dg.tree.tree_map(be.to_numpy, dg.estimator("backprop")(
         loss_fn, params, (xb, yb))[1])))  # ∇f · ones
+    assert float(d) == pytest.approx(want, rel=1e-4)
     for a in _leaves(dg.tree.tree_map(be.to_numpy, g)):
-        np.testing.assert_allclose(a, np.full_like(a, d), rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(a, np.full_like(a, want), rtol=1e-4, atol=1e-6)
+    n = dg.grad.FlatView.of(params).size
+    np.testing.assert_array_equal(be.to_numpy(Ones().sample(loss_fn, params, (xb, yb), key)), np.ones((1, n)))
     assert dg.estimator("forward").factored(loss_fn, params, (xb, yb), key) is not None
     with pytest.raises(ValueError, match="random key"):
         dg.estimator("forward").factored(loss_fn, params, (xb, yb), None)
@@ -424,3 +473,56 @@ def test_torch_compile_step_matches_the_eager_step(mlp, params0, digits):
     np.testing.assert_allclose(_losses(compiled), _losses(eager), rtol=1e-5)
     for a, b in zip(_leaves(compiled.params), _leaves(eager.params)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- update strategies
+
+def test_the_trainer_names_its_update_strategy(be, mlp):
+    from duogard.train import choose_update
+
+    fwd, lean = dg.estimator("forward"), dg.estimator("forward", lean=True)
+    cases = [(optim.sgd(0.1), "backprop", "sgd-in-place"), (optim.sgd(0.1), fwd, "sgd-factored"),
+             (optim.sgd(0.1, weight_decay=0.1), dg.estimator("forward", num_tangents=2), "sgd-in-place"),
+             (optim.sgd(0.1), dg.estimator("forward", projection=True), "sgd-in-place"),
+             (optim.sgd(0.1), lean, "sgd-lean"), (optim.sgd(0.1, momentum=0.9), fwd, "optimizer"),
+             (optim.adam(1e-3), "backprop", "optimizer")]
+    for opt, est, want in cases:
+        assert choose_update(opt, dg.grad.estimator(est) if isinstance(est, str) else est) == want
+        assert Trainer(mlp, optimizer=opt, estimator=est, backend=be.name).update_strategy == want
+    with pytest.raises(ValueError, match="lean=True.*without momentum"):
+        choose_update(optim.adam(1e-3), lean)
+
+
+class _Halved(dg.grad.Forward):
+    """A subclass with its own estimate: it says it is not d v, so the Trainer applies it as is."""
+
+    factored_form = False
+
+    def estimate_tree(self, loss_fn, params, batch, vtree):
+        loss, g = super().estimate_tree(loss_fn, params, batch, vtree)
+        return loss, dg.tree.tree_map(lambda a: a / 2, g)
+
+
+@pytest.mark.parametrize("strategy", ["sgd-in-place", "sgd-factored", "sgd-lean"])
+def test_each_sgd_strategy_gives_the_numbers_of_update_then_apply(be, mlp, params0, digits, strategy):
+    """Bitwise: every SGD strategy against the "optimizer" strategy's opt.update + apply_updates on the
+    same estimate (a momentum-free sgd's chain, with weight decay and a schedule)."""
+    est = {"sgd-in-place": _Halved(), "sgd-factored": dg.estimator("forward"),
+           "sgd-lean": dg.estimator("forward", lean=True)}[strategy]
+    opt = optim.sgd(optim.exponential_decay(0.1, rate=0.1), weight_decay=0.01)
+    chained = optim.chain(optim.add_decayed_weights(0.01),
+                          optim.scale_by_learning_rate(optim.exponential_decay(0.1, rate=0.1)))
+    fast = Trainer(mlp, optimizer=opt, estimator=est, backend=be.name, grad_norm=False)
+    same = dg.estimator("forward") if strategy == "sgd-lean" else est  # lean's draws, unfused
+    slow = Trainer(mlp, optimizer=chained, estimator=same, backend=be.name, grad_norm=False)
+    assert fast.update_strategy == strategy and slow.update_strategy == "optimizer"
+    p, s = fast.init_state(params0)
+    q, t = slow.init_state(params0)
+    for step in range(3):
+        xb, yb = (be.asarray(a) for a in digits.batch_at(step, BATCH))
+        key = be.fold_in(be.key(0), step)
+        p, s, lp, _ = fast.step(p, s, xb, yb, key)
+        q, t, lq, _ = slow.step(q, t, xb, yb, key)
+        assert float(lp) == pytest.approx(float(lq), rel=1e-6)  # two compiled programs: rounding
+    for a, b in zip(_leaves(dg.tree.tree_map(be.to_numpy, p)), _leaves(dg.tree.tree_map(be.to_numpy, q))):
+        np.testing.assert_allclose(a, b, rtol=2e-6, atol=1e-7)

@@ -81,35 +81,35 @@ def _positive(name: str, value, kind=int):
 class Forward(Estimator):
     """The forward gradient ``g = (∇f·v) v`` (Baydin et al. 2022), from forward-mode JVPs only.
 
-    Options (keyword-only):
+    Args:
+        num_tangents: K (default 1): the mean of K estimates; the K JVPs are batched with vmap
+            so the primal is computed once.
+        distribution: ``"normal"`` (default) or ``"rademacher"`` (random signs: cheaper to
+            draw, and lower variance: E‖g‖² = (n+2)‖∇f‖² for normal tangents, n‖∇f‖² for
+            Rademacher ones, with n the number of parameters, since ‖v‖² = n exactly).
+        orthogonal: the K tangents are orthonormal (a Haar-random frame) scaled by √n, so the
+            estimate stays unbiased; with K = n it is the exact gradient.
+        projection: the least-squares projection of the gradient onto the span of the K
+            tangents, ``Vᵀ(VVᵀ)⁻¹Vᵀ∇f`` (FROG-style); with K = n it is the exact gradient. Not
+            unbiased (it is a projection).
+        jvp: ``"framework"`` (``jax.jvp`` / ``torch.func.jvp``, any loss), ``"rules"``
+            (duogard's hand-written forward rules for its own Sequential layers and losses, see
+            :mod:`duogard.grad._rules`), or ``"auto"`` (default): the rules where they cover the
+            loss, the model has no convolution, and the backend's generic forward AD is the
+            slower one (``be.fast_jvp_rules``: torch, for Linear layers), the framework's jvp
+            otherwise. Both give the same numbers (checked in the tests).
+        lean: used the ordinary way it changes nothing; in :class:`duogard.train.Trainer` /
+            :func:`duogard.fit` with a momentum-free :func:`duogard.optim.sgd` it selects the
+            update strategy ``"sgd-lean"`` (:class:`duogard.grad.LeanStep`): layer by layer,
+            each tangent drawn twice (for the JVP, then for an in-place update) and never the
+            whole tangent or gradient at once, so the step's memory stays flat in depth. For a
+            Sequential of duogard layers; not with ``orthogonal`` or ``projection``.
 
-    - ``num_tangents`` (K, default 1): the mean of K estimates; the K JVPs are batched with
-      vmap so the primal is computed once.
-    - ``distribution``: ``"normal"`` (default) or ``"rademacher"`` (random signs: cheaper to
-      draw, and lower variance: E‖g‖² = (n+2)‖∇f‖² for normal tangents, n‖∇f‖² for
-      Rademacher ones, with n the number of parameters, since ‖v‖² = n exactly).
-    - ``orthogonal``: the K tangents are orthonormal (a Haar-random frame) scaled by √n, so
-      the estimate stays unbiased; with K = n it is the exact gradient.
-    - ``projection``: the least-squares projection of the gradient onto the span of the K
-      tangents, ``Vᵀ(VVᵀ)⁻¹Vᵀ∇f`` (FROG-style); with K = n it is the exact gradient. Not
-      unbiased (it is a projection).
-
-    - ``jvp``: ``"framework"`` (``jax.jvp`` / ``torch.func.jvp``, any loss), ``"rules"``
-      (duogard's hand-written forward rules for its own Sequential layers and losses, see
-      :mod:`duogard.grad._rules`), or ``"auto"`` (default): the rules where they cover the loss,
-      the model has no convolution, and the backend's generic forward AD is the slower one
-      (``be.fast_jvp_rules``: torch, for Linear layers), the framework's jvp otherwise. Both give the same numbers (checked in the tests).
-
-    - ``lean``: used the ordinary way it changes nothing; in :class:`duogard.Trainer` / :func:`duogard.fit` with a momentum-free
-      :func:`duogard.optim.sgd` it runs the step of :mod:`duogard.grad._lean`: layer by
-      layer, each tangent drawn twice (for the JVP, then for an in-place update) and never
-      the whole tangent or gradient at once, so the step's memory stays flat in depth. For
-      a Sequential of duogard layers; not with ``orthogonal`` or ``projection``.
-
-    Tangents: leaf i's ``(K, size)`` block is drawn from ``fold_in(key, i)`` (``be.draw_rows``).
-    :meth:`sample` returns them as one flat ``(K, n)`` array (n = number of parameters) so
-    parity runs can share it, and :meth:`estimate` takes that array; ``est(loss_fn, params,
-    batch, key)`` draws the same numbers leaf by leaf, each a contiguous ``(K, *shape)`` array.
+    Tangents: leaf i's ``(K, *shape)`` tangent is drawn from ``fold_in(key, i)``
+    (:meth:`tangent_tree`). :meth:`sample` returns them as one flat ``(K, n)`` array (n =
+    number of parameters) so parity runs can share it, and :meth:`estimate` takes that array.
+    Subclasses change the tangents by overriding :meth:`tangent_tree` and the estimate by
+    overriding :meth:`estimate_tree` (then also :attr:`factored_form`).
     """
 
     stochastic = True
@@ -131,82 +131,51 @@ class Forward(Estimator):
                              f"with orthogonal=True or projection=True (got orthogonal={orthogonal!r}, "
                              f"projection={projection!r})")
 
-    def sample(self, loss_fn, params, batch, key):
-        be = params_backend(params)
-        flat = FlatView.of(params)
-        leaves = tree_leaves(params)
-        # leaf i's (K, size) block from fold_in(key, i), as the lean step draws it; filled in
-        # place into the flat (K, n) array on torch, where concatenating per-leaf normal draws
-        # cost about a sixth of the K=16 step (benchmarks/RESULTS.md)
-        v = be.draw_rows(self.distribution, [be.fold_in(key, i) for i in range(len(leaves))],
-                         [b - a for a, b in zip(flat.offsets[:-1], flat.offsets[1:])], self.num_tangents,
-                         dtype=leaves[0].dtype, device=be.device_of(leaves[0]))
-        if self.orthogonal:
-            if self.num_tangents > flat.size:
-                raise ValueError(f"forward: orthogonal=True needs num_tangents <= number of parameters "
-                                 f"({flat.size}), got {self.num_tangents}")
-            v = _orthonormal_rows(be, v) * math.sqrt(flat.size)
-        return v
+    # ---------------------------------------------------------------- the two hooks
+    def tangent_tree(self, params, key):
+        """The K tangents of ``key`` as a params-shaped pytree with a leading K axis.
 
-    def _sample_tree(self, params, key):
-        """The numbers of :meth:`sample` (without ``orthogonal``), as a params-shaped pytree of
-        contiguous ``(K, *leaf shape)`` arrays, each leaf drawn on its own.
+        Leaf i's ``(K, *shape)`` tangent is drawn from ``fold_in(key, i)`` as one contiguous
+        array (:func:`draw_leaf_tangent`, the lean step's draw too); with ``orthogonal`` the
+        whole ``(K, n)`` set is then turned into a scaled orthonormal frame. Override it (and
+        only it) to change the tangents: :meth:`sample`, ``__call__`` and :meth:`factored` all
+        draw through it.
 
-        Used by ``__call__``: the columns of the flat (K, n) array are strided views, and torch's
-        forward AD copied each of them into a contiguous tangent (with K=16 on the CNN, about
-        0.3 s of its 4.4 s step)."""
+        Args:
+            params: the parameters (a pytree of the backend's arrays).
+            key: the step's random key.
+
+        Returns:
+            A pytree shaped like ``params`` whose leaves have a leading axis of K.
+        """
         be = params_backend(params)
         leaves, treedef = tree_flatten(params)
-        return tree_unflatten(treedef, [
-            draw_leaf_tangent(be, self.distribution, be.fold_in(key, i), self.num_tangents, tuple(leaf.shape),
+        k = self.num_tangents
+        tree = tree_unflatten(treedef, [
+            draw_leaf_tangent(be, self.distribution, be.fold_in(key, i), k, tuple(leaf.shape),
                               dtype=leaf.dtype, device=be.device_of(leaf))
             for i, leaf in enumerate(leaves)])
-
-    def _tangent_tree(self, loss_fn, params, batch, key):
-        """The tangents of ``key`` as a params-shaped pytree with a leading K axis: drawn leaf by
-        leaf, or, with ``orthogonal`` (a frame made from the whole (K, n) array), views of
-        :meth:`sample`'s array."""
-        if self.orthogonal:
-            be = params_backend(params)
-            return FlatView.of(params).unflatten(be, self.sample(loss_fn, params, batch, key),
-                                                 leading=(self.num_tangents,))
-        return self._sample_tree(params, key)
-
-    def __call__(self, loss_fn, params, batch, key=None):
-        self._check_key(key)
-        if not self._own_draws():
-            return super().__call__(loss_fn, params, batch, key)
-        return self._estimate_tree(loss_fn, params, batch, self._tangent_tree(loss_fn, params, batch, key))
-
-    def _own_draws(self) -> bool:
-        """True unless a subclass overrides ``sample`` or ``estimate`` (then those are used as given)."""
-        return type(self).sample is Forward.sample and type(self).estimate is Forward.estimate
-
-    def estimate(self, loss_fn, params, batch, tangents):
-        be = params_backend(params)
+        if not self.orthogonal:
+            return tree
         flat = FlatView.of(params)
-        k = self.num_tangents
-        if tuple(tangents.shape) != (k, flat.size):
-            raise ValueError(f"forward: tangents must have shape (num_tangents, n) = {(k, flat.size)}, "
-                             f"got {tuple(tangents.shape)}")
-        return self._estimate_tree(loss_fn, params, batch, flat.unflatten(be, tangents, leading=(k,)))
+        if k > flat.size:
+            raise ValueError(f"forward: orthogonal=True needs num_tangents <= number of parameters "
+                             f"({flat.size}), got {k}")
+        frame = _orthonormal_rows(be, flat.flatten(be, tree, leading=(k,))) * math.sqrt(flat.size)
+        return flat.unflatten(be, frame, leading=(k,))
 
-    def factored(self, loss_fn, params, batch, key=None):
-        """With one tangent and no projection: ``(loss, d, v)``, the estimate being ``d * v``
-        (``d = ∇f·v`` a 0-d array, ``v`` the params-shaped tangent); None otherwise.
+    def estimate_tree(self, loss_fn, params, batch, vtree):
+        """``(loss, g)`` from tangents given as a params-shaped pytree with a leading K axis.
 
-        The same draw and JVP as ``__call__``; a training step applies ``p -= lr d v`` in one
-        pass over each leaf instead of first writing the gradient ``d v`` (on torch that array
-        and its pass were about 4% of the MLP's K=1 step)."""
-        if self.num_tangents != 1 or self.projection or not self._own_draws():
-            return None  # (a subclass with its own sample or estimate keeps them)
-        self._check_key(key)
-        vtree = self._tangent_tree(loss_fn, params, batch, key)
-        loss, d = self._directional(loss_fn, params, batch, vtree)
-        return loss, d[0], tree_map(lambda t: t[0], vtree)
+        Args:
+            loss_fn: ``loss_fn(params, batch) -> scalar``.
+            params: the parameters.
+            batch: passed to ``loss_fn``.
+            vtree: the tangents (:meth:`tangent_tree`'s form).
 
-    def _estimate_tree(self, loss_fn, params, batch, vtree):
-        """``(loss, g)`` from tangents given as a params-shaped pytree with a leading K axis."""
+        Returns:
+            The loss and the estimate, shaped like ``params``.
+        """
         be = params_backend(params)
         xp, k = be.xp, self.num_tangents
         loss, ds = self._directional(loss_fn, params, batch, vtree)
@@ -217,13 +186,57 @@ class Forward(Estimator):
         if self.projection:
             # the Gram matrix of the K flat tangents, summed over the leaves
             gram = sum(xp.matmul(r, xp.matrix_transpose(r)) for r in rows)
-            coef = xp.linalg.solve(gram, ds[:, None])[:, 0]
-            combine = lambda t: xp.reshape(xp.matmul(coef[None, :], xp.reshape(t, (k, -1)))[0],  # noqa: E731
-                                           t.shape[1:])
+            weights, divisor = xp.linalg.solve(gram, ds[:, None])[:, 0], 1
         else:
-            combine = lambda t: xp.reshape(xp.matmul(ds[None, :], xp.reshape(t, (k, -1)))[0],  # noqa: E731
-                                           t.shape[1:]) / k
+            weights, divisor = ds, k
+
+        def combine(t):
+            return xp.reshape(xp.matmul(weights[None, :], xp.reshape(t, (k, -1)))[0], t.shape[1:]) / divisor
+
         return loss, tree_map(combine, vtree)
+
+    # ---------------------------------------------------------------- the estimator protocol
+    def sample(self, loss_fn, params, batch, key):
+        """The tangents of :meth:`tangent_tree` as one flat ``(K, n)`` array (to share them)."""
+        be = params_backend(params)
+        return FlatView.of(params).flatten(be, self.tangent_tree(params, key), leading=(self.num_tangents,))
+
+    def estimate(self, loss_fn, params, batch, tangents):
+        """:meth:`estimate_tree` from the flat ``(K, n)`` tangents that :meth:`sample` gives."""
+        be = params_backend(params)
+        flat = FlatView.of(params)
+        k = self.num_tangents
+        if tuple(tangents.shape) != (k, flat.size):
+            raise ValueError(f"forward: tangents must have shape (num_tangents, n) = {(k, flat.size)}, "
+                             f"got {tuple(tangents.shape)}")
+        return self.estimate_tree(loss_fn, params, batch, flat.unflatten(be, tangents, leading=(k,)))
+
+    def __call__(self, loss_fn, params, batch, key=None):
+        self._check_key(key)
+        return self.estimate_tree(loss_fn, params, batch, self.tangent_tree(params, key))
+
+    @property
+    def factored_form(self) -> bool:
+        """Whether the estimate is one 0-d ``d`` times the tangent ``v`` (K = 1, no projection).
+
+        Then :meth:`factored` gives ``(loss, d, v)`` and the Trainer's update strategy
+        ``"sgd-factored"`` applies ``p -= lr d v`` without writing the gradient ``d v``. A
+        subclass that overrides :meth:`estimate_tree` must make this False (or keep
+        :meth:`factored` consistent with it).
+        """
+        return self.num_tangents == 1 and not self.projection
+
+    def factored(self, loss_fn, params, batch, key=None):
+        """``(loss, d, v)`` with the estimate ``d * v`` when :attr:`factored_form`, else None.
+
+        The same draw and JVP as ``__call__``: ``d * v`` is exactly its estimate for this key.
+        """
+        if not self.factored_form:
+            return None
+        self._check_key(key)
+        vtree = self.tangent_tree(params, key)
+        loss, d = self._directional(loss_fn, params, batch, vtree)
+        return loss, d[0], tree_map(lambda t: t[0], vtree)
 
     def _directional(self, loss_fn, params, batch, vtree):
         """``(loss, ds)``: the K directional derivatives ``ds[i] = ∇f·v_i`` (shape ``(K,)``)."""
@@ -242,8 +255,8 @@ class Forward(Estimator):
     def _rules(self, loss_fn, batch, be):
         """The hand-written rules' plan when ``jvp`` selects them for this loss, else None."""
         if self.jvp == "rules" or (self.jvp == "auto" and be.fast_jvp_rules):
-            # measured (benchmarks/RESULTS.md): the rules win for Linear layers; for convolutions
-            # torch's own forward AD is as fast or faster, so "auto" keeps it there
+            # the rules win for Linear layers; for convolutions torch's own forward AD is as
+            # fast or faster, so "auto" keeps it there (duogard bench shows both)
             rules = _rules_plan(loss_fn, batch, convolutions=self.jvp == "rules")
             if rules is None and self.jvp == "rules":
                 raise ValueError("forward: jvp='rules' covers supervised(Sequential of duogard layers, "

@@ -6,7 +6,7 @@ tangent is drawn from its own key (``fold_in(key, leaf index)``) when the forwar
 its layer, used, and dropped; once the directional derivatives are known, each leaf's tangent
 is drawn again from the same key and the SGD update is applied to that leaf alone, in place
 (torch) or into the donated buffer (JAX). No buffer the size of the whole model is ever made,
-so the peak beyond the parameters is one layer's worth (measured in ``duogard bench``).
+so the peak beyond the parameters is one layer's worth (``duogard bench`` measures it).
 
 The price is a second draw of every tangent. The numbers are those of
 ``estimator("forward", lean=True)`` used the ordinary way (its :meth:`sample` draws the same
@@ -37,8 +37,9 @@ def leaf_keys_order(params) -> dict:
 class LeanStep:
     """``step(params, opt_state, batch, key)``: the forward-gradient SGD step without whole-model buffers.
 
-    Built by :class:`duogard.Trainer` for ``estimator("forward", lean=True)`` with a
-    momentum-free :func:`duogard.optim.sgd`. The loss must be covered by duogard's forward rules
+    Built by :class:`duogard.train.Trainer` (update strategy ``"sgd-lean"``) for
+    ``estimator("forward", lean=True)`` with a momentum-free :func:`duogard.optim.sgd` (a
+    :class:`duogard.optim.PlainSGD`, whose :meth:`~duogard.optim.PlainSGD.apply_` writes each leaf). The loss must be covered by duogard's forward rules
     (a :class:`duogard.nn.Sequential` of duogard layers with ``cross_entropy`` or ``mse``).
     """
 
@@ -86,17 +87,15 @@ class LeanStep:
         self._head = be.jit(head, **jit_kw)
 
         def update(p, key, index, coef, lr):
-            # p <- p (1 - lr wd) - lr g, g = sum_k coef_k v_k (coef = d / K); returns |g|^2 too
+            # p <- p (1 - lr wd) - lr g, g = sum_k coef_k v_k (coef = d / K), written by the one
+            # in-place SGD component; returns |g|^2 too
             v = draw_leaf_tangent(be, kind, be.fold_in(key, index), k, tuple(p.shape), dtype=p.dtype,
                                   device=be.device_of(p))
             xp = be.xp
-            if sgd.weight_decay:
-                p = be.add_scaled_(p, p, -lr * sgd.weight_decay)
             if k == 1:
-                sq = xp.sum(v * v) * coef[0] * coef[0]
-                return be.add_scaled_(p, v[0], -lr * coef[0]), sq
+                return sgd.apply_(be, p, v[0], lr, scale=coef[0]), xp.sum(v * v) * coef[0] * coef[0]
             g = xp.tensordot(coef, v, axes=1)
-            return be.add_scaled_(p, g, -lr), xp.sum(g * g)
+            return sgd.apply_(be, p, g, lr), xp.sum(g * g)
 
         self._update = be.jit(update, donate_argnums=(0,), **jit_kw)
 

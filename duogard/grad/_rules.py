@@ -60,7 +60,7 @@ def _linear(be, layer, p, tp, x, tx, k):
         ty = xp.matmul(x, xp.matrix_transpose(tw[0]))[None]
     else:
         # (K, B, out) by broadcasting: torch's batched product beats one (B, K*out) product
-        # followed by a transpose (measured with K=4: 3.0 against 3.5 ms)
+        # followed by a transpose
         ty = xp.matmul(x, xp.matrix_transpose(tw))
     if tx is not None:
         ty = ty + xp.matmul(tx, xp.matrix_transpose(w))

@@ -7,7 +7,6 @@ docstring says how and which optax options give the same numbers.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Callable
 
 from duogard.optim._base import GradientTransformation, chain, check, nonneg, positive, unit_interval
@@ -16,7 +15,7 @@ from duogard.optim._transforms import (
     add_decayed_weights, scale_by_adam, scale_by_learning_rate, scale_by_rms, scale_by_rss, trace,
 )
 
-__all__ = ["sgd", "adam", "adamw", "rmsprop", "adagrad", "PlainSGD", "plain_sgd"]
+__all__ = ["sgd", "adam", "adamw", "rmsprop", "adagrad", "PlainSGD"]
 
 
 def _chain(*parts) -> GradientTransformation:
@@ -30,6 +29,16 @@ def sgd(learning_rate=1e-3, *, momentum=0.0, nesterov: bool = False, weight_deca
     the first step) and the step is ``-lr * buf`` (``-lr * (g + momentum * buf)`` with
     ``nesterov``). optax: ``chain(add_decayed_weights(weight_decay), optax.sgd(lr, momentum,
     nesterov))`` is the same.
+
+    Args:
+        learning_rate: a number >= 0 or a schedule (``step -> rate``).
+        momentum: the momentum factor (0: none).
+        nesterov: Nesterov momentum (needs ``momentum > 0``).
+        weight_decay: L2 penalty added to the gradient.
+
+    Returns:
+        A :class:`GradientTransformation`; without momentum a :class:`PlainSGD`, which a
+        training step may also apply in place, in one pass (:meth:`PlainSGD.apply_`).
     """
     schedule = as_schedule("sgd", learning_rate)
     m = nonneg("sgd", "momentum", momentum)
@@ -40,34 +49,70 @@ def sgd(learning_rate=1e-3, *, momentum=0.0, nesterov: bool = False, weight_deca
         trace(decay=m, nesterov=bool(nesterov)) if m else None,
         scale_by_learning_rate(schedule),
     )
-    if not m:
-        tx.update.plain_sgd = PlainSGD(schedule, wd)  # stateless: an update can be fused (see plain_sgd)
-    return tx
+    return tx if m else PlainSGD(tx.init, tx.update, schedule=schedule, weight_decay=wd)
 
 
-@dataclass(frozen=True)
-class PlainSGD:
-    """What a momentum-free :func:`sgd` does, for steps that apply it themselves.
+class PlainSGD(GradientTransformation):
+    """A momentum-free :func:`sgd`: still a ``GradientTransformation`` (``init``, ``update``),
+    and also the one component that applies an SGD step in place.
 
-    ``params <- params * (1 - lr * weight_decay) - lr * g``. A step that fuses the update into
-    the gradient computation (``estimator("forward", lean=True)``) reads the rate with
-    :meth:`advance`, which also returns the optimizer state one update later, exactly as
-    ``update`` would.
+    ``params <- params * (1 - lr * weight_decay) - lr * g``. Training steps that fuse the
+    update with the gradient computation (the Trainer's in-place, factored and lean update
+    strategies) read the rate with :meth:`advance` and write each leaf with :meth:`apply_`, so
+    the numbers are the same whichever strategy runs.
+
+    Attributes:
+        schedule: the learning-rate schedule (``count -> rate``).
+        weight_decay: the L2 penalty (0: none).
     """
 
-    schedule: Callable[[Any], Any]
-    weight_decay: float
+    def __new__(cls, init, update, *, schedule: Callable[[Any], Any], weight_decay: float):
+        self = super().__new__(cls, init, update)
+        self.schedule = schedule
+        self.weight_decay = float(weight_decay)
+        return self
+
+    def __repr__(self) -> str:
+        return f"PlainSGD(weight_decay={self.weight_decay})"
 
     def advance(self, state):
-        """``(learning_rate, new_state)``: the rate this update uses (0-d array) and the state after it."""
+        """The rate of this update and the optimizer state after it.
+
+        Args:
+            state: the state ``init``/``update`` made.
+
+        Returns:
+            ``(learning_rate, new_state)``: a 0-d array and the state one update later,
+            exactly as ``update`` would leave it.
+        """
         lr_state = state[-1]  # sgd's chain ends with scale_by_learning_rate
         _, new = scale_by_learning_rate(self.schedule).update({"lr": lr_state.learning_rate}, lr_state)
         return lr_state.learning_rate, (*state[:-1], new)
 
+    def apply_(self, be, param, grad, lr, *, scale=None, where=None):
+        """One leaf's step, in place where the backend can (torch; donated buffers under jit).
 
-def plain_sgd(optimizer) -> PlainSGD | None:
-    """The :class:`PlainSGD` of an optimizer made by :func:`sgd` without momentum, else None."""
-    return getattr(getattr(optimizer, "update", None), "plain_sgd", None)
+        ``param * (1 - lr * weight_decay) - lr * scale * grad``, in two in-place passes
+        (weight decay first), or one without weight decay.
+
+        Args:
+            be: the backend of ``param``.
+            param: the leaf to update (owned by the caller: it may be overwritten).
+            grad: the gradient leaf, or the tangent ``v`` of a factored estimate ``d v``.
+            lr: the learning rate (0-d array or number).
+            scale: ``d`` of a factored estimate (0-d array), or None.
+            where: a 0-d bool: update only where it holds (None: always).
+
+        Returns:
+            The updated leaf (the same buffer on torch).
+        """
+        xp = be.xp
+        if self.weight_decay:
+            param = be.add_scaled_(param, param, -xp.astype(lr, param.dtype) * self.weight_decay, where=where)
+        coef = -xp.astype(lr, param.dtype)
+        if scale is not None:
+            coef = coef * xp.astype(scale, param.dtype)
+        return be.add_scaled_(param, grad, coef, where=where)
 
 
 def _adam_args(fn, b1, b2, eps, weight_decay):

@@ -1,11 +1,23 @@
-"""Training loop, metrics, checkpoints, and the models of the experiments."""
+"""Training: the Trainer and its update strategies, ``fit`` and its callbacks, checkpoints.
 
-from duogard.train._loop import FitResult, NonFiniteError, Trainer, fit, rss_bytes
-from duogard.train._compare import DEFAULT_METHODS, MethodSpec, compare, parse_method
+The experiments' models (``build_model``) live here too.
+"""
+
+from duogard.train._callbacks import (
+    Callback, Checkpointer, Diagnostics, Evaluate, FitRun, LambdaCallback, LogFile, OnNonFinite, Progress,
+)
+from duogard.train._fit import fit
 from duogard.train._models import MODELS, build_model
+from duogard.train._result import FitResult, NonFiniteError, rss_bytes
+from duogard.train._trainer import Trainer
+from duogard.train._update import UPDATE_STRATEGIES, choose_update
 from duogard.train.checkpoint import (
     Checkpoint, CheckpointMismatchError, is_checkpoint, load_checkpoint, save_checkpoint,
 )
 
-__all__ = ["compare", "parse_method", "MethodSpec", "DEFAULT_METHODS", "fit", "Trainer", "FitResult", "NonFiniteError", "rss_bytes", "build_model", "MODELS",
-           "Checkpoint", "CheckpointMismatchError", "save_checkpoint", "load_checkpoint", "is_checkpoint"]
+__all__ = [
+    "fit", "Trainer", "FitResult", "NonFiniteError", "rss_bytes", "UPDATE_STRATEGIES", "choose_update",
+    "Callback", "FitRun", "Evaluate", "Diagnostics", "LogFile", "Progress", "Checkpointer", "OnNonFinite",
+    "LambdaCallback", "build_model", "MODELS",
+    "Checkpoint", "CheckpointMismatchError", "save_checkpoint", "load_checkpoint", "is_checkpoint",
+]

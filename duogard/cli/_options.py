@@ -1,0 +1,138 @@
+"""Options that several commands share: data and model flags, optimizer flags, backends."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+__all__ = ["add_data_options", "add_optimizer_options", "build_optimizer", "parse_hidden", "load_data",
+           "build_model_from_args", "parse_backends", "OPTIMIZERS"]
+
+OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
+DATASETS_HELP = "digits (built in), auto (mnist if its IDX files are in --data-dir, else digits), " \
+                "mnist, fashion-mnist, synthetic"
+
+
+def add_data_options(p: argparse.ArgumentParser, *, many_backends: bool = False) -> None:
+    """``--backend(s)``, data, model and the common training flags."""
+    if many_backends:
+        p.add_argument("--backends", default=None, help="comma-separated backends (default: every installed one)")
+    else:
+        p.add_argument("--backend", default=None, help="jax or torch (default: $DUOGARD_BACKEND, else jax if installed)")
+    p.add_argument("--dataset", default="digits", help=DATASETS_HELP)
+    p.add_argument("--data-dir", default=None, help="directory with the MNIST/Fashion-MNIST IDX files")
+    p.add_argument("--model", default="mlp", choices=("logreg", "mlp", "cnn"))
+    p.add_argument("--hidden", default=None,
+                   help="MLP hidden sizes, comma-separated (default: 128 on digits, 1024,1024 otherwise)")
+    p.add_argument("--channels", type=int, default=None,
+                   help="CNN: channels of each convolution (default: 16 on digits, 64 otherwise)")
+    p.add_argument("--cnn-hidden", type=int, default=None,
+                   help="CNN: units of the hidden linear layer (default: 128 on digits, 1024 otherwise)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def add_optimizer_options(p: argparse.ArgumentParser, *, choices=OPTIMIZERS) -> None:
+    """``--optimizer``, ``--lr``, ``--decay``."""
+    p.add_argument("--optimizer", default="sgd", choices=choices)
+    p.add_argument("--lr", type=float, default=None,
+                   help="learning rate (default: the method's lr=, else the table's rate for the model and "
+                        "method; a tenth of it for Adam)")
+    p.add_argument("--decay", type=float, default=0.0,
+                   help="exponential learning-rate decay k: lr0*exp(-k*step) (default 0: constant)")
+
+
+def parse_hidden(text: str | None, dataset_name: str) -> tuple[int, ...]:
+    """``--hidden``: comma-separated positive ints; None gives the default for the data."""
+    if text is None:
+        return (128,) if dataset_name == "digits" else (1024, 1024)
+    try:
+        sizes = tuple(int(h) for h in text.split(",") if h.strip())
+    except ValueError:
+        raise ValueError(f"--hidden must be comma-separated ints, got {text!r}") from None
+    if not sizes or min(sizes) <= 0:
+        raise ValueError(f"--hidden must be positive ints, got {text!r}")
+    return sizes
+
+
+def _positive(flag: str, value):
+    if value is not None and not value > 0:
+        raise ValueError(f"{flag} must be > 0, got {value}")
+    return value
+
+
+def check_common(args) -> None:
+    """The checks argparse's types do not make (before any data is loaded)."""
+    for flag in ("batch_size", "channels", "cnn_hidden", "lr"):
+        if hasattr(args, flag):
+            _positive("--" + flag.replace("_", "-"), getattr(args, flag))
+    if getattr(args, "steps", 1) < 0:
+        raise ValueError(f"--steps must be >= 0, got {args.steps}")
+    if getattr(args, "decay", 0.0) < 0:
+        raise ValueError(f"--decay must be >= 0, got {args.decay}")
+    if getattr(args, "hidden", None) is not None:
+        parse_hidden(args.hidden, "digits")
+
+
+def load_data(args, *, say=print):
+    """The dataset of ``--dataset`` (``auto``: MNIST when its IDX files are in --data-dir, else digits)."""
+    import duogard as dg
+
+    if args.dataset != "auto":
+        return dg.data.load(args.dataset, seed=args.seed, data_dir=args.data_dir)
+    try:
+        return dg.data.load("mnist", seed=args.seed, data_dir=args.data_dir)
+    except FileNotFoundError:
+        where = args.data_dir or os.environ.get("DUOGARD_DATA_DIR", "./data")
+        say(f"(no MNIST IDX files in {where}: using the built-in digits dataset; "
+            f"pass --dataset mnist --data-dir DIR for MNIST)")
+        return dg.data.load("digits", seed=args.seed)
+
+
+def build_model_from_args(args, data):
+    """``(model, title)`` for ``--model`` and its size flags (the paper's sizes beyond digits)."""
+    from duogard.train import build_model
+
+    small = data.name == "digits"
+    if args.model == "logreg":
+        return build_model("logreg", data.num_classes), \
+            f"logistic regression {data.x_train[0].size}-{data.num_classes}"
+    if args.model == "cnn":
+        channels = args.channels or (16 if small else 64)
+        cnn_hidden = args.cnn_hidden or (128 if small else 1024)
+        model = build_model("cnn", data.num_classes, channels=channels, cnn_hidden=cnn_hidden)
+        return model, f"CNN 4 x conv3x3({channels}), linear {cnn_hidden}, {data.num_classes} classes"
+    hidden = parse_hidden(args.hidden, data.name)
+    sizes = "-".join(map(str, (data.x_train[0].size, *hidden, data.num_classes)))
+    return build_model("mlp", data.num_classes, hidden=hidden), f"MLP {sizes}"
+
+
+def build_optimizer(args, spec, *, model: str | None = None):
+    """The optimizer a command asked for, and its initial learning rate.
+
+    ``--lr``, else the method's own ``lr=``, else the table's rate for the model and method
+    (a tenth of it for Adam); ``--decay`` makes it ``lr * exp(-decay * step)``.
+    """
+    from duogard import optim
+
+    name = args.optimizer
+    lr = args.lr if args.lr is not None else spec.learning_rate(model or args.model) * (
+        0.1 if name.startswith("adam") else 1)
+    schedule = optim.exponential_decay(lr, rate=args.decay) if args.decay else lr
+    if name == "sgd":
+        return optim.sgd(schedule), lr
+    if name == "momentum":
+        return optim.sgd(schedule, momentum=0.9), lr
+    if name == "adam":
+        return optim.adam(schedule), lr
+    return optim.adamw(schedule), lr
+
+
+def parse_backends(text: str | None, *, flag: str = "--backends") -> list[str] | None:
+    """Comma-separated backend names (None: every installed one)."""
+    if text is None:
+        return None
+    names = [b.strip() for b in text.split(",") if b.strip()]
+    if not names:
+        raise ValueError(f"{flag}: expected comma-separated backend names, got {text!r}")
+    return names

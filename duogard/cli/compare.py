@@ -1,0 +1,191 @@
+"""``duogard compare``, the main job: every backend x gradient method with the same data, initial
+weights, steps and batches; a table, a plot of loss against steps and wall-clock, and a JSON file."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from duogard.cli._methods import DEFAULT_METHODS, MethodSpec, parse_methods
+from duogard.cli._options import add_data_options, build_model_from_args, check_common, load_data, parse_backends
+
+__all__ = ["add_parser", "run", "compare", "format_table", "plot_runs"]
+
+HELP = "THE MAIN JOB: every backend x gradient method, a table and a plot"
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    """Add the ``compare`` command to the subparsers ``sub``."""
+    c = sub.add_parser("compare", help=HELP,
+                       description="Run every backend x gradient method with the same data, weights, steps and "
+                                   "batches; print a table and write a PNG plot and a JSON result.")
+    add_data_options(c, many_backends=True)
+    c.add_argument("--methods", default=None,
+                   help="semicolon-separated methods, name[:key=value,...] (lr=... sets the method's learning "
+                        "rate); default: " + "; ".join(DEFAULT_METHODS))
+    c.add_argument("--steps", type=int, default=2500)
+    c.add_argument("--lr", type=float, default=None, help="one learning rate for all (default: per method)")
+    c.add_argument("--decay", type=float, default=0.0,
+                   help="exponential learning-rate decay k: lr0*exp(-k*step) (default 0: constant)")
+    c.add_argument("--diagnostics-every", type=int, default=25)
+    c.add_argument("--out", default="duogard-out", help="output directory (compare.json, compare.png)")
+    c.add_argument("--quiet", action="store_true")
+    return c
+
+
+def run(args) -> int:
+    """Run the comparison ``args`` describe and print its table."""
+    check_common(args)
+    specs = parse_methods(args.methods)
+    backends = parse_backends(args.backends)
+    if args.diagnostics_every < 0:
+        raise ValueError(f"--diagnostics-every must be >= 0, got {args.diagnostics_every}")
+    print(f"duogard compare: {args.model} on {args.dataset}, {args.steps} steps, batch {args.batch_size}, "
+          f"seed {args.seed}")
+    data = load_data(args)
+    model, title = build_model_from_args(args, data)
+    result = compare(model, data, backends=backends, methods=specs, steps=args.steps, batch_size=args.batch_size,
+                     learning_rate=args.lr, decay=args.decay, seed=args.seed, model_name=args.model,
+                     diagnostics_every=args.diagnostics_every, out_dir=args.out, title=title,
+                     progress=False if args.quiet else None)
+    print()
+    print(format_table(result["runs"]))
+    for f in result.get("files", []):
+        print(f"wrote {f}")
+    return 0
+
+
+def compare(model, data, *, backends=None, methods=DEFAULT_METHODS, steps: int = 2500, batch_size: int = 64,
+            learning_rate: float | None = None, decay: float = 0.0, seed: int = 0, model_name: str = "mlp",
+            diagnostics_every: int = 25, out_dir="duogard-out", title: str = "", progress=None,
+            log=print) -> dict:
+    """Run every ``backend x method`` with the same data, initial weights, steps and batches.
+
+    Args:
+        model: the duogard model.
+        data: the dataset.
+        backends: backend names (None: every installed one).
+        methods: method specs or strings ``name[:option=value,...]``.
+        steps: steps per run.
+        batch_size: examples per step.
+        learning_rate: one SGD rate for every method (None: each method's own, or the table's).
+        decay: exponential learning-rate decay.
+        seed: weights, batches and tangents follow it.
+        model_name: the model's name in the learning-rate table.
+        diagnostics_every: steps between cosine diagnostics of the estimators (0: never).
+        out_dir: where ``compare.json`` and ``compare.png`` go (None: nowhere).
+        title: the plot's title.
+        progress: progress bars (None: when stderr is a terminal).
+        log: prints one line per finished run (None: silent).
+
+    Returns:
+        ``{"config": ..., "runs": [summary + history per run], "files": [...]}``.
+    """
+    import duogard as dg
+    from duogard import optim
+    from duogard.cli._methods import parse_method
+    from duogard.train import Diagnostics, Evaluate, Progress
+
+    if backends is None:
+        backends = [b.name for b in dg.available_backends() if b.available]
+    specs = [m if isinstance(m, MethodSpec) else parse_method(m, flag="--methods") for m in methods]
+    params0 = model.init(seed, data.example_input)
+    runs = []
+    for be_name in backends:
+        for spec in specs:
+            lr = learning_rate if learning_rate is not None else spec.learning_rate(model_name)
+            schedule = optim.exponential_decay(lr, rate=decay) if decay else lr
+            callbacks = [Evaluate(), Progress(progress)]
+            if diagnostics_every and spec.name != "backprop":
+                callbacks.append(Diagnostics(diagnostics_every))
+            res = dg.fit(model, params0, data, estimator=spec.estimator, optimizer=optim.sgd(schedule),
+                         backend=be_name, steps=steps, batch_size=batch_size, seed=seed, callbacks=callbacks)
+            summary = res.summary() | {"method": spec.label, "learning_rate": lr}
+            runs.append(summary | {"history": [{k: h[k] for k in ("step", "loss", "time") if k in h}
+                                               for h in res.history]})
+            if log:
+                log(f"  {be_name:>5} {spec.label:<45} loss {summary['final_loss']:.4f}  "
+                    f"test acc {summary['test_accuracy']:.3f}  {1e3 * summary['time_per_step']:.2f} ms/step")
+    result = {"config": {"dataset": data.name, "model": model_name, "steps": steps, "batch_size": batch_size,
+                         "seed": seed, "decay": decay, "backends": list(backends),
+                         "methods": [s.label for s in specs],
+                         "versions": {b.name: b.version for b in dg.available_backends() if b.available}},
+              "runs": runs}
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "compare.json").write_text(json.dumps(result, indent=1, default=_json_default))
+        plot_runs(runs, out / "compare.png", title=f"{title or model_name} on {data.name}, {steps} steps, "
+                                                   f"batch {batch_size}")
+        result["files"] = [str(out / "compare.json"), str(out / "compare.png")]
+    return result
+
+
+def _json_default(o):
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    raise TypeError(type(o).__name__)
+
+
+def format_table(runs: list[dict]) -> str:
+    """The comparison table (one row per backend x method)."""
+    head = ("backend", "method", "final loss", "test acc", "ms/step", "total s", "peak MB", "cosine")
+    rows = []
+    for r in runs:
+        cos = r.get("mean_cosine", float("nan"))
+        rows.append((
+            r["backend"], r["method"], f"{r['final_loss']:.4f}", f"{r['test_accuracy']:.3f}",
+            f"{1e3 * r['time_per_step']:.2f}", f"{r['total_seconds']:.1f}",
+            f"{r['peak_memory_bytes'] / 2**20:.1f}", "-" if math.isnan(cos) else f"{cos:.3f}",
+        ))
+    widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(head)]
+
+    def line(cells):
+        return "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+    return "\n".join([line(head), line(["-" * w for w in widths]), *(line(r) for r in rows)])
+
+
+def _smooth(y: np.ndarray, k: int) -> np.ndarray:
+    if k <= 1 or len(y) < k:
+        return y
+    c = np.cumsum(np.insert(y, 0, 0.0))
+    head = c[1:k] / np.arange(1, k)
+    return np.concatenate([head, (c[k:] - c[:-k]) / k])
+
+
+_STYLES = ("-", "--", ":", "-.")
+
+
+def plot_runs(runs: list[dict], path, *, title: str = "") -> None:
+    """Loss against step and against wall-clock, one line per run (moving average of 25)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    backends = list(dict.fromkeys(r["backend"] for r in runs))  # a line style per backend
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for r in runs:
+        h = r["history"]
+        step = np.array([x["step"] for x in h])
+        loss = _smooth(np.array([x["loss"] for x in h], dtype=float), 25)
+        t = np.array([x["time"] for x in h])
+        style = _STYLES[backends.index(r["backend"]) % len(_STYLES)]
+        label = f"{r['backend']} {r['method']}"
+        ax1.plot(step, loss, style, label=label)
+        ax2.plot(t, loss, style, label=label)
+    for ax, xl in ((ax1, "step"), (ax2, "wall-clock seconds")):
+        ax.set_xlabel(xl)
+        ax.set_ylabel("training loss (moving average)")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    ax1.legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,311 @@
+"""Callbacks of :func:`duogard.fit`: evaluation, diagnostics, logging, progress, checkpoints and
+the non-finite policy, each a small object passed in one list (Keras/Lightning style).
+
+A callback subclasses :class:`Callback` and overrides any of its hooks; a plain function
+``f(record)`` in the list is called after every step. Callbacks run in the order of their
+``order`` attribute (stable for equal values): those that add to a step's record (evaluation,
+diagnostics) before those that read it (log files, progress bars).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+__all__ = [
+    "Callback", "FitRun", "Evaluate", "Diagnostics", "LogFile", "Progress", "Checkpointer",
+    "OnNonFinite", "LambdaCallback",
+]
+
+
+class FitRun:
+    """The state of one :func:`duogard.fit` run, handed to every hook.
+
+    Attributes:
+        trainer: the :class:`~duogard.train.Trainer` (``trainer.be`` is the backend).
+        data: the dataset.
+        steps: the step budget (the run ends after step ``steps``).
+        batch_size: examples per step.
+        seed: the run's seed (batches and keys follow it and the step index).
+        start: the first step this run takes (after a resume, the checkpoint's step).
+        params: the current params (callbacks may replace them in ``on_fit_start``).
+        opt_state: the current optimizer state.
+        key: the base random key (step ``i`` uses ``fold_in(key, i)``).
+        result: the :class:`~duogard.train.FitResult` being filled.
+        finite: whether the last step's loss (and gradient) were finite.
+        completed: whether the run reached its last step (False while running or after an error).
+    """
+
+    def __init__(self, trainer, data, *, steps, batch_size, seed, params, opt_state, key, result):
+        self.trainer, self.data = trainer, data
+        self.steps, self.batch_size, self.seed = steps, batch_size, seed
+        self.start = 0
+        self.params, self.opt_state, self.key, self.result = params, opt_state, key, result
+        self.finite = True
+        self.completed = False
+
+    @property
+    def be(self):
+        """The run's backend."""
+        return self.trainer.be
+
+
+class Callback:
+    """The base of fit's callbacks: every hook does nothing until overridden."""
+
+    #: when this callback runs among the others (lower first)
+    order: int = 50
+
+    def on_fit_start(self, run: FitRun) -> None:
+        """Before the first step (``run.start`` may still change: a resume sets it)."""
+
+    def before_step(self, run: FitRun, step: int, x, y, key) -> None:
+        """Before step ``step`` (0-based), on its batch and key, outside the timed step."""
+
+    def on_step_end(self, run: FitRun, record: dict) -> None:
+        """After each step; ``record`` is the step's entry of the history (add keys to it)."""
+
+    def on_fit_end(self, run: FitRun) -> None:
+        """After the last step, also when the run stops on an error (check ``run.result``)."""
+
+
+class LambdaCallback(Callback):
+    """A plain function ``f(record)`` called after every step."""
+
+    def __init__(self, fn: Callable[[dict], Any]):
+        if not callable(fn):
+            raise TypeError(f"fit: a callback must be a Callback or a callable f(record), got {fn!r}")
+        self.fn = fn
+
+    def on_step_end(self, run, record):
+        self.fn(record)
+
+
+def _every(name: str, value, *, allow_none: bool = True) -> int | None:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name}: every must be a positive int{' or None' if allow_none else ''}, got {value!r}")
+    return value
+
+
+class Evaluate(Callback):
+    """Evaluate on the test split every ``every`` steps and after the last one.
+
+    Adds ``test_loss`` and ``test_accuracy`` to the step's record and one entry to
+    ``result.evals``.
+
+    Args:
+        every: steps between evaluations (None: a tenth of the run, at least 1).
+        batch_size: examples per evaluation batch.
+    """
+
+    order = 10
+
+    def __init__(self, every: int | None = None, *, batch_size: int = 512):
+        self.every = _every("Evaluate", every)
+        self.batch_size = _every("Evaluate(batch_size)", batch_size, allow_none=False)
+
+    def on_step_end(self, run, record):
+        every = self.every or max(run.steps // 10, 1)
+        done = record["step"]
+        if done % every and done != run.steps:
+            return
+        data = run.data
+        ev = run.trainer.evaluate(run.params, data.x_test, data.y_test, batch_size=self.batch_size)
+        entry = {"step": done, "test_loss": ev["loss"], "test_accuracy": ev["accuracy"], "time": record["time"]}
+        run.result.evals.append(entry)
+        record.update(test_loss=ev["loss"], test_accuracy=ev["accuracy"])
+
+
+class Diagnostics(Callback):
+    """Every ``every`` steps, compare the estimate with the true (backprop) gradient.
+
+    Computed on that step's params, batch and key before the step and outside its timing;
+    adds ``cosine`` and ``rel_norm`` to the record.
+
+    Args:
+        every: steps between diagnostics (a positive int).
+    """
+
+    order = 10
+
+    def __init__(self, every: int):
+        self.every = _every("Diagnostics", every, allow_none=False)
+        self._pending: dict = {}
+
+    def before_step(self, run, step, x, y, key):
+        self._pending = {}
+        if step % self.every == 0:
+            self._pending = {k: float(v) for k, v in run.trainer.diagnose(run.params, x, y, key).items()}
+
+    def on_step_end(self, run, record):
+        record.update(self._pending)
+        self._pending = {}
+
+
+#: record keys that appear only on some steps (so a CSV log needs their columns from the start)
+_LATE_FIELDS = ("cosine", "rel_norm", "test_loss", "test_accuracy")
+
+
+class LogFile(Callback):
+    """Per-step records to a ``.csv`` or ``.jsonl`` file (by the suffix).
+
+    Args:
+        path: the file (its directory is created; the file is replaced).
+    """
+
+    order = 90
+
+    def __init__(self, path):
+        self.path = Path(path)
+        if self.path.suffix not in (".csv", ".jsonl"):
+            raise ValueError(f"LogFile: path must end in .csv or .jsonl, got {str(path)!r}")
+        self._f = None
+        self._writer = None
+
+    def on_fit_start(self, run):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._f = open(self.path, "w", newline="")
+        self._writer = None
+
+    def on_step_end(self, run, record):
+        if self.path.suffix == ".jsonl":
+            self._f.write(json.dumps(record) + "\n")
+            return
+        if self._writer is None:
+            # columns that only some steps carry (evaluations, diagnostics) are declared up front
+            fields = list(record) + [k for k in _LATE_FIELDS if k not in record]
+            self._writer = csv.DictWriter(self._f, fieldnames=fields, extrasaction="ignore")
+            self._writer.writeheader()
+        self._writer.writerow(record)
+
+    def on_fit_end(self, run):
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+
+
+class Progress(Callback):
+    """A tqdm progress bar with the running loss.
+
+    Args:
+        enabled: True, False, or None (default: only when stderr is a terminal).
+    """
+
+    order = 100
+
+    def __init__(self, enabled: bool | None = None):
+        self.enabled = enabled
+        self._bar = None
+
+    def on_fit_start(self, run):
+        show = self.enabled if self.enabled is not None else sys.stderr.isatty()
+        if show:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=run.steps - run.start, desc=f"{run.be.name}/{run.result.estimator}",
+                             leave=False)
+
+    def on_step_end(self, run, record):
+        if self._bar is not None:
+            self._bar.update(1)
+            self._bar.set_postfix(loss=f"{record['loss']:.4f}")
+
+    def on_fit_end(self, run):
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+class Checkpointer(Callback):
+    """Write checkpoints (atomically) every ``every`` steps and at the end; optionally resume.
+
+    Args:
+        directory: the checkpoint directory to write (None: write nothing, only resume).
+        every: steps between checkpoints (None: only at the end). The end includes a run
+            stopped by an error after its first step (the params are then the last good ones).
+        resume: a checkpoint directory to continue from before the first step (exactly: the
+            same batches and keys follow), or True for ``directory`` itself.
+    """
+
+    order = 5
+
+    def __init__(self, directory=None, *, every: int | None = None, resume=None):
+        self.directory = directory
+        self.every = _every("Checkpointer", every)
+        self.resume = directory if resume is True else (None if resume is False else resume)
+        if directory is None and (self.resume is None or every is not None):
+            raise ValueError("Checkpointer: directory is None, so nothing would be written: give a directory, "
+                             "or only resume=PATH to resume without writing")
+
+    def on_fit_start(self, run):
+        if self.resume is None:
+            return
+        from duogard.train.checkpoint import load_checkpoint
+
+        ck = load_checkpoint(self.resume, like_params=run.params, like_opt_state=run.opt_state,
+                             backend=run.be.name)
+        run.params, run.opt_state, run.start = ck.params, ck.opt_state, int(ck.step)
+        if ck.key is not None:
+            run.key = ck.key
+
+    def on_step_end(self, run, record):
+        if self.every and record["step"] % self.every == 0:
+            self.save(run, record["step"])
+
+    def on_fit_end(self, run):
+        if self.directory is None:
+            return
+        # also after an error, once a step has run: a non-finite step leaves the last good params
+        # in run.params, and an interrupted run keeps its steps
+        if run.completed or run.result.step > run.start:
+            self.save(run, run.result.step)
+
+    def save(self, run, step: int) -> None:
+        """Write ``run``'s params, optimizer state and key as the checkpoint of ``step``."""
+        from duogard.train.checkpoint import save_checkpoint
+
+        save_checkpoint(self.directory, params=run.params, opt_state=run.opt_state, step=step, key=run.key,
+                        config={"backend": run.be.name, "estimator": run.result.estimator})
+
+
+_ACTIONS = ("raise", "skip")
+
+
+class OnNonFinite(Callback):
+    """What to do when a step's loss (or gradient) is not finite.
+
+    A non-finite step never updates anything. ``"raise"`` (the default policy of
+    :func:`duogard.fit`) stops the run with :class:`~duogard.train.NonFiniteError`, which
+    carries the last good params; ``"skip"`` drops the step, keeps the previous params and
+    counts it in ``result.skipped_steps``.
+
+    Args:
+        action: ``"raise"`` or ``"skip"``.
+    """
+
+    order = 0
+
+    def __init__(self, action: str = "raise"):
+        if action not in _ACTIONS:
+            raise ValueError(f"OnNonFinite: action must be one of {_ACTIONS}, got {action!r}")
+        self.action = action
+
+    def handle(self, run, step: int, value: float, gsq: float) -> None:
+        """Called by fit for a non-finite step ``step`` (1-based), before anything is recorded."""
+        from duogard.train._result import NonFiniteError
+
+        if self.action == "skip":
+            run.result.skipped_steps += 1
+            return
+        what = "loss" if not math.isfinite(value) else "gradient"
+        raise NonFiniteError(
+            f"fit: non-finite {what} at step {step} (loss={value}, |grad|^2={gsq}) with "
+            f"{run.result.estimator} on {run.be.name}; the error's .params hold the last good params. "
+            "Lower the learning rate, or pass OnNonFinite('skip').",
+            step=step, params=run.params, opt_state=run.opt_state)

@@ -1,0 +1,151 @@
+"""``fit``: train a model and measure everything on the way."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Callable, Sequence
+
+import numpy as np
+
+from duogard.train._callbacks import Callback, Evaluate, FitRun, LambdaCallback, OnNonFinite, Progress
+from duogard.train._result import FitResult, rss_bytes
+from duogard.train._trainer import Trainer
+
+__all__ = ["fit"]
+
+
+def _positive_int(name: str, value, *, zero: bool = False) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < (0 if zero else 1):
+        raise ValueError(f"fit: {name} must be a {'non-negative' if zero else 'positive'} int, got {value!r}")
+    return value
+
+
+def _callbacks(callbacks) -> list[Callback]:
+    if callbacks is None:
+        callbacks = [Evaluate(), Progress()]
+    out = [c if isinstance(c, Callback) else LambdaCallback(c) for c in callbacks]
+    policies = [c for c in out if isinstance(c, OnNonFinite)]
+    if len(policies) > 1:
+        raise ValueError(f"fit: at most one OnNonFinite policy in callbacks, got {len(policies)}")
+    if not policies:
+        out.append(OnNonFinite("raise"))
+    return sorted(out, key=lambda c: c.order)
+
+
+def fit(model, params, data, *, loss: Callable | str | None = None, optimizer=None, estimator=None,
+        backend=None, steps: int = 1000, batch_size: int = 64, seed: int = 0,
+        callbacks: Sequence[Callback | Callable] | None = None, trainer: Trainer | None = None) -> FitResult:
+    """Train ``model`` from ``params`` on ``data`` and measure everything on the way.
+
+    Batches and random keys follow ``seed`` and the step index only, so a run is deterministic
+    and resumable. ``params`` are copied once; the arrays passed in are never modified.
+
+    Args:
+        model: a duogard model (``init``/``apply``).
+        params: the initial params (NumPy or either framework's arrays).
+        data: a dataset (``duogard.data.load(...)``).
+        loss: a loss function or name (default softmax cross-entropy).
+        optimizer: a ``duogard.optim`` transformation (default ``sgd(0.05)``).
+        estimator: a name (``"backprop"``, the default, ``"forward"``, ...) or
+            ``duogard.estimator(...)``.
+        backend: ``"jax"``, ``"torch"`` or None ($DUOGARD_BACKEND, then the default).
+        steps: the step budget.
+        batch_size: examples per step.
+        seed: batches and tangents follow it.
+        callbacks: evaluation, diagnostics, logging, progress, checkpoints and the non-finite
+            policy, as objects of :mod:`duogard.train` (:class:`Evaluate`,
+            :class:`Diagnostics`, :class:`LogFile`, :class:`Progress`, :class:`Checkpointer`,
+            :class:`OnNonFinite`) or plain functions ``f(record)``. None (the default) means
+            ``[Evaluate(), Progress()]``; a list replaces that default. Without an
+            :class:`OnNonFinite` in the list the policy is ``OnNonFinite("raise")``.
+        trainer: a :class:`Trainer` to reuse (for ``compile=True``, ``grad_norm=False`` or a
+            step shared between runs); then ``loss``, ``optimizer``, ``estimator`` and
+            ``backend`` must not be given.
+
+    Returns:
+        A :class:`FitResult`.
+
+    Raises:
+        NonFiniteError: a non-finite loss or gradient under the ``"raise"`` policy.
+        ValueError: bad steps, batch size or callbacks.
+    """
+    steps = _positive_int("steps", steps, zero=True)
+    batch_size = _positive_int("batch_size", batch_size)
+    n_train = int(data.x_train.shape[0])
+    if batch_size > n_train:
+        raise ValueError(f"fit: batch_size ({batch_size}) is larger than the training set ({n_train})")
+    if trainer is None:
+        trainer = Trainer(model, loss=loss, optimizer=optimizer, backend=backend,
+                          estimator="backprop" if estimator is None else estimator)
+    else:
+        given = [n for n, v in (("loss", loss), ("optimizer", optimizer), ("estimator", estimator),
+                                ("backend", backend)) if v is not None]
+        if given:
+            raise ValueError(f"fit: {', '.join(given)} given with trainer=; the trainer's own are used: "
+                             "pass them to Trainer(...) instead")
+    cbs = _callbacks(callbacks)
+    policy = next(c for c in cbs if isinstance(c, OnNonFinite))
+    be = trainer.be
+    start_params, opt_state = trainer.init_state(params)
+    result = FitResult(start_params, opt_state, 0, be.name,
+                       getattr(trainer.estimator, "name", str(trainer.estimator)), trainer.update_strategy)
+    run = FitRun(trainer, data, steps=steps, batch_size=batch_size, seed=seed, params=start_params,
+                 opt_state=opt_state, key=be.key(seed), result=result)
+    rss0 = peak = rss_bytes()
+    times: list[float] = []
+    t_begin = time.perf_counter()
+    try:
+        for cb in cbs:
+            cb.on_fit_start(run)
+        result.step = run.start
+        for step in range(run.start, steps):
+            xb, yb = (be.asarray(a) for a in data.batch_at(step, batch_size, seed=seed))
+            key = be.fold_in(run.key, step)
+            for cb in cbs:
+                cb.before_step(run, step, xb, yb, key)
+            t0 = time.perf_counter()
+            # the step returns what to continue from: its inputs, unchanged, when not finite
+            run.params, run.opt_state, value, gsq = trainer.step(run.params, run.opt_state, xb, yb, key)
+            value = float(value)  # waits for the step: honest timing
+            gsq = float(gsq) if gsq is not None else float("nan")
+            dt = time.perf_counter() - t0
+            if step == run.start:
+                result.first_step_seconds = dt
+            else:
+                times.append(dt)
+            run.finite = math.isfinite(value) and (math.isfinite(gsq) or not trainer.grad_norm)
+            if not run.finite:
+                policy.handle(run, step + 1, value, gsq)
+            rec = {"step": step + 1, "loss": value}
+            if trainer.grad_norm:
+                rec["grad_norm"] = math.sqrt(gsq) if gsq >= 0 else float("nan")
+            rec.update(time=time.perf_counter() - t_begin, step_time=dt)
+            lr = _current_lr(run.opt_state)
+            if lr is not None:
+                rec["lr"] = lr
+            result.history.append(rec)
+            result.step = step + 1
+            peak = max(peak, rss_bytes())
+            for cb in cbs:
+                cb.on_step_end(run, rec)
+        run.finite = run.completed = True
+        result.step = max(steps, run.start)
+    finally:
+        result.params, result.opt_state = run.params, run.opt_state
+        result.total_seconds = time.perf_counter() - t_begin
+        result.time_per_step = float(np.median(times)) if times else result.first_step_seconds
+        result.peak_memory_bytes = max(peak - rss0, 0)
+        result.compiles = trainer.compiles()
+        for cb in cbs:
+            cb.on_fit_end(run)
+    return result
+
+
+def _current_lr(opt_state) -> float | None:
+    from duogard.optim import current_learning_rate
+
+    try:
+        return float(current_learning_rate(opt_state))
+    except (TypeError, ValueError, KeyError):
+        return None

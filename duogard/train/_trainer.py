@@ -1,0 +1,132 @@
+"""The Trainer: one compiled training step (and evaluation) per model, loss, optimizer and estimator."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Callable
+
+from duogard import grad as _grad
+from duogard import losses as _losses
+from duogard import optim as _optim
+from duogard.backend import backend as _select_backend
+from duogard.train._update import choose_update, make_step
+from duogard.tree import tree_map
+
+__all__ = ["Trainer"]
+
+
+class Trainer:
+    """Holds one compiled step (and evaluation) for a model, loss, optimizer and estimator.
+
+    :func:`duogard.fit` is the one-call front; use a Trainer to drive steps yourself::
+
+        params, opt_state = trainer.init_state(params0)
+        params, opt_state, loss, grad_sq_norm = trainer.step(params, opt_state, x, y, key)
+
+    The Trainer owns the params it steps: :meth:`init_state` copies them once, and each step
+    may then reuse their buffers (the SGD update strategies write in place on torch and into
+    donated buffers on JAX). Pass each step the params that the previous one returned, never
+    older ones. When the loss (or, with ``grad_norm``, the gradient) is not finite, the step
+    returns the params and optimizer state it was given, unchanged.
+
+    Args:
+        model: a duogard model (``init``/``apply``).
+        loss: a loss function or name (default softmax cross-entropy).
+        optimizer: a ``duogard.optim`` transformation (default ``sgd(0.05)``).
+        estimator: a name (``"backprop"``, ``"forward"``, ...) or ``duogard.estimator(...)``.
+        backend: ``"jax"``, ``"torch"``, a backend module, or None (the selected default).
+        compile: JAX jits by default; torch runs eagerly unless ``compile=True`` (torch.compile).
+        grad_norm: also return ``|g|²`` (one more pass over the gradient; the step then also
+            refuses a non-finite gradient with a finite loss). With False the fourth result of
+            :meth:`step` is None.
+
+    Attributes:
+        update_strategy: how the step applies the estimate, chosen once from the optimizer and
+            the estimator: ``"optimizer"``, ``"sgd-in-place"``, ``"sgd-factored"`` or
+            ``"sgd-lean"`` (see :mod:`duogard.train._update`).
+    """
+
+    def __init__(self, model, *, loss: Callable | str | None = None, optimizer=None, estimator="backprop",
+                 backend=None, compile=None, grad_norm: bool = True):
+        loss = _losses.cross_entropy if loss is None else loss
+        self.be = be = _select_backend(backend)
+        self.model = model
+        self.loss_fn = loss_fn = _grad.supervised(model, loss)
+        self.estimator = est = _grad.estimator(estimator) if isinstance(estimator, str) else estimator
+        self.optimizer = _optim.sgd(0.05) if optimizer is None else optimizer
+        self.grad_norm = bool(grad_norm)
+        self.update_strategy = choose_update(self.optimizer, est)
+        self.step = make_step(self.update_strategy, be, est, self.optimizer, loss_fn,
+                              grad_norm=self.grad_norm, compile=compile)
+        jit_kw = {} if compile is None else {"compile": bool(compile)}
+        measure = _grad.with_diagnostics(est)
+
+        def diagnose(params, x, y, key):
+            # the estimate next to the true gradient, outside the timed step
+            return measure(loss_fn, params, (x, y), key)[2]
+
+        # a loss with a reduction argument gives the evaluation's summed loss (decided once)
+        loss_sum = _losses.get(loss) if _takes_reduction(loss) else None
+
+        def evaluate(params, x, y):
+            xp = be.xp
+            logits = model.apply(params, x)
+            per = loss_sum(logits, y, reduction="sum") if loss_sum is not None else None
+            classes = y.ndim == 1 and not xp.isdtype(y.dtype, "real floating")
+            correct = xp.sum(xp.astype(xp.argmax(logits, axis=-1) == y, xp.int32)) if classes else None
+            return per, correct
+
+        self.diagnose = be.jit(diagnose, **jit_kw)
+        self.evaluate_batch = be.jit(evaluate, **jit_kw)
+
+    def compiles(self) -> int | None:
+        """How many times JAX compiled the step (None where unknown)."""
+        size = getattr(self.step, "_cache_size", None)
+        return size() if callable(size) else None
+
+    def init_state(self, params):
+        """Params on this backend (from NumPy or either framework) and the optimizer state.
+
+        Args:
+            params: the initial params (never modified: they are copied once).
+
+        Returns:
+            ``(params, opt_state)``, owned by this Trainer.
+        """
+        be = self.be
+        params = tree_map(be.asarray, params)
+        params = tree_map(lambda a: be.xp.asarray(a, copy=True) if be.is_array(a) else a, params)
+
+        # placed explicitly (committed, on JAX) like the step's outputs, so the step compiles once
+        def place(a):
+            return be.asarray(a, device=be.default_device()) if be.is_array(a) else a
+
+        return tree_map(place, params), tree_map(place, self.optimizer.init(params))
+
+    def evaluate(self, params, x, y, *, batch_size: int = 512) -> dict:
+        """Mean loss and accuracy over ``(x, y)`` (NumPy or backend arrays).
+
+        Args:
+            params: the params.
+            x: the inputs.
+            y: the targets.
+            batch_size: evaluated this many examples at a time.
+
+        Returns:
+            ``{"loss": ..., "accuracy": ...}`` (loss NaN for a loss without a reduction argument).
+        """
+        total, correct, n = 0.0, 0, int(x.shape[0])
+        for start in range(0, n, batch_size):
+            xb = self.be.asarray(x[start:start + batch_size])
+            yb = self.be.asarray(y[start:start + batch_size])
+            s, c = self.evaluate_batch(params, xb, yb)
+            total += float(s) if s is not None else float("nan")
+            correct += int(c) if c is not None else 0
+        return {"loss": total / max(n, 1), "accuracy": correct / max(n, 1)}
+
+
+def _takes_reduction(loss) -> bool:
+    try:
+        return "reduction" in inspect.signature(_losses.get(loss)).parameters
+    except (TypeError, ValueError):
+        return False

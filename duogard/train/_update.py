@@ -1,0 +1,119 @@
+"""The update strategies: how a training step turns an estimate into new parameters.
+
+The Trainer picks one strategy once, from the optimizer and the estimator it was given
+(:func:`choose_update`), and names it (``Trainer.update_strategy``, ``FitResult.update_strategy``):
+
+- ``"optimizer"``: any optimizer: ``updates, state = opt.update(grads, state, params)`` and
+  ``apply_updates`` (new arrays).
+- ``"sgd-in-place"``: a momentum-free :func:`duogard.optim.sgd` (:class:`~duogard.optim.PlainSGD`)
+  with any estimator: each leaf is updated in one pass, in place on torch and into the donated
+  buffer on JAX, by :meth:`PlainSGD.apply_ <duogard.optim.PlainSGD.apply_>`.
+- ``"sgd-factored"``: the same optimizer with a forward gradient of one tangent, whose estimate
+  is ``d v`` (:attr:`duogard.grad.Forward.factored_form`): ``p -= lr d v`` through the same
+  ``apply_``, so the gradient array ``d v`` is never written.
+- ``"sgd-lean"``: the same optimizer with ``estimator("forward", lean=True)``: the layer-by-layer
+  step of :class:`duogard.grad.LeanStep`, whose per-leaf update is that same ``apply_``.
+
+Every SGD strategy gives the numbers of ``"optimizer"`` (the tests check each against
+``opt.update`` + ``apply_updates`` on both backends).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from duogard.grad import Forward, LeanStep
+from duogard.optim import PlainSGD, apply_updates
+from duogard.tree import tree_leaves, tree_map
+
+__all__ = ["UPDATE_STRATEGIES", "choose_update", "make_step"]
+
+#: The names of the update strategies, in the order :func:`choose_update` considers them.
+UPDATE_STRATEGIES = ("sgd-lean", "sgd-factored", "sgd-in-place", "optimizer")
+
+
+def choose_update(optimizer, estimator) -> str:
+    """The update strategy for this optimizer and estimator (see the module docstring).
+
+    Args:
+        optimizer: a ``GradientTransformation``.
+        estimator: a gradient estimator.
+
+    Returns:
+        One of :data:`UPDATE_STRATEGIES`.
+
+    Raises:
+        ValueError: ``estimator("forward", lean=True)`` with an optimizer that is not a
+            momentum-free :func:`duogard.optim.sgd`.
+    """
+    plain = isinstance(optimizer, PlainSGD)
+    if isinstance(estimator, Forward) and estimator.lean:
+        if not plain:
+            raise ValueError(
+                "Trainer: estimator forward(lean=True) applies the SGD update itself, layer by layer; "
+                "optimizer must be duogard.optim.sgd(learning_rate, weight_decay=...) without momentum, "
+                f"got {optimizer!r:.120}")
+        return "sgd-lean"
+    if plain:
+        return "sgd-factored" if isinstance(estimator, Forward) and estimator.factored_form else "sgd-in-place"
+    return "optimizer"
+
+
+def make_step(strategy: str, be, estimator, optimizer, loss_fn, *, grad_norm: bool, compile=None) -> Callable:
+    """The training step of ``strategy``: ``step(params, opt_state, x, y, key) -> (params, opt_state,
+    loss, |g|² or None)``.
+
+    A step whose loss (or, with ``grad_norm``, gradient) is not finite returns the params and
+    optimizer state it was given, unchanged. Every strategy but ``"optimizer"`` overwrites the
+    params it is given (the caller owns them).
+
+    Args:
+        strategy: one of :data:`UPDATE_STRATEGIES` (from :func:`choose_update`).
+        be: the backend.
+        estimator: the gradient estimator.
+        optimizer: the optimizer (a :class:`~duogard.optim.PlainSGD` for the SGD strategies).
+        loss_fn: ``loss_fn(params, (x, y)) -> scalar``.
+        grad_norm: also return ``|g|²`` (and refuse a non-finite gradient with a finite loss).
+        compile: as ``be.jit``'s ``compile`` (None: the backend's default).
+
+    Returns:
+        The step function (compiled on JAX; the lean step runs its own per-layer programs).
+    """
+    if strategy not in UPDATE_STRATEGIES:
+        raise ValueError(f"make_step: strategy must be one of {UPDATE_STRATEGIES}, got {strategy!r}")
+    jit_kw = {} if compile is None else {"compile": bool(compile)}
+    if strategy == "sgd-lean":
+        lean = LeanStep(estimator, loss_fn, be, optimizer, compile=compile)
+        return lambda params, opt_state, x, y, key: lean.step(params, opt_state, (x, y), key)
+    xp = be.xp
+
+    def step(params, opt_state, x, y, key):
+        coef = None  # "sgd-factored": the estimate is coef * grads
+        if strategy == "sgd-factored":
+            value, coef, grads = estimator.factored(loss_fn, params, (x, y), key)
+        else:
+            value, grads = estimator(loss_fn, params, (x, y), key)
+        ok = xp.isfinite(value)
+        gsq = None
+        if grad_norm:
+            gsq = sum(xp.linalg.vector_norm(g) ** 2 for g in tree_leaves(grads))
+            if coef is not None:
+                gsq = gsq * coef * coef
+            ok = xp.logical_and(ok, xp.isfinite(gsq))
+        if strategy == "optimizer":
+            updates, new_state = optimizer.update(grads, opt_state, params)
+            params = keep_if(be, ok, apply_updates(params, updates), params)
+        else:
+            lr, new_state = optimizer.advance(opt_state)
+            params = tree_map(lambda p, g: optimizer.apply_(be, p, g, lr, scale=coef, where=ok), params, grads)
+        return params, keep_if(be, ok, new_state, opt_state), value, gsq
+
+    # params are donated: the SGD strategies update them in place under XLA too
+    return be.jit(step, donate_argnums=(0,), **jit_kw)
+
+
+def keep_if(be, ok, new, old):
+    """``new`` where the 0-d bool ``ok`` holds, else ``old`` (selected inside a compiled step)."""
+    if be.is_tracing(ok):
+        return tree_map(lambda a, b: be.xp.where(ok, a, b), new, old)
+    return new if bool(ok) else old
