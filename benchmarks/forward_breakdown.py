@@ -20,6 +20,18 @@ import time
 import numpy as np
 
 
+
+def _stepper(tr, params_np, x, y, key):
+    """A step of ``tr`` on params of its own, each call continuing from the last (the step donates
+    its params on JAX: a buffer cannot be stepped twice)."""
+    state = list(tr.init_state(params_np))
+
+    def run():
+        state[0], state[1], loss, _ = tr.step(state[0], state[1], x, y, key)
+        return loss
+
+    return run
+
 def main() -> int:
     import jax
     import jax.numpy as jnp
@@ -28,7 +40,8 @@ def main() -> int:
     import torch.nn.functional as F
 
     import duogard as dg
-    from duogard import bench, optim
+    import duogard_bench as bench
+    from duogard import optim
     from duogard.grad import FlatView, supervised
     from duogard.tree import tree_leaves, tree_map
 
@@ -39,7 +52,7 @@ def main() -> int:
     a = p.parse_args()
 
     sz = bench.sizes_for()
-    x_np, y_np = bench._data(sz)
+    x_np, y_np = bench.data_for(sz)
     model, params_np, ops, layers_np = bench.workload(a.model, sz, x_np)
     loss_fn = supervised(model, dg.losses.cross_entropy)
     pieces: dict[str, callable] = {}
@@ -54,15 +67,16 @@ def main() -> int:
     v = est_n.sample(loss_fn, tp, (tx, ty), key)
     vtree = flat.unflatten(bt, v[0])
     layers = [{k: torch.tensor(t) for k, t in layer.items()} for layer in layers_np]
-    leaves = bench._torch_leaves(layers)
+    leaves = bench.torch_leaves(layers)
     vleaves = [t.clone() for t in tree_leaves(vtree)]
     # duogard orders leaves by sorted dict keys; the hand-written layers list is in layer order
     vhand = [{"weight": vtree[k]["weight"], "bias": vtree[k]["bias"]} for k in sorted(vtree, key=int)]
-    vhand_leaves = bench._torch_leaves(vhand)
+    vhand_leaves = bench.torch_leaves(vhand)
 
     def hand_loss(*flat_leaves):
-        ls = [{"weight": flat_leaves[2 * i], "bias": flat_leaves[2 * i + 1]} for i in range(len(flat_leaves) // 2)]
-        return F.cross_entropy(bench._torch_apply(ops, ls, tx), ty)
+        ls = [{"weight": flat_leaves[2 * i], "bias": flat_leaves[2 * i + 1]}
+              for i in range(len(flat_leaves) // 2)]
+        return F.cross_entropy(bench.torch_apply(ops, ls, tx), ty)
 
     sgd = optim.sgd(bench.LR)
     sgd_state = sgd.init(tp)
@@ -81,15 +95,18 @@ def main() -> int:
         "torch draw: torch.randn per leaf (global generator)": lambda: [torch.randn(t.shape) for t in leaves],
         "torch forward pass: duogard model.apply + loss": lambda: loss_fn(tp, (tx, ty)),
         "torch forward pass: F ops + F.cross_entropy": lambda: hand_loss(*leaves),
-        "torch jvp: torch.func.jvp over duogard loss": lambda: bt.jvp(lambda q: loss_fn(q, (tx, ty)), (tp,), (vtree,)),
-        "torch jvp: torch.func.jvp over F ops": lambda: torch.func.jvp(hand_loss, tuple(leaves), tuple(vhand_leaves)),
-        "torch jvp: hand-written rules": lambda: bench._manual_jvp(
+        "torch jvp: torch.func.jvp over duogard loss":
+            lambda: bt.jvp(lambda q: loss_fn(q, (tx, ty)), (tp,), (vtree,)),
+        "torch jvp: torch.func.jvp over F ops":
+            lambda: torch.func.jvp(hand_loss, tuple(leaves), tuple(vhand_leaves)),
+        "torch jvp: hand-written rules": lambda: bench.manual_jvp(
             ops, layers, [{k: t[None] for k, t in layer.items()} for layer in vhand], tx, ty, 1),
         "torch after jvp: duogard d*v, sgd, apply_updates, |g|^2": duogard_after_jvp,
         "torch after jvp: |g|^2 alone (sum of g*g per leaf)": lambda: sum(bt.xp.sum(t * t) for t in vleaves),
         "torch after jvp: |g|^2 by torch._foreach_norm":
             lambda: torch.stack(torch._foreach_norm(vleaves)).square().sum(),
-        "torch after jvp: in-place _foreach_add_": lambda: torch._foreach_add_(scratch, vhand_leaves, alpha=-1e-12),
+        "torch after jvp: in-place _foreach_add_":
+            lambda: torch._foreach_add_(scratch, vhand_leaves, alpha=-1e-12),
         "torch backprop: duogard value_and_grad": lambda: bt.value_and_grad(loss_fn)(tp, (tx, ty)),
         "torch backprop: torch.func.grad_and_value over F ops": lambda: torch.func.grad_and_value(
             hand_loss, argnums=tuple(range(len(leaves))))(*leaves),
@@ -111,8 +128,9 @@ def main() -> int:
     grad_leaves = [t.clone().requires_grad_(True) for t in leaves]
 
     def autograd_bp():
-        ls = [{"weight": grad_leaves[2 * i], "bias": grad_leaves[2 * i + 1]} for i in range(len(grad_leaves) // 2)]
-        loss = F.cross_entropy(bench._torch_apply(ops, ls, tx), ty)
+        ls = [{"weight": grad_leaves[2 * i], "bias": grad_leaves[2 * i + 1]}
+              for i in range(len(grad_leaves) // 2)]
+        loss = F.cross_entropy(bench.torch_apply(ops, ls, tx), ty)
         loss.backward()
         for t in grad_leaves:
             t.grad = None
@@ -128,17 +146,16 @@ def main() -> int:
         est = dg.estimator("forward", num_tangents=1, distribution=dist)
         est_j = jax.jit(lambda q, xx, yy, k, est=est: est(loss_fn, q, (xx, yy), k))
         tr = dg.Trainer(model, optimizer=optim.sgd(bench.LR), estimator=est, backend="jax")
-        st = tr.optimizer.init(jp)
         pieces[f"jax estimator alone (jit), {dist}"] = (lambda f=est_j: f(jp, jx, jy, jkey))
-        pieces[f"jax Trainer.step, {dist}"] = (lambda tr=tr, st=st: tr.step(jp, st, jx, jy, jkey))
-        hand_run = bench._jax_hand(ops, layers_np, x_np, y_np, f"fwd-K1-{dist}")[0]
+        pieces[f"jax Trainer.step, {dist}"] = _stepper(tr, params_np, jx, jy, jkey)
+        hand_run = bench.jax_hand(ops, layers_np, x_np, y_np, f"fwd-K1-{dist}")[0]
         pieces[f"jax hand-written step, {dist}"] = hand_run
     est_b = dg.estimator("backprop")
     pieces["jax estimator alone (jit), backprop"] = (
         lambda f=jax.jit(lambda q, xx, yy: est_b(loss_fn, q, (xx, yy))): f(jp, jx, jy))
-    pieces["jax hand-written step, backprop"] = bench._jax_hand(ops, layers_np, x_np, y_np, "backprop")[0]
+    pieces["jax hand-written step, backprop"] = bench.jax_hand(ops, layers_np, x_np, y_np, "backprop")[0]
     hand_jvp_only = jax.jit(lambda q, t: jax.jvp(
-        lambda r: jnp.mean(bench._jax_per_example(bench._jax_apply(ops, r, jnp.asarray(x_np)),
+        lambda r: jnp.mean(bench.jax_per_example(bench.jax_apply(ops, r, jnp.asarray(x_np)),
                                                   jnp.asarray(y_np, jnp.int32))), (q,), (t,)))
     jl = jax.tree.map(jnp.asarray, layers_np)
     jt = jax.tree.map(jnp.ones_like, jl)
@@ -146,7 +163,8 @@ def main() -> int:
 
     # what Trainer.step adds around the estimator: the SGD transform, apply_updates, |g|^2
     for name in ("backprop", "rademacher"):
-        est = est_b if name == "backprop" else dg.estimator("forward", num_tangents=1, distribution="rademacher")
+        est = (est_b if name == "backprop"
+               else dg.estimator("forward", num_tangents=1, distribution="rademacher"))
         opt = optim.sgd(bench.LR)
 
         def make(gsq: bool, est=est, opt=opt):
@@ -169,14 +187,14 @@ def main() -> int:
 
         pieces[f"jax step as Trainer ({name}): est + sgd + |g|^2"] = (
             lambda f=with_gsq, st0=st0: f(jp, st0, jx, jy, jkey))
-        pieces[f"jax step as Trainer ({name}) without |g|^2"] = (lambda f=no_gsq, st0=st0: f(jp, st0, jx, jy, jkey))
+        pieces[f"jax step as Trainer ({name}) without |g|^2"] = (
+            lambda f=no_gsq, st0=st0: f(jp, st0, jx, jy, jkey))
         pieces[f"jax step as Trainer ({name}) without |g|^2, params donated"] = run_donated
 
     # JAX, K = 4 tangents: the draw, the vmapped JVP with tangents given, and both in one program
     k4 = 4
     est4 = dg.estimator("forward", num_tangents=k4)
     tr4 = dg.Trainer(model, optimizer=optim.sgd(bench.LR), estimator=est4, backend="jax")
-    st4 = tr4.optimizer.init(jp)
     draw4 = jax.jit(lambda q, xx, yy, k: est4.sample(loss_fn, q, (xx, yy), k))
     v4 = draw4(jp, jx, jy, jkey)
     est4_given = jax.jit(lambda q, xx, yy, v: est4.estimate(loss_fn, q, (xx, yy), v))
@@ -189,7 +207,7 @@ def main() -> int:
 
     est4_map = jax.jit(est4_lax_map)
     pieces.update({
-        "jax K=4: Trainer.step": lambda: tr4.step(jp, st4, jx, jy, jkey),
+        "jax K=4: Trainer.step": _stepper(tr4, params_np, jx, jy, jkey),
         "jax K=4: est.sample alone (jit)": lambda: draw4(jp, jx, jy, jkey),
         "jax K=4: est.estimate with tangents given (jit)": lambda: est4_given(jp, jx, jy, v4),
         "jax K=4: sample + lax.map over the K jvps (jit)": lambda: est4_map(jp, jx, jy, jkey),
@@ -197,7 +215,7 @@ def main() -> int:
 
     # ------------------------------------------------------------------ time, interleaved
     def block(out):
-        bench._block(out)
+        bench.block_until_ready(out)
 
     for f in pieces.values():
         block(f())

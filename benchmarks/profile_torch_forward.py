@@ -21,7 +21,7 @@ def main() -> int:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from duogard import bench
+    import duogard_bench as bench
 
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--model", default="mlp", choices=("mlp", "cnn"))
@@ -31,13 +31,14 @@ def main() -> int:
     a = p.parse_args()
 
     sz = bench.sizes_for()
-    x, y = bench._data(sz)
+    x, y = bench.data_for(sz)
     model, params, ops, layers_np = bench.workload(a.model, sz, x)
     runs = {
-        "duogard": bench._duogard_step("torch", model, params, x, y, a.method)[0],
-        "hand": bench._torch_hand(ops, layers_np, x, y, a.method, "hand")[0],
+        "duogard": bench.duogard_step("torch", model, params, x, y, a.method)[0],
+        "hand": bench.torch_hand(ops, layers_np, x, y, a.method, "hand")[0],
     }
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {a.model} {a.method}, batch {sz.batch}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {a.model} {a.method}, "
+          f"batch {sz.batch}")
     for name, run in runs.items():
         for _ in range(3):
             run()

@@ -1,1 +1,156 @@
-"""The benchmark suite of duogard (being split out of duogard/bench.py)."""
+"""The benchmark suite behind ``duogard bench``: duogard beside hand-written JAX and torch steps.
+
+Sections: 1. step time (``step_time``), 2. tangent cost and ways of drawing tangents, 3. memory
+against depth (``memory``, one subprocess per configuration), 4. DLPack conversion
+(``conversion``), 5. compile / first-step time; then the targets (``report``). :func:`main` runs
+them; the hand-written baselines are in ``hand_jax`` and ``hand_torch``. Importing this package
+imports neither JAX nor PyTorch (each section imports them inside its functions).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any
+
+import numpy as np
+
+from ._common import (BAYDIN_RATIO, FORWARD_METHODS, LR, METHODS, TARGETS, Sizes, block_until_ready,
+                      machine_info, sizes_for)
+from .conversion import conversion_section
+from .hand_jax import jax_apply, jax_hand, jax_per_example
+from .hand_torch import manual_jvp, torch_apply, torch_hand, torch_leaves
+from .memory import memory_section
+from .report import compile_records, evaluate_targets, json_default, print_rest, print_step_tables
+from .step_time import check_losses, draw_options, step_configs, step_records, time_step_configs, warm
+from .workloads import Workload, data_for, duogard_model, duogard_step, workload
+
+__all__ = [
+    "BAYDIN_RATIO",
+    "FORWARD_METHODS",
+    "LR",
+    "METHODS",
+    "SECTIONS",
+    "TARGETS",
+    "Sizes",
+    "Workload",
+    "block_until_ready",
+    "data_for",
+    "duogard_step",
+    "jax_apply",
+    "jax_hand",
+    "jax_per_example",
+    "main",
+    "manual_jvp",
+    "sizes_for",
+    "torch_apply",
+    "torch_hand",
+    "torch_leaves",
+    "workload",
+]
+
+SECTIONS = ("step", "draw", "memory", "conversion")
+
+
+def main(*, quick: bool = False, json_path: str | None = None, tiny: bool = False,
+         sections=SECTIONS) -> int:
+    """Run the benchmarks, print the tables and the targets, write ``json_path`` if given.
+
+    Args:
+        quick: a reduced set in under a minute.
+        json_path: where to write every figure as JSON (nothing written if None).
+        tiny: tiny sizes for the smoke test (with one torch thread while it runs).
+        sections: which parts to run: ``step`` (with tangent cost and compile time), ``draw``
+            (ways of drawing tangents), ``memory``, ``conversion``, or ``compile`` alone (first steps).
+
+    Returns:
+        The exit code (0; 1 if a section failed outright).
+    """
+    if not tiny:
+        return _main(quick=quick, json_path=json_path, tiny=tiny, sections=sections)
+    # the smoke test's sizes: one torch thread, so a loaded machine does not stall its OpenMP barriers
+    try:
+        import torch
+    except ImportError:
+        return _main(quick=quick, json_path=json_path, tiny=tiny, sections=sections)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _main(quick=quick, json_path=json_path, tiny=tiny, sections=sections)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _main(*, quick, json_path, tiny, sections) -> int:
+    sz = sizes_for(quick=quick, tiny=tiny)
+    if "compile" in sections and "step" not in sections:  # first steps only
+        sz = dataclasses.replace(sz, rounds=1, round_seconds=0.0, max_reps=1)
+        sections = tuple(sections) + ("step",)
+
+    def log(s=""):
+        print(s, flush=True)
+
+    t_start = time.perf_counter()
+    import duogard as dg
+
+    backends = [i.name for i in dg.available_backends() if i.available and i.name in ("jax", "torch")]
+    machine = machine_info("duogard bench" + (" --quick" if quick else "") + (" --tiny" if tiny else "")
+                           + (f" --json {json_path}" if json_path else ""))
+    log(f"duogard bench ({sz.mode}) {machine['date']}")
+    log(f"machine: {machine['cpu']}, {machine['cores']} cores, {machine['memory_gb']} GB, "
+        f"load {machine['load_average']}" + (f", git {machine['git']}" if machine.get("git") else ""))
+    log(f"versions: python {machine['python']}, duogard {machine['duogard']}, jax {machine.get('jax')}, "
+        f"torch {machine.get('torch')} ({machine.get('torch_threads')} threads), numpy {machine['numpy']}")
+    load = (machine.get("load_average") or [0.0])[0]
+    if load > 0.5 * (machine["cores"] or 1):
+        log(f"WARNING: the machine is busy (load {load:.1f} on {machine['cores']} cores): other processes "
+            "share the cores, so timings are inflated and noisy; memory and conversion figures are "
+            "unaffected.")
+    result: dict[str, Any] = {"machine": machine, "mode": sz.mode, "sizes": {
+        "batch": sz.batch, "image": sz.image, "mlp_hidden": sz.mlp_hidden, "cnn_channels": sz.cnn_channels,
+        "cnn_hidden": sz.cnn_hidden, "rounds": sz.rounds, "depths": sz.depths, "mem_width": sz.mem_width,
+        "mem_batch": sz.mem_batch, "conversion_sizes": sz.conv_sizes}}
+    step, draw_opts, memory, conv, compile_recs = [], [], [], [], []
+    if "step" in sections:
+        configs = step_configs(sz, backends)
+        log(f"\nstep time: {len(configs)} configurations, {sz.rounds} rounds; warming up (first steps) ...")
+        t0 = time.perf_counter()
+        for cfg in configs:
+            warm(cfg, sz.round_seconds, sz.max_reps)
+        log(f"  first steps: {time.perf_counter() - t0:.1f} s")
+        draws = time_step_configs(configs, sz, log)
+        step = step_records(configs, draws)
+        compile_recs = compile_records(step)
+        check_losses(step, log)
+        print_step_tables(step, sz.batch, log)
+    if "draw" in sections and set(backends) >= {"jax", "torch"}:
+        params_np = duogard_model("mlp", sz).init(0, data_for(sz)[0])
+        n = sum(int(np.prod(a.shape)) for layer in params_np.values() for a in layer.values())
+        t0 = time.perf_counter()
+        draw_opts = draw_options(n, rounds={"tiny": 1, "quick": 2}.get(sz.mode, sz.rounds),
+                                 reps={"tiny": 1, "quick": 2}.get(sz.mode, 3))
+        log(f"\ntangent drawing options: {time.perf_counter() - t0:.1f} s")
+    if "memory" in sections:
+        log("\nmemory: one subprocess per configuration ...")
+        t0 = time.perf_counter()
+        memory = memory_section(sz, log)
+        log(f"  {time.perf_counter() - t0:.1f} s")
+    if "conversion" in sections and set(backends) >= {"jax", "torch"}:
+        t0 = time.perf_counter()
+        conv = conversion_section(sz, rounds=max(sz.rounds, 2))
+        log(f"\nconversion: {time.perf_counter() - t0:.1f} s")
+    targets = evaluate_targets(step, memory, conv, draw_opts)
+    print_rest(draw_opts, memory, conv, compile_recs, targets, log)
+    machine["load_average_end"] = ([round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg")
+                                   else None)
+    machine["seconds"] = round(time.perf_counter() - t_start, 1)
+    log(f"\n{machine['seconds']} s; load average at the end {machine['load_average_end']}")
+    result.update(step_time=step, draw_options=draw_opts, memory=memory, conversion=conv,
+                  compile=compile_recs, targets=targets)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(result, f, indent=1, default=json_default)
+        log(f"wrote {json_path}")
+    return 0

@@ -1,0 +1,235 @@
+"""What every section shares: the methods, the targets, the sizes of a run, timing and table helpers,
+and the machine the run is on."""
+
+from __future__ import annotations
+
+import datetime
+import math
+import os
+import platform
+import statistics
+import subprocess
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = [
+    "BAYDIN_RATIO",
+    "FORWARD_METHODS",
+    "LR",
+    "METHODS",
+    "TARGETS",
+    "Sizes",
+    "block_until_ready",
+    "fmt",
+    "format_table",
+    "machine_info",
+    "median",
+    "ratio_of",
+    "sizes_for",
+]
+
+LR = 1e-4  # small enough that no configuration diverges during the timed steps
+BAYDIN_RATIO = 0.59  # forward/backprop step time reported by Baydin et al. (2022)
+
+# name -> (estimator name, options)
+METHODS: dict[str, tuple[str, dict]] = {
+    "backprop": ("backprop", {}),
+    "fwd-K1-normal": ("forward", {"num_tangents": 1, "distribution": "normal"}),
+    "fwd-K1-rademacher": ("forward", {"num_tangents": 1, "distribution": "rademacher"}),
+    "fwd-K4-normal": ("forward", {"num_tangents": 4, "distribution": "normal"}),
+    "fwd-K16-normal": ("forward", {"num_tangents": 16, "distribution": "normal"}),
+    "forward-activity": ("forward-activity", {"distribution": "normal"}),
+}
+FORWARD_METHODS = tuple(m for m in METHODS if m.startswith("fwd-"))
+
+TARGETS = {
+    "forward_over_backprop": 1.0,
+    "duogard_over_hand": 1.05,
+    "tangent_share": 0.25,
+    "memory_depth_ratio": 1.2,
+    "conversion_size_ratio": 2.0,
+}
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """Everything that differs between the full run, ``--quick`` and ``--tiny``."""
+
+    mode: str
+    batch: int
+    image: tuple            # (C, H, W)
+    mlp_hidden: tuple
+    cnn_channels: int
+    cnn_hidden: int
+    methods: dict           # model -> method names
+    rounds: int
+    round_seconds: float    # time per configuration per round (sets the repeats)
+    max_reps: int
+    depths: tuple
+    mem_width: int
+    mem_batch: int
+    mem_backends: tuple
+    mem_runs: tuple         # (method, impl) pairs
+    mem_steps: int
+    conv_sizes: tuple
+    conv_reps: int
+    parallel_subprocesses: int
+    compile_methods: tuple = ()  # MLP methods also timed with torch.compile (Trainer(compile=True))
+    extras: bool = True          # torch hand-autograd and hand-jvp steps
+    framework_jvp_methods: tuple = ()  # torch: also timed with the estimator's jvp="framework"
+    lean_methods: tuple = ()     # forward methods also timed with lean=True (both backends)
+    gradnorm_methods: tuple = ()  # also timed with Trainer(grad_norm=True), fit's default
+
+
+def sizes_for(*, quick: bool = False, tiny: bool = False) -> Sizes:
+    """The sizes of the full run, of ``--quick`` or of ``--tiny``.
+
+    Args:
+        quick: the reduced set (under a minute).
+        tiny: the smoke test's sizes (wins over ``quick``).
+
+    Returns:
+        The :class:`Sizes` of that run.
+    """
+    all_methods = tuple(METHODS)
+    if tiny:
+        return Sizes("tiny", batch=8, image=(1, 8, 8), mlp_hidden=(32, 32), cnn_channels=4, cnn_hidden=16,
+                     methods={"mlp": ("backprop", "fwd-K4-normal", "forward-activity"),
+                              "cnn": ("backprop", "fwd-K1-normal")}, rounds=2, round_seconds=0.0, max_reps=2,
+                     depths=(2, 4), mem_width=64, mem_batch=32, mem_backends=("torch",),
+                     mem_runs=(("forward", "duogard"),), mem_steps=2, conv_sizes=(1_000, 10_000),
+                     conv_reps=5, parallel_subprocesses=2)
+    if quick:
+        return Sizes("quick", batch=64, image=(1, 28, 28), mlp_hidden=(1024, 1024), cnn_channels=64,
+                     cnn_hidden=1024,
+                     methods={"mlp": ("backprop", "fwd-K1-normal", "fwd-K1-rademacher", "fwd-K4-normal"),
+                              "cnn": ("backprop", "fwd-K1-rademacher")},
+                     rounds=3, round_seconds=0.05, max_reps=10, depths=(4, 16), mem_width=1024, mem_batch=256,
+                     mem_backends=("torch",), mem_runs=(("backprop", "duogard"), ("forward", "duogard"),
+                                                        ("forward", "duogard-lean")),
+                     mem_steps=2, conv_sizes=(1_000, 10_000, 100_000, 1_000_000), conv_reps=20,
+                     parallel_subprocesses=2, extras=False, lean_methods=("fwd-K1-rademacher",))
+    return Sizes("full", batch=64, image=(1, 28, 28), mlp_hidden=(1024, 1024), cnn_channels=64,
+                 cnn_hidden=1024,
+                 methods={"mlp": all_methods, "cnn": all_methods}, rounds=5, round_seconds=0.3, max_reps=25,
+                 depths=(2, 4, 8, 16, 32), mem_width=1024, mem_batch=1024, mem_backends=("jax", "torch"),
+                 mem_runs=(("backprop", "duogard"), ("backprop", "hand"), ("forward", "duogard"),
+                           ("forward", "hand"), ("forward", "duogard-lean"), ("forward", "hand-lean")),
+                 mem_steps=3, conv_sizes=tuple(10 ** e for e in range(3, 9)), conv_reps=30,
+                 parallel_subprocesses=2, compile_methods=("backprop", "fwd-K1-rademacher"),
+                 framework_jvp_methods=("fwd-K1-normal", "fwd-K1-rademacher", "fwd-K4-normal"),
+                 lean_methods=("fwd-K1-normal", "fwd-K1-rademacher"),
+                 gradnorm_methods=("backprop", "fwd-K1-rademacher"))
+
+
+# ============================================================================ small helpers
+
+def block_until_ready(tree) -> None:
+    """Wait for every (JAX) array in ``tree``; torch on CPU is synchronous.
+
+    Args:
+        tree: any pytree of arrays (or a single array).
+    """
+    from duogard.tree import tree_leaves
+
+    for leaf in tree_leaves(tree):
+        ready = getattr(leaf, "block_until_ready", None)
+        if ready is not None:
+            ready()
+
+
+def median(xs) -> float:
+    """The median of ``xs`` as a float, NaN when empty."""
+    return float(statistics.median(xs)) if xs else float("nan")
+
+
+def ratio_of(a, b) -> float:
+    """``a / b``, NaN when either is zero, missing or not finite."""
+    return float(a) / float(b) if a and b and math.isfinite(a) and math.isfinite(b) else float("nan")
+
+
+def fmt(x, spec=".2f", none="-") -> str:
+    """``x`` formatted with ``spec``; ``none`` for None or a non-finite float."""
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return none
+    return format(x, spec)
+
+
+def format_table(headers, rows) -> str:
+    """A plain-text table: first column left-aligned, the others right-aligned, a rule under the header."""
+    cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+             for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def machine_info(command: str) -> dict:
+    """CPU model, cores, memory, load and versions.
+
+    Args:
+        command: the command line to record.
+
+    Returns:
+        The ``machine`` record of the JSON (with ``git``: the commit, and whether the library, the
+        backends or this suite have uncommitted changes).
+    """
+    cpu = platform.processor() or "?"
+    fields: dict = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
+                if not line.strip():
+                    break
+        cpu = fields.get("model name", cpu)
+        if "cpu family" in fields:
+            cpu += f" (family {fields['cpu family']}, model {fields.get('model', '?')})"
+        if "avx512f" in fields.get("flags", "").split():
+            cpu += ", AVX-512"
+    except OSError:
+        pass
+    mem_gb = float("nan")
+    try:
+        mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30
+    except (ValueError, OSError, AttributeError):
+        pass
+    info = {
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "cpu": cpu, "cores": os.cpu_count(), "memory_gb": round(mem_gb, 1),
+        "load_average": [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None,
+        "platform": platform.platform(), "python": platform.python_version(), "numpy": np.__version__,
+        "command": command,
+    }
+    import duogard
+
+    info["duogard"] = duogard.__version__
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(duogard.__file__)))
+    try:
+        head = subprocess.run(["git", "-C", repo, "rev-parse", "--short", "HEAD"], check=False,
+                              capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", repo, "status", "--porcelain", "--untracked-files=no", "--",
+                                "duogard", "backends", "benchmarks/duogard_bench"],
+                               check=False, capture_output=True, text=True, timeout=10).stdout.strip()
+        if head:
+            info["git"] = head + ("+uncommitted changes" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    for mod in ("jax", "jaxlib", "torch"):
+        try:
+            info[mod] = __import__(mod).__version__
+        except ImportError:
+            info[mod] = None
+    try:
+        import torch
+
+        info["torch_threads"] = torch.get_num_threads()
+    except ImportError:
+        pass
+    for var in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "XLA_FLAGS", "MKL_NUM_THREADS"):
+        if os.environ.get(var):
+            info[var] = os.environ[var]
+    return info
