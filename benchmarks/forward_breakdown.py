@@ -20,7 +20,6 @@ import time
 import numpy as np
 
 
-
 def _stepper(tr, params_np, x, y, key):
     """A step of ``tr`` on params of its own, each call continuing from the last (the step donates
     its params on JAX: a buffer cannot be stepped twice)."""
@@ -31,6 +30,7 @@ def _stepper(tr, params_np, x, y, key):
         return loss
 
     return run
+
 
 def main() -> int:
     import jax
@@ -74,8 +74,10 @@ def main() -> int:
     vhand_leaves = bench.torch_leaves(vhand)
 
     def hand_loss(*flat_leaves):
-        ls = [{"weight": flat_leaves[2 * i], "bias": flat_leaves[2 * i + 1]}
-              for i in range(len(flat_leaves) // 2)]
+        ls = [
+            {"weight": flat_leaves[2 * i], "bias": flat_leaves[2 * i + 1]}
+            for i in range(len(flat_leaves) // 2)
+        ]
         return F.cross_entropy(bench.torch_apply(ops, ls, tx), ty)
 
     sgd = optim.sgd(bench.LR)
@@ -90,27 +92,39 @@ def main() -> int:
         return new, gsq
 
     scratch = [t.clone() for t in leaves]
-    pieces.update({
-        "torch draw: duogard est.sample (normal)": lambda: est_n.sample(loss_fn, tp, (tx, ty), key),
-        "torch draw: torch.randn per leaf (global generator)": lambda: [torch.randn(t.shape) for t in leaves],
-        "torch forward pass: duogard model.apply + loss": lambda: loss_fn(tp, (tx, ty)),
-        "torch forward pass: F ops + F.cross_entropy": lambda: hand_loss(*leaves),
-        "torch jvp: torch.func.jvp over duogard loss":
-            lambda: bt.jvp(lambda q: loss_fn(q, (tx, ty)), (tp,), (vtree,)),
-        "torch jvp: torch.func.jvp over F ops":
-            lambda: torch.func.jvp(hand_loss, tuple(leaves), tuple(vhand_leaves)),
-        "torch jvp: hand-written rules": lambda: bench.manual_jvp(
-            ops, layers, [{k: t[None] for k, t in layer.items()} for layer in vhand], tx, ty, 1),
-        "torch after jvp: duogard d*v, sgd, apply_updates, |g|^2": duogard_after_jvp,
-        "torch after jvp: |g|^2 alone (sum of g*g per leaf)": lambda: sum(bt.xp.sum(t * t) for t in vleaves),
-        "torch after jvp: |g|^2 by torch._foreach_norm":
-            lambda: torch.stack(torch._foreach_norm(vleaves)).square().sum(),
-        "torch after jvp: in-place _foreach_add_":
-            lambda: torch._foreach_add_(scratch, vhand_leaves, alpha=-1e-12),
-        "torch backprop: duogard value_and_grad": lambda: bt.value_and_grad(loss_fn)(tp, (tx, ty)),
-        "torch backprop: torch.func.grad_and_value over F ops": lambda: torch.func.grad_and_value(
-            hand_loss, argnums=tuple(range(len(leaves))))(*leaves),
-    })
+    pieces.update(
+        {
+            "torch draw: duogard est.sample (normal)": lambda: est_n.sample(loss_fn, tp, (tx, ty), key),
+            "torch draw: torch.randn per leaf (global generator)": lambda: [
+                torch.randn(t.shape) for t in leaves
+            ],
+            "torch forward pass: duogard model.apply + loss": lambda: loss_fn(tp, (tx, ty)),
+            "torch forward pass: F ops + F.cross_entropy": lambda: hand_loss(*leaves),
+            "torch jvp: torch.func.jvp over duogard loss": lambda: bt.jvp(
+                lambda q: loss_fn(q, (tx, ty)), (tp,), (vtree,)
+            ),
+            "torch jvp: torch.func.jvp over F ops": lambda: torch.func.jvp(
+                hand_loss, tuple(leaves), tuple(vhand_leaves)
+            ),
+            "torch jvp: hand-written rules": lambda: bench.manual_jvp(
+                ops, layers, [{k: t[None] for k, t in layer.items()} for layer in vhand], tx, ty, 1
+            ),
+            "torch after jvp: duogard d*v, sgd, apply_updates, |g|^2": duogard_after_jvp,
+            "torch after jvp: |g|^2 alone (sum of g*g per leaf)": lambda: sum(
+                bt.xp.sum(t * t) for t in vleaves
+            ),
+            "torch after jvp: |g|^2 by torch._foreach_norm": lambda: (
+                torch.stack(torch._foreach_norm(vleaves)).square().sum()
+            ),
+            "torch after jvp: in-place _foreach_add_": lambda: torch._foreach_add_(
+                scratch, vhand_leaves, alpha=-1e-12
+            ),
+            "torch backprop: duogard value_and_grad": lambda: bt.value_and_grad(loss_fn)(tp, (tx, ty)),
+            "torch backprop: torch.func.grad_and_value over F ops": lambda: torch.func.grad_and_value(
+                hand_loss, argnums=tuple(range(len(leaves)))
+            )(*leaves),
+        }
+    )
     est_r = dg.estimator("forward", num_tangents=1, distribution="rademacher")
     tr_r = dg.Trainer(model, optimizer=optim.sgd(bench.LR), estimator=est_r, backend="torch")
     st_r = tr_r.optimizer.init(tp)
@@ -128,8 +142,10 @@ def main() -> int:
     grad_leaves = [t.clone().requires_grad_(True) for t in leaves]
 
     def autograd_bp():
-        ls = [{"weight": grad_leaves[2 * i], "bias": grad_leaves[2 * i + 1]}
-              for i in range(len(grad_leaves) // 2)]
+        ls = [
+            {"weight": grad_leaves[2 * i], "bias": grad_leaves[2 * i + 1]}
+            for i in range(len(grad_leaves) // 2)
+        ]
         loss = F.cross_entropy(bench.torch_apply(ops, ls, tx), ty)
         loss.backward()
         for t in grad_leaves:
@@ -146,25 +162,37 @@ def main() -> int:
         est = dg.estimator("forward", num_tangents=1, distribution=dist)
         est_j = jax.jit(lambda q, xx, yy, k, est=est: est(loss_fn, q, (xx, yy), k))
         tr = dg.Trainer(model, optimizer=optim.sgd(bench.LR), estimator=est, backend="jax")
-        pieces[f"jax estimator alone (jit), {dist}"] = (lambda f=est_j: f(jp, jx, jy, jkey))
+        pieces[f"jax estimator alone (jit), {dist}"] = lambda f=est_j: f(jp, jx, jy, jkey)
         pieces[f"jax Trainer.step, {dist}"] = _stepper(tr, params_np, jx, jy, jkey)
         hand_run = bench.jax_hand(ops, layers_np, x_np, y_np, f"fwd-K1-{dist}")[0]
         pieces[f"jax hand-written step, {dist}"] = hand_run
     est_b = dg.estimator("backprop")
     pieces["jax estimator alone (jit), backprop"] = (
-        lambda f=jax.jit(lambda q, xx, yy: est_b(loss_fn, q, (xx, yy))): f(jp, jx, jy))
+        lambda f=jax.jit(lambda q, xx, yy: est_b(loss_fn, q, (xx, yy))): f(jp, jx, jy)
+    )
     pieces["jax hand-written step, backprop"] = bench.jax_hand(ops, layers_np, x_np, y_np, "backprop")[0]
-    hand_jvp_only = jax.jit(lambda q, t: jax.jvp(
-        lambda r: jnp.mean(bench.jax_per_example(bench.jax_apply(ops, r, jnp.asarray(x_np)),
-                                                  jnp.asarray(y_np, jnp.int32))), (q,), (t,)))
+    hand_jvp_only = jax.jit(
+        lambda q, t: jax.jvp(
+            lambda r: jnp.mean(
+                bench.jax_per_example(
+                    bench.jax_apply(ops, r, jnp.asarray(x_np)), jnp.asarray(y_np, jnp.int32)
+                )
+            ),
+            (q,),
+            (t,),
+        )
+    )
     jl = jax.tree.map(jnp.asarray, layers_np)
     jt = jax.tree.map(jnp.ones_like, jl)
     pieces["jax hand-written jvp alone (jit, tangent given)"] = lambda: hand_jvp_only(jl, jt)
 
     # what Trainer.step adds around the estimator: the SGD transform, apply_updates, |g|^2
     for name in ("backprop", "rademacher"):
-        est = (est_b if name == "backprop"
-               else dg.estimator("forward", num_tangents=1, distribution="rademacher"))
+        est = (
+            est_b
+            if name == "backprop"
+            else dg.estimator("forward", num_tangents=1, distribution="rademacher")
+        )
         opt = optim.sgd(bench.LR)
 
         def make(gsq: bool, est=est, opt=opt):
@@ -174,6 +202,7 @@ def main() -> int:
                 q = optim.apply_updates(q, u)
                 extra = sum(jnp.sum(t * t) for t in tree_leaves(g)) if gsq else 0.0
                 return q, s, value, extra
+
             return step
 
         st0 = opt.init(jp)
@@ -185,10 +214,12 @@ def main() -> int:
             holder["p"] = f(holder["p"], st0, jx, jy, jkey)[0]
             return holder["p"]
 
-        pieces[f"jax step as Trainer ({name}): est + sgd + |g|^2"] = (
-            lambda f=with_gsq, st0=st0: f(jp, st0, jx, jy, jkey))
-        pieces[f"jax step as Trainer ({name}) without |g|^2"] = (
-            lambda f=no_gsq, st0=st0: f(jp, st0, jx, jy, jkey))
+        pieces[f"jax step as Trainer ({name}): est + sgd + |g|^2"] = lambda f=with_gsq, st0=st0: f(
+            jp, st0, jx, jy, jkey
+        )
+        pieces[f"jax step as Trainer ({name}) without |g|^2"] = lambda f=no_gsq, st0=st0: f(
+            jp, st0, jx, jy, jkey
+        )
         pieces[f"jax step as Trainer ({name}) without |g|^2, params donated"] = run_donated
 
     # JAX, K = 4 tangents: the draw, the vmapped JVP with tangents given, and both in one program
@@ -206,12 +237,14 @@ def main() -> int:
         return FlatView.of(q).unflatten(bj, ds @ v / k4)
 
     est4_map = jax.jit(est4_lax_map)
-    pieces.update({
-        "jax K=4: Trainer.step": _stepper(tr4, params_np, jx, jy, jkey),
-        "jax K=4: est.sample alone (jit)": lambda: draw4(jp, jx, jy, jkey),
-        "jax K=4: est.estimate with tangents given (jit)": lambda: est4_given(jp, jx, jy, v4),
-        "jax K=4: sample + lax.map over the K jvps (jit)": lambda: est4_map(jp, jx, jy, jkey),
-    })
+    pieces.update(
+        {
+            "jax K=4: Trainer.step": _stepper(tr4, params_np, jx, jy, jkey),
+            "jax K=4: est.sample alone (jit)": lambda: draw4(jp, jx, jy, jkey),
+            "jax K=4: est.estimate with tangents given (jit)": lambda: est4_given(jp, jx, jy, v4),
+            "jax K=4: sample + lax.map over the K jvps (jit)": lambda: est4_map(jp, jx, jy, jkey),
+        }
+    )
 
     # ------------------------------------------------------------------ time, interleaved
     def block(out):

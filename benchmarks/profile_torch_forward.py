@@ -37,8 +37,10 @@ def main() -> int:
         "duogard": bench.duogard_step("torch", model, params, x, y, a.method)[0],
         "hand": bench.torch_hand(ops, layers_np, x, y, a.method, "hand")[0],
     }
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {a.model} {a.method}, "
-          f"batch {sz.batch}")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; {a.model} {a.method}, "
+        f"batch {sz.batch}"
+    )
     for name, run in runs.items():
         for _ in range(3):
             run()
@@ -59,7 +61,7 @@ def main() -> int:
         s = io.StringIO()
         pstats.Stats(pr, stream=s).sort_stats("tottime").print_stats(a.top)
         print(f"=== {name}: Python functions by own time ({a.steps} steps)")
-        print("\n".join(s.getvalue().splitlines()[:a.top + 12]))
+        print("\n".join(s.getvalue().splitlines()[: a.top + 12]))
     return 0
 
 

@@ -28,8 +28,16 @@ _LAZY_NAMES = {
 }
 
 __all__ = [
-    "__version__", "available_backends", "backend", "backend_of", "use_backend", "nn", "losses",
-    "tree", *_LAZY_MODULES, *_LAZY_NAMES,
+    "__version__",
+    "available_backends",
+    "backend",
+    "backend_of",
+    "use_backend",
+    "nn",
+    "losses",
+    "tree",
+    *_LAZY_MODULES,
+    *_LAZY_NAMES,
 ]
 
 

@@ -66,7 +66,8 @@ def _targets_from(be, fn: str, logits, targets, label_smoothing: float):
 
 def _neg_weighted_sum(be, weights, log_probs, integer_labels: bool):
     """``-sum(weights * log_probs)`` over the last axis. With integer labels a class of weight 0
-    adds nothing even where its log-probability is -inf (masked logits), as in torch."""
+    adds nothing even where its log-probability is -inf (masked logits), as in torch.
+    """
     terms = weights * log_probs
     if integer_labels:
         terms = be.xp.where(weights > 0, terms, be.xp.zeros_like(terms))
@@ -112,8 +113,10 @@ def nll_loss(log_probs, labels, *, reduction: str = "mean"):
 
 def _check_same(fn: str, pred, target) -> None:
     if tuple(pred.shape) != tuple(target.shape):
-        raise ValueError(f"{fn}: predictions of shape {tuple(pred.shape)} and targets of shape "
-                         f"{tuple(target.shape)} differ")
+        raise ValueError(
+            f"{fn}: predictions of shape {tuple(pred.shape)} and targets of shape "
+            f"{tuple(target.shape)} differ"
+        )
 
 
 def mse(pred, target, *, reduction: str = "mean"):

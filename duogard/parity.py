@@ -9,14 +9,14 @@ real bug), not noise.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
 
 import numpy as np
 
 from duogard import losses as _losses
 from duogard.backend import backend as _backend
-from duogard.tree import flatten_dict, tree_leaves, tree_map
+from duogard.tree import flatten_dict, tree_map
 
 __all__ = ["ParityReport", "compare", "default_tolerance"]
 
@@ -42,16 +42,23 @@ class ParityReport:
 
     def table(self, every: int = 10) -> str:
         a, b = self.backends
-        head = f"{'step':>5}  {'loss ' + a:>14}  {'loss ' + b:>14}  {'param max abs':>13}  {'param rel':>10}  " \
-               f"{'grad max abs':>12}  {'grad rel':>10}  worst leaf"
+        head = (
+            f"{'step':>5}  {'loss ' + a:>14}  {'loss ' + b:>14}  {'param max abs':>13}  {'param rel':>10}  "
+            f"{'grad max abs':>12}  {'grad rel':>10}  worst leaf"
+        )
         lines = [head, "-" * len(head)]
         for r in self.records:
             if r["step"] % every == 0 or r["step"] == 1 or r["step"] == self.first_divergence:
-                lines.append(f"{r['step']:>5}  {r['loss_a']:>14.8g}  {r['loss_b']:>14.8g}  {r['param_max_abs']:>13.3e}  "
-                             f"{r['param_rel']:>10.3e}  {r['grad_max_abs']:>12.3e}  {r['grad_rel']:>10.3e}  "
-                             f"{r['worst_leaf']}")
-        verdict = (f"agree within rel {self.tol:g} for {len(self.records)} steps" if self.first_divergence is None
-                   else f"DIVERGE beyond rel {self.tol:g} first at step {self.first_divergence}")
+                lines.append(
+                    f"{r['step']:>5}  {r['loss_a']:>14.8g}  {r['loss_b']:>14.8g}  "
+                    f"{r['param_max_abs']:>13.3e}  {r['param_rel']:>10.3e}  "
+                    f"{r['grad_max_abs']:>12.3e}  {r['grad_rel']:>10.3e}  {r['worst_leaf']}"
+                )
+        verdict = (
+            f"agree within rel {self.tol:g} for {len(self.records)} steps"
+            if self.first_divergence is None
+            else f"DIVERGE beyond rel {self.tol:g} first at step {self.first_divergence}"
+        )
         lines.append(f"{a} vs {b} ({self.dtype}): {verdict}")
         return "\n".join(lines)
 
@@ -65,7 +72,8 @@ def _per_backend(value, names):
 
 def _diff(tree_a: dict, tree_b: dict, floor: float = 0.0):
     """(max abs diff, global relative diff ‖a-b‖/max(‖b‖, floor), name of the leaf with the
-    largest rel diff, ‖b‖)."""
+    largest rel diff, ‖b‖).
+    """
     fa, fb = flatten_dict(tree_a), flatten_dict(tree_b)
     max_abs, num, den, worst, worst_rel = 0.0, 0.0, 0.0, "", -1.0
     for k in fa:
@@ -80,9 +88,22 @@ def _diff(tree_a: dict, tree_b: dict, floor: float = 0.0):
     return max_abs, math.sqrt(num) / max(math.sqrt(den), floor, 1e-30), worst, math.sqrt(den)
 
 
-def compare(model, loss: Callable | str, optimizer, estimator, data, *, steps: int = 100,
-            backends=("jax", "torch"), seed: int = 0, batch_size: int = 64, dtype: str = "float32",
-            tol: float | None = None, params=None, callback=None) -> ParityReport:
+def compare(
+    model,
+    loss: Callable | str,
+    optimizer,
+    estimator,
+    data,
+    *,
+    steps: int = 100,
+    backends=("jax", "torch"),
+    seed: int = 0,
+    batch_size: int = 64,
+    dtype: str = "float32",
+    tol: float | None = None,
+    params=None,
+    callback=None,
+) -> ParityReport:
     """Train on two backends in lockstep and compare them every step.
 
     ``optimizer`` and ``estimator`` may be one object for both, or ``{backend: object}`` to
@@ -120,7 +141,9 @@ def compare(model, loss: Callable | str, optimizer, estimator, data, *, steps: i
     sides = []
     for be, est, opt in zip(bes, ests, opts):
         p = tree_map(lambda a, be=be: be.asarray(a, dtype=dtype), p0)
-        sides.append({"be": be, "est": est, "params": p, "state": opt.init(p), "step": make_step(be, est, opt)})
+        sides.append(
+            {"be": be, "est": est, "params": p, "state": opt.init(p), "step": make_step(be, est, opt)}
+        )
     key = bes[0].key(seed)
     report = ParityReport(names, dtype, tol)
     grad_norms: list[float] = []
@@ -130,8 +153,11 @@ def compare(model, loss: Callable | str, optimizer, estimator, data, *, steps: i
         batches = [(s["be"].asarray(xb), s["be"].asarray(yb)) for s in sides]
         # tangents drawn once, on the first backend, and shared with the second (DLPack)
         a = sides[0]
-        tangents = a["est"].sample(loss_fn, a["params"], batches[0], bes[0].fold_in(key, step)) \
-            if a["est"].stochastic else None
+        tangents = (
+            a["est"].sample(loss_fn, a["params"], batches[0], bes[0].fold_in(key, step))
+            if a["est"].stochastic
+            else None
+        )
         shared = [tangents, None if tangents is None else tree_map(sides[1]["be"].asarray, tangents)]
         outs = []
         for s, (x, y), t in zip(sides, batches, shared):
@@ -146,11 +172,20 @@ def compare(model, loss: Callable | str, optimizer, estimator, data, *, steps: i
         # only the rounding of a cancelling dot product, and would otherwise be a false alarm
         g_abs, g_rel, g_worst, g_norm = _diff(ga, gb, floor=float(np.mean(grad_norms)) if grad_norms else 0.0)
         grad_norms.append(g_norm)
-        rec = {"step": step + 1, "loss_a": float(outs[0][0]), "loss_b": float(outs[1][0]),
-               "param_max_abs": p_abs, "param_rel": p_rel, "grad_max_abs": g_abs, "grad_rel": g_rel,
-               "worst_leaf": p_worst if p_rel >= g_rel else g_worst}
+        rec = {
+            "step": step + 1,
+            "loss_a": float(outs[0][0]),
+            "loss_b": float(outs[1][0]),
+            "param_max_abs": p_abs,
+            "param_rel": p_rel,
+            "grad_max_abs": g_abs,
+            "grad_rel": g_rel,
+            "worst_leaf": p_worst if p_rel >= g_rel else g_worst,
+        }
         report.records.append(rec)
-        if report.first_divergence is None and (max(p_rel, g_rel) > tol or not np.isfinite([p_rel, g_rel]).all()):
+        if report.first_divergence is None and (
+            max(p_rel, g_rel) > tol or not np.isfinite([p_rel, g_rel]).all()
+        ):
             report.first_divergence = step + 1
         if callback is not None:
             callback(rec)

@@ -7,17 +7,39 @@ from duogard.parity import compare
 __all__ = ["assert_backends_agree"]
 
 
-def assert_backends_agree(model, loss, optimizer, estimator, data, *, steps: int = 20,
-                          backends=("jax", "torch"), dtype: str = "float32", rtol: float | None = None,
-                          seed: int = 0, batch_size: int = 32):
+def assert_backends_agree(
+    model,
+    loss,
+    optimizer,
+    estimator,
+    data,
+    *,
+    steps: int = 20,
+    backends=("jax", "torch"),
+    dtype: str = "float32",
+    rtol: float | None = None,
+    seed: int = 0,
+    batch_size: int = 32,
+):
     """Assert that two backends train ``model`` identically (shared batches and tangents).
 
     Raises AssertionError naming the first step that diverged, the leaf, and how far (the
     relative difference against ``rtol``); returns the :class:`duogard.parity.ParityReport`
     otherwise. pytest shows the message as is.
     """
-    report = compare(model, loss, optimizer, estimator, data, steps=steps, backends=backends, seed=seed,
-                     batch_size=batch_size, dtype=dtype, tol=rtol)
+    report = compare(
+        model,
+        loss,
+        optimizer,
+        estimator,
+        data,
+        steps=steps,
+        backends=backends,
+        seed=seed,
+        batch_size=batch_size,
+        dtype=dtype,
+        tol=rtol,
+    )
     if report.first_divergence is not None:
         r = report.records[report.first_divergence - 1]
         a, b = report.backends

@@ -7,14 +7,22 @@ order is the same on every backend. ``None`` is an empty subtree, as in JAX.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import optree
 
 __all__ = [
-    "tree_map", "tree_leaves", "tree_flatten", "tree_unflatten", "tree_structure",
-    "flatten_dict", "unflatten_dict", "tree_size", "tree_shapes",
+    "tree_map",
+    "tree_leaves",
+    "tree_flatten",
+    "tree_unflatten",
+    "tree_structure",
+    "flatten_dict",
+    "unflatten_dict",
+    "tree_size",
+    "tree_shapes",
 ]
 
 

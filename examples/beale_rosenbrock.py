@@ -13,8 +13,8 @@ on JAX, eager on torch). The optimizer is SGD with Nesterov momentum 0.9, the ex
 learning-rate decay of the paper (``lr * exp(-k * step)``), and each gradient (estimate)
 clipped to a norm of 2 before it enters the momentum: a forward gradient is unbiased but
 heavy-tailed (its norm is ``|∇f·v| |v|``), and on Rosenbrock's steep walls one unlucky
-tangent would otherwise throw the point out of the valley. The same settings make backprop and forward converge, on both
-backends, in a few seconds.
+tangent would otherwise throw the point out of the valley. The same settings make backprop
+and forward converge, on both backends, in a few seconds.
 
     python examples/beale_rosenbrock.py                          # both functions, jax, forward
     python examples/beale_rosenbrock.py --backend torch --grad backprop
@@ -32,8 +32,8 @@ import numpy as np
 
 import duogard as dg
 from duogard import optim
-from duogard.data import OBJECTIVES
 from duogard.cli import parse_method
+from duogard.data import OBJECTIVES
 
 #: per function: initial learning rate, decay rate k, steps (all overridable on the command line)
 DEFAULTS = {
@@ -43,8 +43,18 @@ DEFAULTS = {
 CLIP = 2.0
 
 
-def minimise(name: str, *, backend, method, lr: float, decay: float, steps: int, seed: int,
-             dtype: str = "float32", trace_every: int = 0) -> dict:
+def minimise(
+    name: str,
+    *,
+    backend,
+    method,
+    lr: float,
+    decay: float,
+    steps: int,
+    seed: int,
+    dtype: str = "float32",
+    trace_every: int = 0,
+) -> dict:
     """Minimise objective ``name`` from its standard start; return the final point and timings."""
     be = dg.backend(backend)
     objective = OBJECTIVES[name]
@@ -80,8 +90,12 @@ def minimise(name: str, *, backend, method, lr: float, decay: float, steps: int,
             trace.append((i + 1, float(objective.fn(xy)), float(xy[0]), float(xy[1])))
     xy = be.to_numpy(params["xy"]).astype(np.float64)
     return {
-        "function": name, "backend": be.name, "method": method.label, "steps": steps,
-        "point": xy, "value": float(objective.fn(xy)),
+        "function": name,
+        "backend": be.name,
+        "method": method.label,
+        "steps": steps,
+        "point": xy,
+        "value": float(objective.fn(xy)),
         "distance": float(np.linalg.norm(xy - np.asarray(objective.minimum))),
         "minimum": objective.minimum,
         # the first step compiles on JAX: leave it out of the per-step time
@@ -93,20 +107,38 @@ def minimise(name: str, *, backend, method, lr: float, decay: float, steps: int,
 
 def main(argv=None) -> int:
     """Parse the command line, minimise, print the final points; return the exit code."""
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--backend", default=None, choices=("jax", "torch"),
-                   help="default: $DUOGARD_BACKEND, else jax")
-    p.add_argument("--grad", default="forward",
-                   help="backprop, forward, forward-exact, with options as name:key=value,... "
-                        "(e.g. forward:num_tangents=2,distribution=rademacher); lr= sets --lr")
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--backend", default=None, choices=("jax", "torch"), help="default: $DUOGARD_BACKEND, else jax"
+    )
+    p.add_argument(
+        "--grad",
+        default="forward",
+        help="backprop, forward, forward-exact, with options as name:key=value,... "
+        "(e.g. forward:num_tangents=2,distribution=rademacher); lr= sets --lr",
+    )
     p.add_argument("--function", default="both", choices=("both", *OBJECTIVES))
-    p.add_argument("--steps", type=int, default=None,
-                   help="default: " + ", ".join(f"{k} {v['steps']}" for k, v in DEFAULTS.items()))
-    p.add_argument("--lr", type=float, default=None,
-                   help="initial learning rate; default: " + ", ".join(f"{k} {v['lr']}" for k, v in DEFAULTS.items()))
-    p.add_argument("--decay", type=float, default=None, help="k in lr * exp(-k * step); default: "
-                   + ", ".join(f"{k} {v['decay']}" for k, v in DEFAULTS.items()))
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="default: " + ", ".join(f"{k} {v['steps']}" for k, v in DEFAULTS.items()),
+    )
+    p.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help="initial learning rate; default: " + ", ".join(f"{k} {v['lr']}" for k, v in DEFAULTS.items()),
+    )
+    p.add_argument(
+        "--decay",
+        type=float,
+        default=None,
+        help="k in lr * exp(-k * step); default: "
+        + ", ".join(f"{k} {v['decay']}" for k, v in DEFAULTS.items()),
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="float32", choices=("float32", "float64"))
     p.add_argument("--trace-every", type=int, default=0, help="print the point every N steps")
@@ -116,8 +148,10 @@ def main(argv=None) -> int:
     except (ValueError, TypeError) as exc:
         p.error(str(exc))
     if method.name == "forward-activity":
-        p.error("--grad forward-activity perturbs the activations of a network's layers; "
-                "a test function has none: use forward, forward-exact or backprop")
+        p.error(
+            "--grad forward-activity perturbs the activations of a network's layers; "
+            "a test function has none: use forward, forward-exact or backprop"
+        )
     for flag in ("steps", "lr"):
         value = getattr(args, flag)
         if value is not None and not value > 0:
@@ -132,18 +166,29 @@ def main(argv=None) -> int:
         decay = args.decay if args.decay is not None else d["decay"]
         steps = args.steps or d["steps"]
         try:
-            r = minimise(name, backend=args.backend, method=method, lr=lr, decay=decay, steps=steps,
-                         seed=args.seed, dtype=args.dtype, trace_every=args.trace_every)
+            r = minimise(
+                name,
+                backend=args.backend,
+                method=method,
+                lr=lr,
+                decay=decay,
+                steps=steps,
+                seed=args.seed,
+                dtype=args.dtype,
+                trace_every=args.trace_every,
+            )
         except FloatingPointError as exc:
             sys.exit(f"beale_rosenbrock.py: {exc}")
         for i, loss, x, y in r["trace"]:
             print(f"  after step {i:>6}: ({x:+.4f}, {y:+.4f}), f = {loss:.3e}")
         x, y = r["point"]
         ok = r["distance"] < 0.05
-        print(f"{name:<10} {r['backend']} {r['method']}: {steps} steps (lr {lr:g}, decay {decay:g}) -> "
-              f"({x:.4f}, {y:.4f}), f = {r['value']:.2e}, distance to the minimum {tuple(r['minimum'])} "
-              f"{r['distance']:.2e} {'(converged)' if ok else '(NOT converged)'}, "
-              f"{r['ms_per_step']:.3f} ms/step")
+        print(
+            f"{name:<10} {r['backend']} {r['method']}: {steps} steps (lr {lr:g}, decay {decay:g}) -> "
+            f"({x:.4f}, {y:.4f}), f = {r['value']:.2e}, distance to the minimum {tuple(r['minimum'])} "
+            f"{r['distance']:.2e} {'(converged)' if ok else '(NOT converged)'}, "
+            f"{r['ms_per_step']:.3f} ms/step"
+        )
     return 0
 
 

@@ -29,8 +29,8 @@ import torch.nn.functional as F
 
 import duogard as dg
 
-
 # ----------------------------------------------------------------------------- the user's modules
+
 
 class MLP(nn.Module):
     def __init__(self, sizes=(64, 128, 64, 10)):
@@ -81,6 +81,7 @@ def torch_optimizer(module, args):
 
 # ----------------------------------------------------------------------------- before: by hand
 
+
 def hand_written(module, data, args):
     opt, sched = torch_optimizer(module, args)
     torch.manual_seed(args.seed)
@@ -89,8 +90,8 @@ def hand_written(module, data, args):
         params = {name: p.detach() for name, p in module.named_parameters()}
         tangents = {name: torch.randn_like(p) for name, p in params.items()}
         loss, jvp = torch.func.jvp(
-            lambda p: F.cross_entropy(torch.func.functional_call(module, p, (x,)), y),
-            (params,), (tangents,))
+            lambda p: F.cross_entropy(torch.func.functional_call(module, p, (x,)), y), (params,), (tangents,)
+        )
         for name, p in module.named_parameters():
             p.grad = tangents[name] * jvp
         torch.nn.utils.clip_grad_norm_(module.parameters(), args.clip)
@@ -101,13 +102,15 @@ def hand_written(module, data, args):
 
 # ----------------------------------------------------------------------------- after: duogard, torch
 
+
 def ported_torch(module, data, args):
     opt, sched = torch_optimizer(module, args)
     keys = dg.torch.KeySequence(args.seed)
     for x, y in data.batches(args.batch_size, seed=args.seed, steps=args.steps):
         batch = (torch.from_numpy(x), torch.from_numpy(y))
-        loss = dg.torch.forward_grad_(module, loss_fn, batch, method=args.grad, key=keys,
-                                      **estimator_options(args))
+        loss = dg.torch.forward_grad_(
+            module, loss_fn, batch, method=args.grad, key=keys, **estimator_options(args)
+        )
         torch.nn.utils.clip_grad_norm_(module.parameters(), args.clip)
         opt.step()
         sched.step()
@@ -116,15 +119,17 @@ def ported_torch(module, data, args):
 
 # ----------------------------------------------------------------------------- after: duogard, JAX
 
+
 def ported_jax(module, data, args):
     import jax
 
     be = dg.backend("jax")
-    model = dg.from_torch(module, data.example_input)         # traced + lowered with torch.fx
+    model = dg.from_torch(module, data.example_input)  # traced + lowered with torch.fx
     est = dg.estimator(args.grad, **estimator_options(args))
     tx = dg.optim.chain(
         dg.optim.clip_by_global_norm(args.clip),
-        dg.optim.sgd(learning_rate=dg.optim.exponential_decay(args.lr, rate=args.decay), momentum=0.9))
+        dg.optim.sgd(learning_rate=dg.optim.exponential_decay(args.lr, rate=args.decay), momentum=0.9),
+    )
 
     def objective(params, batch):
         return dg.losses.cross_entropy(model.apply(params, batch[0]), batch[1])
@@ -135,15 +140,16 @@ def ported_jax(module, data, args):
         updates, state = tx.update(grads, state, params)
         return dg.optim.apply_updates(params, updates), state, loss
 
-    params = {k: be.asarray(v) for k, v in model.trainable().items()}   # NumPy -> JAX
+    params = {k: be.asarray(v) for k, v in model.trainable().items()}  # NumPy -> JAX
     state, base = tx.init(params), be.key(args.seed)
     for i, (x, y) in enumerate(data.batches(args.batch_size, seed=args.seed, steps=args.steps)):
         params, state, loss = step(params, state, (be.asarray(x), be.asarray(y)), be.fold_in(base, i))
-    dg.to_torch({**model.params, **params}, module)                 # back into the nn.Module
+    dg.to_torch({**model.params, **params}, module)  # back into the nn.Module
     return float(loss)
 
 
 # ----------------------------------------------------------------------------- driver
+
 
 def estimator_options(args) -> dict:
     if args.grad != "forward":
@@ -173,8 +179,12 @@ def main(argv=None):
     p.add_argument("--distribution", choices=["normal", "rademacher"], default="normal")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-hand-written", action="store_true")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (these models are tiny: one thread is fastest)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (these models are tiny: one thread is fastest)",
+    )
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.backend == "jax":
@@ -184,18 +194,26 @@ def main(argv=None):
 
     data = dg.data.load("digits", seed=args.seed)
     runs = [] if args.skip_hand_written else [("hand-written torch.func.jvp loop", hand_written)]
-    runs.append((f"duogard port ({args.backend}, --grad {args.grad})",
-                 ported_torch if args.backend == "torch" else ported_jax))
-    print(f"{args.model} on digits ({data.num_train} train / {data.num_test} test), {args.steps} steps, "
-          f"batch {args.batch_size}")
+    runs.append(
+        (
+            f"duogard port ({args.backend}, --grad {args.grad})",
+            ported_torch if args.backend == "torch" else ported_jax,
+        )
+    )
+    print(
+        f"{args.model} on digits ({data.num_train} train / {data.num_test} test), {args.steps} steps, "
+        f"batch {args.batch_size}"
+    )
     for title, train in runs:
-        module = make_module(args.model, args.seed)          # the same initial weights for every run
+        module = make_module(args.model, args.seed)  # the same initial weights for every run
         before = accuracy(module, data)
         start = time.perf_counter()
         loss = train(module, data, args)
         seconds = time.perf_counter() - start
-        print(f"  {title:<45} loss {loss:.4f}  test accuracy {before:.3f} -> {accuracy(module, data):.3f}"
-              f"  ({seconds:.1f} s)")
+        print(
+            f"  {title:<45} loss {loss:.4f}  test accuracy {before:.3f} -> {accuracy(module, data):.3f}"
+            f"  ({seconds:.1f} s)"
+        )
 
 
 if __name__ == "__main__":

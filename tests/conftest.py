@@ -78,7 +78,9 @@ TOL = {"float32": dict(rtol=1e-5, atol=1e-6), "float64": dict(rtol=1e-10, atol=1
 
 def to_backend(be, tree, dtype=None):
     """A NumPy pytree on backend ``be`` (optionally cast)."""
-    return dg.tree.tree_map(lambda a: be.asarray(np.asarray(a) if dtype is None else np.asarray(a, dtype)), tree)
+    return dg.tree.tree_map(
+        lambda a: be.asarray(np.asarray(a) if dtype is None else np.asarray(a, dtype)), tree
+    )
 
 
 def to_numpy(be, tree):

@@ -18,12 +18,17 @@ from duogard.backend import CONTRACT, Backend, ExportedArray
 def _public(module) -> set[str]:
     """A module's public names, without imported modules (``jax``, ``torch``, submodules) but
     with the contract's (``xp``)."""
-    return {n for n in vars(module) if not n.startswith("_") and n != "annotations"
-            and (n in CONTRACT or not isinstance(getattr(module, n), type(os)))}
+    return {
+        n
+        for n in vars(module)
+        if not n.startswith("_")
+        and n != "annotations"
+        and (n in CONTRACT or not isinstance(getattr(module, n), type(os)))
+    }
 
 
 def _parameters(fn, *, method: bool = False) -> list[tuple]:
-    params = list(inspect.signature(fn).parameters.values())[1 if method else 0:]
+    params = list(inspect.signature(fn).parameters.values())[1 if method else 0 :]
     return [(p.name, p.kind, p.default) for p in params]
 
 
@@ -42,7 +47,7 @@ def test_import_duogard_imports_no_framework():
 def test_backend_modules_have_identical_public_names(both):
     jx, th = both
     names_jax, names_torch = _public(jx), _public(th)
-    assert names_jax == names_torch, (names_jax ^ names_torch)
+    assert names_jax == names_torch, names_jax ^ names_torch
     assert set(CONTRACT) <= names_jax
 
 
@@ -241,7 +246,7 @@ def test_random_keys_are_explicit_and_deterministic(be):
 
 def test_autodiff_signatures_match_jax(be):
     def f(x):
-        return be.xp.sum(x ** 3)
+        return be.xp.sum(x**3)
 
     x = be.asarray(np.array([1.0, 2.0], np.float64))
     v, g = be.value_and_grad(f)(x)
@@ -281,9 +286,10 @@ def test_draw_rows_blocks_depend_on_their_own_key_only(be, kind, dtype):
     start = 0
     for key, size in zip(keys, sizes):
         alone = be.to_numpy(be.draw_rows(kind, [key], [size], 3, dtype=dtype))
-        np.testing.assert_array_equal(got[:, start:start + size], alone)
-        np.testing.assert_array_equal(one[:, start:start + size],
-                                      be.to_numpy(draw(key, (1, size), dtype=dtype)))
+        np.testing.assert_array_equal(got[:, start : start + size], alone)
+        np.testing.assert_array_equal(
+            one[:, start : start + size], be.to_numpy(draw(key, (1, size), dtype=dtype))
+        )
         start += size
     big = got[:, 6:]
     assert not np.array_equal(big[0], big[1]) and not np.array_equal(big[1], big[2])
@@ -324,6 +330,7 @@ def test_rademacher_draws_from_different_keys_are_uncorrelated(be):
 
 # ----------------------------------------------------------------------------- torch: autograd fast path
 
+
 def _torch_or_skip():
     torch = pytest.importorskip("torch")
     return torch, dg.backend("torch")
@@ -333,13 +340,16 @@ def test_torch_value_and_grad_plain_autograd_equals_torch_func():
     """Outside torch.func transforms value_and_grad runs torch.autograd (faster); same numbers."""
     torch, bt = _torch_or_skip()
     rng = np.random.default_rng(0)
-    params = {"w": torch.tensor(rng.normal(size=(3, 4))), "b": torch.tensor(rng.normal(size=3)),
-              "unused": torch.tensor(rng.normal(size=2))}
+    params = {
+        "w": torch.tensor(rng.normal(size=(3, 4))),
+        "b": torch.tensor(rng.normal(size=3)),
+        "unused": torch.tensor(rng.normal(size=2)),
+    }
     x = torch.tensor(rng.normal(size=(5, 4)))
 
     def f(p, x):
         h = torch.tanh(x @ p["w"].T + p["b"])
-        return (h ** 2).sum(), {"h": h}
+        return (h**2).sum(), {"h": h}
 
     (v, aux), g = bt.value_and_grad(f, has_aux=True)(params, x)
     gf, (vf, auxf) = torch.func.grad_and_value(f, has_aux=True)(params, x)
@@ -369,8 +379,9 @@ def test_torch_value_and_grad_nested_and_transformed_stay_exact():
     expected0 = 2 * np.cos(0.3) - 0.3 * np.sin(0.3)
     assert float(hess_diag[0]) == pytest.approx(expected0, rel=1e-12)
     batched = bt.vmap(lambda z: bt.value_and_grad(f)(z)[1])(torch.stack([x, 2 * x]))
-    np.testing.assert_allclose(batched[1].numpy(), (torch.sin(2 * x) + 2 * x * torch.cos(2 * x)).numpy(),
-                               rtol=1e-12)
+    np.testing.assert_allclose(
+        batched[1].numpy(), (torch.sin(2 * x) + 2 * x * torch.cos(2 * x)).numpy(), rtol=1e-12
+    )
     # forward-over-reverse: the Hessian-vector product along e_0
     t = torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64)
     _, hvp = bt.jvp(lambda z: bt.value_and_grad(f)(z)[1], (x,), (t,))
@@ -383,6 +394,7 @@ def test_torch_value_and_grad_nested_and_transformed_stay_exact():
 
 
 # ----------------------------------------------------------------------------- conv weight gradient
+
 
 def _np_conv_weight_grad(x, gz, w_shape, stride, padding, dilation, groups):
     """sum over n, h, w of gz[n, o, h, w] * xpad[n, group channel c, h*s + i*d, w*s + j*d]."""
@@ -397,18 +409,24 @@ def _np_conv_weight_grad(x, gz, w_shape, stride, padding, dilation, groups):
         for i in range(kh):
             for j in range(kw):
                 hs, ws = i * dilation[0], j * dilation[1]
-                patch = xp[:, g * in_c:(g + 1) * in_c,
-                           hs:hs + stride[0] * (ho - 1) + 1:stride[0],
-                           ws:ws + stride[1] * (wo - 1) + 1:stride[1]]
+                patch = xp[
+                    :,
+                    g * in_c : (g + 1) * in_c,
+                    hs : hs + stride[0] * (ho - 1) + 1 : stride[0],
+                    ws : ws + stride[1] * (wo - 1) + 1 : stride[1],
+                ]
                 gw[o, :, i, j] = np.einsum("nchw,nhw->c", patch, gz[:, o])
     return gw
 
 
-@pytest.mark.parametrize("stride, padding, dilation, groups", [
-    ((1, 1), ((1, 1), (1, 1)), (1, 1), 1),
-    ((2, 1), ((0, 1), (2, 0)), (1, 1), 1),  # asymmetric padding ("same" with an even kernel)
-    ((1, 2), ((1, 1), (0, 0)), (2, 1), 2),
-])
+@pytest.mark.parametrize(
+    "stride, padding, dilation, groups",
+    [
+        ((1, 1), ((1, 1), (1, 1)), (1, 1), 1),
+        ((2, 1), ((0, 1), (2, 0)), (1, 1), 1),  # asymmetric padding ("same" with an even kernel)
+        ((1, 2), ((1, 1), (0, 0)), (2, 1), 2),
+    ],
+)
 def test_conv2d_weight_grad_matches_numpy_and_the_vjp(be, stride, padding, dilation, groups):
     rng = np.random.default_rng(0)
     x = rng.standard_normal((3, 4, 9, 8))
@@ -421,13 +439,21 @@ def test_conv2d_weight_grad_matches_numpy_and_the_vjp(be, stride, padding, dilat
 
     out, pullback = be.vjp(conv, w)
     gz = rng.standard_normal(tuple(out.shape))
-    got = be.conv2d_weight_grad(xb, be.asarray(gz, dtype="float64"), w_shape, stride=stride, padding=padding,
-                                dilation=dilation, groups=groups)
+    got = be.conv2d_weight_grad(
+        xb,
+        be.asarray(gz, dtype="float64"),
+        w_shape,
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        groups=groups,
+    )
     assert tuple(got.shape) == w_shape
     want = _np_conv_weight_grad(x, gz, w_shape, stride, padding, dilation, groups)
     np.testing.assert_allclose(be.to_numpy(got), want, rtol=1e-10, atol=1e-10)
-    np.testing.assert_allclose(be.to_numpy(got), be.to_numpy(pullback(be.asarray(gz, dtype="float64"))[0]),
-                               rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(
+        be.to_numpy(got), be.to_numpy(pullback(be.asarray(gz, dtype="float64"))[0]), rtol=1e-10, atol=1e-10
+    )
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -438,14 +464,18 @@ def test_linear_is_x_times_w_transposed_plus_b(be, bias):
     np.testing.assert_allclose(be.to_numpy(got), x @ w.T + (b if bias else 0), rtol=1e-12, atol=1e-12)
     # and its derivative in w along a tangent is linear(x, tw) (no bias), forward mode
     tw = rng.standard_normal((4, 5))
-    _, t = be.jvp(lambda ww: be.linear(be.asarray(x), ww, be.asarray(b) if bias else None),
-                  (be.asarray(w),), (be.asarray(tw),))
+    _, t = be.jvp(
+        lambda ww: be.linear(be.asarray(x), ww, be.asarray(b) if bias else None),
+        (be.asarray(w),),
+        (be.asarray(tw),),
+    )
     np.testing.assert_allclose(be.to_numpy(t), x @ tw.T, rtol=1e-12, atol=1e-12)
     # float32 data with float64 params promotes, as matmul does (duogard's float64 runs on float32 data)
     mixed = be.linear(be.asarray(x, dtype="float32"), be.asarray(w), be.asarray(b) if bias else None)
     assert be.dtype_name(mixed.dtype) == "float64"
-    np.testing.assert_allclose(be.to_numpy(mixed), x.astype(np.float32) @ w.T + (b if bias else 0),
-                               rtol=1e-12)
+    np.testing.assert_allclose(
+        be.to_numpy(mixed), x.astype(np.float32) @ w.T + (b if bias else 0), rtol=1e-12
+    )
 
 
 @pytest.mark.parametrize("padding", [((1, 1), (1, 1)), ((0, 1), (2, 0))])  # symmetric; asymmetric
@@ -459,14 +489,16 @@ def test_conv2d_bias_is_added_per_channel(be, padding):
     got = be.conv2d(xb, wb, bb, padding=padding)
     np.testing.assert_allclose(be.to_numpy(got), plain + b[None, :, None, None], rtol=1e-12, atol=1e-12)
     tw, tb = rng.standard_normal(w.shape), rng.standard_normal(4)
-    _, t = be.jvp(lambda ww, bias: be.conv2d(xb, ww, bias, padding=padding), (wb, bb),
-                  (be.asarray(tw), be.asarray(tb)))
+    _, t = be.jvp(
+        lambda ww, bias: be.conv2d(xb, ww, bias, padding=padding), (wb, bb), (be.asarray(tw), be.asarray(tb))
+    )
     want = be.to_numpy(be.conv2d(xb, be.asarray(tw), padding=padding)) + tb[None, :, None, None]
     np.testing.assert_allclose(be.to_numpy(t), want, rtol=1e-12, atol=1e-12)
     mixed = be.conv2d(xb, wb, be.asarray(b, dtype="float32"), padding=padding)
     assert be.dtype_name(mixed.dtype) == "float64"
-    np.testing.assert_allclose(be.to_numpy(mixed), plain + b.astype(np.float32)[None, :, None, None],
-                               rtol=1e-12)
+    np.testing.assert_allclose(
+        be.to_numpy(mixed), plain + b.astype(np.float32)[None, :, None, None], rtol=1e-12
+    )
 
 
 @pytest.mark.parametrize("shape", [(1, 802816), (3, 5), (7,), (2, 3, 64), (1, 10), ()])

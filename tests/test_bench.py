@@ -23,9 +23,13 @@ def test_bench_tiny_runs_every_section_and_its_json_is_consistent(tmp_path):
     path = tmp_path / "bench.json"
     assert duogard_bench.main(tiny=True, json_path=str(path)) == 0
     result = json.loads(path.read_text())
-    for check in (_check_machine_and_versions_at_the_top, _check_one_step_record_per_configuration,
-                  _check_ratios_are_the_ratios_of_the_medians, _check_other_sections,
-                  _check_targets_have_figure_limit_status_and_why):
+    for check in (
+        _check_machine_and_versions_at_the_top,
+        _check_one_step_record_per_configuration,
+        _check_ratios_are_the_ratios_of_the_medians,
+        _check_other_sections,
+        _check_targets_have_figure_limit_status_and_why,
+    ):
         check(result)
 
 
@@ -91,14 +95,19 @@ def _check_other_sections(result):
     for r in conv:
         assert _finite_positive(r["median_s"]) and r["zero_copy"] is True
     assert {(c["backend"], c["model"]) for c in result["compile"]} == {
-        (b, m) for b in ("jax", "torch") for m in ("mlp", "cnn")}
+        (b, m) for b in ("jax", "torch") for m in ("mlp", "cnn")
+    }
 
 
 def _check_targets_have_figure_limit_status_and_why(result):
     targets = result["targets"]
     names = {t["target"].split(" (")[0].split(",")[0] for t in targets}
-    assert {"forward step / backprop step", "duogard step / hand-written step",
-            "tangent drawing / forward step", "forward peak memory"} <= {n.split(" at ")[0] for n in names}
+    assert {
+        "forward step / backprop step",
+        "duogard step / hand-written step",
+        "tangent drawing / forward step",
+        "forward peak memory",
+    } <= {n.split(" at ")[0] for n in names}
     assert any(t["target"].startswith("conversion") for t in targets)
     for t in targets:
         assert t["status"] == ("PASS" if t["measured"] <= t["limit"] else "MISS")

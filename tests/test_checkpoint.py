@@ -18,8 +18,14 @@ import numpy as np
 import pytest
 
 from duogard.train.checkpoint import (
-    MANIFEST, Checkpoint, CheckpointMismatchError, is_checkpoint, load_checkpoint, save_checkpoint,
+    MANIFEST,
+    Checkpoint,
+    CheckpointMismatchError,
+    is_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
 )
+
 from conftest import to_backend, to_numpy
 
 
@@ -35,8 +41,7 @@ def _special_floats(dtype):
 
 def _params(rng):
     return {
-        "0": {"weight": rng.standard_normal((4, 3)).astype(np.float32),
-              "bias": _special_floats(np.float32)},
+        "0": {"weight": rng.standard_normal((4, 3)).astype(np.float32), "bias": _special_floats(np.float32)},
         "2": {"weight": rng.standard_normal((2, 4)), "bias": _special_floats(np.float64)},
     }
 
@@ -66,15 +71,28 @@ def _assert_bitwise(a, b):
 
 # ----------------------------------------------------------------------------- round trips
 
+
 def test_round_trip_is_bitwise(tmp_path, rng):
-    params, ints = _params(rng), {"i64": np.arange(-3, 3, dtype=np.int64),
-                                  "u8": np.arange(250, 256, dtype=np.uint8),
-                                  "flag": np.array([True, False]), "scalar": np.array(2.5),
-                                  "empty": np.zeros((0, 3), np.float32)}
+    params, ints = (
+        _params(rng),
+        {
+            "i64": np.arange(-3, 3, dtype=np.int64),
+            "u8": np.arange(250, 256, dtype=np.uint8),
+            "flag": np.array([True, False]),
+            "scalar": np.array(2.5),
+            "empty": np.zeros((0, 3), np.float32),
+        },
+    )
     opt = _opt_state(params)
-    out = save_checkpoint(tmp_path / "ck", params={**params, "x": ints}, opt_state=opt, step=12,
-                          key=np.array([0, 42], np.uint32), config={"lr": 0.05, "layers": [64, 10]},
-                          metrics={"loss": np.float32(0.25), "acc": 0.5})
+    out = save_checkpoint(
+        tmp_path / "ck",
+        params={**params, "x": ints},
+        opt_state=opt,
+        step=12,
+        key=np.array([0, 42], np.uint32),
+        config={"lr": 0.05, "layers": [64, 10]},
+        metrics={"loss": np.float32(0.25), "acc": 0.5},
+    )
     assert out == tmp_path / "ck" and is_checkpoint(out)
     ck = load_checkpoint(tmp_path / "ck")  # no templates: rebuilt from the manifest
     assert isinstance(ck, Checkpoint) and ck.step == 12
@@ -103,7 +121,11 @@ def test_files_and_manifest(tmp_path, rng):
     manifest = json.loads((tmp_path / "ck" / MANIFEST).read_text())
     assert manifest["step"] == 3 and manifest["tensors"]["file"] == names[1]
     assert [m["key"] for m in manifest["params"]["leaves"]] == [
-        "params.0.bias", "params.0.weight", "params.2.bias", "params.2.weight"]
+        "params.0.bias",
+        "params.0.weight",
+        "params.2.bias",
+        "params.2.weight",
+    ]
     import safetensors.numpy
 
     flat = safetensors.numpy.load_file(str(tmp_path / "ck" / names[1]))  # a plain safetensors file
@@ -116,8 +138,9 @@ def test_optax_adam_state_round_trip_with_template(tmp_path, rng):
     import jax
 
     be = pytest.importorskip("duogard_jax")
-    params = to_backend(be, {"0": {"weight": rng.standard_normal((3, 2)).astype(np.float32),
-                                   "bias": np.zeros(3, np.float32)}})
+    params = to_backend(
+        be, {"0": {"weight": rng.standard_normal((3, 2)).astype(np.float32), "bias": np.zeros(3, np.float32)}}
+    )
     opt = optax.chain(optax.clip(1.0), optax.adam(1e-2))
     state = opt.init(params)
     grads = jax.tree_util.tree_map(lambda p: p * 0.3 + 1, params)
@@ -151,14 +174,22 @@ def test_cross_backend(both, tmp_path, rng, direction):
     src, dst = (th, jx) if direction == "torch->jax" else (jx, th)
     params = _params(rng)
     opt = _opt_state(params)
-    src_opt = (opt[0]._replace(count=src.asarray(np.array(7, np.int32)),
-                               trace=to_backend(src, opt[0].trace)), None, opt[2])
-    save_checkpoint(tmp_path / "ck", params=to_backend(src, params), opt_state=src_opt, step=4,
-                    key=src.key(1))
-    template = (opt[0]._replace(count=dst.asarray(np.array(0, np.int64)),
-                                trace=to_backend(dst, opt[0].trace)), None, opt[2])
-    ck = load_checkpoint(tmp_path / "ck", like_params=to_backend(dst, params),
-                         like_opt_state=template, backend=dst.name)
+    src_opt = (
+        opt[0]._replace(count=src.asarray(np.array(7, np.int32)), trace=to_backend(src, opt[0].trace)),
+        None,
+        opt[2],
+    )
+    save_checkpoint(
+        tmp_path / "ck", params=to_backend(src, params), opt_state=src_opt, step=4, key=src.key(1)
+    )
+    template = (
+        opt[0]._replace(count=dst.asarray(np.array(0, np.int64)), trace=to_backend(dst, opt[0].trace)),
+        None,
+        opt[2],
+    )
+    ck = load_checkpoint(
+        tmp_path / "ck", like_params=to_backend(dst, params), like_opt_state=template, backend=dst.name
+    )
     assert ck.info["backend"] == src.name
     assert all(dst.is_array(leaf) for leaf in dst.tree_leaves(ck.params))
     _assert_bitwise(to_numpy(dst, ck.params), params)
@@ -170,12 +201,15 @@ def test_cross_backend(both, tmp_path, rng, direction):
 
 # ----------------------------------------------------------------------------- mismatches
 
+
 def test_mismatch_lists_every_difference(tmp_path, rng):
     params = _params(rng)
     save_checkpoint(tmp_path / "ck", params=params, opt_state=_opt_state(params), step=1)
-    like = {"0": {"weight": np.zeros((4, 5), np.float32), "bias": params["0"]["bias"]},
-            "2": {"weight": params["2"]["weight"].astype(np.float32)},
-            "3": {"weight": np.zeros(2), "bias": np.zeros(2)}}
+    like = {
+        "0": {"weight": np.zeros((4, 5), np.float32), "bias": params["0"]["bias"]},
+        "2": {"weight": params["2"]["weight"].astype(np.float32)},
+        "3": {"weight": np.zeros(2), "bias": np.zeros(2)},
+    }
     like_opt = (MomentumState(np.array(0), {}), None, {"lr": 0.1, "steps": 0, "on": False})
     with pytest.raises(CheckpointMismatchError) as info:
         load_checkpoint(tmp_path / "ck", like_params=like, like_opt_state=like_opt)
@@ -213,8 +247,13 @@ def test_dataclass_config_and_framework_scalars(be, tmp_path):
         lr: float = 0.1
         sizes: tuple = (3, 4)
 
-    save_checkpoint(tmp_path / "ck", params={"w": be.asarray(np.ones(2, np.float32))}, step=2,
-                    config=Config(), metrics={"loss": be.asarray(np.float32(0.5))})
+    save_checkpoint(
+        tmp_path / "ck",
+        params={"w": be.asarray(np.ones(2, np.float32))},
+        step=2,
+        config=Config(),
+        metrics={"loss": be.asarray(np.float32(0.5))},
+    )
     ck = load_checkpoint(tmp_path / "ck")
     assert ck.config == {"lr": 0.1, "sizes": [3, 4]} and ck.metrics == {"loss": 0.5}
 
@@ -230,6 +269,7 @@ def test_corrupt_tensor_file_is_detected(tmp_path):
 
 
 # ----------------------------------------------------------------------------- never unpickle
+
 
 class _Payload:
     def __init__(self, sentinel):
@@ -313,8 +353,12 @@ def _run_writer(tmp_path, kill_at, size):
     script = tmp_path / "writer.py"
     script.write_text(_WRITER)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    return subprocess.run([sys.executable, str(script), str(tmp_path / "ck"), str(kill_at), str(size)],
-                          capture_output=True, text=True, env=env)
+    return subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "ck"), str(kill_at), str(size)],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
 
 
 def _assert_whole(path) -> int:
@@ -346,8 +390,7 @@ def test_kill_at_every_point_of_a_save(tmp_path):
         # and the next save after the crash works and cleans up
         if kill_at == commit - 1:
             save_checkpoint(tmp_path / "ck", params={"a": np.zeros(1)}, step=9)
-            assert sorted(p.name.split("-")[0] for p in (tmp_path / "ck").iterdir()) == [
-                MANIFEST, "tensors"]
+            assert sorted(p.name.split("-")[0] for p in (tmp_path / "ck").iterdir()) == [MANIFEST, "tensors"]
 
 
 def test_sigkill_at_random_times(tmp_path):
@@ -357,8 +400,13 @@ def test_sigkill_at_random_times(tmp_path):
     rng = np.random.default_rng(0)
     steps = []
     for delay in rng.uniform(0.0, 0.4, size=6):
-        proc = subprocess.Popen([sys.executable, str(script), str(tmp_path / "ck"), "-1", "400000"],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        proc = subprocess.Popen(
+            [sys.executable, str(script), str(tmp_path / "ck"), "-1", "400000"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
         assert proc.stdout.readline().strip() == "ready"
         time.sleep(delay)
         proc.send_signal(signal.SIGKILL)

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from duogard.cli import main
-from duogard.cli import DEFAULT_METHODS
+from duogard.cli import DEFAULT_METHODS, main
+
 from conftest import AVAILABLE
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -27,14 +27,31 @@ def run(argv) -> int:
 
 # ----------------------------------------------------------------------------- help
 
-@pytest.mark.parametrize("argv,mentions", [
-    ([], ["train", "compare", "bench", "parity"]),
-    (["train"], ["--backend", "--grad", "--model", "--dataset", "--steps", "--log", "--json", "--resume",
-                 "--on-nan", "--quiet"]),
-    (["compare"], ["--backends", "--methods", "--steps", "--out", "--hidden", *DEFAULT_METHODS[:1]]),
-    (["bench"], ["--quick", "--json"]),
-    (["parity"], ["--backends", "--grad", "--optimizer", "--dtype", "--tol", "--steps"]),
-])
+
+@pytest.mark.parametrize(
+    "argv,mentions",
+    [
+        ([], ["train", "compare", "bench", "parity"]),
+        (
+            ["train"],
+            [
+                "--backend",
+                "--grad",
+                "--model",
+                "--dataset",
+                "--steps",
+                "--log",
+                "--json",
+                "--resume",
+                "--on-nan",
+                "--quiet",
+            ],
+        ),
+        (["compare"], ["--backends", "--methods", "--steps", "--out", "--hidden", *DEFAULT_METHODS[:1]]),
+        (["bench"], ["--quick", "--json"]),
+        (["parity"], ["--backends", "--grad", "--optimizer", "--dtype", "--tol", "--steps"]),
+    ],
+)
 def test_help(capsys, argv, mentions):
     assert run([*argv, "--help"]) == 0
     out = capsys.readouterr().out
@@ -59,22 +76,26 @@ def test_console_script_help():
 
 # ----------------------------------------------------------------------------- usage errors
 
-@pytest.mark.parametrize("argv,message", [
-    (["frobnicate"], "invalid choice: 'frobnicate'"),
-    (["train", "--grad", "nope"], "unknown gradient method 'nope'"),
-    (["train", "--grad", "forward:num_tangents=0"], "num_tangents must be a positive int, got 0"),
-    (["train", "--grad", "forward:bogus=1"], "bogus"),
-    (["train", "--grad", "forward:num_tangents"], "expected option=value"),
-    (["train", "--hidden", "a,b"], "--hidden must be comma-separated ints, got 'a,b'"),
-    (["train", "--hidden", "0"], "--hidden must be positive ints"),
-    (["parity", "--hidden", "x"], "--hidden must be comma-separated ints"),
-    (["compare", "--hidden", "16,-2"], "--hidden must be positive ints"),
-    (["train", "--model", "resnet"], "invalid choice: 'resnet'"),
-    (["train", "--dataset", "cifar"], "unknown dataset 'cifar'"),
-    (["train", "--optimizer", "lbfgs"], "invalid choice: 'lbfgs'"),
-    (["train", "--steps", "ten"], "invalid int value: 'ten'"),
-    (["compare", "--methods", "backprop;nope"], "unknown gradient method 'nope'"),
-])
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["frobnicate"], "invalid choice: 'frobnicate'"),
+        (["train", "--grad", "nope"], "unknown gradient method 'nope'"),
+        (["train", "--grad", "forward:num_tangents=0"], "num_tangents must be a positive int, got 0"),
+        (["train", "--grad", "forward:bogus=1"], "bogus"),
+        (["train", "--grad", "forward:num_tangents"], "expected option=value"),
+        (["train", "--hidden", "a,b"], "--hidden must be comma-separated ints, got 'a,b'"),
+        (["train", "--hidden", "0"], "--hidden must be positive ints"),
+        (["parity", "--hidden", "x"], "--hidden must be comma-separated ints"),
+        (["compare", "--hidden", "16,-2"], "--hidden must be positive ints"),
+        (["train", "--model", "resnet"], "invalid choice: 'resnet'"),
+        (["train", "--dataset", "cifar"], "unknown dataset 'cifar'"),
+        (["train", "--optimizer", "lbfgs"], "invalid choice: 'lbfgs'"),
+        (["train", "--steps", "ten"], "invalid int value: 'ten'"),
+        (["compare", "--methods", "backprop;nope"], "unknown gradient method 'nope'"),
+    ],
+)
 def test_usage_errors_exit_2(capsys, argv, message):
     assert run([*argv, "--steps", "1"] if "--steps" not in argv else argv) == 2
     err = capsys.readouterr().err
@@ -85,19 +106,45 @@ def test_usage_errors_exit_2(capsys, argv, message):
 def test_missing_mnist_dir_lists_the_needed_files(capsys, tmp_path):
     assert run(["train", "--dataset", "mnist", "--data-dir", str(tmp_path / "nowhere"), "--steps", "1"]) == 2
     err = capsys.readouterr().err
-    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
-                 "t10k-labels-idx1-ubyte"):
+    for name in (
+        "train-images-idx3-ubyte",
+        "train-labels-idx1-ubyte",
+        "t10k-images-idx3-ubyte",
+        "t10k-labels-idx1-ubyte",
+    ):
         assert name in err
     assert "nowhere" in err
 
 
 # ----------------------------------------------------------------------------- real (tiny) runs
 
+
 def test_train_writes_json_and_log(be, capsys, tmp_path):
     js, log = tmp_path / "run.json", tmp_path / "run.csv"
-    rc = run(["train", "--backend", be.name, "--steps", "20", "--hidden", "8", "--batch-size", "32",
-              "--grad", "forward:num_tangents=2", "--optimizer", "adam", "--eval-every", "10",
-              "--quiet", "--json", str(js), "--log", str(log)])
+    rc = run(
+        [
+            "train",
+            "--backend",
+            be.name,
+            "--steps",
+            "20",
+            "--hidden",
+            "8",
+            "--batch-size",
+            "32",
+            "--grad",
+            "forward:num_tangents=2",
+            "--optimizer",
+            "adam",
+            "--eval-every",
+            "10",
+            "--quiet",
+            "--json",
+            str(js),
+            "--log",
+            str(log),
+        ]
+    )
     assert rc == 0
     out = capsys.readouterr().out
     assert "MLP 64-8-10 (" in out and "on digits:" in out and "20 steps of 32" in out
@@ -145,8 +192,9 @@ def test_compare_writes_json_png_and_table(capsys, tmp_path):
     for col in ("method", "final loss", "test acc", "ms/step", "total s", "peak MB", "cosine"):
         assert col in lines[head]
     assert set(lines[head + 1].replace(" ", "")) == {"-"}
-    assert len([line for line in lines[head + 2:] if line.split()[:1] and line.split()[0] in AVAILABLE]) \
-        == len(result["runs"])
+    assert len(
+        [line for line in lines[head + 2 :] if line.split()[:1] and line.split()[0] in AVAILABLE]
+    ) == len(result["runs"])
     assert f"wrote {out / 'compare.png'}" in printed
 
 

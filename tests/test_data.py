@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
 import subprocess
 import sys
 import textwrap
@@ -32,6 +31,7 @@ def _sorted_rows(x):
 
 
 # ----------------------------------------------------------------------------- digits
+
 
 def test_digits_shapes_scale_and_split(digits, sk_digits):
     images, target = sk_digits
@@ -71,8 +71,11 @@ def test_digits_flatten_dtype_and_limits(digits):
 
 
 def test_load_errors():
-    with pytest.raises(ValueError, match=r"unknown dataset 'cifar'.*'digits'.*'mnist'.*"
-                                         r"'fashion-mnist'.*'synthetic'"):
+    with pytest.raises(
+        ValueError,
+        match=r"unknown dataset 'cifar'.*'digits'.*'mnist'.*"
+        r"'fashion-mnist'.*'synthetic'",
+    ):
         data.load("cifar")
     assert data.DATASETS == ("digits", "mnist", "fashion-mnist", "synthetic")
     with pytest.raises(ValueError, match="dtype must be 'float32' or 'float64', got 'int8'"):
@@ -98,13 +101,14 @@ def test_data_imports_no_framework():
 
 # ----------------------------------------------------------------------------- batching
 
+
 def test_batches_cover_each_epoch_once(digits):
     per_epoch = digits.steps_per_epoch(32)
     assert per_epoch == digits.num_train // 32
     seen = np.concatenate([digits.batch_at(s, 32, seed=5)[1] for s in range(per_epoch)])
     order = digits.epoch_order(0, seed=5)
     assert sorted(order.tolist()) == list(range(digits.num_train))  # a permutation
-    np.testing.assert_array_equal(seen, digits.y_train[order[:per_epoch * 32]])
+    np.testing.assert_array_equal(seen, digits.y_train[order[: per_epoch * 32]])
     x, y = digits.batch_at(3, 32, seed=5)
     np.testing.assert_array_equal(x, digits.x_train[order[96:128]])
     assert x.shape == (32, 1, 8, 8) and x.flags.c_contiguous
@@ -151,6 +155,7 @@ def test_batches_identical_on_both_backends(digits, both):
 
 
 # ----------------------------------------------------------------------------- IDX
+
 
 def _write_set(directory, *, n_train=20, n_test=8, gz=False, seed=0):
     rng = np.random.default_rng(seed)
@@ -250,9 +255,11 @@ def test_idx_dataset_consistency_errors(tmp_path):
 
 # ----------------------------------------------------------------------------- synthetic
 
+
 def test_synthetic_teacher_labels():
-    ds = data.load("synthetic", seed=3, dtype="float64", num_examples=600, num_features=5,
-                   num_classes=3, hidden=7)
+    ds = data.load(
+        "synthetic", seed=3, dtype="float64", num_examples=600, num_features=5, num_classes=3, hidden=7
+    )
     assert ds.input_shape == (5,) and ds.num_classes == 3 and ds.num_train + ds.num_test == 600
     t = ds.info["teacher"]
     assert t["w1"].shape == (5, 7) and t["w2"].shape == (7, 3)
@@ -261,8 +268,9 @@ def test_synthetic_teacher_labels():
     logits = np.tanh(x @ t["w1"] + t["b1"]) @ t["w2"]
     np.testing.assert_array_equal(np.argmax(logits - logits.mean(0), axis=1), y)
     assert np.bincount(y, minlength=3).min() >= 60  # centred logits: no class starves
-    again = data.load("synthetic", seed=3, dtype="float64", num_examples=600, num_features=5,
-                      num_classes=3, hidden=7)
+    again = data.load(
+        "synthetic", seed=3, dtype="float64", num_examples=600, num_features=5, num_classes=3, hidden=7
+    )
     np.testing.assert_array_equal(again.x_train, ds.x_train)
     assert not np.array_equal(data.load("synthetic", seed=4).x_train, data.load("synthetic").x_train)
     with pytest.raises(ValueError, match="num_classes must be >= 2"):
@@ -271,14 +279,19 @@ def test_synthetic_teacher_labels():
 
 # ----------------------------------------------------------------------------- objectives
 
+
 def _beale_grad(x, y):
-    t1, t2, t3 = 1.5 - x + x * y, 2.25 - x + x * y ** 2, 2.625 - x + x * y ** 3
-    return np.array([2 * t1 * (y - 1) + 2 * t2 * (y ** 2 - 1) + 2 * t3 * (y ** 3 - 1),
-                     2 * t1 * x + 2 * t2 * 2 * x * y + 2 * t3 * 3 * x * y ** 2])
+    t1, t2, t3 = 1.5 - x + x * y, 2.25 - x + x * y**2, 2.625 - x + x * y**3
+    return np.array(
+        [
+            2 * t1 * (y - 1) + 2 * t2 * (y**2 - 1) + 2 * t3 * (y**3 - 1),
+            2 * t1 * x + 2 * t2 * 2 * x * y + 2 * t3 * 3 * x * y**2,
+        ]
+    )
 
 
 def _rosenbrock_grad(x, y):
-    return np.array([-2 * (1 - x) - 400 * x * (y - x ** 2), 200 * (y - x ** 2)])
+    return np.array([-2 * (1 - x) - 400 * x * (y - x**2), 200 * (y - x**2)])
 
 
 def test_objectives_registry():

@@ -29,7 +29,9 @@ from duogard.grad import FlatView, ForwardModeError
 
 
 def _on(be, tree, dtype=None):
-    return dg.tree.tree_map(lambda a: be.asarray(np.asarray(a) if dtype is None else np.asarray(a, dtype)), tree)
+    return dg.tree.tree_map(
+        lambda a: be.asarray(np.asarray(a) if dtype is None else np.asarray(a, dtype)), tree
+    )
 
 
 def _flat(be, tree) -> np.ndarray:
@@ -43,8 +45,9 @@ def _cos(a, b) -> float:
 
 # The models and losses are shared by the tests (JAX compiles each function and shape once).
 _MLP = dg.grad.supervised(nn.Sequential(nn.Linear(4), nn.tanh, nn.Linear(2)), losses.cross_entropy)
-_CNN = dg.grad.supervised(nn.Sequential(nn.Conv2d(2, 3), nn.relu, nn.MaxPool2d(2), nn.Flatten(), nn.Linear(3)),
-                          losses.cross_entropy)
+_CNN = dg.grad.supervised(
+    nn.Sequential(nn.Conv2d(2, 3), nn.relu, nn.MaxPool2d(2), nn.Flatten(), nn.Linear(3)), losses.cross_entropy
+)
 
 
 def _case(be, loss_fn, x, y, dtype):
@@ -103,15 +106,18 @@ def test_jvp_matches_central_differences(be, rng):
     loss, d = dg.grad.jvp_loss(be, loss_fn, params, batch, direction)
 
     h = 1e-5
-    shifted = [loss_fn(dg.tree.tree_map(lambda p, v, s=s: p + s * h * v, params, direction), batch)
-               for s in (1.0, -1.0)]
+    shifted = [
+        loss_fn(dg.tree.tree_map(lambda p, v, s=s: p + s * h * v, params, direction), batch)
+        for s in (1.0, -1.0)
+    ]
     fd = (float(shifted[0]) - float(shifted[1])) / (2 * h)
     assert float(loss) == pytest.approx(float(loss_fn(params, batch)), rel=1e-14)
     assert abs(float(d)) > 1e-3  # a direction along which the loss really changes
     np.testing.assert_allclose(float(d), fd, rtol=1e-6)
     # and the directional derivative is the reverse-mode gradient dotted with the direction
-    np.testing.assert_allclose(float(d), _true_grad(be, loss_fn, params, batch) @ _flat(be, direction),
-                               rtol=1e-12)
+    np.testing.assert_allclose(
+        float(d), _true_grad(be, loss_fn, params, batch) @ _flat(be, direction), rtol=1e-12
+    )
 
 
 # ----------------------------------------------------------------------------- forward
@@ -138,10 +144,14 @@ def test_forward_is_the_mean_of_directional_derivatives_times_tangents(be, num_t
     np.testing.assert_array_equal(_flat(be, again), _flat(be, grads))
 
 
-@pytest.mark.parametrize("options", [
-    {"num_tangents": 4}, {"num_tangents": 3, "distribution": "rademacher", "jvp": "rules"},
-    {"num_tangents": 3, "projection": True},
-])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"num_tangents": 4},
+        {"num_tangents": 3, "distribution": "rademacher", "jvp": "rules"},
+        {"num_tangents": 3, "projection": True},
+    ],
+)
 def test_forward_call_draws_leaf_by_leaf_the_numbers_of_sample(be, options):
     """``est(key)`` draws each leaf's (K, *shape) tangent on its own (contiguous); the same numbers
     as the flat ``sample(key)``, so the same estimate as ``estimate(sample(key))`` (float32 CNN)."""
@@ -159,7 +169,9 @@ def test_forward_call_draws_leaf_by_leaf_the_numbers_of_sample(be, options):
     want_loss, want = est.estimate(loss_fn, params, batch, flat)
     loss, got = est(loss_fn, params, batch, be.key(5))
     assert float(loss) == float(want_loss)
-    np.testing.assert_allclose(_flat(be, got), _flat(be, want), rtol=1e-6, atol=1e-7 * np.abs(_flat(be, want)).max())
+    np.testing.assert_allclose(
+        _flat(be, got), _flat(be, want), rtol=1e-6, atol=1e-7 * np.abs(_flat(be, want)).max()
+    )
 
 
 @pytest.mark.parametrize("distribution,excess", [("normal", 2), ("rademacher", 0)])
@@ -198,14 +210,18 @@ def test_forward_exact_equals_backprop(be):
     assert float(loss_e) == pytest.approx(float(loss_b), rel=1e-14)
 
 
-@pytest.mark.parametrize("options", [dict(orthogonal=True), dict(projection=True),
-                                     dict(projection=True, distribution="rademacher")],
-                         ids=["orthogonal", "projection", "projection-rademacher"])
+@pytest.mark.parametrize(
+    "options",
+    [dict(orthogonal=True), dict(projection=True), dict(projection=True, distribution="rademacher")],
+    ids=["orthogonal", "projection", "projection-rademacher"],
+)
 def test_full_rank_orthogonal_and_projection_recover_the_gradient(be, options):
     loss_fn, params, batch = _mlp_case(be)
     n = FlatView.of(params).size
     _, grads = dg.estimator("forward", num_tangents=n, **options)(loss_fn, params, batch, be.key(5))
-    np.testing.assert_allclose(_flat(be, grads), _true_grad(be, loss_fn, params, batch), rtol=1e-8, atol=1e-12)
+    np.testing.assert_allclose(
+        _flat(be, grads), _true_grad(be, loss_fn, params, batch), rtol=1e-8, atol=1e-12
+    )
 
 
 def test_projection_is_the_least_squares_projection(be):
@@ -279,8 +295,9 @@ def test_forward_activity_matches_the_formula_given_tangents(be, layerwise):
     for k in un:
         d = per_layer[k] if layerwise else total
         gz = d[:, None] * un[k]
-        np.testing.assert_allclose(be.to_numpy(grads[k]["weight"]), gz.T @ be.to_numpy(inputs[k]), rtol=1e-10,
-                                   atol=1e-14)
+        np.testing.assert_allclose(
+            be.to_numpy(grads[k]["weight"]), gz.T @ be.to_numpy(inputs[k]), rtol=1e-10, atol=1e-14
+        )
         np.testing.assert_allclose(be.to_numpy(grads[k]["bias"]), gz.sum(axis=0), rtol=1e-10, atol=1e-14)
 
 
@@ -295,8 +312,10 @@ def test_forward_activity_is_unbiased(be, case, layerwise):
     loss_fn, params, batch = case(be)
     est = dg.estimator("forward-activity", layerwise=layerwise)
     rng = np.random.default_rng(7)
-    u = {k: be.asarray(rng.standard_normal((10_000, *t.shape)))
-         for k, t in est.sample(loss_fn, params, batch, be.key(0)).items()}
+    u = {
+        k: be.asarray(rng.standard_normal((10_000, *t.shape)))
+        for k, t in est.sample(loss_fn, params, batch, be.key(0)).items()
+    }
     mean = _many(be, est, loss_fn, params, batch, u).mean(axis=0)
     assert _cos(mean, _true_grad(be, loss_fn, params, batch)) >= 0.99
 
@@ -323,7 +342,10 @@ def test_forward_activity_has_lower_variance_than_weight_perturbation(be):
     mse_fwd = float(np.mean(np.sum((fwd - g) ** 2, axis=1)))
 
     rng = np.random.default_rng(2)
-    u = {"0": be.asarray(rng.standard_normal((draws, 4, 64))), "2": be.asarray(rng.standard_normal((draws, 4, 10)))}
+    u = {
+        "0": be.asarray(rng.standard_normal((draws, 4, 64))),
+        "2": be.asarray(rng.standard_normal((draws, 4, 10))),
+    }
     act = _many(be, dg.estimator("forward-activity"), loss_fn, params, batch, u)
     mse_act = float(np.mean(np.sum((act - g) ** 2, axis=1)))
 
@@ -345,11 +367,22 @@ _PARITY = [
 ]
 
 
-@pytest.mark.parametrize("case,name,options", _PARITY,
-                         ids=["mlp-K1", "mlp-K4", "mlp-projection-K4", "mlp-activity", "mlp-activity-layerwise",
-                              "cnn-K4", "cnn-activity"])
+@pytest.mark.parametrize(
+    "case,name,options",
+    _PARITY,
+    ids=[
+        "mlp-K1",
+        "mlp-K4",
+        "mlp-projection-K4",
+        "mlp-activity",
+        "mlp-activity-layerwise",
+        "cnn-K4",
+        "cnn-activity",
+    ],
+)
 def test_jax_and_torch_agree_given_the_same_tangents(both, case, name, options):
-    """Tangents drawn on JAX, handed to torch by DLPack (``th.asarray``); float32 estimates agree to rtol 1e-5.
+    """Tangents drawn on JAX, handed to torch by DLPack (``th.asarray``); float32 estimates agree
+    to rtol 1e-5.
 
     (The JAX side runs under jax.jit, as in training; torch runs eagerly.)
     """
@@ -367,7 +400,9 @@ def test_jax_and_torch_agree_given_the_same_tangents(both, case, name, options):
     loss_j, gj = jx.jit(lambda p, b, t: est.estimate(loss_fn, p, b, t))(pj, bj, tj)
     loss_t, gt = est.estimate(loss_fn, pt, bt, tt)
     assert dg.tree.tree_structure(gj) == dg.tree.tree_structure(gt)
-    assert {b.dtype_name(a.dtype) for b, g in ((jx, gj), (th, gt)) for a in dg.tree.tree_leaves(g)} == {"float32"}
+    assert {b.dtype_name(a.dtype) for b, g in ((jx, gj), (th, gt)) for a in dg.tree.tree_leaves(g)} == {
+        "float32"
+    }
     np.testing.assert_allclose(float(loss_t), float(loss_j), rtol=1e-6)
     np.testing.assert_allclose(_flat(th, gt), _flat(jx, gj), rtol=1e-5, atol=1e-6)
 
@@ -424,8 +459,11 @@ def _torch_bn_case(train: bool):
     return module, loss_fn, params, (x, y)
 
 
-@pytest.mark.parametrize("name,options", [("forward", dict()), ("forward", dict(num_tangents=4)),
-                                          ("forward-exact", dict())], ids=["K1", "K4", "exact"])
+@pytest.mark.parametrize(
+    "name,options",
+    [("forward", dict()), ("forward", dict(num_tangents=4)), ("forward-exact", dict())],
+    ids=["K1", "K4", "exact"],
+)
 def test_torch_batchnorm_in_training_mode_raises_naming_the_cause(name, options):
     pytest.importorskip("torch")
     th = dg.backend("torch")
@@ -506,16 +544,20 @@ def _torch_functions():
 
 
 @pytest.mark.parametrize("num_tangents", [1, 3])
-@pytest.mark.parametrize("which,cause", [(0, "without a jvp staticmethod|without vmap support"),
-                                         (1, "without forward-mode support")], ids=["no-jvp", "old-style"])
+@pytest.mark.parametrize(
+    "which,cause",
+    [(0, "without a jvp staticmethod|without vmap support"), (1, "without forward-mode support")],
+    ids=["no-jvp", "old-style"],
+)
 def test_torch_autograd_function_without_jvp_raises(num_tangents, which, cause):
     torch = pytest.importorskip("torch")
     th = dg.backend("torch")
     fn = _torch_functions()[which]
     params = {"w": torch.randn(3, dtype=torch.float64)}
     with pytest.raises(ForwardModeError, match=rf"torch\.autograd\.Function ({cause})"):
-        dg.estimator("forward", num_tangents=num_tangents)(lambda p, b: fn.apply(p["w"]).sum(), params, None,
-                                                           th.key(0))
+        dg.estimator("forward", num_tangents=num_tangents)(
+            lambda p, b: fn.apply(p["w"]).sum(), params, None, th.key(0)
+        )
 
 
 def test_torch_autograd_function_with_jvp_works():
@@ -541,7 +583,9 @@ def test_jax_custom_vjp_raises_and_custom_jvp_works(num_tangents):
     def sin_jvp(x):
         return jax.numpy.sin(x)
 
-    sin_jvp.defjvp(lambda primals, tangents: (jax.numpy.sin(primals[0]), jax.numpy.cos(primals[0]) * tangents[0]))
+    sin_jvp.defjvp(
+        lambda primals, tangents: (jax.numpy.sin(primals[0]), jax.numpy.cos(primals[0]) * tangents[0])
+    )
 
     params = {"w": jx.asarray(np.array([0.1, 0.2, 0.3]))}
     est = dg.estimator("forward", num_tangents=num_tangents)
@@ -552,22 +596,28 @@ def test_jax_custom_vjp_raises_and_custom_jvp_works(num_tangents):
 
 
 def test_unknown_estimator_lists_the_valid_names():
-    with pytest.raises(ValueError, match=r"unknown gradient method 'reverse'.*'backprop'.*'forward'.*"
-                                         r"'forward-activity'.*'forward-exact'"):
+    with pytest.raises(
+        ValueError,
+        match=r"unknown gradient method 'reverse'.*'backprop'.*'forward'.*"
+        r"'forward-activity'.*'forward-exact'",
+    ):
         dg.estimator("reverse")
     assert dg.estimator("Forward_Exact").name == "forward-exact"  # case and _/- are forgiven
     assert dg.estimator("forward", num_tangents=2).num_tangents == 2
 
 
-@pytest.mark.parametrize("name,options,match", [
-    ("forward", dict(num_tangents=0), r"num_tangents must be a positive int, got 0"),
-    ("forward", dict(num_tangents=-2), r"num_tangents .* got -2"),
-    ("forward", dict(num_tangents=2.5), r"num_tangents .* got 2\.5"),
-    ("forward", dict(num_tangents=True), r"num_tangents .* got True"),
-    ("forward", dict(distribution="uniform"), r"distribution must be one of .*'normal'.*got 'uniform'"),
-    ("forward-activity", dict(distribution="uniform"), r"distribution must be one of .*got 'uniform'"),
-    ("forward-exact", dict(chunk_size=0), r"chunk_size must be a positive int, got 0"),
-])
+@pytest.mark.parametrize(
+    "name,options,match",
+    [
+        ("forward", dict(num_tangents=0), r"num_tangents must be a positive int, got 0"),
+        ("forward", dict(num_tangents=-2), r"num_tangents .* got -2"),
+        ("forward", dict(num_tangents=2.5), r"num_tangents .* got 2\.5"),
+        ("forward", dict(num_tangents=True), r"num_tangents .* got True"),
+        ("forward", dict(distribution="uniform"), r"distribution must be one of .*'normal'.*got 'uniform'"),
+        ("forward-activity", dict(distribution="uniform"), r"distribution must be one of .*got 'uniform'"),
+        ("forward-exact", dict(chunk_size=0), r"chunk_size must be a positive int, got 0"),
+    ],
+)
 def test_bad_options_raise_value_error_naming_the_argument(name, options, match):
     with pytest.raises(ValueError, match=match):
         dg.estimator(name, **options)
@@ -580,8 +630,11 @@ def test_unknown_option_raises_type_error_naming_it():
 
 def test_orthogonal_with_more_tangents_than_parameters_raises(be):
     loss_fn, params, batch = _mlp_case(be)
-    with pytest.raises(ValueError, match=r"orthogonal=True needs num_tangents <= number of parameters "
-                                         r"\(26\), got 27"):
+    with pytest.raises(
+        ValueError,
+        match=r"orthogonal=True needs num_tangents <= number of parameters "
+        r"\(26\), got 27",
+    ):
         dg.estimator("forward", num_tangents=27, orthogonal=True)(loss_fn, params, batch, be.key(0))
 
 
@@ -614,7 +667,9 @@ def test_forward_activity_rejects_unsupported_losses(be):
 
     with_norm = nn.Sequential(nn.Linear(4), nn.LayerNorm(), nn.Linear(2))
     p2 = _on(be, with_norm.init(0, (4, 3), dtype="float64"))
-    with pytest.raises(TypeError, match=r"layer 1 \(LayerNorm\) has parameters but is neither Linear nor Conv2d"):
+    with pytest.raises(
+        TypeError, match=r"layer 1 \(LayerNorm\) has parameters but is neither Linear nor Conv2d"
+    ):
         est(dg.grad.supervised(with_norm), p2, batch, be.key(0))
 
 
@@ -660,10 +715,15 @@ def test_gradient_agreement_matches_numpy(be, rng):
 # ----------------------------------------------------------------------------- compilation
 
 
-@pytest.mark.parametrize("name,options", [("forward", dict(num_tangents=3, distribution="rademacher")),
-                                          ("forward", dict(num_tangents=3, orthogonal=True)),
-                                          ("forward-activity", dict())],
-                         ids=["forward-rademacher-K3", "orthogonal-K3", "activity"])
+@pytest.mark.parametrize(
+    "name,options",
+    [
+        ("forward", dict(num_tangents=3, distribution="rademacher")),
+        ("forward", dict(num_tangents=3, orthogonal=True)),
+        ("forward-activity", dict()),
+    ],
+    ids=["forward-rademacher-K3", "orthogonal-K3", "activity"],
+)
 def test_forward_step_compiles_once_under_jax_jit(name, options):
     """Draw, JVP and SGD update trace into one jitted function; a new key reuses it."""
     jax = pytest.importorskip("jax")

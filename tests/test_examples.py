@@ -18,10 +18,16 @@ from conftest import AVAILABLE
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 MNIST_LIKE = ("logreg", "mnist_mlp", "mnist_cnn")
-FINAL = re.compile(r"^(jax|torch) (\S+): final loss ([0-9.]+|nan), test accuracy ([0-9.]+), "
-                   r"([0-9.]+) ms/step", re.M)
-POINT = re.compile(r"^(beale|rosenbrock)\s+(jax|torch) (\S+): \d+ steps .*-> \(([-0-9.]+), ([-0-9.]+)\), "
-                   r"f = \S+, distance to the minimum \S+ \S+ ([0-9.e+-]+)", re.M)
+FINAL = re.compile(
+    r"^(jax|torch) (\S+): final loss ([0-9.]+|nan), test accuracy ([0-9.]+), "
+    r"([0-9.]+) ms/step",
+    re.M,
+)
+POINT = re.compile(
+    r"^(beale|rosenbrock)\s+(jax|torch) (\S+): \d+ steps .*-> \(([-0-9.]+), ([-0-9.]+)\), "
+    r"f = \S+, distance to the minimum \S+ \S+ ([0-9.e+-]+)",
+    re.M,
+)
 TINY = {  # settings that make each example a smoke test
     "beale_rosenbrock": ["--steps", "20"],
     "logreg": ["--steps", "4", "--batch-size", "16", "--quiet"],
@@ -53,22 +59,34 @@ def _run_main(mod, argv, capsys, monkeypatch, cwd):
 
 # ---------------------------------------------------------------------------- as scripts
 
+
 @needs_both
-@pytest.mark.parametrize("name,backend,grad", [
-    ("beale_rosenbrock", "torch", "forward"),
-    ("logreg", "jax", "forward"),
-    ("mnist_mlp", "torch", "forward-activity"),
-    ("mnist_cnn", "jax", "backprop"),
-])
+@pytest.mark.parametrize(
+    "name,backend,grad",
+    [
+        ("beale_rosenbrock", "torch", "forward"),
+        ("logreg", "jax", "forward"),
+        ("mnist_mlp", "torch", "forward-activity"),
+        ("mnist_cnn", "jax", "backprop"),
+    ],
+)
 def test_example_runs_as_a_script(name, backend, grad, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "DUOGARD_DATA_DIR"}
     proc = subprocess.run(
         [sys.executable, str(EXAMPLES / f"{name}.py"), "--backend", backend, "--grad", grad, *TINY[name]],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     if name == "beale_rosenbrock":
         found = POINT.findall(proc.stdout)
-        assert [(f[0], f[1], f[2]) for f in found] == [("beale", backend, grad), ("rosenbrock", backend, grad)]
+        assert [(f[0], f[1], f[2]) for f in found] == [
+            ("beale", backend, grad),
+            ("rosenbrock", backend, grad),
+        ]
     else:
         assert "built-in digits" in proc.stdout  # no MNIST in tmp_path/data: the offline fallback
         (m,) = FINAL.findall(proc.stdout)
@@ -78,19 +96,23 @@ def test_example_runs_as_a_script(name, backend, grad, tmp_path):
 
 # ---------------------------------------------------------------------------- in process: both x both
 
+
 @pytest.mark.parametrize("grad", ["backprop", "forward"])
 @pytest.mark.parametrize("backend", AVAILABLE)
 @pytest.mark.parametrize("name", MNIST_LIKE)
 def test_mnist_examples_train_on_digits(examples, name, backend, grad, capsys, monkeypatch, tmp_path):
-    out = _run_main(examples[name], ["--backend", backend, "--grad", grad, *TINY[name]],
-                    capsys, monkeypatch, tmp_path)
+    out = _run_main(
+        examples[name], ["--backend", backend, "--grad", grad, *TINY[name]], capsys, monkeypatch, tmp_path
+    )
     assert "on digits" in out
     (m,) = FINAL.findall(out)
     assert m[:2] == (backend, grad)
     assert np.isfinite(float(m[2])) and 0.0 <= float(m[3]) <= 1.0 and float(m[4]) > 0
 
 
-def test_mnist_defaults_follow_the_paper_on_mnist_and_shrink_on_digits(examples, capsys, monkeypatch, tmp_path):
+def test_mnist_defaults_follow_the_paper_on_mnist_and_shrink_on_digits(
+    examples, capsys, monkeypatch, tmp_path
+):
     from duogard.data import write_idx
 
     rng = np.random.default_rng(0)
@@ -114,9 +136,13 @@ def test_mnist_example_usage_errors(examples, capsys, monkeypatch, tmp_path):
     """The examples are ``duogard train`` with their own defaults: usage errors exit 2 with the message."""
     monkeypatch.chdir(tmp_path)
     mod = examples["mnist_mlp"]
-    for argv, needle in ((["--grad", "sideways"], "sideways"), (["--grad", "forward:tangents=3"], "tangents"),
-                         (["--steps", "-1"], "--steps"), (["--hidden", "12,x"], "--hidden"),
-                         (["--dataset", "mnist", "--data-dir", str(tmp_path)], "train-images-idx3-ubyte")):
+    for argv, needle in (
+        (["--grad", "sideways"], "sideways"),
+        (["--grad", "forward:tangents=3"], "tangents"),
+        (["--steps", "-1"], "--steps"),
+        (["--hidden", "12,x"], "--hidden"),
+        (["--dataset", "mnist", "--data-dir", str(tmp_path)], "train-images-idx3-ubyte"),
+    ):
         assert mod.main(argv) == 2
         assert needle in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:  # argparse's own checks
@@ -135,11 +161,19 @@ def test_examples_are_duogard_train_with_their_own_defaults(examples):
 
 # ---------------------------------------------------------------------------- Beale and Rosenbrock
 
+
 @pytest.mark.parametrize("grad", ["backprop", "forward"])
 @pytest.mark.parametrize("backend", AVAILABLE)
-def test_beale_rosenbrock_prints_points_on_both_backends(examples, backend, grad, capsys, monkeypatch, tmp_path):
-    out = _run_main(examples["beale_rosenbrock"], ["--backend", backend, "--grad", grad, "--steps", "30"],
-                    capsys, monkeypatch, tmp_path)
+def test_beale_rosenbrock_prints_points_on_both_backends(
+    examples, backend, grad, capsys, monkeypatch, tmp_path
+):
+    out = _run_main(
+        examples["beale_rosenbrock"],
+        ["--backend", backend, "--grad", grad, "--steps", "30"],
+        capsys,
+        monkeypatch,
+        tmp_path,
+    )
     found = POINT.findall(out)
     assert [f[:3] for f in found] == [("beale", backend, grad), ("rosenbrock", backend, grad)]
     for f in found:
@@ -165,16 +199,23 @@ def test_beale_backprop_takes_the_same_path_on_both_backends(examples):
     """No randomness in backprop: both frameworks follow the same trajectory (float32 rounding aside)."""
     mod = examples["beale_rosenbrock"]
     method = mod.parse_method("backprop")
-    points = [mod.minimise("beale", backend=b, method=method, lr=0.01, decay=1e-3, steps=200, seed=0,
-                           dtype="float64")["point"] for b in ("jax", "torch")]
+    points = [
+        mod.minimise(
+            "beale", backend=b, method=method, lr=0.01, decay=1e-3, steps=200, seed=0, dtype="float64"
+        )["point"]
+        for b in ("jax", "torch")
+    ]
     np.testing.assert_allclose(points[0], points[1], rtol=1e-9)
     assert np.linalg.norm(points[0] - (1.0, 1.0)) > 0.1  # it moved
 
 
 def test_beale_rosenbrock_usage_errors(examples, capsys):
     mod = examples["beale_rosenbrock"]
-    for argv, needle in ((["--grad", "forward-activity"], "activations"), (["--lr", "-1"], "--lr"),
-                         (["--function", "himmelblau"], "himmelblau")):
+    for argv, needle in (
+        (["--grad", "forward-activity"], "activations"),
+        (["--lr", "-1"], "--lr"),
+        (["--function", "himmelblau"], "himmelblau"),
+    ):
         with pytest.raises(SystemExit) as exc:
             mod.main(argv)
         assert exc.value.code == 2

@@ -25,8 +25,7 @@ torch = pytest.importorskip("torch")
 jnp = jax.numpy
 
 NEW_TORCH_API = hasattr(torch.backends.cuda.matmul, "fp32_precision")
-TORCH_KNOBS = ("cuda.matmul", "cudnn.conv", "cudnn.rnn", "mkldnn.matmul", "mkldnn.conv",
-               "mkldnn.rnn")
+TORCH_KNOBS = ("cuda.matmul", "cudnn.conv", "cudnn.rnn", "mkldnn.matmul", "mkldnn.conv", "mkldnn.rnn")
 
 
 def _knob(path):
@@ -39,19 +38,23 @@ def _knob(path):
 def torch_precision() -> dict:
     if NEW_TORCH_API:
         return {p: _knob(p).fp32_precision for p in TORCH_KNOBS}
-    return {"matmul": torch.backends.cuda.matmul.allow_tf32,
-            "cudnn": torch.backends.cudnn.allow_tf32,
-            "precision": torch.get_float32_matmul_precision()}
+    return {
+        "matmul": torch.backends.cuda.matmul.allow_tf32,
+        "cudnn": torch.backends.cudnn.allow_tf32,
+        "precision": torch.get_float32_matmul_precision(),
+    }
 
 
 def run_python(code: str, env: dict) -> str:
-    out = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
-                         text=True, env=env, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=env, timeout=300
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     return out.stdout
 
 
 # ----------------------------------------------------------------------------- CPU-observable
+
 
 def test_pin_matmul_precision_sets_and_restores():
     jax.config.update("jax_default_matmul_precision", "tensorfloat32")  # a non-default start
@@ -106,7 +109,8 @@ def test_pin_overrides_a_user_tf32_parent_setting():
 def test_configure_shared_gpu_environment_rule():
     env = {k: v for k, v in os.environ.items() if k != "XLA_PYTHON_CLIENT_PREALLOCATE"}
     env["JAX_PLATFORMS"] = "cpu"  # starting JAX's backends here must not touch a GPU
-    out = run_python("""
+    out = run_python(
+        """
         import os, sys, warnings
         from duogard.interop import configure_shared_gpu
         VAR = "XLA_PYTHON_CLIENT_PREALLOCATE"
@@ -129,11 +133,14 @@ def test_configure_shared_gpu_environment_rule():
         assert any(issubclass(w.category, RuntimeWarning) and "already started" in str(w.message)
                    for w in caught), [str(w.message) for w in caught]
         print("env rule OK")
-    """, env)
+    """,
+        env,
+    )
     assert "env rule OK" in out
 
 
 # ----------------------------------------------------------------------------- CUDA
+
 
 def _jax_has_gpu() -> bool:
     try:
@@ -143,8 +150,9 @@ def _jax_has_gpu() -> bool:
 
 
 needs_cuda = pytest.mark.skipif(not has_cuda(), reason="needs a CUDA GPU")
-needs_cuda_jax = pytest.mark.skipif(not (has_cuda() and _jax_has_gpu()),
-                                    reason="needs a CUDA GPU and a CUDA build of JAX")
+needs_cuda_jax = pytest.mark.skipif(
+    not (has_cuda() and _jax_has_gpu()), reason="needs a CUDA GPU and a CUDA build of JAX"
+)
 
 
 @needs_cuda_jax
@@ -244,12 +252,15 @@ def test_pinned_precision_makes_float32_matmuls_agree():
 @needs_cuda_jax
 def test_jax_does_not_preallocate_next_to_torch():
     env = {k: v for k, v in os.environ.items() if k != "XLA_PYTHON_CLIENT_PREALLOCATE"}
-    out = run_python("""
+    out = run_python(
+        """
         import torch, duogard as dg
         torch.ones(1, device="cuda")
         be = dg.backend("jax")            # sets XLA_PYTHON_CLIENT_PREALLOCATE=false by default
         be.xp.ones(1).block_until_ready()
         free, total = torch.cuda.mem_get_info()
         print(free / total)
-    """, env)
+    """,
+        env,
+    )
     assert float(out.strip().splitlines()[-1]) > 0.5

@@ -43,13 +43,19 @@ def as_np(x) -> np.ndarray:
 
 def run_python(code: str, **env) -> str:
     full_env = {**os.environ, **env}
-    out = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
-                         text=True, env=full_env, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     return out.stdout
 
 
 # ----------------------------------------------------------------------------- zero-copy basics
+
 
 def test_torch_to_jax_and_back_share_memory():
     t = torch.arange(20, dtype=torch.float32).reshape(4, 5)
@@ -71,8 +77,10 @@ def test_jax_to_torch_shares_memory():
 
 
 def test_tree_structure_scalars_and_numpy_scalars():
-    tree = {"layer": {"weight": torch.ones(2, 3), "bias": torch.zeros(3)},
-            "extra": [torch.arange(3), (np.float32(2.5), 7, 0.5, True)]}
+    tree = {
+        "layer": {"weight": torch.ones(2, 3), "bias": torch.zeros(3)},
+        "extra": [torch.arange(3), (np.float32(2.5), 7, 0.5, True)],
+    }
     out = dg.convert(tree, to="jax")
     assert dg.tree.tree_structure(out) == dg.tree.tree_structure(tree)
     assert isinstance(out["layer"]["weight"], jax.Array)
@@ -103,6 +111,7 @@ def test_backend_asarray_goes_through_convert_zero_copy(both):
 
 # ----------------------------------------------------------------------------- autograd
 
+
 def test_requires_grad_is_detached_sharing_memory():
     w = torch.randn(3, 4, dtype=torch.float32, requires_grad=True)
     with pytest.raises(BufferError, match="require"):  # why duogard detaches
@@ -127,6 +136,7 @@ def test_conjugate_bit_is_resolved():
 
 
 # ----------------------------------------------------------------------------- strides
+
 
 def test_strided_slice_is_copied_contiguous():
     t = torch.arange(24, dtype=torch.float32).reshape(4, 6)
@@ -168,6 +178,7 @@ def test_transposed_and_permuted_views_stay_zero_copy_and_compute_right():
 
 # ----------------------------------------------------------------------------- alignment
 
+
 def test_storage_offset_alignment():
     base = torch.arange(64, dtype=torch.float32)
     assert ptr(base) % 64 == 0  # torch's allocator aligns to 64 bytes
@@ -188,8 +199,19 @@ def test_storage_offset_alignment():
 
 # ----------------------------------------------------------------------------- dtypes
 
-DTYPES = ["bool", "int8", "int16", "int32", "int64", "uint8", "float16", "bfloat16", "float32",
-          "float64", "complex64"]
+DTYPES = [
+    "bool",
+    "int8",
+    "int16",
+    "int32",
+    "int64",
+    "uint8",
+    "float16",
+    "bfloat16",
+    "float32",
+    "float64",
+    "complex64",
+]
 SHAPES = [(2, 3), (), (0, 3)]
 
 
@@ -262,7 +284,8 @@ def test_64_bit_stays_64_bit_with_x64_on():
 
 
 def test_64_bit_refused_when_jax_x64_is_off():
-    out = run_python("""
+    out = run_python(
+        """
         import numpy as np, torch, jax, jax.numpy as jnp
         import duogard as dg
         assert not jax.config.jax_enable_x64
@@ -291,19 +314,35 @@ def test_64_bit_refused_when_jax_x64_is_off():
         t32 = torch.ones(3, dtype=torch.float32)
         assert dg.convert(t32, to="jax").unsafe_buffer_pointer() == t32.data_ptr()
         print("x64-off OK")
-    """, JAX_ENABLE_X64="0")
+    """,
+        JAX_ENABLE_X64="0",
+    )
     assert "x64-off OK" in out
 
 
 # ----------------------------------------------------------------------------- copy=
 
-@pytest.mark.parametrize("src,to", [("torch", "jax"), ("jax", "torch"), ("torch", "numpy"),
-                                    ("jax", "numpy"), ("numpy", "torch"), ("numpy", "jax"),
-                                    ("torch", "torch"), ("jax", "jax")])
+
+@pytest.mark.parametrize(
+    "src,to",
+    [
+        ("torch", "jax"),
+        ("jax", "torch"),
+        ("torch", "numpy"),
+        ("jax", "numpy"),
+        ("numpy", "torch"),
+        ("numpy", "jax"),
+        ("torch", "torch"),
+        ("jax", "jax"),
+    ],
+)
 def test_copy_true_shares_nothing(src, to):
     data = np.arange(16, dtype=np.float32).reshape(4, 4)
-    make = {"torch": lambda: torch.from_numpy(data.copy()), "jax": lambda: jnp.asarray(data),
-            "numpy": data.copy}
+    make = {
+        "torch": lambda: torch.from_numpy(data.copy()),
+        "jax": lambda: jnp.asarray(data),
+        "numpy": data.copy,
+    }
     x = make[src]()
     y = dg.convert(x, to=to, copy=True)
     assert ptr(y) != ptr(x)
@@ -334,17 +373,18 @@ def test_numpy_sources():
     # NumPy -> JAX: zero-copy only when 64-byte aligned
     buf = np.zeros(64, dtype=np.float32)
     start = (-buf.ctypes.data % 64) // 4
-    aligned = buf[start:start + 8]
+    aligned = buf[start : start + 8]
     aligned[:] = np.arange(8)
     j = dg.convert(aligned, to="jax", copy=False)
     assert ptr(j) == ptr(aligned)
-    misaligned = buf[start + 1:start + 9]
+    misaligned = buf[start + 1 : start + 9]
     j2 = dg.convert(misaligned, to="jax")
     assert ptr(j2) != ptr(misaligned)
     np.testing.assert_array_equal(np.asarray(j2), misaligned)
 
 
 # ----------------------------------------------------------------------------- read-only policy
+
 
 def test_shared_buffers_are_writable_hence_read_only_by_policy():
     j = jnp.arange(4, dtype=jnp.float32)
@@ -361,6 +401,7 @@ def test_shared_buffers_are_writable_hence_read_only_by_policy():
 
 # ----------------------------------------------------------------------------- devices and errors
 
+
 def test_explicit_cpu_device_is_zero_copy():
     t = torch.ones(8)
     assert ptr(dg.convert(t, to="jax", device="cpu", copy=False)) == ptr(t)
@@ -372,8 +413,9 @@ def test_device_mismatch_is_an_error(monkeypatch):
     # A CPU-only machine has one device; pretend one leaf lives on cuda:0.
     t_cpu, t_gpu = torch.ones(2), torch.zeros(2)
     real = _convert._device_of
-    monkeypatch.setattr(_convert, "_device_of",
-                        lambda x, *args: ("cuda", 0) if x is t_gpu else real(x, *args))
+    monkeypatch.setattr(
+        _convert, "_device_of", lambda x, *args: ("cuda", 0) if x is t_gpu else real(x, *args)
+    )
     with pytest.raises(ValueError, match=r"different devices.*'a' on cpu.*'b' on cuda:0.*device="):
         dg.convert({"a": t_cpu, "b": t_gpu}, to="jax")
 
@@ -389,11 +431,14 @@ def test_device_that_the_target_cannot_hold():
             dg.convert(torch.ones(2), to="jax", device="gpu:1")
 
 
-@pytest.mark.parametrize("kwargs,error,match", [
-    (dict(to="tensorflow"), ValueError, r"to must be one of \['jax', 'torch', 'numpy'\]"),
-    (dict(to="jax", copy="yes"), TypeError, "copy must be None, True or False"),
-    (dict(to="jax", device="tpu:0"), ValueError, "device must be"),
-])
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        (dict(to="tensorflow"), ValueError, r"to must be one of \['jax', 'torch', 'numpy'\]"),
+        (dict(to="jax", copy="yes"), TypeError, "copy must be None, True or False"),
+        (dict(to="jax", device="tpu:0"), ValueError, "device must be"),
+    ],
+)
 def test_bad_arguments(kwargs, error, match):
     with pytest.raises(error, match=match):
         dg.convert(torch.ones(2), **kwargs)

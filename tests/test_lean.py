@@ -46,9 +46,15 @@ def _reference_step(tr, est, opt, params, state, x, y, key):
     return _np(be, new), state, float(loss), gsq
 
 
-@pytest.mark.parametrize("distribution, k, weight_decay", [
-    ("normal", 1, 0.0), ("rademacher", 1, 0.1), ("normal", 3, 0.1), ("rademacher", 3, 0.0),
-])
+@pytest.mark.parametrize(
+    "distribution, k, weight_decay",
+    [
+        ("normal", 1, 0.0),
+        ("rademacher", 1, 0.1),
+        ("normal", 3, 0.1),
+        ("rademacher", 3, 0.0),
+    ],
+)
 def test_lean_step_equals_the_estimate_then_sgd(be, mlp, batch, distribution, k, weight_decay):
     est = dg.estimator("forward", lean=True, num_tangents=k, distribution=distribution)
     opt = optim.sgd(optim.exponential_decay(0.1, rate=0.3), weight_decay=weight_decay)
@@ -66,8 +72,11 @@ def test_lean_step_equals_the_estimate_then_sgd(be, mlp, batch, distribution, k,
         np.testing.assert_allclose(float(gsq), want_gsq, rtol=1e-9)
         for got, exp in zip(_np(be, params), want):
             np.testing.assert_allclose(got, exp, rtol=1e-10, atol=1e-12)
-        np.testing.assert_allclose(float(optim.current_learning_rate(state)),
-                                   float(optim.current_learning_rate(ref_state)), rtol=1e-12)
+        np.testing.assert_allclose(
+            float(optim.current_learning_rate(state)),
+            float(optim.current_learning_rate(ref_state)),
+            rtol=1e-12,
+        )
         ref_params = to_backend(be, dg.tree.tree_unflatten(dg.tree.tree_structure(p0), want))
 
 
@@ -82,7 +91,7 @@ def test_lean_sample_draws_each_leaf_from_its_own_key(be, mlp, batch):
     for i, a in enumerate(leaves):
         size = int(np.prod(a.shape))
         own = be.to_numpy(be.rademacher(be.fold_in(key, i), (2, *a.shape), dtype=a.dtype))
-        np.testing.assert_array_equal(v[:, start:start + size], np.reshape(own, (2, size)))
+        np.testing.assert_array_equal(v[:, start : start + size], np.reshape(own, (2, size)))
         start += size
     # and the estimate built from it is unbiased in the usual sense: g = (∇f·v) v per tangent
     loss_fn = dg.grad.supervised(mlp, losses.cross_entropy)
@@ -98,10 +107,21 @@ def test_fit_lean_keeps_the_callers_params_and_learns(be, digits):
     model = build_model("mlp", 10, hidden=(32,))
     p0 = model.init(0, digits.example_input)
     before = [a.copy() for a in dg.tree.tree_leaves(p0)]
-    given = to_backend(be, p0)  # backend arrays too: a torch in-place update or a JAX donation must not reach them
+    given = to_backend(
+        be, p0
+    )  # backend arrays too: a torch in-place update or a JAX donation must not reach them
     est = dg.estimator("forward", lean=True, num_tangents=8, distribution="rademacher")
-    res = fit(model, given, digits, estimator=est, optimizer=optim.sgd(0.03), backend=be.name, steps=300,
-              batch_size=64, callbacks=[Evaluate()])
+    res = fit(
+        model,
+        given,
+        digits,
+        estimator=est,
+        optimizer=optim.sgd(0.03),
+        backend=be.name,
+        steps=300,
+        batch_size=64,
+        callbacks=[Evaluate()],
+    )
     for a, b, c in zip(dg.tree.tree_leaves(p0), before, dg.tree.tree_leaves(given)):
         np.testing.assert_array_equal(a, b)
         np.testing.assert_array_equal(np.asarray(be.to_numpy(c)), b)
@@ -116,8 +136,17 @@ def test_fit_lean_equals_fit_with_the_same_estimator_unfused(be, digits):
     model = build_model("mlp", 10, hidden=(16,))
     p0 = model.init(0, digits.example_input, dtype="float64")
     est = dg.estimator("forward", lean=True, distribution="normal")
-    lean = fit(model, p0, digits, estimator=est, optimizer=optim.sgd(0.01), backend=be.name, steps=15,
-               batch_size=16, callbacks=[])
+    lean = fit(
+        model,
+        p0,
+        digits,
+        estimator=est,
+        optimizer=optim.sgd(0.01),
+        backend=be.name,
+        steps=15,
+        batch_size=16,
+        callbacks=[],
+    )
     tr = Trainer(model, optimizer=optim.sgd(0.01), estimator="backprop", backend=be.name)
     params, state = tr.init_state(p0)
     key0 = be.key(0)
@@ -140,19 +169,33 @@ def test_lean_nan_leaves_params_unchanged(be, digits):
     bad = x[:8].copy()
     bad[0, 0, 0, 0] = np.nan
     before = _np(be, params)
-    new, new_state, loss, gsq = tr.step(params, state, be.asarray(bad), be.asarray(digits.y_train[:8]), be.key(0))
+    new, new_state, loss, gsq = tr.step(
+        params, state, be.asarray(bad), be.asarray(digits.y_train[:8]), be.key(0)
+    )
     assert not math.isfinite(float(loss)) and math.isnan(float(gsq))
     for a, b in zip(_np(be, new), before):
         np.testing.assert_array_equal(a, b)
     assert float(optim.step_count(new_state)) == 0
     with pytest.raises(NonFiniteError, match="non-finite loss"):
-        fit(model, p0, digits, estimator=est, optimizer=optim.sgd(1e30), backend=be.name, steps=30, callbacks=[])
+        fit(
+            model,
+            p0,
+            digits,
+            estimator=est,
+            optimizer=optim.sgd(1e30),
+            backend=be.name,
+            steps=30,
+            callbacks=[],
+        )
 
 
-@pytest.mark.parametrize("opt, needle", [
-    (optim.sgd(0.1, momentum=0.9), "without momentum"),
-    (optim.adam(1e-3), "without momentum"),
-])
+@pytest.mark.parametrize(
+    "opt, needle",
+    [
+        (optim.sgd(0.1, momentum=0.9), "without momentum"),
+        (optim.adam(1e-3), "without momentum"),
+    ],
+)
 def test_lean_needs_plain_sgd(be, mlp, opt, needle):
     with pytest.raises(ValueError, match=needle) as info:
         Trainer(mlp, optimizer=opt, estimator=dg.estimator("forward", lean=True), backend=be.name)
@@ -162,7 +205,9 @@ def test_lean_needs_plain_sgd(be, mlp, opt, needle):
 def test_lean_needs_a_model_the_rules_cover(be):
     model = nn.Sequential(nn.Flatten(), nn.Linear(8), nn.LayerNorm(), nn.Linear(3))
     with pytest.raises(ValueError, match="lean=True.*Sequential"):
-        Trainer(model, optimizer=optim.sgd(0.1), estimator=dg.estimator("forward", lean=True), backend=be.name)
+        Trainer(
+            model, optimizer=optim.sgd(0.1), estimator=dg.estimator("forward", lean=True), backend=be.name
+        )
 
 
 @pytest.mark.parametrize("opts", [{"orthogonal": True}, {"projection": True}])

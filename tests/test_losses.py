@@ -15,9 +15,10 @@ scipy_special = pytest.importorskip("scipy.special")
 
 import torch.nn.functional as F  # noqa: E402
 
-from conftest import TOL  # noqa: E402
 import duogard as dg  # noqa: E402
 from duogard import losses  # noqa: E402
+
+from conftest import TOL  # noqa: E402
 
 DTYPES = ("float32", "float64")
 REDUCTIONS = ("mean", "sum", "none")
@@ -57,12 +58,17 @@ def _np_bce(x, t, reduction):
 # ----------------------------------------------------------------------------- cases
 # id -> (duogard loss, torch loss, NumPy formula, inputs(rng, dtype) -> (prediction, target), options)
 
+
 def _labels(rng, dtype, shape=(N, C), label_dtype=np.int64):
-    return (2 * rng.standard_normal(shape)).astype(dtype), rng.integers(0, shape[-1], shape[:-1]).astype(label_dtype)
+    return (2 * rng.standard_normal(shape)).astype(dtype), rng.integers(0, shape[-1], shape[:-1]).astype(
+        label_dtype
+    )
 
 
 def _probs(rng, dtype, shape=(N, C)):
-    return (2 * rng.standard_normal(shape)).astype(dtype), rng.dirichlet(np.ones(shape[-1]), shape[:-1]).astype(dtype)
+    return (2 * rng.standard_normal(shape)).astype(dtype), rng.dirichlet(
+        np.ones(shape[-1]), shape[:-1]
+    ).astype(dtype)
 
 
 def _pair(rng, dtype, shape=(3, 2, 4)):
@@ -79,19 +85,51 @@ def _bce_inputs(rng, dtype):
 
 CASES = {
     "ce_labels": (losses.cross_entropy, F.cross_entropy, _np_ce_labels, _labels, {}),
-    "ce_labels_int32": (losses.cross_entropy, lambda x, y, **k: F.cross_entropy(x, y.long(), **k), _np_ce_labels,
-                        lambda rng, dt: _labels(rng, dt, label_dtype=np.int32), {}),
-    "ce_labels_smoothing": (losses.cross_entropy, F.cross_entropy, _np_ce_labels, _labels, {"label_smoothing": 0.1}),
+    "ce_labels_int32": (
+        losses.cross_entropy,
+        lambda x, y, **k: F.cross_entropy(x, y.long(), **k),
+        _np_ce_labels,
+        lambda rng, dt: _labels(rng, dt, label_dtype=np.int32),
+        {},
+    ),
+    "ce_labels_smoothing": (
+        losses.cross_entropy,
+        F.cross_entropy,
+        _np_ce_labels,
+        _labels,
+        {"label_smoothing": 0.1},
+    ),
     "ce_probs": (losses.cross_entropy, F.cross_entropy, _np_ce_probs, _probs, {}),
-    "ce_probs_smoothing": (losses.cross_entropy, F.cross_entropy, _np_ce_probs, _probs, {"label_smoothing": 0.25}),
-    "ce_single_example": (losses.cross_entropy, F.cross_entropy, _np_ce_labels,
-                          lambda rng, dt: _labels(rng, dt, shape=(C,)), {}),
-    "nll": (losses.nll_loss, F.nll_loss, lambda x, y, r: _reduce(-np.take_along_axis(x, y[:, None], 1)[:, 0], r),
-            lambda rng, dt: (lambda x, y: (_log_softmax(x).astype(dt), y))(*_labels(rng, dt)), {}),
+    "ce_probs_smoothing": (
+        losses.cross_entropy,
+        F.cross_entropy,
+        _np_ce_probs,
+        _probs,
+        {"label_smoothing": 0.25},
+    ),
+    "ce_single_example": (
+        losses.cross_entropy,
+        F.cross_entropy,
+        _np_ce_labels,
+        lambda rng, dt: _labels(rng, dt, shape=(C,)),
+        {},
+    ),
+    "nll": (
+        losses.nll_loss,
+        F.nll_loss,
+        lambda x, y, r: _reduce(-np.take_along_axis(x, y[:, None], 1)[:, 0], r),
+        lambda rng, dt: (lambda x, y: (_log_softmax(x).astype(dt), y))(*_labels(rng, dt)),
+        {},
+    ),
     "mse": (losses.mse, F.mse_loss, lambda a, b, r: _reduce((a.astype(np.float64) - b) ** 2, r), _pair, {}),
     "l1": (losses.l1, F.l1_loss, lambda a, b, r: _reduce(np.abs(a.astype(np.float64) - b), r), _pair, {}),
-    "bce_with_logits": (losses.binary_cross_entropy_with_logits, F.binary_cross_entropy_with_logits, _np_bce,
-                        _bce_inputs, {}),
+    "bce_with_logits": (
+        losses.binary_cross_entropy_with_logits,
+        F.binary_cross_entropy_with_logits,
+        _np_bce,
+        _bce_inputs,
+        {},
+    ),
 }
 
 
@@ -103,7 +141,9 @@ def test_loss_matches_torch_and_numpy(be, case, dtype, reduction):
     pred, target = inputs(np.random.default_rng(0), dtype)
     out = fn(be.asarray(pred), be.asarray(target), reduction=reduction, **options)
     assert be.dtype_name(out.dtype) == dtype
-    expected = torch_fn(torch.as_tensor(pred), torch.as_tensor(target), reduction=reduction, **options).numpy()
+    expected = torch_fn(
+        torch.as_tensor(pred), torch.as_tensor(target), reduction=reduction, **options
+    ).numpy()
     assert tuple(out.shape) == expected.shape
     assert_close(be.to_numpy(out), expected, dtype)
     assert_close(be.to_numpy(out), formula(pred, target, reduction, **options), dtype)
@@ -112,7 +152,9 @@ def test_loss_matches_torch_and_numpy(be, case, dtype, reduction):
 def test_default_reduction_is_mean(be):
     pred, target = _labels(np.random.default_rng(0), "float64")
     x, y = be.asarray(pred), be.asarray(target)
-    assert float(losses.cross_entropy(x, y)) == pytest.approx(float(losses.cross_entropy(x, y, reduction="mean")))
+    assert float(losses.cross_entropy(x, y)) == pytest.approx(
+        float(losses.cross_entropy(x, y, reduction="mean"))
+    )
     assert float(losses.cross_entropy(x, y)) == pytest.approx(_np_ce_labels(pred, target, "mean"), rel=1e-12)
 
 
@@ -132,7 +174,8 @@ def test_cross_entropy_over_another_axis(be, dtype):
 
 # ----------------------------------------------------------------------------- gradients
 
-@functools.lru_cache(maxsize=None)
+
+@functools.cache
 def _grads(backend_name, case, dtype, reduction):
     """Loss value and its gradient w.r.t. the prediction (and the float target) through the
     backend's own autodiff (cached: several tests use them)."""
@@ -193,6 +236,7 @@ def test_loss_jvp_matches_grad(be, case):
 
 # ----------------------------------------------------------------------------- stability
 
+
 def _huge_logits(dtype):
     x = np.array([[1e4, 0.0, -1e4, 5e3], [-1e4, -1e4, -1e4, -1e4 + 1.0], [3e4, -3e4, 1e-3, 0.0]])
     return x.astype(dtype)
@@ -205,10 +249,16 @@ def test_cross_entropy_stable_for_huge_logits(be, dtype):
     p = np.array([[0.5, 0.5, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0], [0.2, 0.2, 0.2, 0.4]], dtype)
     cases = [(y, {}), (y, {"label_smoothing": 0.1}), (p, {}), (p, {"label_smoothing": 0.1})]
     for target, options in cases:
-        out = be.to_numpy(losses.cross_entropy(be.asarray(x), be.asarray(target), reduction="none", **options))
+        out = be.to_numpy(
+            losses.cross_entropy(be.asarray(x), be.asarray(target), reduction="none", **options)
+        )
         # exact reference: float64 torch on the same (representable) values
-        ref = F.cross_entropy(torch.as_tensor(x, dtype=torch.float64), torch.as_tensor(
-            target if target.dtype.kind == "i" else target.astype(np.float64)), reduction="none", **options).numpy()
+        ref = F.cross_entropy(
+            torch.as_tensor(x, dtype=torch.float64),
+            torch.as_tensor(target if target.dtype.kind == "i" else target.astype(np.float64)),
+            reduction="none",
+            **options,
+        ).numpy()
         assert np.all(np.isfinite(out))
         assert_close(out, ref, dtype)
     # the per-example values by hand: 1e4, log(3 e^-1 + 1) (no overflow to inf or nan)
@@ -229,11 +279,13 @@ def test_bce_with_logits_stable_for_huge_logits(be, dtype):
     assert np.all(np.isfinite(out))
     np.testing.assert_allclose(out[:6], [1e4, 1e4, 0.0, 0.0, 0.7 * 3e4, 0.7 * 3e4], rtol=1e-6)
     assert_close(out, _np_bce(x, t.astype(np.float64), "none"), dtype)
-    ref = F.binary_cross_entropy_with_logits(torch.as_tensor(x, dtype=torch.float64),
-                                             torch.as_tensor(t, dtype=torch.float64), reduction="none")
+    ref = F.binary_cross_entropy_with_logits(
+        torch.as_tensor(x, dtype=torch.float64), torch.as_tensor(t, dtype=torch.float64), reduction="none"
+    )
     assert_close(out, ref.numpy(), dtype)
-    _, g = be.value_and_grad(lambda z: losses.binary_cross_entropy_with_logits(z, be.asarray(t), reduction="sum"))(
-        be.asarray(x))
+    _, g = be.value_and_grad(
+        lambda z: losses.binary_cross_entropy_with_logits(z, be.asarray(t), reduction="sum")
+    )(be.asarray(x))
     assert_close(be.to_numpy(g), scipy_special.expit(x.astype(np.float64)) - t, dtype)
 
 
@@ -241,8 +293,10 @@ def test_masked_logits_with_integer_labels_are_finite(be):
     """-inf logits (masked classes) that are not the label give a finite loss, as in torch."""
     x = np.array([[0.0, -np.inf, 1.0], [-np.inf, 2.0, -1.0]])
     y = np.array([0, 1])
-    for fn, inp, tfn in ((losses.cross_entropy, x, F.cross_entropy),
-                         (losses.nll_loss, _log_softmax(x), F.nll_loss)):
+    for fn, inp, tfn in (
+        (losses.cross_entropy, x, F.cross_entropy),
+        (losses.nll_loss, _log_softmax(x), F.nll_loss),
+    ):
         out = fn(be.asarray(inp), be.asarray(y), reduction="none")
         ref = tfn(torch.as_tensor(inp), torch.as_tensor(y), reduction="none").numpy()
         assert np.all(np.isfinite(ref))
@@ -254,6 +308,7 @@ def test_masked_logits_with_integer_labels_are_finite(be):
 
 
 # ----------------------------------------------------------------------------- errors
+
 
 @pytest.mark.parametrize("fn", [losses.mse, losses.l1, losses.binary_cross_entropy_with_logits])
 def test_elementwise_losses_name_both_shapes(be, fn):

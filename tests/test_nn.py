@@ -15,10 +15,11 @@ scipy_special = pytest.importorskip("scipy.special")
 
 import torch.nn.functional as F  # noqa: E402
 
-from conftest import TOL, to_backend, to_numpy  # noqa: E402
-from duogard import nn  # noqa: E402
 import duogard as dg  # noqa: E402
+from duogard import nn  # noqa: E402
 from duogard.tree import flatten_dict, unflatten_dict  # noqa: E402
+
+from conftest import TOL, to_backend, to_numpy  # noqa: E402
 
 tnn = torch.nn
 DTYPES = ("float32", "float64")
@@ -44,65 +45,149 @@ def load_torch(module, params, dtype):
 # ----------------------------------------------------------------------------- layer cases
 # id -> (duogard layer, torch module from the input shape, input shape, randomise params?)
 
+
 def _mixed_cnn():
     model = nn.Sequential(
-        nn.Conv2d(4, 3, padding="same"), nn.relu, nn.MaxPool2d(2),
-        nn.Conv2d(4, 3, padding=1, groups=2, bias=False), nn.activation("leaky_relu", negative_slope=0.1),
-        nn.AvgPool2d(2, padding=1, count_include_pad=False), nn.Flatten(), nn.LayerNorm(),
-        nn.Linear(5), nn.gelu, nn.Dropout(0.5), nn.Linear(3), nn.log_softmax,
+        nn.Conv2d(4, 3, padding="same"),
+        nn.relu,
+        nn.MaxPool2d(2),
+        nn.Conv2d(4, 3, padding=1, groups=2, bias=False),
+        nn.activation("leaky_relu", negative_slope=0.1),
+        nn.AvgPool2d(2, padding=1, count_include_pad=False),
+        nn.Flatten(),
+        nn.LayerNorm(),
+        nn.Linear(5),
+        nn.gelu,
+        nn.Dropout(0.5),
+        nn.Linear(3),
+        nn.log_softmax,
     )
     ref = lambda s: tnn.Sequential(  # noqa: E731  (input (2, 3, 8, 8) -> flat 4 * 3 * 3)
-        tnn.Conv2d(s[1], 4, 3, padding="same"), tnn.ReLU(), tnn.MaxPool2d(2),
-        tnn.Conv2d(4, 4, 3, padding=1, groups=2, bias=False), tnn.LeakyReLU(0.1),
-        tnn.AvgPool2d(2, padding=1, count_include_pad=False), tnn.Flatten(), tnn.LayerNorm(36),
-        tnn.Linear(36, 5), tnn.GELU(), tnn.Dropout(0.5), tnn.Linear(5, 3), tnn.LogSoftmax(dim=-1),
+        tnn.Conv2d(s[1], 4, 3, padding="same"),
+        tnn.ReLU(),
+        tnn.MaxPool2d(2),
+        tnn.Conv2d(4, 4, 3, padding=1, groups=2, bias=False),
+        tnn.LeakyReLU(0.1),
+        tnn.AvgPool2d(2, padding=1, count_include_pad=False),
+        tnn.Flatten(),
+        tnn.LayerNorm(36),
+        tnn.Linear(36, 5),
+        tnn.GELU(),
+        tnn.Dropout(0.5),
+        tnn.Linear(5, 3),
+        tnn.LogSoftmax(dim=-1),
     )
     return model, ref
 
 
 LAYERS = {
     "linear": (nn.Linear(5), lambda s: tnn.Linear(s[-1], 5), (3, 4), False),
-    "linear_nobias_3d": (nn.Linear(5, bias=False), lambda s: tnn.Linear(s[-1], 5, bias=False), (2, 3, 4), False),
+    "linear_nobias_3d": (
+        nn.Linear(5, bias=False),
+        lambda s: tnn.Linear(s[-1], 5, bias=False),
+        (2, 3, 4),
+        False,
+    ),
     "conv": (nn.Conv2d(4, 3), lambda s: tnn.Conv2d(s[1], 4, 3), (2, 3, 7, 6), False),
-    "conv_stride_pad_int": (nn.Conv2d(4, (3, 2), stride=2, padding=1),
-                            lambda s: tnn.Conv2d(s[1], 4, (3, 2), stride=2, padding=1), (2, 3, 7, 6), False),
-    "conv_stride_pad_pair": (nn.Conv2d(2, 3, stride=(1, 2), padding=(2, 0)),
-                             lambda s: tnn.Conv2d(s[1], 2, 3, stride=(1, 2), padding=(2, 0)), (1, 2, 6, 7), False),
-    "conv_same_odd": (nn.Conv2d(3, 3, padding="same"), lambda s: tnn.Conv2d(s[1], 3, 3, padding="same"),
-                      (2, 2, 5, 6), False),
-    "conv_same_even_dilated": (nn.Conv2d(3, (4, 2), padding="same", dilation=(1, 2)),
-                               lambda s: tnn.Conv2d(s[1], 3, (4, 2), padding="same", dilation=(1, 2)),
-                               (1, 2, 6, 7), False),
-    "conv_valid": (nn.Conv2d(3, 2, padding="valid"), lambda s: tnn.Conv2d(s[1], 3, 2, padding="valid"),
-                   (2, 2, 4, 5), False),
-    "conv_dilation": (nn.Conv2d(2, 3, dilation=2, padding=(1, 2)),
-                      lambda s: tnn.Conv2d(s[1], 2, 3, dilation=2, padding=(1, 2)), (1, 3, 7, 7), False),
-    "conv_groups": (nn.Conv2d(4, 3, groups=2, padding=1), lambda s: tnn.Conv2d(s[1], 4, 3, groups=2, padding=1),
-                    (2, 6, 5, 5), False),
-    "conv_depthwise_nobias": (nn.Conv2d(6, 3, groups=3, bias=False),
-                              lambda s: tnn.Conv2d(s[1], 6, 3, groups=3, bias=False), (2, 3, 5, 5), False),
+    "conv_stride_pad_int": (
+        nn.Conv2d(4, (3, 2), stride=2, padding=1),
+        lambda s: tnn.Conv2d(s[1], 4, (3, 2), stride=2, padding=1),
+        (2, 3, 7, 6),
+        False,
+    ),
+    "conv_stride_pad_pair": (
+        nn.Conv2d(2, 3, stride=(1, 2), padding=(2, 0)),
+        lambda s: tnn.Conv2d(s[1], 2, 3, stride=(1, 2), padding=(2, 0)),
+        (1, 2, 6, 7),
+        False,
+    ),
+    "conv_same_odd": (
+        nn.Conv2d(3, 3, padding="same"),
+        lambda s: tnn.Conv2d(s[1], 3, 3, padding="same"),
+        (2, 2, 5, 6),
+        False,
+    ),
+    "conv_same_even_dilated": (
+        nn.Conv2d(3, (4, 2), padding="same", dilation=(1, 2)),
+        lambda s: tnn.Conv2d(s[1], 3, (4, 2), padding="same", dilation=(1, 2)),
+        (1, 2, 6, 7),
+        False,
+    ),
+    "conv_valid": (
+        nn.Conv2d(3, 2, padding="valid"),
+        lambda s: tnn.Conv2d(s[1], 3, 2, padding="valid"),
+        (2, 2, 4, 5),
+        False,
+    ),
+    "conv_dilation": (
+        nn.Conv2d(2, 3, dilation=2, padding=(1, 2)),
+        lambda s: tnn.Conv2d(s[1], 2, 3, dilation=2, padding=(1, 2)),
+        (1, 3, 7, 7),
+        False,
+    ),
+    "conv_groups": (
+        nn.Conv2d(4, 3, groups=2, padding=1),
+        lambda s: tnn.Conv2d(s[1], 4, 3, groups=2, padding=1),
+        (2, 6, 5, 5),
+        False,
+    ),
+    "conv_depthwise_nobias": (
+        nn.Conv2d(6, 3, groups=3, bias=False),
+        lambda s: tnn.Conv2d(s[1], 6, 3, groups=3, bias=False),
+        (2, 3, 5, 5),
+        False,
+    ),
     "maxpool": (nn.MaxPool2d(2), lambda s: tnn.MaxPool2d(2), (2, 3, 6, 5), False),
-    "maxpool_stride_pad": (nn.MaxPool2d(3, stride=2, padding=1), lambda s: tnn.MaxPool2d(3, 2, 1),
-                           (2, 2, 7, 6), False),
-    "maxpool_pairs": (nn.MaxPool2d((2, 3), stride=(1, 2), padding=(1, 0)),
-                      lambda s: tnn.MaxPool2d((2, 3), (1, 2), (1, 0)), (1, 2, 5, 7), False),
+    "maxpool_stride_pad": (
+        nn.MaxPool2d(3, stride=2, padding=1),
+        lambda s: tnn.MaxPool2d(3, 2, 1),
+        (2, 2, 7, 6),
+        False,
+    ),
+    "maxpool_pairs": (
+        nn.MaxPool2d((2, 3), stride=(1, 2), padding=(1, 0)),
+        lambda s: tnn.MaxPool2d((2, 3), (1, 2), (1, 0)),
+        (1, 2, 5, 7),
+        False,
+    ),
     "avgpool": (nn.AvgPool2d(2), lambda s: tnn.AvgPool2d(2), (2, 3, 6, 5), False),
-    "avgpool_pad_incl": (nn.AvgPool2d(3, stride=2, padding=1), lambda s: tnn.AvgPool2d(3, 2, 1),
-                         (2, 2, 7, 6), False),
-    "avgpool_pad_excl": (nn.AvgPool2d((3, 2), stride=(2, 1), padding=1, count_include_pad=False),
-                         lambda s: tnn.AvgPool2d((3, 2), (2, 1), 1, count_include_pad=False),
-                         (2, 2, 7, 6), False),
+    "avgpool_pad_incl": (
+        nn.AvgPool2d(3, stride=2, padding=1),
+        lambda s: tnn.AvgPool2d(3, 2, 1),
+        (2, 2, 7, 6),
+        False,
+    ),
+    "avgpool_pad_excl": (
+        nn.AvgPool2d((3, 2), stride=(2, 1), padding=1, count_include_pad=False),
+        lambda s: tnn.AvgPool2d((3, 2), (2, 1), 1, count_include_pad=False),
+        (2, 2, 7, 6),
+        False,
+    ),
     "flatten": (nn.Flatten(), lambda s: tnn.Flatten(), (2, 3, 4, 2), False),
     "flatten_from_2": (nn.Flatten(2), lambda s: tnn.Flatten(2), (2, 3, 4, 2), False),
     "flatten_all": (nn.Flatten(0), lambda s: tnn.Flatten(0), (2, 3, 4), False),
     "layernorm_1d": (nn.LayerNorm(), lambda s: tnn.LayerNorm(s[-1]), (3, 5), True),
-    "layernorm_2d": (nn.LayerNorm(2, eps=1e-3), lambda s: tnn.LayerNorm(s[-2:], eps=1e-3), (2, 3, 4, 5), True),
-    "layernorm_noaffine": (nn.LayerNorm(elementwise_affine=False),
-                           lambda s: tnn.LayerNorm(s[-1], elementwise_affine=False), (3, 6), False),
+    "layernorm_2d": (
+        nn.LayerNorm(2, eps=1e-3),
+        lambda s: tnn.LayerNorm(s[-2:], eps=1e-3),
+        (2, 3, 4, 5),
+        True,
+    ),
+    "layernorm_noaffine": (
+        nn.LayerNorm(elementwise_affine=False),
+        lambda s: tnn.LayerNorm(s[-1], elementwise_affine=False),
+        (3, 6),
+        False,
+    ),
     "dropout_eval": (nn.Dropout(0.5), lambda s: tnn.Dropout(0.5), (3, 4), False),
-    "sequential_mlp": (nn.Sequential(nn.Linear(6), nn.tanh, nn.Linear(4, bias=False), nn.relu, nn.Linear(2)),
-                       lambda s: tnn.Sequential(tnn.Linear(s[-1], 6), tnn.Tanh(), tnn.Linear(6, 4, bias=False),
-                                                tnn.ReLU(), tnn.Linear(4, 2)), (5, 3), False),
+    "sequential_mlp": (
+        nn.Sequential(nn.Linear(6), nn.tanh, nn.Linear(4, bias=False), nn.relu, nn.Linear(2)),
+        lambda s: tnn.Sequential(
+            tnn.Linear(s[-1], 6), tnn.Tanh(), tnn.Linear(6, 4, bias=False), tnn.ReLU(), tnn.Linear(4, 2)
+        ),
+        (5, 3),
+        False,
+    ),
     "sequential_cnn": (*_mixed_cnn(), (2, 3, 8, 8), True),
 }
 
@@ -114,7 +199,9 @@ def make_case(name, dtype, seed=0):
     x = rng.standard_normal(shape).astype(dtype)
     params = layer.init(seed, x)
     if randomise:  # e.g. LayerNorm starts at weight 1, bias 0: make the affine part visible
-        params = {k: v + 0.3 * rng.standard_normal(v.shape).astype(dtype) for k, v in flatten_dict(params).items()}
+        params = {
+            k: v + 0.3 * rng.standard_normal(v.shape).astype(dtype) for k, v in flatten_dict(params).items()
+        }
         params = unflatten_dict(params)
     return layer, params, load_torch(make_ref(shape), params, dtype), x
 
@@ -135,7 +222,7 @@ def _weights(layer, x):
     return np.random.default_rng(1).standard_normal(layer.output_shape(x.shape)).astype(x.dtype)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def layer_grads(backend_name, name, dtype):
     """Value and gradients (w.r.t. params and input) of sum(layer(x) * w) through the backend's
     own autodiff, jitted where the backend compiles by default (cached: several tests use them)."""
@@ -193,7 +280,8 @@ def test_layer_jvp_matches_grad(be, name):
         return be.xp.sum(layer.apply(p, xx) * wb)
 
     value, tangent = be.jit(lambda p, xx, tp, tx: be.jvp(f, (p, xx), (tp, tx)))(
-        to_backend(be, params), be.asarray(x), to_backend(be, unflatten_dict(vp)), be.asarray(vx))
+        to_backend(be, params), be.asarray(x), to_backend(be, unflatten_dict(vp)), be.asarray(vx)
+    )
     expected = sum(float(np.sum(gp[k] * vp[k])) for k in gp) + float(np.sum(gx * vx))
     assert float(tangent) == pytest.approx(expected, rel=1e-10, abs=1e-12)
     assert float(value) == pytest.approx(layer_grads(be.name, name, "float64")[0], rel=1e-12)
@@ -235,6 +323,7 @@ def test_conv_same_keeps_spatial_size_and_groups_shape(be):
 
 # ----------------------------------------------------------------------------- dropout
 
+
 def test_dropout_is_identity_when_not_training(be):
     x = be.asarray(np.random.default_rng(0).standard_normal((4, 5)))
     d = nn.Dropout(0.5)
@@ -275,7 +364,9 @@ def test_dropout_gradient_and_sequential_keys(be):
     d, k = nn.Dropout(0.4), be.key(5)
     out = be.to_numpy(d.apply({}, be.asarray(x), key=k, train=True))
     wb = be.asarray(w)
-    _, g = be.jit(be.value_and_grad(lambda xx: be.xp.sum(d.apply({}, xx, key=k, train=True) * wb)))(be.asarray(x))
+    _, g = be.jit(be.value_and_grad(lambda xx: be.xp.sum(d.apply({}, xx, key=k, train=True) * wb)))(
+        be.asarray(x)
+    )
     assert_close(be.to_numpy(g), (out != 0) * w / 0.6, "float64")
     # Sequential folds the key per layer: deterministic for a key, and two Dropouts draw different masks
     model = nn.Sequential(nn.Dropout(0.5), nn.Dropout(0.5))
@@ -293,25 +384,49 @@ _erf, _expit = scipy_special.erf, scipy_special.expit
 ACTS = {
     "relu": ("relu", {}, F.relu, lambda x: np.maximum(x, 0)),
     "leaky_relu": ("leaky_relu", {}, F.leaky_relu, lambda x: np.where(x > 0, x, 0.01 * x)),
-    "leaky_relu_0.2": ("leaky_relu", {"negative_slope": 0.2}, lambda x: F.leaky_relu(x, 0.2),
-                       lambda x: np.where(x > 0, x, 0.2 * x)),
+    "leaky_relu_0.2": (
+        "leaky_relu",
+        {"negative_slope": 0.2},
+        lambda x: F.leaky_relu(x, 0.2),
+        lambda x: np.where(x > 0, x, 0.2 * x),
+    ),
     "tanh": ("tanh", {}, torch.tanh, np.tanh),
     "sigmoid": ("sigmoid", {}, torch.sigmoid, _expit),
     "gelu": ("gelu", {}, F.gelu, lambda x: 0.5 * x * (1 + _erf(x / math.sqrt(2)))),
-    "gelu_approx": ("gelu", {"approximate": True}, lambda x: F.gelu(x, approximate="tanh"),
-                    lambda x: 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))),
+    "gelu_approx": (
+        "gelu",
+        {"approximate": True},
+        lambda x: F.gelu(x, approximate="tanh"),
+        lambda x: 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3))),
+    ),
     "softplus": ("softplus", {}, F.softplus, lambda x: np.where(x > 20, x, np.logaddexp(0, x))),
-    "softplus_beta_threshold": ("softplus", {"beta": 2.0, "threshold": 3.0},
-                                lambda x: F.softplus(x, beta=2.0, threshold=3.0),
-                                lambda x: np.where(2 * x > 3, x, np.logaddexp(0, 2 * x) / 2)),
+    "softplus_beta_threshold": (
+        "softplus",
+        {"beta": 2.0, "threshold": 3.0},
+        lambda x: F.softplus(x, beta=2.0, threshold=3.0),
+        lambda x: np.where(2 * x > 3, x, np.logaddexp(0, 2 * x) / 2),
+    ),
     "elu": ("elu", {}, F.elu, lambda x: np.where(x > 0, x, np.expm1(x))),
-    "elu_0.5": ("elu", {"alpha": 0.5}, lambda x: F.elu(x, 0.5), lambda x: np.where(x > 0, x, 0.5 * np.expm1(x))),
+    "elu_0.5": (
+        "elu",
+        {"alpha": 0.5},
+        lambda x: F.elu(x, 0.5),
+        lambda x: np.where(x > 0, x, 0.5 * np.expm1(x)),
+    ),
     "silu": ("silu", {}, F.silu, lambda x: x * _expit(x)),
     "softmax": ("softmax", {}, lambda x: torch.softmax(x, -1), lambda x: scipy_special.softmax(x, axis=-1)),
-    "softmax_axis0": ("softmax", {"axis": 0}, lambda x: torch.softmax(x, 0),
-                      lambda x: scipy_special.softmax(x, axis=0)),
-    "log_softmax": ("log_softmax", {}, lambda x: torch.log_softmax(x, -1),
-                    lambda x: scipy_special.log_softmax(x, axis=-1)),
+    "softmax_axis0": (
+        "softmax",
+        {"axis": 0},
+        lambda x: torch.softmax(x, 0),
+        lambda x: scipy_special.softmax(x, axis=0),
+    ),
+    "log_softmax": (
+        "log_softmax",
+        {},
+        lambda x: torch.log_softmax(x, -1),
+        lambda x: scipy_special.log_softmax(x, axis=-1),
+    ),
 }
 
 
@@ -330,9 +445,11 @@ def test_activation_matches_torch_and_formula(be, case, dtype):
     x = _act_input(dtype)
     xb = be.asarray(x)
     expected = torch_fn(torch.as_tensor(x)).numpy()
-    outs = [nn.activation(name, **options)(xb),  # called directly ...
-            getattr(nn, name)(xb, **options),
-            nn.Sequential(nn.activation(name, **options)).apply({}, xb)]  # ... and as a layer
+    outs = [
+        nn.activation(name, **options)(xb),  # called directly ...
+        getattr(nn, name)(xb, **options),
+        nn.Sequential(nn.activation(name, **options)).apply({}, xb),
+    ]  # ... and as a layer
     if not options:
         outs.append(getattr(nn, name)(xb))
         outs.append(nn.Sequential(getattr(nn, name)).apply({}, xb))
@@ -364,15 +481,27 @@ def test_activation_grad_agrees_between_backends(both, case, dtype):
     name, options, _, _ = ACTS[case]
     x = _act_input(dtype)
     act = nn.activation(name, **options)
-    grads = [be.to_numpy(be.value_and_grad(lambda xx, be=be: be.xp.sum(act(xx) * xx))(be.asarray(x))[1])
-             for be in both]
+    grads = [
+        be.to_numpy(be.value_and_grad(lambda xx, be=be: be.xp.sum(act(xx) * xx))(be.asarray(x))[1])
+        for be in both
+    ]
     # absolute tolerance on the gradients' scale: float32 gelu's tanh form cancels near x = -5
     assert_close(grads[0], grads[1], dtype, atol=TOL[dtype]["atol"] * np.abs(grads[1]).max())
 
 
 def test_activation_names_and_repr():
-    assert set(nn.ACTIVATIONS) == {"relu", "leaky_relu", "tanh", "sigmoid", "gelu", "softplus", "elu", "silu",
-                                   "softmax", "log_softmax"}
+    assert set(nn.ACTIVATIONS) == {
+        "relu",
+        "leaky_relu",
+        "tanh",
+        "sigmoid",
+        "gelu",
+        "softplus",
+        "elu",
+        "silu",
+        "softmax",
+        "log_softmax",
+    }
     assert "negative_slope=0.2" in repr(nn.activation("leaky_relu", negative_slope=0.2))
 
 
@@ -380,8 +509,12 @@ def test_activation_names_and_repr():
 
 INIT_MODELS = {
     "mlp": (nn.Sequential(nn.Linear(7), nn.relu, nn.Linear(3)), (4, 5)),
-    "cnn": (nn.Sequential(nn.Conv2d(4, 3, groups=2), nn.relu, nn.MaxPool2d(2), nn.Flatten(), nn.LayerNorm(),
-                          nn.Linear(3)), (2, 2, 6, 6)),
+    "cnn": (
+        nn.Sequential(
+            nn.Conv2d(4, 3, groups=2), nn.relu, nn.MaxPool2d(2), nn.Flatten(), nn.LayerNorm(), nn.Linear(3)
+        ),
+        (2, 2, 6, 6),
+    ),
 }
 
 
@@ -413,11 +546,14 @@ def test_init_is_deterministic_per_seed(name):
     assert sorted(gen) == sorted(a)
 
 
-@pytest.mark.parametrize("layer, shape, fan_in", [
-    (nn.Linear(300), (2, 40), 40),
-    (nn.Conv2d(30, (3, 2)), (1, 5, 6, 6), 5 * 3 * 2),
-    (nn.Conv2d(40, 3, groups=4), (1, 8, 6, 6), 2 * 3 * 3),
-])
+@pytest.mark.parametrize(
+    "layer, shape, fan_in",
+    [
+        (nn.Linear(300), (2, 40), 40),
+        (nn.Conv2d(30, (3, 2)), (1, 5, 6, 6), 5 * 3 * 2),
+        (nn.Conv2d(40, 3, groups=4), (1, 8, 6, 6), 2 * 3 * 3),
+    ],
+)
 def test_init_follows_torch_default_bounds(layer, shape, fan_in):
     p = layer.init(0, shape)
     bound = 1 / math.sqrt(fan_in)
@@ -428,8 +564,11 @@ def test_init_follows_torch_default_bounds(layer, shape, fan_in):
     assert abs(w.std() - bound / math.sqrt(3)) < 0.1 * bound  # ... with a uniform's spread
     assert abs(w.mean()) < 0.1 * bound
     # torch's own default init has the same bound
-    ref = (tnn.Linear(shape[-1], 300) if isinstance(layer, nn.Linear)
-           else tnn.Conv2d(shape[1], layer.out_channels, layer.kernel_size, groups=layer.groups))
+    ref = (
+        tnn.Linear(shape[-1], 300)
+        if isinstance(layer, nn.Linear)
+        else tnn.Conv2d(shape[1], layer.out_channels, layer.kernel_size, groups=layer.groups)
+    )
     ref_max = float(ref.weight.detach().abs().max())
     assert 0.95 * bound < ref_max <= bound + 1e-7
 
@@ -449,10 +588,14 @@ def test_init_infers_input_sizes_from_shape_or_array(be):
     from_numpy = model.init(0, np.zeros((3, 7), np.float32))
     from_backend = model.init(0, be.asarray(np.zeros((3, 7), np.float32)))
     for p in (from_list, from_numpy, from_backend):
-        assert all(np.array_equal(a, b) for a, b in zip(flatten_dict(p).values(), flatten_dict(from_shape).values()))
+        assert all(
+            np.array_equal(a, b) for a, b in zip(flatten_dict(p).values(), flatten_dict(from_shape).values())
+        )
     assert from_shape["0"]["weight"].shape == (5, 7) and from_shape["2"]["weight"].shape == (2, 5)
     assert from_shape["0"]["weight"].dtype == np.float32  # a shape gives float32 ...
-    assert model.init(0, be.asarray(np.zeros((3, 7))))["0"]["weight"].dtype == np.float64  # ... an array its dtype
+    assert (
+        model.init(0, be.asarray(np.zeros((3, 7))))["0"]["weight"].dtype == np.float64
+    )  # ... an array its dtype
     assert model.init(0, (3, 7), dtype="float64")["0"]["weight"].dtype == np.float64
     assert model.init(0, np.zeros((3, 7), np.int64))["0"]["weight"].dtype == np.float32
     assert model.output_shape((3, 7)) == (3, 2)
@@ -462,11 +605,15 @@ def test_init_infers_input_sizes_from_shape_or_array(be):
 
 # ----------------------------------------------------------------------------- errors
 
-@pytest.mark.parametrize("layer, shape", [
-    (nn.Conv2d(4, 3), (2, 3, 5)),
-    (nn.MaxPool2d(2), (3, 5, 5)),
-    (nn.AvgPool2d(2), (1, 2, 3, 5, 5)),
-])
+
+@pytest.mark.parametrize(
+    "layer, shape",
+    [
+        (nn.Conv2d(4, 3), (2, 3, 5)),
+        (nn.MaxPool2d(2), (3, 5, 5)),
+        (nn.AvgPool2d(2), (1, 2, 3, 5, 5)),
+    ],
+)
 def test_wrong_rank_names_layer_and_shapes(be, layer, shape):
     name = type(layer).__name__
     with pytest.raises(ValueError, match=rf"{name}.*rank-4.*{re_shape(shape)}"):
@@ -510,26 +657,29 @@ def test_init_time_shape_errors():
         nn.Flatten(3).init(0, (2, 3))
 
 
-@pytest.mark.parametrize("make, match", [
-    (lambda: nn.Linear(0), r"Linear: out_features must be a positive int, got 0"),
-    (lambda: nn.Linear(-2), r"Linear: out_features.*-2"),
-    (lambda: nn.Linear(2.5), r"Linear: out_features.*2\.5"),
-    (lambda: nn.Conv2d(-1, 3), r"Conv2d: out_channels.*-1"),
-    (lambda: nn.Conv2d(3, 0), r"Conv2d: kernel_size.*0"),
-    (lambda: nn.Conv2d(3, (3, 3, 3)), r"Conv2d: kernel_size.*\(3, 3, 3\)"),
-    (lambda: nn.Conv2d(3, 3, stride=0), r"Conv2d: stride"),
-    (lambda: nn.Conv2d(3, 3, padding=-1), r"Conv2d: padding.*-1"),
-    (lambda: nn.Conv2d(3, 3, padding="full"), r"Conv2d: padding must be .*'same'.*'valid'.*'full'"),
-    (lambda: nn.Conv2d(3, 3, padding="same", stride=2), r"Conv2d: padding='same' needs stride 1"),
-    (lambda: nn.Conv2d(3, 3, groups=2), r"Conv2d: out_channels \(3\).*groups \(2\)"),
-    (lambda: nn.Conv2d(4, 3, groups=0), r"Conv2d: groups"),
-    (lambda: nn.MaxPool2d(0), r"MaxPool2d: kernel_size"),
-    (lambda: nn.AvgPool2d(2, padding=2), r"AvgPool2d: padding \(2, 2\).*half the kernel"),
-    (lambda: nn.Dropout(1.0), r"Dropout: p must be in \[0, 1\), got 1\.0"),
-    (lambda: nn.Dropout(-0.1), r"Dropout: p"),
-    (lambda: nn.LayerNorm(0), r"LayerNorm: normalized_ndim"),
-    (lambda: nn.Sequential(), r"Sequential: expected at least one layer"),
-])
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: nn.Linear(0), r"Linear: out_features must be a positive int, got 0"),
+        (lambda: nn.Linear(-2), r"Linear: out_features.*-2"),
+        (lambda: nn.Linear(2.5), r"Linear: out_features.*2\.5"),
+        (lambda: nn.Conv2d(-1, 3), r"Conv2d: out_channels.*-1"),
+        (lambda: nn.Conv2d(3, 0), r"Conv2d: kernel_size.*0"),
+        (lambda: nn.Conv2d(3, (3, 3, 3)), r"Conv2d: kernel_size.*\(3, 3, 3\)"),
+        (lambda: nn.Conv2d(3, 3, stride=0), r"Conv2d: stride"),
+        (lambda: nn.Conv2d(3, 3, padding=-1), r"Conv2d: padding.*-1"),
+        (lambda: nn.Conv2d(3, 3, padding="full"), r"Conv2d: padding must be .*'same'.*'valid'.*'full'"),
+        (lambda: nn.Conv2d(3, 3, padding="same", stride=2), r"Conv2d: padding='same' needs stride 1"),
+        (lambda: nn.Conv2d(3, 3, groups=2), r"Conv2d: out_channels \(3\).*groups \(2\)"),
+        (lambda: nn.Conv2d(4, 3, groups=0), r"Conv2d: groups"),
+        (lambda: nn.MaxPool2d(0), r"MaxPool2d: kernel_size"),
+        (lambda: nn.AvgPool2d(2, padding=2), r"AvgPool2d: padding \(2, 2\).*half the kernel"),
+        (lambda: nn.Dropout(1.0), r"Dropout: p must be in \[0, 1\), got 1\.0"),
+        (lambda: nn.Dropout(-0.1), r"Dropout: p"),
+        (lambda: nn.LayerNorm(0), r"LayerNorm: normalized_ndim"),
+        (lambda: nn.Sequential(), r"Sequential: expected at least one layer"),
+    ],
+)
 def test_bad_hyperparameters_raise(make, match):
     with pytest.raises(ValueError, match=match):
         make()
@@ -548,6 +698,7 @@ def test_sequential_rejects_non_layers():
 
 
 # ----------------------------------------------------------------------------- user-defined layers
+
 
 class Scale(nn.Module):
     """A user's layer: a learned per-feature scale."""
@@ -568,7 +719,9 @@ class Residual(nn.Module):
     def init_params(self, rng, input_shape, dtype):
         p, shape = self.inner.init_params(rng, input_shape, dtype)
         if tuple(shape) != tuple(input_shape):
-            raise ValueError(f"Residual: inner output shape {shape} differs from input shape {tuple(input_shape)}")
+            raise ValueError(
+                f"Residual: inner output shape {shape} differs from input shape {tuple(input_shape)}"
+            )
         return {"inner": p}, shape
 
     def forward(self, be, params, x, *, key=None, train=False):
@@ -595,13 +748,17 @@ class TorchResidual(tnn.Module):
 
 def _user_models():
     model = nn.Sequential(
-        nn.Linear(6), Scale(), nn.gelu,
+        nn.Linear(6),
+        Scale(),
+        nn.gelu,
         Residual(nn.Sequential(nn.Linear(6), nn.tanh, nn.Linear(6))),
         nn.Sequential(nn.Linear(3), nn.Sequential(nn.relu, lambda x: 2.0 * x)),
         nn.Linear(2),
     )
     ref = tnn.Sequential(
-        tnn.Linear(4, 6), TorchScale(6), tnn.GELU(),
+        tnn.Linear(4, 6),
+        TorchScale(6),
+        tnn.GELU(),
         TorchResidual(tnn.Sequential(tnn.Linear(6, 6), tnn.Tanh(), tnn.Linear(6, 6))),
         tnn.Sequential(tnn.Linear(6, 3), tnn.ReLU()),  # (the x2 is applied below)
         tnn.Linear(3, 2),
@@ -640,6 +797,8 @@ def test_user_layer_alone_and_shape_error(be):
     x = be.asarray(np.arange(6.0).reshape(2, 3))
     p = Scale().init(0, x)
     assert p["scale"].shape == (3,) and p["scale"].dtype == np.float64
-    assert_close(be.to_numpy(Scale().apply(to_backend(be, p), x)), np.arange(6.0).reshape(2, 3) * p["scale"], "float64")
+    assert_close(
+        be.to_numpy(Scale().apply(to_backend(be, p), x)), np.arange(6.0).reshape(2, 3) * p["scale"], "float64"
+    )
     with pytest.raises(ValueError, match=r"Residual.*\(2, 4\).*\(2, 3\)"):
         Residual(nn.Linear(4)).init(0, (2, 3))

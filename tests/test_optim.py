@@ -35,9 +35,10 @@ optax = pytest.importorskip("optax")
 import jax.numpy as jnp  # noqa: E402
 
 import duogard as dg  # noqa: E402
-from conftest import TOL, to_backend, to_numpy  # noqa: E402
 from duogard import losses, nn, optim  # noqa: E402
 from duogard.tree import tree_leaves, tree_map  # noqa: E402
+
+from conftest import TOL, to_backend, to_numpy  # noqa: E402
 
 DTYPES = ("float32", "float64")
 STEPS = 20
@@ -51,6 +52,7 @@ def assert_tree_close(actual, expected, dtype, **override):
 
 
 # ----------------------------------------------------------------------------- problems
+
 
 def _quadratic_loss(params, data):
     scale, target = data
@@ -66,7 +68,7 @@ def _mlp_loss(params, data):
     return losses.cross_entropy(_MLP.apply(params, x), y)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def problem(name: str, dtype: str):
     """``(params0, data, loss)`` in NumPy (data: float arrays in ``dtype``, labels int64)."""
     rng = np.random.default_rng(42)
@@ -87,41 +89,66 @@ T = torch.optim
 # name -> (duogard factory, torch.optim factory, optax factory or None)
 CASES = {
     "sgd": (lambda: optim.sgd(0.1), lambda p: T.SGD(p, lr=0.1), lambda: optax.sgd(0.1)),
-    "sgd_momentum": (lambda: optim.sgd(0.1, momentum=0.9), lambda p: T.SGD(p, lr=0.1, momentum=0.9),
-                     lambda: optax.sgd(0.1, momentum=0.9)),
-    "sgd_nesterov": (lambda: optim.sgd(0.1, momentum=0.9, nesterov=True),
-                     lambda p: T.SGD(p, lr=0.1, momentum=0.9, nesterov=True),
-                     lambda: optax.sgd(0.1, momentum=0.9, nesterov=True)),
-    "sgd_weight_decay": (lambda: optim.sgd(0.1, momentum=0.5, weight_decay=0.05),
-                         lambda p: T.SGD(p, lr=0.1, momentum=0.5, weight_decay=0.05),
-                         lambda: optax.chain(optax.add_decayed_weights(0.05), optax.sgd(0.1, momentum=0.5))),
+    "sgd_momentum": (
+        lambda: optim.sgd(0.1, momentum=0.9),
+        lambda p: T.SGD(p, lr=0.1, momentum=0.9),
+        lambda: optax.sgd(0.1, momentum=0.9),
+    ),
+    "sgd_nesterov": (
+        lambda: optim.sgd(0.1, momentum=0.9, nesterov=True),
+        lambda p: T.SGD(p, lr=0.1, momentum=0.9, nesterov=True),
+        lambda: optax.sgd(0.1, momentum=0.9, nesterov=True),
+    ),
+    "sgd_weight_decay": (
+        lambda: optim.sgd(0.1, momentum=0.5, weight_decay=0.05),
+        lambda p: T.SGD(p, lr=0.1, momentum=0.5, weight_decay=0.05),
+        lambda: optax.chain(optax.add_decayed_weights(0.05), optax.sgd(0.1, momentum=0.5)),
+    ),
     "adam": (lambda: optim.adam(0.01), lambda p: T.Adam(p, lr=0.01), lambda: optax.adam(0.01)),
-    "adam_l2": (lambda: optim.adam(0.02, b1=0.8, b2=0.99, eps=1e-6, weight_decay=0.1),
-                lambda p: T.Adam(p, lr=0.02, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.1),
-                lambda: optax.chain(optax.add_decayed_weights(0.1), optax.adam(0.02, b1=0.8, b2=0.99, eps=1e-6))),
-    "adamw": (lambda: optim.adamw(0.01, weight_decay=0.1), lambda p: T.AdamW(p, lr=0.01, weight_decay=0.1),
-              lambda: optax.adamw(0.01, weight_decay=0.1)),
-    "rmsprop": (lambda: optim.rmsprop(0.01), lambda p: T.RMSprop(p, lr=0.01),
-                lambda: optax.rmsprop(0.01, decay=0.99, eps=1e-8, eps_in_sqrt=False)),
-    "rmsprop_centered": (lambda: optim.rmsprop(0.01, alpha=0.9, centered=True),
-                         lambda p: T.RMSprop(p, lr=0.01, alpha=0.9, centered=True),
-                         lambda: optax.rmsprop(0.01, decay=0.9, eps=1e-8, eps_in_sqrt=False, centered=True)),
+    "adam_l2": (
+        lambda: optim.adam(0.02, b1=0.8, b2=0.99, eps=1e-6, weight_decay=0.1),
+        lambda p: T.Adam(p, lr=0.02, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.1),
+        lambda: optax.chain(optax.add_decayed_weights(0.1), optax.adam(0.02, b1=0.8, b2=0.99, eps=1e-6)),
+    ),
+    "adamw": (
+        lambda: optim.adamw(0.01, weight_decay=0.1),
+        lambda p: T.AdamW(p, lr=0.01, weight_decay=0.1),
+        lambda: optax.adamw(0.01, weight_decay=0.1),
+    ),
+    "rmsprop": (
+        lambda: optim.rmsprop(0.01),
+        lambda p: T.RMSprop(p, lr=0.01),
+        lambda: optax.rmsprop(0.01, decay=0.99, eps=1e-8, eps_in_sqrt=False),
+    ),
+    "rmsprop_centered": (
+        lambda: optim.rmsprop(0.01, alpha=0.9, centered=True),
+        lambda p: T.RMSprop(p, lr=0.01, alpha=0.9, centered=True),
+        lambda: optax.rmsprop(0.01, decay=0.9, eps=1e-8, eps_in_sqrt=False, centered=True),
+    ),
     # (with alpha=0.99 the float32 MLP run is ill-conditioned: float32 and float64 torch runs
     # differ by several times the tolerance; alpha=0.9 is well-conditioned)
-    "rmsprop_momentum": (lambda: optim.rmsprop(0.01, alpha=0.9, momentum=0.9, weight_decay=0.01),
-                         lambda p: T.RMSprop(p, lr=0.01, alpha=0.9, momentum=0.9, weight_decay=0.01),
-                         lambda: optax.chain(optax.add_decayed_weights(0.01),
-                                             optax.rmsprop(0.01, decay=0.9, eps_in_sqrt=False, momentum=0.9))),
-    "adagrad": (lambda: optim.adagrad(0.1, lr_decay=0.05, initial_accumulator_value=0.1, eps=1e-30),
-                lambda p: T.Adagrad(p, lr=0.1, lr_decay=0.05, initial_accumulator_value=0.1, eps=1e-30),
-                lambda: optax.adagrad(lambda t: 0.1 / (1 + 0.05 * t), initial_accumulator_value=0.1, eps=0.0)),
+    "rmsprop_momentum": (
+        lambda: optim.rmsprop(0.01, alpha=0.9, momentum=0.9, weight_decay=0.01),
+        lambda p: T.RMSprop(p, lr=0.01, alpha=0.9, momentum=0.9, weight_decay=0.01),
+        lambda: optax.chain(
+            optax.add_decayed_weights(0.01), optax.rmsprop(0.01, decay=0.9, eps_in_sqrt=False, momentum=0.9)
+        ),
+    ),
+    "adagrad": (
+        lambda: optim.adagrad(0.1, lr_decay=0.05, initial_accumulator_value=0.1, eps=1e-30),
+        lambda p: T.Adagrad(p, lr=0.1, lr_decay=0.05, initial_accumulator_value=0.1, eps=1e-30),
+        lambda: optax.adagrad(lambda t: 0.1 / (1 + 0.05 * t), initial_accumulator_value=0.1, eps=0.0),
+    ),
     # torch's defaults (accumulator 0, eps 1e-10 outside the root): optax has no equivalent
-    "adagrad_torch_defaults": (lambda: optim.adagrad(0.1, weight_decay=0.01),
-                               lambda p: T.Adagrad(p, lr=0.1, weight_decay=0.01), None),
+    "adagrad_torch_defaults": (
+        lambda: optim.adagrad(0.1, weight_decay=0.01),
+        lambda p: T.Adagrad(p, lr=0.1, weight_decay=0.01),
+        None,
+    ),
 }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def gradient_fn(backend: str, name: str, dtype: str):
     """``(params, data) -> (loss, grads)`` on a backend; jitted once per problem on JAX (the
     optimizers run eagerly around it; test_jitted_jax_step_compiles_once jits whole steps)."""
@@ -141,7 +168,7 @@ def run_duogard(be, tx, name, dtype, steps=STEPS):
     return to_numpy(be, params), state
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def torch_reference(case: str, name: str, dtype: str):
     """torch.optim's trajectory, gradients from torch.autograd."""
     params0, data, loss = problem(name, dtype)
@@ -155,7 +182,7 @@ def torch_reference(case: str, name: str, dtype: str):
     return tree_map(lambda t: t.detach().numpy(), params)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def optax_reference(case: str, name: str, dtype: str):
     """optax's trajectory, gradients from jax.grad (the function duogard's JAX run uses)."""
     params0, data, _ = problem(name, dtype)
@@ -191,21 +218,36 @@ def test_optimizer_matches_torch_and_optax(be, case, name, dtype):
 
 SCHEDULES = {
     # name -> (duogard schedule, NumPy formula, torch scheduler factory)
-    "constant": (optim.constant_schedule(0.3), lambda t: 0.3 + 0 * t,
-                 lambda o: T.lr_scheduler.LambdaLR(o, lambda s: 1.0)),
-    "exponential": (optim.exponential_decay(0.3, rate=0.07), lambda t: 0.3 * np.exp(-0.07 * t),
-                    lambda o: T.lr_scheduler.ExponentialLR(o, gamma=math.exp(-0.07))),
-    "step": (optim.step_decay(0.3, step_size=7, gamma=0.5), lambda t: 0.3 * 0.5 ** np.floor(t / 7),
-             lambda o: T.lr_scheduler.StepLR(o, step_size=7, gamma=0.5)),
-    "cosine": (optim.cosine_decay(0.3, decay_steps=30, alpha=0.1),
-               lambda t: 0.03 + 0.27 * 0.5 * (1 + np.cos(np.pi * np.minimum(t, 30) / 30)),
-               lambda o: T.lr_scheduler.CosineAnnealingLR(o, T_max=30, eta_min=0.03)),
-    "warmup_cosine": (optim.warmup_cosine_decay(0.3, warmup_steps=5, decay_steps=30, init_value=0.01,
-                                                end_value=0.02),
-                      lambda t: np.where(t < 5, 0.01 + 0.29 * t / 5,
-                                         0.02 + 0.28 * 0.5 * (1 + np.cos(np.pi * np.minimum(t - 5, 25) / 25))),
-                      None),
+    "constant": (
+        optim.constant_schedule(0.3),
+        lambda t: 0.3 + 0 * t,
+        lambda o: T.lr_scheduler.LambdaLR(o, lambda s: 1.0),
+    ),
+    "exponential": (
+        optim.exponential_decay(0.3, rate=0.07),
+        lambda t: 0.3 * np.exp(-0.07 * t),
+        lambda o: T.lr_scheduler.ExponentialLR(o, gamma=math.exp(-0.07)),
+    ),
+    "step": (
+        optim.step_decay(0.3, step_size=7, gamma=0.5),
+        lambda t: 0.3 * 0.5 ** np.floor(t / 7),
+        lambda o: T.lr_scheduler.StepLR(o, step_size=7, gamma=0.5),
+    ),
+    "cosine": (
+        optim.cosine_decay(0.3, decay_steps=30, alpha=0.1),
+        lambda t: 0.03 + 0.27 * 0.5 * (1 + np.cos(np.pi * np.minimum(t, 30) / 30)),
+        lambda o: T.lr_scheduler.CosineAnnealingLR(o, T_max=30, eta_min=0.03),
+    ),
+    "warmup_cosine": (
+        optim.warmup_cosine_decay(0.3, warmup_steps=5, decay_steps=30, init_value=0.01, end_value=0.02),
+        lambda t: np.where(
+            t < 5, 0.01 + 0.29 * t / 5, 0.02 + 0.28 * 0.5 * (1 + np.cos(np.pi * np.minimum(t - 5, 25) / 25))
+        ),
+        None,
+    ),
 }
+
+
 def _torch_scheduler_lrs(make, steps, lr0=0.3):
     opt = T.SGD([torch.zeros(1, requires_grad=True)], lr=lr0)
     sched = make(opt)
@@ -228,25 +270,33 @@ def test_schedule_against_formula_and_torch(be, name):
     for dtype, tol in (("float64", 1e-12), ("float32", 1e-6)):  # the optimizers pass float steps
         arr = be.asarray(steps.astype(dtype))  # (+ 0 * arr: the constant schedule gives a float)
         np.testing.assert_allclose(be.to_numpy(schedule(arr) + 0 * arr), expected, rtol=tol)
-    ints = be.to_numpy(schedule(be.asarray(steps.astype(np.int32))) + 0 * be.asarray(steps.astype(np.float32)))
+    ints = be.to_numpy(
+        schedule(be.asarray(steps.astype(np.int32))) + 0 * be.asarray(steps.astype(np.float32))
+    )
     np.testing.assert_allclose(ints, expected, rtol=1e-6)
     if torch_make is not None:
-        np.testing.assert_allclose(python, _torch_scheduler_lrs(torch_make, len(steps)),
-                                   rtol=1e-12, atol=1e-15)
+        np.testing.assert_allclose(
+            python, _torch_scheduler_lrs(torch_make, len(steps)), rtol=1e-12, atol=1e-15
+        )
 
 
 def test_schedules_against_optax():
     t = np.arange(60)
     pairs = [
         (optim.cosine_decay(0.3, decay_steps=30, alpha=0.1), optax.cosine_decay_schedule(0.3, 30, alpha=0.1)),
-        (optim.warmup_cosine_decay(0.3, warmup_steps=5, decay_steps=30, init_value=0.01, end_value=0.02),
-         optax.warmup_cosine_decay_schedule(0.01, 0.3, 5, 30, end_value=0.02)),
-        (optim.warmup_cosine_decay(1.0, warmup_steps=0, decay_steps=10),
-         optax.warmup_cosine_decay_schedule(0.0, 1.0, 0, 10)),
+        (
+            optim.warmup_cosine_decay(0.3, warmup_steps=5, decay_steps=30, init_value=0.01, end_value=0.02),
+            optax.warmup_cosine_decay_schedule(0.01, 0.3, 5, 30, end_value=0.02),
+        ),
+        (
+            optim.warmup_cosine_decay(1.0, warmup_steps=0, decay_steps=10),
+            optax.warmup_cosine_decay_schedule(0.0, 1.0, 0, 10),
+        ),
     ]
     for ours, theirs in pairs:
-        np.testing.assert_allclose([ours(int(s)) for s in t], [float(theirs(int(s))) for s in t],
-                                   rtol=1e-12, atol=1e-15)
+        np.testing.assert_allclose(
+            [ours(int(s)) for s in t], [float(theirs(int(s))) for s in t], rtol=1e-12, atol=1e-15
+        )
 
 
 def test_cosine_stays_at_floor_after_decay_steps():
@@ -267,8 +317,9 @@ def test_scheduled_sgd_matches_torch_lr_scheduler(be, dtype):
     sched = T.lr_scheduler.ExponentialLR(opt, gamma=math.exp(-0.1))
     tdata = tree_map(torch.as_tensor, data)
     for _ in range(10):
-        assert float(optim.current_learning_rate(state)) == pytest.approx(sched.get_last_lr()[0],
-                                                                          rel=TOL[dtype]["rtol"])
+        assert float(optim.current_learning_rate(state)) == pytest.approx(
+            sched.get_last_lr()[0], rel=TOL[dtype]["rtol"]
+        )
         updates, state = tx.update(vg(params, bdata)[1], state, params)
         params = optim.apply_updates(params, updates)
         opt.zero_grad()
@@ -280,6 +331,7 @@ def test_scheduled_sgd_matches_torch_lr_scheduler(be, dtype):
 
 
 # ----------------------------------------------------------------------------- Rosenbrock
+
 
 def _rosenbrock(params):
     x = params["xy"]
@@ -312,12 +364,20 @@ ROSENBROCK = {
     "sgd_nesterov": (lambda: optim.sgd(1e-3, momentum=0.9, nesterov=True), 1000, 1e-3),
     "sgd_weight_decay": (lambda: optim.sgd(3e-3, momentum=0.9, weight_decay=1e-4), 300, 1e-3),
     "adam": (lambda: optim.adam(0.03), 300, 1e-3),
-    "adamw_cosine": (lambda: optim.adamw(optim.cosine_decay(0.1, decay_steps=300), weight_decay=1e-4), 300, 1e-3),
+    "adamw_cosine": (
+        lambda: optim.adamw(optim.cosine_decay(0.1, decay_steps=300), weight_decay=1e-4),
+        300,
+        1e-3,
+    ),
     "rmsprop": (lambda: optim.rmsprop(2e-3), 2000, 1e-2),
     "rmsprop_centered": (lambda: optim.rmsprop(1e-3, centered=True, momentum=0.9), 300, 1e-3),
     "rmsprop_momentum": (lambda: optim.rmsprop(2e-3, momentum=0.9), 300, 1e-3),
     "adagrad": (lambda: optim.adagrad(0.03), 2000, 1e-2),
-    "clipped_sgd": (lambda: optim.chain(optim.clip_by_global_norm(1.0), optim.sgd(3e-3, momentum=0.9)), 300, 1e-3),
+    "clipped_sgd": (
+        lambda: optim.chain(optim.clip_by_global_norm(1.0), optim.sgd(3e-3, momentum=0.9)),
+        300,
+        1e-3,
+    ),
 }
 
 
@@ -350,12 +410,16 @@ def test_converges_on_rosenbrock(be, case):
 # clipping and the optax adapter on the MLP
 JIT_CASES = {
     **{k: (v[0], "quadratic") for k, v in CASES.items()},
-    "adam_warmup_cosine": (lambda: optim.adam(optim.warmup_cosine_decay(0.01, warmup_steps=2, decay_steps=10)),
-                           "mlp"),
+    "adam_warmup_cosine": (
+        lambda: optim.adam(optim.warmup_cosine_decay(0.01, warmup_steps=2, decay_steps=10)),
+        "mlp",
+    ),
     "sgd_step_decay": (lambda: optim.sgd(optim.step_decay(0.1, step_size=2)), "quadratic"),
     "sgd_exponential": (lambda: optim.sgd(optim.exponential_decay(0.1, rate=0.1), momentum=0.9), "quadratic"),
-    "clipped_adamw": (lambda: optim.chain(optim.clip_by_global_norm(0.5), optim.clip(0.1), optim.adamw(0.01)),
-                      "mlp"),
+    "clipped_adamw": (
+        lambda: optim.chain(optim.clip_by_global_norm(0.5), optim.clip(0.1), optim.adamw(0.01)),
+        "mlp",
+    ),
     "from_optax": (lambda: optim.from_optax(optax.adamw(0.01, weight_decay=0.1)), "mlp"),
 }
 
@@ -418,8 +482,12 @@ BAD = [
     (lambda: optim.step_decay(0.1, step_size=0), "step_decay", "step_size", "0"),
     (lambda: optim.cosine_decay(0.1, decay_steps=-5), "cosine_decay", "decay_steps", "-5"),
     (lambda: optim.cosine_decay(0.1, decay_steps=5, alpha=2.0), "cosine_decay", "alpha", "2.0"),
-    (lambda: optim.warmup_cosine_decay(0.1, warmup_steps=10, decay_steps=10), "warmup_cosine_decay",
-     "decay_steps", "10"),
+    (
+        lambda: optim.warmup_cosine_decay(0.1, warmup_steps=10, decay_steps=10),
+        "warmup_cosine_decay",
+        "decay_steps",
+        "10",
+    ),
     (lambda: optim.exponential_decay(0.1, rate=-1.0), "exponential_decay", "rate", "-1.0"),
 ]
 
@@ -452,6 +520,7 @@ def test_current_learning_rate_and_step_count_errors(be):
 
 
 # ----------------------------------------------------------------------------- clipping
+
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("max_norm", [0.5, 100.0])  # clipping, and not
@@ -493,6 +562,7 @@ def test_clip_by_value_against_numpy_and_torch(be, dtype):
 
 # ----------------------------------------------------------------------------- adapters
 
+
 def test_from_optax_drives_jax_and_reads_its_learning_rate():
     be = dg.backend("jax")
     tx = optim.from_optax(optax.inject_hyperparams(optax.adam)(learning_rate=0.01))
@@ -507,8 +577,11 @@ def test_from_optax_rejects_torch_leaves():
     th = dg.backend("torch")
     tx = optim.from_optax(optax.sgd(0.1))
     params = {"layer": {"w": th.asarray(np.ones(3))}}
-    with pytest.raises(TypeError, match=r"from_optax: expected jax\.Array leaves in params, got a torch array at "
-                                        r"'layer\.w'; .*backend='jax'.*from_torch"):
+    with pytest.raises(
+        TypeError,
+        match=r"from_optax: expected jax\.Array leaves in params, got a torch array at "
+        r"'layer\.w'; .*backend='jax'.*from_torch",
+    ):
         tx.init(params)
     state = tx.init({"layer": {"w": jnp.ones(3)}})
     with pytest.raises(TypeError, match="from_optax: expected jax.Array leaves in grads"):
@@ -539,7 +612,9 @@ def test_from_torch_matches_torch_optim(dtype):
     params0, data, loss = problem("mlp", dtype)
     tx = optim.from_torch(T.AdamW, lr=0.01, betas=(0.8, 0.99), weight_decay=0.1)
     got, state = run_duogard(be, tx, "mlp", dtype)
-    want, _ = _torch_direct(params0, data, loss, lambda p: T.AdamW(p, lr=0.01, betas=(0.8, 0.99), weight_decay=0.1))
+    want, _ = _torch_direct(
+        params0, data, loss, lambda p: T.AdamW(p, lr=0.01, betas=(0.8, 0.99), weight_decay=0.1)
+    )
     assert_tree_close(got, want, dtype, rtol=TOL[dtype]["rtol"] / 10)
     assert int(optim.step_count(state)) == STEPS
     assert float(optim.current_learning_rate(state)) == 0.01
@@ -597,8 +672,11 @@ def test_from_torch_errors():
     tx = optim.from_torch(T.Adam, lr=1e-3)
     with pytest.raises(RuntimeError, match="call init"):
         tx.update({"w": torch.ones(2)}, None)
-    with pytest.raises(TypeError, match=r"from_torch: expected torch.Tensor leaves in params, got a jax array at 'w'; "
-                                        r".*backend='torch'.*from_optax"):
+    with pytest.raises(
+        TypeError,
+        match=r"from_torch: expected torch.Tensor leaves in params, got a jax array at 'w'; "
+        r".*backend='torch'.*from_optax",
+    ):
         tx.init({"w": jx.asarray(np.ones(2))})
     state = tx.init({"w": torch.ones(2)})
     with pytest.raises(TypeError, match="from_torch: expected torch.Tensor leaves in grads"):
@@ -610,6 +688,7 @@ def test_from_torch_errors():
 
 
 # ----------------------------------------------------------------------------- misc
+
 
 def test_apply_updates_keeps_dtype_and_chain_composes(be):
     p = {"w": be.asarray(np.ones(3, np.float32))}
@@ -626,6 +705,17 @@ def test_apply_updates_keeps_dtype_and_chain_composes(be):
 
 def test_module_exports():
     assert set(optim.__all__) <= set(dir(optim))
-    for name in ("sgd", "adam", "adamw", "rmsprop", "adagrad", "chain", "apply_updates", "from_optax",
-                 "from_torch", "exponential_decay", "current_learning_rate"):
+    for name in (
+        "sgd",
+        "adam",
+        "adamw",
+        "rmsprop",
+        "adagrad",
+        "chain",
+        "apply_updates",
+        "from_optax",
+        "from_torch",
+        "exponential_decay",
+        "current_learning_rate",
+    ):
         assert name in optim.__all__

@@ -16,6 +16,7 @@ from duogard import optim
 from duogard.parity import ParityReport, compare, default_tolerance
 from duogard.testing import assert_backends_agree
 from duogard.train import build_model
+
 from conftest import AVAILABLE
 
 pytestmark = pytest.mark.skipif(len(AVAILABLE) < 2, reason="needs both jax and torch installed")
@@ -40,16 +41,27 @@ MODELS = {
 # every optimizer and every dtype, and every optimizer with every dtype
 MLP_CASES = [("mlp", e, o, d) for e in ESTIMATORS for o in OPTIMIZERS for d in ("float32", "float64")]
 CNN_CASES = [
-    ("cnn", "backprop", "sgd", "float32"), ("cnn", "backprop", "adam", "float64"),
-    ("cnn", "forward-K1", "adam", "float32"), ("cnn", "forward-K1", "sgd", "float64"),
-    ("cnn", "forward-K4", "sgd", "float32"), ("cnn", "forward-K4", "adam", "float64"),
+    ("cnn", "backprop", "sgd", "float32"),
+    ("cnn", "backprop", "adam", "float64"),
+    ("cnn", "forward-K1", "adam", "float32"),
+    ("cnn", "forward-K1", "sgd", "float64"),
+    ("cnn", "forward-K4", "sgd", "float32"),
+    ("cnn", "forward-K4", "adam", "float64"),
 ]
 
 
 @pytest.mark.parametrize("model,est,opt,dtype", MLP_CASES + CNN_CASES)
 def test_backends_agree_after_100_steps(digits, model, est, opt, dtype):
-    rep = compare(MODELS[model](), "cross_entropy", OPTIMIZERS[opt](), ESTIMATORS[est](), digits,
-                  steps=STEPS, batch_size=BATCH, dtype=dtype)
+    rep = compare(
+        MODELS[model](),
+        "cross_entropy",
+        OPTIMIZERS[opt](),
+        ESTIMATORS[est](),
+        digits,
+        steps=STEPS,
+        batch_size=BATCH,
+        dtype=dtype,
+    )
     assert isinstance(rep, ParityReport) and rep.dtype == dtype and rep.tol == TOL[dtype]
     assert [r["step"] for r in rep.records] == list(range(1, STEPS + 1))
     final = rep.final
@@ -62,6 +74,7 @@ def test_backends_agree_after_100_steps(digits, model, est, opt, dtype):
 
 
 # ----------------------------------------------------------------------------- planted differences
+
 
 def _mlp():
     return MODELS["mlp"]()
@@ -77,8 +90,9 @@ def test_planted_adam_eps_is_caught_at_step_1(digits):
     assert r1["grad_rel"] < 1e-5 < 1e-4 < r1["param_rel"]
     assert "DIVERGE beyond rel 0.0001 first at step 1" in rep.table()
     # the control: the same eps on both sides agrees
-    same = compare(_mlp(), "cross_entropy", optim.adam(1e-3, eps=1e-3), "backprop", digits, steps=5,
-                   batch_size=BATCH)
+    same = compare(
+        _mlp(), "cross_entropy", optim.adam(1e-3, eps=1e-3), "backprop", digits, steps=5, batch_size=BATCH
+    )
     assert same.first_divergence is None
 
 
@@ -86,8 +100,10 @@ def test_planted_adam_eps_is_caught_at_step_1(digits):
 def test_planted_schedule_difference_is_caught_at_step_11(digits, dtype):
     # StepLR-style decay: lr = 0.05 * 0.5 ** floor(count / step_size) with count = 0 at the first
     # update; step sizes 10 and 20 agree for updates 1..10 and differ from update 11 on
-    opt = {"jax": optim.sgd(optim.step_decay(0.05, step_size=10, gamma=0.5)),
-           "torch": optim.sgd(optim.step_decay(0.05, step_size=20, gamma=0.5))}
+    opt = {
+        "jax": optim.sgd(optim.step_decay(0.05, step_size=10, gamma=0.5)),
+        "torch": optim.sgd(optim.step_decay(0.05, step_size=20, gamma=0.5)),
+    }
     rep = compare(_mlp(), "cross_entropy", opt, "backprop", digits, steps=15, batch_size=BATCH, dtype=dtype)
     assert rep.first_divergence == 11, rep.table(every=1)
     assert max(r["param_rel"] for r in rep.records[:10]) <= TOL[dtype]
@@ -97,9 +113,11 @@ def test_planted_schedule_difference_is_caught_at_step_11(digits, dtype):
 
 # ----------------------------------------------------------------------------- the one-line assertion
 
+
 def test_assert_backends_agree_passes_when_they_agree(digits):
-    rep = assert_backends_agree(_mlp(), "cross_entropy", optim.adam(1e-3),
-                                dg.estimator("forward", num_tangents=2), digits, steps=10)
+    rep = assert_backends_agree(
+        _mlp(), "cross_entropy", optim.adam(1e-3), dg.estimator("forward", num_tangents=2), digits, steps=10
+    )
     assert rep.first_divergence is None and len(rep.records) == 10
 
 
@@ -119,24 +137,36 @@ def test_assert_backends_agree_names_step_leaf_and_distance(digits):
 
 # ----------------------------------------------------------------------------- shared tangents
 
+
 def test_forward_tangents_are_shared(digits):
     # drawn independently, two K=1 forward gradients would be nearly orthogonal (rel ~ 1.4)
-    rep = compare(_mlp(), "cross_entropy", optim.sgd(0.05), dg.estimator("forward", num_tangents=1), digits,
-                  steps=1, batch_size=BATCH)
+    rep = compare(
+        _mlp(),
+        "cross_entropy",
+        optim.sgd(0.05),
+        dg.estimator("forward", num_tangents=1),
+        digits,
+        steps=1,
+        batch_size=BATCH,
+    )
     assert rep.records[0]["grad_rel"] < 1e-5
     assert rep.records[0]["loss_a"] == pytest.approx(rep.records[0]["loss_b"], rel=1e-6)
 
 
 # ----------------------------------------------------------------------------- arguments
 
+
 def test_default_tolerance():
     assert default_tolerance("float32") == 1e-4 and default_tolerance("float64") == 1e-10
 
 
-@pytest.mark.parametrize("kw,match", [
-    ({"backends": ("jax",)}, "backends"),
-    ({"dtype": "float16"}, "dtype"),
-])
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        ({"backends": ("jax",)}, "backends"),
+        ({"dtype": "float16"}, "dtype"),
+    ],
+)
 def test_bad_arguments(digits, kw, match):
     with pytest.raises(ValueError, match=match):
         compare(_mlp(), "cross_entropy", optim.sgd(0.1), "backprop", digits, steps=1, **kw)
@@ -150,7 +180,7 @@ def test_grad_difference_is_relative_to_the_runs_gradient_scale():
     from duogard.parity import _diff
 
     a, b = {"w": np.array([1e-7, 0.0])}, {"w": np.array([2e-7, 0.0])}
-    assert _diff(a, b)[1] == pytest.approx(0.5)                 # against its own norm: 50%
-    assert _diff(a, b, floor=1.0)[1] == pytest.approx(1e-7)     # against the run's scale
+    assert _diff(a, b)[1] == pytest.approx(0.5)  # against its own norm: 50%
+    assert _diff(a, b, floor=1.0)[1] == pytest.approx(1e-7)  # against the run's scale
     big_a, big_b = {"w": np.array([1.0, 2.0])}, {"w": np.array([1.1, 2.0])}
-    assert _diff(big_a, big_b, floor=1e-3)[1] == pytest.approx(0.1 / np.sqrt(1.1 ** 2 + 4))  # a real gap stays
+    assert _diff(big_a, big_b, floor=1e-3)[1] == pytest.approx(0.1 / np.sqrt(1.1**2 + 4))  # a real gap stays

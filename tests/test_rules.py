@@ -11,12 +11,39 @@ from duogard.grad import FlatView
 from duogard.grad._rules import plan
 
 MODELS = {
-    "mlp": (lambda: nn.Sequential(nn.Flatten(), nn.Linear(12), nn.relu, nn.Linear(8), nn.tanh, nn.Linear(5)), (6, 1, 4, 4)),
-    "cnn": (lambda: nn.Sequential(nn.Conv2d(3, 3, padding="same"), nn.relu, nn.MaxPool2d(2), nn.Conv2d(4, 3, padding=1),
-                                  nn.sigmoid, nn.AvgPool2d(2), nn.Flatten(), nn.Linear(5)), (4, 2, 8, 8)),
-    "mix": (lambda: nn.Sequential(nn.Conv2d(4, 3, stride=2, groups=1), nn.leaky_relu, nn.Flatten(), nn.Dropout(0.3),
-                                  nn.Linear(7), nn.gelu, nn.Linear(5)), (3, 2, 9, 9)),
-    "grouped": (lambda: nn.Sequential(nn.Conv2d(4, 3, groups=2, bias=False), nn.relu, nn.Flatten(), nn.Linear(5)), (3, 2, 6, 6)),
+    "mlp": (
+        lambda: nn.Sequential(nn.Flatten(), nn.Linear(12), nn.relu, nn.Linear(8), nn.tanh, nn.Linear(5)),
+        (6, 1, 4, 4),
+    ),
+    "cnn": (
+        lambda: nn.Sequential(
+            nn.Conv2d(3, 3, padding="same"),
+            nn.relu,
+            nn.MaxPool2d(2),
+            nn.Conv2d(4, 3, padding=1),
+            nn.sigmoid,
+            nn.AvgPool2d(2),
+            nn.Flatten(),
+            nn.Linear(5),
+        ),
+        (4, 2, 8, 8),
+    ),
+    "mix": (
+        lambda: nn.Sequential(
+            nn.Conv2d(4, 3, stride=2, groups=1),
+            nn.leaky_relu,
+            nn.Flatten(),
+            nn.Dropout(0.3),
+            nn.Linear(7),
+            nn.gelu,
+            nn.Linear(5),
+        ),
+        (3, 2, 9, 9),
+    ),
+    "grouped": (
+        lambda: nn.Sequential(nn.Conv2d(4, 3, groups=2, bias=False), nn.relu, nn.Flatten(), nn.Linear(5)),
+        (3, 2, 6, 6),
+    ),
 }
 
 
@@ -25,7 +52,11 @@ def _setup(be, name, loss, dtype):
     model = make()
     rng = np.random.default_rng(1)
     x = rng.normal(size=shape).astype(dtype)
-    y = rng.integers(0, 5, size=shape[0]) if loss is losses.cross_entropy else rng.normal(size=(shape[0], 5)).astype(dtype)
+    y = (
+        rng.integers(0, 5, size=shape[0])
+        if loss is losses.cross_entropy
+        else rng.normal(size=(shape[0], 5)).astype(dtype)
+    )
     params = dg.tree.tree_map(be.asarray, model.init(0, x))
     return dg.supervised(model, loss), params, (be.asarray(x), be.asarray(y))
 
@@ -48,8 +79,9 @@ def test_rules_equal_framework_jvp(be, name, loss, k):
     l2, g2 = _jitted(be, rules, obj)(params, batch, tangents)
     flat = FlatView.of(params)
     np.testing.assert_allclose(float(l2), float(l1), rtol=1e-12)
-    np.testing.assert_allclose(be.to_numpy(flat.flatten(be, g2)), be.to_numpy(flat.flatten(be, g1)),
-                               rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(
+        be.to_numpy(flat.flatten(be, g2)), be.to_numpy(flat.flatten(be, g1)), rtol=1e-9, atol=1e-12
+    )
 
 
 def test_rules_projection_and_float32(be):
@@ -80,8 +112,11 @@ def test_rules_not_planned_for_other_losses(be):
     fw = dg.estimator("forward", num_tangents=2, jvp="framework")
     t = auto.sample(obj, params, (x, y), be.key(1))
     flat = FlatView.of(params)
-    np.testing.assert_allclose(be.to_numpy(flat.flatten(be, auto.estimate(obj, params, (x, y), t)[1])),
-                               be.to_numpy(flat.flatten(be, fw.estimate(obj, params, (x, y), t)[1])), rtol=1e-12)
+    np.testing.assert_allclose(
+        be.to_numpy(flat.flatten(be, auto.estimate(obj, params, (x, y), t)[1])),
+        be.to_numpy(flat.flatten(be, fw.estimate(obj, params, (x, y), t)[1])),
+        rtol=1e-12,
+    )
 
 
 def test_bad_jvp_option():

@@ -20,13 +20,17 @@ import torch.nn as tnn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from duogard.interop import (  # noqa: E402
-    TorchModel, UnsupportedTorchOpsError, from_torch, to_torch,
+    TorchModel,
+    UnsupportedTorchOpsError,
+    from_torch,
+    to_torch,
 )
 
 F32 = dict(rtol=1e-5, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------- fwdgrad-style modules
+
 
 def _example(name):
     """A script of examples/ (not a package), imported by its path."""
@@ -60,6 +64,7 @@ def _np(t):
 
 
 # ----------------------------------------------------------------------------- outputs and tangents
+
 
 @pytest.mark.parametrize("kind", ["mlp", "cnn"])
 def test_fwdgrad_modules_same_outputs_on_torch_and_jax(kind):
@@ -100,26 +105,30 @@ def test_fwdgrad_modules_same_forward_gradient_given_shared_tangents(kind):
     tv = {k: torch.from_numpy(v) for k, v in v_np.items()}
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
     loss_t, d_t = torch.func.jvp(
-        lambda p: F.cross_entropy(torch.func.functional_call(module, p, (xt,)), yt), (tparams,), (tv,))
+        lambda p: F.cross_entropy(torch.func.functional_call(module, p, (xt,)), yt), (tparams,), (tv,)
+    )
 
     # jax: jax.jvp of the lowered apply
     jparams = {k: jnp.asarray(p) for k, p in model.params.items()}
     jv = {k: jnp.asarray(v) for k, v in v_np.items()}
-    loss_j, d_j = jax.jit(lambda p, v: jax.jvp(
-        lambda q: _ce_jax(model.apply(q, jnp.asarray(x)), jnp.asarray(y)), (p,), (v,)))(jparams, jv)
+    loss_j, d_j = jax.jit(
+        lambda p, v: jax.jvp(lambda q: _ce_jax(model.apply(q, jnp.asarray(x)), jnp.asarray(y)), (p,), (v,))
+    )(jparams, jv)
 
     np.testing.assert_allclose(float(loss_j), float(loss_t), rtol=1e-5)
     np.testing.assert_allclose(float(d_j), float(d_t), rtol=1e-5, atol=1e-6)
     for k in v_np:  # g = (∇f·v) v
         np.testing.assert_allclose(np.asarray(d_j * jv[k]), _np(d_t * tv[k]), rtol=1e-5, atol=1e-6)
     # and the directional derivative is right: ∇f·v from backprop
-    grads = torch.func.grad(
-        lambda p: F.cross_entropy(torch.func.functional_call(module, p, (xt,)), yt))(tparams)
+    grads = torch.func.grad(lambda p: F.cross_entropy(torch.func.functional_call(module, p, (xt,)), yt))(
+        tparams
+    )
     dot = sum(float((grads[k] * tv[k]).sum()) for k in grads)
     np.testing.assert_allclose(float(d_t), dot, rtol=1e-4, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------- op coverage
+
 
 class Everything(tnn.Module):
     """Every op the lowering covers, in one forward."""
@@ -147,7 +156,7 @@ class Everything(tnn.Module):
         self.softmax, self.log_softmax = tnn.Softmax(dim=1), tnn.LogSoftmax(dim=-1)
 
     def forward(self, x):
-        h = F.relu(self.conv_a(x))                                 # (N, 4, 4, 4)
+        h = F.relu(self.conv_a(x))  # (N, 4, 4, 4)
         h = self.bn2(self.conv_b(h))
         h = self.gelu(h) + torch.tanh(h) - self.sigmoid(h) * torch.relu(h) + self.tanh(h) / 3.0
         h = self.conv_same(self.relu(h)) + F.conv2d(h, self.kernel, None, 1, 1)
@@ -158,11 +167,17 @@ class Everything(tnn.Module):
         h = F.dropout(self.drop(h), 0.2, training=self.training)
         h = F.layer_norm(self.ln(h), (16,), self.ln_w, self.ln_b)
         h = self.bn1(self.fc(h))
-        h = F.gelu(F.linear(h, self.w2, self.b2), approximate="tanh")   # (N, 8)
+        h = F.gelu(F.linear(h, self.w2, self.b2), approximate="tanh")  # (N, 8)
         h = torch.matmul(h, self.w) - (h @ self.w).neg() * 0.5 + torch.sigmoid(h).sum(dim=1, keepdim=True)
         h = F.leaky_relu(h, 0.1) - F.elu(h).mean(1).unsqueeze(1)
-        return (self.log_softmax(h) + F.log_softmax(h, dim=1) + self.softmax(h) * F.softmax(h, dim=-1)
-                + F.relu(h) / (1.0 + h.abs()) + F.tanh(h) - F.sigmoid(h))
+        return (
+            self.log_softmax(h)
+            + F.log_softmax(h, dim=1)
+            + self.softmax(h) * F.softmax(h, dim=-1)
+            + F.relu(h) / (1.0 + h.abs())
+            + F.tanh(h)
+            - F.sigmoid(h)
+        )
 
 
 def _everything():
@@ -195,7 +210,8 @@ def test_every_covered_op_matches_torch_forward_and_gradient():
         return jnp.sum(out * r), out
 
     (_, out), gj = jax.jit(jax.value_and_grad(objective, has_aux=True))(
-        {k: jnp.asarray(v) for k, v in model.trainable().items()})
+        {k: jnp.asarray(v) for k, v in model.trainable().items()}
+    )
     assert out.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(out), ref, **F32)
     module.zero_grad()
@@ -209,23 +225,27 @@ class Methods(tnn.Module):
 
     def __init__(self):
         super().__init__()
-        self.blocks = tnn.ModuleList([tnn.Sequential(tnn.Linear(6, 6), tnn.SiLU()),
-                                      tnn.Sequential(tnn.Linear(6, 6), tnn.ELU(0.5), tnn.Identity())])
+        self.blocks = tnn.ModuleList(
+            [
+                tnn.Sequential(tnn.Linear(6, 6), tnn.SiLU()),
+                tnn.Sequential(tnn.Linear(6, 6), tnn.ELU(0.5), tnn.Identity()),
+            ]
+        )
         self.act = tnn.Sequential(tnn.Softplus(beta=2.0), tnn.LeakyReLU(0.2))
         self.ln = tnn.LayerNorm((3, 6), elementwise_affine=False)
         self.bn = tnn.BatchNorm1d(3).eval()
         self.conv = tnn.Conv2d(3, 2, (1, 3), padding="valid")
         self.register_buffer("scale", torch.tensor([0.5, 2.0, 1.5]))
 
-    def forward(self, x):                                   # (N, 3, 6)
+    def forward(self, x):  # (N, 3, 6)
         for block in self.blocks:
             x = block(x) + x
-        x = self.act(x).permute(0, 2, 1).contiguous()         # (N, 6, 3)
-        x = x.transpose(1, 2) * self.scale.unsqueeze(1)       # (N, 3, 6)
+        x = self.act(x).permute(0, 2, 1).contiguous()  # (N, 6, 3)
+        x = x.transpose(1, 2) * self.scale.unsqueeze(1)  # (N, 3, 6)
         x = self.bn(self.ln(x)) + x.pow(2).mean(dim=-1, keepdim=True).sqrt()
-        y = torch.cat([x, x.exp().log(), F.silu(x)], dim=2)   # (N, 3, 18)
-        y = y.unsqueeze(y.dim() - 1)                          # (N, 3, 1, 18)
-        y = self.conv(y).squeeze(x.ndim - 1)                  # (N, 2, 16)
+        y = torch.cat([x, x.exp().log(), F.silu(x)], dim=2)  # (N, 3, 18)
+        y = y.unsqueeze(y.dim() - 1)  # (N, 3, 1, 18)
+        y = self.conv(y).squeeze(x.ndim - 1)  # (N, 2, 16)
         f = y.flatten(1)
         z = f @ f.T - f.matmul(f.t()) * 0.5 + y.sum() * 1e-3
         w = torch.transpose(y, 1, 2).softmax(dim=-1) + y.log_softmax(dim=1).transpose(1, 2)
@@ -239,8 +259,10 @@ def test_tensor_methods_containers_and_tuple_outputs():
     refs = [_np(r) for r in module(torch.from_numpy(x))]
     model = from_torch(module, torch.from_numpy(x), lower=True)
     assert "scale" in model.params and "scale" not in model.trainable()
-    for out in (model.lowered_apply(model.params, torch.from_numpy(x)),
-                jax.jit(model.apply)(model.params, jnp.asarray(x))):
+    for out in (
+        model.lowered_apply(model.params, torch.from_numpy(x)),
+        jax.jit(model.apply)(model.params, jnp.asarray(x)),
+    ):
         assert isinstance(out, tuple) and len(out) == 2
         for got, ref in zip(out, refs):
             np.testing.assert_allclose(_np(got), ref, **F32)
@@ -271,6 +293,7 @@ def test_dropout_in_training_mode_needs_a_key_and_is_deterministic():
 
 
 # ----------------------------------------------------------------------------- unsupported ops
+
 
 class _Double(torch.autograd.Function):
     @staticmethod
@@ -306,7 +329,7 @@ class Unsupported(tnn.Module):
 
 def test_unsupported_ops_are_listed_all_at_once():
     module = Unsupported()
-    model = from_torch(module, torch.zeros(2, 4))       # the torch path needs no lowering
+    model = from_torch(module, torch.zeros(2, 4))  # the torch path needs no lowering
     assert model.apply(model.params, torch.ones(2, 4)).shape == (2, 4)
     with pytest.raises(NotImplementedError) as info:
         model.apply(model.params, jnp.ones((2, 4), jnp.float32))
@@ -323,8 +346,11 @@ def test_unsupported_ops_are_listed_all_at_once():
 
 
 def test_unsupported_layer_options_are_named():
-    module = tnn.Sequential(tnn.Conv2d(1, 2, 3, padding_mode="reflect", padding=1),
-                            tnn.MaxPool2d(2, ceil_mode=True), tnn.Identity())
+    module = tnn.Sequential(
+        tnn.Conv2d(1, 2, 3, padding_mode="reflect", padding=1),
+        tnn.MaxPool2d(2, ceil_mode=True),
+        tnn.Identity(),
+    )
     with pytest.raises(NotImplementedError) as info:
         from_torch(module, lower=True)
     text = str(info.value)
@@ -332,6 +358,7 @@ def test_unsupported_layer_options_are_named():
 
 
 # ----------------------------------------------------------------------------- params, buffers, to_torch
+
 
 def test_params_are_the_state_dict_and_buffers_stay_put():
     module = _everything()
@@ -379,8 +406,9 @@ def test_to_torch_round_trip_from_jax_and_key_errors():
         np.testing.assert_allclose(v.numpy(), model.params[k] * 2.0 + 1.0, rtol=1e-6)
     # the loaded module computes what the jax model computes with those params
     x, _ = _data()
-    np.testing.assert_allclose(_np(fresh(torch.from_numpy(x))),
-                               np.asarray(model.apply(trained, jnp.asarray(x))), **F32)
+    np.testing.assert_allclose(
+        _np(fresh(torch.from_numpy(x))), np.asarray(model.apply(trained, jnp.asarray(x))), **F32
+    )
     with pytest.raises(KeyError) as info:
         to_torch({**{k: v for k, v in model.params.items() if k != "fc0.bias"}, "extra": np.zeros(2)}, fresh)
     assert "fc0.bias" in str(info.value) and "extra" in str(info.value)
@@ -389,6 +417,7 @@ def test_to_torch_round_trip_from_jax_and_key_errors():
 
 
 # ----------------------------------------------------------------------------- forward_grad_
+
 
 def _make_loop(module, lr=0.05):
     opt = torch.optim.SGD(module.parameters(), lr=lr, momentum=0.9)
@@ -419,12 +448,16 @@ def test_forward_grad_matches_the_hand_written_jvp_loop_step_for_step(kind):
         names = sorted(k for k, _ in manual.named_parameters())
         params = {k: p.detach() for k, p in manual.named_parameters()}
         step_key = be.fold_in(base, step)
-        tangents = {k: be.normal(be.fold_in(step_key, i), (1, *params[k].shape), dtype=torch.float32)[0]
-                    for i, k in enumerate(names)}
+        tangents = {
+            k: be.normal(be.fold_in(step_key, i), (1, *params[k].shape), dtype=torch.float32)[0]
+            for i, k in enumerate(names)
+        }
         tangents = {k: tangents[k] for k in params}  # torch.func.jvp wants the primals' key order
         loss_m, jvp = torch.func.jvp(
             lambda p: F.cross_entropy(torch.func.functional_call(manual, p, (batch[0],)), batch[1]),
-            (params,), (tangents,))
+            (params,),
+            (tangents,),
+        )
         for k, p in manual.named_parameters():
             p.grad = tangents[k] * jvp
         torch.nn.utils.clip_grad_norm_(manual.parameters(), 1.0)
@@ -459,8 +492,9 @@ def test_forward_grad_methods_set_grads_like_backward():
         loss = forward_grad_(module, _loss_fn, batch, method=method)
         assert isinstance(loss.item(), float)
         for (k, a), (_, b) in zip(module.named_parameters(), ref.named_parameters()):
-            np.testing.assert_allclose(_np(a.grad), _np(b.grad), rtol=1e-10, atol=1e-12,
-                                       err_msg=f"{method} {k}")
+            np.testing.assert_allclose(
+                _np(a.grad), _np(b.grad), rtol=1e-10, atol=1e-12, err_msg=f"{method} {k}"
+            )
     # options reach the estimator: K orthogonal tangents with K = n give the exact gradient
     mlp = tnn.Sequential(tnn.Linear(3, 2), tnn.Tanh(), tnn.Linear(2, 2)).double()
     xb = (torch.randn(5, 3, dtype=torch.float64), torch.tensor([0, 1, 1, 0, 1]))
@@ -498,6 +532,7 @@ def test_forward_grad_errors_are_clear():
 
 # ----------------------------------------------------------------------------- training on jax
 
+
 def test_from_torch_model_trains_with_a_duogard_estimator_on_jax():
     module = _module("mlp")
     model = from_torch(module)
@@ -525,19 +560,22 @@ def test_from_torch_model_trains_with_a_duogard_estimator_on_jax():
     # the same estimator API on the torch backend (functional_call path) agrees with jax
     tbe = dg.backend("torch")
     bp = dg.estimator("backprop")
-    tloss, tgrads = bp(loss_fn, {k: tbe.asarray(v) for k, v in model.trainable().items()},
-                       (tbe.asarray(x), tbe.asarray(y)))
+    tloss, tgrads = bp(
+        loss_fn, {k: tbe.asarray(v) for k, v in model.trainable().items()}, (tbe.asarray(x), tbe.asarray(y))
+    )
     jloss, jgrads = bp(loss_fn, {k: jnp.asarray(v) for k, v in model.trainable().items()}, batch)
     np.testing.assert_allclose(float(tloss), float(jloss), rtol=1e-5)
     for k in tgrads:
         np.testing.assert_allclose(_np(tgrads[k]), np.asarray(jgrads[k]), rtol=1e-4, atol=1e-6, err_msg=k)
     # and back into the torch module
     to_torch(params, module)
-    np.testing.assert_allclose(_np(F.cross_entropy(module(torch.from_numpy(x)), torch.from_numpy(y))), last,
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        _np(F.cross_entropy(module(torch.from_numpy(x)), torch.from_numpy(y))), last, rtol=1e-5
+    )
 
 
 # ----------------------------------------------------------------------------- where the names live
+
 
 def test_front_end_names_are_the_backends_extras():
     """duogard.torch, duogard.interop and duogard.optim resolve their framework names through
@@ -557,12 +595,21 @@ def test_front_end_names_are_the_backends_extras():
     assert dg.optim.from_torch is torch_extras.optimizer_from_torch
     assert dg.optim.TorchOptimizerState is torch_extras.TorchOptimizerState
     assert dg.optim.from_optax is jax_extras.from_optax
-    assert set(torch_extras.__all__) == {"from_torch", "to_torch", "TorchModel", "UnsupportedTorchOpsError",
-                                         "forward_grad_", "KeySequence", "optimizer_from_torch",
-                                         "TorchOptimizerState"}
+    assert set(torch_extras.__all__) == {
+        "from_torch",
+        "to_torch",
+        "TorchModel",
+        "UnsupportedTorchOpsError",
+        "forward_grad_",
+        "KeySequence",
+        "optimizer_from_torch",
+        "TorchOptimizerState",
+    }
     assert jax_extras.__all__ == ["from_optax"]
     assert not hasattr(dg.torch, "nope") and not hasattr(dg.optim, "nope")
-    code = ("import sys, duogard.torch, duogard.interop, duogard.optim; "
-            "bad = [m for m in ('jax', 'torch') if m in sys.modules]; assert not bad, bad")
+    code = (
+        "import sys, duogard.torch, duogard.interop, duogard.optim; "
+        "bad = [m for m in ('jax', 'torch') if m in sys.modules]; assert not bad, bad"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert out.returncode == 0, out.stderr

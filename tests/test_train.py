@@ -16,9 +16,19 @@ from duogard import optim
 from duogard.cli import DEFAULT_METHODS, parse_method
 from duogard.cli.compare import compare
 from duogard.train import (
-    Checkpointer, Diagnostics, Evaluate, LogFile, NonFiniteError, OnNonFinite, Trainer, build_model, fit,
-    load_checkpoint, rss_bytes,
+    Checkpointer,
+    Diagnostics,
+    Evaluate,
+    LogFile,
+    NonFiniteError,
+    OnNonFinite,
+    Trainer,
+    build_model,
+    fit,
+    load_checkpoint,
+    rss_bytes,
 )
+
 from conftest import AVAILABLE
 
 BATCH = 32
@@ -58,8 +68,14 @@ def _run(mlp, params0, digits, be, *, callbacks=None, grad_norm=True, compile=No
     callbacks = [Evaluate()] if callbacks is None else callbacks
     if grad_norm and compile is None:
         return fit(mlp, params0, digits, backend=be.name, callbacks=callbacks, **kw)
-    tr = Trainer(mlp, optimizer=kw.pop("optimizer", None), estimator=kw.pop("estimator", "backprop"),
-                 backend=be.name, grad_norm=grad_norm, compile=compile)
+    tr = Trainer(
+        mlp,
+        optimizer=kw.pop("optimizer", None),
+        estimator=kw.pop("estimator", "backprop"),
+        backend=be.name,
+        grad_norm=grad_norm,
+        compile=compile,
+    )
     return fit(mlp, params0, digits, callbacks=callbacks, trainer=tr, **kw)
 
 
@@ -74,6 +90,7 @@ def _poisoned(ds, step, *, batch_size=BATCH, seed=0):
 
 
 # ----------------------------------------------------------------------------- determinism
+
 
 @pytest.mark.parametrize("method", ["backprop", "forward"])
 def test_fit_is_deterministic(be, mlp, params0, digits, method):
@@ -91,14 +108,26 @@ def test_fit_is_deterministic(be, mlp, params0, digits, method):
 
 # ----------------------------------------------------------------------------- resume
 
+
 @pytest.mark.parametrize("opt", ["momentum", "adam"])
 def test_resume_is_exact(be, mlp, params0, digits, tmp_path, opt):
     make = {"momentum": lambda: optim.sgd(0.02, momentum=0.9), "adam": lambda: optim.adam(1e-3)}[opt]
     kw = dict(estimator=dg.estimator("forward", num_tangents=2), seed=1)
     full = _run(mlp, params0, digits, be, optimizer=make(), steps=100, **kw)
-    half = _run(mlp, params0, digits, be, optimizer=make(), steps=50, callbacks=[Checkpointer(tmp_path / "ck")], **kw)
+    half = _run(
+        mlp, params0, digits, be, optimizer=make(), steps=50, callbacks=[Checkpointer(tmp_path / "ck")], **kw
+    )
     assert load_checkpoint(tmp_path / "ck").step == 50
-    rest = _run(mlp, params0, digits, be, optimizer=make(), steps=100, callbacks=[Checkpointer(resume=tmp_path / "ck")], **kw)
+    rest = _run(
+        mlp,
+        params0,
+        digits,
+        be,
+        optimizer=make(),
+        steps=100,
+        callbacks=[Checkpointer(resume=tmp_path / "ck")],
+        **kw,
+    )
 
     assert [h["step"] for h in rest.history] == list(range(51, 101))
     assert _losses(half) + _losses(rest) == _losses(full)
@@ -115,10 +144,26 @@ def test_checkpoint_resumes_on_the_other_backend(mlp, params0, digits, tmp_path,
         pytest.skip("needs both jax and torch")
     kw = dict(estimator="backprop", seed=2, batch_size=BATCH)
     full = fit(mlp, params0, digits, optimizer=optim.adam(1e-3), backend=src, steps=40, callbacks=[], **kw)
-    fit(mlp, params0, digits, optimizer=optim.adam(1e-3), backend=src, steps=20, callbacks=[Checkpointer(tmp_path)],
-        **kw)
-    rest = fit(mlp, params0, digits, optimizer=optim.adam(1e-3), backend=dst, steps=40,
-               callbacks=[Checkpointer(resume=tmp_path)], **kw)
+    fit(
+        mlp,
+        params0,
+        digits,
+        optimizer=optim.adam(1e-3),
+        backend=src,
+        steps=20,
+        callbacks=[Checkpointer(tmp_path)],
+        **kw,
+    )
+    rest = fit(
+        mlp,
+        params0,
+        digits,
+        optimizer=optim.adam(1e-3),
+        backend=dst,
+        steps=40,
+        callbacks=[Checkpointer(resume=tmp_path)],
+        **kw,
+    )
 
     assert rest.backend == dst and rest.step == 40
     assert {dg.backend_of(x).name for x in dg.tree.tree_leaves(rest.params)} == {dst}
@@ -131,12 +176,21 @@ def test_checkpoint_resumes_on_the_other_backend(mlp, params0, digits, tmp_path,
 
 # ----------------------------------------------------------------------------- non-finite
 
+
 @pytest.mark.parametrize("every", [3, None])
 def test_nan_raise_names_the_step_and_writes_the_last_good_params(be, mlp, params0, digits, tmp_path, every):
     bad = _poisoned(digits, 6)  # the 7th step (0-based index 6) sees a NaN input
     ck = tmp_path / "ck"
     with pytest.raises(NonFiniteError, match=r"non-finite loss at step 7\b") as info:
-        _run(mlp, params0, bad, be, optimizer=optim.sgd(0.05), steps=20, callbacks=[Checkpointer(ck, every=every)])
+        _run(
+            mlp,
+            params0,
+            bad,
+            be,
+            optimizer=optim.sgd(0.05),
+            steps=20,
+            callbacks=[Checkpointer(ck, every=every)],
+        )
     assert "OnNonFinite('skip')" in str(info.value) and info.value.step == 7
     good = _run(mlp, params0, digits, be, optimizer=optim.sgd(0.05), steps=6)
     _assert_bitwise(info.value.params, good.params)  # the error carries the last good params
@@ -169,10 +223,19 @@ def test_nan_skip_drops_the_step_and_counts_it(be, mlp, params0, digits):
 
 # ----------------------------------------------------------------------------- memory, compiles
 
+
 def test_memory_stays_flat_and_jax_compiles_once(be, mlp, params0, digits):
     rss = []
-    res = _run(mlp, params0, digits, be, estimator="forward", optimizer=optim.sgd(0.01), steps=600,
-               callbacks=[lambda rec: rss.append(rss_bytes())])
+    res = _run(
+        mlp,
+        params0,
+        digits,
+        be,
+        estimator="forward",
+        optimizer=optim.sgd(0.01),
+        steps=600,
+        callbacks=[lambda rec: rss.append(rss_bytes())],
+    )
     assert len(rss) == 600 and rss[100] > 0
     growth = (max(rss[100:]) - rss[100]) / rss[100]
     assert growth <= 0.05, f"RSS grew by {100 * growth:.1f}% after warm-up"
@@ -185,6 +248,7 @@ def test_memory_stays_flat_and_jax_compiles_once(be, mlp, params0, digits):
 
 # ----------------------------------------------------------------------------- logs
 
+
 def _read_log(path):
     if path.suffix == ".jsonl":
         return [json.loads(line) for line in path.read_text().splitlines()]
@@ -196,7 +260,9 @@ def _read_log(path):
 @pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
 def test_log_has_one_record_per_step(be, mlp, params0, digits, tmp_path, suffix):
     path = tmp_path / "logs" / f"run{suffix}"
-    res = _run(mlp, params0, digits, be, optimizer=optim.adam(1e-3), steps=12, callbacks=[LogFile(path), Evaluate(5)])
+    res = _run(
+        mlp, params0, digits, be, optimizer=optim.adam(1e-3), steps=12, callbacks=[LogFile(path), Evaluate(5)]
+    )
     recs = _read_log(path)
     assert [int(r["step"]) for r in recs] == list(range(1, 13))
     for r, h in zip(recs, res.history):
@@ -211,7 +277,15 @@ def test_log_has_one_record_per_step(be, mlp, params0, digits, tmp_path, suffix)
 
 
 def test_log_without_learning_rate_when_the_optimizer_has_none(be, mlp, params0, digits, tmp_path):
-    res = _run(mlp, params0, digits, be, optimizer=optim.scale(-0.05), steps=3, callbacks=[LogFile(tmp_path / "l.jsonl")])
+    res = _run(
+        mlp,
+        params0,
+        digits,
+        be,
+        optimizer=optim.scale(-0.05),
+        steps=3,
+        callbacks=[LogFile(tmp_path / "l.jsonl")],
+    )
     assert all("lr" not in r for r in _read_log(tmp_path / "l.jsonl"))
     assert all("lr" not in h for h in res.history)
 
@@ -222,6 +296,7 @@ def test_bad_log_suffix(be, mlp, params0, digits, tmp_path):
 
 
 # ----------------------------------------------------------------------------- metrics
+
 
 def test_time_per_step_excludes_the_first_step(be, mlp, params0, digits):
     res = _run(mlp, params0, digits, be, steps=9)
@@ -235,8 +310,16 @@ def test_time_per_step_excludes_the_first_step(be, mlp, params0, digits):
 
 @pytest.mark.parametrize("method", ["backprop", "forward-exact", "forward"])
 def test_diagnostics_compare_the_estimate_with_backprop(be, mlp, params0, digits, method):
-    res = _run(mlp, params0, digits, be, estimator=method, optimizer=optim.sgd(0.01), steps=10,
-               callbacks=[Diagnostics(4)])
+    res = _run(
+        mlp,
+        params0,
+        digits,
+        be,
+        estimator=method,
+        optimizer=optim.sgd(0.01),
+        steps=10,
+        callbacks=[Diagnostics(4)],
+    )
     with_diag = [h["step"] for h in res.history if "cosine" in h]
     assert with_diag == [1, 5, 9]
     cos = np.array([h["cosine"] for h in res.history if "cosine" in h])
@@ -268,21 +351,29 @@ def test_evaluation_every_n_steps_matches_an_independent_count(be, mlp, params0,
 
 # ----------------------------------------------------------------------------- bad arguments
 
-@pytest.mark.parametrize("kw,name", [
-    ({"steps": -1}, "steps"),
-    ({"batch_size": 0}, "batch_size"),
-    ({"batch_size": 100_000}, "batch_size"),
-    ({"callbacks": [OnNonFinite("skip"), OnNonFinite("raise")]}, "OnNonFinite"),
-])
+
+@pytest.mark.parametrize(
+    "kw,name",
+    [
+        ({"steps": -1}, "steps"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"batch_size": 100_000}, "batch_size"),
+        ({"callbacks": [OnNonFinite("skip"), OnNonFinite("raise")]}, "OnNonFinite"),
+    ],
+)
 def test_bad_arguments_name_themselves(be, mlp, params0, digits, kw, name):
     with pytest.raises(ValueError, match=name):
         _run(mlp, params0, digits, be, **kw)
 
 
 def test_callbacks_check_their_arguments(be, mlp, params0, digits):
-    for make, needle in ((lambda: OnNonFinite("ignore"), "action"), (lambda: Evaluate(0), "every"),
-                         (lambda: Diagnostics(-1), "every"), (lambda: Checkpointer(), "directory"),
-                         (lambda: Checkpointer(None, every=2, resume="x"), "directory")):
+    for make, needle in (
+        (lambda: OnNonFinite("ignore"), "action"),
+        (lambda: Evaluate(0), "every"),
+        (lambda: Diagnostics(-1), "every"),
+        (lambda: Checkpointer(), "directory"),
+        (lambda: Checkpointer(None, every=2, resume="x"), "directory"),
+    ):
         with pytest.raises(ValueError, match=needle):
             make()
     with pytest.raises(TypeError, match="callback"):
@@ -313,11 +404,18 @@ def test_callbacks_run_in_order_and_see_every_hook(be, mlp, params0, digits):
             seen.append(("fit_end", run.completed, run.result.step))
 
     _run(mlp, params0, digits, be, steps=2, callbacks=[Spy(), Evaluate(2)])
-    assert seen == [("start", 0, 2), ("before", 0), ("end", 1, False), ("before", 1), ("end", 2, True),
-                    ("fit_end", True, 2)]
+    assert seen == [
+        ("start", 0, 2),
+        ("before", 0),
+        ("end", 1, False),
+        ("before", 1),
+        ("end", 2, True),
+        ("fit_end", True, 2),
+    ]
 
 
 # ----------------------------------------------------------------------------- acceptance (issue 7)
+
 
 @pytest.mark.slow
 def test_digits_acceptance_within_the_compare_budget(be):
@@ -326,11 +424,23 @@ def test_digits_acceptance_within_the_compare_budget(be):
     methods' own learning rates). Diagnostics are off: they never change the run."""
     backprop = next(m for m in DEFAULT_METHODS if parse_method(m).name == "backprop")
     # the default forward methods with more than one tangent's worth of signal per step
-    forward = [m for m in DEFAULT_METHODS if parse_method(m).name == "forward-activity"
-               or dict(parse_method(m).options).get("num_tangents", 1) > 1]
+    forward = [
+        m
+        for m in DEFAULT_METHODS
+        if parse_method(m).name == "forward-activity"
+        or dict(parse_method(m).options).get("num_tangents", 1) > 1
+    ]
     data = dg.data.load("digits", seed=0)
-    out = compare(build_model("mlp", 10, hidden=(128,)), data, backends=[be.name], methods=[backprop, *forward],
-                  diagnostics_every=0, out_dir=None, progress=False, log=None)
+    out = compare(
+        build_model("mlp", 10, hidden=(128,)),
+        data,
+        backends=[be.name],
+        methods=[backprop, *forward],
+        diagnostics_every=0,
+        out_dir=None,
+        progress=False,
+        log=None,
+    )
     acc = {r["method"]: r["test_accuracy"] for r in out["runs"]}
     assert out["config"]["steps"] == 2500
     assert acc.pop(parse_method(backprop).label) >= 0.95, acc
@@ -338,6 +448,7 @@ def test_digits_acceptance_within_the_compare_budget(be):
 
 
 # ----------------------------------------------------------------------------- one-pass SGD, ownership
+
 
 @pytest.mark.parametrize("weight_decay", [0.0, 0.01])
 def test_one_pass_sgd_equals_update_then_apply(be, mlp, params0, digits, weight_decay):
@@ -355,18 +466,28 @@ def test_one_pass_sgd_equals_update_then_apply(be, mlp, params0, digits, weight_
         u, ref_state = opt.update(g, ref_state, ref)
         ref = optim.apply_updates(ref, u)
         params, state, _, gsq = tr.step(params, state, xb, yb, be.key(0))
-        for a, b in zip(_leaves(dg.tree.tree_map(be.to_numpy, params)), _leaves(dg.tree.tree_map(be.to_numpy, ref))):
+        for a, b in zip(
+            _leaves(dg.tree.tree_map(be.to_numpy, params)), _leaves(dg.tree.tree_map(be.to_numpy, ref))
+        ):
             np.testing.assert_allclose(a, b, rtol=2e-6, atol=1e-7)
         want = sum(float(np.sum(np.asarray(be.to_numpy(t), np.float64) ** 2)) for t in dg.tree.tree_leaves(g))
         assert float(gsq) == pytest.approx(want, rel=1e-4)
         assert float(optim.current_learning_rate(state)) == pytest.approx(
-            float(optim.current_learning_rate(ref_state)), rel=1e-7)
+            float(optim.current_learning_rate(ref_state)), rel=1e-7
+        )
 
 
-@pytest.mark.parametrize("distribution, weight_decay, jvp", [
-    ("normal", 0.0, "auto"), ("rademacher", 0.01, "auto"), ("normal", 0.01, "framework"),
-])
-def test_one_pass_sgd_with_a_factored_forward_gradient(be, mlp, params0, digits, distribution, weight_decay, jvp):
+@pytest.mark.parametrize(
+    "distribution, weight_decay, jvp",
+    [
+        ("normal", 0.0, "auto"),
+        ("rademacher", 0.01, "auto"),
+        ("normal", 0.01, "framework"),
+    ],
+)
+def test_one_pass_sgd_with_a_factored_forward_gradient(
+    be, mlp, params0, digits, distribution, weight_decay, jvp
+):
     """Forward, one tangent: the Trainer applies p -= (lr d) v without writing d v first; the
     same numbers as the estimator's gradient, sgd's update and apply_updates, with |g|²."""
     from duogard.train import Trainer
@@ -382,12 +503,16 @@ def test_one_pass_sgd_with_a_factored_forward_gradient(be, mlp, params0, digits,
         loss, d, v = est.factored(tr.loss_fn, ref, (xb, yb), key)
         value, g = est(tr.loss_fn, ref, (xb, yb), key)
         assert float(loss) == float(value)
-        for gi, vi in zip(_leaves(dg.tree.tree_map(be.to_numpy, g)), _leaves(dg.tree.tree_map(be.to_numpy, v))):
+        for gi, vi in zip(
+            _leaves(dg.tree.tree_map(be.to_numpy, g)), _leaves(dg.tree.tree_map(be.to_numpy, v))
+        ):
             np.testing.assert_array_equal(gi, np.asarray(be.to_numpy(d)) * vi)  # d * v is the estimate
         u, ref_state = opt.update(g, ref_state, ref)
         ref = optim.apply_updates(ref, u)
         params, state, _, gsq = tr.step(params, state, xb, yb, key)
-        for a, b in zip(_leaves(dg.tree.tree_map(be.to_numpy, params)), _leaves(dg.tree.tree_map(be.to_numpy, ref))):
+        for a, b in zip(
+            _leaves(dg.tree.tree_map(be.to_numpy, params)), _leaves(dg.tree.tree_map(be.to_numpy, ref))
+        ):
             np.testing.assert_allclose(a, b, rtol=2e-6, atol=1e-7)
         want = sum(float(np.sum(np.asarray(be.to_numpy(t), np.float64) ** 2)) for t in dg.tree.tree_leaves(g))
         assert float(gsq) == pytest.approx(want, rel=1e-4)
@@ -401,8 +526,12 @@ def test_factored_is_none_where_the_estimate_is_not_one_scaled_array(be, mlp, pa
     params = dg.tree.tree_map(be.asarray, params0)
     loss_fn = dg.grad.supervised(mlp, "cross_entropy")
     key = be.key(0)
-    for est in (dg.estimator("backprop"), dg.estimator("forward", num_tangents=2),
-                dg.estimator("forward", projection=True), dg.estimator("forward-activity")):
+    for est in (
+        dg.estimator("backprop"),
+        dg.estimator("forward", num_tangents=2),
+        dg.estimator("forward", projection=True),
+        dg.estimator("forward-activity"),
+    ):
         assert est.factored(loss_fn, params, (xb, yb), key) is None, est
 
     class Ones(Forward):  # a subclass with its own tangents: sample, __call__ and factored draw them
@@ -411,8 +540,12 @@ def test_factored_is_none_where_the_estimate_is_not_one_scaled_array(be, mlp, pa
 
     _, g = Ones()(loss_fn, params, (xb, yb), key)
     loss_f, d, v = Ones().factored(loss_fn, params, (xb, yb), key)
-    want = sum(float(np.sum(a)) for a in _leaves(dg.tree.tree_map(be.to_numpy, dg.estimator("backprop")(
-        loss_fn, params, (xb, yb))[1])))  # ∇f · ones
+    want = sum(
+        float(np.sum(a))
+        for a in _leaves(
+            dg.tree.tree_map(be.to_numpy, dg.estimator("backprop")(loss_fn, params, (xb, yb))[1])
+        )
+    )  # ∇f · ones
     assert float(d) == pytest.approx(want, rel=1e-4)
     for a in _leaves(dg.tree.tree_map(be.to_numpy, g)):
         np.testing.assert_allclose(a, np.full_like(a, want), rtol=1e-4, atol=1e-6)
@@ -432,7 +565,9 @@ def test_fit_never_touches_the_callers_arrays(be, mlp, params0, digits, opt_name
     after = _leaves(dg.tree.tree_map(be.to_numpy, given))  # on JAX a donated array would raise here
     for a, b in zip(before, after):
         assert a.tobytes() == b.tobytes()
-    assert any(not np.array_equal(a, b) for a, b in zip(_leaves(dg.tree.tree_map(be.to_numpy, res.params)), before))
+    assert any(
+        not np.array_equal(a, b) for a, b in zip(_leaves(dg.tree.tree_map(be.to_numpy, res.params)), before)
+    )
 
 
 @pytest.mark.parametrize("opt_name", ["sgd", "momentum"])
@@ -446,7 +581,9 @@ def test_a_non_finite_step_returns_its_inputs_unchanged(be, mlp, params0, digits
     x[0] = np.nan
     want_p = _leaves(dg.tree.tree_map(be.to_numpy, params))
     want_s = _leaves(dg.tree.tree_map(be.to_numpy, state))
-    params, state, loss, gsq = tr.step(params, state, be.asarray(x), be.asarray(digits.y_train[:8]), be.key(0))
+    params, state, loss, gsq = tr.step(
+        params, state, be.asarray(x), be.asarray(digits.y_train[:8]), be.key(0)
+    )
     assert not math.isfinite(float(loss))
     _assert_bitwise(dg.tree.tree_map(be.to_numpy, params), want_p)
     _assert_bitwise(dg.tree.tree_map(be.to_numpy, state), want_s)
@@ -467,8 +604,16 @@ def test_torch_compile_step_matches_the_eager_step(mlp, params0, digits):
     """Trainer(compile=True) on torch (torch.compile) with a forward gradient: the keyed draws run
     eagerly in a graph break, and the numbers are the eager step's."""
     est = dg.estimator("forward", distribution="rademacher")
-    compiled = _run(mlp, params0, digits, dg.backend("torch"), estimator=est, optimizer=optim.sgd(0.05),
-                    steps=3, compile=True)
+    compiled = _run(
+        mlp,
+        params0,
+        digits,
+        dg.backend("torch"),
+        estimator=est,
+        optimizer=optim.sgd(0.05),
+        steps=3,
+        compile=True,
+    )
     eager = _run(mlp, params0, digits, dg.backend("torch"), estimator=est, optimizer=optim.sgd(0.05), steps=3)
     np.testing.assert_allclose(_losses(compiled), _losses(eager), rtol=1e-5)
     for a, b in zip(_leaves(compiled.params), _leaves(eager.params)):
@@ -477,15 +622,20 @@ def test_torch_compile_step_matches_the_eager_step(mlp, params0, digits):
 
 # ----------------------------------------------------------------------------- update strategies
 
+
 def test_the_trainer_names_its_update_strategy(be, mlp):
     from duogard.train import choose_update
 
     fwd, lean = dg.estimator("forward"), dg.estimator("forward", lean=True)
-    cases = [(optim.sgd(0.1), "backprop", "sgd-in-place"), (optim.sgd(0.1), fwd, "sgd-factored"),
-             (optim.sgd(0.1, weight_decay=0.1), dg.estimator("forward", num_tangents=2), "sgd-in-place"),
-             (optim.sgd(0.1), dg.estimator("forward", projection=True), "sgd-in-place"),
-             (optim.sgd(0.1), lean, "sgd-lean"), (optim.sgd(0.1, momentum=0.9), fwd, "optimizer"),
-             (optim.adam(1e-3), "backprop", "optimizer")]
+    cases = [
+        (optim.sgd(0.1), "backprop", "sgd-in-place"),
+        (optim.sgd(0.1), fwd, "sgd-factored"),
+        (optim.sgd(0.1, weight_decay=0.1), dg.estimator("forward", num_tangents=2), "sgd-in-place"),
+        (optim.sgd(0.1), dg.estimator("forward", projection=True), "sgd-in-place"),
+        (optim.sgd(0.1), lean, "sgd-lean"),
+        (optim.sgd(0.1, momentum=0.9), fwd, "optimizer"),
+        (optim.adam(1e-3), "backprop", "optimizer"),
+    ]
     for opt, est, want in cases:
         assert choose_update(opt, dg.grad.estimator(est) if isinstance(est, str) else est) == want
         assert Trainer(mlp, optimizer=opt, estimator=est, backend=be.name).update_strategy == want
@@ -507,11 +657,15 @@ class _Halved(dg.grad.Forward):
 def test_each_sgd_strategy_gives_the_numbers_of_update_then_apply(be, mlp, params0, digits, strategy):
     """Bitwise: every SGD strategy against the "optimizer" strategy's opt.update + apply_updates on the
     same estimate (a momentum-free sgd's chain, with weight decay and a schedule)."""
-    est = {"sgd-in-place": _Halved(), "sgd-factored": dg.estimator("forward"),
-           "sgd-lean": dg.estimator("forward", lean=True)}[strategy]
+    est = {
+        "sgd-in-place": _Halved(),
+        "sgd-factored": dg.estimator("forward"),
+        "sgd-lean": dg.estimator("forward", lean=True),
+    }[strategy]
     opt = optim.sgd(optim.exponential_decay(0.1, rate=0.1), weight_decay=0.01)
-    chained = optim.chain(optim.add_decayed_weights(0.01),
-                          optim.scale_by_learning_rate(optim.exponential_decay(0.1, rate=0.1)))
+    chained = optim.chain(
+        optim.add_decayed_weights(0.01), optim.scale_by_learning_rate(optim.exponential_decay(0.1, rate=0.1))
+    )
     fast = Trainer(mlp, optimizer=opt, estimator=est, backend=be.name, grad_norm=False)
     same = dg.estimator("forward") if strategy == "sgd-lean" else est  # lean's draws, unfused
     slow = Trainer(mlp, optimizer=chained, estimator=same, backend=be.name, grad_norm=False)

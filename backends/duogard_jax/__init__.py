@@ -20,7 +20,7 @@ try:
     import jax.numpy as jnp
 except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
     raise ImportError(
-        "duogard's jax backend needs JAX: pip install \"duogard[jax]\" (or pip install jax)"
+        'duogard\'s jax backend needs JAX: pip install "duogard[jax]" (or pip install jax)'
     ) from exc
 
 from ._arrays import (
@@ -83,24 +83,78 @@ from ._tree import tree_flatten, tree_leaves, tree_map, tree_structure, tree_unf
 
 __all__ = [
     # identity and numerics
-    "name", "framework", "framework_version", "install_hint", "fast_jvp_rules", "xp",
-    "float32", "float64", "int32", "int64", "enable_float64", "pin_float32_precision",
+    "name",
+    "framework",
+    "framework_version",
+    "install_hint",
+    "fast_jvp_rules",
+    "xp",
+    "float32",
+    "float64",
+    "int32",
+    "int64",
+    "enable_float64",
+    "pin_float32_precision",
     # arrays, dtypes, devices
-    "is_array", "as_dtype", "dtype_name", "asarray", "to_numpy", "default_device", "device_of",
+    "is_array",
+    "as_dtype",
+    "dtype_name",
+    "asarray",
+    "to_numpy",
+    "default_device",
+    "device_of",
     "device_kind",
     # nn ops
-    "linear", "conv2d", "conv2d_weight_grad", "max_pool2d", "avg_pool2d", "relu", "leaky_relu", "gelu",
-    "sigmoid", "softplus", "elu", "silu", "tanh", "softmax", "log_softmax", "logsumexp", "layer_norm",
+    "linear",
+    "conv2d",
+    "conv2d_weight_grad",
+    "max_pool2d",
+    "avg_pool2d",
+    "relu",
+    "leaky_relu",
+    "gelu",
+    "sigmoid",
+    "softplus",
+    "elu",
+    "silu",
+    "tanh",
+    "softmax",
+    "log_softmax",
+    "logsumexp",
+    "layer_norm",
     # autodiff and compilation
-    "jvp", "vjp", "value_and_grad", "grad", "vmap", "jit", "stop_gradient", "is_tracing", "synchronize",
+    "jvp",
+    "vjp",
+    "value_and_grad",
+    "grad",
+    "vmap",
+    "jit",
+    "stop_gradient",
+    "is_tracing",
+    "synchronize",
     "add_scaled_",
     # randomness
-    "key", "split", "fold_in", "key_data", "key_from_data", "normal", "rademacher", "uniform",
-    "bernoulli", "draw_rows",
+    "key",
+    "split",
+    "fold_in",
+    "key_data",
+    "key_from_data",
+    "normal",
+    "rademacher",
+    "uniform",
+    "bernoulli",
+    "draw_rows",
     # pytrees
-    "tree_map", "tree_leaves", "tree_flatten", "tree_unflatten", "tree_structure",
+    "tree_map",
+    "tree_leaves",
+    "tree_flatten",
+    "tree_unflatten",
+    "tree_structure",
     # the DLPack exchange
-    "dlpack_device", "device_problem", "dlpack_export", "dlpack_import",
+    "dlpack_device",
+    "device_problem",
+    "dlpack_export",
+    "dlpack_import",
 ]
 
 name = "jax"

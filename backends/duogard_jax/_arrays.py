@@ -67,8 +67,7 @@ def asarray(x, dtype=None, device=None):
     source = None if is_array(x) or isinstance(x, np.ndarray) else backend_of(x, fallback=False)
     if source is not None:
         # asking for a narrower dtype is an explicit downcast: let the import allow it
-        x = dlpack_import(source.dlpack_export(x),
-                          allow_downcast=dtype is not None and dtype.itemsize < 8)
+        x = dlpack_import(source.dlpack_export(x), allow_downcast=dtype is not None and dtype.itemsize < 8)
     if dtype is not None and dtype.itemsize == 8 and not jax.config.jax_enable_x64:
         raise TypeError(
             f"asarray: dtype {dtype.name} needs JAX 64-bit mode "

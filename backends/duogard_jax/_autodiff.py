@@ -30,8 +30,9 @@ def jit(f, *, static_argnums=None, static_argnames=None, donate_argnums=None, co
     # compiled unless compile is False (torch's default is eager)
     if compile is not None and not compile:
         return f
-    return jax.jit(f, static_argnums=static_argnums, static_argnames=static_argnames,
-                   donate_argnums=donate_argnums)
+    return jax.jit(
+        f, static_argnums=static_argnums, static_argnames=static_argnames, donate_argnums=donate_argnums
+    )
 
 
 def stop_gradient(x):

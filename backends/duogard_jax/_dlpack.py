@@ -34,11 +34,13 @@ def dlpack_device(x, *, where=None):
     if isinstance(x, jax.core.Tracer):
         raise TypeError(
             f"convert: leaf {leaf_name(where)} is a traced JAX value ({type(x).__name__}); "
-            "convert concrete arrays, outside jax.jit/grad/vmap")
+            "convert concrete arrays, outside jax.jit/grad/vmap"
+        )
     if len(x.devices()) != 1:
         raise ValueError(
             f"convert: a JAX array sharded over {len(x.devices())} devices cannot be "
-            "exchanged by DLPack; gather it onto one device first (jax.device_put)")
+            "exchanged by DLPack; gather it onto one device first (jax.device_put)"
+        )
     return device_spec(x.__dlpack_device__())
 
 
@@ -59,9 +61,17 @@ def dlpack_export(x, *, copy=None, device=None, dtype=None, where=None):
         x, fresh = x.astype(dtype), True
     if copy is True and not fresh:
         x, fresh = jnp.array(x, copy=True), True
-    strides = tuple(int(np.prod(x.shape[i + 1:], dtype=np.int64)) for i in range(x.ndim))
-    return ExportedArray(x, sys.modules[__package__], x.dtype.name, tuple(x.shape), strides, here, fresh,
-                         x.unsafe_buffer_pointer if x.size else lambda: 0)
+    strides = tuple(int(np.prod(x.shape[i + 1 :], dtype=np.int64)) for i in range(x.ndim))
+    return ExportedArray(
+        x,
+        sys.modules[__package__],
+        x.dtype.name,
+        tuple(x.shape),
+        strides,
+        here,
+        fresh,
+        x.unsafe_buffer_pointer if x.size else lambda: 0,
+    )
 
 
 def dlpack_import(obj, *, copy=None, device=None, allow_downcast=False, where=None):
@@ -92,7 +102,8 @@ def _fit_width(obj, host, fresh, *, copy, allow_downcast, where):
             f"convert: leaf {leaf_name(where)} is {name}, but JAX's 64-bit mode is off and JAX would "
             f"silently store it as {narrow}. Enable 64-bit mode "
             "(jax.config.update('jax_enable_x64', True), or JAX_ENABLE_X64=1 before importing "
-            f"jax), or pass allow_downcast=True to cast it to {narrow} explicitly")
+            f"jax), or pass allow_downcast=True to cast it to {narrow} explicitly"
+        )
     if copy is False:
         raise copy_refused(where, f"a downcast from {name} to {narrow}")
     # the source framework casts (a copy)
@@ -133,8 +144,10 @@ def _layout_problem(shape, strides, address, size) -> str | None:
         kind = "a broadcast view (stride 0)" if 0 in strides else "a strided view"
         return f"{kind}: JAX imports only compact layouts"
     if size and address % JAX_ALIGNMENT:
-        return f"a buffer not aligned to {JAX_ALIGNMENT} bytes (address % {JAX_ALIGNMENT} = " \
-               f"{address % JAX_ALIGNMENT})"
+        return (
+            f"a buffer not aligned to {JAX_ALIGNMENT} bytes (address % {JAX_ALIGNMENT} = "
+            f"{address % JAX_ALIGNMENT})"
+        )
     return None
 
 

@@ -13,27 +13,29 @@ def linear(x, w, b=None):
 
 def conv2d(x, w, b=None, *, stride=(1, 1), padding=((0, 0), (0, 0)), dilation=(1, 1), groups=1):
     y = jax.lax.conv_general_dilated(
-        x, w, window_strides=tuple(stride), padding=tuple(tuple(p) for p in padding),
-        rhs_dilation=tuple(dilation), dimension_numbers=("NCHW", "OIHW", "NCHW"),
+        x,
+        w,
+        window_strides=tuple(stride),
+        padding=tuple(tuple(p) for p in padding),
+        rhs_dilation=tuple(dilation),
+        dimension_numbers=("NCHW", "OIHW", "NCHW"),
         feature_group_count=groups,
     )
     return y if b is None else y + jnp.reshape(b, (1, -1, 1, 1))
 
 
-def conv2d_weight_grad(x, gz, w_shape, *, stride=(1, 1), padding=((0, 0), (0, 0)), dilation=(1, 1),
-                       groups=1):
+def conv2d_weight_grad(x, gz, w_shape, *, stride=(1, 1), padding=((0, 0), (0, 0)), dilation=(1, 1), groups=1):
     # the vjp in w: under jit XLA drops its unused forward convolution
     w0 = jnp.zeros(tuple(w_shape), dtype=gz.dtype)
-    _, pullback = jax.vjp(lambda w: conv2d(x, w, stride=stride, padding=padding, dilation=dilation,
-                                           groups=groups), w0)
+    _, pullback = jax.vjp(
+        lambda w: conv2d(x, w, stride=stride, padding=padding, dilation=dilation, groups=groups), w0
+    )
     return pullback(gz)[0]
 
 
 def max_pool2d(x, *, kernel_size, stride, padding=(0, 0)):
     pads = ((0, 0), (0, 0), (padding[0], padding[0]), (padding[1], padding[1]))
-    return jax.lax.reduce_window(
-        x, -jnp.inf, jax.lax.max, (1, 1, *kernel_size), (1, 1, *stride), pads
-    )
+    return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 1, *kernel_size), (1, 1, *stride), pads)
 
 
 def avg_pool2d(x, *, kernel_size, stride, padding=(0, 0), count_include_pad=True):

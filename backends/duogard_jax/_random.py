@@ -24,8 +24,9 @@ def fold_in(key, data: int):
 
 
 def key_data(key) -> np.ndarray:
-    return np.asarray(jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
-                      else key, dtype=np.uint32)
+    return np.asarray(
+        jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key, dtype=np.uint32
+    )
 
 
 def key_from_data(data):
@@ -87,8 +88,7 @@ def draw_rows(kind, keys, sizes, rows, dtype="float32", device=None):
 
 
 def uniform(key, shape, dtype="float32", minval=0.0, maxval=1.0, device=None):
-    u = jax.random.uniform(key, tuple(shape), dtype=as_dtype(dtype), minval=minval,
-                           maxval=maxval)
+    u = jax.random.uniform(key, tuple(shape), dtype=as_dtype(dtype), minval=minval, maxval=maxval)
     return _placed(u, device)
 
 

@@ -14,8 +14,10 @@ from duogard.optim import GradientTransformation
 
 __all__ = ["from_optax"]
 
-_OPTAX_FIX = ("optax transformations run on the JAX backend (backend='jax'); on torch use "
-              "duogard.optim's own optimizers or from_torch(torch.optim.<Class>, ...)")
+_OPTAX_FIX = (
+    "optax transformations run on the JAX backend (backend='jax'); on torch use "
+    "duogard.optim's own optimizers or from_torch(torch.optim.<Class>, ...)"
+)
 
 
 def _describe(leaf) -> str:
@@ -31,8 +33,10 @@ def _check_leaves(what: str, tree) -> None:
     for path, leaf in zip(paths, leaves):
         if not isinstance(leaf, jax.Array):
             name = ".".join(str(p) for p in path) or "<root>"
-            raise TypeError(f"from_optax: expected jax.Array leaves in {what}, got {_describe(leaf)} "
-                            f"at {name!r}; {_OPTAX_FIX}")
+            raise TypeError(
+                f"from_optax: expected jax.Array leaves in {what}, got {_describe(leaf)} "
+                f"at {name!r}; {_OPTAX_FIX}"
+            )
 
 
 def from_optax(tx) -> GradientTransformation:

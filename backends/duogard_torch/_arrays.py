@@ -10,16 +10,23 @@ from duogard.backend import backend_of
 from ._dlpack import dlpack_import
 
 _DTYPES = {
-    "float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
-    "float64": torch.float64, "int8": torch.int8, "int16": torch.int16, "int32": torch.int32,
-    "int64": torch.int64, "uint8": torch.uint8, "bool": torch.bool,
-    "complex64": torch.complex64, "complex128": torch.complex128,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "int8": torch.int8,
+    "int16": torch.int16,
+    "int32": torch.int32,
+    "int64": torch.int64,
+    "uint8": torch.uint8,
+    "bool": torch.bool,
+    "complex64": torch.complex64,
+    "complex128": torch.complex128,
 }
 
 # torch >= 2.9 settings (the legacy allow_tf32 flags are deprecated there and, mixed with
 # the new ones, can leave cuDNN in TF32): every leaf of the fp32_precision tree, set to IEEE
-_PRECISION_KNOBS = ("cuda.matmul", "cudnn.conv", "cudnn.rnn", "mkldnn.matmul", "mkldnn.conv",
-                    "mkldnn.rnn")
+_PRECISION_KNOBS = ("cuda.matmul", "cudnn.conv", "cudnn.rnn", "mkldnn.matmul", "mkldnn.conv", "mkldnn.rnn")
 
 
 def enable_float64() -> None:
@@ -48,8 +55,11 @@ def pin_float32_precision():
         return restore
 
     # older torch: the legacy flags
-    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
-             torch.get_float32_matmul_precision())
+    saved = (
+        torch.backends.cuda.matmul.allow_tf32,
+        torch.backends.cudnn.allow_tf32,
+        torch.get_float32_matmul_precision(),
+    )
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     torch.set_float32_matmul_precision("highest")
@@ -110,7 +120,8 @@ def to_numpy(x) -> np.ndarray:
         try:
             import ml_dtypes
         except ImportError as exc:
-            raise ImportError("to_numpy: a bfloat16 tensor needs ml_dtypes (NumPy has no bfloat16): "
-                              "pip install ml_dtypes") from exc
+            raise ImportError(
+                "to_numpy: a bfloat16 tensor needs ml_dtypes (NumPy has no bfloat16): pip install ml_dtypes"
+            ) from exc
         return x.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
     return x.numpy()

@@ -38,20 +38,23 @@ def _plain_autograd_ok(args, argnums) -> bool:
     if torch.compiler.is_compiling():
         return False
     leaves = tree_leaves(args[argnums])
-    return bool(leaves) and all(isinstance(x, torch.Tensor) and x.is_floating_point() and not x.requires_grad
-                                for x in leaves)
+    return bool(leaves) and all(
+        isinstance(x, torch.Tensor) and x.is_floating_point() and not x.requires_grad for x in leaves
+    )
 
 
 def _autograd_value_and_grad(f, argnums, has_aux, args, kwargs):
     leaves, treedef = tree_flatten(args[argnums])
     inputs = [x.detach().requires_grad_(True) for x in leaves]
-    args = (*args[:argnums], tree_unflatten(treedef, inputs), *args[argnums + 1:])
+    args = (*args[:argnums], tree_unflatten(treedef, inputs), *args[argnums + 1 :])
     with torch.enable_grad():
         out = f(*args, **kwargs)
         value, aux = out if has_aux else (out, None)
         if not isinstance(value, torch.Tensor) or value.ndim != 0:
-            raise RuntimeError(f"value_and_grad: the function must return a scalar tensor, got "
-                               f"{type(value).__name__} of shape {tuple(getattr(value, 'shape', ()))}")
+            raise RuntimeError(
+                f"value_and_grad: the function must return a scalar tensor, got "
+                f"{type(value).__name__} of shape {tuple(getattr(value, 'shape', ()))}"
+            )
         if value.requires_grad:
             grads = torch.autograd.grad(value, inputs, allow_unused=True)
         else:  # the output does not depend on the inputs

@@ -18,7 +18,8 @@ def dlpack_device(x, *, where=None):
     if torch._C._functorch.is_functorch_wrapped_tensor(x):
         raise TypeError(
             f"convert: leaf {leaf_name(where)} is a torch tensor traced by torch.func "
-            "(grad/jvp/vmap); convert concrete tensors, outside the transform")
+            "(grad/jvp/vmap); convert concrete tensors, outside the transform"
+        )
     return device_spec(x.__dlpack_device__())
 
 
@@ -44,8 +45,16 @@ def dlpack_export(x, *, copy=None, device=None, dtype=None, where=None):
     if copy is True or (dtype is not None and dtype != x.dtype):
         # a fresh torch buffer: dense row-major, and torch's allocator aligns it
         x, fresh = x.to(dtype or x.dtype, memory_format=torch.contiguous_format, copy=True), True
-    return ExportedArray(x, sys.modules[__package__], _name(x.dtype), tuple(x.shape), tuple(x.stride()),
-                         here, fresh, x.data_ptr)
+    return ExportedArray(
+        x,
+        sys.modules[__package__],
+        _name(x.dtype),
+        tuple(x.shape),
+        tuple(x.stride()),
+        here,
+        fresh,
+        x.data_ptr,
+    )
 
 
 def dlpack_import(obj, *, copy=None, device=None, allow_downcast=False, where=None):

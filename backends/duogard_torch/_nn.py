@@ -11,8 +11,11 @@ def linear(x, w, b=None):
     if x.dtype != w.dtype or (b is not None and b.dtype != w.dtype):
         # F.linear does not promote; the array API's matmul (and JAX) do: float32 data with
         # float64 params computes in float64
-        dt = torch.promote_types(x.dtype, w.dtype) if b is None else \
-            torch.promote_types(torch.promote_types(x.dtype, w.dtype), b.dtype)
+        dt = (
+            torch.promote_types(x.dtype, w.dtype)
+            if b is None
+            else torch.promote_types(torch.promote_types(x.dtype, w.dtype), b.dtype)
+        )
         x, w, b = x.to(dt), w.to(dt), None if b is None else b.to(dt)
     return F.linear(x, w, b)
 
@@ -31,15 +34,15 @@ def conv2d(x, w, b=None, *, stride=(1, 1), padding=((0, 0), (0, 0)), dilation=(1
     return y + b.reshape(1, -1, 1, 1) if late else y
 
 
-def conv2d_weight_grad(x, gz, w_shape, *, stride=(1, 1), padding=((0, 0), (0, 0)), dilation=(1, 1),
-                       groups=1):
+def conv2d_weight_grad(x, gz, w_shape, *, stride=(1, 1), padding=((0, 0), (0, 0)), dilation=(1, 1), groups=1):
     # torch's weight-gradient kernel directly: vjp would run the forward convolution first,
     # a large share of the forward-activity CNN step
     (pt, pb), (pl, pr) = padding
     if not (pt == pb and pl == pr):
         x, (pt, pl) = F.pad(x, (pl, pr, pt, pb)), (0, 0)
-    return torch.nn.grad.conv2d_weight(x, tuple(w_shape), gz, tuple(stride), (pt, pl), tuple(dilation),
-                                       groups)
+    return torch.nn.grad.conv2d_weight(
+        x, tuple(w_shape), gz, tuple(stride), (pt, pl), tuple(dilation), groups
+    )
 
 
 def max_pool2d(x, *, kernel_size, stride, padding=(0, 0)):
@@ -47,8 +50,9 @@ def max_pool2d(x, *, kernel_size, stride, padding=(0, 0)):
 
 
 def avg_pool2d(x, *, kernel_size, stride, padding=(0, 0), count_include_pad=True):
-    return F.avg_pool2d(x, tuple(kernel_size), tuple(stride), tuple(padding),
-                        count_include_pad=count_include_pad)
+    return F.avg_pool2d(
+        x, tuple(kernel_size), tuple(stride), tuple(padding), count_include_pad=count_include_pad
+    )
 
 
 def relu(x):
@@ -98,4 +102,4 @@ def logsumexp(x, axis=None, keepdims=False):
 
 
 def layer_norm(x, weight, bias, *, normalized_ndim, eps=1e-5):
-    return F.layer_norm(x, tuple(x.shape[x.ndim - normalized_ndim:]), weight, bias, eps)
+    return F.layer_norm(x, tuple(x.shape[x.ndim - normalized_ndim :]), weight, bias, eps)

@@ -66,8 +66,7 @@ def key_from_data(data):
 
 
 def normal(key, shape, dtype="float32", device=None):
-    return torch.randn(tuple(shape), generator=_generator(key, device), dtype=as_dtype(dtype),
-                       device=device)
+    return torch.randn(tuple(shape), generator=_generator(key, device), dtype=as_dtype(dtype), device=device)
 
 
 def rademacher(key, shape, dtype="float32", device=None):
@@ -75,8 +74,14 @@ def rademacher(key, shape, dtype="float32", device=None):
     # signs: much faster than a draw per element (which dominates torch.randn)
     shape = tuple(shape)
     n = int(np.prod(shape))
-    words = torch.randint(-(2**63), 2**63 - 1, ((n + 63) // 64,), generator=_generator(key, device),
-                          dtype=torch.int64, device=device)
+    words = torch.randint(
+        -(2**63),
+        2**63 - 1,
+        ((n + 63) // 64,),
+        generator=_generator(key, device),
+        dtype=torch.int64,
+        device=device,
+    )
     table = _sign_table(as_dtype(dtype), words.device)
     signs = torch.index_select(table, 0, words.view(torch.uint8).long())  # (bytes, 8)
     return signs.reshape(-1)[:n].reshape(shape)
@@ -112,17 +117,16 @@ def draw_rows(kind, keys, sizes, rows, dtype="float32", device=None):
         if kind == "normal" and (rows == 1 or size >= _ROW_FILL_MIN):
             g = _generator(k, out.device)
             for r in range(rows):
-                out[r, start:start + size].normal_(generator=g)
+                out[r, start : start + size].normal_(generator=g)
         else:  # small blocks: one draw and a copy cost less than a call per row
             draw = normal if kind == "normal" else rademacher
-            out[:, start:start + size].copy_(draw(k, (rows, size), dtype=dtype, device=out.device))
+            out[:, start : start + size].copy_(draw(k, (rows, size), dtype=dtype, device=out.device))
         start += size
     return out
 
 
 def uniform(key, shape, dtype="float32", minval=0.0, maxval=1.0, device=None):
-    u = torch.rand(tuple(shape), generator=_generator(key, device), dtype=as_dtype(dtype),
-                   device=device)
+    u = torch.rand(tuple(shape), generator=_generator(key, device), dtype=as_dtype(dtype), device=device)
     return u * (maxval - minval) + minval
 
 

@@ -14,6 +14,12 @@ from .optim import TorchOptimizerState, optimizer_from_torch
 from .port import KeySequence, TorchModel, UnsupportedTorchOpsError, forward_grad_, from_torch, to_torch
 
 __all__ = [
-    "from_torch", "to_torch", "TorchModel", "UnsupportedTorchOpsError", "forward_grad_", "KeySequence",
-    "optimizer_from_torch", "TorchOptimizerState",
+    "from_torch",
+    "to_torch",
+    "TorchModel",
+    "UnsupportedTorchOpsError",
+    "forward_grad_",
+    "KeySequence",
+    "optimizer_from_torch",
+    "TorchOptimizerState",
 ]

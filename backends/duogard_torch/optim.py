@@ -7,7 +7,8 @@ adapter hides one behind ``init``/``update`` (eager only).
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import optree
 import torch
@@ -18,8 +19,10 @@ from duogard.tree import tree_flatten, tree_unflatten
 
 __all__ = ["TorchOptimizerState", "optimizer_from_torch"]
 
-_TORCH_FIX = ("torch.optim optimizers run on the torch backend (backend='torch'); on JAX use "
-              "duogard.optim's own optimizers or from_optax(...)")
+_TORCH_FIX = (
+    "torch.optim optimizers run on the torch backend (backend='torch'); on JAX use "
+    "duogard.optim's own optimizers or from_optax(...)"
+)
 
 
 def _describe(leaf) -> str:
@@ -35,8 +38,10 @@ def _check_leaves(what: str, tree) -> None:
     for path, leaf in zip(paths, leaves):
         if not isinstance(leaf, torch.Tensor):
             name = ".".join(str(p) for p in path) or "<root>"
-            raise TypeError(f"from_torch: expected torch.Tensor leaves in {what}, got {_describe(leaf)} "
-                            f"at {name!r}; {_TORCH_FIX}")
+            raise TypeError(
+                f"from_torch: expected torch.Tensor leaves in {what}, got {_describe(leaf)} "
+                f"at {name!r}; {_TORCH_FIX}"
+            )
 
 
 class TorchOptimizerState(NamedTuple):
@@ -59,16 +64,19 @@ class _TorchDriver:
             optimizer = self.cls(weights, **self.hyperparameters)
         except (TypeError, ValueError) as exc:
             args = ", ".join(f"{k}={v!r}" for k, v in self.hyperparameters.items())
-            raise type(exc)(f"from_torch: {getattr(self.cls, '__name__', self.cls)}({args}) "
-                            f"failed: {exc}") from exc
+            raise type(exc)(
+                f"from_torch: {getattr(self.cls, '__name__', self.cls)}({args}) failed: {exc}"
+            ) from exc
         scheduler = self.make_scheduler(optimizer) if self.make_scheduler is not None else None
         return optimizer, scheduler
 
     def _state(self, count):
         group = self.optimizer.param_groups[0]
         lr = torch.as_tensor(float(group["lr"]), dtype=torch.float64)
-        buffers = [{k: v for k, v in self.optimizer.state[w].items() if isinstance(v, torch.Tensor)}
-                   for w in self.weights]
+        buffers = [
+            {k: v for k, v in self.optimizer.state[w].items() if isinstance(v, torch.Tensor)}
+            for w in self.weights
+        ]
         self.latest = TorchOptimizerState(count, lr, tree_unflatten(self.treedef, buffers))
         return self.latest
 
@@ -126,8 +134,9 @@ class _TorchDriver:
         return tree_unflatten(self.treedef, updates), self._state(state.count + 1)
 
 
-def optimizer_from_torch(optimizer_class, /, *, scheduler: Callable | None = None,
-                         **hyperparameters) -> GradientTransformation:
+def optimizer_from_torch(
+    optimizer_class, /, *, scheduler: Callable | None = None, **hyperparameters
+) -> GradientTransformation:
     """Use any ``torch.optim`` optimizer with duogard: ``from_torch(torch.optim.Adam, lr=1e-3)``.
 
     ``init(params)`` copies the params into fresh leaf tensors and builds
@@ -161,8 +170,9 @@ def optimizer_from_torch(optimizer_class, /, *, scheduler: Callable | None = Non
     if not callable(optimizer_class):
         raise TypeError(f"from_torch: expected a torch.optim optimizer class, got {optimizer_class!r}")
     if scheduler is not None and not callable(scheduler):
-        raise TypeError(f"from_torch: scheduler must be a callable optimizer -> lr scheduler, "
-                        f"got {scheduler!r}")
+        raise TypeError(
+            f"from_torch: scheduler must be a callable optimizer -> lr scheduler, got {scheduler!r}"
+        )
     driver = _TorchDriver(optimizer_class, dict(hyperparameters), scheduler)
     driver._construct([torch.zeros(1, requires_grad=True)])  # fail now on bad hyperparameters
     return GradientTransformation(driver.init, driver.update)

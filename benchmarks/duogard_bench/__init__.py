@@ -17,14 +17,24 @@ from typing import Any
 
 import numpy as np
 
-from ._common import (BAYDIN_RATIO, FORWARD_METHODS, LR, METHODS, TARGETS, Sizes, block_until_ready,
-                      machine_info, sizes_for)
+from ._common import (
+    BAYDIN_RATIO,
+    FORWARD_METHODS,
+    LR,
+    METHODS,
+    TARGETS,
+    Sizes,
+    block_until_ready,
+    machine_info,
+    sizes_for,
+)
 from .conversion import conversion_section
 from .hand_jax import jax_apply, jax_hand, jax_per_example
 from .hand_torch import manual_jvp, torch_apply, torch_hand, torch_leaves
 from .memory import memory_section
-from .report import compile_records, evaluate_targets, json_default, print_rest, print_step_tables
+from .report import compile_records, json_default, print_rest, print_step_tables
 from .step_time import check_losses, draw_options, step_configs, step_records, time_step_configs, warm
+from .targets import evaluate_targets
 from .workloads import Workload, data_for, duogard_model, duogard_step, workload
 
 __all__ = [
@@ -54,8 +64,7 @@ __all__ = [
 SECTIONS = ("step", "draw", "memory", "conversion")
 
 
-def main(*, quick: bool = False, json_path: str | None = None, tiny: bool = False,
-         sections=SECTIONS) -> int:
+def main(*, quick: bool = False, json_path: str | None = None, tiny: bool = False, sections=SECTIONS) -> int:
     """Run the benchmarks, print the tables and the targets, write ``json_path`` if given.
 
     Args:
@@ -96,22 +105,44 @@ def _main(*, quick, json_path, tiny, sections) -> int:
     import duogard as dg
 
     backends = [i.name for i in dg.available_backends() if i.available and i.name in ("jax", "torch")]
-    machine = machine_info("duogard bench" + (" --quick" if quick else "") + (" --tiny" if tiny else "")
-                           + (f" --json {json_path}" if json_path else ""))
+    machine = machine_info(
+        "duogard bench"
+        + (" --quick" if quick else "")
+        + (" --tiny" if tiny else "")
+        + (f" --json {json_path}" if json_path else "")
+    )
     log(f"duogard bench ({sz.mode}) {machine['date']}")
-    log(f"machine: {machine['cpu']}, {machine['cores']} cores, {machine['memory_gb']} GB, "
-        f"load {machine['load_average']}" + (f", git {machine['git']}" if machine.get("git") else ""))
-    log(f"versions: python {machine['python']}, duogard {machine['duogard']}, jax {machine.get('jax')}, "
-        f"torch {machine.get('torch')} ({machine.get('torch_threads')} threads), numpy {machine['numpy']}")
+    log(
+        f"machine: {machine['cpu']}, {machine['cores']} cores, {machine['memory_gb']} GB, "
+        f"load {machine['load_average']}" + (f", git {machine['git']}" if machine.get("git") else "")
+    )
+    log(
+        f"versions: python {machine['python']}, duogard {machine['duogard']}, jax {machine.get('jax')}, "
+        f"torch {machine.get('torch')} ({machine.get('torch_threads')} threads), numpy {machine['numpy']}"
+    )
     load = (machine.get("load_average") or [0.0])[0]
     if load > 0.5 * (machine["cores"] or 1):
-        log(f"WARNING: the machine is busy (load {load:.1f} on {machine['cores']} cores): other processes "
+        log(
+            f"WARNING: the machine is busy (load {load:.1f} on {machine['cores']} cores): other processes "
             "share the cores, so timings are inflated and noisy; memory and conversion figures are "
-            "unaffected.")
-    result: dict[str, Any] = {"machine": machine, "mode": sz.mode, "sizes": {
-        "batch": sz.batch, "image": sz.image, "mlp_hidden": sz.mlp_hidden, "cnn_channels": sz.cnn_channels,
-        "cnn_hidden": sz.cnn_hidden, "rounds": sz.rounds, "depths": sz.depths, "mem_width": sz.mem_width,
-        "mem_batch": sz.mem_batch, "conversion_sizes": sz.conv_sizes}}
+            "unaffected."
+        )
+    result: dict[str, Any] = {
+        "machine": machine,
+        "mode": sz.mode,
+        "sizes": {
+            "batch": sz.batch,
+            "image": sz.image,
+            "mlp_hidden": sz.mlp_hidden,
+            "cnn_channels": sz.cnn_channels,
+            "cnn_hidden": sz.cnn_hidden,
+            "rounds": sz.rounds,
+            "depths": sz.depths,
+            "mem_width": sz.mem_width,
+            "mem_batch": sz.mem_batch,
+            "conversion_sizes": sz.conv_sizes,
+        },
+    }
     step, draw_opts, memory, conv, compile_recs = [], [], [], [], []
     if "step" in sections:
         configs = step_configs(sz, backends)
@@ -129,8 +160,11 @@ def _main(*, quick, json_path, tiny, sections) -> int:
         params_np = duogard_model("mlp", sz).init(0, data_for(sz)[0])
         n = sum(int(np.prod(a.shape)) for layer in params_np.values() for a in layer.values())
         t0 = time.perf_counter()
-        draw_opts = draw_options(n, rounds={"tiny": 1, "quick": 2}.get(sz.mode, sz.rounds),
-                                 reps={"tiny": 1, "quick": 2}.get(sz.mode, 3))
+        draw_opts = draw_options(
+            n,
+            rounds={"tiny": 1, "quick": 2}.get(sz.mode, sz.rounds),
+            reps={"tiny": 1, "quick": 2}.get(sz.mode, 3),
+        )
         log(f"\ntangent drawing options: {time.perf_counter() - t0:.1f} s")
     if "memory" in sections:
         log("\nmemory: one subprocess per configuration ...")
@@ -143,12 +177,19 @@ def _main(*, quick, json_path, tiny, sections) -> int:
         log(f"\nconversion: {time.perf_counter() - t0:.1f} s")
     targets = evaluate_targets(step, memory, conv, draw_opts)
     print_rest(draw_opts, memory, conv, compile_recs, targets, log)
-    machine["load_average_end"] = ([round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg")
-                                   else None)
+    machine["load_average_end"] = (
+        [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None
+    )
     machine["seconds"] = round(time.perf_counter() - t_start, 1)
     log(f"\n{machine['seconds']} s; load average at the end {machine['load_average_end']}")
-    result.update(step_time=step, draw_options=draw_opts, memory=memory, conversion=conv,
-                  compile=compile_recs, targets=targets)
+    result.update(
+        step_time=step,
+        draw_options=draw_opts,
+        memory=memory,
+        conversion=conv,
+        compile=compile_recs,
+        targets=targets,
+    )
     if json_path:
         with open(json_path, "w") as f:
             json.dump(result, f, indent=1, default=json_default)

@@ -58,27 +58,27 @@ class Sizes:
 
     mode: str
     batch: int
-    image: tuple            # (C, H, W)
+    image: tuple  # (C, H, W)
     mlp_hidden: tuple
     cnn_channels: int
     cnn_hidden: int
-    methods: dict           # model -> method names
+    methods: dict  # model -> method names
     rounds: int
-    round_seconds: float    # time per configuration per round (sets the repeats)
+    round_seconds: float  # time per configuration per round (sets the repeats)
     max_reps: int
     depths: tuple
     mem_width: int
     mem_batch: int
     mem_backends: tuple
-    mem_runs: tuple         # (method, impl) pairs
+    mem_runs: tuple  # (method, impl) pairs
     mem_steps: int
     conv_sizes: tuple
     conv_reps: int
     parallel_subprocesses: int
     compile_methods: tuple = ()  # MLP methods also timed with torch.compile (Trainer(compile=True))
-    extras: bool = True          # torch hand-autograd and hand-jvp steps
+    extras: bool = True  # torch hand-autograd and hand-jvp steps
     framework_jvp_methods: tuple = ()  # torch: also timed with the estimator's jvp="framework"
-    lean_methods: tuple = ()     # forward methods also timed with lean=True (both backends)
+    lean_methods: tuple = ()  # forward methods also timed with lean=True (both backends)
     gradnorm_methods: tuple = ()  # also timed with Trainer(grad_norm=True), fit's default
 
 
@@ -94,36 +94,93 @@ def sizes_for(*, quick: bool = False, tiny: bool = False) -> Sizes:
     """
     all_methods = tuple(METHODS)
     if tiny:
-        return Sizes("tiny", batch=8, image=(1, 8, 8), mlp_hidden=(32, 32), cnn_channels=4, cnn_hidden=16,
-                     methods={"mlp": ("backprop", "fwd-K4-normal", "forward-activity"),
-                              "cnn": ("backprop", "fwd-K1-normal")}, rounds=2, round_seconds=0.0, max_reps=2,
-                     depths=(2, 4), mem_width=64, mem_batch=32, mem_backends=("torch",),
-                     mem_runs=(("forward", "duogard"),), mem_steps=2, conv_sizes=(1_000, 10_000),
-                     conv_reps=5, parallel_subprocesses=2)
+        return Sizes(
+            "tiny",
+            batch=8,
+            image=(1, 8, 8),
+            mlp_hidden=(32, 32),
+            cnn_channels=4,
+            cnn_hidden=16,
+            methods={
+                "mlp": ("backprop", "fwd-K4-normal", "forward-activity"),
+                "cnn": ("backprop", "fwd-K1-normal"),
+            },
+            rounds=2,
+            round_seconds=0.0,
+            max_reps=2,
+            depths=(2, 4),
+            mem_width=64,
+            mem_batch=32,
+            mem_backends=("torch",),
+            mem_runs=(("forward", "duogard"),),
+            mem_steps=2,
+            conv_sizes=(1_000, 10_000),
+            conv_reps=5,
+            parallel_subprocesses=2,
+        )
     if quick:
-        return Sizes("quick", batch=64, image=(1, 28, 28), mlp_hidden=(1024, 1024), cnn_channels=64,
-                     cnn_hidden=1024,
-                     methods={"mlp": ("backprop", "fwd-K1-normal", "fwd-K1-rademacher", "fwd-K4-normal"),
-                              "cnn": ("backprop", "fwd-K1-rademacher")},
-                     rounds=3, round_seconds=0.05, max_reps=10, depths=(4, 16), mem_width=1024, mem_batch=256,
-                     mem_backends=("torch",), mem_runs=(("backprop", "duogard"), ("forward", "duogard"),
-                                                        ("forward", "duogard-lean")),
-                     mem_steps=2, conv_sizes=(1_000, 10_000, 100_000, 1_000_000), conv_reps=20,
-                     parallel_subprocesses=2, extras=False, lean_methods=("fwd-K1-rademacher",))
-    return Sizes("full", batch=64, image=(1, 28, 28), mlp_hidden=(1024, 1024), cnn_channels=64,
-                 cnn_hidden=1024,
-                 methods={"mlp": all_methods, "cnn": all_methods}, rounds=5, round_seconds=0.3, max_reps=25,
-                 depths=(2, 4, 8, 16, 32), mem_width=1024, mem_batch=1024, mem_backends=("jax", "torch"),
-                 mem_runs=(("backprop", "duogard"), ("backprop", "hand"), ("forward", "duogard"),
-                           ("forward", "hand"), ("forward", "duogard-lean"), ("forward", "hand-lean")),
-                 mem_steps=3, conv_sizes=tuple(10 ** e for e in range(3, 9)), conv_reps=30,
-                 parallel_subprocesses=2, compile_methods=("backprop", "fwd-K1-rademacher"),
-                 framework_jvp_methods=("fwd-K1-normal", "fwd-K1-rademacher", "fwd-K4-normal"),
-                 lean_methods=("fwd-K1-normal", "fwd-K1-rademacher"),
-                 gradnorm_methods=("backprop", "fwd-K1-rademacher"))
+        return Sizes(
+            "quick",
+            batch=64,
+            image=(1, 28, 28),
+            mlp_hidden=(1024, 1024),
+            cnn_channels=64,
+            cnn_hidden=1024,
+            methods={
+                "mlp": ("backprop", "fwd-K1-normal", "fwd-K1-rademacher", "fwd-K4-normal"),
+                "cnn": ("backprop", "fwd-K1-rademacher"),
+            },
+            rounds=3,
+            round_seconds=0.05,
+            max_reps=10,
+            depths=(4, 16),
+            mem_width=1024,
+            mem_batch=256,
+            mem_backends=("torch",),
+            mem_runs=(("backprop", "duogard"), ("forward", "duogard"), ("forward", "duogard-lean")),
+            mem_steps=2,
+            conv_sizes=(1_000, 10_000, 100_000, 1_000_000),
+            conv_reps=20,
+            parallel_subprocesses=2,
+            extras=False,
+            lean_methods=("fwd-K1-rademacher",),
+        )
+    return Sizes(
+        "full",
+        batch=64,
+        image=(1, 28, 28),
+        mlp_hidden=(1024, 1024),
+        cnn_channels=64,
+        cnn_hidden=1024,
+        methods={"mlp": all_methods, "cnn": all_methods},
+        rounds=5,
+        round_seconds=0.3,
+        max_reps=25,
+        depths=(2, 4, 8, 16, 32),
+        mem_width=1024,
+        mem_batch=1024,
+        mem_backends=("jax", "torch"),
+        mem_runs=(
+            ("backprop", "duogard"),
+            ("backprop", "hand"),
+            ("forward", "duogard"),
+            ("forward", "hand"),
+            ("forward", "duogard-lean"),
+            ("forward", "hand-lean"),
+        ),
+        mem_steps=3,
+        conv_sizes=tuple(10**e for e in range(3, 9)),
+        conv_reps=30,
+        parallel_subprocesses=2,
+        compile_methods=("backprop", "fwd-K1-rademacher"),
+        framework_jvp_methods=("fwd-K1-normal", "fwd-K1-rademacher", "fwd-K4-normal"),
+        lean_methods=("fwd-K1-normal", "fwd-K1-rademacher"),
+        gradnorm_methods=("backprop", "fwd-K1-rademacher"),
+    )
 
 
 # ============================================================================ small helpers
+
 
 def block_until_ready(tree) -> None:
     """Wait for every (JAX) array in ``tree``; torch on CPU is synchronous.
@@ -160,8 +217,10 @@ def format_table(headers, rows) -> str:
     """A plain-text table: first column left-aligned, the others right-aligned, a rule under the header."""
     cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
-             for r in cells]
+    lines = [
+        "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+        for r in cells
+    ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
@@ -194,14 +253,18 @@ def machine_info(command: str) -> dict:
         pass
     mem_gb = float("nan")
     try:
-        mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30
+        mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     except (ValueError, OSError, AttributeError):
         pass
     info = {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "cpu": cpu, "cores": os.cpu_count(), "memory_gb": round(mem_gb, 1),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gb": round(mem_gb, 1),
         "load_average": [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None,
-        "platform": platform.platform(), "python": platform.python_version(), "numpy": np.__version__,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "numpy": np.__version__,
         "command": command,
     }
     import duogard
@@ -209,11 +272,31 @@ def machine_info(command: str) -> dict:
     info["duogard"] = duogard.__version__
     repo = os.path.dirname(os.path.dirname(os.path.abspath(duogard.__file__)))
     try:
-        head = subprocess.run(["git", "-C", repo, "rev-parse", "--short", "HEAD"], check=False,
-                              capture_output=True, text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", repo, "status", "--porcelain", "--untracked-files=no", "--",
-                                "duogard", "backends", "benchmarks/duogard_bench"],
-                               check=False, capture_output=True, text=True, timeout=10).stdout.strip()
+        head = subprocess.run(
+            ["git", "-C", repo, "rev-parse", "--short", "HEAD"],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            [
+                "git",
+                "-C",
+                repo,
+                "status",
+                "--porcelain",
+                "--untracked-files=no",
+                "--",
+                "duogard",
+                "backends",
+                "benchmarks/duogard_bench",
+            ],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
         if head:
             info["git"] = head + ("+uncommitted changes" if dirty else "")
     except (OSError, subprocess.SubprocessError):

@@ -33,8 +33,9 @@ def jax_apply(ops, layers, x, eps=None, inputs=None, pre=None):
             if op == "linear":
                 h = h @ w.T + b
             else:
-                h = jax.lax.conv_general_dilated(h, w, (1, 1), ((1, 1), (1, 1)),
-                                                 dimension_numbers=("NCHW", "OIHW", "NCHW"))
+                h = jax.lax.conv_general_dilated(
+                    h, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NCHW", "OIHW", "NCHW")
+                )
                 h = h + b[None, :, None, None]
             if pre is not None:
                 pre.append(h)
@@ -98,6 +99,7 @@ def jax_hand(ops, layers_np, x_np, y_np, method):
         return jnp.mean(jax_per_example(jax_apply(ops, p, x), y))
 
     if est == "backprop":
+
         def step(p, key):
             value, g = jax.value_and_grad(loss)(p)
             return jax.tree.map(lambda a, b: a - LR * b, p, g), value
@@ -118,6 +120,7 @@ def jax_hand(ops, layers_np, x_np, y_np, method):
             values, d = jax.vmap(lambda t: jax.jvp(loss, (p,), (t,)))(v)
             return jax.tree.map(lambda a, t: a - (LR / k) * jnp.tensordot(d, t, axes=1), p, v), values[0]
     else:  # forward-activity: perturb each layer's pre-activations, per example
+
         def pre_activations(p):
             zs = []
             jax_apply(ops, p, x, pre=zs)
@@ -144,9 +147,12 @@ def jax_hand(ops, layers_np, x_np, y_np, method):
                 if kind == "linear":
                     gw, gb = gz.T @ a, gz.sum(0)
                 else:
-                    _, pull = jax.vjp(lambda w: jax.lax.conv_general_dilated(
-                        a, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NCHW", "OIHW", "NCHW")),
-                        layer["weight"])
+                    _, pull = jax.vjp(
+                        lambda w: jax.lax.conv_general_dilated(
+                            a, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NCHW", "OIHW", "NCHW")
+                        ),
+                        layer["weight"],
+                    )
                     gw, gb = pull(gz)[0], gz.sum((0, 2, 3))
                 new.append({"weight": layer["weight"] - LR * gw, "bias": layer["bias"] - LR * gb})
             return new, per.sum()

@@ -136,6 +136,7 @@ def torch_hand(ops, layers_np, x_np, y_np, method, impl):
             return torch_draw(tshapes, dist)
 
         if impl == "hand-jvp":
+
             def step():
                 v = sample()
                 if k == 1:
@@ -144,12 +145,14 @@ def torch_hand(ops, layers_np, x_np, y_np, method, impl):
                 _sgd_forward(leaves, v, d, k)
                 return value
         elif k == 1:
+
             def step():
                 v = sample()
                 value, d = torch.func.jvp(loss, tuple(leaves), tuple(v))
                 torch._foreach_add_(leaves, v, alpha=-LR * float(d))
                 return value
         else:
+
             def one(*t):
                 return torch.func.jvp(loss, tuple(leaves), t)
 

@@ -112,8 +112,13 @@ def memory_worker(spec: dict) -> dict:
     for _ in range(steps):
         run()
     peak = _proc_kb("VmHWM")
-    return {"params_bytes": params_bytes, "baseline_bytes": base, "after_first_step_bytes": warm,
-            "peak_bytes": peak, "peak_reset": exact}
+    return {
+        "params_bytes": params_bytes,
+        "baseline_bytes": base,
+        "after_first_step_bytes": warm,
+        "peak_bytes": peak,
+        "peak_reset": exact,
+    }
 
 
 def torch_lean(params_np, x_np, y_np):
@@ -170,8 +175,10 @@ def jax_lean(params_np, x_np, y_np):
 
     def tangents(key, layer):
         kw, kb = jax.random.split(key)
-        return (jax.random.normal(kw, layer["weight"].shape, layer["weight"].dtype),
-                jax.random.normal(kb, layer["bias"].shape, layer["bias"].dtype))
+        return (
+            jax.random.normal(kw, layer["weight"].shape, layer["weight"].dtype),
+            jax.random.normal(kb, layer["bias"].shape, layer["bias"].dtype),
+        )
 
     @jax.jit
     def first(layer, h, key):
@@ -232,30 +239,47 @@ def memory_section(sz: Sizes, log) -> list[dict]:
     for backend in sz.mem_backends:
         for method, impl in sz.mem_runs:
             for depth in sz.depths:
-                specs.append({"backend": backend, "method": method, "impl": impl, "depth": depth,
-                              "width": sz.mem_width, "batch": sz.mem_batch, "steps": sz.mem_steps,
-                              "torch_threads": 1 if sz.mode == "tiny" else None})
+                specs.append(
+                    {
+                        "backend": backend,
+                        "method": method,
+                        "impl": impl,
+                        "depth": depth,
+                        "width": sz.mem_width,
+                        "batch": sz.mem_batch,
+                        "steps": sz.mem_steps,
+                        "torch_threads": 1 if sz.mode == "tiny" else None,
+                    }
+                )
     results = run_workers(specs, sz.parallel_subprocesses)
     recs = []
     for spec, res in zip(specs, results):
-        rec = {"section": "memory",
-               **{k: spec[k] for k in ("backend", "method", "impl", "depth", "width", "batch")}}
+        rec = {
+            "section": "memory",
+            **{k: spec[k] for k in ("backend", "method", "impl", "depth", "width", "batch")},
+        }
         if "error" in res:
             rec["error"] = res["error"]
         else:
-            mb = 2 ** 20
-            rec.update(params_mb=res["params_bytes"] / mb, baseline_mb=res["baseline_bytes"] / mb,
-                       peak_beyond_params_mb=(res["peak_bytes"] - res["baseline_bytes"]) / mb,
-                       peak_beyond_first_step_mb=(res["peak_bytes"] - res["after_first_step_bytes"]) / mb,
-                       peak_reset=res["peak_reset"])
+            mb = 2**20
+            rec.update(
+                params_mb=res["params_bytes"] / mb,
+                baseline_mb=res["baseline_bytes"] / mb,
+                peak_beyond_params_mb=(res["peak_bytes"] - res["baseline_bytes"]) / mb,
+                peak_beyond_first_step_mb=(res["peak_bytes"] - res["after_first_step_bytes"]) / mb,
+                peak_reset=res["peak_reset"],
+            )
         recs.append(rec)
     for rec in recs:
         ref_depth = 4 if 4 in sz.depths and 4 < max(sz.depths) else min(sz.depths)
         same = ("backend", "method", "impl")
         ref = [r for r in recs if r["depth"] == ref_depth and all(r[k] == rec[k] for k in same)]
         if ref and "peak_beyond_params_mb" in rec and "peak_beyond_params_mb" in ref[0]:
-            rec["ratios"] = {f"to_depth_{ref_depth}": ratio_of(rec["peak_beyond_params_mb"],
-                                                               ref[0]["peak_beyond_params_mb"])}
+            rec["ratios"] = {
+                f"to_depth_{ref_depth}": ratio_of(
+                    rec["peak_beyond_params_mb"], ref[0]["peak_beyond_params_mb"]
+                )
+            }
     log(f"  {len(specs)} subprocesses")
     return recs
 

@@ -31,7 +31,7 @@ __all__ = [
 class StepConfig:
     """One timed configuration (backend x model x method x implementation) and its timings."""
 
-    kind: str          # "step" or "draw"
+    kind: str  # "step" or "draw"
     backend: str
     model: str
     method: str
@@ -81,15 +81,23 @@ def step_configs(sz: Sizes, backends) -> list[StepConfig]:
                     impls.append("duogard-gradnorm")
                 for impl in impls:
                     if impl.startswith("duogard"):
-                        make = (lambda b=backend, m=model, p=params_np, me=method, im=impl:
-                                duogard_step(b, m, p, *data, me, compile=(im == "duogard-compiled") or None,
-                                              jvp="framework" if im == "duogard-framework-jvp" else None,
-                                              lean=im == "duogard-lean", grad_norm=im == "duogard-gradnorm"))
+                        make = lambda b=backend, m=model, p=params_np, me=method, im=impl: duogard_step(
+                            b,
+                            m,
+                            p,
+                            *data,
+                            me,
+                            compile=(im == "duogard-compiled") or None,
+                            jvp="framework" if im == "duogard-framework-jvp" else None,
+                            lean=im == "duogard-lean",
+                            grad_norm=im == "duogard-gradnorm",
+                        )
                     elif backend == "jax":
                         make = lambda o=ops, ln=layers_np, me=method: jax_hand(o, ln, *data, me)
                     else:
-                        make = (lambda o=ops, ln=layers_np, me=method, im=impl:
-                                torch_hand(o, ln, *data, me, im))
+                        make = lambda o=ops, ln=layers_np, me=method, im=impl: torch_hand(
+                            o, ln, *data, me, im
+                        )
                     configs.append(StepConfig("step", backend, model_name, method, impl, make))
     return configs
 
@@ -141,7 +149,7 @@ def time_step_configs(configs, sz: Sizes, log) -> dict:
     draws: dict = {}
     live = [c for c in configs if c.run is not None]
     for r in range(sz.rounds):
-        order = live[r % len(live):] + live[:r % len(live)] if live else []
+        order = live[r % len(live) :] + live[: r % len(live)] if live else []
         t_round = time.perf_counter()
         for cfg in order:
             for _ in range(cfg.reps):
@@ -169,9 +177,17 @@ def step_records(configs, draws) -> list[dict]:
     """
     recs = []
     for c in configs:
-        rec = {"section": "step_time", "backend": c.backend, "model": c.model, "method": c.method,
-               "impl": c.impl, "median_s": median(c.times or []), "first_step_s": c.first_s,
-               "first_loss": c.first_loss, "samples": len(c.times or [])}
+        rec = {
+            "section": "step_time",
+            "backend": c.backend,
+            "model": c.model,
+            "method": c.method,
+            "impl": c.impl,
+            "median_s": median(c.times or []),
+            "first_step_s": c.first_s,
+            "first_loss": c.first_loss,
+            "samples": len(c.times or []),
+        }
         if c.times:
             q = np.percentile(c.times, [25, 75])
             rec.update(min_s=float(min(c.times)), q25_s=float(q[0]), q75_s=float(q[1]))
@@ -191,8 +207,11 @@ def step_records(configs, draws) -> list[dict]:
             if bp is None and im.startswith("duogard"):
                 bp = index.get((b, m, "backprop", "duogard"))
             if bp is None and im.startswith("hand"):
-                bp = min((index[k] for k in index if k[:3] == (b, m, "backprop") and k[3].startswith("hand")),
-                         key=lambda q: q["median_s"], default=None)
+                bp = min(
+                    (index[k] for k in index if k[:3] == (b, m, "backprop") and k[3].startswith("hand")),
+                    key=lambda q: q["median_s"],
+                    default=None,
+                )
             if bp is not None:
                 r["ratios"]["forward_over_backprop"] = ratio_of(t, bp["median_s"])
         if im == "duogard" and (b, m, me, "hand") in index:
@@ -218,17 +237,27 @@ def check_losses(step, log) -> None:
     for r in step:
         if r["impl"] == "duogard" or not math.isfinite(r["first_loss"]):
             continue
-        ref = next((q for q in step if (q["backend"], q["model"], q["method"], q["impl"]) ==
-                    (r["backend"], r["model"], r["method"], "duogard")), None)
+        ref = next(
+            (
+                q
+                for q in step
+                if (q["backend"], q["model"], q["method"], q["impl"])
+                == (r["backend"], r["model"], r["method"], "duogard")
+            ),
+            None,
+        )
         if ref and math.isfinite(ref["first_loss"]):
             tol = 1e-4 * max(1.0, abs(ref["first_loss"]))
             r["same_first_loss"] = abs(r["first_loss"] - ref["first_loss"]) <= tol
             if not r["same_first_loss"]:
-                log(f"   ! {r['backend']} {r['model']} {r['method']} {r['impl']}: first loss "
-                    f"{r['first_loss']:.6f} differs from duogard's {ref['first_loss']:.6f}")
+                log(
+                    f"   ! {r['backend']} {r['model']} {r['method']} {r['impl']}: first loss "
+                    f"{r['first_loss']:.6f} differs from duogard's {ref['first_loss']:.6f}"
+                )
 
 
 # ---------------------------------------------------------------------------- drawing options
+
 
 def draw_options(n: int, rounds: int, reps: int) -> list[dict]:
     """What drawing ``n`` tangent numbers costs, done in different ways (backs the proposals).
@@ -253,7 +282,7 @@ def draw_options(n: int, rounds: int, reps: int) -> list[dict]:
     shifts = torch.arange(8, dtype=torch.uint8)
 
     def t_bits_int64():
-        words = torch.randint(-2 ** 63, 2 ** 63 - 1, ((n + 63) // 64,), generator=gen, dtype=torch.int64)
+        words = torch.randint(-(2**63), 2**63 - 1, ((n + 63) // 64,), generator=gen, dtype=torch.int64)
         bits = words[:, None].bitwise_right_shift(torch.arange(64)).bitwise_and_(1)
         return bits.reshape(-1)[:n].to(torch.float32).mul_(2).sub_(1)
 
@@ -265,11 +294,11 @@ def draw_options(n: int, rounds: int, reps: int) -> list[dict]:
     table = torch.tensor([[1.0 if (b >> i) & 1 else -1.0 for i in range(8)] for b in range(256)])
 
     def t_bytes_table():
-        words = torch.randint(-2 ** 63, 2 ** 63 - 1, ((n + 63) // 64,), generator=gen, dtype=torch.int64)
+        words = torch.randint(-(2**63), 2**63 - 1, ((n + 63) // 64,), generator=gen, dtype=torch.int64)
         return table[words.view(torch.uint8).long()].reshape(-1)[:n]
 
     def t_bytes_table_index_select():
-        words = torch.randint(-2 ** 63, 2 ** 63 - 1, ((n + 63) // 64,), generator=gen, dtype=torch.int64)
+        words = torch.randint(-(2**63), 2**63 - 1, ((n + 63) // 64,), generator=gen, dtype=torch.int64)
         return table.index_select(0, words.view(torch.uint8).int()).reshape(-1)[:n]
 
     def jax_bits(key):
@@ -320,6 +349,14 @@ def draw_options(n: int, rounds: int, reps: int) -> list[dict]:
                 t0 = time.perf_counter()
                 block_until_ready(f())
                 times[label].append(time.perf_counter() - t0)
-    return [{"section": "draw_options", "backend": b, "way": label, "elements": n,
-             "median_s": median(times[label]), "ns_per_element": 1e9 * median(times[label]) / n}
-            for b, label, _ in ways]
+    return [
+        {
+            "section": "draw_options",
+            "backend": b,
+            "way": label,
+            "elements": n,
+            "median_s": median(times[label]),
+            "ns_per_element": 1e9 * median(times[label]) / n,
+        }
+        for b, label, _ in ways
+    ]

@@ -98,8 +98,9 @@ def has_jvp_option() -> bool:
     return "jvp" in inspect.signature(Forward.__init__).parameters
 
 
-def duogard_step(backend, model, params_np, x_np, y_np, method, compile=None, jvp=None, lean=False,
-                 grad_norm=False):
+def duogard_step(
+    backend, model, params_np, x_np, y_np, method, compile=None, jvp=None, lean=False, grad_norm=False
+):
     """duogard's ``Trainer.step`` (estimator + SGD update).
 
     Args:
@@ -132,8 +133,9 @@ def duogard_step(backend, model, params_np, x_np, y_np, method, compile=None, jv
     if lean:
         opts = {**opts, "lean": True}
     est = dg.estimator(est_name, **opts)
-    tr = Trainer(model, optimizer=optim.sgd(LR), estimator=est, backend=backend, compile=compile,
-                 grad_norm=grad_norm)
+    tr = Trainer(
+        model, optimizer=optim.sgd(LR), estimator=est, backend=backend, compile=compile, grad_norm=grad_norm
+    )
     params, opt_state = tr.init_state(params_np)
     x, y = be.asarray(x_np), be.asarray(y_np)
     keys = [be.fold_in(be.key(0), i) for i in range(16)]

@@ -23,14 +23,11 @@ import contextvars
 import functools
 import importlib
 import importlib.metadata
-import inspect
-import math
 import os
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any, Protocol
 
 from duogard.backend._contract import CONTRACT, Backend
 from duogard.backend._exchange import (
@@ -112,9 +109,7 @@ def _load(name: str) -> ModuleType:
         return _loaded[name]
     registry = _registry()
     if name not in registry:
-        raise ValueError(
-            f"backend: unknown backend {name!r}; expected one of {sorted(registry)}"
-        )
+        raise ValueError(f"backend: unknown backend {name!r}; expected one of {sorted(registry)}")
     module = importlib.import_module(registry[name])  # raises ImportError with install hint
     missing = [n for n in CONTRACT if not hasattr(module, n)]
     if missing:
@@ -143,8 +138,8 @@ def _default_name() -> str:
         except ImportError:
             continue
     raise ImportError(
-        "duogard: no backend is installed. Install one: pip install \"duogard[jax]\" or "
-        "pip install torch==2.13.0 \"duogard[torch]\" (CPU wheel first)"
+        'duogard: no backend is installed. Install one: pip install "duogard[jax]" or '
+        'pip install torch==2.13.0 "duogard[torch]" (CPU wheel first)'
     )
 
 
@@ -239,8 +234,10 @@ def extra(name: str, attr: str):
     except ModuleNotFoundError as exc:
         if exc.name != module.__name__ + ".extras":
             raise
-        raise AttributeError(f"backend {name!r} offers no extras (no module {module.__name__}.extras); "
-                             f"{attr!r} is not available") from None
+        raise AttributeError(
+            f"backend {name!r} offers no extras (no module {module.__name__}.extras); "
+            f"{attr!r} is not available"
+        ) from None
     if not hasattr(extras, attr):
         offered = sorted(getattr(extras, "__all__", [n for n in vars(extras) if not n.startswith("_")]))
         raise AttributeError(f"backend {name!r} has no extra {attr!r}; it offers {offered}")

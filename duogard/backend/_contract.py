@@ -136,9 +136,17 @@ class Backend(Protocol):
         float64.
         """
 
-    def conv2d(self, x: Any, w: Any, b: Any = None, *, stride: Sequence[int] = (1, 1),
-               padding: Sequence[Sequence[int]] = ((0, 0), (0, 0)), dilation: Sequence[int] = (1, 1),
-               groups: int = 1) -> Any:
+    def conv2d(
+        self,
+        x: Any,
+        w: Any,
+        b: Any = None,
+        *,
+        stride: Sequence[int] = (1, 1),
+        padding: Sequence[Sequence[int]] = ((0, 0), (0, 0)),
+        dilation: Sequence[int] = (1, 1),
+        groups: int = 1,
+    ) -> Any:
         """2-D cross-correlation of ``x`` (NCHW) with ``w`` (OIHW), plus ``b`` per output channel.
 
         Args:
@@ -154,10 +162,17 @@ class Backend(Protocol):
             The output, ``(N, O, H', W')``.
         """
 
-    def conv2d_weight_grad(self, x: Any, gz: Any, w_shape: Sequence[int], *,
-                           stride: Sequence[int] = (1, 1),
-                           padding: Sequence[Sequence[int]] = ((0, 0), (0, 0)),
-                           dilation: Sequence[int] = (1, 1), groups: int = 1) -> Any:
+    def conv2d_weight_grad(
+        self,
+        x: Any,
+        gz: Any,
+        w_shape: Sequence[int],
+        *,
+        stride: Sequence[int] = (1, 1),
+        padding: Sequence[Sequence[int]] = ((0, 0), (0, 0)),
+        dilation: Sequence[int] = (1, 1),
+        groups: int = 1,
+    ) -> Any:
         """The gradient of ``sum(gz * conv2d(x, w))`` in ``w``: the transpose of the convolution in
         ``w``, without computing the forward convolution.
 
@@ -174,14 +189,22 @@ class Backend(Protocol):
             An array of shape ``w_shape``.
         """
 
-    def max_pool2d(self, x: Any, *, kernel_size: Sequence[int], stride: Sequence[int],
-                   padding: Sequence[int] = (0, 0)) -> Any:
+    def max_pool2d(
+        self, x: Any, *, kernel_size: Sequence[int], stride: Sequence[int], padding: Sequence[int] = (0, 0)
+    ) -> Any:
         """Max pooling over the last two axes of ``x`` (NCHW); ``padding`` ``(ph, pw)`` on each side
         never wins.
         """
 
-    def avg_pool2d(self, x: Any, *, kernel_size: Sequence[int], stride: Sequence[int],
-                   padding: Sequence[int] = (0, 0), count_include_pad: bool = True) -> Any:
+    def avg_pool2d(
+        self,
+        x: Any,
+        *,
+        kernel_size: Sequence[int],
+        stride: Sequence[int],
+        padding: Sequence[int] = (0, 0),
+        count_include_pad: bool = True,
+    ) -> Any:
         """Average pooling over the last two axes of ``x`` (NCHW), zero ``padding`` ``(ph, pw)`` on
         each side, counted in the divisor when ``count_include_pad``.
         """
@@ -223,8 +246,7 @@ class Backend(Protocol):
     def logsumexp(self, x: Any, axis: int | None = None, keepdims: bool = False) -> Any:
         """``log(sum(exp(x)))`` along ``axis`` (over every element when None)."""
 
-    def layer_norm(self, x: Any, weight: Any, bias: Any, *, normalized_ndim: int,
-                   eps: float = 1e-5) -> Any:
+    def layer_norm(self, x: Any, weight: Any, bias: Any, *, normalized_ndim: int, eps: float = 1e-5) -> Any:
         """Layer normalisation over the last ``normalized_ndim`` axes of ``x``.
 
         ``(x - mean) / sqrt(var + eps)`` with the biased variance, times ``weight``, plus
@@ -233,8 +255,9 @@ class Backend(Protocol):
 
     # autodiff and compilation (JAX's signatures)
 
-    def jvp(self, f: Callable, primals: Sequence[Any], tangents: Sequence[Any],
-            has_aux: bool = False) -> tuple:
+    def jvp(
+        self, f: Callable, primals: Sequence[Any], tangents: Sequence[Any], has_aux: bool = False
+    ) -> tuple:
         """Forward mode: ``f(*primals)`` and its derivative along ``tangents``.
 
         Returns:
@@ -246,8 +269,9 @@ class Backend(Protocol):
         one gradient per primal.
         """
 
-    def value_and_grad(self, f: Callable, argnums: int | Sequence[int] = 0,
-                       has_aux: bool = False) -> Callable:
+    def value_and_grad(
+        self, f: Callable, argnums: int | Sequence[int] = 0, has_aux: bool = False
+    ) -> Callable:
         """A function returning ``(f(...), gradient)`` (``((value, aux), gradient)`` when
         ``has_aux``), the gradient in argument ``argnums``; ``f`` returns a scalar.
         """
@@ -260,8 +284,15 @@ class Backend(Protocol):
     def vmap(self, f: Callable, in_axes: Any = 0, out_axes: Any = 0) -> Callable:
         """``f`` mapped over axis ``in_axes`` of its arguments, stacking results along ``out_axes``."""
 
-    def jit(self, f: Callable, *, static_argnums: Any = None, static_argnames: Any = None,
-            donate_argnums: Any = None, compile: bool | None = None) -> Callable:
+    def jit(
+        self,
+        f: Callable,
+        *,
+        static_argnums: Any = None,
+        static_argnames: Any = None,
+        donate_argnums: Any = None,
+        compile: bool | None = None,
+    ) -> Callable:
         """``f`` compiled, or ``f`` itself.
 
         Args:
@@ -326,19 +357,32 @@ class Backend(Protocol):
         On JAX they are ``jax.random.normal``'s numbers for ``key`` and ``shape``.
         """
 
-    def rademacher(self, key: Any, shape: Sequence[int], dtype: Any = "float32",
-                   device: Any = None) -> Any:
+    def rademacher(self, key: Any, shape: Sequence[int], dtype: Any = "float32", device: Any = None) -> Any:
         """Independent signs, -1 or +1 with probability 1/2 each, of ``shape``."""
 
-    def uniform(self, key: Any, shape: Sequence[int], dtype: Any = "float32", minval: float = 0.0,
-                maxval: float = 1.0, device: Any = None) -> Any:
+    def uniform(
+        self,
+        key: Any,
+        shape: Sequence[int],
+        dtype: Any = "float32",
+        minval: float = 0.0,
+        maxval: float = 1.0,
+        device: Any = None,
+    ) -> Any:
         """Uniform numbers in ``[minval, maxval)`` of ``shape``."""
 
     def bernoulli(self, key: Any, p: float, shape: Sequence[int], device: Any = None) -> Any:
         """A bool array of ``shape``, each entry True with probability ``p``."""
 
-    def draw_rows(self, kind: str, keys: Sequence[Any], sizes: Sequence[int], rows: int,
-                  dtype: Any = "float32", device: Any = None) -> Any:
+    def draw_rows(
+        self,
+        kind: str,
+        keys: Sequence[Any],
+        sizes: Sequence[int],
+        rows: int,
+        dtype: Any = "float32",
+        device: Any = None,
+    ) -> Any:
         """A ``(rows, sum(sizes))`` array of blocks side by side, each from its own key.
 
         Block ``j`` (``sizes[j]`` columns) depends on ``keys[j]`` alone: drawing it alone gives
@@ -398,8 +442,15 @@ class Backend(Protocol):
         it can.
         """
 
-    def dlpack_export(self, x: Any, *, copy: bool | None = None, device: Device | None = None,
-                      dtype: str | None = None, where: Callable[[], str] | None = None) -> ExportedArray:
+    def dlpack_export(
+        self,
+        x: Any,
+        *,
+        copy: bool | None = None,
+        device: Device | None = None,
+        dtype: str | None = None,
+        where: Callable[[], str] | None = None,
+    ) -> ExportedArray:
         """Make array ``x`` ready to leave this framework, applying the source's rules.
 
         PyTorch detaches ``x`` (the result shares its memory; ``x`` keeps ``requires_grad``)
@@ -420,8 +471,15 @@ class Backend(Protocol):
             ValueError: ``copy=False`` where a copy is needed.
         """
 
-    def dlpack_import(self, obj: Any, *, copy: bool | None = None, device: Device | None = None,
-                      allow_downcast: bool = False, where: Callable[[], str] | None = None) -> Any:
+    def dlpack_import(
+        self,
+        obj: Any,
+        *,
+        copy: bool | None = None,
+        device: Device | None = None,
+        allow_downcast: bool = False,
+        where: Callable[[], str] | None = None,
+    ) -> Any:
         """An array of this framework from another's, applying the destination's rules.
 
         Zero-copy where the rules allow. The consumer's ``from_dlpack`` passes its own stream to

@@ -1,5 +1,6 @@
 """What the backends share for the DLPack exchange: the exported array, devices, and the argument
-checks and error messages both backends give."""
+checks and error messages both backends give.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +9,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Device", "ExportedArray", "check_draw_rows", "copy_refused", "device_label", "device_spec", "leaf_name",
-           "plan_move"]
+__all__ = [
+    "Device",
+    "ExportedArray",
+    "check_draw_rows",
+    "copy_refused",
+    "device_label",
+    "device_spec",
+    "leaf_name",
+    "plan_move",
+]
 
 #: A device as the DLPack exchange names it: ``("cpu", 0)`` or ``("cuda", index)``.
 Device = tuple[str, int]
@@ -89,8 +98,9 @@ def device_spec(dl_device: tuple[int, int]) -> Device:
     dl_type, index = dl_device
     kind = _DL_KIND.get(int(dl_type))
     if kind is None:
-        raise ValueError(f"convert: arrays on DLPack device type {dl_type!r} are not supported "
-                         "(only CPU and CUDA/ROCm)")
+        raise ValueError(
+            f"convert: arrays on DLPack device type {dl_type!r} are not supported (only CPU and CUDA/ROCm)"
+        )
     return kind, 0 if kind == "cpu" else int(index)
 
 
@@ -109,8 +119,9 @@ def copy_refused(where: Callable[[], str] | None, reason: str) -> ValueError:
     return ValueError(f"convert: leaf {leaf_name(where)} needs a copy ({reason}), but copy=False")
 
 
-def plan_move(here: Device, device: Device | None, *, copy: bool | None,
-              where: Callable[[], str] | None) -> bool:
+def plan_move(
+    here: Device, device: Device | None, *, copy: bool | None, where: Callable[[], str] | None
+) -> bool:
     """Whether an exchange moves an array from ``here`` to ``device`` (a copy: refused under
     ``copy=False``).
     """

@@ -11,14 +11,28 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from duogard.cli import bench, compare, parity, train
-from duogard.cli._methods import DEFAULT_METHODS, LEARNING_RATES, MethodSpec, default_lr, parse_method, parse_methods
+from duogard.cli._methods import (
+    DEFAULT_METHODS,
+    LEARNING_RATES,
+    MethodSpec,
+    default_lr,
+    parse_method,
+    parse_methods,
+)
 
 __all__ = [
-    "main", "build_parser", "report_errors", "MethodSpec", "parse_method", "parse_methods", "DEFAULT_METHODS",
-    "LEARNING_RATES", "default_lr",
+    "main",
+    "build_parser",
+    "report_errors",
+    "MethodSpec",
+    "parse_method",
+    "parse_methods",
+    "DEFAULT_METHODS",
+    "LEARNING_RATES",
+    "default_lr",
 ]
 
 _COMMANDS = {"train": train, "compare": compare, "bench": bench, "parity": parity}
@@ -26,8 +40,9 @@ _COMMANDS = {"train": train, "compare": compare, "bench": bench, "parity": parit
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``duogard`` argument parser with every command."""
-    parser = argparse.ArgumentParser(prog="duogard", description="Forward gradients vs backprop, on JAX and "
-                                                                 "PyTorch at once.")
+    parser = argparse.ArgumentParser(
+        prog="duogard", description="Forward gradients vs backprop, on JAX and PyTorch at once."
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module in _COMMANDS.values():
         module.add_parser(sub)

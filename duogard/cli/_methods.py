@@ -65,7 +65,6 @@ class MethodSpec:
         return self.lr if self.lr is not None else default_lr(model, self.name)
 
 
-
 def _value(text: str):
     low = text.lower()
     if low in _BOOLEANS:

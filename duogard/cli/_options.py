@@ -5,29 +5,54 @@ from __future__ import annotations
 import argparse
 import os
 
-__all__ = ["add_data_options", "add_optimizer_options", "build_optimizer", "parse_hidden", "load_data",
-           "build_model_from_args", "parse_backends", "OPTIMIZERS"]
+__all__ = [
+    "add_data_options",
+    "add_optimizer_options",
+    "build_optimizer",
+    "parse_hidden",
+    "load_data",
+    "build_model_from_args",
+    "parse_backends",
+    "OPTIMIZERS",
+]
 
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
-DATASETS_HELP = "digits (built in), auto (mnist if its IDX files are in --data-dir, else digits), " \
-                "mnist, fashion-mnist, synthetic"
+DATASETS_HELP = (
+    "digits (built in), auto (mnist if its IDX files are in --data-dir, else digits), "
+    "mnist, fashion-mnist, synthetic"
+)
 
 
 def add_data_options(p: argparse.ArgumentParser, *, many_backends: bool = False) -> None:
     """``--backend(s)``, data, model and the common training flags."""
     if many_backends:
-        p.add_argument("--backends", default=None, help="comma-separated backends (default: every installed one)")
+        p.add_argument(
+            "--backends", default=None, help="comma-separated backends (default: every installed one)"
+        )
     else:
-        p.add_argument("--backend", default=None, help="jax or torch (default: $DUOGARD_BACKEND, else jax if installed)")
+        p.add_argument(
+            "--backend", default=None, help="jax or torch (default: $DUOGARD_BACKEND, else jax if installed)"
+        )
     p.add_argument("--dataset", default="digits", help=DATASETS_HELP)
     p.add_argument("--data-dir", default=None, help="directory with the MNIST/Fashion-MNIST IDX files")
     p.add_argument("--model", default="mlp", choices=("logreg", "mlp", "cnn"))
-    p.add_argument("--hidden", default=None,
-                   help="MLP hidden sizes, comma-separated (default: 128 on digits, 1024,1024 otherwise)")
-    p.add_argument("--channels", type=int, default=None,
-                   help="CNN: channels of each convolution (default: 16 on digits, 64 otherwise)")
-    p.add_argument("--cnn-hidden", type=int, default=None,
-                   help="CNN: units of the hidden linear layer (default: 128 on digits, 1024 otherwise)")
+    p.add_argument(
+        "--hidden",
+        default=None,
+        help="MLP hidden sizes, comma-separated (default: 128 on digits, 1024,1024 otherwise)",
+    )
+    p.add_argument(
+        "--channels",
+        type=int,
+        default=None,
+        help="CNN: channels of each convolution (default: 16 on digits, 64 otherwise)",
+    )
+    p.add_argument(
+        "--cnn-hidden",
+        type=int,
+        default=None,
+        help="CNN: units of the hidden linear layer (default: 128 on digits, 1024 otherwise)",
+    )
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
 
@@ -35,11 +60,19 @@ def add_data_options(p: argparse.ArgumentParser, *, many_backends: bool = False)
 def add_optimizer_options(p: argparse.ArgumentParser, *, choices=OPTIMIZERS) -> None:
     """``--optimizer``, ``--lr``, ``--decay``."""
     p.add_argument("--optimizer", default="sgd", choices=choices)
-    p.add_argument("--lr", type=float, default=None,
-                   help="learning rate (default: the method's lr=, else the table's rate for the model and "
-                        "method; a tenth of it for Adam)")
-    p.add_argument("--decay", type=float, default=0.0,
-                   help="exponential learning-rate decay k: lr0*exp(-k*step) (default 0: constant)")
+    p.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help="learning rate (default: the method's lr=, else the table's rate for the model and "
+        "method; a tenth of it for Adam)",
+    )
+    p.add_argument(
+        "--decay",
+        type=float,
+        default=0.0,
+        help="exponential learning-rate decay k: lr0*exp(-k*step) (default 0: constant)",
+    )
 
 
 def parse_hidden(text: str | None, dataset_name: str) -> tuple[int, ...]:
@@ -84,8 +117,10 @@ def load_data(args, *, say=print):
         return dg.data.load("mnist", seed=args.seed, data_dir=args.data_dir)
     except FileNotFoundError:
         where = args.data_dir or os.environ.get("DUOGARD_DATA_DIR", "./data")
-        say(f"(no MNIST IDX files in {where}: using the built-in digits dataset; "
-            f"pass --dataset mnist --data-dir DIR for MNIST)")
+        say(
+            f"(no MNIST IDX files in {where}: using the built-in digits dataset; "
+            f"pass --dataset mnist --data-dir DIR for MNIST)"
+        )
         return dg.data.load("digits", seed=args.seed)
 
 
@@ -95,8 +130,9 @@ def build_model_from_args(args, data):
 
     small = data.name == "digits"
     if args.model == "logreg":
-        return build_model("logreg", data.num_classes), \
-            f"logistic regression {data.x_train[0].size}-{data.num_classes}"
+        return build_model(
+            "logreg", data.num_classes
+        ), f"logistic regression {data.x_train[0].size}-{data.num_classes}"
     if args.model == "cnn":
         channels = args.channels or (16 if small else 64)
         cnn_hidden = args.cnn_hidden or (128 if small else 1024)
@@ -116,8 +152,11 @@ def build_optimizer(args, spec, *, model: str | None = None):
     from duogard import optim
 
     name = args.optimizer
-    lr = args.lr if args.lr is not None else spec.learning_rate(model or args.model) * (
-        0.1 if name.startswith("adam") else 1)
+    lr = (
+        args.lr
+        if args.lr is not None
+        else spec.learning_rate(model or args.model) * (0.1 if name.startswith("adam") else 1)
+    )
     schedule = optim.exponential_decay(lr, rate=args.decay) if args.decay else lr
     if name == "sgd":
         return optim.sgd(schedule), lr

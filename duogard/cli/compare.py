@@ -1,5 +1,6 @@
 """``duogard compare``, the main job: every backend x gradient method with the same data, initial
-weights, steps and batches; a table, a plot of loss against steps and wall-clock, and a JSON file."""
+weights, steps and batches; a table, a plot of loss against steps and wall-clock, and a JSON file.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +12,13 @@ from pathlib import Path
 import numpy as np
 
 from duogard.cli._methods import DEFAULT_METHODS, MethodSpec, parse_methods
-from duogard.cli._options import add_data_options, build_model_from_args, check_common, load_data, parse_backends
+from duogard.cli._options import (
+    add_data_options,
+    build_model_from_args,
+    check_common,
+    load_data,
+    parse_backends,
+)
 
 __all__ = ["add_parser", "run", "compare", "format_table", "plot_runs"]
 
@@ -20,17 +27,27 @@ HELP = "THE MAIN JOB: every backend x gradient method, a table and a plot"
 
 def add_parser(sub) -> argparse.ArgumentParser:
     """Add the ``compare`` command to the subparsers ``sub``."""
-    c = sub.add_parser("compare", help=HELP,
-                       description="Run every backend x gradient method with the same data, weights, steps and "
-                                   "batches; print a table and write a PNG plot and a JSON result.")
+    c = sub.add_parser(
+        "compare",
+        help=HELP,
+        description="Run every backend x gradient method with the same data, weights, steps and "
+        "batches; print a table and write a PNG plot and a JSON result.",
+    )
     add_data_options(c, many_backends=True)
-    c.add_argument("--methods", default=None,
-                   help="semicolon-separated methods, name[:key=value,...] (lr=... sets the method's learning "
-                        "rate); default: " + "; ".join(DEFAULT_METHODS))
+    c.add_argument(
+        "--methods",
+        default=None,
+        help="semicolon-separated methods, name[:key=value,...] (lr=... sets the method's learning "
+        "rate); default: " + "; ".join(DEFAULT_METHODS),
+    )
     c.add_argument("--steps", type=int, default=2500)
     c.add_argument("--lr", type=float, default=None, help="one learning rate for all (default: per method)")
-    c.add_argument("--decay", type=float, default=0.0,
-                   help="exponential learning-rate decay k: lr0*exp(-k*step) (default 0: constant)")
+    c.add_argument(
+        "--decay",
+        type=float,
+        default=0.0,
+        help="exponential learning-rate decay k: lr0*exp(-k*step) (default 0: constant)",
+    )
     c.add_argument("--diagnostics-every", type=int, default=25)
     c.add_argument("--out", default="duogard-out", help="output directory (compare.json, compare.png)")
     c.add_argument("--quiet", action="store_true")
@@ -44,14 +61,28 @@ def run(args) -> int:
     backends = parse_backends(args.backends)
     if args.diagnostics_every < 0:
         raise ValueError(f"--diagnostics-every must be >= 0, got {args.diagnostics_every}")
-    print(f"duogard compare: {args.model} on {args.dataset}, {args.steps} steps, batch {args.batch_size}, "
-          f"seed {args.seed}")
+    print(
+        f"duogard compare: {args.model} on {args.dataset}, {args.steps} steps, batch {args.batch_size}, "
+        f"seed {args.seed}"
+    )
     data = load_data(args)
     model, title = build_model_from_args(args, data)
-    result = compare(model, data, backends=backends, methods=specs, steps=args.steps, batch_size=args.batch_size,
-                     learning_rate=args.lr, decay=args.decay, seed=args.seed, model_name=args.model,
-                     diagnostics_every=args.diagnostics_every, out_dir=args.out, title=title,
-                     progress=False if args.quiet else None)
+    result = compare(
+        model,
+        data,
+        backends=backends,
+        methods=specs,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        learning_rate=args.lr,
+        decay=args.decay,
+        seed=args.seed,
+        model_name=args.model,
+        diagnostics_every=args.diagnostics_every,
+        out_dir=args.out,
+        title=title,
+        progress=False if args.quiet else None,
+    )
     print()
     print(format_table(result["runs"]))
     for f in result.get("files", []):
@@ -59,10 +90,24 @@ def run(args) -> int:
     return 0
 
 
-def compare(model, data, *, backends=None, methods=DEFAULT_METHODS, steps: int = 2500, batch_size: int = 64,
-            learning_rate: float | None = None, decay: float = 0.0, seed: int = 0, model_name: str = "mlp",
-            diagnostics_every: int = 25, out_dir="duogard-out", title: str = "", progress=None,
-            log=print) -> dict:
+def compare(
+    model,
+    data,
+    *,
+    backends=None,
+    methods=DEFAULT_METHODS,
+    steps: int = 2500,
+    batch_size: int = 64,
+    learning_rate: float | None = None,
+    decay: float = 0.0,
+    seed: int = 0,
+    model_name: str = "mlp",
+    diagnostics_every: int = 25,
+    out_dir="duogard-out",
+    title: str = "",
+    progress=None,
+    log=print,
+) -> dict:
     """Run every ``backend x method`` with the same data, initial weights, steps and batches.
 
     Args:
@@ -102,25 +147,51 @@ def compare(model, data, *, backends=None, methods=DEFAULT_METHODS, steps: int =
             callbacks = [Evaluate(), Progress(progress)]
             if diagnostics_every and spec.name != "backprop":
                 callbacks.append(Diagnostics(diagnostics_every))
-            res = dg.fit(model, params0, data, estimator=spec.estimator, optimizer=optim.sgd(schedule),
-                         backend=be_name, steps=steps, batch_size=batch_size, seed=seed, callbacks=callbacks)
+            res = dg.fit(
+                model,
+                params0,
+                data,
+                estimator=spec.estimator,
+                optimizer=optim.sgd(schedule),
+                backend=be_name,
+                steps=steps,
+                batch_size=batch_size,
+                seed=seed,
+                callbacks=callbacks,
+            )
             summary = res.summary() | {"method": spec.label, "learning_rate": lr}
-            runs.append(summary | {"history": [{k: h[k] for k in ("step", "loss", "time") if k in h}
-                                               for h in res.history]})
+            runs.append(
+                summary
+                | {"history": [{k: h[k] for k in ("step", "loss", "time") if k in h} for h in res.history]}
+            )
             if log:
-                log(f"  {be_name:>5} {spec.label:<45} loss {summary['final_loss']:.4f}  "
-                    f"test acc {summary['test_accuracy']:.3f}  {1e3 * summary['time_per_step']:.2f} ms/step")
-    result = {"config": {"dataset": data.name, "model": model_name, "steps": steps, "batch_size": batch_size,
-                         "seed": seed, "decay": decay, "backends": list(backends),
-                         "methods": [s.label for s in specs],
-                         "versions": {b.name: b.version for b in dg.available_backends() if b.available}},
-              "runs": runs}
+                log(
+                    f"  {be_name:>5} {spec.label:<45} loss {summary['final_loss']:.4f}  "
+                    f"test acc {summary['test_accuracy']:.3f}  {1e3 * summary['time_per_step']:.2f} ms/step"
+                )
+    result = {
+        "config": {
+            "dataset": data.name,
+            "model": model_name,
+            "steps": steps,
+            "batch_size": batch_size,
+            "seed": seed,
+            "decay": decay,
+            "backends": list(backends),
+            "methods": [s.label for s in specs],
+            "versions": {b.name: b.version for b in dg.available_backends() if b.available},
+        },
+        "runs": runs,
+    }
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         (out / "compare.json").write_text(json.dumps(result, indent=1, default=_json_default))
-        plot_runs(runs, out / "compare.png", title=f"{title or model_name} on {data.name}, {steps} steps, "
-                                                   f"batch {batch_size}")
+        plot_runs(
+            runs,
+            out / "compare.png",
+            title=f"{title or model_name} on {data.name}, {steps} steps, batch {batch_size}",
+        )
         result["files"] = [str(out / "compare.json"), str(out / "compare.png")]
     return result
 
@@ -137,11 +208,18 @@ def format_table(runs: list[dict]) -> str:
     rows = []
     for r in runs:
         cos = r.get("mean_cosine", float("nan"))
-        rows.append((
-            r["backend"], r["method"], f"{r['final_loss']:.4f}", f"{r['test_accuracy']:.3f}",
-            f"{1e3 * r['time_per_step']:.2f}", f"{r['total_seconds']:.1f}",
-            f"{r['peak_memory_bytes'] / 2**20:.1f}", "-" if math.isnan(cos) else f"{cos:.3f}",
-        ))
+        rows.append(
+            (
+                r["backend"],
+                r["method"],
+                f"{r['final_loss']:.4f}",
+                f"{r['test_accuracy']:.3f}",
+                f"{1e3 * r['time_per_step']:.2f}",
+                f"{r['total_seconds']:.1f}",
+                f"{r['peak_memory_bytes'] / 2**20:.1f}",
+                "-" if math.isnan(cos) else f"{cos:.3f}",
+            )
+        )
     widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(head)]
 
     def line(cells):

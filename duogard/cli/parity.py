@@ -1,5 +1,6 @@
 """``duogard parity``: two backends in lockstep (same weights, batches and tangents), and where they
-diverge."""
+diverge.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +8,12 @@ import argparse
 
 from duogard.cli._methods import parse_method
 from duogard.cli._options import (
-    add_data_options, build_model_from_args, build_optimizer, check_common, load_data, parse_backends,
+    add_data_options,
+    build_model_from_args,
+    build_optimizer,
+    check_common,
+    load_data,
+    parse_backends,
 )
 
 __all__ = ["add_parser", "run"]
@@ -17,14 +23,19 @@ HELP = "run two backends in lockstep and report divergence"
 
 def add_parser(sub) -> argparse.ArgumentParser:
     """Add the ``parity`` command to the subparsers ``sub``."""
-    p = sub.add_parser("parity", help=HELP,
-                       description="Run the same model, weights, batches and tangents on two backends.")
+    p = sub.add_parser(
+        "parity", help=HELP, description="Run the same model, weights, batches and tangents on two backends."
+    )
     add_data_options(p, many_backends=True)
     p.add_argument("--grad", default="forward")
     p.add_argument("--optimizer", default="sgd", choices=("sgd", "adam"))
     p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--decay", type=float, default=0.0,
-                   help="exponential learning-rate decay k: lr0*exp(-k*step) (default 0: constant)")
+    p.add_argument(
+        "--decay",
+        type=float,
+        default=0.0,
+        help="exponential learning-rate decay k: lr0*exp(-k*step) (default 0: constant)",
+    )
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--dtype", default="float32", choices=("float32", "float64"))
     p.add_argument("--tol", type=float, default=None, help="relative divergence tolerance")
@@ -53,9 +64,22 @@ def run(args) -> int:
     data = load_data(args)
     model, title = build_model_from_args(args, data)
     opt, lr = build_optimizer(args, spec)
-    print(f"duogard parity: {title} on {data.name}, {spec.label}, {args.optimizer}(lr={lr}), {args.steps} steps, "
-          f"{args.dtype}, {backends[0]} vs {backends[1]} (shared tangents)")
-    report = compare(model, "cross_entropy", opt, spec.estimator, data, steps=args.steps, backends=backends,
-                     seed=args.seed, batch_size=args.batch_size, dtype=args.dtype, tol=args.tol)
+    print(
+        f"duogard parity: {title} on {data.name}, {spec.label}, {args.optimizer}(lr={lr}), "
+        f"{args.steps} steps, {args.dtype}, {backends[0]} vs {backends[1]} (shared tangents)"
+    )
+    report = compare(
+        model,
+        "cross_entropy",
+        opt,
+        spec.estimator,
+        data,
+        steps=args.steps,
+        backends=backends,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        dtype=args.dtype,
+        tol=args.tol,
+    )
     print(report.table(every=args.every))
     return 0 if report.first_divergence is None else 1

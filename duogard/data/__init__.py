@@ -13,6 +13,17 @@ from duogard.data._load import DATASETS, load
 from duogard.data._objectives import OBJECTIVES, Objective, beale, objective, rosenbrock
 
 __all__ = [
-    "load", "DATASETS", "Dataset", "stratified_split", "read_idx", "write_idx", "IDX_FILES",
-    "IDX_SOURCES", "Objective", "OBJECTIVES", "objective", "beale", "rosenbrock",
+    "load",
+    "DATASETS",
+    "Dataset",
+    "stratified_split",
+    "read_idx",
+    "write_idx",
+    "IDX_FILES",
+    "IDX_SOURCES",
+    "Objective",
+    "OBJECTIVES",
+    "objective",
+    "beale",
+    "rosenbrock",
 ]

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -30,8 +31,11 @@ def stratified_split(labels: np.ndarray, *, test_fraction: float, seed: int):
     has two or more) go to the test set, chosen by a NumPy ``PCG64`` generator seeded with
     ``seed``. The result depends only on the labels, the fraction and the seed.
     """
-    if not isinstance(test_fraction, (float, int)) or isinstance(test_fraction, bool) or not (
-            0.0 < float(test_fraction) < 1.0):
+    if (
+        not isinstance(test_fraction, (float, int))
+        or isinstance(test_fraction, bool)
+        or not (0.0 < float(test_fraction) < 1.0)
+    ):
         raise ValueError(f"test_fraction must be a float in (0, 1), got {test_fraction!r}")
     rng = np.random.Generator(np.random.PCG64(_check_seed("stratified_split", seed)))
     train, test = [], []
@@ -76,17 +80,24 @@ class Dataset:
         for split in ("train", "test"):
             x, y = getattr(self, f"x_{split}"), getattr(self, f"y_{split}")
             if not isinstance(x, np.ndarray) or not isinstance(y, np.ndarray):
-                raise TypeError(f"Dataset({self.name!r}): x_{split} and y_{split} must be NumPy "
-                                f"arrays, got {type(x).__name__} and {type(y).__name__}")
+                raise TypeError(
+                    f"Dataset({self.name!r}): x_{split} and y_{split} must be NumPy "
+                    f"arrays, got {type(x).__name__} and {type(y).__name__}"
+                )
             if y.ndim != 1 or len(x) != len(y):
-                raise ValueError(f"Dataset({self.name!r}): expected y_{split} of shape "
-                                 f"({len(x)},), got {y.shape}")
+                raise ValueError(
+                    f"Dataset({self.name!r}): expected y_{split} of shape ({len(x)},), got {y.shape}"
+                )
             if len(y) and (y.min() < 0 or y.max() >= self.num_classes):
-                raise ValueError(f"Dataset({self.name!r}): y_{split} labels must lie in "
-                                 f"[0, {self.num_classes}), got [{y.min()}, {y.max()}]")
+                raise ValueError(
+                    f"Dataset({self.name!r}): y_{split} labels must lie in "
+                    f"[0, {self.num_classes}), got [{y.min()}, {y.max()}]"
+                )
         if self.x_train.shape[1:] != self.x_test.shape[1:]:
-            raise ValueError(f"Dataset({self.name!r}): train and test examples differ in shape: "
-                             f"{self.x_train.shape[1:]} vs {self.x_test.shape[1:]}")
+            raise ValueError(
+                f"Dataset({self.name!r}): train and test examples differ in shape: "
+                f"{self.x_train.shape[1:]} vs {self.x_test.shape[1:]}"
+            )
 
     # ------------------------------------------------------------------ description
     @property
@@ -108,15 +119,19 @@ class Dataset:
         return len(self.x_test)
 
     def __repr__(self) -> str:
-        return (f"Dataset({self.name!r}, train={self.num_train}, test={self.num_test}, "
-                f"input_shape={self.input_shape}, num_classes={self.num_classes}, "
-                f"dtype={self.x_train.dtype})")
+        return (
+            f"Dataset({self.name!r}, train={self.num_train}, test={self.num_test}, "
+            f"input_shape={self.input_shape}, num_classes={self.num_classes}, "
+            f"dtype={self.x_train.dtype})"
+        )
 
-    def flattened(self) -> "Dataset":
+    def flattened(self) -> Dataset:
         """The same data with each example flattened to a vector: ``(N, prod(input_shape))``."""
         return dataclasses.replace(
-            self, x_train=self.x_train.reshape(self.num_train, -1),
-            x_test=self.x_test.reshape(self.num_test, -1))
+            self,
+            x_train=self.x_train.reshape(self.num_train, -1),
+            x_test=self.x_test.reshape(self.num_test, -1),
+        )
 
     # ------------------------------------------------------------------ batching
     def steps_per_epoch(self, batch_size: int, *, drop_last: bool = True) -> int:
@@ -124,8 +139,10 @@ class Dataset:
         batch_size = _check_positive("steps_per_epoch", "batch_size", batch_size)
         n = self.num_train
         if drop_last and batch_size > n:
-            raise ValueError(f"batch_size={batch_size} exceeds the {n} training examples of "
-                             f"{self.name!r} (with drop_last=True no batch would be left)")
+            raise ValueError(
+                f"batch_size={batch_size} exceeds the {n} training examples of "
+                f"{self.name!r} (with drop_last=True no batch would be left)"
+            )
         return n // batch_size if drop_last else -(-n // batch_size)
 
     def epoch_order(self, epoch: int, *, seed: int = 0) -> np.ndarray:
@@ -140,8 +157,9 @@ class Dataset:
             self._perm_cache[cache_key] = rng.permutation(self.num_train)
         return self._perm_cache[cache_key]
 
-    def batch_at(self, step: int, batch_size: int, *, seed: int = 0,
-                 drop_last: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    def batch_at(
+        self, step: int, batch_size: int, *, seed: int = 0, drop_last: bool = True
+    ) -> tuple[np.ndarray, np.ndarray]:
         """The training batch ``(x, y)`` of global step ``step`` (0-based), as NumPy arrays.
 
         Depends only on ``(step, batch_size, seed, drop_last)`` and the data, never on what
@@ -152,19 +170,27 @@ class Dataset:
             raise ValueError(f"batch_at: step must be a non-negative int, got {step!r}")
         per_epoch = self.steps_per_epoch(batch_size, drop_last=drop_last)
         epoch, index = divmod(int(step), per_epoch)
-        idx = self.epoch_order(epoch, seed=seed)[index * batch_size:(index + 1) * batch_size]
+        idx = self.epoch_order(epoch, seed=seed)[index * batch_size : (index + 1) * batch_size]
         return self.x_train[idx], self.y_train[idx]
 
-    def batches(self, batch_size: int, *, seed: int = 0, start: int = 0, steps: int | None = None,
-                drop_last: bool = True) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    def batches(
+        self,
+        batch_size: int,
+        *,
+        seed: int = 0,
+        start: int = 0,
+        steps: int | None = None,
+        drop_last: bool = True,
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Training batches for steps ``start, start + 1, ...`` (forever when ``steps`` is None).
 
         ``batches(b, seed=s, start=50)`` yields exactly what an iterator started at 0 yields
         after its first 50 batches.
         """
         self.steps_per_epoch(batch_size, drop_last=drop_last)  # validates early
-        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, (int, np.integer))
-                                  or steps < 0):
+        if steps is not None and (
+            isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 0
+        ):
             raise ValueError(f"batches: steps must be a non-negative int or None, got {steps!r}")
         step = int(start)
         stop = None if steps is None else step + int(steps)
@@ -172,12 +198,13 @@ class Dataset:
             yield self.batch_at(step, batch_size, seed=seed, drop_last=drop_last)
             step += 1
 
-    def eval_batches(self, batch_size: int, *, split: str = "test"
-                     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    def eval_batches(
+        self, batch_size: int, *, split: str = "test"
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """All examples of ``split`` ("test" or "train") in stored order, the last batch partial."""
         batch_size = _check_positive("eval_batches", "batch_size", batch_size)
         if split not in ("train", "test"):
             raise ValueError(f"eval_batches: split must be 'train' or 'test', got {split!r}")
         x, y = getattr(self, f"x_{split}"), getattr(self, f"y_{split}")
         for i in range(0, len(x), batch_size):
-            yield x[i:i + batch_size], y[i:i + batch_size]
+            yield x[i : i + batch_size], y[i : i + batch_size]

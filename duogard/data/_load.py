@@ -44,28 +44,45 @@ def _digits(seed: int, test_fraction: float):
     images, target = _digits_raw()
     x = (images / 16.0)[:, None, :, :]  # (1797, 1, 8, 8) in [0, 1]
     train, test = stratified_split(target, test_fraction=test_fraction, seed=seed)
-    return dict(x_train=x[train], y_train=target[train], x_test=x[test], y_test=target[test],
-                num_classes=10, class_names=tuple(str(i) for i in range(10)),
-                info={"source": "scikit-learn load_digits (UCI optical digits, 8x8, 0..16 / 16)",
-                      "split": f"stratified, test_fraction={test_fraction}, seed={seed}"})
+    return dict(
+        x_train=x[train],
+        y_train=target[train],
+        x_test=x[test],
+        y_test=target[test],
+        num_classes=10,
+        class_names=tuple(str(i) for i in range(10)),
+        info={
+            "source": "scikit-learn load_digits (UCI optical digits, 8x8, 0..16 / 16)",
+            "split": f"stratified, test_fraction={test_fraction}, seed={seed}",
+        },
+    )
 
 
 def _idx(name: str, data_dir, test_fraction):
     if test_fraction is not None:
-        raise ValueError(f"load({name!r}): test_fraction must be None: {name} has an official "
-                         f"test set (t10k), which is used as is; got test_fraction={test_fraction!r}")
+        raise ValueError(
+            f"load({name!r}): test_fraction must be None: {name} has an official "
+            f"test set (t10k), which is used as is; got test_fraction={test_fraction!r}"
+        )
     x_train, y_train, x_test, y_test = load_idx_dataset(name, data_dir)
     scale = lambda a: (a.astype(np.float64) / 255.0)[:, None, :, :]  # noqa: E731
-    return dict(x_train=scale(x_train), y_train=y_train, x_test=scale(x_test), y_test=y_test,
-                num_classes=10,
-                class_names=FASHION_CLASSES if name == "fashion-mnist" else tuple(map(str, range(10))),
-                info={"source": f"IDX files ({name}), uint8 / 255", "split": "official (train / t10k)"})
+    return dict(
+        x_train=scale(x_train),
+        y_train=y_train,
+        x_test=scale(x_test),
+        y_test=y_test,
+        num_classes=10,
+        class_names=FASHION_CLASSES if name == "fashion-mnist" else tuple(map(str, range(10))),
+        info={"source": f"IDX files ({name}), uint8 / 255", "split": "official (train / t10k)"},
+    )
 
 
-def _synthetic(seed: int, test_fraction: float, *, num_examples: int, num_features: int,
-               num_classes: int, hidden: int):
-    for arg, value in dict(num_examples=num_examples, num_features=num_features,
-                           num_classes=num_classes, hidden=hidden).items():
+def _synthetic(
+    seed: int, test_fraction: float, *, num_examples: int, num_features: int, num_classes: int, hidden: int
+):
+    for arg, value in dict(
+        num_examples=num_examples, num_features=num_features, num_classes=num_classes, hidden=hidden
+    ).items():
         _check_positive("load('synthetic')", arg, value)
     if num_classes < 2:
         raise ValueError(f"load('synthetic'): num_classes must be >= 2, got {num_classes}")
@@ -80,16 +97,33 @@ def _synthetic(seed: int, test_fraction: float, *, num_examples: int, num_featur
     # Centre each class's logit over the data, so that argmax gives roughly balanced classes.
     y = np.argmax(logits - logits.mean(axis=0), axis=1).astype(np.int64)
     train, test = stratified_split(y, test_fraction=test_fraction, seed=seed)
-    return dict(x_train=x[train], y_train=y[train], x_test=x[test], y_test=y[test],
-                num_classes=num_classes, class_names=None,
-                info={"source": "random teacher network: y = argmax(tanh(x w1 + b1) w2), "
-                                "x ~ N(0, I)", "teacher": teacher,
-                      "split": f"stratified, test_fraction={test_fraction}, seed={seed}"})
+    return dict(
+        x_train=x[train],
+        y_train=y[train],
+        x_test=x[test],
+        y_test=y[test],
+        num_classes=num_classes,
+        class_names=None,
+        info={
+            "source": "random teacher network: y = argmax(tanh(x w1 + b1) w2), x ~ N(0, I)",
+            "teacher": teacher,
+            "split": f"stratified, test_fraction={test_fraction}, seed={seed}",
+        },
+    )
 
 
-def load(name: str = "digits", *, seed: int = 0, data_dir: str | os.PathLike | None = None,
-         test_fraction: float | None = None, flatten: bool = False, dtype: str = "float32",
-         max_train: int | None = None, max_test: int | None = None, **options) -> Dataset:
+def load(
+    name: str = "digits",
+    *,
+    seed: int = 0,
+    data_dir: str | os.PathLike | None = None,
+    test_fraction: float | None = None,
+    flatten: bool = False,
+    dtype: str = "float32",
+    max_train: int | None = None,
+    max_test: int | None = None,
+    **options,
+) -> Dataset:
     """Load a dataset into memory as a :class:`Dataset` of NumPy arrays (never downloads).
 
     Names (:data:`DATASETS`):
@@ -121,14 +155,17 @@ def load(name: str = "digits", *, seed: int = 0, data_dir: str | os.PathLike | N
     allowed = _SYNTHETIC_DEFAULTS if key == "synthetic" else {}
     unknown = sorted(set(options) - set(allowed))
     if unknown:
-        raise TypeError(f"load({key!r}): unknown option(s) {unknown}; "
-                        f"{'accepted: ' + str(sorted(allowed)) if allowed else 'it takes none'}")
+        raise TypeError(
+            f"load({key!r}): unknown option(s) {unknown}; "
+            f"{'accepted: ' + str(sorted(allowed)) if allowed else 'it takes none'}"
+        )
 
     if key == "digits":
         parts = _digits(seed, 0.2 if test_fraction is None else test_fraction)
     elif key == "synthetic":
-        parts = _synthetic(seed, 0.2 if test_fraction is None else test_fraction,
-                           **{**_SYNTHETIC_DEFAULTS, **options})
+        parts = _synthetic(
+            seed, 0.2 if test_fraction is None else test_fraction, **{**_SYNTHETIC_DEFAULTS, **options}
+        )
     else:
         parts = _idx(key, data_dir, test_fraction)
 

@@ -7,8 +7,8 @@ plot) of any backend, NumPy included, and uses only indexing and arithmetic, so
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 __all__ = ["Objective", "beale", "rosenbrock", "OBJECTIVES", "objective"]
 
@@ -16,8 +16,10 @@ __all__ = ["Objective", "beale", "rosenbrock", "OBJECTIVES", "objective"]
 def _split(name: str, xy):
     shape = tuple(getattr(xy, "shape", ()))
     if not shape or shape[-1] != 2:
-        raise ValueError(f"{name}: expected an array of shape (2,) or (..., 2) holding (x, y), "
-                         f"got {type(xy).__name__} of shape {shape}")
+        raise ValueError(
+            f"{name}: expected an array of shape (2,) or (..., 2) holding (x, y), "
+            f"got {type(xy).__name__} of shape {shape}"
+        )
     return xy[..., 0], xy[..., 1]
 
 
@@ -27,13 +29,13 @@ def beale(xy):
     Global minimum 0 at (3, 0.5).
     """
     x, y = _split("beale", xy)
-    return (1.5 - x + x * y) ** 2 + (2.25 - x + x * y ** 2) ** 2 + (2.625 - x + x * y ** 3) ** 2
+    return (1.5 - x + x * y) ** 2 + (2.25 - x + x * y**2) ** 2 + (2.625 - x + x * y**3) ** 2
 
 
 def rosenbrock(xy):
     """Rosenbrock's banana function, ``(1 - x)^2 + 100 (y - x^2)^2``. Global minimum 0 at (1, 1)."""
     x, y = _split("rosenbrock", xy)
-    return (1.0 - x) ** 2 + 100.0 * (y - x ** 2) ** 2
+    return (1.0 - x) ** 2 + 100.0 * (y - x**2) ** 2
 
 
 @dataclass(frozen=True)
@@ -55,10 +57,17 @@ class Objective:
 #: Hillstrom's test set ("Testing unconstrained optimization software", 1981):
 #: Beale from (1, 1), Rosenbrock from (-1.2, 1).
 OBJECTIVES: dict[str, Objective] = {
-    "beale": Objective("beale", beale, start=(1.0, 1.0), minimum=(3.0, 0.5), min_value=0.0,
-                       bounds=((-4.5, 4.5), (-4.5, 4.5))),
-    "rosenbrock": Objective("rosenbrock", rosenbrock, start=(-1.2, 1.0), minimum=(1.0, 1.0),
-                            min_value=0.0, bounds=((-2.0, 2.0), (-1.0, 3.0))),
+    "beale": Objective(
+        "beale", beale, start=(1.0, 1.0), minimum=(3.0, 0.5), min_value=0.0, bounds=((-4.5, 4.5), (-4.5, 4.5))
+    ),
+    "rosenbrock": Objective(
+        "rosenbrock",
+        rosenbrock,
+        start=(-1.2, 1.0),
+        minimum=(1.0, 1.0),
+        min_value=0.0,
+        bounds=((-2.0, 2.0), (-1.0, 3.0)),
+    ),
 }
 
 

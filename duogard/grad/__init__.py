@@ -7,13 +7,34 @@
 from duogard.grad._activity import ForwardActivity
 from duogard.grad._base import ESTIMATORS, Estimator, FlatView, ForwardModeError, estimator, register
 from duogard.grad._diagnostics import gradient_agreement, with_diagnostics
-from duogard.grad._forward import Backprop, Forward, ForwardExact, draw_leaf_tangent, forward_mode_errors, jvp_loss
+from duogard.grad._forward import (
+    Backprop,
+    Forward,
+    ForwardExact,
+    draw_leaf_tangent,
+    forward_mode_errors,
+    jvp_loss,
+)
 from duogard.grad._lean import LeanStep
 from duogard.grad._objective import Supervised, supervised
 
 __all__ = [
-    "Estimator", "ESTIMATORS", "estimator", "register", "FlatView", "ForwardModeError",
-    "Backprop", "Forward", "ForwardExact", "ForwardActivity", "Supervised", "supervised",
-    "gradient_agreement", "with_diagnostics", "forward_mode_errors", "jvp_loss", "LeanStep",
+    "Estimator",
+    "ESTIMATORS",
+    "estimator",
+    "register",
+    "FlatView",
+    "ForwardModeError",
+    "Backprop",
+    "Forward",
+    "ForwardExact",
+    "ForwardActivity",
+    "Supervised",
+    "supervised",
+    "gradient_agreement",
+    "with_diagnostics",
+    "forward_mode_errors",
+    "jvp_loss",
+    "LeanStep",
     "draw_leaf_tangent",
 ]

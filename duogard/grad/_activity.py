@@ -39,7 +39,9 @@ class ForwardActivity(Estimator):
 
     def __init__(self, *, distribution: str = "normal", layerwise: bool = False):
         if distribution not in _DISTRIBUTIONS:
-            raise ValueError(f"forward-activity: distribution must be one of {_DISTRIBUTIONS}, got {distribution!r}")
+            raise ValueError(
+                f"forward-activity: distribution must be one of {_DISTRIBUTIONS}, got {distribution!r}"
+            )
         self.distribution = distribution
         self.layerwise = bool(layerwise)
         self._shapes: dict = {}
@@ -58,8 +60,10 @@ class ForwardActivity(Estimator):
             if isinstance(layer, (Linear, Conv2d)):
                 names.append(str(i))
             elif getattr(layer, "has_params", True) and not _parameterless(layer):
-                raise TypeError(f"forward-activity: layer {i} ({type(layer).__name__}) has parameters but is "
-                                "neither Linear nor Conv2d; use --grad forward for this model")
+                raise TypeError(
+                    f"forward-activity: layer {i} ({type(layer).__name__}) has parameters but is "
+                    "neither Linear nor Conv2d; use --grad forward for this model"
+                )
         if not names:
             raise TypeError("forward-activity: the model has no Linear or Conv2d layer to perturb")
         return names
@@ -90,7 +94,9 @@ class ForwardActivity(Estimator):
 
         def per_example(perturb):
             inputs: dict = {}
-            out = model.forward(be, params, x, key=dkey, train=dkey is not None, perturb=perturb, capture=inputs)
+            out = model.forward(
+                be, params, x, key=dkey, train=dkey is not None, perturb=perturb, capture=inputs
+            )
             values = loss(out, y, reduction="none")
             # each example's share of the batch-mean loss (ops are dear under forward AD: no
             # reshape and sum for the usual one value per example)
@@ -113,8 +119,12 @@ class ForwardActivity(Estimator):
     def _layerwise(self, be, per_example, zeros, tangents, names):
         xp = be.xp
         count = len(names)
-        sel = {n: xp.reshape(xp.astype(xp.arange(count) == j, tangents[n].dtype),
-                             (count,) + (1,) * tangents[n].ndim) for j, n in enumerate(names)}
+        sel = {
+            n: xp.reshape(
+                xp.astype(xp.arange(count) == j, tangents[n].dtype), (count,) + (1,) * tangents[n].ndim
+            )
+            for j, n in enumerate(names)
+        }
         stacked = {n: sel[n] * tangents[n][None] for n in names}
         contrib, d, inputs = be.vmap(lambda t: be.jvp(per_example, (zeros,), (t,), has_aux=True))(stacked)
         dz = {n: _scale_rows(xp, d[j], tangents[n]) for j, n in enumerate(names)}
@@ -126,7 +136,7 @@ def _parameterless(layer) -> bool:
 
 
 def _scale_rows(xp, d, u):
-    """d (B,) times u (B, ...): the per-example estimate of ∂loss/∂z."""
+    """D (B,) times u (B, ...): the per-example estimate of ∂loss/∂z."""
     return xp.reshape(d, (d.shape[0],) + (1,) * (u.ndim - 1)) * u
 
 
@@ -141,8 +151,15 @@ def _weight_grads(be, layer, p, a, gz):
             out["bias"] = xp.sum(g2, axis=0)
         return out
     # Conv2d: the weight gradient is the transpose of the convolution in w, applied to gz
-    gw = be.conv2d_weight_grad(a, gz, p["weight"].shape, stride=layer.stride, padding=layer._pads(),
-                               dilation=layer.dilation, groups=layer.groups)
+    gw = be.conv2d_weight_grad(
+        a,
+        gz,
+        p["weight"].shape,
+        stride=layer.stride,
+        padding=layer._pads(),
+        dilation=layer.dilation,
+        groups=layer.groups,
+    )
     out = {"weight": gw}
     if "bias" in p:
         out["bias"] = xp.sum(gz, axis=(0, 2, 3))

@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
 from duogard.backend import backend_of
 from duogard.tree import tree_flatten, tree_leaves, tree_unflatten
 
-__all__ = ["Estimator", "ForwardModeError", "FlatView", "register", "estimator", "ESTIMATORS", "params_backend"]
+__all__ = [
+    "Estimator",
+    "ForwardModeError",
+    "FlatView",
+    "register",
+    "estimator",
+    "ESTIMATORS",
+    "params_backend",
+]
 
 
 class ForwardModeError(NotImplementedError):
@@ -33,7 +42,7 @@ class FlatView:
     offsets: tuple  # start of each leaf; offsets[-1] == size
 
     @classmethod
-    def of(cls, params) -> "FlatView":
+    def of(cls, params) -> FlatView:
         leaves, treedef = tree_flatten(params)
         shapes = tuple(tuple(x.shape) for x in leaves)
         offsets = tuple(int(v) for v in np.cumsum([0] + [int(np.prod(s)) for s in shapes]))
@@ -86,7 +95,8 @@ class Estimator:
         (the forward gradient with one tangent), else None (the default).
 
         Lets a training step apply ``p -= lr d v`` without first writing the gradient ``d v``;
-        when it is not None, ``d * v`` is exactly what ``__call__`` returns for the same key."""
+        when it is not None, ``d * v`` is exactly what ``__call__`` returns for the same key.
+        """
         return None
 
     def _check_key(self, key) -> None:

@@ -17,19 +17,36 @@ _JVP_PATHS = ("auto", "framework", "rules")
 
 # What the frameworks say when forward mode cannot go through, and what it means.
 _CAUSES = (  # most specific first: the generic "jvp" also appears in other messages
-    ("custom_vjp", "the loss uses a jax.custom_vjp function, which has no forward-mode rule "
-                   "(define it with jax.custom_jvp instead)"),
-    ("setup_context", "the loss uses a torch.autograd.Function without forward-mode support "
-                      "(it needs setup_context and a jvp staticmethod)"),
-    ("custom autograd.function", "the loss uses a torch.autograd.Function without a jvp staticmethod "
-                                 "(forward mode needs one)"),
-    ("does not have vmap support", "the loss uses a torch.autograd.Function without vmap support, which "
-                                   "batched JVPs (num_tangents > 1, forward-exact) need (set "
-                                   "generate_vmap_rule=True; forward mode also needs a jvp staticmethod)"),
-    ("in-place", "the loss mutates a tensor in place (e.g. BatchNorm in training mode updates its "
-                 "running statistics); pass buffers explicitly or use eval mode"),
-    ("inplace", "the loss mutates a tensor in place (e.g. BatchNorm in training mode updates its "
-                "running statistics); pass buffers explicitly or use eval mode"),
+    (
+        "custom_vjp",
+        "the loss uses a jax.custom_vjp function, which has no forward-mode rule "
+        "(define it with jax.custom_jvp instead)",
+    ),
+    (
+        "setup_context",
+        "the loss uses a torch.autograd.Function without forward-mode support "
+        "(it needs setup_context and a jvp staticmethod)",
+    ),
+    (
+        "custom autograd.function",
+        "the loss uses a torch.autograd.Function without a jvp staticmethod (forward mode needs one)",
+    ),
+    (
+        "does not have vmap support",
+        "the loss uses a torch.autograd.Function without vmap support, which "
+        "batched JVPs (num_tangents > 1, forward-exact) need (set "
+        "generate_vmap_rule=True; forward mode also needs a jvp staticmethod)",
+    ),
+    (
+        "in-place",
+        "the loss mutates a tensor in place (e.g. BatchNorm in training mode updates its "
+        "running statistics); pass buffers explicitly or use eval mode",
+    ),
+    (
+        "inplace",
+        "the loss mutates a tensor in place (e.g. BatchNorm in training mode updates its "
+        "running statistics); pass buffers explicitly or use eval mode",
+    ),
     ("forward-mode", "an op in the loss has no forward-mode (JVP) rule"),
     ("forward ad", "an op in the loss has no forward-mode (JVP) rule"),
     ("forward_ad", "an op in the loss has no forward-mode (JVP) rule"),
@@ -71,8 +88,12 @@ class Backprop(Estimator):
 
 
 def _positive(name: str, value, kind=int):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0 or (
-            kind is int and int(value) != value):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or value <= 0
+        or (kind is int and int(value) != value)
+    ):
         raise ValueError(f"forward: {name} must be a positive {kind.__name__}, got {value!r}")
     return kind(value)
 
@@ -114,8 +135,16 @@ class Forward(Estimator):
 
     stochastic = True
 
-    def __init__(self, *, num_tangents: int = 1, distribution: str = "normal", orthogonal: bool = False,
-                 projection: bool = False, jvp: str = "auto", lean: bool = False):
+    def __init__(
+        self,
+        *,
+        num_tangents: int = 1,
+        distribution: str = "normal",
+        orthogonal: bool = False,
+        projection: bool = False,
+        jvp: str = "auto",
+        lean: bool = False,
+    ):
         self.num_tangents = _positive("num_tangents", num_tangents)
         if jvp not in _JVP_PATHS:
             raise ValueError(f"forward: jvp must be one of {_JVP_PATHS}, got {jvp!r}")
@@ -127,9 +156,11 @@ class Forward(Estimator):
         self.projection = bool(projection)
         self.lean = bool(lean)
         if self.lean and (self.orthogonal or self.projection):
-            raise ValueError("forward: lean=True draws each leaf's tangent on its own; it does not combine "
-                             f"with orthogonal=True or projection=True (got orthogonal={orthogonal!r}, "
-                             f"projection={projection!r})")
+            raise ValueError(
+                "forward: lean=True draws each leaf's tangent on its own; it does not combine "
+                f"with orthogonal=True or projection=True (got orthogonal={orthogonal!r}, "
+                f"projection={projection!r})"
+            )
 
     # ---------------------------------------------------------------- the two hooks
     def tangent_tree(self, params, key):
@@ -151,16 +182,28 @@ class Forward(Estimator):
         be = params_backend(params)
         leaves, treedef = tree_flatten(params)
         k = self.num_tangents
-        tree = tree_unflatten(treedef, [
-            draw_leaf_tangent(be, self.distribution, be.fold_in(key, i), k, tuple(leaf.shape),
-                              dtype=leaf.dtype, device=be.device_of(leaf))
-            for i, leaf in enumerate(leaves)])
+        tree = tree_unflatten(
+            treedef,
+            [
+                draw_leaf_tangent(
+                    be,
+                    self.distribution,
+                    be.fold_in(key, i),
+                    k,
+                    tuple(leaf.shape),
+                    dtype=leaf.dtype,
+                    device=be.device_of(leaf),
+                )
+                for i, leaf in enumerate(leaves)
+            ],
+        )
         if not self.orthogonal:
             return tree
         flat = FlatView.of(params)
         if k > flat.size:
-            raise ValueError(f"forward: orthogonal=True needs num_tangents <= number of parameters "
-                             f"({flat.size}), got {k}")
+            raise ValueError(
+                f"forward: orthogonal=True needs num_tangents <= number of parameters ({flat.size}), got {k}"
+            )
         frame = _orthonormal_rows(be, flat.flatten(be, tree, leading=(k,))) * math.sqrt(flat.size)
         return flat.unflatten(be, frame, leading=(k,))
 
@@ -207,8 +250,10 @@ class Forward(Estimator):
         flat = FlatView.of(params)
         k = self.num_tangents
         if tuple(tangents.shape) != (k, flat.size):
-            raise ValueError(f"forward: tangents must have shape (num_tangents, n) = {(k, flat.size)}, "
-                             f"got {tuple(tangents.shape)}")
+            raise ValueError(
+                f"forward: tangents must have shape (num_tangents, n) = {(k, flat.size)}, "
+                f"got {tuple(tangents.shape)}"
+            )
         return self.estimate_tree(loss_fn, params, batch, flat.unflatten(be, tangents, leading=(k,)))
 
     def __call__(self, loss_fn, params, batch, key=None):
@@ -259,8 +304,10 @@ class Forward(Estimator):
             # fast or faster, so "auto" keeps it there (duogard bench shows both)
             rules = _rules_plan(loss_fn, batch, convolutions=self.jvp == "rules")
             if rules is None and self.jvp == "rules":
-                raise ValueError("forward: jvp='rules' covers supervised(Sequential of duogard layers, "
-                                 "cross_entropy or mse) losses only; use jvp='framework' for this loss")
+                raise ValueError(
+                    "forward: jvp='rules' covers supervised(Sequential of duogard layers, "
+                    "cross_entropy or mse) losses only; use jvp='framework' for this loss"
+                )
             return rules
         return None
 
@@ -268,7 +315,8 @@ class Forward(Estimator):
 def draw_leaf_tangent(be, kind: str, key, k: int, shape: tuple, *, dtype, device):
     """One leaf's ``(k, *shape)`` tangent from its own key, as one contiguous array: the numbers
     of that leaf's block in :meth:`Forward.sample`'s flat array (``be.draw_rows`` with one key).
-    The forward estimator and the lean step both draw through it."""
+    The forward estimator and the lean step both draw through it.
+    """
     block = be.draw_rows(kind, [key], [math.prod(shape)], k, dtype=dtype, device=device)
     return be.xp.reshape(block, (k, *shape))
 

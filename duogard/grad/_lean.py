@@ -39,8 +39,9 @@ class LeanStep:
 
     Built by :class:`duogard.train.Trainer` (update strategy ``"sgd-lean"``) for
     ``estimator("forward", lean=True)`` with a momentum-free :func:`duogard.optim.sgd` (a
-    :class:`duogard.optim.PlainSGD`, whose :meth:`~duogard.optim.PlainSGD.apply_` writes each leaf). The loss must be covered by duogard's forward rules
-    (a :class:`duogard.nn.Sequential` of duogard layers with ``cross_entropy`` or ``mse``).
+    :class:`duogard.optim.PlainSGD`, whose :meth:`~duogard.optim.PlainSGD.apply_` writes each
+    leaf). The loss must be covered by duogard's forward rules (a :class:`duogard.nn.Sequential`
+    of duogard layers with ``cross_entropy`` or ``mse``).
     """
 
     def __init__(self, estimator, loss_fn, be, sgd, *, compile=None):
@@ -61,8 +62,18 @@ class LeanStep:
 
         def tangents(p, key, index):
             # fold_in inside the program: eager key arithmetic costs more than the draw on JAX
-            return {n: draw_leaf_tangent(be, kind, be.fold_in(key, index[n]), k, tuple(p[n].shape),
-                                         dtype=p[n].dtype, device=be.device_of(p[n])) for n in p}
+            return {
+                n: draw_leaf_tangent(
+                    be,
+                    kind,
+                    be.fold_in(key, index[n]),
+                    k,
+                    tuple(p[n].shape),
+                    dtype=p[n].dtype,
+                    device=be.device_of(p[n]),
+                )
+                for n in p
+            }
 
         # one program per distinct layer (by its repr: the same config and shapes compile once)
         programs = {}
@@ -71,11 +82,14 @@ class LeanStep:
             ident = (type(layer), repr(layer), layer.has_params)
             if ident not in programs:
                 if layer.has_params:
+
                     def fwd(p, key, index, x, tx, layer=layer):
                         return _layer(be, layer, p, tangents(p, key, index), x, tx, k)
                 else:
+
                     def fwd(p, key, index, x, tx, layer=layer):
                         return _layer(be, layer, {}, {}, x, tx, k)
+
                 programs[ident] = be.jit(fwd, **jit_kw)
             self._forward.append(programs[ident])
 
@@ -89,8 +103,9 @@ class LeanStep:
         def update(p, key, index, coef, lr):
             # p <- p (1 - lr wd) - lr g, g = sum_k coef_k v_k (coef = d / K), written by the one
             # in-place SGD component; returns |g|^2 too
-            v = draw_leaf_tangent(be, kind, be.fold_in(key, index), k, tuple(p.shape), dtype=p.dtype,
-                                  device=be.device_of(p))
+            v = draw_leaf_tangent(
+                be, kind, be.fold_in(key, index), k, tuple(p.shape), dtype=p.dtype, device=be.device_of(p)
+            )
             xp = be.xp
             if k == 1:
                 return sgd.apply_(be, p, v[0], lr, scale=coef[0]), xp.sum(v * v) * coef[0] * coef[0]
@@ -101,7 +116,8 @@ class LeanStep:
 
     def directional(self, params, batch, key):
         """``(loss, d, finite)``: the loss, its K directional derivatives along the per-leaf
-        tangents, and whether both are finite (0-d bool array)."""
+        tangents, and whether both are finite (0-d bool array).
+        """
         x, y = batch[0], batch[1]
         index = self._index(params)
         tx = None
@@ -124,7 +140,8 @@ class LeanStep:
 
     def step(self, params, opt_state, batch, key):
         """One SGD step: ``(params, opt_state, loss, |g|²)``. With a non-finite loss or derivative
-        nothing is updated (the inputs come back unchanged) and |g|² is NaN."""
+        nothing is updated (the inputs come back unchanged) and |g|² is NaN.
+        """
         be = self.be
         value, ds, finite = self.directional(params, batch, key)
         if not bool(be.to_numpy(finite)):
@@ -135,13 +152,15 @@ class LeanStep:
 
     def _index(self, params):
         """Each leaf's index in ``tree_leaves(params)`` as a 0-d array (one program for every
-        layer), computed once per params structure."""
+        layer), computed once per params structure.
+        """
         structure = tree_structure(params)
         cached = self._indices.get(structure)
         if cached is None:
             be, order = self.be, leaf_keys_order(params)
-            cached = {ln: {n: be.asarray(np.asarray(order[(ln, n)], dtype=np.uint32)) for n in layer}
-                      for ln, layer in params.items()}
+            cached = {
+                ln: {n: be.asarray(np.asarray(order[(ln, n)], dtype=np.uint32)) for n in layer}
+                for ln, layer in params.items()
+            }
             self._indices[structure] = cached
         return cached
-

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from duogard import losses as _losses
 
@@ -32,8 +32,10 @@ class Supervised:
 
 def _unpack(batch):
     if not isinstance(batch, (tuple, list)) or len(batch) not in (2, 3):
-        raise ValueError(f"supervised loss: batch must be (x, y) or (x, y, key), got "
-                         f"{type(batch).__name__} of length {len(batch) if hasattr(batch, '__len__') else '?'}")
+        raise ValueError(
+            f"supervised loss: batch must be (x, y) or (x, y, key), got "
+            f"{type(batch).__name__} of length {len(batch) if hasattr(batch, '__len__') else '?'}"
+        )
     x, y, *rest = batch
     return x, y, rest[0] if rest else None
 

@@ -23,8 +23,9 @@ _ELEMENTWISE = {
     "relu": lambda be, x, y, o: be.xp.astype(x > 0, x.dtype),
     "tanh": lambda be, x, y, o: 1 - y * y,
     "sigmoid": lambda be, x, y, o: y * (1 - y),
-    "leaky_relu": lambda be, x, y, o: be.xp.where(x > 0, be.xp.ones_like(x),
-                                                  be.xp.full_like(x, o.get("negative_slope", 0.01))),
+    "leaky_relu": lambda be, x, y, o: be.xp.where(
+        x > 0, be.xp.ones_like(x), be.xp.full_like(x, o.get("negative_slope", 0.01))
+    ),
 }
 _LOSSES = (_losses.cross_entropy, _losses.mse)
 
@@ -32,7 +33,8 @@ _LOSSES = (_losses.cross_entropy, _losses.mse)
 def plan(loss_fn, batch, *, convolutions: bool = True):
     """``(model, loss)`` when hand-written rules cover this loss, else None.
 
-    ``convolutions=False`` declines models with a Conv2d (where they are not faster)."""
+    ``convolutions=False`` declines models with a Conv2d (where they are not faster).
+    """
     if not isinstance(loss_fn, Supervised) or not isinstance(loss_fn.model, Sequential):
         return None
     if loss_fn.loss not in _LOSSES:
@@ -73,9 +75,15 @@ def _linear(be, layer, p, tp, x, tx, k):
 def _conv(be, layer, p, tp, x, tx, k):
     xp = be.xp
     w, tw = p["weight"], tp["weight"]
-    conv = lambda inp, ker, bias=None: be.conv2d(inp, ker, bias, stride=layer.stride,  # noqa: E731
-                                                 padding=layer._pads(), dilation=layer.dilation,
-                                                 groups=layer.groups)
+    conv = lambda inp, ker, bias=None: be.conv2d(
+        inp,
+        ker,
+        bias,
+        stride=layer.stride,  # noqa: E731
+        padding=layer._pads(),
+        dilation=layer.dilation,
+        groups=layer.groups,
+    )
     y = conv(x, w, p["bias"] if layer.bias else None)
     out = w.shape[0]
     if layer.groups == 1:

@@ -115,8 +115,9 @@ _NUMPY = "numpy"
 _SCALAR = object()  # the owner of a Python scalar leaf: returned unchanged
 
 
-def convert(tree: Any, to: Any, device: Any = None, *, copy: bool | None = None,
-            allow_downcast: bool = False) -> Any:
+def convert(
+    tree: Any, to: Any, device: Any = None, *, copy: bool | None = None, allow_downcast: bool = False
+) -> Any:
     """Convert every array leaf of ``tree`` to JAX, PyTorch or NumPy, zero-copy where possible.
 
     Args:
@@ -149,8 +150,10 @@ def convert(tree: Any, to: Any, device: Any = None, *, copy: bool | None = None,
         raise TypeError(f"convert: copy must be None, True or False, got {copy!r}")
     leaves, treedef = tree_flatten(tree)
     owners = [_owner(x, tree, i) for i, x in enumerate(leaves)]
-    devices = [None if owner is _SCALAR else _device_of(x, owner, lambda i=i: _path(tree, i))
-               for i, (x, owner) in enumerate(zip(leaves, owners))]
+    devices = [
+        None if owner is _SCALAR else _device_of(x, owner, lambda i=i: _path(tree, i))
+        for i, (x, owner) in enumerate(zip(leaves, owners))
+    ]
     if device is None:
         dest = _common_device(devices, tree)
     else:
@@ -158,15 +161,25 @@ def convert(tree: Any, to: Any, device: Any = None, *, copy: bool | None = None,
     if dest is not None and _device_problem(target, dest) is not None:
         raise ValueError(_unreachable_message(target, dest, device is None))
     out = [
-        x if owner is _SCALAR else _convert_leaf(
-            x, owner, target, src_dev, dest, copy=copy, allow_downcast=allow_downcast,
-            where=lambda i=i: _path(tree, i))
+        x
+        if owner is _SCALAR
+        else _convert_leaf(
+            x,
+            owner,
+            target,
+            src_dev,
+            dest,
+            copy=copy,
+            allow_downcast=allow_downcast,
+            where=lambda i=i: _path(tree, i),
+        )
         for i, (x, owner, src_dev) in enumerate(zip(leaves, owners, devices))
     ]
     return tree_unflatten(treedef, out)
 
 
 # ----------------------------------------------------------------------------- arguments
+
 
 def _target(to):
     """The target backend module, or _NUMPY."""
@@ -178,8 +191,8 @@ def _target(to):
     if name in registered_backends():
         return backend(name)
     raise ValueError(
-        f"convert: to must be one of {[*registered_backends(), _NUMPY]} (or a backend module), "
-        f"got {to!r}")
+        f"convert: to must be one of {[*registered_backends(), _NUMPY]} (or a backend module), got {to!r}"
+    )
 
 
 def _owner(x, tree, i):
@@ -194,7 +207,8 @@ def _owner(x, tree, i):
     if owner is None:
         raise TypeError(
             f"convert: leaf {_path(tree, i)} is a {type(x).__module__}.{type(x).__qualname__}; "
-            "expected a JAX array, a torch tensor, a NumPy array or a Python scalar")
+            "expected a JAX array, a torch tensor, a NumPy array or a Python scalar"
+        )
     return owner
 
 
@@ -224,7 +238,8 @@ def _parse_device(device) -> tuple[str, int]:
             return device.type, 0 if device.type == "cpu" else int(device.index or 0)
     raise ValueError(
         f"convert: device must be None, 'cpu', 'cuda', 'cuda:N', a torch.device or a JAX "
-        f"CPU/GPU device, got {device!r}")
+        f"CPU/GPU device, got {device!r}"
+    )
 
 
 def _device_of(x, owner, where) -> tuple[str, int]:
@@ -240,11 +255,13 @@ def _common_device(devices, tree):
         where = ", ".join(f"{_path(tree, i)} on {device_label(dev)}" for dev, i in seen.items())
         raise ValueError(
             f"convert: the array leaves are on different devices ({where}); pass device= "
-            "(e.g. device='cpu' or device='cuda:0') to say where the results go")
+            "(e.g. device='cpu' or device='cuda:0') to say where the results go"
+        )
     return next(iter(seen), None)
 
 
 # ----------------------------------------------------------------------------- devices
+
 
 def _device_problem(owner, dev) -> str | None:
     """Why arrays of ``owner`` (a backend or _NUMPY) cannot live on device ``dev``, or None."""
@@ -255,11 +272,14 @@ def _device_problem(owner, dev) -> str | None:
 
 def _unreachable_message(target, dest, implicit) -> str:
     hint = "; pass device='cpu' to copy the leaves to the host" if implicit else ""
-    return (f"convert: cannot put {_name(target)} arrays on {device_label(dest)}: "
-            f"{_device_problem(target, dest)}{hint}")
+    return (
+        f"convert: cannot put {_name(target)} arrays on {device_label(dest)}: "
+        f"{_device_problem(target, dest)}{hint}"
+    )
 
 
 # ----------------------------------------------------------------------------- one leaf
+
 
 def _convert_leaf(x, source, target, src_dev, dest, *, copy, allow_downcast, where):
     """One array leaf from ``source`` to ``target`` (backend modules or _NUMPY)."""
@@ -268,17 +288,25 @@ def _convert_leaf(x, source, target, src_dev, dest, *, copy, allow_downcast, whe
     # imports it where it is (zero-copy) and moves it then
     by_source = move and _device_problem(source, dest) is None
     if move and not by_source and _device_problem(target, src_dev) is not None:
-        raise ValueError(f"convert: neither {_name(source)} nor {_name(target)} can move leaf "
-                         f"{where()} from {device_label(src_dev)} to {device_label(dest)}")
+        raise ValueError(
+            f"convert: neither {_name(source)} nor {_name(target)} can move leaf "
+            f"{where()} from {device_label(src_dev)} to {device_label(dest)}"
+        )
     if source is _NUMPY:
         obj = np.asarray(x)  # a NumPy scalar becomes a 0-d array
     else:
-        obj = source.dlpack_export(x, copy=False if copy is False else None,
-                                   device=dest if by_source else None, where=where)
+        obj = source.dlpack_export(
+            x, copy=False if copy is False else None, device=dest if by_source else None, where=where
+        )
     if target is _NUMPY:
         return _to_numpy(obj, source, copy=copy)
-    return target.dlpack_import(obj, copy=copy, device=dest if move and not by_source else None,
-                                allow_downcast=allow_downcast, where=where)
+    return target.dlpack_import(
+        obj,
+        copy=copy,
+        device=dest if move and not by_source else None,
+        allow_downcast=allow_downcast,
+        where=where,
+    )
 
 
 def _to_numpy(obj, source, *, copy):
@@ -287,7 +315,9 @@ def _to_numpy(obj, source, *, copy):
         return np.array(obj, copy=True) if copy is True else obj
     if obj.dtype == "bfloat16" and importlib.util.find_spec("ml_dtypes") is None:
         # NumPy has no bfloat16 of its own: the result is an ml_dtypes.bfloat16 array
-        raise ImportError("convert: to='numpy' of a bfloat16 tensor needs ml_dtypes (NumPy has no "
-                          "bfloat16): pip install ml_dtypes")
+        raise ImportError(
+            "convert: to='numpy' of a bfloat16 tensor needs ml_dtypes (NumPy has no "
+            "bfloat16): pip install ml_dtypes"
+        )
     out = source.to_numpy(obj.array)  # zero-copy on the host (read-only from JAX)
     return np.array(out, copy=True) if copy is True and not obj.fresh else out

@@ -67,7 +67,9 @@ def configure_shared_gpu(*, preallocate: bool = False) -> str:
             f"configure_shared_gpu: JAX's backends have already started, so "
             f"{PREALLOCATE_VAR}={value} only affects new processes. Call it before the first "
             f"JAX computation, or set {PREALLOCATE_VAR} in the shell.",
-            RuntimeWarning, stacklevel=2)
+            RuntimeWarning,
+            stacklevel=2,
+        )
     return value
 
 

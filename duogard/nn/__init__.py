@@ -5,8 +5,19 @@ plain nested dicts named like torch's ``state_dict``; images are NCHW.
 """
 
 from duogard.nn._activations import (
-    ACTIVATIONS, Activation, activation, elu, gelu, leaky_relu, log_softmax, relu, sigmoid, silu,
-    softmax, softplus, tanh,
+    ACTIVATIONS,
+    Activation,
+    activation,
+    elu,
+    gelu,
+    leaky_relu,
+    log_softmax,
+    relu,
+    sigmoid,
+    silu,
+    softmax,
+    softplus,
+    tanh,
 )
 from duogard.nn._conv import Conv2d
 from duogard.nn._linear import Linear
@@ -15,7 +26,27 @@ from duogard.nn._norm import Dropout, LayerNorm
 from duogard.nn._pool import AvgPool2d, Flatten, MaxPool2d
 
 __all__ = [
-    "Module", "Sequential", "Lambda", "Linear", "Conv2d", "MaxPool2d", "AvgPool2d", "Flatten",
-    "Dropout", "LayerNorm", "Activation", "activation", "ACTIVATIONS", "relu", "leaky_relu",
-    "tanh", "sigmoid", "gelu", "softplus", "elu", "silu", "softmax", "log_softmax",
+    "Module",
+    "Sequential",
+    "Lambda",
+    "Linear",
+    "Conv2d",
+    "MaxPool2d",
+    "AvgPool2d",
+    "Flatten",
+    "Dropout",
+    "LayerNorm",
+    "Activation",
+    "activation",
+    "ACTIVATIONS",
+    "relu",
+    "leaky_relu",
+    "tanh",
+    "sigmoid",
+    "gelu",
+    "softplus",
+    "elu",
+    "silu",
+    "softmax",
+    "log_softmax",
 ]

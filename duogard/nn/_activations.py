@@ -5,12 +5,35 @@ from __future__ import annotations
 from duogard.backend import backend_of
 from duogard.nn._module import Module
 
-__all__ = ["Activation", "activation", "ACTIVATIONS", "relu", "leaky_relu", "tanh", "sigmoid",
-           "gelu", "softplus", "elu", "silu", "softmax", "log_softmax"]
+__all__ = [
+    "Activation",
+    "activation",
+    "ACTIVATIONS",
+    "relu",
+    "leaky_relu",
+    "tanh",
+    "sigmoid",
+    "gelu",
+    "softplus",
+    "elu",
+    "silu",
+    "softmax",
+    "log_softmax",
+]
 
 #: names of the built-in activations (each is a backend function of the same name)
-ACTIVATIONS = ("relu", "leaky_relu", "tanh", "sigmoid", "gelu", "softplus", "elu", "silu",
-               "softmax", "log_softmax")
+ACTIVATIONS = (
+    "relu",
+    "leaky_relu",
+    "tanh",
+    "sigmoid",
+    "gelu",
+    "softplus",
+    "elu",
+    "silu",
+    "softmax",
+    "log_softmax",
+)
 
 
 class Activation(Module):

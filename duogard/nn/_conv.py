@@ -13,8 +13,9 @@ __all__ = ["Conv2d", "pair"]
 def pair(layer: str, arg: str, value, *, minimum: int = 1) -> tuple[int, int]:
     """An int or a pair of ints -> a pair, each >= minimum."""
     vals = (value, value) if isinstance(value, (int, np.integer)) else tuple(value)
-    if len(vals) != 2 or any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < minimum
-                             for v in vals):
+    if len(vals) != 2 or any(
+        isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < minimum for v in vals
+    ):
         raise ValueError(f"{layer}: {arg} must be an int or a pair of ints >= {minimum}, got {value!r}")
     return int(vals[0]), int(vals[1])
 
@@ -27,8 +28,17 @@ class Conv2d(Module):
     The number of input channels is inferred from the example input at :meth:`init`.
     """
 
-    def __init__(self, out_channels: int, kernel_size, *, stride=1, padding=0, dilation=1,
-                 groups: int = 1, bias: bool = True):
+    def __init__(
+        self,
+        out_channels: int,
+        kernel_size,
+        *,
+        stride=1,
+        padding=0,
+        dilation=1,
+        groups: int = 1,
+        bias: bool = True,
+    ):
         self.out_channels = _positive_int("Conv2d", "out_channels", out_channels)
         self.kernel_size = pair("Conv2d", "kernel_size", kernel_size)
         self.stride = pair("Conv2d", "stride", stride)
@@ -36,7 +46,9 @@ class Conv2d(Module):
         self.groups = _positive_int("Conv2d", "groups", groups)
         if isinstance(padding, str):
             if padding not in ("same", "valid"):
-                raise ValueError(f"Conv2d: padding must be an int, a pair, 'same' or 'valid', got {padding!r}")
+                raise ValueError(
+                    f"Conv2d: padding must be an int, a pair, 'same' or 'valid', got {padding!r}"
+                )
             if padding == "same" and self.stride != (1, 1):
                 raise ValueError(f"Conv2d: padding='same' needs stride 1, got stride {self.stride}")
             self.padding = padding
@@ -80,7 +92,9 @@ class Conv2d(Module):
         if self.bias:
             params["bias"] = uniform_init(rng, (self.out_channels,), fan_in, dtype)
         out_hw = []
-        for size, k, s, d, (lo, hi) in zip((h, w), self.kernel_size, self.stride, self.dilation, self._pads()):
+        for size, k, s, d, (lo, hi) in zip(
+            (h, w), self.kernel_size, self.stride, self.dilation, self._pads()
+        ):
             o = (size + lo + hi - d * (k - 1) - 1) // s + 1
             if o <= 0:
                 raise ValueError(
@@ -98,5 +112,12 @@ class Conv2d(Module):
                 f"Conv2d({self.out_channels}, {self.kernel_size}): expected {w.shape[1] * self.groups} "
                 f"input channels (NCHW), got input shape {tuple(x.shape)}"
             )
-        return be.conv2d(x, w, params["bias"] if self.bias else None, stride=self.stride,
-                         padding=self._pads(), dilation=self.dilation, groups=self.groups)
+        return be.conv2d(
+            x,
+            w,
+            params["bias"] if self.bias else None,
+            stride=self.stride,
+            padding=self._pads(),
+            dilation=self.dilation,
+            groups=self.groups,
+        )

@@ -52,7 +52,6 @@ class Linear(Module):
         w = params["weight"]
         if x.ndim < 1 or x.shape[-1] != w.shape[1]:
             raise ValueError(
-                f"Linear({self.out_features}): expected input shape (..., {w.shape[1]}), "
-                f"got {tuple(x.shape)}"
+                f"Linear({self.out_features}): expected input shape (..., {w.shape[1]}), got {tuple(x.shape)}"
             )
         return be.linear(x, w, params["bias"] if self.bias else None)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -57,8 +58,11 @@ class Module:
         Input sizes are inferred from the example (``Linear(10)`` needs no input size); the
         schemes are torch.nn's defaults. Returns a nested dict of NumPy arrays.
         """
-        shape = tuple(example_input) if isinstance(example_input, (tuple, list)) else tuple(
-            getattr(example_input, "shape", ()))
+        shape = (
+            tuple(example_input)
+            if isinstance(example_input, (tuple, list))
+            else tuple(getattr(example_input, "shape", ()))
+        )
         params, _ = self.init_params(init_rng(seed), shape, _float_dtype(example_input, dtype))
         return params
 
@@ -80,9 +84,7 @@ class Module:
 
 def _check_rank(layer: str, x_shape: tuple, rank: int, what: str) -> None:
     if len(x_shape) != rank:
-        raise ValueError(
-            f"{layer}: expected a rank-{rank} input {what}, got shape {tuple(x_shape)}"
-        )
+        raise ValueError(f"{layer}: expected a rank-{rank} input {what}, got shape {tuple(x_shape)}")
 
 
 class Lambda(Module):
@@ -90,8 +92,9 @@ class Lambda(Module):
 
     has_params = False
 
-    def __init__(self, fn: Callable, *, output_shape: Callable[[tuple], tuple] | None = None,
-                 name: str | None = None):
+    def __init__(
+        self, fn: Callable, *, output_shape: Callable[[tuple], tuple] | None = None, name: str | None = None
+    ):
         if not callable(fn):
             raise TypeError(f"Lambda: fn must be callable, got {type(fn).__name__}")
         self.fn = fn
@@ -163,8 +166,7 @@ class Sequential(Module):
         return x
 
     def apply(self, params, x, *, key=None, train=False, perturb=None, capture=None):
-        return self.forward(backend_of(x), params, x, key=key, train=train, perturb=perturb,
-                            capture=capture)
+        return self.forward(backend_of(x), params, x, key=key, train=train, perturb=perturb, capture=capture)
 
     def layer_shapes(self, input_shape: tuple) -> list[tuple]:
         """Output shape of every layer, for an input shape (with the batch dimension)."""

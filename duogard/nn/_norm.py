@@ -26,9 +26,11 @@ class LayerNorm(Module):
 
     def init_params(self, rng, input_shape, dtype):
         if len(input_shape) < self.normalized_ndim:
-            raise ValueError(f"LayerNorm: expected an input of rank >= {self.normalized_ndim}, "
-                             f"got shape {tuple(input_shape)}")
-        shape = tuple(input_shape[len(input_shape) - self.normalized_ndim:])
+            raise ValueError(
+                f"LayerNorm: expected an input of rank >= {self.normalized_ndim}, "
+                f"got shape {tuple(input_shape)}"
+            )
+        shape = tuple(input_shape[len(input_shape) - self.normalized_ndim :])
         params = {}
         if self.elementwise_affine:
             params = {"weight": np.ones(shape, dtype), "bias": np.zeros(shape, dtype)}
@@ -37,12 +39,15 @@ class LayerNorm(Module):
     def forward(self, be, params, x, *, key=None, train=False):
         if self.elementwise_affine:
             want = tuple(params["weight"].shape)
-            got = tuple(x.shape[x.ndim - self.normalized_ndim:]) if x.ndim >= self.normalized_ndim else ()
+            got = tuple(x.shape[x.ndim - self.normalized_ndim :]) if x.ndim >= self.normalized_ndim else ()
             if got != want:
-                raise ValueError(f"LayerNorm: expected input shape (..., {', '.join(map(str, want))}), "
-                                 f"got {tuple(x.shape)}")
-        return be.layer_norm(x, params.get("weight"), params.get("bias"),
-                             normalized_ndim=self.normalized_ndim, eps=self.eps)
+                raise ValueError(
+                    f"LayerNorm: expected input shape (..., {', '.join(map(str, want))}), "
+                    f"got {tuple(x.shape)}"
+                )
+        return be.layer_norm(
+            x, params.get("weight"), params.get("bias"), normalized_ndim=self.normalized_ndim, eps=self.eps
+        )
 
 
 class Dropout(Module):

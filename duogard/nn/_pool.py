@@ -28,11 +28,15 @@ class _Pool2d(Module):
     def init_params(self, rng, input_shape, dtype):
         self._check(input_shape)
         n, c, h, w = input_shape
-        out = [(size + 2 * p - k) // s + 1
-               for size, k, s, p in zip((h, w), self.kernel_size, self.stride, self.padding)]
+        out = [
+            (size + 2 * p - k) // s + 1
+            for size, k, s, p in zip((h, w), self.kernel_size, self.stride, self.padding)
+        ]
         if min(out) <= 0:
-            raise ValueError(f"{type(self).__name__}: input shape {tuple(input_shape)} is smaller than "
-                             f"the window {self.kernel_size}")
+            raise ValueError(
+                f"{type(self).__name__}: input shape {tuple(input_shape)} is smaller than "
+                f"the window {self.kernel_size}"
+            )
         return {}, (n, c, *out)
 
 
@@ -53,8 +57,13 @@ class AvgPool2d(_Pool2d):
 
     def forward(self, be, params, x, *, key=None, train=False):
         self._check(tuple(x.shape))
-        return be.avg_pool2d(x, kernel_size=self.kernel_size, stride=self.stride, padding=self.padding,
-                             count_include_pad=self.count_include_pad)
+        return be.avg_pool2d(
+            x,
+            kernel_size=self.kernel_size,
+            stride=self.stride,
+            padding=self.padding,
+            count_include_pad=self.count_include_pad,
+        )
 
 
 class Flatten(Module):

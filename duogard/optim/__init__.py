@@ -21,35 +21,82 @@ the backends (``duogard_jax.optax``, ``duogard_torch.optim``) and are loaded on 
 
 from duogard.backend import extra
 from duogard.optim._base import (
-    EmptyState, GradientTransformation, apply_updates, chain, current_learning_rate, identity,
+    EmptyState,
+    GradientTransformation,
+    apply_updates,
+    chain,
+    current_learning_rate,
+    identity,
     step_count,
 )
 from duogard.optim._optimizers import PlainSGD, adagrad, adam, adamw, rmsprop, sgd
 from duogard.optim._schedules import (
-    Schedule, constant_schedule, cosine_decay, exponential_decay, step_decay, warmup_cosine_decay,
+    Schedule,
+    constant_schedule,
+    cosine_decay,
+    exponential_decay,
+    step_decay,
+    warmup_cosine_decay,
 )
 from duogard.optim._transforms import (
-    ScaleByAdamState, ScaleByLearningRateState, ScaleByRmsState, ScaleByRssState, TraceState,
-    add_decayed_weights, clip, clip_by_global_norm, scale, scale_by_adam, scale_by_learning_rate,
-    scale_by_rms, scale_by_rss, trace,
+    ScaleByAdamState,
+    ScaleByLearningRateState,
+    ScaleByRmsState,
+    ScaleByRssState,
+    TraceState,
+    add_decayed_weights,
+    clip,
+    clip_by_global_norm,
+    scale,
+    scale_by_adam,
+    scale_by_learning_rate,
+    scale_by_rms,
+    scale_by_rss,
+    trace,
 )
 
 __all__ = [
     # protocol
-    "GradientTransformation", "EmptyState", "identity", "chain", "apply_updates",
-    "current_learning_rate", "step_count",
+    "GradientTransformation",
+    "EmptyState",
+    "identity",
+    "chain",
+    "apply_updates",
+    "current_learning_rate",
+    "step_count",
     # optimizers
-    "sgd", "adam", "adamw", "rmsprop", "adagrad", "PlainSGD",
+    "sgd",
+    "adam",
+    "adamw",
+    "rmsprop",
+    "adagrad",
+    "PlainSGD",
     # transformations
-    "scale", "scale_by_learning_rate", "add_decayed_weights", "trace", "scale_by_adam",
-    "scale_by_rms", "scale_by_rss", "clip", "clip_by_global_norm",
-    "ScaleByLearningRateState", "TraceState", "ScaleByAdamState", "ScaleByRmsState",
+    "scale",
+    "scale_by_learning_rate",
+    "add_decayed_weights",
+    "trace",
+    "scale_by_adam",
+    "scale_by_rms",
+    "scale_by_rss",
+    "clip",
+    "clip_by_global_norm",
+    "ScaleByLearningRateState",
+    "TraceState",
+    "ScaleByAdamState",
+    "ScaleByRmsState",
     "ScaleByRssState",
     # schedules
-    "Schedule", "constant_schedule", "exponential_decay", "step_decay", "cosine_decay",
+    "Schedule",
+    "constant_schedule",
+    "exponential_decay",
+    "step_decay",
+    "cosine_decay",
     "warmup_cosine_decay",
     # adapters
-    "from_optax", "from_torch", "TorchOptimizerState",
+    "from_optax",
+    "from_torch",
+    "TorchOptimizerState",
 ]
 
 # adapter name -> (backend, name of its extra)

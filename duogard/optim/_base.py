@@ -14,7 +14,8 @@ An optimizer (and every piece of one) is a :class:`GradientTransformation`:
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import numpy as np
 import optree
@@ -23,8 +24,13 @@ from duogard.backend import backend_of
 from duogard.tree import tree_leaves, tree_map
 
 __all__ = [
-    "GradientTransformation", "EmptyState", "identity", "chain", "apply_updates",
-    "current_learning_rate", "step_count",
+    "GradientTransformation",
+    "EmptyState",
+    "identity",
+    "chain",
+    "apply_updates",
+    "current_learning_rate",
+    "step_count",
 ]
 
 
@@ -56,8 +62,7 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
     for i, tx in enumerate(transforms):
         if not (callable(getattr(tx, "init", None)) and callable(getattr(tx, "update", None))):
             raise TypeError(
-                f"chain: argument {i} must be a GradientTransformation (init/update), "
-                f"got {type(tx).__name__}"
+                f"chain: argument {i} must be a GradientTransformation (init/update), got {type(tx).__name__}"
             )
 
     def init(params):
@@ -86,6 +91,7 @@ def apply_updates(params, updates):
 
 
 # ----------------------------------------------------------------------------- reading a state
+
 
 def _is_lr_node(x) -> bool:
     fields = getattr(x, "_fields", ())
@@ -129,6 +135,7 @@ def step_count(state):
 
 
 # ----------------------------------------------------------------------------- helpers
+
 
 def array_backend(fn: str, tree):
     """The backend that owns the leaves of ``tree`` (raising clearly if they are not arrays)."""
@@ -191,7 +198,12 @@ def unit_interval(fn: str, arg: str, value) -> float:
 
 
 def positive_int(fn: str, arg: str, value, *, allow_zero: bool = False) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < (0 if allow_zero else 1):
-        raise ValueError(f"{fn}: {arg} must be a{' non-negative' if allow_zero else ' positive'} int, "
-                         f"got {value!r}")
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, np.integer))
+        or value < (0 if allow_zero else 1)
+    ):
+        raise ValueError(
+            f"{fn}: {arg} must be a{' non-negative' if allow_zero else ' positive'} int, got {value!r}"
+        )
     return int(value)

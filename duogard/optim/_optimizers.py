@@ -7,12 +7,18 @@ docstring says how and which optax options give the same numbers.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from duogard.optim._base import GradientTransformation, chain, check, nonneg, positive, unit_interval
 from duogard.optim._schedules import as_schedule
 from duogard.optim._transforms import (
-    add_decayed_weights, scale_by_adam, scale_by_learning_rate, scale_by_rms, scale_by_rss, trace,
+    add_decayed_weights,
+    scale_by_adam,
+    scale_by_learning_rate,
+    scale_by_rms,
+    scale_by_rss,
+    trace,
 )
 
 __all__ = ["sgd", "adam", "adamw", "rmsprop", "adagrad", "PlainSGD"]
@@ -22,7 +28,9 @@ def _chain(*parts) -> GradientTransformation:
     return chain(*(p for p in parts if p is not None))
 
 
-def sgd(learning_rate=1e-3, *, momentum=0.0, nesterov: bool = False, weight_decay=0.0) -> GradientTransformation:
+def sgd(
+    learning_rate=1e-3, *, momentum=0.0, nesterov: bool = False, weight_decay=0.0
+) -> GradientTransformation:
     """Stochastic gradient descent, as ``torch.optim.SGD`` (``dampening=0``).
 
     ``g += weight_decay * param``; with momentum ``buf = momentum * buf + g`` (``buf = g`` at
@@ -116,8 +124,12 @@ class PlainSGD(GradientTransformation):
 
 
 def _adam_args(fn, b1, b2, eps, weight_decay):
-    return (unit_interval(fn, "b1", b1), unit_interval(fn, "b2", b2), positive(fn, "eps", eps),
-            nonneg(fn, "weight_decay", weight_decay))
+    return (
+        unit_interval(fn, "b1", b1),
+        unit_interval(fn, "b2", b2),
+        positive(fn, "eps", eps),
+        nonneg(fn, "weight_decay", weight_decay),
+    )
 
 
 def adam(learning_rate=1e-3, *, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0) -> GradientTransformation:
@@ -150,8 +162,9 @@ def adamw(learning_rate=1e-3, *, b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-2) 
     )
 
 
-def rmsprop(learning_rate=1e-2, *, alpha=0.99, eps=1e-8, momentum=0.0, centered: bool = False,
-            weight_decay=0.0) -> GradientTransformation:
+def rmsprop(
+    learning_rate=1e-2, *, alpha=0.99, eps=1e-8, momentum=0.0, centered: bool = False, weight_decay=0.0
+) -> GradientTransformation:
     """RMSprop, as ``torch.optim.RMSprop``: ``g / (sqrt(v) + eps)`` (centered:
     ``sqrt(v - m**2)``), then momentum ``buf = momentum * buf + that``, step ``-lr * buf``.
 
@@ -171,8 +184,9 @@ def rmsprop(learning_rate=1e-2, *, alpha=0.99, eps=1e-8, momentum=0.0, centered:
     )
 
 
-def adagrad(learning_rate=1e-2, *, lr_decay=0.0, weight_decay=0.0, initial_accumulator_value=0.0,
-            eps=1e-10) -> GradientTransformation:
+def adagrad(
+    learning_rate=1e-2, *, lr_decay=0.0, weight_decay=0.0, initial_accumulator_value=0.0, eps=1e-10
+) -> GradientTransformation:
     """Adagrad, as ``torch.optim.Adagrad``: step ``-lr_t * g / (sqrt(s) + eps)`` with
     ``s = initial_accumulator_value + sum of g**2`` and ``lr_t = lr / (1 + t * lr_decay)`` at
     the ``t``-th update (from 0).

@@ -11,7 +11,7 @@ array is promoted to the framework's default float (float32 on torch).
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -19,8 +19,13 @@ from duogard.backend import backend_of
 from duogard.optim._base import as_number, check, nonneg, positive_int
 
 __all__ = [
-    "Schedule", "constant_schedule", "exponential_decay", "step_decay", "cosine_decay",
-    "warmup_cosine_decay", "as_schedule",
+    "Schedule",
+    "constant_schedule",
+    "exponential_decay",
+    "step_decay",
+    "cosine_decay",
+    "warmup_cosine_decay",
+    "as_schedule",
 ]
 
 Schedule = Callable[[object], object]
@@ -106,8 +111,9 @@ def cosine_decay(init_value, *, decay_steps: int, alpha=0.0) -> Schedule:
     return schedule
 
 
-def warmup_cosine_decay(peak_value, *, warmup_steps: int, decay_steps: int, init_value=0.0,
-                        end_value=0.0) -> Schedule:
+def warmup_cosine_decay(
+    peak_value, *, warmup_steps: int, decay_steps: int, init_value=0.0, end_value=0.0
+) -> Schedule:
     """Linear warmup from ``init_value`` to ``peak_value`` over ``warmup_steps``, then half a
     cosine down to ``end_value`` at step ``decay_steps`` (the total, warmup included), then
     constant. Equals ``optax.warmup_cosine_decay_schedule``.

@@ -11,16 +11,33 @@ import math
 from typing import Any, NamedTuple
 
 from duogard.optim._base import (
-    EmptyState, GradientTransformation, array_backend, as_number, float_dtype, nonneg,
-    positive, unit_interval,
+    EmptyState,
+    GradientTransformation,
+    array_backend,
+    as_number,
+    float_dtype,
+    nonneg,
+    positive,
+    unit_interval,
 )
 from duogard.optim._schedules import as_schedule
 from duogard.tree import tree_leaves, tree_map
 
 __all__ = [
-    "ScaleByLearningRateState", "TraceState", "ScaleByAdamState", "ScaleByRmsState",
-    "ScaleByRssState", "scale", "scale_by_learning_rate", "add_decayed_weights", "trace",
-    "scale_by_adam", "scale_by_rms", "scale_by_rss", "clip", "clip_by_global_norm",
+    "ScaleByLearningRateState",
+    "TraceState",
+    "ScaleByAdamState",
+    "ScaleByRmsState",
+    "ScaleByRssState",
+    "scale",
+    "scale_by_learning_rate",
+    "add_decayed_weights",
+    "trace",
+    "scale_by_adam",
+    "scale_by_rms",
+    "scale_by_rss",
+    "clip",
+    "clip_by_global_norm",
 ]
 
 
@@ -147,7 +164,8 @@ def trace(*, decay, nesterov: bool = False) -> GradientTransformation:
 
 def _one_minus_power(xp, b: float, t):
     """``1 - b**t`` without the cancellation of float32 ``b**t`` near 1: ``-expm1(t log b)``
-    with ``log b`` taken in float64 (torch takes the whole bias correction in float64)."""
+    with ``log b`` taken in float64 (torch takes the whole bias correction in float64).
+    """
     return 1.0 if b == 0 else -xp.expm1(t * math.log(b))
 
 
@@ -175,7 +193,9 @@ def scale_by_adam(*, b1=0.9, b2=0.999, eps=1e-8) -> GradientTransformation:
 
         def direction(m, v):
             t = xp.astype(count, m.dtype)
-            return (m / _one_minus_power(xp, b1, t)) / (xp.sqrt(v) / xp.sqrt(_one_minus_power(xp, b2, t)) + eps)
+            return (m / _one_minus_power(xp, b1, t)) / (
+                xp.sqrt(v) / xp.sqrt(_one_minus_power(xp, b2, t)) + eps
+            )
 
         return tree_map(direction, mu, nu), ScaleByAdamState(count, mu, nu)
 
@@ -234,7 +254,8 @@ def scale_by_rss(*, initial_accumulator_value=0.0, eps=1e-10) -> GradientTransfo
 
 def clip(max_delta) -> GradientTransformation:
     """Clip every element to ``[-max_delta, max_delta]`` (``torch.nn.utils.clip_grad_value_``,
-    ``optax.clip``)."""
+    ``optax.clip``).
+    """
     d = positive("clip", "max_delta", max_delta)
 
     def init(params):

@@ -4,7 +4,15 @@ The experiments' models (``build_model``) live here too.
 """
 
 from duogard.train._callbacks import (
-    Callback, Checkpointer, Diagnostics, Evaluate, FitRun, LambdaCallback, LogFile, OnNonFinite, Progress,
+    Callback,
+    Checkpointer,
+    Diagnostics,
+    Evaluate,
+    FitRun,
+    LambdaCallback,
+    LogFile,
+    OnNonFinite,
+    Progress,
 )
 from duogard.train._fit import fit
 from duogard.train._models import MODELS, build_model
@@ -12,12 +20,35 @@ from duogard.train._result import FitResult, NonFiniteError, rss_bytes
 from duogard.train._trainer import Trainer
 from duogard.train._update import UPDATE_STRATEGIES, choose_update
 from duogard.train.checkpoint import (
-    Checkpoint, CheckpointMismatchError, is_checkpoint, load_checkpoint, save_checkpoint,
+    Checkpoint,
+    CheckpointMismatchError,
+    is_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
 )
 
 __all__ = [
-    "fit", "Trainer", "FitResult", "NonFiniteError", "rss_bytes", "UPDATE_STRATEGIES", "choose_update",
-    "Callback", "FitRun", "Evaluate", "Diagnostics", "LogFile", "Progress", "Checkpointer", "OnNonFinite",
-    "LambdaCallback", "build_model", "MODELS",
-    "Checkpoint", "CheckpointMismatchError", "save_checkpoint", "load_checkpoint", "is_checkpoint",
+    "fit",
+    "Trainer",
+    "FitResult",
+    "NonFiniteError",
+    "rss_bytes",
+    "UPDATE_STRATEGIES",
+    "choose_update",
+    "Callback",
+    "FitRun",
+    "Evaluate",
+    "Diagnostics",
+    "LogFile",
+    "Progress",
+    "Checkpointer",
+    "OnNonFinite",
+    "LambdaCallback",
+    "build_model",
+    "MODELS",
+    "Checkpoint",
+    "CheckpointMismatchError",
+    "save_checkpoint",
+    "load_checkpoint",
+    "is_checkpoint",
 ]

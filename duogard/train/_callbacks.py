@@ -13,12 +13,20 @@ import csv
 import json
 import math
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 __all__ = [
-    "Callback", "FitRun", "Evaluate", "Diagnostics", "LogFile", "Progress", "Checkpointer",
-    "OnNonFinite", "LambdaCallback",
+    "Callback",
+    "FitRun",
+    "Evaluate",
+    "Diagnostics",
+    "LogFile",
+    "Progress",
+    "Checkpointer",
+    "OnNonFinite",
+    "LambdaCallback",
 ]
 
 
@@ -89,7 +97,9 @@ def _every(name: str, value, *, allow_none: bool = True) -> int | None:
     if value is None and allow_none:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name}: every must be a positive int{' or None' if allow_none else ''}, got {value!r}")
+        raise ValueError(
+            f"{name}: every must be a positive int{' or None' if allow_none else ''}, got {value!r}"
+        )
     return value
 
 
@@ -117,7 +127,12 @@ class Evaluate(Callback):
             return
         data = run.data
         ev = run.trainer.evaluate(run.params, data.x_test, data.y_test, batch_size=self.batch_size)
-        entry = {"step": done, "test_loss": ev["loss"], "test_accuracy": ev["accuracy"], "time": record["time"]}
+        entry = {
+            "step": done,
+            "test_loss": ev["loss"],
+            "test_accuracy": ev["accuracy"],
+            "time": record["time"],
+        }
         run.result.evals.append(entry)
         record.update(test_loss=ev["loss"], test_accuracy=ev["accuracy"])
 
@@ -208,8 +223,9 @@ class Progress(Callback):
         if show:
             from tqdm.auto import tqdm
 
-            self._bar = tqdm(total=run.steps - run.start, desc=f"{run.be.name}/{run.result.estimator}",
-                             leave=False)
+            self._bar = tqdm(
+                total=run.steps - run.start, desc=f"{run.be.name}/{run.result.estimator}", leave=False
+            )
 
     def on_step_end(self, run, record):
         if self._bar is not None:
@@ -240,16 +256,19 @@ class Checkpointer(Callback):
         self.every = _every("Checkpointer", every)
         self.resume = directory if resume is True else (None if resume is False else resume)
         if directory is None and (self.resume is None or every is not None):
-            raise ValueError("Checkpointer: directory is None, so nothing would be written: give a directory, "
-                             "or only resume=PATH to resume without writing")
+            raise ValueError(
+                "Checkpointer: directory is None, so nothing would be written: give a directory, "
+                "or only resume=PATH to resume without writing"
+            )
 
     def on_fit_start(self, run):
         if self.resume is None:
             return
         from duogard.train.checkpoint import load_checkpoint
 
-        ck = load_checkpoint(self.resume, like_params=run.params, like_opt_state=run.opt_state,
-                             backend=run.be.name)
+        ck = load_checkpoint(
+            self.resume, like_params=run.params, like_opt_state=run.opt_state, backend=run.be.name
+        )
         run.params, run.opt_state, run.start = ck.params, ck.opt_state, int(ck.step)
         if ck.key is not None:
             run.key = ck.key
@@ -270,8 +289,14 @@ class Checkpointer(Callback):
         """Write ``run``'s params, optimizer state and key as the checkpoint of ``step``."""
         from duogard.train.checkpoint import save_checkpoint
 
-        save_checkpoint(self.directory, params=run.params, opt_state=run.opt_state, step=step, key=run.key,
-                        config={"backend": run.be.name, "estimator": run.result.estimator})
+        save_checkpoint(
+            self.directory,
+            params=run.params,
+            opt_state=run.opt_state,
+            step=step,
+            key=run.key,
+            config={"backend": run.be.name, "estimator": run.result.estimator},
+        )
 
 
 _ACTIONS = ("raise", "skip")
@@ -308,4 +333,7 @@ class OnNonFinite(Callback):
             f"fit: non-finite {what} at step {step} (loss={value}, |grad|^2={gsq}) with "
             f"{run.result.estimator} on {run.be.name}; the error's .params hold the last good params. "
             "Lower the learning rate, or pass OnNonFinite('skip').",
-            step=step, params=run.params, opt_state=run.opt_state)
+            step=step,
+            params=run.params,
+            opt_state=run.opt_state,
+        )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -33,9 +33,21 @@ def _callbacks(callbacks) -> list[Callback]:
     return sorted(out, key=lambda c: c.order)
 
 
-def fit(model, params, data, *, loss: Callable | str | None = None, optimizer=None, estimator=None,
-        backend=None, steps: int = 1000, batch_size: int = 64, seed: int = 0,
-        callbacks: Sequence[Callback | Callable] | None = None, trainer: Trainer | None = None) -> FitResult:
+def fit(
+    model,
+    params,
+    data,
+    *,
+    loss: Callable | str | None = None,
+    optimizer=None,
+    estimator=None,
+    backend=None,
+    steps: int = 1000,
+    batch_size: int = 64,
+    seed: int = 0,
+    callbacks: Sequence[Callback | Callable] | None = None,
+    trainer: Trainer | None = None,
+) -> FitResult:
     """Train ``model`` from ``params`` on ``data`` and measure everything on the way.
 
     Batches and random keys follow ``seed`` and the step index only, so a run is deterministic
@@ -76,22 +88,52 @@ def fit(model, params, data, *, loss: Callable | str | None = None, optimizer=No
     if batch_size > n_train:
         raise ValueError(f"fit: batch_size ({batch_size}) is larger than the training set ({n_train})")
     if trainer is None:
-        trainer = Trainer(model, loss=loss, optimizer=optimizer, backend=backend,
-                          estimator="backprop" if estimator is None else estimator)
+        trainer = Trainer(
+            model,
+            loss=loss,
+            optimizer=optimizer,
+            backend=backend,
+            estimator="backprop" if estimator is None else estimator,
+        )
     else:
-        given = [n for n, v in (("loss", loss), ("optimizer", optimizer), ("estimator", estimator),
-                                ("backend", backend)) if v is not None]
+        given = [
+            n
+            for n, v in (
+                ("loss", loss),
+                ("optimizer", optimizer),
+                ("estimator", estimator),
+                ("backend", backend),
+            )
+            if v is not None
+        ]
         if given:
-            raise ValueError(f"fit: {', '.join(given)} given with trainer=; the trainer's own are used: "
-                             "pass them to Trainer(...) instead")
+            raise ValueError(
+                f"fit: {', '.join(given)} given with trainer=; the trainer's own are used: "
+                "pass them to Trainer(...) instead"
+            )
     cbs = _callbacks(callbacks)
     policy = next(c for c in cbs if isinstance(c, OnNonFinite))
     be = trainer.be
     start_params, opt_state = trainer.init_state(params)
-    result = FitResult(start_params, opt_state, 0, be.name,
-                       getattr(trainer.estimator, "name", str(trainer.estimator)), trainer.update_strategy)
-    run = FitRun(trainer, data, steps=steps, batch_size=batch_size, seed=seed, params=start_params,
-                 opt_state=opt_state, key=be.key(seed), result=result)
+    result = FitResult(
+        start_params,
+        opt_state,
+        0,
+        be.name,
+        getattr(trainer.estimator, "name", str(trainer.estimator)),
+        trainer.update_strategy,
+    )
+    run = FitRun(
+        trainer,
+        data,
+        steps=steps,
+        batch_size=batch_size,
+        seed=seed,
+        params=start_params,
+        opt_state=opt_state,
+        key=be.key(seed),
+        result=result,
+    )
     rss0 = peak = rss_bytes()
     times: list[float] = []
     t_begin = time.perf_counter()

@@ -9,8 +9,14 @@ __all__ = ["MODELS", "build_model"]
 MODELS = ("logreg", "mlp", "cnn")
 
 
-def build_model(name: str, num_classes: int, *, hidden: tuple[int, ...] = (1024, 1024),
-                channels: int = 64, cnn_hidden: int = 1024) -> nn.Sequential:
+def build_model(
+    name: str,
+    num_classes: int,
+    *,
+    hidden: tuple[int, ...] = (1024, 1024),
+    channels: int = 64,
+    cnn_hidden: int = 1024,
+) -> nn.Sequential:
     """A model for NCHW images (or flat vectors) with ``num_classes`` outputs.
 
     - ``logreg``: Flatten, Linear(num_classes).
@@ -30,8 +36,19 @@ def build_model(name: str, num_classes: int, *, hidden: tuple[int, ...] = (1024,
     if name == "cnn":
         conv = lambda: nn.Conv2d(channels, 3, padding="same")  # noqa: E731
         return nn.Sequential(
-            conv(), nn.relu, conv(), nn.relu, nn.MaxPool2d(2),
-            conv(), nn.relu, conv(), nn.relu, nn.MaxPool2d(2),
-            nn.Flatten(), nn.Linear(cnn_hidden), nn.relu, nn.Linear(num_classes),
+            conv(),
+            nn.relu,
+            conv(),
+            nn.relu,
+            nn.MaxPool2d(2),
+            conv(),
+            nn.relu,
+            conv(),
+            nn.relu,
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(cnn_hidden),
+            nn.relu,
+            nn.Linear(num_classes),
         )
     raise ValueError(f"model: unknown model {name!r}; expected one of {list(MODELS)}")

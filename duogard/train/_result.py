@@ -44,15 +44,15 @@ class FitResult:
     step: int
     backend: str
     estimator: str
-    update_strategy: str = "optimizer"                  # how the Trainer applied the updates
-    history: list[dict] = field(default_factory=list)   # one record per step
-    evals: list[dict] = field(default_factory=list)     # one record per evaluation
-    first_step_seconds: float = float("nan")            # compilation + first step
-    time_per_step: float = float("nan")                 # median, compilation excluded
+    update_strategy: str = "optimizer"  # how the Trainer applied the updates
+    history: list[dict] = field(default_factory=list)  # one record per step
+    evals: list[dict] = field(default_factory=list)  # one record per evaluation
+    first_step_seconds: float = float("nan")  # compilation + first step
+    time_per_step: float = float("nan")  # median, compilation excluded
     total_seconds: float = float("nan")
-    peak_memory_bytes: int = 0                          # peak RSS growth during the run
+    peak_memory_bytes: int = 0  # peak RSS growth during the run
     skipped_steps: int = 0
-    compiles: int | None = None                         # JAX: compilations of the step
+    compiles: int | None = None  # JAX: compilations of the step
 
     @property
     def final_loss(self) -> float:
@@ -74,10 +74,17 @@ class FitResult:
     def summary(self) -> dict:
         """The run's figures as a flat dict (JSON-ready)."""
         return {
-            "backend": self.backend, "estimator": self.estimator, "update_strategy": self.update_strategy,
-            "steps": self.step, "final_loss": self.final_loss, "test_accuracy": self.test_accuracy,
-            "time_per_step": self.time_per_step, "first_step_seconds": self.first_step_seconds,
-            "total_seconds": self.total_seconds, "peak_memory_bytes": self.peak_memory_bytes,
-            "mean_cosine": self.mean_cosine, "skipped_steps": self.skipped_steps,
+            "backend": self.backend,
+            "estimator": self.estimator,
+            "update_strategy": self.update_strategy,
+            "steps": self.step,
+            "final_loss": self.final_loss,
+            "test_accuracy": self.test_accuracy,
+            "time_per_step": self.time_per_step,
+            "first_step_seconds": self.first_step_seconds,
+            "total_seconds": self.total_seconds,
+            "peak_memory_bytes": self.peak_memory_bytes,
+            "mean_cosine": self.mean_cosine,
+            "skipped_steps": self.skipped_steps,
             "compiles": self.compiles,
         }

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import inspect
-from typing import Callable
+from collections.abc import Callable
 
 from duogard import grad as _grad
 from duogard import losses as _losses
@@ -46,8 +46,17 @@ class Trainer:
             ``"sgd-lean"`` (see :mod:`duogard.train._update`).
     """
 
-    def __init__(self, model, *, loss: Callable | str | None = None, optimizer=None, estimator="backprop",
-                 backend=None, compile=None, grad_norm: bool = True):
+    def __init__(
+        self,
+        model,
+        *,
+        loss: Callable | str | None = None,
+        optimizer=None,
+        estimator="backprop",
+        backend=None,
+        compile=None,
+        grad_norm: bool = True,
+    ):
         loss = _losses.cross_entropy if loss is None else loss
         self.be = be = _select_backend(backend)
         self.model = model
@@ -56,8 +65,9 @@ class Trainer:
         self.optimizer = _optim.sgd(0.05) if optimizer is None else optimizer
         self.grad_norm = bool(grad_norm)
         self.update_strategy = choose_update(self.optimizer, est)
-        self.step = make_step(self.update_strategy, be, est, self.optimizer, loss_fn,
-                              grad_norm=self.grad_norm, compile=compile)
+        self.step = make_step(
+            self.update_strategy, be, est, self.optimizer, loss_fn, grad_norm=self.grad_norm, compile=compile
+        )
         jit_kw = {} if compile is None else {"compile": bool(compile)}
         measure = _grad.with_diagnostics(est)
 
@@ -117,8 +127,8 @@ class Trainer:
         """
         total, correct, n = 0.0, 0, int(x.shape[0])
         for start in range(0, n, batch_size):
-            xb = self.be.asarray(x[start:start + batch_size])
-            yb = self.be.asarray(y[start:start + batch_size])
+            xb = self.be.asarray(x[start : start + batch_size])
+            yb = self.be.asarray(y[start : start + batch_size])
             s, c = self.evaluate_batch(params, xb, yb)
             total += float(s) if s is not None else float("nan")
             correct += int(c) if c is not None else 0

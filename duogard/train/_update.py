@@ -20,7 +20,7 @@ Every SGD strategy gives the numbers of ``"optimizer"`` (the tests check each ag
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from duogard.grad import Forward, LeanStep
 from duogard.optim import PlainSGD, apply_updates
@@ -52,10 +52,13 @@ def choose_update(optimizer, estimator) -> str:
             raise ValueError(
                 "Trainer: estimator forward(lean=True) applies the SGD update itself, layer by layer; "
                 "optimizer must be duogard.optim.sgd(learning_rate, weight_decay=...) without momentum, "
-                f"got {optimizer!r:.120}")
+                f"got {optimizer!r:.120}"
+            )
         return "sgd-lean"
     if plain:
-        return "sgd-factored" if isinstance(estimator, Forward) and estimator.factored_form else "sgd-in-place"
+        return (
+            "sgd-factored" if isinstance(estimator, Forward) and estimator.factored_form else "sgd-in-place"
+        )
     return "optimizer"
 
 
@@ -105,7 +108,9 @@ def make_step(strategy: str, be, estimator, optimizer, loss_fn, *, grad_norm: bo
             params = keep_if(be, ok, apply_updates(params, updates), params)
         else:
             lr, new_state = optimizer.advance(opt_state)
-            params = tree_map(lambda p, g: optimizer.apply_(be, p, g, lr, scale=coef, where=ok), params, grads)
+            params = tree_map(
+                lambda p, g: optimizer.apply_(be, p, g, lr, scale=coef, where=ok), params, grads
+            )
         return params, keep_if(be, ok, new_state, opt_state), value, gsq
 
     # params are donated: the SGD strategies update them in place under XLA too

@@ -24,9 +24,6 @@ Arrays go through NumPy, so a checkpoint written from one backend loads into any
 
 from __future__ import annotations
 
-import collections
-import dataclasses
-import functools
 import hashlib
 import json
 import operator
@@ -41,10 +38,25 @@ import numpy as np
 import optree
 import safetensors.numpy
 
-from duogard.backend import backend as get_backend, backend_of
+from duogard.backend import backend as get_backend
+from duogard.backend import backend_of
+from duogard.train._checkpoint_tree import (
+    _flatten,
+    _leaf_info,
+    _rebuild,
+    _structure,
+    _to_json,
+    _to_numpy,
+)
 
-__all__ = ["Checkpoint", "CheckpointMismatchError", "save_checkpoint", "load_checkpoint",
-           "is_checkpoint", "MANIFEST"]
+__all__ = [
+    "Checkpoint",
+    "CheckpointMismatchError",
+    "save_checkpoint",
+    "load_checkpoint",
+    "is_checkpoint",
+    "MANIFEST",
+]
 
 FORMAT = "duogard-checkpoint"
 FORMAT_VERSION = 1
@@ -77,106 +89,15 @@ class Checkpoint:
     info: dict = field(default_factory=dict)
 
 
-# ----------------------------------------------------------------------------- leaves
-
-def _entry_name(entry) -> str:
-    name = getattr(entry, "field", None)  # NamedTuple / dataclass entries: the field name
-    return str(entry.entry if name is None else name)
-
-
-def _flatten(part: str, tree):
-    """``(keys, leaves, treespec)`` with dotted keys ``part.a.0.b`` (the part alone for a leaf)."""
-    accessors, leaves, spec = optree.tree_flatten_with_accessor(tree)
-    keys = [".".join([part, *(_entry_name(e) for e in acc)]) for acc in accessors]
-    seen, dupes = set(), set()
-    for k in keys:
-        (dupes if k in seen else seen).add(k)
-    if dupes:
-        raise ValueError(f"checkpoint: {part} has leaves whose dotted names collide: "
-                         f"{sorted(dupes)} (rename dict keys that contain '.')")
-    return keys, leaves, spec
-
-
-def _leaf_info(where: str, x) -> tuple[tuple, str, str]:
-    """``(shape, dtype name, kind)``; kind is "array", "int", "float" or "bool"."""
-    if isinstance(x, bool):
-        return (), "bool", "bool"
-    if isinstance(x, int):
-        return (), "int64", "int"
-    if isinstance(x, float):
-        return (), "float64", "float"
-    if isinstance(x, (np.ndarray, np.generic)):
-        return tuple(x.shape), x.dtype.name, "array"
-    be = backend_of(x)
-    if not be.is_array(x):
-        raise TypeError(f"checkpoint: {where} must be an array (NumPy, JAX, PyTorch) or a Python "
-                        f"number, got {type(x).__module__}.{type(x).__name__}")
-    return tuple(x.shape), be.dtype_name(x.dtype), "array"
-
-
-def _to_numpy(x) -> np.ndarray:
-    if isinstance(x, (bool, int, float)):
-        return np.asarray(x, dtype={bool: np.bool_, int: np.int64, float: np.float64}[type(x)])
-    if not isinstance(x, (np.ndarray, np.generic)):
-        x = backend_of(x).to_numpy(x)
-    return np.asarray(x, order="C")  # keeps 0-d arrays 0-d
-
-
-def _structure(spec) -> Any:
-    """A JSON description of an optree treespec ("*" for a leaf), rebuilt by :func:`_rebuild`."""
-    if spec.is_leaf():
-        return "*"
-    kind, children = spec.kind, [_structure(c) for c in spec.children()]
-    if kind == optree.PyTreeKind.NONE:
-        return None
-    if kind in (optree.PyTreeKind.DICT, optree.PyTreeKind.ORDEREDDICT, optree.PyTreeKind.DEFAULTDICT):
-        keys = list(spec.entries())
-        if not all(isinstance(k, (str, int)) and not isinstance(k, bool) for k in keys):
-            raise TypeError(f"checkpoint: dict keys must be str or int, got {keys}")
-        return {"type": "dict", "keys": keys, "children": children}
-    if kind == optree.PyTreeKind.TUPLE:
-        return {"type": "tuple", "children": children}
-    if kind == optree.PyTreeKind.LIST:
-        return {"type": "list", "children": children}
-    if kind == optree.PyTreeKind.NAMEDTUPLE:
-        return {"type": "namedtuple", "name": spec.type.__name__, "fields": list(spec.type._fields),
-                "children": children}
-    return {"type": "custom", "name": f"{spec.type.__module__}.{spec.type.__qualname__}",
-            "children": children}
-
-
-@functools.lru_cache(maxsize=None)
-def _namedtuple_type(name: str, fields: tuple[str, ...]):
-    return collections.namedtuple(name, fields)
-
-
-def _rebuild(part: str, node, leaves) -> Any:
-    if node == "*":
-        return next(leaves)
-    if node is None:
-        return None
-    children = [_rebuild(part, c, leaves) for c in node["children"]]
-    kind = node["type"]
-    if kind == "dict":
-        return dict(zip(node["keys"], children))
-    if kind == "tuple":
-        return tuple(children)
-    if kind == "list":
-        return list(children)
-    if kind == "namedtuple":
-        return _namedtuple_type(node["name"], tuple(node["fields"]))(*children)
-    raise ValueError(f"load_checkpoint: {part} contains a {node['name']} node, which cannot be "
-                     f"rebuilt from JSON; pass like_{part}= (a template, e.g. optimizer.init(params))")
-
-
 # ----------------------------------------------------------------------------- files
+
 
 def _write_file(path: Path, data: bytes) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         view = memoryview(data)
         while view:
-            view = view[os.write(fd, view[:_CHUNK]):]
+            view = view[os.write(fd, view[:_CHUNK]) :]
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -192,30 +113,12 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def _json_default(obj):
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return dataclasses.asdict(obj)
-    if isinstance(obj, os.PathLike):
-        return os.fspath(obj)
-    if isinstance(obj, (set, frozenset)):
-        return sorted(obj)
-    if hasattr(obj, "tolist") and hasattr(obj, "shape"):  # NumPy/JAX/torch scalars and arrays
-        return obj.tolist()
-    raise TypeError(f"{type(obj).__module__}.{type(obj).__name__} is not JSON-serialisable")
-
-
-def _to_json(arg: str, value) -> Any:
-    try:
-        return json.loads(json.dumps(value, default=_json_default))
-    except (TypeError, ValueError) as exc:
-        raise TypeError(f"save_checkpoint: {arg} must be JSON-serialisable (dicts, lists, str, "
-                        f"numbers, dataclasses, scalar arrays): {exc}") from None
-
-
 # ----------------------------------------------------------------------------- save
 
-def save_checkpoint(path: str | os.PathLike, *, params, opt_state=None, step: int, key=None,
-                    config=None, metrics=None) -> Path:
+
+def save_checkpoint(
+    path: str | os.PathLike, *, params, opt_state=None, step: int, key=None, config=None, metrics=None
+) -> Path:
     """Write a checkpoint directory at ``path`` atomically; returns its path.
 
     ``params`` and ``opt_state`` are pytrees (dicts, lists, tuples, NamedTuples) of arrays of
@@ -258,8 +161,7 @@ def save_checkpoint(path: str | os.PathLike, *, params, opt_state=None, step: in
         else:
             key_be = backend_of(key)
             if not key_be.is_array(key):
-                raise TypeError(f"save_checkpoint: key must be an RNG key array, "
-                                f"got {type(key).__name__}")
+                raise TypeError(f"save_checkpoint: key must be an RNG key array, got {type(key).__name__}")
             data, key_backend = np.asarray(key_be.key_data(key), order="C"), key_be.name
         if not np.issubdtype(data.dtype, np.integer):
             raise TypeError(f"save_checkpoint: key must hold integers (raw key data), got {data.dtype}")
@@ -276,7 +178,9 @@ def save_checkpoint(path: str | os.PathLike, *, params, opt_state=None, step: in
         step=step,
         config=_to_json("config", config),
         metrics=_to_json("metrics", metrics),
-        params=parts["params"], opt_state=parts["opt_state"], key=key_meta,
+        params=parts["params"],
+        opt_state=parts["opt_state"],
+        key=key_meta,
     )
     blob = safetensors.numpy.save(tensors, metadata={"format": FORMAT, "step": str(step)})
     return _commit(Path(path), blob, manifest, step)
@@ -284,15 +188,20 @@ def save_checkpoint(path: str | os.PathLike, *, params, opt_state=None, step: in
 
 def _commit(directory: Path, blob: bytes, manifest: dict, step: int) -> Path:
     if directory.exists() and not directory.is_dir():
-        raise FileExistsError(f"save_checkpoint: {directory} exists and is not a directory "
-                              f"(a checkpoint is a directory holding {MANIFEST} and its tensors)")
+        raise FileExistsError(
+            f"save_checkpoint: {directory} exists and is not a directory "
+            f"(a checkpoint is a directory holding {MANIFEST} and its tensors)"
+        )
     if not directory.is_dir():
         directory.mkdir(parents=True)
         _fsync_dir(directory.parent)
     token = secrets.token_hex(4)
     tensor_name = f"tensors-{step:08d}-{token}.safetensors"
-    manifest["tensors"] = {"file": tensor_name, "bytes": len(blob),
-                           "sha256": hashlib.sha256(blob).hexdigest()}
+    manifest["tensors"] = {
+        "file": tensor_name,
+        "bytes": len(blob),
+        "sha256": hashlib.sha256(blob).hexdigest(),
+    }
 
     tmp = directory / f"{_TMP_PREFIX}{token}-{tensor_name}"
     _write_file(tmp, blob)
@@ -317,19 +226,24 @@ def _commit(directory: Path, blob: bytes, manifest: dict, step: int) -> Path:
 
 # ----------------------------------------------------------------------------- load
 
+
 def _checkpoint_dir(path: str | os.PathLike) -> Path:
     path = Path(path)
     if path.is_file() and path.name == MANIFEST:
         return path.parent
     if path.is_dir():
         if not (path / MANIFEST).is_file():
-            raise FileNotFoundError(f"load_checkpoint: {path} holds no {MANIFEST}; it is not a "
-                                    f"duogard checkpoint (or its first save never completed)")
+            raise FileNotFoundError(
+                f"load_checkpoint: {path} holds no {MANIFEST}; it is not a "
+                f"duogard checkpoint (or its first save never completed)"
+            )
         return path
     if path.exists():
-        raise ValueError(f"load_checkpoint: {path} is a file, not a duogard checkpoint directory "
-                         f"(a directory holding {MANIFEST} and a .safetensors file). duogard never "
-                         f"unpickles, so .pt/.pkl/.ckpt pickle files cannot be loaded")
+        raise ValueError(
+            f"load_checkpoint: {path} is a file, not a duogard checkpoint directory "
+            f"(a directory holding {MANIFEST} and a .safetensors file). duogard never "
+            f"unpickles, so .pt/.pkl/.ckpt pickle files cannot be loaded"
+        )
     raise FileNotFoundError(f"load_checkpoint: no checkpoint at {path}")
 
 
@@ -338,14 +252,20 @@ def _read_manifest(directory: Path) -> dict:
     try:
         manifest = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError):
-        raise ValueError(f"load_checkpoint: {directory / MANIFEST} is not JSON; not a duogard "
-                         f"checkpoint manifest (nothing else is ever parsed)") from None
+        raise ValueError(
+            f"load_checkpoint: {directory / MANIFEST} is not JSON; not a duogard "
+            f"checkpoint manifest (nothing else is ever parsed)"
+        ) from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise ValueError(f"load_checkpoint: {directory / MANIFEST} is not a duogard checkpoint "
-                         f"manifest (expected format {FORMAT!r})")
+        raise ValueError(
+            f"load_checkpoint: {directory / MANIFEST} is not a duogard checkpoint "
+            f"manifest (expected format {FORMAT!r})"
+        )
     if manifest.get("format_version", 0) > FORMAT_VERSION:
-        raise ValueError(f"load_checkpoint: {directory} uses checkpoint format "
-                         f"{manifest['format_version']}; this duogard reads up to {FORMAT_VERSION}")
+        raise ValueError(
+            f"load_checkpoint: {directory} uses checkpoint format "
+            f"{manifest['format_version']}; this duogard reads up to {FORMAT_VERSION}"
+        )
     return manifest
 
 
@@ -356,13 +276,16 @@ def _read_tensors(directory: Path, manifest: dict) -> dict[str, np.ndarray]:
         raise ValueError(f"load_checkpoint: bad tensor file name {name!r} in {directory / MANIFEST}")
     blob = (directory / name).read_bytes()
     if len(blob) != entry["bytes"] or hashlib.sha256(blob).hexdigest() != entry["sha256"]:
-        raise ValueError(f"load_checkpoint: {directory / name} does not match the size/SHA-256 "
-                         f"recorded in {MANIFEST}; the checkpoint is corrupt")
+        raise ValueError(
+            f"load_checkpoint: {directory / name} does not match the size/SHA-256 "
+            f"recorded in {MANIFEST}; the checkpoint is corrupt"
+        )
     try:
         return safetensors.numpy.load(blob)
     except Exception as exc:  # safetensors raises its own SafetensorError
-        raise ValueError(f"load_checkpoint: {directory / name} is not a valid safetensors file: "
-                         f"{exc}") from None
+        raise ValueError(
+            f"load_checkpoint: {directory / name} is not a valid safetensors file: {exc}"
+        ) from None
 
 
 def _restore_leaf(arr: np.ndarray, kind: str, be, device):
@@ -381,7 +304,8 @@ _SCALAR_KINDS = {"int": "iu", "float": "f", "bool": "b"}
 
 def _compatible(saved: np.dtype, like_dtype: str, like_kind: str) -> bool:
     """Same dtype; or integers into integers (cast later, if the values fit); a Python
-    number template accepts a 0-d array of its kind."""
+    number template accepts a 0-d array of its kind.
+    """
     if like_kind != "array":
         return saved.kind in _SCALAR_KINDS[like_kind]
     return saved.name == like_dtype or (saved.kind in "iu" and like_dtype.startswith(("int", "uint")))
@@ -410,15 +334,20 @@ def _match(part: str, meta: dict | None, tensors: dict, like, problems: list[str
             out.append((cast, kind))
         else:
             out.append((arr, kind))
-    for label, items in (("missing keys", missing), ("extra keys", extra),
-                         ("wrong shapes", shapes), ("wrong dtypes", dtypes)):
+    for label, items in (
+        ("missing keys", missing),
+        ("extra keys", extra),
+        ("wrong shapes", shapes),
+        ("wrong dtypes", dtypes),
+    ):
         if items:
             problems.append(f"{part}: {label} ({len(items)}):\n    " + "\n    ".join(items))
     return out, spec
 
 
-def load_checkpoint(path: str | os.PathLike, *, like_params=None, like_opt_state=None,
-                    backend=None, device=None) -> Checkpoint:
+def load_checkpoint(
+    path: str | os.PathLike, *, like_params=None, like_opt_state=None, backend=None, device=None
+) -> Checkpoint:
     """Load a checkpoint written by :func:`save_checkpoint` (by any backend).
 
     Only JSON and safetensors are read; the tensor file must match the SHA-256 recorded in
@@ -436,11 +365,14 @@ def load_checkpoint(path: str | os.PathLike, *, like_params=None, like_opt_state
     directory = _checkpoint_dir(path)
     manifest = _read_manifest(directory)
     tensors = _read_tensors(directory, manifest)
-    recorded = {m["key"] for part in ("params", "opt_state") if manifest.get(part)
-                for m in manifest[part]["leaves"]} | ({"key"} if manifest.get("key") else set())
+    recorded = {
+        m["key"] for part in ("params", "opt_state") if manifest.get(part) for m in manifest[part]["leaves"]
+    } | ({"key"} if manifest.get("key") else set())
     if recorded != set(tensors):
-        raise ValueError(f"load_checkpoint: {directory} is corrupt: tensor names "
-                         f"{sorted(set(tensors) ^ recorded)} disagree with {MANIFEST}")
+        raise ValueError(
+            f"load_checkpoint: {directory} is corrupt: tensor names "
+            f"{sorted(set(tensors) ^ recorded)} disagree with {MANIFEST}"
+        )
     be = None if backend is None else get_backend(backend)
 
     problems: list[str] = []
@@ -450,32 +382,40 @@ def load_checkpoint(path: str | os.PathLike, *, like_params=None, like_opt_state
             matched[part] = _match(part, manifest.get(part), tensors, like, problems)
     if problems:
         raise CheckpointMismatchError(
-            f"load_checkpoint: {directory} does not match the given template(s):\n  "
-            + "\n  ".join(problems))
+            f"load_checkpoint: {directory} does not match the given template(s):\n  " + "\n  ".join(problems)
+        )
 
     trees = {}
     for part in ("params", "opt_state"):
         if part in matched:
             pairs, spec = matched[part]
             trees[part] = optree.tree_unflatten(
-                spec, [_restore_leaf(arr, kind, be, device) for arr, kind in pairs])
+                spec, [_restore_leaf(arr, kind, be, device) for arr, kind in pairs]
+            )
         elif manifest.get(part) is None:
             trees[part] = None
         else:
             meta = manifest[part]
-            leaves = iter([_restore_leaf(tensors[m["key"]], m["kind"], be, device)
-                           for m in meta["leaves"]])
+            leaves = iter([_restore_leaf(tensors[m["key"]], m["kind"], be, device) for m in meta["leaves"]])
             trees[part] = _rebuild(part, meta["structure"], leaves)
 
     key = None
     if manifest.get("key"):
         key = tensors["key"] if be is None else be.key_from_data(tensors["key"])
-    info = {k: manifest.get(k) for k in ("duogard_version", "backend", "framework_version",
-                                         "created", "format_version")}
+    info = {
+        k: manifest.get(k)
+        for k in ("duogard_version", "backend", "framework_version", "created", "format_version")
+    }
     info["path"] = str(directory)
-    return Checkpoint(params=trees["params"], opt_state=trees["opt_state"], step=int(manifest["step"]),
-                      key=key, config=manifest.get("config"), metrics=manifest.get("metrics"),
-                      info=info)
+    return Checkpoint(
+        params=trees["params"],
+        opt_state=trees["opt_state"],
+        step=int(manifest["step"]),
+        key=key,
+        config=manifest.get("config"),
+        metrics=manifest.get("metrics"),
+        info=info,
+    )
 
 
 def is_checkpoint(path: str | os.PathLike) -> bool:

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import inspect
 import operator
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.fx
@@ -38,11 +39,14 @@ class UnsupportedTorchOpsError(NotImplementedError):
 
     def __init__(self, module_name: str, ops: list[tuple[str, str, str, str]]):
         self.ops = ops
-        lines = [f"  - node {name!r}: {op} in module {path}" + (f" ({reason})" if reason else "")
-                 for name, op, path, reason in ops]
+        lines = [
+            f"  - node {name!r}: {op} in module {path}" + (f" ({reason})" if reason else "")
+            for name, op, path, reason in ops
+        ]
         super().__init__(
             f"from_torch: cannot lower {len(ops)} op(s) of {module_name} to duogard's ops "
-            "(needed to run it on a non-torch backend):\n" + "\n".join(lines)
+            "(needed to run it on a non-torch backend):\n"
+            + "\n".join(lines)
             + "\nRewrite them with supported ops, or run the model on the torch backend "
             "(torch tensors use torch.func.functional_call and need no lowering)."
         )
@@ -56,8 +60,10 @@ class _RunContext:
 
     def key_for(self, index: int, what: str):
         if self.key is None:
-            raise ValueError(f"{what} in training mode needs an explicit random key: "
-                             "model.apply(params, x, train=True, key=be.key(seed))")
+            raise ValueError(
+                f"{what} in training mode needs an explicit random key: "
+                "model.apply(params, x, train=True, key=be.key(seed))"
+            )
         return self.be.fold_in(self.key, index)
 
 
@@ -65,7 +71,7 @@ class _RunContext:
 class _Step:
     index: int
     name: str
-    op: str              # fx op kind
+    op: str  # fx op kind
     fn: Callable | None  # fn(rt, index, *args, **kwargs); None for placeholder / output
     args: tuple
     kwargs: dict
@@ -111,6 +117,7 @@ class LoweredGraph:
 
 
 # ============================================================================ tracing
+
 
 class _OpaqueFunction:
     """A ``torch.autograd.Function`` call kept as one graph node (never lowered)."""
@@ -170,15 +177,21 @@ def trace(module: nn.Module) -> torch.fx.Graph:
 
 # ============================================================================ lowering
 
+
 def _describe(target) -> str:
     """A readable name for an fx call target: ``torch.sort``, ``torch.nn.functional.gelu`` ..."""
     if isinstance(target, str):
         return target
     if isinstance(target, _OpaqueFunction):
         return f"custom torch.autograd.Function {target.cls.__module__}.{target.cls.__qualname__}"
-    for prefix, namespace in (("torch.nn.functional", F), ("torch", torch), ("torch.fft", torch.fft),
-                              ("torch.linalg", torch.linalg), ("torch.special", torch.special),
-                              ("operator", operator)):
+    for prefix, namespace in (
+        ("torch.nn.functional", F),
+        ("torch", torch),
+        ("torch.fft", torch.fft),
+        ("torch.linalg", torch.linalg),
+        ("torch.special", torch.special),
+        ("operator", operator),
+    ):
         name = getattr(target, "__name__", None)
         for candidate in (name, name and name.split("_", 1)[-1]):
             if candidate and getattr(namespace, candidate, None) is target:
@@ -251,8 +264,9 @@ def _lower_graph(module: nn.Module, graph: torch.fx.Graph) -> LoweredGraph:
         try:
             if node.op == "placeholder":
                 if n_placeholders > 0 and not node.args:
-                    raise Unsupported("forward takes more than one required input; "
-                                       "from_torch models take one input x")
+                    raise Unsupported(
+                        "forward takes more than one required input; from_torch models take one input x"
+                    )
                 steps.append(_Step(n_placeholders, node.name, "placeholder", None, tuple(node.args), {}))
                 n_placeholders += 1
             elif node.op == "get_attr":
@@ -263,9 +277,16 @@ def _lower_graph(module: nn.Module, graph: torch.fx.Graph) -> LoweredGraph:
                 mrule = module_rule(sub, node.target)
                 if node.kwargs or len(node.args) != 1:
                     raise Unsupported("called with more than one argument")
-                steps.append(_Step(index, node.name, "call_module",
-                                   lambda rt, i, x, _f=mrule: _f(rt, i, rt.params, x),
-                                   tuple(node.args), {}))
+                steps.append(
+                    _Step(
+                        index,
+                        node.name,
+                        "call_module",
+                        lambda rt, i, x, _f=mrule: _f(rt, i, rt.params, x),
+                        tuple(node.args),
+                        {},
+                    )
+                )
             elif node.op in ("call_function", "call_method"):
                 table = fn_rules if node.op == "call_function" else meth_rules
                 try:

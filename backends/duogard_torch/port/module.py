@@ -30,8 +30,9 @@ __all__ = ["TorchModel", "UnsupportedTorchOpsError", "from_torch", "to_torch"]
 
 def _flat_params(params, where: str) -> dict:
     if not isinstance(params, dict):
-        raise TypeError(f"{where}: params must be a dict keyed like the module's state_dict, "
-                        f"got {type(params).__name__}")
+        raise TypeError(
+            f"{where}: params must be a dict keyed like the module's state_dict, got {type(params).__name__}"
+        )
     # nested dicts (e.g. {"fc0": {"weight": ...}}) are accepted and flattened to "fc0.weight"
     return flatten_dict(params) if any(isinstance(v, dict) for v in params.values()) else dict(params)
 
@@ -45,8 +46,11 @@ def _torch_seed(key) -> int:
 
 
 def _bn_with_running_stats(module) -> list[str]:
-    return [name for name, m in module.named_modules()
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    return [
+        name
+        for name, m in module.named_modules()
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+    ]
 
 
 class TorchModel(Module):
@@ -91,8 +95,10 @@ class TorchModel(Module):
             try:
                 self.apply(self.params, x)
             except Exception as exc:
-                raise ValueError(f"from_torch: {type(module).__name__} fails on example_input of shape "
-                                 f"{tuple(x.shape)}: {type(exc).__name__}: {exc}") from exc
+                raise ValueError(
+                    f"from_torch: {type(module).__name__} fails on example_input of shape "
+                    f"{tuple(x.shape)}: {type(exc).__name__}: {exc}"
+                ) from exc
 
     # ------------------------------------------------------------------ duogard Module protocol
     def init(self, seed=None, example_input=None, *, dtype=None) -> dict:
@@ -288,8 +294,10 @@ def to_torch(params, module, *, strict: bool = True):
     for k, v in flat.items():
         t = v if isinstance(v, torch.Tensor) else tbe.asarray(_maybe_numpy(v))
         if tuple(t.shape) != tuple(current[k].shape):
-            raise ValueError(f"to_torch: params[{k!r}] has shape {tuple(t.shape)}, the module expects "
-                             f"{tuple(current[k].shape)}")
+            raise ValueError(
+                f"to_torch: params[{k!r}] has shape {tuple(t.shape)}, the module expects "
+                f"{tuple(current[k].shape)}"
+            )
         state[k] = t.detach()
     module.load_state_dict(state, strict=strict)
     return module

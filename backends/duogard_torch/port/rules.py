@@ -12,10 +12,10 @@ A rule that cannot lower its node raises :class:`Unsupported` with the reason.
 
 from __future__ import annotations
 
-import math
 import operator
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.fx
@@ -25,132 +25,33 @@ from torch import nn
 __all__ = ["Rule", "Unsupported", "function_rules", "method_rules", "module_rule"]
 
 
-class Unsupported(Exception):
-    """Raised by a rule builder: this node cannot be lowered (the message says why)."""
-
-
-# ============================================================================ helpers
-
-def _pair(v) -> tuple[int, int]:
-    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
-
-
-def _static(value, what: str):
-    """A trace-time constant argument (an fx Node here means it depends on data)."""
-    if isinstance(value, torch.fx.Node):
-        raise Unsupported(f"{what} must be a constant, not computed from tensors")
-    return value
-
-
-def _conv_padding(padding, kernel, dilation, stride):
-    if isinstance(padding, str):
-        if padding == "valid":
-            return ((0, 0), (0, 0))
-        if padding == "same":
-            if _pair(stride) != (1, 1):
-                raise Unsupported("padding='same' with stride != 1")
-            out = []
-            for k, d in zip(kernel, _pair(dilation)):
-                total = d * (k - 1)
-                out.append((total // 2, total - total // 2))
-            return tuple(out)
-        raise Unsupported(f"padding={padding!r}")
-    ph, pw = _pair(padding)
-    return ((ph, ph), (pw, pw))
-
-
-def _dim(d, ndim) -> int:
-    return d + ndim if d < 0 else d
-
-
-def _flatten(xp, x, start_dim=0, end_dim=-1):
-    shape = tuple(x.shape)
-    if not shape:
-        return xp.reshape(x, (1,))
-    s, e = _dim(start_dim, len(shape)), _dim(end_dim, len(shape))
-    return xp.reshape(x, shape[:s] + (math.prod(shape[s:e + 1]),) + shape[e + 1:])
-
-
-def _shape_args(shape):
-    # x.view(2, -1) and x.view((2, -1)) both mean shape (2, -1)
-    if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
-        shape = tuple(shape[0])
-    return tuple(int(s) for s in shape)
-
-
-def _channel_view(xp, v, ndim):
-    return xp.reshape(v, (1, -1) + (1,) * (ndim - 2))
-
-
-def _batch_norm(be, x, mean, var, weight, bias, eps, use_batch_stats):
-    xp = be.xp
-    if use_batch_stats:
-        axes = (0,) + tuple(range(2, x.ndim))
-        mean = xp.mean(x, axis=axes)
-        var = xp.mean(xp.square(x - _channel_view(xp, mean, x.ndim)), axis=axes)
-    out = (x - _channel_view(xp, mean, x.ndim)) / xp.sqrt(_channel_view(xp, var, x.ndim) + eps)
-    if weight is not None:
-        out = out * _channel_view(xp, weight, x.ndim)
-    if bias is not None:
-        out = out + _channel_view(xp, bias, x.ndim)
-    return out
-
-
-def _dropout(rt, index, x, p, what):
-    if p == 0.0:
-        return x
-    if p >= 1.0:
-        return rt.be.xp.zeros_like(x)
-    keep = rt.be.bernoulli(rt.key_for(index, what), 1.0 - p, tuple(x.shape), device=rt.be.device_of(x))
-    return rt.be.xp.where(keep, x / (1.0 - p), rt.be.xp.zeros_like(x))
-
-
-def _no_dtype(dtype):
-    if dtype is not None:
-        raise Unsupported(f"dtype={dtype}")
-
-
-def _pool_checks(kind, dilation=1, ceil_mode=False, return_indices=False, divisor_override=None):
-    if _pair(_static(dilation, "dilation")) != (1, 1):
-        raise Unsupported(f"{kind} with dilation != 1")
-    if _static(ceil_mode, "ceil_mode"):
-        raise Unsupported(f"{kind} with ceil_mode=True")
-    if _static(return_indices, "return_indices"):
-        raise Unsupported(f"{kind} with return_indices=True")
-    if _static(divisor_override, "divisor_override") is not None:
-        raise Unsupported(f"{kind} with divisor_override")
-
-
-def _max_pool(be, x, kernel_size, stride, padding):
-    k = _pair(kernel_size)
-    s = k if stride is None or stride == [] or stride == () else _pair(stride)
-    return be.max_pool2d(x, kernel_size=k, stride=s, padding=_pair(padding))
-
-
-def _avg_pool(be, x, kernel_size, stride, padding, count_include_pad):
-    k = _pair(kernel_size)
-    s = k if stride is None or stride == [] or stride == () else _pair(stride)
-    return be.avg_pool2d(x, kernel_size=k, stride=s, padding=_pair(padding),
-                         count_include_pad=bool(count_include_pad))
-
-
-def _gelu(be, x, approximate):
-    if approximate not in ("none", "tanh"):
-        raise Unsupported(f"gelu approximate={approximate!r}")
-    return be.gelu(x, approximate=approximate == "tanh")
-
-
-def _softmax_dim(dim):
-    if _static(dim, "dim") is None:
-        raise Unsupported("softmax without an explicit dim")
-
+from .helpers import (
+    Unsupported,
+    _avg_pool,
+    _batch_norm,
+    _conv_padding,
+    _dim,
+    _dropout,
+    _flatten,
+    _gelu,
+    _max_pool,
+    _no_dtype,
+    _pair,
+    _pool_checks,
+    _shape_args,
+    _softmax_dim,
+    _static,
+)
 
 # ============================================================================ function rules
 # Each rule is fn(rt, index, <torch's parameter names and defaults>); an optional check
 # (same parameters, minus rt/index) runs at lowering time with fx Nodes for tensor arguments.
 
+
 @dataclass(frozen=True)
 class Rule:
+    """A lowering rule: ``fn`` builds the node's computation; ``check``, if given, may refuse it."""
+
     fn: Callable
     check: Callable | None = None
 
@@ -182,9 +83,15 @@ def function_rules() -> dict[Any, Rule]:
 
     def conv2d(rt, i, input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
         kernel = tuple(weight.shape[2:])
-        return rt.be.conv2d(input, weight, bias, stride=_pair(stride),
-                            padding=_conv_padding(padding, kernel, dilation, stride),
-                            dilation=_pair(dilation), groups=int(groups))
+        return rt.be.conv2d(
+            input,
+            weight,
+            bias,
+            stride=_pair(stride),
+            padding=_conv_padding(padding, kernel, dilation, stride),
+            dilation=_pair(dilation),
+            groups=int(groups),
+        )
 
     def conv2d_check(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
         for name, v in (("stride", stride), ("padding", padding), ("dilation", dilation), ("groups", groups)):
@@ -192,20 +99,38 @@ def function_rules() -> dict[Any, Rule]:
         if isinstance(padding, str) and padding not in ("same", "valid"):
             raise Unsupported(f"padding={padding!r}")
 
-    def max_pool2d(rt, i, input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
-                   return_indices=False):
+    def max_pool2d(
+        rt, i, input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False
+    ):
         return _max_pool(rt.be, input, kernel_size, stride, padding)
 
-    def max_pool2d_check(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
-                         return_indices=False):
+    def max_pool2d_check(
+        input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False
+    ):
         _pool_checks("max_pool2d", dilation, ceil_mode, return_indices)
 
-    def avg_pool2d(rt, i, input, kernel_size, stride=None, padding=0, ceil_mode=False,
-                   count_include_pad=True, divisor_override=None):
+    def avg_pool2d(
+        rt,
+        i,
+        input,
+        kernel_size,
+        stride=None,
+        padding=0,
+        ceil_mode=False,
+        count_include_pad=True,
+        divisor_override=None,
+    ):
         return _avg_pool(rt.be, input, kernel_size, stride, padding, count_include_pad)
 
-    def avg_pool2d_check(input, kernel_size, stride=None, padding=0, ceil_mode=False,
-                         count_include_pad=True, divisor_override=None):
+    def avg_pool2d_check(
+        input,
+        kernel_size,
+        stride=None,
+        padding=0,
+        ceil_mode=False,
+        count_include_pad=True,
+        divisor_override=None,
+    ):
         _pool_checks("avg_pool2d", 1, ceil_mode, False, divisor_override)
 
     def dropout(rt, i, input, p=0.5, training=True, inplace=False):
@@ -215,15 +140,27 @@ def function_rules() -> dict[Any, Rule]:
         shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
         return rt.be.layer_norm(input, weight, bias, normalized_ndim=len(shape), eps=float(eps))
 
-    def batch_norm(rt, i, input, running_mean, running_var, weight=None, bias=None, training=False,
-                   momentum=0.1, eps=1e-5):
+    def batch_norm(
+        rt,
+        i,
+        input,
+        running_mean,
+        running_var,
+        weight=None,
+        bias=None,
+        training=False,
+        momentum=0.1,
+        eps=1e-5,
+    ):
         return _batch_norm(rt.be, input, running_mean, running_var, weight, bias, float(eps), training)
 
-    def batch_norm_check(input, running_mean, running_var, weight=None, bias=None, training=False,
-                         momentum=0.1, eps=1e-5):
+    def batch_norm_check(
+        input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5
+    ):
         if _static(training, "training") and running_mean is not None:
-            raise Unsupported("batch_norm in training mode updates running statistics in place; "
-                               "use eval mode")
+            raise Unsupported(
+                "batch_norm in training mode updates running statistics in place; use eval mode"
+            )
 
     def flatten(rt, i, input, start_dim=0, end_dim=-1):
         return _flatten(rt.be.xp, input, start_dim, end_dim)
@@ -270,34 +207,57 @@ def function_rules() -> dict[Any, Rule]:
         return rt.be.softplus(input, beta, threshold)
 
     table = {
-        operator.add: binary(operator.add), operator.sub: binary(operator.sub),
-        operator.mul: binary(operator.mul), operator.truediv: binary(operator.truediv),
+        operator.add: binary(operator.add),
+        operator.sub: binary(operator.sub),
+        operator.mul: binary(operator.mul),
+        operator.truediv: binary(operator.truediv),
         operator.matmul: R(lambda rt, i, a, b: a @ b),
-        operator.neg: R(lambda rt, i, a: -a), operator.pos: R(lambda rt, i, a: a),
-        operator.pow: R(lambda rt, i, a, b: a ** b),
+        operator.neg: R(lambda rt, i, a: -a),
+        operator.pos: R(lambda rt, i, a: a),
+        operator.pow: R(lambda rt, i, a, b: a**b),
         operator.getitem: R(lambda rt, i, a, b: a[b]),
         getattr: R(getattr_, getattr_check),
-        torch.add: binary(operator.add), torch.sub: binary(operator.sub),
+        torch.add: binary(operator.add),
+        torch.sub: binary(operator.sub),
         torch.mul: R(lambda rt, i, input, other: input * other),
-        torch.div: R(div, div_check), torch.true_divide: R(lambda rt, i, input, other: input / other),
+        torch.div: R(div, div_check),
+        torch.true_divide: R(lambda rt, i, input, other: input / other),
         torch.matmul: R(lambda rt, i, input, other: rt.be.xp.matmul(input, other)),
         torch.mm: R(lambda rt, i, input, mat2: rt.be.xp.matmul(input, mat2)),
         torch.neg: R(lambda rt, i, input: -input),
-        torch.relu: unary("relu"), torch.tanh: unary("tanh"), torch.sigmoid: unary("sigmoid"),
-        torch.exp: xp_unary("exp"), torch.log: xp_unary("log"), torch.sqrt: xp_unary("sqrt"),
-        torch.abs: xp_unary("abs"), torch.square: xp_unary("square"),
-        torch.flatten: R(flatten), torch.reshape: R(reshape), torch.cat: R(cat),
+        torch.relu: unary("relu"),
+        torch.tanh: unary("tanh"),
+        torch.sigmoid: unary("sigmoid"),
+        torch.exp: xp_unary("exp"),
+        torch.log: xp_unary("log"),
+        torch.sqrt: xp_unary("sqrt"),
+        torch.abs: xp_unary("abs"),
+        torch.square: xp_unary("square"),
+        torch.flatten: R(flatten),
+        torch.reshape: R(reshape),
+        torch.cat: R(cat),
         torch.transpose: R(transpose),
-        torch.softmax: softmax("softmax"), torch.log_softmax: softmax("log_softmax"),
-        F.relu: unary("relu"), F.tanh: unary("tanh"), F.sigmoid: unary("sigmoid"),
+        torch.softmax: softmax("softmax"),
+        torch.log_softmax: softmax("log_softmax"),
+        F.relu: unary("relu"),
+        F.tanh: unary("tanh"),
+        F.sigmoid: unary("sigmoid"),
         F.silu: unary("silu"),
-        F.gelu: R(lambda rt, i, input, approximate="none": _gelu(rt.be, input, approximate),
-                  lambda input, approximate="none": _gelu_check(approximate)),
-        F.leaky_relu: R(leaky_relu), F.elu: R(elu), F.softplus: R(softplus),
-        F.softmax: softmax("softmax"), F.log_softmax: softmax("log_softmax"),
-        F.linear: R(linear), F.conv2d: R(conv2d, conv2d_check),
-        F.max_pool2d: R(max_pool2d, max_pool2d_check), F.avg_pool2d: R(avg_pool2d, avg_pool2d_check),
-        F.dropout: R(dropout), F.layer_norm: R(layer_norm),
+        F.gelu: R(
+            lambda rt, i, input, approximate="none": _gelu(rt.be, input, approximate),
+            lambda input, approximate="none": _gelu_check(approximate),
+        ),
+        F.leaky_relu: R(leaky_relu),
+        F.elu: R(elu),
+        F.softplus: R(softplus),
+        F.softmax: softmax("softmax"),
+        F.log_softmax: softmax("log_softmax"),
+        F.linear: R(linear),
+        F.conv2d: R(conv2d, conv2d_check),
+        F.max_pool2d: R(max_pool2d, max_pool2d_check),
+        F.avg_pool2d: R(avg_pool2d, avg_pool2d_check),
+        F.dropout: R(dropout),
+        F.layer_norm: R(layer_norm),
         F.batch_norm: R(batch_norm, batch_norm_check),
     }
     return table
@@ -339,30 +299,50 @@ def method_rules(fn_rules) -> dict[str, Rule]:
         if dim is None:
             dims = tuple(d for d, s in enumerate(self.shape) if s == 1)
         else:
-            dims = tuple(_dim(d, self.ndim) for d in ((dim,) if isinstance(dim, int) else dim)
-                         if self.shape[d] == 1)
+            dims = tuple(
+                _dim(d, self.ndim) for d in ((dim,) if isinstance(dim, int) else dim) if self.shape[d] == 1
+            )
         return rt.be.xp.squeeze(self, axis=dims) if dims else self
 
     table = {
-        "view": R(view), "reshape": R(view), "permute": R(permute),
-        "size": R(size), "dim": R(lambda rt, i, self: self.ndim),
+        "view": R(view),
+        "reshape": R(view),
+        "permute": R(permute),
+        "size": R(size),
+        "dim": R(lambda rt, i, self: self.ndim),
         "contiguous": R(lambda rt, i, self, memory_format=None: self),
         "t": R(lambda rt, i, self: rt.be.xp.matrix_transpose(self)),
-        "sum": reduce("sum"), "mean": reduce("mean"),
-        "unsqueeze": R(unsqueeze), "squeeze": R(squeeze),
-        "pow": R(lambda rt, i, self, exponent: self ** exponent),
+        "sum": reduce("sum"),
+        "mean": reduce("mean"),
+        "unsqueeze": R(unsqueeze),
+        "squeeze": R(squeeze),
+        "pow": R(lambda rt, i, self, exponent: self**exponent),
     }
-    for name, fn in (("add", torch.add), ("sub", torch.sub), ("mul", torch.mul), ("div", torch.div),
-                     ("matmul", torch.matmul), ("neg", torch.neg), ("relu", torch.relu),
-                     ("tanh", torch.tanh), ("sigmoid", torch.sigmoid), ("exp", torch.exp),
-                     ("log", torch.log), ("sqrt", torch.sqrt), ("abs", torch.abs),
-                     ("flatten", torch.flatten), ("transpose", torch.transpose),
-                     ("softmax", torch.softmax), ("log_softmax", torch.log_softmax)):
+    for name, fn in (
+        ("add", torch.add),
+        ("sub", torch.sub),
+        ("mul", torch.mul),
+        ("div", torch.div),
+        ("matmul", torch.matmul),
+        ("neg", torch.neg),
+        ("relu", torch.relu),
+        ("tanh", torch.tanh),
+        ("sigmoid", torch.sigmoid),
+        ("exp", torch.exp),
+        ("log", torch.log),
+        ("sqrt", torch.sqrt),
+        ("abs", torch.abs),
+        ("flatten", torch.flatten),
+        ("transpose", torch.transpose),
+        ("softmax", torch.softmax),
+        ("log_softmax", torch.log_softmax),
+    ):
         table[name] = fn_rules[fn]
     return table
 
 
 # ============================================================================ module rules
+
 
 def module_rule(mod: nn.Module, path: str) -> Callable:
     """fn(rt, index, params, x) for a leaf torch.nn module, or raise Unsupported."""
@@ -376,6 +356,7 @@ def module_rule(mod: nn.Module, path: str) -> Callable:
 
         def fn(rt, i, params, x):
             return rt.be.linear(x, param(params, "weight"), param(params, "bias") if has_bias else None)
+
         return fn
 
     if isinstance(mod, nn.Conv2d):
@@ -386,8 +367,16 @@ def module_rule(mod: nn.Module, path: str) -> Callable:
         has_bias = mod.bias is not None
 
         def fn(rt, i, params, x):
-            return rt.be.conv2d(x, param(params, "weight"), param(params, "bias") if has_bias else None,
-                                stride=stride, padding=pads, dilation=dilation, groups=groups)
+            return rt.be.conv2d(
+                x,
+                param(params, "weight"),
+                param(params, "bias") if has_bias else None,
+                stride=stride,
+                padding=pads,
+                dilation=dilation,
+                groups=groups,
+            )
+
         return fn
 
     simple = {nn.ReLU: "relu", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid", nn.SiLU: "silu"}
@@ -416,8 +405,9 @@ def module_rule(mod: nn.Module, path: str) -> Callable:
         return lambda rt, i, params, x: _max_pool(rt.be, x, mod.kernel_size, mod.stride, mod.padding)
     if isinstance(mod, nn.AvgPool2d):
         _pool_checks("AvgPool2d", 1, mod.ceil_mode, False, mod.divisor_override)
-        return lambda rt, i, params, x: _avg_pool(rt.be, x, mod.kernel_size, mod.stride, mod.padding,
-                                                  mod.count_include_pad)
+        return lambda rt, i, params, x: _avg_pool(
+            rt.be, x, mod.kernel_size, mod.stride, mod.padding, mod.count_include_pad
+        )
     if type(mod) is nn.Dropout:
         prob, training = float(mod.p), mod.training
         return lambda rt, i, params, x: _dropout(rt, i, x, prob, f"Dropout {path!r}") if training else x
@@ -430,12 +420,15 @@ def module_rule(mod: nn.Module, path: str) -> Callable:
             w = param(params, "weight") if has_w else None
             b = param(params, "bias") if has_b else None
             return rt.be.layer_norm(x, w, b, normalized_ndim=ndim, eps=mod.eps)
+
         return fn
     if isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)):
         running = mod.running_mean is not None
         if mod.training and running:
-            raise Unsupported("BatchNorm in training mode updates its running statistics in place; "
-                               "use eval mode (module.eval() / train=False) or track_running_stats=False")
+            raise Unsupported(
+                "BatchNorm in training mode updates its running statistics in place; "
+                "use eval mode (module.eval() / train=False) or track_running_stats=False"
+            )
         batch_stats = mod.training or not running
         has_w = mod.weight is not None
 
@@ -445,6 +438,6 @@ def module_rule(mod: nn.Module, path: str) -> Callable:
             w = param(params, "weight") if has_w else None
             b = param(params, "bias") if has_w else None
             return _batch_norm(rt.be, x, mean, var, w, b, mod.eps, batch_stats)
+
         return fn
     raise Unsupported(None)
-

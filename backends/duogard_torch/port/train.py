@@ -12,7 +12,8 @@ Port a backprop loop to forward gradients by replacing ``loss.backward()``::
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.func
@@ -69,8 +70,10 @@ def _backend(name):
 def _resolve_key(key, est, be):
     if isinstance(key, KeySequence):
         if key._be is not be:
-            raise ValueError(f"forward_grad_: key is a KeySequence of the {key._be.name!r} backend; "
-                             "make it with KeySequence(seed) (torch keys)")
+            raise ValueError(
+                f"forward_grad_: key is a KeySequence of the {key._be.name!r} backend; "
+                "make it with KeySequence(seed) (torch keys)"
+            )
         return next(key)
     if key is None:
         if getattr(est, "stochastic", False):
@@ -86,19 +89,22 @@ def _resolve_key(key, est, be):
             "seed would draw the same tangents at every step); use key=duogard.torch.KeySequence(seed)"
         )
     if not isinstance(key, torch.Tensor):
-        raise TypeError(f"forward_grad_: key must be a KeySequence or a torch backend key "
-                        f"(duogard.backend('torch').key(seed)), got {type(key).__name__}")
+        raise TypeError(
+            f"forward_grad_: key must be a KeySequence or a torch backend key "
+            f"(duogard.backend('torch').key(seed)), got {type(key).__name__}"
+        )
     return key
 
 
 def _batchnorms_in_training(module) -> list[str]:
-    return [name or "<root>" for name, m in module.named_modules()
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training
-            and m.track_running_stats]
+    return [
+        name or "<root>"
+        for name, m in module.named_modules()
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats
+    ]
 
 
-def forward_grad_(module, loss_fn: Callable, batch: Any, *, method="forward", key=None,
-                  **estimator_options):
+def forward_grad_(module, loss_fn: Callable, batch: Any, *, method="forward", key=None, **estimator_options):
     """Compute a gradient estimate of ``loss_fn(module, batch)`` and store it in every
     parameter's ``.grad``; return the loss.
 
@@ -139,8 +145,9 @@ def forward_grad_(module, loss_fn: Callable, batch: Any, *, method="forward", ke
     if not isinstance(module, torch.nn.Module):
         raise TypeError(f"forward_grad_: module must be a torch.nn.Module, got {type(module).__name__}")
     if not callable(loss_fn):
-        raise TypeError(f"forward_grad_: loss_fn must be callable as loss_fn(module, batch), "
-                        f"got {type(loss_fn).__name__}")
+        raise TypeError(
+            f"forward_grad_: loss_fn must be callable as loss_fn(module, batch), got {type(loss_fn).__name__}"
+        )
     est = make_estimator(method, **estimator_options)
     be = backend("torch")
     bns = _batchnorms_in_training(module)
