@@ -87,101 +87,101 @@ def fit(
     n_train = int(data.x_train.shape[0])
     if batch_size > n_train:
         raise ValueError(f"fit: batch_size ({batch_size}) is larger than the training set ({n_train})")
-    if trainer is None:
-        trainer = Trainer(
-            model,
-            loss=loss,
-            optimizer=optimizer,
-            backend=backend,
-            estimator="backprop" if estimator is None else estimator,
-        )
-    else:
-        given = [
-            n
-            for n, v in (
-                ("loss", loss),
-                ("optimizer", optimizer),
-                ("estimator", estimator),
-                ("backend", backend),
-            )
-            if v is not None
-        ]
-        if given:
-            raise ValueError(
-                f"fit: {', '.join(given)} given with trainer=; the trainer's own are used: "
-                "pass them to Trainer(...) instead"
-            )
+    trainer = _trainer_for(
+        model, trainer, loss=loss, optimizer=optimizer, estimator=estimator, backend=backend
+    )
     cbs = _callbacks(callbacks)
-    policy = next(c for c in cbs if isinstance(c, OnNonFinite))
-    be = trainer.be
-    start_params, opt_state = trainer.init_state(params)
-    result = FitResult(
-        start_params,
-        opt_state,
-        0,
-        be.name,
-        getattr(trainer.estimator, "name", str(trainer.estimator)),
-        trainer.update_strategy,
-    )
-    run = FitRun(
-        trainer,
-        data,
-        steps=steps,
-        batch_size=batch_size,
-        seed=seed,
-        params=start_params,
-        opt_state=opt_state,
-        key=be.key(seed),
-        result=result,
-    )
-    rss0 = peak = rss_bytes()
-    times: list[float] = []
-    t_begin = time.perf_counter()
+    params, opt_state = trainer.init_state(params)
+    name = getattr(trainer.estimator, "name", str(trainer.estimator))
+    result = FitResult(params, opt_state, 0, trainer.be.name, name, trainer.update_strategy)
+    run = FitRun(trainer, data, steps=steps, batch_size=batch_size, seed=seed, params=params,
+                 opt_state=opt_state, key=trainer.be.key(seed), result=result)  # fmt: skip
+    clock = _Clock()
     try:
         for cb in cbs:
             cb.on_fit_start(run)
         result.step = run.start
         for step in range(run.start, steps):
-            xb, yb = (be.asarray(a) for a in data.batch_at(step, batch_size, seed=seed))
-            key = be.fold_in(run.key, step)
+            record = _step(run, step, cbs, clock)
             for cb in cbs:
-                cb.before_step(run, step, xb, yb, key)
-            t0 = time.perf_counter()
-            # the step returns what to continue from: its inputs, unchanged, when not finite
-            run.params, run.opt_state, value, gsq = trainer.step(run.params, run.opt_state, xb, yb, key)
-            value = float(value)  # waits for the step: honest timing
-            gsq = float(gsq) if gsq is not None else float("nan")
-            dt = time.perf_counter() - t0
-            if step == run.start:
-                result.first_step_seconds = dt
-            else:
-                times.append(dt)
-            run.finite = math.isfinite(value) and (math.isfinite(gsq) or not trainer.grad_norm)
-            if not run.finite:
-                policy.handle(run, step + 1, value, gsq)
-            rec = {"step": step + 1, "loss": value}
-            if trainer.grad_norm:
-                rec["grad_norm"] = math.sqrt(gsq) if gsq >= 0 else float("nan")
-            rec.update(time=time.perf_counter() - t_begin, step_time=dt)
-            lr = _current_lr(run.opt_state)
-            if lr is not None:
-                rec["lr"] = lr
-            result.history.append(rec)
-            result.step = step + 1
-            peak = max(peak, rss_bytes())
-            for cb in cbs:
-                cb.on_step_end(run, rec)
+                cb.on_step_end(run, record)
         run.finite = run.completed = True
         result.step = max(steps, run.start)
     finally:
-        result.params, result.opt_state = run.params, run.opt_state
-        result.total_seconds = time.perf_counter() - t_begin
-        result.time_per_step = float(np.median(times)) if times else result.first_step_seconds
-        result.peak_memory_bytes = max(peak - rss0, 0)
-        result.compiles = trainer.compiles()
+        clock.finish(run)
         for cb in cbs:
             cb.on_fit_end(run)
     return result
+
+
+def _trainer_for(model, trainer, *, loss, optimizer, estimator, backend) -> Trainer:
+    """The given trainer (then no other training choice may be given), or a new one."""
+    if trainer is None:
+        estimator = "backprop" if estimator is None else estimator
+        return Trainer(model, loss=loss, optimizer=optimizer, estimator=estimator, backend=backend)
+    given = [n for n, v in (("loss", loss), ("optimizer", optimizer), ("estimator", estimator),
+                            ("backend", backend)) if v is not None]  # fmt: skip
+    if given:
+        raise ValueError(f"fit: {', '.join(given)} given with trainer=; the trainer's own are used: "
+                         "pass them to Trainer(...) instead")  # fmt: skip
+    return trainer
+
+
+class _Clock:
+    """Step times (the first, compilation included, apart), wall-clock and peak RSS of a run."""
+
+    def __init__(self):
+        self.start = time.perf_counter()
+        self.rss0 = self.peak = rss_bytes()
+        self.first = float("nan")
+        self.times: list[float] = []
+
+    def step(self, dt: float, first: bool) -> None:
+        if first:
+            self.first = dt
+        else:
+            self.times.append(dt)
+        self.peak = max(self.peak, rss_bytes())
+
+    def finish(self, run) -> None:
+        r = run.result
+        r.params, r.opt_state = run.params, run.opt_state
+        r.first_step_seconds = self.first
+        r.total_seconds = time.perf_counter() - self.start
+        r.time_per_step = float(np.median(self.times)) if self.times else self.first
+        r.peak_memory_bytes = max(self.peak - self.rss0, 0)
+        r.compiles = run.trainer.compiles()
+
+
+def _step(run, step: int, cbs, clock: _Clock) -> dict:
+    """Step ``step`` (0-based) of ``run``: the batch, the callbacks' ``before_step``, the timed step,
+    the non-finite policy, and the step's record (appended to the history).
+    """
+    be, trainer = run.be, run.trainer
+    xb, yb = (be.asarray(a) for a in run.data.batch_at(step, run.batch_size, seed=run.seed))
+    key = be.fold_in(run.key, step)
+    for cb in cbs:
+        cb.before_step(run, step, xb, yb, key)
+    t0 = time.perf_counter()
+    # the step returns what to continue from: its inputs, unchanged, when not finite
+    run.params, run.opt_state, value, gsq = trainer.step(run.params, run.opt_state, xb, yb, key)
+    value = float(value)  # waits for the step: honest timing
+    gsq = float(gsq) if gsq is not None else float("nan")
+    dt = time.perf_counter() - t0
+    clock.step(dt, first=step == run.start)
+    run.finite = math.isfinite(value) and (math.isfinite(gsq) or not trainer.grad_norm)
+    if not run.finite:
+        next(c for c in cbs if isinstance(c, OnNonFinite)).handle(run, step + 1, value, gsq)
+    record = {"step": step + 1, "loss": value}
+    if trainer.grad_norm:
+        record["grad_norm"] = math.sqrt(gsq) if gsq >= 0 else float("nan")
+    record.update(time=time.perf_counter() - clock.start, step_time=dt)
+    lr = _current_lr(run.opt_state)
+    if lr is not None:
+        record["lr"] = lr
+    run.result.history.append(record)
+    run.result.step = step + 1
+    return record
 
 
 def _current_lr(opt_state) -> float | None:

@@ -60,34 +60,41 @@ class Trainer:
         loss = _losses.cross_entropy if loss is None else loss
         self.be = be = _select_backend(backend)
         self.model = model
-        self.loss_fn = loss_fn = _grad.supervised(model, loss)
+        self.loss_fn = _grad.supervised(model, loss)
         self.estimator = est = _grad.estimator(estimator) if isinstance(estimator, str) else estimator
         self.optimizer = _optim.sgd(0.05) if optimizer is None else optimizer
         self.grad_norm = bool(grad_norm)
         self.update_strategy = choose_update(self.optimizer, est)
         self.step = make_step(
-            self.update_strategy, be, est, self.optimizer, loss_fn, grad_norm=self.grad_norm, compile=compile
+            self.update_strategy,
+            be,
+            est,
+            self.optimizer,
+            self.loss_fn,
+            grad_norm=self.grad_norm,
+            compile=compile,
         )
-        jit_kw = {} if compile is None else {"compile": bool(compile)}
-        measure = _grad.with_diagnostics(est)
-
-        def diagnose(params, x, y, key):
-            # the estimate next to the true gradient, outside the timed step
-            return measure(loss_fn, params, (x, y), key)[2]
-
         # a loss with a reduction argument gives the evaluation's summed loss (decided once)
-        loss_sum = _losses.get(loss) if _takes_reduction(loss) else None
+        self._loss_sum = _losses.get(loss) if _takes_reduction(loss) else None
+        self._measure = _grad.with_diagnostics(est)
+        jit_kw = {} if compile is None else {"compile": bool(compile)}
+        self.diagnose = be.jit(self._diagnose, **jit_kw)
+        self.evaluate_batch = be.jit(self._evaluate_batch, **jit_kw)
 
-        def evaluate(params, x, y):
-            xp = be.xp
-            logits = model.apply(params, x)
-            per = loss_sum(logits, y, reduction="sum") if loss_sum is not None else None
-            classes = y.ndim == 1 and not xp.isdtype(y.dtype, "real floating")
-            correct = xp.sum(xp.astype(xp.argmax(logits, axis=-1) == y, xp.int32)) if classes else None
-            return per, correct
+    def _diagnose(self, params, x, y, key):
+        """The estimate next to the true gradient (``cosine``, ``rel_norm``), outside the timed step."""
+        return self._measure(self.loss_fn, params, (x, y), key)[2]
 
-        self.diagnose = be.jit(diagnose, **jit_kw)
-        self.evaluate_batch = be.jit(evaluate, **jit_kw)
+    def _evaluate_batch(self, params, x, y):
+        """The summed loss (None without a reduction argument) and the correct count (None for
+        non-class targets) of one batch.
+        """
+        xp = self.be.xp
+        logits = self.model.apply(params, x)
+        total = self._loss_sum(logits, y, reduction="sum") if self._loss_sum is not None else None
+        classes = y.ndim == 1 and not xp.isdtype(y.dtype, "real floating")
+        correct = xp.sum(xp.astype(xp.argmax(logits, axis=-1) == y, xp.int32)) if classes else None
+        return total, correct
 
     def compiles(self) -> int | None:
         """How many times JAX compiled the step (None where unknown)."""
