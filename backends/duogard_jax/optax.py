@@ -6,11 +6,9 @@ that params and grads are jax arrays (front-end name: ``duogard.optim.from_optax
 
 from __future__ import annotations
 
-import jax
-import optree
-
-from duogard.backend import backend_of
+from duogard.backend import backend
 from duogard.optim import GradientTransformation
+from duogard.optim._base import check_adapter_leaves
 
 __all__ = ["from_optax"]
 
@@ -20,23 +18,8 @@ _OPTAX_FIX = (
 )
 
 
-def _describe(leaf) -> str:
-    """What a leaf is, for error messages: ``a torch array``, ``a numpy.ndarray`` ..."""
-    be = backend_of(leaf)
-    if be.is_array(leaf):
-        return f"a {be.name} array"
-    return f"a {type(leaf).__module__}.{type(leaf).__name__}"
-
-
 def _check_leaves(what: str, tree) -> None:
-    paths, leaves, _ = optree.tree_flatten_with_path(tree)
-    for path, leaf in zip(paths, leaves):
-        if not isinstance(leaf, jax.Array):
-            name = ".".join(str(p) for p in path) or "<root>"
-            raise TypeError(
-                f"from_optax: expected jax.Array leaves in {what}, got {_describe(leaf)} "
-                f"at {name!r}; {_OPTAX_FIX}"
-            )
+    check_adapter_leaves("from_optax", what, tree, backend("jax"), kind="jax.Array", fix=_OPTAX_FIX)
 
 
 def from_optax(tx) -> GradientTransformation:

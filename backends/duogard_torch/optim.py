@@ -10,11 +10,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-import optree
 import torch
 
-from duogard.backend import backend_of
+from duogard.backend import backend
 from duogard.optim import GradientTransformation
+from duogard.optim._base import check_adapter_leaves
 from duogard.tree import tree_flatten, tree_unflatten
 
 __all__ = ["TorchOptimizerState", "optimizer_from_torch"]
@@ -25,23 +25,8 @@ _TORCH_FIX = (
 )
 
 
-def _describe(leaf) -> str:
-    """What a leaf is, for error messages: ``a jax array``, ``a numpy.ndarray`` ..."""
-    be = backend_of(leaf)
-    if be.is_array(leaf):
-        return f"a {be.name} array"
-    return f"a {type(leaf).__module__}.{type(leaf).__name__}"
-
-
 def _check_leaves(what: str, tree) -> None:
-    paths, leaves, _ = optree.tree_flatten_with_path(tree)
-    for path, leaf in zip(paths, leaves):
-        if not isinstance(leaf, torch.Tensor):
-            name = ".".join(str(p) for p in path) or "<root>"
-            raise TypeError(
-                f"from_torch: expected torch.Tensor leaves in {what}, got {_describe(leaf)} "
-                f"at {name!r}; {_TORCH_FIX}"
-            )
+    check_adapter_leaves("from_torch", what, tree, backend("torch"), kind="torch.Tensor", fix=_TORCH_FIX)
 
 
 class TorchOptimizerState(NamedTuple):

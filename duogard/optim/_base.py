@@ -151,6 +151,33 @@ def array_backend(fn: str, tree):
     return be
 
 
+def check_adapter_leaves(fn: str, what: str, tree, be, *, kind: str, fix: str) -> None:
+    """An optimizer adapter's check that every leaf of ``tree`` is an array of backend ``be``.
+
+    Args:
+        fn: the adapter's name, for the message (``"from_optax"``).
+        what: which tree (``"params"``, ``"grads"``).
+        tree: the pytree to check.
+        be: the backend whose arrays the adapter needs.
+        kind: the array type's name, for the message (``"jax.Array"``).
+        fix: what to do instead, appended to the message.
+
+    Raises:
+        TypeError: naming the first other leaf, what it is and its path.
+    """
+    paths, leaves, _ = optree.tree_flatten_with_path(tree)
+    for path, leaf in zip(paths, leaves):
+        if not be.is_array(leaf):
+            owner = backend_of(leaf)
+            got = (
+                f"a {owner.name} array"
+                if owner.is_array(leaf)
+                else f"a {type(leaf).__module__}.{type(leaf).__name__}"
+            )
+            name = ".".join(str(p) for p in path) or "<root>"
+            raise TypeError(f"{fn}: expected {kind} leaves in {what}, got {got} at {name!r}; {fix}")
+
+
 def float_dtype(be, leaves):
     """The widest floating dtype among ``leaves`` (float32 if none is floating)."""
     best = None
