@@ -33,9 +33,11 @@ from ._arrays import (
     enable_float64,
     is_array,
     pin_float32_precision,
+    threads_for,
     to_numpy,
 )
 from ._autodiff import (
+    add_outer_,
     add_scaled_,
     grad,
     is_tracing,
@@ -95,6 +97,7 @@ __all__ = [
     "int64",
     "enable_float64",
     "pin_float32_precision",
+    "threads_for",
     # arrays, dtypes, devices
     "is_array",
     "as_dtype",
@@ -132,6 +135,7 @@ __all__ = [
     "stop_gradient",
     "is_tracing",
     "synchronize",
+    "add_outer_",
     "add_scaled_",
     # randomness
     "key",

@@ -21,6 +21,10 @@ def pin_float32_precision():
     return lambda: jax.config.update("jax_default_matmul_precision", saved)
 
 
+def threads_for(work: float) -> str:
+    return "XLA thread pool"  # XLA sizes its own pool; a busy neighbour costs it little
+
+
 def is_array(x) -> bool:
     return isinstance(x, (jax.Array, jax.core.Tracer))
 

@@ -53,3 +53,11 @@ def add_scaled_(target, value, scale, where=None):
     # arrays are immutable: a new array (in place when jitted with ``target`` donated)
     out = (target + jnp.asarray(scale, target.dtype) * value).astype(target.dtype)
     return out if where is None else jnp.where(where, out, target)
+
+
+def add_outer_(target, u, w, scale, where=None):
+    # a new array; under jit XLA fuses the outer product into the update (in place when
+    # ``target`` is donated)
+    outer = (u[:, None] * jnp.reshape(w, (1, -1))).reshape(target.shape)
+    out = (target + jnp.asarray(scale, target.dtype) * outer).astype(target.dtype)
+    return out if where is None else jnp.where(where, out, target)

@@ -104,10 +104,29 @@ def _fit_width(obj, host, fresh, *, copy, allow_downcast, where):
             "(jax.config.update('jax_enable_x64', True), or JAX_ENABLE_X64=1 before importing "
             f"jax), or pass allow_downcast=True to cast it to {narrow} explicitly"
         )
+    _check_fits(obj, host, name, narrow, where)
     if copy is False:
         raise copy_refused(where, f"a downcast from {name} to {narrow}")
     # the source framework casts (a copy)
     return (obj.astype(narrow) if host else obj.copy(dtype=narrow)), True
+
+
+def _check_fits(obj, host, name, narrow, where) -> None:
+    """ValueError for integers outside the narrow type's range: the cast would wrap them (2**40 -> 0)."""
+    if np.dtype(name).kind not in "iu" or not obj.size:
+        return
+    if host:
+        lo, hi = int(obj.min()), int(obj.max())
+    else:  # the source framework reduces (its array may be on a GPU)
+        xp = obj.backend.xp
+        lo, hi = int(xp.min(obj.array)), int(xp.max(obj.array))
+    info = np.iinfo(narrow)
+    if lo < info.min or hi > info.max:
+        raise ValueError(
+            f"convert: leaf {leaf_name(where)} holds {name} values in [{lo}, {hi}], outside the "
+            f"{narrow} range [{info.min}, {info.max}]: allow_downcast=True would wrap them around. "
+            "Enable JAX's 64-bit mode (jax.config.update('jax_enable_x64', True)) to keep them"
+        )
 
 
 def _is_compact(shape, strides) -> bool:

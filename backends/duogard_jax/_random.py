@@ -1,40 +1,163 @@
-"""Explicit-key randomness on JAX (``jax.random``, threefry keys)."""
+"""Explicit-key randomness on JAX.
+
+Keys are uint32 pairs; ``key``, ``split`` and ``fold_in`` and the default (``"portable"``) draws
+are duogard's Philox-4x32-10 generator (:mod:`duogard.backend._philox`, the specification),
+written here with ``jax.numpy`` integer ops so that they trace and fuse under ``jit``: the same
+numbers as on every other backend. ``generator="native"`` draws with ``jax.random`` instead,
+taking the key's words as a threefry key.
+"""
 
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from duogard.backend import check_draw_rows
+from duogard.backend import _philox as spec
+from duogard.backend import check_draw_rows, check_generator
 
 from ._arrays import as_dtype, resolve_device
 
+_U32 = jnp.uint32
+
+
+def _mulhilo(a, m: int):
+    """``(hi, lo)`` words of ``a * m`` for uint32 ``a`` and a constant ``m``, in uint32 ops
+    (16-bit halves), so no 64-bit type is needed with x64 off.
+    """
+    mh, ml = _U32(m >> 16), _U32(m & 0xFFFF)
+    ah, al = a >> 16, a & _U32(0xFFFF)
+    t = al * ml
+    u = ah * ml + (t >> 16)
+    v = al * mh + (u & _U32(0xFFFF))
+    return ah * mh + (u >> 16) + (v >> 16), a * _U32(m)
+
+
+def _philox(c0, c1, c2, c3, key):
+    k0, k1 = key[0], key[1]
+    for _ in range(spec.ROUNDS):
+        hi0, lo0 = _mulhilo(c0, spec.PHILOX_M[0])
+        hi1, lo1 = _mulhilo(c2, spec.PHILOX_M[1])
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        k0, k1 = k0 + _U32(spec.PHILOX_W[0]), k1 + _U32(spec.PHILOX_W[1])
+    return c0, c1, c2, c3
+
+
+def _as_key(key):
+    key = jnp.asarray(key)
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        key = jax.random.key_data(key)
+    return key.astype(_U32)
+
 
 def key(seed: int):
-    return jax.random.PRNGKey(int(seed))
+    return jnp.asarray(spec.key_words(seed))
 
 
 def split(key, num: int = 2):
-    return jax.random.split(key, num)
+    c0 = jnp.arange(int(num), dtype=_U32)
+    zero = jnp.zeros((), _U32)
+    w0, w1, _, _ = _philox(c0, zero, zero, _U32(spec.SPLIT_TAG), _as_key(key))
+    return jnp.stack([w0, jnp.broadcast_to(w1, w0.shape)], axis=1)
+
+
+def _data_words(data):
+    if isinstance(data, (int, np.integer)):
+        z = int(data) & ((1 << 64) - 1)
+        return _U32(z & 0xFFFFFFFF), _U32(z >> 32)
+    data = jnp.asarray(data)
+    lo = data.astype(_U32)
+    if data.dtype.itemsize == 8:
+        return lo, (data >> 32).astype(_U32)
+    signed = jnp.issubdtype(data.dtype, jnp.signedinteger)
+    return lo, jnp.where(data < 0, _U32(0xFFFFFFFF), _U32(0)) if signed else jnp.zeros((), _U32)
 
 
 def fold_in(key, data: int):
-    return jax.random.fold_in(key, data)
+    lo, hi = _data_words(data)
+    w0, w1, _, _ = _philox(lo, hi, jnp.zeros((), _U32), _U32(spec.FOLD_TAG), _as_key(key))
+    return jnp.stack([w0, w1])
 
 
 def key_data(key) -> np.ndarray:
-    return np.asarray(
-        jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key, dtype=np.uint32
-    )
+    return np.asarray(_as_key(key), dtype=np.uint32)
 
 
 def key_from_data(data):
     return jnp.asarray(np.asarray(data, dtype=np.uint32))
 
 
+def _words(key, n: int):
+    """The first ``n`` words of ``key``'s stream (the spec's ``words``).
+
+    Each word runs the rounds of its own block and keeps its lane: four times the rounds, but
+    one fused single-output loop. (Built the plain way, four lane arrays then interleaved,
+    XLA's CPU code fused the interleave with the rounds and ran 20-30 times slower.) The words
+    end in a division by a traced one: XLA counts a division as expensive and then does not
+    fuse the words into consumers that read each word many times (the 32 signs of a word, the
+    pairs of Box-Muller), which would run the rounds again for each of them
+    (``optimization_barrier`` does not stop that fusion on CPU).
+    """
+    key = _as_key(key)
+    j = jnp.arange(n, dtype=_U32)
+    zero = jnp.zeros((), _U32)
+    c0, c1, c2, c3 = _philox(j >> 2, zero, zero, zero, key)
+    lane = j & _U32(3)
+    w = jnp.where(lane == 0, c0, jnp.where(lane == 1, c1, jnp.where(lane == 2, c2, c3)))
+    return w // _traced_one(key)
+
+
+def _traced_one(key):
+    """1, computed from ``key`` so that XLA cannot fold it: dividing a draw by it changes no bit
+    but ends the draw in an op XLA counts as expensive, which it then does not duplicate into
+    consumers that read each element many times (a rank-1 tangent's outer product reads each
+    factor ``out`` or ``in`` times; fused, the rounds ran once per read).
+    """
+    key = _as_key(key)
+    return (key[0] | _U32(1)) // (key[0] | _U32(1))
+
+
+def _unit(w, dtype):
+    return ((w >> 9).astype(dtype) * 2 + 1) * jnp.asarray(2.0**-24, dtype)
+
+
 def _placed(x, device):
     return x if device is None else jax.device_put(x, resolve_device(device))
+
+
+def _portable_normal(key, n: int, dtype):
+    # number i from its own block's rounds (block i // 4; words 2p, 2p + 1 of its pair p = i // 2
+    # are lanes 0, 1 or 2, 3): one fused single-output loop, as in _words
+    i = jnp.arange(n, dtype=_U32)
+    zero = jnp.zeros((), _U32)
+    c0, c1, c2, c3 = _philox(i >> 2, zero, zero, zero, _as_key(key))
+    second = ((i >> 1) & _U32(1)) == 1
+    r = jnp.sqrt(jnp.asarray(-2, dtype) * jnp.log(_unit(jnp.where(second, c2, c0), dtype)))
+    t = jnp.asarray(2 * np.pi, dtype) * _unit(jnp.where(second, c3, c1), dtype)
+    z = jnp.where((i & _U32(1)) == 1, r * jnp.sin(t), r * jnp.cos(t))
+    return _unfused(z, key)
+
+
+def _unfused(x, key):
+    """``x`` bit for bit, through an integer division by a traced one (see :func:`_traced_one`):
+    XLA counts an integer division as expensive (a float one, sines and logarithms it fuses
+    into every reader), so the draw is computed once, not once per element of an outer product.
+    """
+    bits = jnp.uint32 if x.dtype.itemsize == 4 else jnp.uint64
+    one = _traced_one(key).astype(bits)
+    return jax.lax.bitcast_convert_type(jax.lax.bitcast_convert_type(x, bits) // one, x.dtype)
+
+
+def _portable_signs(key, n: int, dtype):
+    w = _words(key, -(-n // 32))
+    bits = (w[:, None] >> jnp.arange(32, dtype=_U32)) & _U32(1)
+    return bits.reshape(-1)[:n].astype(dtype) * 2 - 1
+
+
+def _native_key(key):
+    return _as_key(key)  # the two words as a raw threefry key
 
 
 def _draw_shape(shape):
@@ -44,53 +167,49 @@ def _draw_shape(shape):
     same size holds the same numbers in the same order (a test checks it). XLA's CPU code
     draws faster in such a shape than in ``(1, n)`` or ``(n,)``.
     """
-    n = int(np.prod(shape, dtype=np.int64))
+    n = math.prod(shape)
     for c in (1024, 512, 256, 128, 64, 32, 16, 8):
         if n % c == 0 and n // c >= 8:
             return (n // c, c)
     return tuple(shape)
 
 
-def normal(key, shape, dtype="float32", device=None):
-    shape = tuple(int(d) for d in shape)
-    v = jax.random.normal(key, _draw_shape(shape), dtype=as_dtype(dtype))
+def _draw(native, portable, key, shape, dtype, device, generator):
+    shape, dtype = tuple(int(d) for d in shape), as_dtype(dtype)
+    if check_generator(generator) == "native":
+        v = native(_native_key(key), _draw_shape(shape), dtype=dtype)
+    else:
+        v = portable(key, math.prod(shape), dtype)
     return _placed(jnp.reshape(v, shape), device)
 
 
-def rademacher(key, shape, dtype="float32", device=None):
-    # 32 signs from each 32-bit word. The words come from a counter hash (two rounds of a
-    # bijective 32-bit mixer over the word index, seeded with 64 threefry bits of ``key``):
-    # threefry for every word took most of the time of the draw, the hash takes little
-    shape = tuple(shape)
-    n = int(np.prod(shape))
-    seed = jax.random.bits(key, (2,), jnp.uint32)
-    index = jnp.arange((n + 31) // 32, dtype=jnp.uint32)
-    words = _mix32(_mix32(index * jnp.uint32(0x9E3779B9) + seed[0]) ^ seed[1])
-    bits = (words[:, None] >> jnp.arange(32, dtype=jnp.uint32)) & 1
-    signs = bits.reshape(-1)[:n].astype(as_dtype(dtype)) * 2 - 1
-    return _placed(signs.reshape(shape), device)
+def normal(key, shape, dtype="float32", device=None, generator="portable"):
+    return _draw(jax.random.normal, _portable_normal, key, shape, dtype, device, generator)
 
 
-def _mix32(x):
-    # a bijective avalanche mixer on uint32 (xor-shift / multiply, "lowbias32" constants)
-    x = (x ^ (x >> 16)) * jnp.uint32(0x7FEB352D)
-    x = (x ^ (x >> 15)) * jnp.uint32(0x846CA68B)
-    return x ^ (x >> 16)
+def rademacher(key, shape, dtype="float32", device=None, generator="portable"):
+    return _draw(jax.random.rademacher, _portable_signs, key, shape, dtype, device, generator)
 
 
-def draw_rows(kind, keys, sizes, rows, dtype="float32", device=None):
+def draw_rows(kind, keys, sizes, rows, dtype="float32", device=None, generator="portable"):
     # block j is kind(keys[j], (rows, sizes[j])); under jit XLA writes the draws straight into
     # the concatenation
     sizes = check_draw_rows(kind, keys, sizes)
     draw = normal if kind == "normal" else rademacher
-    blocks = [draw(k, (int(rows), s), dtype=dtype) for k, s in zip(keys, sizes)]
+    blocks = [draw(k, (int(rows), s), dtype=dtype, generator=generator) for k, s in zip(keys, sizes)]
     return _placed(jnp.concatenate(blocks, axis=1), device)
 
 
-def uniform(key, shape, dtype="float32", minval=0.0, maxval=1.0, device=None):
-    u = jax.random.uniform(key, tuple(shape), dtype=as_dtype(dtype), minval=minval, maxval=maxval)
-    return _placed(u, device)
+def uniform(key, shape, dtype="float32", minval=0.0, maxval=1.0, device=None, generator="portable"):
+    shape, dtype = tuple(int(d) for d in shape), as_dtype(dtype)
+    if check_generator(generator) == "native":
+        return _placed(jax.random.uniform(_native_key(key), shape, dtype, minval, maxval), device)
+    u = _unit(_words(key, math.prod(shape)), dtype).reshape(shape)
+    return _placed(u * (maxval - minval) + minval, device)
 
 
-def bernoulli(key, p, shape, device=None):
-    return _placed(jax.random.bernoulli(key, p, tuple(shape)), device)
+def bernoulli(key, p, shape, device=None, generator="portable"):
+    shape = tuple(int(d) for d in shape)
+    if check_generator(generator) == "native":
+        return _placed(jax.random.bernoulli(_native_key(key), p, shape), device)
+    return _placed(uniform(key, shape) < p, device)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 
@@ -125,3 +127,20 @@ def to_numpy(x) -> np.ndarray:
             ) from exc
         return x.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
     return x.numpy()
+
+
+_DEFAULT_THREADS = torch.get_num_threads()
+_SMALL_WORK = 1e8  # floating-point operations per step below which one thread is chosen
+
+
+def threads_for(work: float) -> str:
+    forced = os.environ.get("DUOGARD_TORCH_THREADS", "").strip()
+    if forced:
+        n, why = int(forced), "DUOGARD_TORCH_THREADS"
+    elif work < _SMALL_WORK:
+        n, why = 1, f"small steps, ~{work:.2g} flop"
+    else:
+        n, why = _DEFAULT_THREADS, f"~{work:.2g} flop per step"
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+    return f"torch {n} thread{'s' if n > 1 else ''} ({why})"

@@ -103,3 +103,13 @@ def add_scaled_(target, value, scale, where=None):
     if isinstance(scale, torch.Tensor):
         return target.addcmul_(value, scale.to(target.dtype))
     return target.add_(value, alpha=float(scale))
+
+
+def add_outer_(target, u, w, scale, where=None):
+    # in place, one BLAS ger (addr_) over target viewed as (m, prod(rest)); the scale goes
+    # into u (m numbers) so a 0-d tensor scale needs no host sync
+    if where is not None and not bool(where):
+        return target
+    u = u * (scale.to(target.dtype) if isinstance(scale, torch.Tensor) else float(scale))
+    target.view(target.shape[0], -1).addr_(u.to(target.dtype), w.reshape(-1).to(target.dtype))
+    return target

@@ -20,6 +20,12 @@ def dlpack_device(x, *, where=None):
             f"convert: leaf {leaf_name(where)} is a torch tensor traced by torch.func "
             "(grad/jvp/vmap); convert concrete tensors, outside the transform"
         )
+    if x.layout != torch.strided or x.is_nested:
+        layout = "nested" if x.is_nested else str(x.layout).removeprefix("torch.")
+        raise TypeError(
+            f"convert: leaf {leaf_name(where)} is a {layout} torch tensor; convert moves dense "
+            "(strided) tensors only: make it dense first (.to_dense())"
+        )
     return device_spec(x.__dlpack_device__())
 
 

@@ -1,19 +1,26 @@
 """Explicit-key randomness on PyTorch.
 
-A key is a CPU int64 tensor of two 32-bit words; every draw seeds a fresh ``torch.Generator``
-from a splitmix64 hash of its key, so the same key gives the same numbers.
+A key is a CPU int64 tensor of two 32-bit words. ``key``, ``split`` and ``fold_in`` and the
+default (``"portable"``) draws are duogard's Philox-4x32-10 generator
+(:mod:`duogard.backend._philox`, the specification): keys are derived on the host, draws run as
+int64 tensor ops on the arrays' device, and give the same numbers as every other backend.
+``generator="native"`` draws with a ``torch.Generator`` seeded from a splitmix64 hash of the key.
 """
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
-from duogard.backend import check_draw_rows
+from duogard.backend import _philox as spec
+from duogard.backend import check_draw_rows, check_generator
 
 from ._arrays import as_dtype
 
 _MASK64 = (1 << 64) - 1
+_MASK32 = 0xFFFFFFFF
 
 
 def _splitmix64(z: int) -> int:
@@ -23,13 +30,13 @@ def _splitmix64(z: int) -> int:
     return z ^ (z >> 31)
 
 
-def _key_int(key) -> int:
-    hi, lo = (int(v) for v in key.tolist())
-    return ((hi & 0xFFFFFFFF) << 32) | (lo & 0xFFFFFFFF)
+def _words_of(key) -> tuple[int, int]:
+    hi, lo = (int(v) & _MASK32 for v in key.tolist())
+    return hi, lo
 
 
-def _make_key(z: int):
-    return torch.tensor([(z >> 32) & 0xFFFFFFFF, z & 0xFFFFFFFF], dtype=torch.int64)
+def _make_key(words):
+    return torch.tensor([int(w) for w in words], dtype=torch.int64)
 
 
 # key arithmetic runs on the host with Python ints: torch.compile must not trace it (it would
@@ -37,24 +44,24 @@ def _make_key(z: int):
 @torch.compiler.disable
 def _generator(key, device):
     device = torch.device("cpu") if device is None else torch.device(device)
+    hi, lo = _words_of(key)
     g = torch.Generator(device=device)
-    g.manual_seed(_splitmix64(_key_int(key)) & 0x7FFFFFFFFFFFFFFF)
+    g.manual_seed(_splitmix64((hi << 32) | lo) & 0x7FFFFFFFFFFFFFFF)
     return g
 
 
 def key(seed: int):
-    return _make_key(int(seed) & _MASK64)
+    return _make_key(spec.key_words(seed))
 
 
 @torch.compiler.disable
 def split(key, num: int = 2):
-    base = _key_int(key)
-    return torch.stack([_make_key(_splitmix64(base ^ _splitmix64(i + 1))) for i in range(num)])
+    return torch.as_tensor(spec.split_words(_words_of(key), num).astype(np.int64))
 
 
 @torch.compiler.disable
 def fold_in(key, data: int):
-    return _make_key(_splitmix64(_key_int(key) ^ _splitmix64((int(data) + 0x632BE5AB) & _MASK64)))
+    return _make_key(spec.fold_in_words(_words_of(key), int(data)))
 
 
 def key_data(key) -> np.ndarray:
@@ -65,15 +72,92 @@ def key_from_data(data):
     return torch.as_tensor(np.asarray(data, dtype=np.uint32).astype(np.int64))
 
 
-def normal(key, shape, dtype="float32", device=None):
-    return torch.randn(tuple(shape), generator=_generator(key, device), dtype=as_dtype(dtype), device=device)
+_CHUNK = 1 << 15  # counters per chunk: the rounds of one chunk stay in the CPU's cache
 
 
-def rademacher(key, shape, dtype="float32", device=None):
-    # 64 signs from each random int64 word, unpacked byte by byte through a (256, 8) table of
-    # signs: much faster than a draw per element (which dominates torch.randn)
-    shape = tuple(shape)
-    n = int(np.prod(shape))
+def _philox_blocks(c0, k0: int, k1: int):
+    """Philox-4x32-10 of the counters ``(c0, 0, 0, 0)`` under the key ``(k0, k1)``.
+
+    uint32 words are held in int64: a product of two words is below 2**64 and int64 arithmetic
+    keeps its low 64 bits, so ``(p >> 32) & mask`` and ``p & mask`` are its high and low words.
+    The first two rounds are written out, since three of the four counter words start as
+    constants (Python ints): fewer whole-array passes.
+    """
+    m0, m1 = spec.PHILOX_M
+    w0, w1 = spec.PHILOX_W
+    mask = _MASK32
+    # round 1: (c0, 0, 0, 0) -> (k0, 0, hi(c0 m0) ^ k1, lo(c0 m0)); c0 and c1 now constants
+    p0 = c0 * m0
+    c2 = (p0 >> 32).bitwise_and_(mask).bitwise_xor_(k1)
+    c3 = p0.bitwise_and_(mask)
+    a0, a1 = k0, 0
+    k0, k1 = (k0 + w0) & mask, (k1 + w1) & mask
+    # round 2: the constant c0 gives constant words of its product
+    q0 = a0 * m0
+    p1 = c2 * m1
+    c0 = (p1 >> 32).bitwise_and_(mask).bitwise_xor_(a1 ^ k0)
+    c1 = p1.bitwise_and_(mask)
+    c2 = c3.bitwise_xor_(((q0 >> 32) & mask) ^ k1)
+    c3 = torch.full_like(c0, q0 & mask)
+    k0, k1 = (k0 + w0) & mask, (k1 + w1) & mask
+    for _ in range(spec.ROUNDS - 2):
+        p0, p1 = c0 * m0, c2 * m1
+        n0 = (p1 >> 32).bitwise_and_(mask).bitwise_xor_(c1).bitwise_xor_(k0)
+        n2 = (p0 >> 32).bitwise_and_(mask).bitwise_xor_(c3).bitwise_xor_(k1)
+        c0, c1, c2, c3 = n0, p1.bitwise_and_(mask), n2, p0.bitwise_and_(mask)
+        k0, k1 = (k0 + w0) & mask, (k1 + w1) & mask
+    return c0, c1, c2, c3
+
+
+@torch.compiler.disable
+def _words(key, n: int, device):
+    """The first ``n`` words of ``key``'s stream (the spec's ``words``), as int64, a chunk of
+    counters at a time.
+    """
+    k0, k1 = _words_of(key)
+    blocks = -(-n // 4)
+    out = torch.empty((blocks, 4), dtype=torch.int64, device=device)
+    for start in range(0, blocks, _CHUNK):
+        stop = min(blocks, start + _CHUNK)
+        lanes = _philox_blocks(torch.arange(start, stop, dtype=torch.int64, device=out.device), k0, k1)
+        out[start:stop] = torch.stack(lanes, dim=1)
+    return out.reshape(-1)[:n]
+
+
+def _unit(w, dtype):
+    return ((w >> 9).to(dtype) * 2 + 1) * 2.0**-24
+
+
+def _portable_normal(key, n: int, dtype, device):
+    pairs = -(-n // 2)
+    u = _unit(_words(key, 2 * pairs, device), dtype).reshape(pairs, 2)
+    r = torch.sqrt(torch.log(u[:, 0]) * -2)
+    t = u[:, 1] * torch.tensor(2 * np.pi, dtype=dtype)
+    return torch.stack([r * torch.cos(t), r * torch.sin(t)], dim=1).reshape(-1)[:n]
+
+
+def _portable_signs(key, n: int, dtype, device):
+    # sign j is bit j % 32 of word j // 32: the words as int32 are four little-endian bytes,
+    # byte b holds bits 8b..8b+7, unpacked eight at a time through the (256, 8) sign table
+    w = _words(key, -(-n // 32), device).to(torch.int32)
+    table = _sign_table(dtype, w.device)
+    return torch.index_select(table, 0, w.view(torch.uint8).long()).reshape(-1)[:n]
+
+
+def normal(key, shape, dtype="float32", device=None, generator="portable"):
+    shape, dtype = tuple(int(d) for d in shape), as_dtype(dtype)
+    if check_generator(generator) == "native":
+        return torch.randn(shape, generator=_generator(key, device), dtype=dtype, device=device)
+    return _portable_normal(key, math.prod(shape), dtype, device).reshape(shape)
+
+
+def rademacher(key, shape, dtype="float32", device=None, generator="portable"):
+    shape, dtype = tuple(int(d) for d in shape), as_dtype(dtype)
+    if check_generator(generator) == "portable":
+        return _portable_signs(key, math.prod(shape), dtype, device).reshape(shape)
+    # native: 64 signs from each random int64 word, unpacked byte by byte through a (256, 8)
+    # table of signs: much faster than a draw per element
+    n = math.prod(shape)
     words = torch.randint(
         -(2**63),
         2**63 - 1,
@@ -82,7 +166,7 @@ def rademacher(key, shape, dtype="float32", device=None):
         dtype=torch.int64,
         device=device,
     )
-    table = _sign_table(as_dtype(dtype), words.device)
+    table = _sign_table(dtype, words.device)
     signs = torch.index_select(table, 0, words.view(torch.uint8).long())  # (bytes, 8)
     return signs.reshape(-1)[:n].reshape(shape)
 
@@ -99,36 +183,40 @@ def _sign_table(dtype, device):
     return _SIGN_TABLES[k]
 
 
-_ROW_FILL_MIN = 1 << 16  # numbers per row from which draw_rows fills a normal block row by row
+_ROW_FILL_MIN = 1 << 16  # numbers per row from which draw_rows fills a native normal block row by row
 
 
 @torch.compiler.disable
-def draw_rows(kind, keys, sizes, rows, dtype="float32", device=None):
-    # Large normal blocks (and every normal block when rows=1): one generator per block, seeded
-    # from its key, fills the block's rows one after another in place (each row of a block is
-    # contiguous), so no per-block array is made and concatenated, which cost a noticeable share
-    # of a forward step. Other blocks are kind(keys[j], (rows, sizes[j])) copied in (a call per
-    # row costs more than the copy of a small block; signs are cheap).
+def draw_rows(kind, keys, sizes, rows, dtype="float32", device=None, generator="portable"):
+    # Block j is kind(keys[j], (rows, sizes[j])) copied into its columns. Native normal blocks
+    # that are large (or all of them when rows=1) are filled row by row in place from one
+    # generator per block instead (each row of a block is contiguous): no per-block array.
     sizes = check_draw_rows(kind, keys, sizes)
+    native = check_generator(generator) == "native"
     dtype, rows = as_dtype(dtype), int(rows)
     out = torch.empty((rows, sum(sizes)), dtype=dtype, device=device)
     start = 0
     for k, size in zip(keys, sizes):
-        if kind == "normal" and (rows == 1 or size >= _ROW_FILL_MIN):
+        if native and kind == "normal" and (rows == 1 or size >= _ROW_FILL_MIN):
             g = _generator(k, out.device)
             for r in range(rows):
                 out[r, start : start + size].normal_(generator=g)
-        else:  # small blocks: one draw and a copy cost less than a call per row
+        else:
             draw = normal if kind == "normal" else rademacher
-            out[:, start : start + size].copy_(draw(k, (rows, size), dtype=dtype, device=out.device))
+            block = draw(k, (rows, size), dtype=dtype, device=out.device, generator=generator)
+            out[:, start : start + size].copy_(block)
         start += size
     return out
 
 
-def uniform(key, shape, dtype="float32", minval=0.0, maxval=1.0, device=None):
-    u = torch.rand(tuple(shape), generator=_generator(key, device), dtype=as_dtype(dtype), device=device)
+def uniform(key, shape, dtype="float32", minval=0.0, maxval=1.0, device=None, generator="portable"):
+    shape, dtype = tuple(int(d) for d in shape), as_dtype(dtype)
+    if check_generator(generator) == "native":
+        u = torch.rand(shape, generator=_generator(key, device), dtype=dtype, device=device)
+    else:
+        u = _unit(_words(key, math.prod(shape), device), dtype).reshape(shape)
     return u * (maxval - minval) + minval
 
 
-def bernoulli(key, p, shape, device=None):
-    return torch.rand(tuple(shape), generator=_generator(key, device), device=device) < p
+def bernoulli(key, p, shape, device=None, generator="portable"):
+    return uniform(key, shape, device=device, generator=generator) < p

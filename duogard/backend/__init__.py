@@ -31,9 +31,11 @@ from types import ModuleType
 
 from duogard.backend._contract import CONTRACT, Backend
 from duogard.backend._exchange import (
+    GENERATORS,
     Device,
     ExportedArray,
     check_draw_rows,
+    check_generator,
     copy_refused,
     device_label,
     device_spec,
@@ -50,7 +52,9 @@ __all__ = [
     "available_backends",
     "backend",
     "backend_of",
+    "GENERATORS",
     "check_draw_rows",
+    "check_generator",
     "copy_refused",
     "device_label",
     "device_spec",

@@ -11,19 +11,20 @@ import inspect
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
+from duogard.backend._contract_random import RandomOps
 from duogard.backend._exchange import Device, ExportedArray
 
 __all__ = ["Backend", "CONTRACT"]
 
 
-class Backend(Protocol):
+class Backend(RandomOps, Protocol):
     """What every backend module provides: the one place its ops are documented.
 
     Backends implement each op as a module-level function with this signature (``self`` aside;
     a test checks the names, kinds and defaults of every parameter). Arrays are the framework's
     own (``jax.Array``, ``torch.Tensor``); ``xp`` is its array-API namespace for the rest.
-    Randomness takes explicit keys; the same key gives the same numbers on one backend, but the
-    numbers differ between backends.
+    Randomness takes explicit keys (:class:`~duogard.backend._contract_random.RandomOps`): the
+    same key gives the same numbers on every backend.
     """
 
     #: The registered name (``"jax"``, ``"torch"``), by convention its framework's import name.
@@ -60,6 +61,16 @@ class Backend(Protocol):
 
         Returns:
             A function that restores the previous settings.
+        """
+
+    def threads_for(self, work: float) -> str:
+        """Choose the framework's intra-op threads for steps of about ``work`` floating-point
+        operations, and say what was chosen (for a run's header).
+
+        torch: one thread below about 1e8 operations per step (small ops gain little from a
+        second thread, and one thread waiting on a descheduled sibling slowed torch steps many
+        times when another process used a core), its default count above; ``DUOGARD_TORCH_THREADS``
+        overrides. JAX: XLA's own thread pool, unchanged.
         """
 
     # arrays, dtypes, devices
@@ -332,74 +343,20 @@ class Backend(Protocol):
             JAX (in place under ``jit`` with ``target`` donated).
         """
 
-    # explicit-key randomness
-
-    def key(self, seed: int) -> Any:
-        """A random key from an integer seed."""
-
-    def split(self, key: Any, num: int = 2) -> Any:
-        """``num`` new independent keys from ``key``, stacked along the first axis."""
-
-    def fold_in(self, key: Any, data: int) -> Any:
-        """A new key from ``key`` and the integer ``data``."""
-
-    def key_data(self, key: Any) -> Any:
-        """The key's words as a NumPy uint32 array (for checkpoints); :meth:`key_from_data`
-        inverts it.
-        """
-
-    def key_from_data(self, data: Any) -> Any:
-        """The key whose :meth:`key_data` is ``data``."""
-
-    def normal(self, key: Any, shape: Sequence[int], dtype: Any = "float32", device: Any = None) -> Any:
-        """Standard normal numbers of ``shape``.
-
-        On JAX they are ``jax.random.normal``'s numbers for ``key`` and ``shape``.
-        """
-
-    def rademacher(self, key: Any, shape: Sequence[int], dtype: Any = "float32", device: Any = None) -> Any:
-        """Independent signs, -1 or +1 with probability 1/2 each, of ``shape``."""
-
-    def uniform(
-        self,
-        key: Any,
-        shape: Sequence[int],
-        dtype: Any = "float32",
-        minval: float = 0.0,
-        maxval: float = 1.0,
-        device: Any = None,
-    ) -> Any:
-        """Uniform numbers in ``[minval, maxval)`` of ``shape``."""
-
-    def bernoulli(self, key: Any, p: float, shape: Sequence[int], device: Any = None) -> Any:
-        """A bool array of ``shape``, each entry True with probability ``p``."""
-
-    def draw_rows(
-        self,
-        kind: str,
-        keys: Sequence[Any],
-        sizes: Sequence[int],
-        rows: int,
-        dtype: Any = "float32",
-        device: Any = None,
-    ) -> Any:
-        """A ``(rows, sum(sizes))`` array of blocks side by side, each from its own key.
-
-        Block ``j`` (``sizes[j]`` columns) depends on ``keys[j]`` alone: drawing it alone gives
-        the same numbers, so a leaf's tangent can be drawn again on its own. With ``rows=1`` it
-        is ``kind(keys[j], (1, sizes[j]))``. The forward estimators draw their flat ``(K, n)``
-        tangents with it.
+    def add_outer_(self, target: Any, u: Any, w: Any, scale: Any, where: Any = None) -> Any:
+        """``target + scale * outer(u, w)`` (a rank-1 update) in ``target``'s dtype, written into
+        ``target`` where the framework allows, without forming ``outer(u, w)`` where it can
+        (torch: ``addr_``; JAX: fused under ``jit``).
 
         Args:
-            kind: ``"normal"`` or ``"rademacher"``.
-            keys: one key per block.
-            sizes: the blocks' widths.
-            rows: the number of rows.
-            dtype: the dtype.
-            device: where the result goes.
+            target: the array to update, shape ``(m, *rest)`` (the caller owns it).
+            u: shape ``(m,)``.
+            w: shape ``rest``.
+            scale: a number or a 0-d array.
+            where: None, or a 0-d bool array: where it is false, ``target`` is kept as it is.
 
-        Raises:
-            ValueError: another ``kind``, or not one key per block.
+        Returns:
+            As :meth:`add_scaled_`.
         """
 
     # pytrees (duogard.tree: nested dicts/lists/tuples, dict keys sorted)
@@ -511,9 +468,12 @@ class Backend(Protocol):
 
 
 def _contract(protocol: type) -> tuple[str, ...]:
-    """The public names a protocol class declares: its attributes, then its methods."""
-    attributes = [n for n in inspect.get_annotations(protocol) if not n.startswith("_")]
-    methods = [n for n, v in vars(protocol).items() if inspect.isfunction(v) and not n.startswith("_")]
+    """The public names a protocol class and its protocol bases declare: attributes, then methods."""
+    parts = [c for c in reversed(protocol.__mro__) if c.__module__.startswith("duogard.backend")]
+    attributes = [n for c in parts for n in inspect.get_annotations(c) if not n.startswith("_")]
+    methods = [
+        n for c in parts for n, v in vars(c).items() if inspect.isfunction(v) and not n.startswith("_")
+    ]
     return (*attributes, *methods)
 
 

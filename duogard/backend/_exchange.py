@@ -12,7 +12,9 @@ from typing import Any
 __all__ = [
     "Device",
     "ExportedArray",
+    "GENERATORS",
     "check_draw_rows",
+    "check_generator",
     "copy_refused",
     "device_label",
     "device_spec",
@@ -87,6 +89,18 @@ def check_draw_rows(kind: str, keys: Sequence[Any], sizes: Sequence[int]) -> lis
     if len(keys) != len(sizes):
         raise ValueError(f"draw_rows: one key per block: got {len(keys)} keys for {len(sizes)} sizes")
     return sizes
+
+
+GENERATORS = ("portable", "native")
+
+
+def check_generator(generator: str) -> str:
+    """A draw's ``generator`` argument: ``"portable"`` (duogard's Philox, the same numbers on
+    every backend) or ``"native"`` (the framework's own generator); ValueError otherwise.
+    """
+    if generator not in GENERATORS:
+        raise ValueError(f"generator must be one of {GENERATORS}, got {generator!r}")
+    return generator
 
 
 # DLPack device types (DLDeviceType): CPU, CUDA, CUDA host memory, ROCm

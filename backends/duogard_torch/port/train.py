@@ -113,7 +113,8 @@ def forward_grad_(module, loss_fn: Callable, batch: Any, *, method="forward", ke
 
     Args:
         module: a ``torch.nn.Module``, in the train/eval mode you want (as for backprop).
-        loss_fn: ``loss_fn(module, batch) -> scalar tensor``, written exactly as for backprop
+        loss_fn: ``loss_fn(module, batch) -> tensor of one element`` (any shape, as
+            ``loss.backward()`` takes), written exactly as for backprop
             (it calls ``module(x)``). duogard runs it functionally underneath: the module's
             parameters are swapped for ``torch.func`` tensors with
             ``torch.func.functional_call``; its buffers are used as they are.
@@ -167,10 +168,11 @@ def forward_grad_(module, loss_fn: Callable, batch: Any, *, method="forward", ke
 
     def functional_loss(p, b):
         out = torch.func.functional_call(wrapper, {"module." + k: v for k, v in p.items()}, (b,))
-        if not isinstance(out, torch.Tensor) or out.ndim != 0:
+        # what loss.backward() accepts: a tensor of one element, of any shape ((), (1,), (1, 1))
+        if not isinstance(out, torch.Tensor) or out.numel() != 1:
             got = f"shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else type(out).__name__
-            raise ValueError(f"forward_grad_: loss_fn must return a scalar (0-d) tensor, got {got}")
-        return out
+            raise ValueError(f"forward_grad_: loss_fn must return a tensor of one element, got {got}")
+        return out.reshape(())
 
     loss, grads = est(functional_loss, params, batch, step_key)
     with torch.no_grad():

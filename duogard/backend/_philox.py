@@ -1,0 +1,129 @@
+"""The portable generator: Philox-4x32-10, specified bit for bit (NumPy reference).
+
+Every backend draws its tangents, perturbations and dropout masks with this generator by default
+(``generator="portable"``), each written with its framework's integer ops on the arrays' device,
+so the same key gives the same numbers on every framework: signs and uniform bits equal bit for
+bit, normal numbers equal to float rounding (``log``, ``cos`` and ``sin`` differ in the last bit
+between libraries). This module is the specification and the reference the tests check the
+backends against; the torch backend also derives its keys here, on the host.
+
+Specification
+-------------
+- **Block function**: Philox-4x32 with 10 rounds (Salmon et al. 2011, *Parallel random numbers:
+  as easy as 1, 2, 3*; the Random123 constants ``M = (0xD2511F53, 0xCD9E8D57)``, ``W =
+  (0x9E3779B9, 0xBB67AE85)``): a counter of four 32-bit words and a key of two give four words.
+- **Keys** are two 32-bit words ``(hi, lo)``. ``key(seed)`` is the seed modulo 2**64 split into
+  its high and low words (``key(0) = (0, 0)``, ``key(7) = (0, 7)``, as ``jax.random.PRNGKey``).
+- **split(key, num)**: key ``i`` is the first two words of ``philox(key, (i, 0, 0, 1))``.
+- **fold_in(key, data)**: the first two words of ``philox(key, (lo, hi, 0, 2))`` with ``(hi, lo)``
+  the words of ``data`` modulo 2**64.
+- **words(key, n)**: ``n`` words; word ``j`` is word ``j % 4`` of ``philox(key, (j // 4, 0, 0, 0))``.
+- **uniform**: word ``w`` gives ``u = (2 (w >> 9) + 1) / 2**24``, in the open interval (0, 1)
+  and exact in float32; ``uniform(key, n)`` takes ``words(key, n)``.
+- **normal**: Box-Muller on pairs of words: ``n`` numbers take ``words(key, 2 ceil(n / 2))``;
+  words ``2p`` and ``2p + 1`` give ``r = sqrt(-2 log u(w[2p]))``, ``t = 2 pi u(w[2p + 1])``, then
+  number ``2p`` is ``r cos t`` and number ``2p + 1`` is ``r sin t`` (computed in the output
+  dtype; the last number is dropped when ``n`` is odd).
+- **rademacher**: ``n`` signs take ``words(key, ceil(n / 32))``; sign ``j`` is ``+1`` where bit
+  ``j % 32`` of word ``j // 32`` is set, ``-1`` where it is clear.
+- **bernoulli(key, p, n)**: ``uniform(key, n) < p``.
+- A draw of ``shape`` is the flat draw of ``prod(shape)`` numbers in row-major order.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = [
+    "PHILOX_M",
+    "PHILOX_W",
+    "ROUNDS",
+    "SPLIT_TAG",
+    "FOLD_TAG",
+    "philox4x32",
+    "key_words",
+    "split_words",
+    "fold_in_words",
+    "words",
+    "uniform",
+    "normal",
+    "rademacher",
+]
+
+PHILOX_M = (0xD2511F53, 0xCD9E8D57)
+PHILOX_W = (0x9E3779B9, 0xBB67AE85)
+ROUNDS = 10
+SPLIT_TAG = 1  # counter word 3 of a split
+FOLD_TAG = 2  # counter word 3 of a fold_in
+_MASK32 = 0xFFFFFFFF
+_MASK64 = (1 << 64) - 1
+
+
+def philox4x32(counter, key) -> np.ndarray:
+    """Philox-4x32-10 of ``counter`` (four uint32 arrays, broadcast together) under ``key``
+    (two words): the four output words, stacked on a first axis of 4.
+    """
+    c0, c1, c2, c3 = (np.asarray(c, dtype=np.uint64) for c in counter)
+    k0, k1 = (int(k) & _MASK32 for k in key)
+    m0, m1 = (np.uint64(m) for m in PHILOX_M)
+    mask = np.uint64(_MASK32)
+    for _ in range(ROUNDS):
+        p0, p1 = c0 * m0, c2 * m1  # < 2**64: exact in uint64
+        hi0, lo0 = p0 >> np.uint64(32), p0 & mask
+        hi1, lo1 = p1 >> np.uint64(32), p1 & mask
+        c0, c1, c2, c3 = hi1 ^ c1 ^ np.uint64(k0), lo1, hi0 ^ c3 ^ np.uint64(k1), lo0
+        k0, k1 = (k0 + PHILOX_W[0]) & _MASK32, (k1 + PHILOX_W[1]) & _MASK32
+    return np.stack(np.broadcast_arrays(c0, c1, c2, c3)).astype(np.uint32)
+
+
+def key_words(seed: int) -> np.ndarray:
+    """``key(seed)``: the two words ``(hi, lo)`` of ``seed`` modulo 2**64."""
+    z = int(seed) & _MASK64
+    return np.array([z >> 32, z & _MASK32], dtype=np.uint32)
+
+
+def split_words(key, num: int) -> np.ndarray:
+    """``split(key, num)``: a ``(num, 2)`` uint32 array of keys."""
+    i = np.arange(int(num), dtype=np.uint64)
+    out = philox4x32((i, 0, 0, SPLIT_TAG), key)
+    return np.ascontiguousarray(out[:2].T)
+
+
+def fold_in_words(key, data: int) -> np.ndarray:
+    """``fold_in(key, data)``: two uint32 words."""
+    z = int(data) & _MASK64
+    return philox4x32((z & _MASK32, z >> 32, 0, FOLD_TAG), key)[:2].reshape(2)
+
+
+def words(key, n: int) -> np.ndarray:
+    """The first ``n`` words of ``key``'s stream."""
+    blocks = -(-int(n) // 4)
+    out = philox4x32((np.arange(blocks, dtype=np.uint64), 0, 0, 0), key)
+    return out.T.reshape(-1)[: int(n)]
+
+
+def _unit(w: np.ndarray, dtype) -> np.ndarray:
+    return ((w >> np.uint32(9)).astype(dtype) * 2 + 1) * dtype(2.0**-24)
+
+
+def uniform(key, n: int, dtype=np.float32) -> np.ndarray:
+    """``n`` uniform numbers in (0, 1)."""
+    dtype = np.dtype(dtype).type
+    return _unit(words(key, n), dtype)
+
+
+def normal(key, n: int, dtype=np.float32) -> np.ndarray:
+    """``n`` standard normal numbers (Box-Muller, computed in ``dtype``)."""
+    dtype = np.dtype(dtype).type
+    pairs = -(-int(n) // 2)
+    u = _unit(words(key, 2 * pairs), dtype).reshape(pairs, 2)
+    r = np.sqrt(dtype(-2) * np.log(u[:, 0]))
+    t = dtype(2 * np.pi) * u[:, 1]
+    return np.stack([r * np.cos(t), r * np.sin(t)], axis=1).reshape(-1)[: int(n)]
+
+
+def rademacher(key, n: int, dtype=np.float32) -> np.ndarray:
+    """``n`` signs, +1 or -1."""
+    w = words(key, -(-int(n) // 32))
+    bits = (w[:, None] >> np.arange(32, dtype=np.uint32)) & np.uint32(1)
+    return (bits.reshape(-1)[: int(n)].astype(dtype) * 2 - 1).astype(dtype)
