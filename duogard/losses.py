@@ -4,10 +4,13 @@ Each takes predictions first and targets second, and reduces with ``reduction="m
 (the default, as in torch), ``"sum"`` or ``"none"`` (unreduced: one value per example for the
 classification losses, one per element for the elementwise ones, as in torch). All are
 numerically stable (log-sum-exp, log1p). A shape mismatch raises ValueError naming both
-shapes.
+shapes; an integer label outside ``[0, C)`` raises ValueError (or, traced inside a compiled or
+vectorised function, makes that example's loss NaN) instead of counting as 0.
 """
 
 from __future__ import annotations
+
+import numpy as np
 
 from duogard.backend import backend_of
 
@@ -38,6 +41,33 @@ def _check_labels(be, fn: str, logits, labels) -> None:
             f"{fn}: integer labels must have shape {tuple(logits.shape[:-1])} for logits of shape "
             f"{tuple(logits.shape)}, got labels of shape {tuple(labels.shape)}"
         )
+
+
+def _valid_labels(be, fn: str, labels, num_classes: int):
+    """Refuse integer labels outside ``[0, num_classes)``, which would silently count as 0.
+
+    Concrete labels are checked here (ValueError naming the first bad one). Traced ones
+    (inside ``jax.jit``, a vmap, ``torch.compile``) cannot be: their validity mask comes back,
+    and the caller makes those rows' losses NaN so a training run's non-finite check stops.
+    Returns None when the labels were checked.
+    """
+    xp = be.xp
+    valid = xp.logical_and(labels >= 0, labels < num_classes)
+    if be.is_tracing(valid):  # not labels: inside jax.jit even ops on constants are traced
+        return valid
+    if not bool(xp.all(valid)):
+        where = tuple(int(i) for i in np.argwhere(~np.asarray(be.to_numpy(valid)))[0])
+        bad = np.asarray(be.to_numpy(labels))[where]
+        at = where[0] if len(where) == 1 else where
+        raise ValueError(f"{fn}: labels must be in [0, {num_classes}), got {bad} (at index {at})")
+    return None
+
+
+def _poison(be, values, valid):
+    """``values`` with NaN where ``valid`` (None: all valid) is false."""
+    if valid is None:
+        return values
+    return be.xp.where(valid, values, be.xp.full_like(values, float("nan")))
 
 
 def _targets_from(be, fn: str, logits, targets, label_smoothing: float):
@@ -92,14 +122,17 @@ def cross_entropy(logits, targets, *, reduction: str = "mean", label_smoothing: 
         # Not a gather: torch's
         # take_along_dim reads out of the row for a label >= C instead of raising
         _check_labels(be, "cross_entropy", logits, targets)
+        valid = _valid_labels(be, "cross_entropy", targets, logits.shape[-1])
         xp = be.xp
         hit = targets[..., None] == xp.arange(logits.shape[-1], device=be.device_of(logits))
         log_probs = be.log_softmax(logits, axis=-1)
         values = -xp.sum(xp.where(hit, log_probs, xp.zeros_like(log_probs)), axis=-1)
-        return _reduce(be, values, reduction, "cross_entropy")
+        return _reduce(be, _poison(be, values, valid), reduction, "cross_entropy")
     probs = _targets_from(be, "cross_entropy", logits, targets, label_smoothing)
-    values = _neg_weighted_sum(be, probs, be.log_softmax(logits, axis=-1), _is_int(be, targets))
-    return _reduce(be, values, reduction, "cross_entropy")
+    integer = _is_int(be, targets)
+    valid = _valid_labels(be, "cross_entropy", targets, logits.shape[-1]) if integer else None
+    values = _neg_weighted_sum(be, probs, be.log_softmax(logits, axis=-1), integer)
+    return _reduce(be, _poison(be, values, valid), reduction, "cross_entropy")
 
 
 def nll_loss(log_probs, labels, *, reduction: str = "mean"):
@@ -108,7 +141,9 @@ def nll_loss(log_probs, labels, *, reduction: str = "mean"):
     if not _is_int(be, labels):
         raise ValueError(f"nll_loss: labels must be integers, got dtype {labels.dtype}")
     probs = _targets_from(be, "nll_loss", log_probs, labels, 0.0)
-    return _reduce(be, _neg_weighted_sum(be, probs, log_probs, True), reduction, "nll_loss")
+    valid = _valid_labels(be, "nll_loss", labels, log_probs.shape[-1])
+    values = _poison(be, _neg_weighted_sum(be, probs, log_probs, True), valid)
+    return _reduce(be, values, reduction, "nll_loss")
 
 
 def _check_same(fn: str, pred, target) -> None:

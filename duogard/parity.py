@@ -18,7 +18,12 @@ from duogard import losses as _losses
 from duogard.backend import backend as _backend
 from duogard.tree import flatten_dict, tree_map
 
-__all__ = ["ParityReport", "compare", "default_tolerance"]
+__all__ = ["ROUNDING_FACTOR", "ParityReport", "compare", "default_tolerance"]
+
+
+#: A calibrated float32 run diverges only beyond this many times its own rounding (measured
+#: against a float64 run of the same steps), as well as beyond ``tol``.
+ROUNDING_FACTOR = 10.0
 
 
 def default_tolerance(dtype: str) -> float:
@@ -35,12 +40,15 @@ class ParityReport:
     tol: float
     records: list[dict] = field(default_factory=list)
     first_divergence: int | None = None
+    #: the backend of the float64 reference that calibrates a float32 run, or None
+    reference: str | None = None
 
     @property
     def final(self) -> dict:
         return self.records[-1] if self.records else {}
 
     def table(self, every: int = 10) -> str:
+        _check_positive_int("ParityReport.table", "every", every)
         a, b = self.backends
         head = (
             f"{'step':>5}  {'loss ' + a:>14}  {'loss ' + b:>14}  {'param max abs':>13}  {'param rel':>10}  "
@@ -59,8 +67,33 @@ class ParityReport:
             if self.first_divergence is None
             else f"DIVERGE beyond rel {self.tol:g} first at step {self.first_divergence}"
         )
+        if self.reference:
+            verdict += f" (or {ROUNDING_FACTOR:g}x the float32 rounding of a float64 run on {self.reference})"
         lines.append(f"{a} vs {b} ({self.dtype}): {verdict}")
         return "\n".join(lines)
+
+
+def _check_positive_int(fn: str, arg: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+        raise ValueError(f"{fn}: {arg} must be a positive int, got {value!r}")
+    return int(value)
+
+
+def _check_arguments(backends, tol, steps):
+    """Before any work: two backend names, a finite tol > 0 (NaN would "agree" at every step), steps >= 1."""
+    if (
+        not isinstance(backends, (tuple, list))
+        or len(backends) != 2
+        or not all(isinstance(b, str) for b in backends)
+    ):
+        raise ValueError(
+            f"parity: backends must name exactly two backends, e.g. ('jax', 'torch'), got {backends!r}"
+        )
+    if tol is not None:
+        ok = isinstance(tol, (int, float, np.integer, np.floating)) and not isinstance(tol, bool)
+        if not ok or not math.isfinite(tol) or tol <= 0:
+            raise ValueError(f"parity: tol must be a finite number > 0, got {tol!r}")
+    _check_positive_int("parity", "steps", steps)
 
 
 def _per_backend(value, names):
@@ -103,34 +136,56 @@ def compare(
     tol: float | None = None,
     params=None,
     callback=None,
+    calibrate: bool | None = None,
 ) -> ParityReport:
     """Train on two backends in lockstep and compare them every step.
 
-    ``optimizer`` and ``estimator`` may be one object for both, or ``{backend: object}`` to
-    plant a difference on one side. ``estimator`` may be a name. Returns a
+    ``model``, ``params``, ``optimizer`` and ``estimator`` may be one object for both, or
+    ``{backend: object}`` to plant a difference on one side. ``estimator`` may be a name. Returns a
     :class:`ParityReport` with, per step, each backend's loss and the max abs / relative
     difference of the params and of the grads, and ``first_divergence``: the first step
     whose relative param or grad difference exceeds ``tol``. The grads' difference is taken
     relative to the larger of that step's grad norm and the mean norm of the steps before
     (a forward gradient whose directional derivative is near zero is pure rounding).
+
+    Calibration (``calibrate``, default: on for float32 when one of the backends computes in
+    float64, torch always, JAX with x64 on): a third run in float64 on that backend follows the
+    same batches and tangents, and a step counts as a divergence only when the difference also
+    exceeds :data:`ROUNDING_FACTOR` times that backend's own float32-vs-float64 difference at
+    the step. A faithful float32 port whose gradient has a badly conditioned step (a bias
+    gradient that is a sum of cancelling terms) then passes, while a real one-op difference,
+    far above rounding, is still caught at its first step.
+
+    Raises:
+        ValueError: ``backends`` not two names, ``tol`` not a finite number > 0, ``steps`` not a
+            positive int, or ``dtype`` not float32/float64.
     """
     from duogard import grad as _grad
     from duogard import optim as _optim
 
-    if len(backends) != 2:
-        raise ValueError(f"parity: backends must name two backends, got {backends!r}")
+    _check_arguments(backends, tol, steps)
     names = tuple(backends)
     bes = [_backend(n) for n in names]
     if dtype not in ("float32", "float64"):
         raise ValueError(f"parity: dtype must be 'float32' or 'float64', got {dtype!r}")
     tol = default_tolerance(dtype) if tol is None else float(tol)
-    loss_fn = _grad.supervised(model, _losses.get(loss))
+    reference = _reference_side(bes) if dtype == "float32" and calibrate is not False else None
+    if calibrate and reference is None and dtype == "float32":
+        raise ValueError(
+            "parity: calibrate=True needs a backend that computes in float64 (torch, or JAX with x64)"
+        )
+    models = _per_backend(model, names)
+    loss_fns = [_grad.supervised(m, _losses.get(loss)) for m in models]
     ests = [_grad.estimator(e) if isinstance(e, str) else e for e in _per_backend(estimator, names)]
     opts = _per_backend(optimizer, names)
-    p0 = model.init(seed, data.example_input, dtype=dtype) if params is None else params
-    p0 = tree_map(lambda a: np.asarray(a, dtype), p0)
+    inits = (
+        [models[0].init(seed, data.example_input, dtype=dtype)] * 2
+        if params is None
+        else _per_backend(params, names)
+    )
+    inits = [tree_map(lambda a: np.asarray(a, dtype), p) for p in inits]
 
-    def make_step(be, est, opt):
+    def make_step(be, est, opt, loss_fn):
         def step(params, state, x, y, tangents):
             value, grads = est.estimate(loss_fn, params, (x, y), tangents)
             updates, state = opt.update(grads, state, params)
@@ -139,13 +194,24 @@ def compare(
         return be.jit(step)
 
     sides = []
-    for be, est, opt in zip(bes, ests, opts):
-        p = tree_map(lambda a, be=be: be.asarray(a, dtype=dtype), p0)
+    for i in (0, 1) if reference is None else (0, 1, reference):
+        be, est, opt = bes[i], ests[i], opts[i]
+        as_side = (lambda a, be=be: be.asarray(a, dtype=dtype)) if len(sides) < 2 else (
+            lambda a, be=be: be.asarray(np.asarray(a, np.float64))  # the float64 reference run
+        )  # fmt: skip
+        p = tree_map(as_side, inits[i])
         sides.append(
-            {"be": be, "est": est, "params": p, "state": opt.init(p), "step": make_step(be, est, opt)}
+            {
+                "be": be,
+                "est": est,
+                "params": p,
+                "state": opt.init(p),
+                "step": make_step(be, est, opt, loss_fns[i]),
+            }
         )
+    loss_fn = loss_fns[0]
     key = bes[0].key(seed)
-    report = ParityReport(names, dtype, tol)
+    report = ParityReport(names, dtype, tol, reference=None if reference is None else names[reference])
     grad_norms: list[float] = []
     for step in range(steps):
         xb, yb = data.batch_at(step, batch_size, seed=seed)
@@ -159,6 +225,11 @@ def compare(
             else None
         )
         shared = [tangents, None if tangents is None else tree_map(sides[1]["be"].asarray, tangents)]
+        if reference is not None:
+            r = sides[2]["be"]
+            batches.append((r.asarray(np.asarray(xb, np.float64)), r.asarray(yb)))
+            as64 = lambda t, r=r: r.asarray(np.asarray(bes[0].to_numpy(t), np.float64))  # noqa: E731
+            shared.append(None if tangents is None else tree_map(as64, tangents))
         outs = []
         for s, (x, y), t in zip(sides, batches, shared):
             s["params"], s["state"], value, grads = s["step"](s["params"], s["state"], x, y, t)
@@ -172,6 +243,15 @@ def compare(
         # only the rounding of a cancelling dot product, and would otherwise be a false alarm
         g_abs, g_rel, g_worst, g_norm = _diff(ga, gb, floor=float(np.mean(grad_norms)) if grad_norms else 0.0)
         grad_norms.append(g_norm)
+        rounding = None
+        if reference is not None:  # this backend's own float32 rounding: its float32 run against float64
+            floor = float(np.mean(grad_norms[:-1])) if len(grad_norms) > 1 else 0.0
+            ours = to_np[reference](sides[reference]["params"]), to_np[reference](outs[reference][1])
+            ref = (
+                tree_map(sides[2]["be"].to_numpy, sides[2]["params"]),
+                tree_map(sides[2]["be"].to_numpy, outs[2][1]),
+            )
+            rounding = (_diff(ours[0], ref[0])[1], _diff(ours[1], ref[1], floor=floor)[1])
         rec = {
             "step": step + 1,
             "loss_a": float(outs[0][0]),
@@ -182,11 +262,32 @@ def compare(
             "grad_rel": g_rel,
             "worst_leaf": p_worst if p_rel >= g_rel else g_worst,
         }
+        if rounding is not None:
+            rec["param_rounding"], rec["grad_rounding"] = rounding
         report.records.append(rec)
-        if report.first_divergence is None and (
-            max(p_rel, g_rel) > tol or not np.isfinite([p_rel, g_rel]).all()
-        ):
+        if report.first_divergence is None and _diverged(p_rel, g_rel, tol, rounding):
             report.first_divergence = step + 1
         if callback is not None:
             callback(rec)
     return report
+
+
+def _reference_side(bes) -> int | None:
+    """The index of a backend that computes in float64 (torch first), or None."""
+    order = sorted(range(len(bes)), key=lambda i: bes[i].name != "torch")
+    for i in order:
+        try:
+            if bes[i].dtype_name(bes[i].asarray(np.zeros(1)).dtype) == "float64":
+                return i
+        except (TypeError, ValueError):  # JAX without x64 refuses the silent downcast
+            continue
+    return None
+
+
+def _diverged(p_rel: float, g_rel: float, tol: float, rounding) -> bool:
+    """Beyond ``tol`` (and, calibrated, beyond ROUNDING_FACTOR times the float32 rounding)."""
+    if not np.isfinite([p_rel, g_rel]).all():
+        return True
+    if rounding is None:
+        return max(p_rel, g_rel) > tol
+    return any(rel > max(tol, ROUNDING_FACTOR * r) for rel, r in zip((p_rel, g_rel), rounding))

@@ -23,6 +23,7 @@ __all__ = [
     "unflatten_dict",
     "tree_size",
     "tree_shapes",
+    "Rank1",
 ]
 
 
@@ -80,3 +81,54 @@ def tree_size(tree: Any) -> int:
 def tree_shapes(tree: Any) -> Any:
     """The same tree with each leaf replaced by its shape tuple."""
     return tree_map(lambda x: tuple(x.shape), tree)
+
+
+class Rank1:
+    """K rank-1 arrays held as their factors: entry ``k`` is ``outer(u[k], w[k])``.
+
+    A leaf of a tangent tree (rank-1 forward-gradient tangents, ``u wᵀ`` per weight) or of a
+    factored gradient: ``u`` has shape ``(K, m)`` and ``w`` shape ``(K, *rest)``; the array it
+    stands for has shape ``(K, m, *rest)`` (a Linear weight ``(out, in)``: ``rest = (in,)``; a
+    Conv2d kernel ``(out, in, kh, kw)``: ``rest = (in, kh, kw)``). Not a pytree node: tree maps
+    see it as one leaf, and code that takes dense leaves calls :meth:`dense` first.
+    """
+
+    __slots__ = ("u", "w")
+
+    def __init__(self, u: Any, w: Any):
+        if u.ndim != 2 or w.ndim < 2 or u.shape[0] != w.shape[0]:
+            raise ValueError(
+                "Rank1: u must be (K, m) and w (K, ...) with the same K, "
+                f"got {tuple(u.shape)} and {tuple(w.shape)}"
+            )
+        self.u, self.w = u, w
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """``(K, m, *rest)``: the shape of the array it stands for."""
+        return (int(self.u.shape[0]), int(self.u.shape[1]), *(int(d) for d in self.w.shape[1:]))
+
+    @property
+    def dtype(self):
+        return self.u.dtype
+
+    def dense(self, xp) -> Any:
+        """The ``(K, m, *rest)`` array (``xp``: the array namespace of the factors)."""
+        k, m = self.shape[:2]
+        flat = self.u[:, :, None] * xp.reshape(self.w, (k, 1, -1))
+        return xp.reshape(flat, self.shape)
+
+    def combine(self, xp, weights) -> Any:
+        """``sum_k weights[k] outer(u[k], w[k])`` as one ``(m, *rest)`` array: one product."""
+        k = self.shape[0]
+        g = xp.matmul(xp.matrix_transpose(self.u * weights[:, None]), xp.reshape(self.w, (k, -1)))
+        return xp.reshape(g, self.shape[1:])
+
+    def gram(self, xp) -> Any:
+        """The ``(K, K)`` inner products of the K arrays: ``(u uᵀ) * (w wᵀ)`` elementwise."""
+        k = self.shape[0]
+        w = xp.reshape(self.w, (k, -1))
+        return xp.matmul(self.u, xp.matrix_transpose(self.u)) * xp.matmul(w, xp.matrix_transpose(w))
+
+    def __repr__(self) -> str:
+        return f"Rank1(shape={self.shape})"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+from duogard.backend import check_generator
 from duogard.grad._base import Estimator, params_backend, register
 from duogard.grad._forward import forward_mode_errors
 from duogard.grad._objective import Supervised, _unpack
@@ -31,17 +32,24 @@ class ForwardActivity(Estimator):
     whose loss is per-example (cross-entropy, MSE ...; the batch mean). Anything else
     raises a clear error; use ``"forward"`` for arbitrary models.
 
+    ``generator``: ``"portable"`` (default: duogard's Philox generator, the same perturbations on
+    every backend for the same key) or ``"native"`` (the framework's own).
+
     ``layerwise=True`` perturbs one layer per JVP (vmapped over layers) so each layer's
     estimate carries no noise from the others: lower variance, L× the tangent work.
     """
 
     stochastic = True
 
-    def __init__(self, *, distribution: str = "normal", layerwise: bool = False):
+    def __init__(self, *, distribution: str = "normal", layerwise: bool = False, generator: str = "portable"):
         if distribution not in _DISTRIBUTIONS:
             raise ValueError(
                 f"forward-activity: distribution must be one of {_DISTRIBUTIONS}, got {distribution!r}"
             )
+        try:
+            self.generator = check_generator(generator)
+        except ValueError as exc:
+            raise ValueError(f"forward-activity: {exc}") from None
         self.distribution = distribution
         self.layerwise = bool(layerwise)
         self._shapes: dict = {}
@@ -82,7 +90,10 @@ class ForwardActivity(Estimator):
         draw = be.rademacher if self.distribution == "rademacher" else be.normal
         keys = be.split(key, len(names))
         dtype, dev = x.dtype, be.device_of(x)
-        return {n: draw(keys[j], shapes[int(n)], dtype=dtype, device=dev) for j, n in enumerate(names)}
+        return {
+            n: draw(keys[j], shapes[int(n)], dtype=dtype, device=dev, generator=self.generator)
+            for j, n in enumerate(names)
+        }
 
     def estimate(self, loss_fn, params, batch, tangents):
         names = self._layers(loss_fn)

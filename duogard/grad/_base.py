@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -142,7 +143,17 @@ def estimator(name: str | Estimator, **options) -> Estimator:
     key = str(name).strip().lower().replace("_", "-")
     if key not in ESTIMATORS:
         raise ValueError(f"estimator: unknown gradient method {name!r}; expected one of {sorted(ESTIMATORS)}")
+    cls = ESTIMATORS[key]
+    signature = inspect.signature(cls).parameters.values()
+    valid = sorted(p.name for p in signature if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD))
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in signature)
+    unknown = [] if takes_any else sorted(set(options) - set(valid))
+    if unknown:
+        raise TypeError(
+            f"estimator {key!r}: unknown option{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; "
+            f"valid options: {', '.join(valid) if valid else '(none)'}"
+        )
     try:
-        return ESTIMATORS[key](**options)
+        return cls(**options)
     except TypeError as exc:
         raise TypeError(f"estimator {key!r}: {exc}") from None

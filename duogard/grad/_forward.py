@@ -5,14 +5,24 @@ from __future__ import annotations
 import contextlib
 import math
 
+from duogard.backend import check_generator
 from duogard.grad._base import Estimator, FlatView, ForwardModeError, params_backend, register
 from duogard.grad._rules import plan as _rules_plan
 from duogard.grad._rules import sequential_loss_jvp
-from duogard.tree import tree_flatten, tree_leaves, tree_map, tree_unflatten
+from duogard.tree import Rank1, tree_flatten, tree_leaves, tree_map, tree_unflatten
 
-__all__ = ["Backprop", "Forward", "ForwardExact", "forward_mode_errors", "jvp_loss"]
+__all__ = [
+    "Backprop",
+    "Forward",
+    "ForwardExact",
+    "dense_tangents",
+    "draw_leaf_tangent",
+    "forward_mode_errors",
+    "jvp_loss",
+]
 
 _DISTRIBUTIONS = ("normal", "rademacher")
+_TANGENTS = ("dense", "rank1")
 _JVP_PATHS = ("auto", "framework", "rules")
 
 # What the frameworks say when forward mode cannot go through, and what it means.
@@ -119,6 +129,21 @@ class Forward(Estimator):
             loss, the model has no convolution, and the backend's generic forward AD is the
             slower one (``be.fast_jvp_rules``: torch, for Linear layers), the framework's jvp
             otherwise. Both give the same numbers (checked in the tests).
+        tangents: ``"dense"`` (default: every entry of every leaf drawn) or ``"rank1"``: each
+            leaf with two or more axes (a Linear weight ``(out, in)``, a Conv2d kernel ``(out,
+            in, kh, kw)``) gets the tangent ``u wᵀ`` (``u ⊗ k`` for a kernel) with independent
+            factors ``u`` (out numbers) and ``w`` (the rest) of ``distribution``; other leaves
+            (biases) stay dense. ``E[v vᵀ] = I`` still holds, so the estimate stays unbiased;
+            the draw is ``out + in`` numbers per weight instead of ``out·in``, and duogard's
+            forward rules carry the factors through the model (``x·w`` then ``uᵀ``: no
+            parameter-sized tangent product) and the SGD update is a rank-1 update. Second
+            moment: ``E‖g‖² = P‖∇f‖² + Σ_l e_l ‖∇_l f‖²`` with ``e_l = 2m_l + 2n_l + 4`` for a
+            rank-1 normal leaf of shape ``(m_l, n_l)`` (2 for a dense normal leaf; 0 for
+            Rademacher factors, whose ‖v‖² = P exactly). Where the framework's jvp must be
+            used (other losses), ``u wᵀ`` is formed and passed dense: the same numbers. Not
+            with ``orthogonal``.
+        generator: ``"portable"`` (default: duogard's Philox generator, the same tangents on
+            every backend for the same key) or ``"native"`` (the framework's own generator).
         lean: used the ordinary way it changes nothing; in :class:`duogard.train.Trainer` /
             :func:`duogard.fit` with a momentum-free :func:`duogard.optim.sgd` it selects the
             update strategy ``"sgd-lean"`` (:class:`duogard.grad.LeanStep`): layer by layer,
@@ -143,9 +168,18 @@ class Forward(Estimator):
         orthogonal: bool = False,
         projection: bool = False,
         jvp: str = "auto",
+        tangents: str = "dense",
+        generator: str = "portable",
         lean: bool = False,
     ):
         self.num_tangents = _positive("num_tangents", num_tangents)
+        if tangents not in _TANGENTS:
+            raise ValueError(f"forward: tangents must be one of {_TANGENTS}, got {tangents!r}")
+        self.tangents = tangents
+        try:
+            self.generator = check_generator(generator)
+        except ValueError as exc:
+            raise ValueError(f"forward: {exc}") from None
         if jvp not in _JVP_PATHS:
             raise ValueError(f"forward: jvp must be one of {_JVP_PATHS}, got {jvp!r}")
         self.jvp = jvp
@@ -155,6 +189,11 @@ class Forward(Estimator):
         self.orthogonal = bool(orthogonal)
         self.projection = bool(projection)
         self.lean = bool(lean)
+        if self.tangents == "rank1" and self.orthogonal:
+            raise ValueError(
+                "forward: orthogonal=True turns the K tangents into an orthonormal frame, which is not "
+                "rank-1 per leaf; use tangents='dense' with it"
+            )
         if self.lean and (self.orthogonal or self.projection):
             raise ValueError(
                 "forward: lean=True draws each leaf's tangent on its own; it does not combine "
@@ -167,7 +206,8 @@ class Forward(Estimator):
         """The K tangents of ``key`` as a params-shaped pytree with a leading K axis.
 
         Leaf i's ``(K, *shape)`` tangent is drawn from ``fold_in(key, i)`` as one contiguous
-        array (:func:`draw_leaf_tangent`, the lean step's draw too); with ``orthogonal`` the
+        array, or as a :class:`duogard.tree.Rank1` with rank-1 tangents
+        (:func:`draw_leaf_tangent`, the lean step's draw too); with ``orthogonal`` the
         whole ``(K, n)`` set is then turned into a scaled orthonormal frame. Override it (and
         only it) to change the tangents: :meth:`sample`, ``__call__`` and :meth:`factored` all
         draw through it.
@@ -193,6 +233,8 @@ class Forward(Estimator):
                     tuple(leaf.shape),
                     dtype=leaf.dtype,
                     device=be.device_of(leaf),
+                    rank1=self.tangents == "rank1",
+                    generator=self.generator,
                 )
                 for i, leaf in enumerate(leaves)
             ],
@@ -224,16 +266,17 @@ class Forward(Estimator):
         loss, ds = self._directional(loss_fn, params, batch, vtree)
         if k == 1 and not self.projection:
             d = ds[0]
-            return loss, tree_map(lambda t: d * t[0], vtree)
-        rows = [xp.reshape(t, (k, -1)) for t in tree_leaves(vtree)]  # (K, size) per leaf
+            return loss, tree_map(lambda t: d * (t.dense(xp) if isinstance(t, Rank1) else t)[0], vtree)
         if self.projection:
             # the Gram matrix of the K flat tangents, summed over the leaves
-            gram = sum(xp.matmul(r, xp.matrix_transpose(r)) for r in rows)
+            gram = sum(_gram(xp, t, k) for t in tree_leaves(vtree))
             weights, divisor = xp.linalg.solve(gram, ds[:, None])[:, 0], 1
         else:
             weights, divisor = ds, k
 
         def combine(t):
+            if isinstance(t, Rank1):  # sum_k c_k u_k w_kᵀ: one (m, K) by (K, n) product
+                return t.combine(xp, weights) / divisor
             return xp.reshape(xp.matmul(weights[None, :], xp.reshape(t, (k, -1)))[0], t.shape[1:]) / divisor
 
         return loss, tree_map(combine, vtree)
@@ -242,7 +285,8 @@ class Forward(Estimator):
     def sample(self, loss_fn, params, batch, key):
         """The tangents of :meth:`tangent_tree` as one flat ``(K, n)`` array (to share them)."""
         be = params_backend(params)
-        return FlatView.of(params).flatten(be, self.tangent_tree(params, key), leading=(self.num_tangents,))
+        vtree = dense_tangents(be, self.tangent_tree(params, key))
+        return FlatView.of(params).flatten(be, vtree, leading=(self.num_tangents,))
 
     def estimate(self, loss_fn, params, batch, tangents):
         """:meth:`estimate_tree` from the flat ``(K, n)`` tangents that :meth:`sample` gives."""
@@ -281,7 +325,7 @@ class Forward(Estimator):
         self._check_key(key)
         vtree = self.tangent_tree(params, key)
         loss, d = self._directional(loss_fn, params, batch, vtree)
-        return loss, d[0], tree_map(lambda t: t[0], vtree)
+        return loss, d[0], tree_map(lambda t: t if isinstance(t, Rank1) else t[0], vtree)
 
     def _directional(self, loss_fn, params, batch, vtree):
         """``(loss, ds)``: the K directional derivatives ``ds[i] = ∇f·v_i`` (shape ``(K,)``)."""
@@ -291,6 +335,7 @@ class Forward(Estimator):
         if rules is not None:
             with forward_mode_errors("forward"):
                 return sequential_loss_jvp(be, *rules, params, vtree, batch, k)
+        vtree = dense_tangents(be, vtree)  # the framework's jvp takes dense tangents
         if k == 1:
             loss, d = jvp_loss(be, loss_fn, params, batch, tree_map(lambda t: t[0], vtree))
             return loss, be.xp.reshape(d, (1,))
@@ -299,10 +344,13 @@ class Forward(Estimator):
 
     def _rules(self, loss_fn, batch, be):
         """The hand-written rules' plan when ``jvp`` selects them for this loss, else None."""
-        if self.jvp == "rules" or (self.jvp == "auto" and be.fast_jvp_rules):
+        rank1 = self.tangents == "rank1"
+        if self.jvp == "rules" or (self.jvp == "auto" and (be.fast_jvp_rules or rank1)):
             # the rules win for Linear layers; for convolutions torch's own forward AD is as
-            # fast or faster, so "auto" keeps it there (duogard bench shows both)
-            rules = _rules_plan(loss_fn, batch, convolutions=self.jvp == "rules")
+            # fast or faster with dense tangents, so "auto" keeps it there (duogard bench shows
+            # both). Rank-1 tangents take the rules wherever they cover the loss, on every
+            # backend: only they carry the factors (the frameworks' jvp takes dense tangents)
+            rules = _rules_plan(loss_fn, batch, convolutions=self.jvp == "rules" or rank1)
             if rules is None and self.jvp == "rules":
                 raise ValueError(
                     "forward: jvp='rules' covers supervised(Sequential of duogard layers, "
@@ -312,13 +360,47 @@ class Forward(Estimator):
         return None
 
 
-def draw_leaf_tangent(be, kind: str, key, k: int, shape: tuple, *, dtype, device):
-    """One leaf's ``(k, *shape)`` tangent from its own key, as one contiguous array: the numbers
-    of that leaf's block in :meth:`Forward.sample`'s flat array (``be.draw_rows`` with one key).
-    The forward estimator and the lean step both draw through it.
+def draw_leaf_tangent(
+    be,
+    kind: str,
+    key,
+    k: int,
+    shape: tuple,
+    *,
+    dtype,
+    device,
+    rank1: bool = False,
+    generator: str = "portable",
+):
+    """One leaf's ``(k, *shape)`` tangent from its own key. The forward estimator and the lean
+    step both draw through it.
+
+    Dense: one contiguous array, the numbers of that leaf's block in :meth:`Forward.sample`'s
+    flat array (``be.draw_rows`` with one key). With ``rank1`` and a leaf of two or more axes
+    ``(m, *rest)``: a :class:`duogard.tree.Rank1` whose factors ``u`` (``(k, m)``) and ``w``
+    (``(k, *rest)``) are drawn from ``split(key, 2)``.
     """
-    block = be.draw_rows(kind, [key], [math.prod(shape)], k, dtype=dtype, device=device)
+    if rank1 and len(shape) >= 2:
+        ku, kw = be.split(key, 2)
+        rest = math.prod(shape[1:])
+        u = be.draw_rows(kind, [ku], [shape[0]], k, dtype=dtype, device=device, generator=generator)
+        w = be.draw_rows(kind, [kw], [rest], k, dtype=dtype, device=device, generator=generator)
+        return Rank1(u, be.xp.reshape(w, (k, *shape[1:])))
+    block = be.draw_rows(kind, [key], [math.prod(shape)], k, dtype=dtype, device=device, generator=generator)
     return be.xp.reshape(block, (k, *shape))
+
+
+def dense_tangents(be, vtree):
+    """``vtree`` with every :class:`duogard.tree.Rank1` leaf formed as its dense array."""
+    return tree_map(lambda t: t.dense(be.xp) if isinstance(t, Rank1) else t, vtree)
+
+
+def _gram(xp, t, k: int):
+    """The ``(K, K)`` inner products of a leaf's K tangents."""
+    if isinstance(t, Rank1):
+        return t.gram(xp)
+    r = xp.reshape(t, (k, -1))
+    return xp.matmul(r, xp.matrix_transpose(r))
 
 
 def _orthonormal_rows(be, g):

@@ -23,7 +23,7 @@ import numpy as np
 from duogard.grad._forward import draw_leaf_tangent
 from duogard.grad._rules import _layer, _loss_jvp
 from duogard.grad._rules import plan as _rules_plan
-from duogard.tree import tree_leaves, tree_structure
+from duogard.tree import Rank1, tree_leaves, tree_structure
 
 __all__ = ["LeanStep", "leaf_keys_order"]
 
@@ -56,6 +56,7 @@ class LeanStep:
         self._indices = {}
         self.be, self.sgd, self.k = be, sgd, estimator.num_tangents
         kind = estimator.distribution
+        draw_kw = {"rank1": estimator.tangents == "rank1", "generator": estimator.generator}
 
         jit_kw = {} if compile is None else {"compile": bool(compile)}
         k = self.k
@@ -71,6 +72,7 @@ class LeanStep:
                     tuple(p[n].shape),
                     dtype=p[n].dtype,
                     device=be.device_of(p[n]),
+                    **draw_kw,
                 )
                 for n in p
             }
@@ -104,12 +106,25 @@ class LeanStep:
             # p <- p (1 - lr wd) - lr g, g = sum_k coef_k v_k (coef = d / K), written by the one
             # in-place SGD component; returns |g|^2 too
             v = draw_leaf_tangent(
-                be, kind, be.fold_in(key, index), k, tuple(p.shape), dtype=p.dtype, device=be.device_of(p)
+                be,
+                kind,
+                be.fold_in(key, index),
+                k,
+                tuple(p.shape),
+                dtype=p.dtype,
+                device=be.device_of(p),
+                **draw_kw,
             )
             xp = be.xp
-            if k == 1:
+            if isinstance(v, Rank1):
+                if k == 1:  # a rank-1 update, and |d u wᵀ|² = d² |u|² |w|²
+                    sq = xp.sum(v.u * v.u) * xp.sum(v.w * v.w) * coef[0] * coef[0]
+                    return sgd.apply_(be, p, v, lr, scale=coef[0]), sq
+                g = v.combine(xp, coef)
+            elif k == 1:
                 return sgd.apply_(be, p, v[0], lr, scale=coef[0]), xp.sum(v * v) * coef[0] * coef[0]
-            g = xp.tensordot(coef, v, axes=1)
+            else:
+                g = xp.tensordot(coef, v, axes=1)
             return sgd.apply_(be, p, g, lr), xp.sum(g * g)
 
         self._update = be.jit(update, donate_argnums=(0,), **jit_kw)

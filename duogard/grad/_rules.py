@@ -15,6 +15,7 @@ from __future__ import annotations
 from duogard import losses as _losses
 from duogard.grad._objective import Supervised, _unpack
 from duogard.nn import Activation, Conv2d, Dropout, Flatten, Linear, Sequential
+from duogard.tree import Rank1
 
 __all__ = ["plan", "sequential_loss_jvp"]
 
@@ -57,15 +58,22 @@ def _linear(be, layer, p, tp, x, tx, k):
     w = p["weight"]
     y = be.linear(x, w, p["bias"] if layer.bias else None)
     tw = tp["weight"]
-    if k == 1:
+    if isinstance(tw, Rank1):
+        # x (u wᵀ)ᵀ = (x·w) uᵀ: one (B, in) by (in, K) product for all K tangents, then an
+        # outer product, instead of a (B, in) by (in, out) product per tangent
+        xw = xp.moveaxis(xp.matmul(x, xp.matrix_transpose(tw.w)), -1, 0)  # (K, *batch)
+        ty = xw[..., None] * xp.reshape(tw.u, (k,) + (1,) * (x.ndim - 1) + (tw.u.shape[1],))
+    elif k == 1:
         # one 2-D product: XLA's broadcast batched product (K=1) is twice as slow on CPU
         ty = xp.matmul(x, xp.matrix_transpose(tw[0]))[None]
     else:
         # (K, B, out) by broadcasting: torch's batched product beats one (B, K*out) product
         # followed by a transpose
         ty = xp.matmul(x, xp.matrix_transpose(tw))
-    if tx is not None:
-        ty = ty + xp.matmul(tx, xp.matrix_transpose(w))
+    if tx is not None:  # the incoming tangents through W: one (K·B, in) by (in, out) product
+        b = tx.shape[1]
+        t2 = xp.matmul(xp.reshape(tx, (k * b, *tx.shape[2:])), xp.matrix_transpose(w))
+        ty = ty + xp.reshape(t2, (k, b, *t2.shape[1:]))
     if layer.bias:
         tb = tp["bias"]
         ty = ty + xp.reshape(tb, (tb.shape[0],) + (1,) * (ty.ndim - 2) + (tb.shape[-1],))
@@ -74,6 +82,7 @@ def _linear(be, layer, p, tp, x, tx, k):
 
 def _conv(be, layer, p, tp, x, tx, k):
     xp = be.xp
+    layer._output_hw(tuple(x.shape))  # an input smaller than the kernel: the layer's own error
     w, tw = p["weight"], tp["weight"]
     conv = lambda inp, ker, bias=None: be.conv2d(
         inp,
@@ -86,7 +95,13 @@ def _conv(be, layer, p, tp, x, tx, k):
     )
     y = conv(x, w, p["bias"] if layer.bias else None)
     out = w.shape[0]
-    if layer.groups == 1:
+    if isinstance(tw, Rank1) and layer.groups != 1:
+        tw = tw.dense(xp)  # a grouped kernel's factor is not a kernel of its own: form u ⊗ k
+    if isinstance(tw, Rank1):
+        # conv(x, u ⊗ k) = u ⊗ conv(x, k): one convolution with K single output channels
+        t = conv(x, tw.w)  # (B, K, H, W)
+        ty = xp.permute_dims(t, (1, 0, 2, 3))[:, :, None] * tw.u[:, None, :, None, None]
+    elif layer.groups == 1:
         # all K weight tangents in one convolution: (B, K*out, H, W) -> (K, B, out, H, W)
         t = conv(x, xp.reshape(tw, (k * out, *w.shape[1:])))
         ty = xp.permute_dims(xp.reshape(t, (t.shape[0], k, out, *t.shape[2:])), (1, 0, 2, 3, 4))

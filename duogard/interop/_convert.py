@@ -42,16 +42,20 @@ Alignment (torch/NumPy -> JAX)
 64-bit values into JAX
     With JAX's 64-bit mode off, JAX silently turns float64/int64/uint64/complex128 into
     their 32-bit halves. duogard refuses (``TypeError`` naming the dtype and the leaf)
-    unless ``allow_downcast=True``, which casts explicitly (a copy). Switch 64-bit mode on
-    with ``duogard.backend("jax").enable_float64()``, ``jax.config.update("jax_enable_x64",
-    True)`` or ``JAX_ENABLE_X64=1``.
+    unless ``allow_downcast=True``, which casts explicitly (a copy); integer values that do
+    not fit the 32-bit type raise ``ValueError`` even then (a cast would wrap them). Switch
+    64-bit mode on with ``duogard.backend("jax").enable_float64()``,
+    ``jax.config.update("jax_enable_x64", True)`` or ``JAX_ENABLE_X64=1``.
 
 Dtypes
-    bool, int8/16/32/64, uint8, float16, bfloat16, float32/64, complex64/128 round-trip
-    both ways, as do 0-d and empty arrays. bfloat16 crosses between JAX and PyTorch
-    directly; NumPy has no bfloat16 of its own, so ``to="numpy"`` returns an
-    ``ml_dtypes.bfloat16`` array (the type JAX itself uses; zero-copy, through an int16
-    view for torch) and raises ``ImportError`` if ml_dtypes is missing.
+    bool, int8/16/32/64, uint8/16/32/64, float16, bfloat16, float32/64, complex64/128
+    round-trip both ways, as do 0-d and empty arrays. Any other dtype (NumPy strings,
+    datetimes or objects, float8, quantized tensors, typed JAX PRNG keys) raises ``TypeError``
+    naming the leaf and its dtype, as does a torch tensor that is not dense (sparse, nested).
+    bfloat16 crosses between JAX and PyTorch directly; NumPy has no bfloat16 of its own, so
+    ``to="numpy"`` returns an ``ml_dtypes.bfloat16`` array (the type JAX itself uses;
+    zero-copy, through an int16 view for torch) and raises ``ImportError`` if ml_dtypes is
+    missing.
 
 Devices
     Every array leaf has a device (NumPy arrays: the CPU). With ``device=None`` all array
@@ -150,6 +154,9 @@ def convert(
         raise TypeError(f"convert: copy must be None, True or False, got {copy!r}")
     leaves, treedef = tree_flatten(tree)
     owners = [_owner(x, tree, i) for i, x in enumerate(leaves)]
+    for i, (x, owner) in enumerate(zip(leaves, owners)):
+        if owner is not _SCALAR:
+            _check_dtype(x, owner, lambda i=i: _path(tree, i))
     devices = [
         None if owner is _SCALAR else _device_of(x, owner, lambda i=i: _path(tree, i))
         for i, (x, owner) in enumerate(zip(leaves, owners))
@@ -210,6 +217,45 @@ def _owner(x, tree, i):
             "expected a JAX array, a torch tensor, a NumPy array or a Python scalar"
         )
     return owner
+
+
+#: The dtypes convert moves (by name, the same on every backend).
+SUPPORTED_DTYPES = (
+    "bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
+    "float16", "bfloat16", "float32", "float64", "complex64", "complex128",
+)  # fmt: skip
+
+# NumPy dtype kinds with no number in them, for the error message
+_NUMPY_KINDS = {"U": "strings", "S": "byte strings", "M": "datetimes", "m": "timedeltas",
+                "O": "Python objects", "V": "raw or structured records"}  # fmt: skip
+
+
+def _check_dtype(x, owner, where) -> None:
+    """TypeError naming the leaf for a dtype convert does not move (strings, datetimes, objects,
+    float8, quantized, typed JAX keys ...): the frameworks would fail without the leaf's path, or
+    with an AttributeError.
+    """
+    kind = None
+    if owner is _NUMPY:
+        name = x.dtype.name
+        if x.dtype.kind != "V" or name.startswith("void"):  # not an ml_dtypes type (float8 ...)
+            kind = _NUMPY_KINDS.get(x.dtype.kind)
+    else:
+        try:
+            name = owner.dtype_name(x.dtype)
+        except TypeError:  # a dtype with no name of the framework's (a typed JAX key)
+            name = str(x.dtype)
+    if name in SUPPORTED_DTYPES:
+        return
+    what = f"a NumPy array of {kind} (dtype {name})" if kind else f"of dtype {name}"
+    hint = (
+        " (a typed JAX PRNG key: convert jax.random.key_data(key), its uint32 words)"
+        if "key<" in name
+        else ""
+    )
+    raise TypeError(
+        f"convert: leaf {where()} is {what}{hint}; convert moves arrays of {', '.join(SUPPORTED_DTYPES)} only"
+    )
 
 
 def _name(owner) -> str:

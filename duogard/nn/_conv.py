@@ -7,7 +7,7 @@ import numpy as np
 from duogard.nn._linear import _positive_int, uniform_init
 from duogard.nn._module import Module
 
-__all__ = ["Conv2d", "pair"]
+__all__ = ["Conv2d", "pair", "output_hw"]
 
 
 def pair(layer: str, arg: str, value, *, minimum: int = 1) -> tuple[int, int]:
@@ -18,6 +18,25 @@ def pair(layer: str, arg: str, value, *, minimum: int = 1) -> tuple[int, int]:
     ):
         raise ValueError(f"{layer}: {arg} must be an int or a pair of ints >= {minimum}, got {value!r}")
     return int(vals[0]), int(vals[1])
+
+
+def output_hw(layer: str, input_shape, kernel, stride, dilation, pads) -> tuple[int, int]:
+    """The output's (H, W) for an NCHW ``input_shape``; ValueError naming ``layer``, the input's
+    spatial size, the kernel, padding and dilation when the input is smaller than the (dilated)
+    kernel. JAX would return an empty output (a NaN loss downstream), torch a raw RuntimeError.
+    """
+    hw = tuple(int(v) for v in input_shape[2:])
+    out = tuple(
+        (size + lo + hi - d * (k - 1) - 1) // s + 1
+        for size, k, s, d, (lo, hi) in zip(hw, kernel, stride, dilation, pads)
+    )
+    if min(out) <= 0:
+        raise ValueError(
+            f"{layer}: input spatial size {hw} (input shape {tuple(input_shape)}) is too small for "
+            f"kernel_size {tuple(kernel)} with padding {tuple(pads)} and dilation {tuple(dilation)}: "
+            f"the output would be {out}"
+        )
+    return out
 
 
 class Conv2d(Module):
@@ -91,18 +110,12 @@ class Conv2d(Module):
         params = {"weight": uniform_init(rng, (self.out_channels, c // self.groups, kh, kw), fan_in, dtype)}
         if self.bias:
             params["bias"] = uniform_init(rng, (self.out_channels,), fan_in, dtype)
-        out_hw = []
-        for size, k, s, d, (lo, hi) in zip(
-            (h, w), self.kernel_size, self.stride, self.dilation, self._pads()
-        ):
-            o = (size + lo + hi - d * (k - 1) - 1) // s + 1
-            if o <= 0:
-                raise ValueError(
-                    f"Conv2d({self.out_channels}, {self.kernel_size}): input shape {tuple(input_shape)} "
-                    f"is too small for the kernel (output size {o})"
-                )
-            out_hw.append(o)
+        out_hw = self._output_hw(input_shape)
         return params, (n, self.out_channels, *out_hw)
+
+    def _output_hw(self, shape) -> tuple[int, int]:
+        layer = f"Conv2d({self.out_channels}, {self.kernel_size})"
+        return output_hw(layer, shape, self.kernel_size, self.stride, self.dilation, self._pads())
 
     def forward(self, be, params, x, *, key=None, train=False):
         self._check_input(tuple(x.shape))
@@ -112,6 +125,7 @@ class Conv2d(Module):
                 f"Conv2d({self.out_channels}, {self.kernel_size}): expected {w.shape[1] * self.groups} "
                 f"input channels (NCHW), got input shape {tuple(x.shape)}"
             )
+        self._output_hw(tuple(x.shape))
         return be.conv2d(
             x,
             w,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from duogard.nn._conv import pair
+from duogard.nn._conv import output_hw, pair
 from duogard.nn._module import Module
 
 __all__ = ["MaxPool2d", "AvgPool2d", "Flatten"]
@@ -21,23 +21,17 @@ class _Pool2d(Module):
                 f"{name}: padding {self.padding} must be at most half the kernel size {self.kernel_size}"
             )
 
-    def _check(self, shape):
+    def _check(self, shape) -> tuple[int, int]:
+        """The output's (H, W); ValueError for a rank other than 4 or an input smaller than the window."""
+        name = type(self).__name__
         if len(shape) != 4:
-            raise ValueError(f"{type(self).__name__}: expected a rank-4 NCHW input, got shape {tuple(shape)}")
+            raise ValueError(f"{name}: expected a rank-4 NCHW input, got shape {tuple(shape)}")
+        pads = tuple((p, p) for p in self.padding)
+        return output_hw(f"{name}({self.kernel_size})", shape, self.kernel_size, self.stride, (1, 1), pads)
 
     def init_params(self, rng, input_shape, dtype):
-        self._check(input_shape)
-        n, c, h, w = input_shape
-        out = [
-            (size + 2 * p - k) // s + 1
-            for size, k, s, p in zip((h, w), self.kernel_size, self.stride, self.padding)
-        ]
-        if min(out) <= 0:
-            raise ValueError(
-                f"{type(self).__name__}: input shape {tuple(input_shape)} is smaller than "
-                f"the window {self.kernel_size}"
-            )
-        return {}, (n, c, *out)
+        out = self._check(input_shape)
+        return {}, (*input_shape[:2], *out)
 
 
 class MaxPool2d(_Pool2d):

@@ -20,6 +20,7 @@ from duogard.optim._transforms import (
     scale_by_rss,
     trace,
 )
+from duogard.tree import Rank1
 
 __all__ = ["sgd", "adam", "adamw", "rmsprop", "adagrad", "PlainSGD"]
 
@@ -106,7 +107,8 @@ class PlainSGD(GradientTransformation):
         Args:
             be: the backend of ``param``.
             param: the leaf to update (owned by the caller: it may be overwritten).
-            grad: the gradient leaf, or the tangent ``v`` of a factored estimate ``d v``.
+            grad: the gradient leaf, or the tangent ``v`` of a factored estimate ``d v`` (an
+                array, or a :class:`duogard.tree.Rank1` with K = 1 for a rank-1 tangent).
             lr: the learning rate (0-d array or number).
             scale: ``d`` of a factored estimate (0-d array), or None.
             where: a 0-d bool: update only where it holds (None: always).
@@ -120,6 +122,8 @@ class PlainSGD(GradientTransformation):
         coef = -xp.astype(lr, param.dtype)
         if scale is not None:
             coef = coef * xp.astype(scale, param.dtype)
+        if isinstance(grad, Rank1):  # a rank-1 tangent u wᵀ (K = 1): a rank-1 update, no u wᵀ array
+            return be.add_outer_(param, grad.u[0], grad.w[0], coef, where=where)
         return be.add_scaled_(param, grad, coef, where=where)
 
 

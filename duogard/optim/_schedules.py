@@ -6,6 +6,10 @@ framework, also inside ``jax.jit`` (the value comes back as a 0-d array of that 
 backend math). Optimizers call a schedule with the step count already converted to the
 parameters' float dtype, so float64 training gets a float64 learning rate; a bare integer
 array is promoted to the framework's default float (float32 on torch).
+
+A negative learning rate is gradient ascent: the schedules here refuse negative values at
+construction, and an optimizer refuses a callable that gives a negative (or non-finite) rate
+at step 0 (:func:`check_rate_at_zero`).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ __all__ = [
     "cosine_decay",
     "warmup_cosine_decay",
     "as_schedule",
+    "check_rate_at_zero",
 ]
 
 Schedule = Callable[[object], object]
@@ -51,8 +56,8 @@ def _finish(value, scalar_in: bool):
 
 
 def constant_schedule(value) -> Schedule:
-    """``value`` at every step (a Python float)."""
-    v = as_number("constant_schedule", "value", value)
+    """``value`` (>= 0: a learning rate) at every step (a Python float)."""
+    v = nonneg("constant_schedule", "value", value)
 
     def schedule(step):
         return v
@@ -67,7 +72,7 @@ def exponential_decay(init_value, *, rate) -> Schedule:
     update. (optax's ``exponential_decay`` has other arguments: ``transition_steps`` and
     ``decay_rate``.)
     """
-    v = as_number("exponential_decay", "init_value", init_value)
+    v = nonneg("exponential_decay", "init_value", init_value)
     k = nonneg("exponential_decay", "rate", rate)
 
     def schedule(step):
@@ -79,7 +84,7 @@ def exponential_decay(init_value, *, rate) -> Schedule:
 
 def step_decay(init_value, *, step_size: int, gamma=0.1) -> Schedule:
     """``init_value * gamma ** floor(step / step_size)`` (``torch.optim.lr_scheduler.StepLR``)."""
-    v = as_number("step_decay", "init_value", init_value)
+    v = nonneg("step_decay", "init_value", init_value)
     size = positive_int("step_decay", "step_size", step_size)
     g = nonneg("step_decay", "gamma", gamma)
 
@@ -98,7 +103,7 @@ def cosine_decay(init_value, *, decay_steps: int, alpha=0.0) -> Schedule:
     ``torch.optim.lr_scheduler.CosineAnnealingLR(T_max=decay_steps, eta_min=alpha*init_value)``
     (torch goes back up after ``T_max``; this stays at the floor, as optax does).
     """
-    v = as_number("cosine_decay", "init_value", init_value)
+    v = nonneg("cosine_decay", "init_value", init_value)
     n = positive_int("cosine_decay", "decay_steps", decay_steps)
     a = as_number("cosine_decay", "alpha", alpha)
     check("cosine_decay", "alpha", alpha, 0.0 <= a <= 1.0, "in [0, 1]")
@@ -119,12 +124,12 @@ def warmup_cosine_decay(
     constant. Equals ``optax.warmup_cosine_decay_schedule``.
     """
     fn = "warmup_cosine_decay"
-    peak = as_number(fn, "peak_value", peak_value)
+    peak = nonneg(fn, "peak_value", peak_value)
     warm = positive_int(fn, "warmup_steps", warmup_steps, allow_zero=True)
     total = positive_int(fn, "decay_steps", decay_steps)
     check(fn, "decay_steps", decay_steps, total > warm, f"> warmup_steps ({warm})")
-    start = as_number(fn, "init_value", init_value)
-    end = as_number(fn, "end_value", end_value)
+    start = nonneg(fn, "init_value", init_value)
+    end = nonneg(fn, "end_value", end_value)
     length = total - warm
 
     def schedule(step):
@@ -137,9 +142,29 @@ def warmup_cosine_decay(
     return schedule
 
 
+def check_rate_at_zero(fn: str, value) -> None:
+    """ValueError unless a schedule's rate at step 0 (a number or a concrete 0-d array) is a
+    finite number >= 0: a negative rate would silently run gradient ascent.
+    """
+    v = float(value)
+    if not (math.isfinite(v) and v >= 0):
+        raise ValueError(f"{fn}: learning_rate schedule gave {v!r} at step 0; expected a finite number >= 0")
+
+
 def as_schedule(fn: str, learning_rate) -> Schedule:
-    """A schedule from a learning rate: a number (checked >= 0) or a callable (as is)."""
+    """A schedule from a learning rate: a number (checked >= 0) or a callable.
+
+    A callable is probed at step 0 (a Python int) and refused when it gives a negative or
+    non-finite rate; one that cannot take a Python int is checked when the optimizer state is
+    made (``init``).
+    """
     if callable(learning_rate):
+        try:
+            first = float(learning_rate(0))
+        except Exception:  # a schedule written for arrays only: checked by init
+            first = None
+        if first is not None:
+            check_rate_at_zero(fn, first)
         return learning_rate
     try:
         lr = nonneg(fn, "learning_rate", learning_rate)

@@ -20,7 +20,7 @@ from duogard.optim._base import (
     positive,
     unit_interval,
 )
-from duogard.optim._schedules import as_schedule
+from duogard.optim._schedules import as_schedule, check_rate_at_zero
 from duogard.tree import tree_leaves, tree_map
 
 __all__ = [
@@ -110,7 +110,10 @@ def scale_by_learning_rate(learning_rate) -> GradientTransformation:
         be = array_backend("scale_by_learning_rate.init", params)
         leaves = tree_leaves(params)
         count = _zero_count(be)
-        return ScaleByLearningRateState(count, _rate(be, schedule, count, float_dtype(be, leaves)))
+        lr = _rate(be, schedule, count, float_dtype(be, leaves))
+        if not be.is_tracing(lr):  # the rate of the first update: a negative one would ascend
+            check_rate_at_zero("scale_by_learning_rate", lr)
+        return ScaleByLearningRateState(count, lr)
 
     def update(updates, state, params=None):
         be = array_backend("scale_by_learning_rate.update", updates)
