@@ -21,6 +21,8 @@ from duogard.train._trainer import Trainer
 from duogard.train._update import UPDATE_STRATEGIES, choose_update
 from duogard.train.checkpoint import (
     Checkpoint,
+    CheckpointError,
+    CheckpointLockedError,
     CheckpointMismatchError,
     is_checkpoint,
     load_checkpoint,
@@ -47,6 +49,8 @@ __all__ = [
     "build_model",
     "MODELS",
     "Checkpoint",
+    "CheckpointError",
+    "CheckpointLockedError",
     "CheckpointMismatchError",
     "save_checkpoint",
     "load_checkpoint",

@@ -46,6 +46,8 @@ class FitRun:
         result: the :class:`~duogard.train.FitResult` being filled.
         finite: whether the last step's loss (and gradient) were finite.
         completed: whether the run reached its last step (False while running or after an error).
+        stop: set it (from any hook) to end the run before its next step: ``completed`` stays
+            False and ``on_fit_end`` runs (a :class:`Checkpointer` writes the last step).
     """
 
     def __init__(self, trainer, data, *, steps, batch_size, seed, params, opt_state, key, result):
@@ -55,6 +57,7 @@ class FitRun:
         self.params, self.opt_state, self.key, self.result = params, opt_state, key, result
         self.finite = True
         self.completed = False
+        self.stop = False
 
     @property
     def be(self):
@@ -247,6 +250,12 @@ class Checkpointer(Callback):
             stopped by an error after its first step (the params are then the last good ones).
         resume: a checkpoint directory to continue from before the first step (exactly: the
             same batches and keys follow), or True for ``directory`` itself.
+
+    From the start of the run to its end, the Checkpointer holds ``directory``'s writer
+    lock: a second run writing to the same directory (another process, or another
+    Checkpointer in this one) fails when it starts, with
+    :class:`~duogard.train.CheckpointLockedError` naming this run's pid and host. Loading
+    the checkpoints meanwhile (``load_checkpoint``, ``resume=``) needs no lock.
     """
 
     order = 5
@@ -255,6 +264,7 @@ class Checkpointer(Callback):
         self.directory = directory
         self.every = _every("Checkpointer", every)
         self.resume = directory if resume is True else (None if resume is False else resume)
+        self._lock = None
         if directory is None and (self.resume is None or every is not None):
             raise ValueError(
                 "Checkpointer: directory is None, so nothing would be written: give a directory, "
@@ -262,10 +272,12 @@ class Checkpointer(Callback):
             )
 
     def on_fit_start(self, run):
+        from duogard.train.checkpoint import load_checkpoint, lock_directory
+
+        if self.directory is not None and self._lock is None:
+            self._lock = lock_directory(self.directory)  # held until on_fit_end
         if self.resume is None:
             return
-        from duogard.train.checkpoint import load_checkpoint
-
         ck = load_checkpoint(
             self.resume, like_params=run.params, like_opt_state=run.opt_state, backend=run.be.name
         )
@@ -278,25 +290,35 @@ class Checkpointer(Callback):
             self.save(run, record["step"])
 
     def on_fit_end(self, run):
-        if self.directory is None:
+        if self._lock is None:  # no directory, or the lock was never taken (another writer had it)
             return
-        # also after an error, once a step has run: a non-finite step leaves the last good params
-        # in run.params, and an interrupted run keeps its steps
-        if run.completed or run.result.step > run.start:
-            self.save(run, run.result.step)
+        try:
+            # also after an error, once a step has run: a non-finite step leaves the last good
+            # params in run.params, and an interrupted run keeps its steps
+            if run.completed or run.result.step > run.start:
+                self.save(run, run.result.step)
+        finally:
+            lock, self._lock = self._lock, None
+            lock.release()
 
     def save(self, run, step: int) -> None:
-        """Write ``run``'s params, optimizer state and key as the checkpoint of ``step``."""
-        from duogard.train.checkpoint import save_checkpoint
+        """Write ``run``'s params, optimizer state and key as the checkpoint of ``step``.
 
-        save_checkpoint(
-            self.directory,
+        Under the lock taken in ``on_fit_start``; outside a run, under a lock of its own.
+        """
+        from duogard.train.checkpoint import save_checkpoint, save_locked
+
+        kwargs = dict(
             params=run.params,
             opt_state=run.opt_state,
             step=step,
             key=run.key,
             config={"backend": run.be.name, "estimator": run.result.estimator},
         )
+        if self._lock is not None:
+            save_locked(self._lock, **kwargs)
+        else:
+            save_checkpoint(self.directory, **kwargs)
 
 
 _ACTIONS = ("raise", "skip")

@@ -8,9 +8,10 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from duogard import losses as _losses
 from duogard.train._callbacks import Callback, Evaluate, FitRun, LambdaCallback, OnNonFinite, Progress
 from duogard.train._result import FitResult, rss_bytes
-from duogard.train._trainer import Trainer
+from duogard.train._trainer import Trainer, on_backend
 
 __all__ = ["fit"]
 
@@ -80,7 +81,9 @@ def fit(
 
     Raises:
         NonFiniteError: a non-finite loss or gradient under the ``"raise"`` policy.
-        ValueError: bad steps, batch size or callbacks.
+        ValueError: bad steps, batch size or callbacks; integer labels outside the model's
+            outputs (with duogard's cross-entropy or NLL loss).
+        TypeError: float64 params or data on JAX with its 64-bit mode off.
     """
     steps = _positive_int("steps", steps, zero=True)
     batch_size = _positive_int("batch_size", batch_size)
@@ -91,6 +94,7 @@ def fit(
         model, trainer, loss=loss, optimizer=optimizer, estimator=estimator, backend=backend
     )
     cbs = _callbacks(callbacks)
+    _check_data(trainer, data)
     params, opt_state = trainer.init_state(params)
     name = getattr(trainer.estimator, "name", str(trainer.estimator))
     result = FitResult(params, opt_state, 0, trainer.be.name, name, trainer.update_strategy)
@@ -102,11 +106,14 @@ def fit(
             cb.on_fit_start(run)
         result.step = run.start
         for step in range(run.start, steps):
+            if run.stop:  # a callback ended the run early (e.g. on Ctrl-C)
+                break
             record = _step(run, step, cbs, clock)
             for cb in cbs:
                 cb.on_step_end(run, record)
-        run.finite = run.completed = True
-        result.step = max(steps, run.start)
+        else:
+            run.finite = run.completed = True
+            result.step = max(steps, run.start)
     finally:
         clock.finish(run)
         for cb in cbs:
@@ -125,6 +132,37 @@ def _trainer_for(model, trainer, *, loss, optimizer, estimator, backend) -> Trai
         raise ValueError(f"fit: {', '.join(given)} given with trainer=; the trainer's own are used: "
                          "pass them to Trainer(...) instead")  # fmt: skip
     return trainer
+
+
+def _check_data(trainer, data) -> None:
+    """Refuse, once and before any step, what would train silently wrong: float64 data the
+    backend would store in 32 bits (JAX without 64-bit mode), and integer labels outside the
+    model's outputs for duogard's classification losses (they would count as 0, or, in a
+    compiled step, stop the run at once with a NaN loss).
+    """
+    be = trainer.be
+    for split in ("x_train", "y_train"):
+        a = getattr(data, split)
+        if a.dtype.kind == "f" and a.dtype.itemsize == 8:
+            on_backend(be, a[:1], f"fit: data.{split}")
+    if getattr(trainer.loss_fn, "loss", None) not in (_losses.cross_entropy, _losses.nll_loss):
+        return
+    try:
+        classes = int(trainer.model.output_shape(tuple(data.x_train[:1].shape))[-1])
+    except Exception:  # a model without shape inference: only the lower bound is known
+        classes = None
+    for split in ("y_train", "y_test"):
+        y = getattr(data, split, None)
+        if not isinstance(y, np.ndarray) or y.dtype.kind not in "iu" or not y.size:
+            continue
+        lo, hi = int(y.min()), int(y.max())
+        if lo < 0 or (classes is not None and hi >= classes):
+            bad = lo if lo < 0 else hi
+            bound = f"in [0, {classes}) for the model's {classes} outputs" if classes is not None else ">= 0"
+            raise ValueError(
+                f"fit: data.{split} holds label {bad}; labels must be {bound} "
+                f"(loss {trainer.loss_fn.loss.__name__}), else they silently count as 0"
+            )
 
 
 class _Clock:
@@ -166,10 +204,11 @@ def _step(run, step: int, cbs, clock: _Clock) -> dict:
     # the step returns what to continue from: its inputs, unchanged, when not finite
     run.params, run.opt_state, value, gsq = trainer.step(run.params, run.opt_state, xb, yb, key)
     value = float(value)  # waits for the step: honest timing
-    gsq = float(gsq) if gsq is not None else float("nan")
+    # |g|² (0 without grad_norm); NaN for a step that refused a non-finite gradient
+    gsq = float(gsq) if gsq is not None else 0.0
     dt = time.perf_counter() - t0
     clock.step(dt, first=step == run.start)
-    run.finite = math.isfinite(value) and (math.isfinite(gsq) or not trainer.grad_norm)
+    run.finite = math.isfinite(value) and math.isfinite(gsq)
     if not run.finite:
         next(c for c in cbs if isinstance(c, OnNonFinite)).handle(run, step + 1, value, gsq)
     record = {"step": step + 1, "loss": value}

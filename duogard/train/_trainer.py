@@ -5,6 +5,8 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 
+import numpy as np
+
 from duogard import grad as _grad
 from duogard import losses as _losses
 from duogard import optim as _optim
@@ -26,8 +28,8 @@ class Trainer:
     The Trainer owns the params it steps: :meth:`init_state` copies them once, and each step
     may then reuse their buffers (the SGD update strategies write in place on torch and into
     donated buffers on JAX). Pass each step the params that the previous one returned, never
-    older ones. When the loss (or, with ``grad_norm``, the gradient) is not finite, the step
-    returns the params and optimizer state it was given, unchanged.
+    older ones. When the loss or the gradient is not finite, the step returns the params and
+    optimizer state it was given, unchanged, and a NaN fourth result.
 
     Args:
         model: a duogard model (``init``/``apply``).
@@ -36,9 +38,9 @@ class Trainer:
         estimator: a name (``"backprop"``, ``"forward"``, ...) or ``duogard.estimator(...)``.
         backend: ``"jax"``, ``"torch"``, a backend module, or None (the selected default).
         compile: JAX jits by default; torch runs eagerly unless ``compile=True`` (torch.compile).
-        grad_norm: also return ``|g|²`` (one more pass over the gradient; the step then also
-            refuses a non-finite gradient with a finite loss). With False the fourth result of
-            :meth:`step` is None.
+        grad_norm: return ``|g|²`` as the fourth result of :meth:`step` (one more pass over the
+            gradient). With False that result is 0 for a finite step and NaN for one that
+            refused a non-finite loss or gradient (a finiteness check replaces the norm).
 
     Attributes:
         update_strategy: how the step applies the estimate, chosen once from the optimizer and
@@ -109,9 +111,13 @@ class Trainer:
 
         Returns:
             ``(params, opt_state)``, owned by this Trainer.
+
+        Raises:
+            TypeError: float64 params on JAX with its 64-bit mode off (JAX would silently
+                train in float32).
         """
         be = self.be
-        params = tree_map(be.asarray, params)
+        params = tree_map(lambda a: on_backend(be, a, "Trainer.init_state: params"), params)
         params = tree_map(lambda a: be.xp.asarray(a, copy=True) if be.is_array(a) else a, params)
 
         # placed explicitly (committed, on JAX) like the step's outputs, so the step compiles once
@@ -140,6 +146,21 @@ class Trainer:
             total += float(s) if s is not None else float("nan")
             correct += int(c) if c is not None else 0
         return {"loss": total / max(n, 1), "accuracy": correct / max(n, 1)}
+
+
+def on_backend(be, a, what: str):
+    """``a`` as an array of ``be``; a NumPy float keeps its dtype, so JAX without 64-bit mode
+    refuses float64 (TypeError saying how to enable it) instead of silently using float32.
+    """
+    if not isinstance(a, (np.ndarray, np.generic)) or a.dtype.kind not in "fc":
+        return be.asarray(a)
+    try:
+        return be.asarray(a, dtype=a.dtype.name)
+    except TypeError as exc:
+        raise TypeError(
+            f"{what} are {a.dtype.name}, which {be.name} cannot hold now: {exc}. Call "
+            f"duogard.backend({be.name!r}).enable_float64() before making arrays, or cast to float32"
+        ) from None
 
 
 def _takes_reduction(loss) -> bool:

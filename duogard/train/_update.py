@@ -24,7 +24,7 @@ from collections.abc import Callable
 
 from duogard.grad import Forward, LeanStep
 from duogard.optim import PlainSGD, apply_updates
-from duogard.tree import tree_leaves, tree_map
+from duogard.tree import Rank1, tree_leaves, tree_map
 
 __all__ = ["UPDATE_STRATEGIES", "choose_update", "make_step"]
 
@@ -64,11 +64,13 @@ def choose_update(optimizer, estimator) -> str:
 
 def make_step(strategy: str, be, estimator, optimizer, loss_fn, *, grad_norm: bool, compile=None) -> Callable:
     """The training step of ``strategy``: ``step(params, opt_state, x, y, key) -> (params, opt_state,
-    loss, |g|² or None)``.
+    loss, |g|²)``.
 
-    A step whose loss (or, with ``grad_norm``, gradient) is not finite returns the params and
-    optimizer state it was given, unchanged. Every strategy but ``"optimizer"`` overwrites the
-    params it is given (the caller owns them).
+    A step whose loss or gradient is not finite returns the params and optimizer state it was
+    given, unchanged, and its fourth result is NaN. Without ``grad_norm`` no norm is computed:
+    the fourth result is then 0 for a finite step (NaN for a refused one; the lean step always
+    returns |g|²). Every strategy but ``"optimizer"`` overwrites the params it is given (the
+    caller owns them).
 
     Args:
         strategy: one of :data:`UPDATE_STRATEGIES` (from :func:`choose_update`).
@@ -76,7 +78,8 @@ def make_step(strategy: str, be, estimator, optimizer, loss_fn, *, grad_norm: bo
         estimator: the gradient estimator.
         optimizer: the optimizer (a :class:`~duogard.optim.PlainSGD` for the SGD strategies).
         loss_fn: ``loss_fn(params, (x, y)) -> scalar``.
-        grad_norm: also return ``|g|²`` (and refuse a non-finite gradient with a finite loss).
+        grad_norm: return ``|g|²`` (one more pass over the gradient); without it the step still
+            refuses a non-finite gradient with a finite loss (an elementwise finiteness check).
         compile: as ``be.jit``'s ``compile`` (None: the backend's default).
 
     Returns:
@@ -97,12 +100,16 @@ def make_step(strategy: str, be, estimator, optimizer, loss_fn, *, grad_norm: bo
         else:
             value, grads = estimator(loss_fn, params, (x, y), key)
         ok = xp.isfinite(value)
-        gsq = None
         if grad_norm:
-            gsq = sum(xp.linalg.vector_norm(g) ** 2 for g in tree_leaves(grads))
+            gsq = sum(_sq_norm(xp, g) for g in tree_leaves(grads))
             if coef is not None:
                 gsq = gsq * coef * coef
             ok = xp.logical_and(ok, xp.isfinite(gsq))
+        else:
+            # no norm, but still no update from a NaN/inf gradient under a finite loss: the
+            # factored estimate d v is finite where d is (v is drawn); else every element is read
+            ok = xp.logical_and(ok, _all_finite(be, grads if coef is None else [coef]))
+            gsq = xp.where(ok, xp.zeros_like(value), xp.full_like(value, float("nan")))
         if strategy == "optimizer":
             updates, new_state = optimizer.update(grads, opt_state, params)
             params = keep_if(be, ok, apply_updates(params, updates), params)
@@ -117,8 +124,25 @@ def make_step(strategy: str, be, estimator, optimizer, loss_fn, *, grad_norm: bo
     return be.jit(step, donate_argnums=(0,), **jit_kw)
 
 
+def _all_finite(be, tree):
+    """A 0-d bool array: every element of every leaf of ``tree`` is finite."""
+    xp, ok = be.xp, None
+    for leaf in tree_leaves(tree):
+        for part in (leaf.u, leaf.w) if isinstance(leaf, Rank1) else (leaf,):
+            part_ok = xp.all(xp.isfinite(part))
+            ok = part_ok if ok is None else xp.logical_and(ok, part_ok)
+    return ok if ok is not None else xp.asarray(True)
+
+
 def keep_if(be, ok, new, old):
     """``new`` where the 0-d bool ``ok`` holds, else ``old`` (selected inside a compiled step)."""
     if be.is_tracing(ok):
         return tree_map(lambda a, b: be.xp.where(ok, a, b), new, old)
     return new if bool(ok) else old
+
+
+def _sq_norm(xp, g):
+    """``|g|²`` of a gradient leaf, or of a rank-1 tangent ``u wᵀ`` (K = 1) as ``|u|² |w|²``."""
+    if isinstance(g, Rank1):
+        return xp.sum(g.u * g.u) * xp.sum(g.w * g.w)
+    return xp.linalg.vector_norm(g) ** 2

@@ -8,27 +8,39 @@ A checkpoint is a directory::
                                                and the name + SHA-256 of the tensor file
       tensors-00000100-3fa2c1d0.safetensors    every array, flat: "params.0.weight",
                                                "opt_state.0.mu.0.weight", ..., "key"
+      tensors-00000090-9b1e0c77.safetensors    the previous save's, kept for readers
+      .duogard-lock                            the writer lock (who holds it: pid, host, time)
 
-Writing is crash-safe: the tensor file gets a fresh name, is written to a temporary file,
-fsynced and renamed; then the manifest is written to a temporary file, fsynced and renamed
-over ``checkpoint.json`` (the commit point), and the directory is fsynced. Only then are
-older tensor files removed. A crash at any moment therefore leaves ``checkpoint.json``
+Writing is crash-safe: every save writes a new, uniquely named tensor file (to a temporary
+file, fsynced, renamed, the directory fsynced); then the manifest naming it is written to a
+temporary file, fsynced and renamed over ``checkpoint.json`` (the commit point), and the
+directory is fsynced. Only then are older tensor files removed, all but the one the
+previous manifest named. A crash at any moment therefore leaves ``checkpoint.json``
 pointing at a whole tensor file: the previous checkpoint before the commit, the new one
-after. One writer per checkpoint directory at a time.
+after.
 
-Loading reads JSON and safetensors only (no pickle, no code), checks the tensor file
-against the hash in the manifest, and, given ``like_*`` templates, fills the template's
-leaves in order after checking names, shapes and dtypes, listing every difference at once.
-Arrays go through NumPy, so a checkpoint written from one backend loads into any other.
+A directory is safe to share. One writer at a time: a writer holds an advisory lock on
+``.duogard-lock`` (``save_checkpoint`` for one save, a ``Checkpointer`` for its whole run),
+and a second writer fails at once with :class:`CheckpointLockedError` naming the holder's
+pid and host (see ``duogard.train._checkpoint_lock``; without ``fcntl``, as on Windows,
+processes are not locked against each other). Readers take no lock: a reader that read the
+previous manifest still finds its tensor file, and one that finds the tensor file gone (the
+writer saved twice meanwhile) re-reads the manifest, so every load returns one complete,
+self-consistent checkpoint.
+
+Loading reads JSON and safetensors only (no pickle, no code), checks the manifest's schema
+and the tensor file against the manifest (the SHA-256, and exactly the same leaves, shapes
+and dtypes: anything else is a :class:`CheckpointError`), and, given ``like_*`` templates,
+fills the template's leaves in order after checking names, shapes and dtypes, listing every
+difference at once. Arrays go through NumPy, so a checkpoint written from one backend loads
+into any other; bfloat16 is stored as safetensors' BF16 and read back as
+``ml_dtypes.bfloat16``, bitwise, like every other dtype except complex128 (refused on save).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import operator
 import os
-import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +52,15 @@ import safetensors.numpy
 
 from duogard.backend import backend as get_backend
 from duogard.backend import backend_of
+from duogard.train._checkpoint_format import (
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST,
+    CheckpointError,
+    check_writable,
+)
+from duogard.train._checkpoint_io import commit, make_dir, read
+from duogard.train._checkpoint_lock import LOCK_NAME, CheckpointLockedError, DirectoryLock
 from duogard.train._checkpoint_tree import (
     _flatten,
     _leaf_info,
@@ -51,22 +72,18 @@ from duogard.train._checkpoint_tree import (
 
 __all__ = [
     "Checkpoint",
+    "CheckpointError",
+    "CheckpointLockedError",
     "CheckpointMismatchError",
     "save_checkpoint",
     "load_checkpoint",
     "is_checkpoint",
     "MANIFEST",
+    "LOCK_NAME",
 ]
 
-FORMAT = "duogard-checkpoint"
-FORMAT_VERSION = 1
-#: The manifest's file name inside a checkpoint directory.
-MANIFEST = "checkpoint.json"
-_TMP_PREFIX = ".tmp-"
-_CHUNK = 1 << 22
 
-
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(CheckpointError):
     """The checkpoint does not fit the given templates (missing/extra keys, shapes, dtypes)."""
 
 
@@ -89,30 +106,6 @@ class Checkpoint:
     info: dict = field(default_factory=dict)
 
 
-# ----------------------------------------------------------------------------- files
-
-
-def _write_file(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view[:_CHUNK]) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(directory: Path) -> None:
-    if os.name != "posix":  # pragma: no cover - directories cannot be opened for fsync elsewhere
-        return
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 # ----------------------------------------------------------------------------- save
 
 
@@ -125,8 +118,41 @@ def save_checkpoint(
     any backend or NumPy, or Python numbers; ``key`` a backend RNG key (stored as its raw
     uint32 data) or None; ``config`` and ``metrics`` anything JSON-serialisable (dataclasses
     and scalar arrays are converted). Overwriting an existing checkpoint is atomic: a crash
-    at any point leaves either the old or the new checkpoint, whole.
+    at any point leaves either the old or the new checkpoint, whole. Every dtype is stored
+    bitwise (bfloat16 and float16 included); complex128 is refused, naming the leaf.
+
+    The save holds the directory's writer lock: if another writer holds it (another
+    process, or a :class:`~duogard.train.Checkpointer` running in this one), it raises
+    :class:`CheckpointLockedError` naming the holder, and writes nothing.
     """
+    blob, manifest, step = _serialise(params, opt_state, step, key, config, metrics)
+    directory = make_dir(Path(path))
+    with DirectoryLock(directory) as lock:
+        return commit(directory, blob, manifest, step, exclusive=lock.exclusive)
+
+
+def lock_directory(path: str | os.PathLike) -> DirectoryLock:
+    """Take (and return) the writer lock of checkpoint directory ``path``, creating it.
+
+    For a writer that saves many times (the :class:`~duogard.train.Checkpointer`): a second
+    writer then fails when it starts, not at one of its saves. Save with
+    :func:`save_locked`; ``release()`` the lock at the end.
+    """
+    return DirectoryLock(make_dir(Path(path))).acquire()
+
+
+def save_locked(
+    lock: DirectoryLock, *, params, opt_state=None, step: int, key=None, config=None, metrics=None
+) -> Path:
+    """:func:`save_checkpoint` into the directory of ``lock``, which the caller holds."""
+    if not lock.held:
+        raise RuntimeError(f"save_checkpoint: the writer lock of {lock.directory} is not held")
+    blob, manifest, step = _serialise(params, opt_state, step, key, config, metrics)
+    return commit(lock.directory, blob, manifest, step, exclusive=lock.exclusive)
+
+
+def _serialise(params, opt_state, step, key, config, metrics) -> tuple[bytes, dict, int]:
+    """Check the arguments; ``(tensor file bytes, manifest less its "tensors" entry, step)``."""
     try:
         step = operator.index(step)
     except TypeError:
@@ -150,7 +176,13 @@ def save_checkpoint(
             shape, dtype, kind = _leaf_info(k, leaf)
             if writer is None and kind == "array" and not isinstance(leaf, (np.ndarray, np.generic)):
                 writer = backend_of(leaf)
-            tensors[k] = _to_numpy(leaf)
+            try:
+                tensors[k] = _to_numpy(leaf)
+            except ImportError as exc:  # bfloat16 without ml_dtypes
+                raise ImportError(f"save_checkpoint: {k} ({dtype}): {exc}") from exc
+            except TypeError as exc:  # a dtype NumPy cannot hold
+                raise TypeError(f"save_checkpoint: {k} ({dtype}): {exc}") from exc
+            check_writable(k, tensors[k])
             meta.append({"key": k, "shape": list(shape), "dtype": tensors[k].dtype.name, "kind": kind})
         parts[part] = {"structure": _structure(spec), "leaves": meta}
 
@@ -182,46 +214,12 @@ def save_checkpoint(
         opt_state=parts["opt_state"],
         key=key_meta,
     )
-    blob = safetensors.numpy.save(tensors, metadata={"format": FORMAT, "step": str(step)})
-    return _commit(Path(path), blob, manifest, step)
-
-
-def _commit(directory: Path, blob: bytes, manifest: dict, step: int) -> Path:
-    if directory.exists() and not directory.is_dir():
-        raise FileExistsError(
-            f"save_checkpoint: {directory} exists and is not a directory "
-            f"(a checkpoint is a directory holding {MANIFEST} and its tensors)"
-        )
-    if not directory.is_dir():
-        directory.mkdir(parents=True)
-        _fsync_dir(directory.parent)
-    token = secrets.token_hex(4)
-    tensor_name = f"tensors-{step:08d}-{token}.safetensors"
-    manifest["tensors"] = {
-        "file": tensor_name,
-        "bytes": len(blob),
-        "sha256": hashlib.sha256(blob).hexdigest(),
-    }
-
-    tmp = directory / f"{_TMP_PREFIX}{token}-{tensor_name}"
-    _write_file(tmp, blob)
-    os.replace(tmp, directory / tensor_name)
-    _fsync_dir(directory)
-
-    tmp = directory / f"{_TMP_PREFIX}{token}-{MANIFEST}"
-    _write_file(tmp, json.dumps(manifest, indent=1).encode("utf-8"))
-    os.replace(tmp, directory / MANIFEST)  # the commit point
-    _fsync_dir(directory)
-
-    # Garbage: older tensor files and temporaries left by crashed writers.
-    for old in directory.iterdir():
-        stale_tensors = old.name.startswith("tensors-") and old.name.endswith(".safetensors")
-        if (stale_tensors and old.name != tensor_name) or old.name.startswith(_TMP_PREFIX):
-            try:
-                old.unlink()
-            except FileNotFoundError:  # pragma: no cover
-                pass
-    return directory
+    try:
+        blob = safetensors.numpy.save(tensors, metadata={"format": FORMAT, "step": str(step)})
+    except Exception as exc:  # an older safetensors without some dtype (BF16, C64)
+        dtypes = sorted({a.dtype.name for a in tensors.values()})
+        raise TypeError(f"save_checkpoint: safetensors cannot write these dtypes {dtypes}: {exc}") from None
+    return blob, manifest, step
 
 
 # ----------------------------------------------------------------------------- load
@@ -247,47 +245,6 @@ def _checkpoint_dir(path: str | os.PathLike) -> Path:
     raise FileNotFoundError(f"load_checkpoint: no checkpoint at {path}")
 
 
-def _read_manifest(directory: Path) -> dict:
-    raw = (directory / MANIFEST).read_bytes()
-    try:
-        manifest = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
-        raise ValueError(
-            f"load_checkpoint: {directory / MANIFEST} is not JSON; not a duogard "
-            f"checkpoint manifest (nothing else is ever parsed)"
-        ) from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise ValueError(
-            f"load_checkpoint: {directory / MANIFEST} is not a duogard checkpoint "
-            f"manifest (expected format {FORMAT!r})"
-        )
-    if manifest.get("format_version", 0) > FORMAT_VERSION:
-        raise ValueError(
-            f"load_checkpoint: {directory} uses checkpoint format "
-            f"{manifest['format_version']}; this duogard reads up to {FORMAT_VERSION}"
-        )
-    return manifest
-
-
-def _read_tensors(directory: Path, manifest: dict) -> dict[str, np.ndarray]:
-    entry = manifest["tensors"]
-    name = entry["file"]
-    if Path(name).name != name or not name.endswith(".safetensors"):
-        raise ValueError(f"load_checkpoint: bad tensor file name {name!r} in {directory / MANIFEST}")
-    blob = (directory / name).read_bytes()
-    if len(blob) != entry["bytes"] or hashlib.sha256(blob).hexdigest() != entry["sha256"]:
-        raise ValueError(
-            f"load_checkpoint: {directory / name} does not match the size/SHA-256 "
-            f"recorded in {MANIFEST}; the checkpoint is corrupt"
-        )
-    try:
-        return safetensors.numpy.load(blob)
-    except Exception as exc:  # safetensors raises its own SafetensorError
-        raise ValueError(
-            f"load_checkpoint: {directory / name} is not a valid safetensors file: {exc}"
-        ) from None
-
-
 def _restore_leaf(arr: np.ndarray, kind: str, be, device):
     if kind == "int":
         return int(arr)
@@ -295,8 +252,14 @@ def _restore_leaf(arr: np.ndarray, kind: str, be, device):
         return float(arr)
     if kind == "bool":
         return bool(arr)
+    if be is None:
+        return arr
+    if arr.dtype.name == "bfloat16":  # ml_dtypes' bfloat16, which torch.as_tensor does not take
+        from duogard.interop import convert
+
+        return be.asarray(convert(arr, to=be), dtype="bfloat16", device=device)
     # dtype passed explicitly: JAX without 64-bit mode then refuses float64 instead of truncating
-    return arr if be is None else be.asarray(arr, dtype=arr.dtype.name, device=device)
+    return be.asarray(arr, dtype=arr.dtype.name, device=device)
 
 
 _SCALAR_KINDS = {"int": "iu", "float": "f", "bool": "b"}
@@ -351,7 +314,11 @@ def load_checkpoint(
     """Load a checkpoint written by :func:`save_checkpoint` (by any backend).
 
     Only JSON and safetensors are read; the tensor file must match the SHA-256 recorded in
-    the manifest. Without templates, ``params`` and ``opt_state`` are rebuilt from the
+    the manifest, and the manifest (its schema, and exactly the tensor file's leaves, shapes
+    and dtypes) is checked first: a damaged or edited one raises :class:`CheckpointError`
+    (a ``ValueError``) naming the file and what is wrong. Loading needs no lock and may run
+    while a writer saves: it returns one whole checkpoint, the newest or the one before.
+    Without templates, ``params`` and ``opt_state`` are rebuilt from the
     recorded structure (NamedTuples come back as namedtuples of the same name and fields).
     With ``like_params`` / ``like_opt_state`` (e.g. ``model.init(...)`` and
     ``optimizer.init(params)``), the template's leaves are filled in order, after checking
@@ -360,19 +327,11 @@ def load_checkpoint(
     (e.g. step counts) are cast to the template's integer dtype when the values fit.
 
     ``backend`` (a name or module): convert arrays with ``be.asarray(..., device=device)``
-    and the key with ``be.key_from_data``; None returns NumPy arrays and raw key data.
+    and the key with ``be.key_from_data``; None returns NumPy arrays (bfloat16 as
+    ``ml_dtypes.bfloat16``) and raw key data.
     """
     directory = _checkpoint_dir(path)
-    manifest = _read_manifest(directory)
-    tensors = _read_tensors(directory, manifest)
-    recorded = {
-        m["key"] for part in ("params", "opt_state") if manifest.get(part) for m in manifest[part]["leaves"]
-    } | ({"key"} if manifest.get("key") else set())
-    if recorded != set(tensors):
-        raise ValueError(
-            f"load_checkpoint: {directory} is corrupt: tensor names "
-            f"{sorted(set(tensors) ^ recorded)} disagree with {MANIFEST}"
-        )
+    manifest, tensors = read(directory)
     be = None if backend is None else get_backend(backend)
 
     problems: list[str] = []

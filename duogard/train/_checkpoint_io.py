@@ -1,0 +1,161 @@
+"""The files of a checkpoint directory: the crash-safe commit, the garbage, the reader's retry.
+
+The order of a save (checked by the tests): the tensor file is written to a temporary
+file and fsynced, renamed to its own new name, and the directory fsynced; the manifest
+is written to a temporary file and fsynced, renamed over ``checkpoint.json`` (the commit
+point), and the directory fsynced; then old files are removed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+import time
+from pathlib import Path
+
+import numpy as np
+
+from duogard.train._checkpoint_format import (
+    MANIFEST,
+    CheckpointError,
+    check_manifest,
+    check_tensors,
+    decode_tensors,
+)
+
+_TMP_PREFIX = ".tmp-"
+_CHUNK = 1 << 22
+_READ_ATTEMPTS = 20  # a reader re-reads the manifest this often when its tensor file goes away
+
+
+def write_file(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view[:_CHUNK]) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(directory: Path) -> None:
+    if os.name != "posix":  # pragma: no cover - directories cannot be opened for fsync elsewhere
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def make_dir(directory: Path) -> Path:
+    if directory.exists() and not directory.is_dir():
+        raise FileExistsError(
+            f"save_checkpoint: {directory} exists and is not a directory "
+            f"(a checkpoint is a directory holding {MANIFEST} and its tensors)"
+        )
+    if not directory.is_dir():
+        directory.mkdir(parents=True, exist_ok=True)
+        fsync_dir(directory.parent)
+    return directory
+
+
+def committed_tensor_file(directory: Path) -> str | None:
+    """The tensor file the current manifest names (None: no manifest, or not a readable one)."""
+    try:
+        name = json.loads((directory / MANIFEST).read_bytes())["tensors"]["file"]
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+    return name if isinstance(name, str) else None
+
+
+def commit(directory: Path, blob: bytes, manifest: dict, step: int, *, exclusive: bool = True) -> Path:
+    """Write the tensor file and then the manifest (the commit point); the caller holds the lock.
+
+    ``exclusive``: the lock keeps other processes out, so temporaries of others are stale.
+    """
+    token = secrets.token_hex(4)
+    tensor_name = f"tensors-{step:08d}-{token}.safetensors"
+    manifest["tensors"] = {
+        "file": tensor_name,
+        "bytes": len(blob),
+        "sha256": hashlib.sha256(blob).hexdigest(),
+    }
+    previous = committed_tensor_file(directory)
+    own_tmp = f"{_TMP_PREFIX}{os.getpid()}-{token}-"
+
+    tmp = directory / f"{own_tmp}{tensor_name}"
+    write_file(tmp, blob)
+    os.replace(tmp, directory / tensor_name)
+    fsync_dir(directory)  # the tensor file's name is durable before a manifest names it
+
+    tmp = directory / f"{own_tmp}{MANIFEST}"
+    write_file(tmp, json.dumps(manifest, indent=1).encode("utf-8"))
+    os.replace(tmp, directory / MANIFEST)  # the commit point
+    fsync_dir(directory)
+
+    # Garbage: tensor files older than the previous checkpoint's (a reader that read the
+    # previous manifest may still be opening that one), and temporaries left by crashed
+    # writers (when the lock says that no other writer is running).
+    keep = {tensor_name, previous}
+    temps = _TMP_PREFIX if exclusive else own_tmp
+    for old in directory.iterdir():
+        stale_tensors = old.name.startswith("tensors-") and old.name.endswith(".safetensors")
+        if (stale_tensors and old.name not in keep) or old.name.startswith(temps):
+            try:
+                old.unlink()
+            except FileNotFoundError:  # pragma: no cover
+                pass
+    return directory
+
+
+def read_manifest(directory: Path) -> dict:
+    raw = (directory / MANIFEST).read_bytes()
+    try:
+        manifest = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise CheckpointError(
+            f"load_checkpoint: {directory / MANIFEST} is not JSON; not a duogard "
+            f"checkpoint manifest (nothing else is ever parsed)"
+        ) from None
+    return check_manifest(manifest, directory / MANIFEST)
+
+
+def read(directory: Path) -> tuple[dict, dict[str, np.ndarray]]:
+    """One committed ``(manifest, arrays)`` pair, checked against each other.
+
+    A writer removes a tensor file once two newer saves are committed; a reader that finds
+    the file its manifest named gone re-reads the manifest (a bounded number of times).
+    """
+    seen = None
+    for attempt in range(_READ_ATTEMPTS):
+        manifest = read_manifest(directory)
+        entry = manifest["tensors"]
+        name = entry["file"]
+        try:
+            blob = (directory / name).read_bytes()
+        except FileNotFoundError:
+            if name == seen:  # the manifest still names it: it is not coming back
+                raise CheckpointError(
+                    f"load_checkpoint: {directory / MANIFEST} names the tensor file {name}, which "
+                    f"does not exist; the checkpoint is incomplete (a file was deleted, or the "
+                    f"directory was copied without it)"
+                ) from None
+            seen = name
+            time.sleep(0.001 * attempt)
+            continue
+        if len(blob) != entry["bytes"] or hashlib.sha256(blob).hexdigest() != entry["sha256"]:
+            raise CheckpointError(
+                f"load_checkpoint: {directory / name} does not match the size/SHA-256 "
+                f"recorded in {MANIFEST}; the checkpoint is corrupt"
+            )
+        tensors = decode_tensors(blob, directory / name)
+        check_tensors(manifest, tensors, directory / MANIFEST)
+        return manifest, tensors
+    raise CheckpointError(
+        f"load_checkpoint: {directory} changed under {_READ_ATTEMPTS} reads in a row (a writer "
+        f"saves faster than this reader reads); try again"
+    )
