@@ -2,18 +2,22 @@
 
 One module per command (``add_parser`` and ``run``); ``_methods`` holds the
 ``name[:option=value,...]`` grammar and the one table of default learning rates, ``_options``
-the flags several commands share. Library modules never import this package.
+the flags several commands share, ``_outputs`` the output paths (checked before any work),
+``_interrupt`` Ctrl-C, ``_errors`` the exit codes. Library modules never import this package.
 
-Exit codes: 0 success, 1 a run failed (e.g. a non-finite loss), 2 a usage error.
+Exit codes (:mod:`duogard.cli._errors`): 0 success; 1 a run failed (a non-finite loss, an output
+that could not be written, an error inside duogard: one line, ``--debug`` for the traceback);
+2 a usage error (the user's flags, paths or data, or a framework that is not installed);
+130 interrupted by Ctrl-C (after the current step, and a checkpoint with ``--checkpoint``).
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 from duogard.cli import bench, compare, parity, train
+from duogard.cli._errors import UsageError, report_errors
 from duogard.cli._methods import (
     DEFAULT_METHODS,
     LEARNING_RATES,
@@ -27,6 +31,8 @@ __all__ = [
     "main",
     "build_parser",
     "report_errors",
+    "add_debug_flag",
+    "UsageError",
     "MethodSpec",
     "parse_method",
     "parse_methods",
@@ -38,28 +44,25 @@ __all__ = [
 _COMMANDS = {"train": train, "compare": compare, "bench": bench, "parity": parity}
 
 
+DEBUG_HELP = "on an error, print the full traceback too"
+
+
+def add_debug_flag(parser: argparse.ArgumentParser, *, inherit: bool = False) -> None:
+    """``--debug``: tracebacks on errors (``inherit``: a subcommand's, that keeps the top's value)."""
+    default = argparse.SUPPRESS if inherit else False
+    parser.add_argument("--debug", action="store_true", default=default, help=DEBUG_HELP)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``duogard`` argument parser with every command."""
     parser = argparse.ArgumentParser(
         prog="duogard", description="Forward gradients vs backprop, on JAX and PyTorch at once."
     )
+    add_debug_flag(parser)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module in _COMMANDS.values():
-        module.add_parser(sub)
+        add_debug_flag(module.add_parser(sub), inherit=True)
     return parser
-
-
-def report_errors(name: str, run: Callable, args) -> int:
-    """``run(args)``, with errors said plainly: usage errors exit 2, failed runs 1."""
-    try:
-        return run(args)
-    except (ValueError, TypeError, FileNotFoundError, ImportError) as exc:
-        # bad names, options, shapes or missing files: a usage error, said plainly
-        print(f"duogard {name}: error: {exc}", file=sys.stderr)
-        return 2
-    except FloatingPointError as exc:
-        print(f"duogard {name}: {exc}", file=sys.stderr)
-        return 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:

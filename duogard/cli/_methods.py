@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from duogard.cli._errors import UsageError
+
 __all__ = ["MethodSpec", "parse_method", "parse_methods", "DEFAULT_METHODS", "LEARNING_RATES", "default_lr"]
 
 #: The methods ``duogard compare`` runs by default; ``lr=`` is each one's SGD learning rate on
@@ -12,6 +14,7 @@ __all__ = ["MethodSpec", "parse_method", "parse_methods", "DEFAULT_METHODS", "LE
 DEFAULT_METHODS = (
     "backprop:lr=0.2",
     "forward:lr=0.005",
+    "forward:tangents=rank1,distribution=rademacher,lr=0.005",
     "forward:num_tangents=16,distribution=rademacher,lr=0.03",
     "forward-activity:layerwise=true,lr=0.05",
 )
@@ -77,6 +80,47 @@ def _value(text: str):
     return text
 
 
+def _options_of(name: str) -> dict[str, Any] | None:
+    """The keyword options of estimator ``name`` with their defaults (None: unknown, or ``**kw``)."""
+    import inspect
+
+    from duogard.grad import ESTIMATORS
+
+    cls = ESTIMATORS.get(name.strip().lower().replace("_", "-"))
+    try:
+        params = inspect.signature(cls).parameters.values()
+    except (TypeError, ValueError):  # unknown name (estimator() says so) or no signature
+        return None
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return None
+    return {p.name: p.default for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+
+
+_TYPE_NAMES = {bool: "true or false", int: "an int", float: "a number", str: "a word"}
+
+
+def _option_value(flag: str, spec: str, method: str, key: str, text: str, valid: dict | None):
+    """The value of option ``key``, typed like its default (the raw text for string options)."""
+    if valid is None:
+        return _value(text)
+    if key not in valid:
+        names = ", ".join([*valid, "lr"])
+        raise UsageError(f"{flag}: {method!r} has no option {key!r} in {spec!r}; its options: {names}")
+    default, value = valid[key], _value(text)
+    kind = type(default) if isinstance(default, (bool, int, float, str)) else None
+    if kind is str:
+        return text
+    ok = (
+        kind is None
+        or (kind is bool and isinstance(value, bool))
+        or (kind is int and isinstance(value, int) and not isinstance(value, bool))
+        or (kind is float and isinstance(value, (int, float)) and not isinstance(value, bool))
+    )
+    if not ok:
+        raise UsageError(f"{flag}: option {key} of {method!r} must be {_TYPE_NAMES[kind]}, got {text!r}")
+    return float(value) if kind is float else value
+
+
 def parse_method(spec: str, *, flag: str = "--grad") -> MethodSpec:
     """``"forward:num_tangents=4,distribution=rademacher"`` -> a :class:`MethodSpec`.
 
@@ -88,33 +132,38 @@ def parse_method(spec: str, *, flag: str = "--grad") -> MethodSpec:
         The parsed method, validated by building its estimator once.
 
     Raises:
-        ValueError: a malformed option, a bad ``lr``, an unknown method or option.
+        UsageError: a malformed option, a bad ``lr``, an unknown method or option, or an
+            option of the wrong type (each message names ``flag`` and lists the valid choices).
     """
     if not isinstance(spec, str) or not spec.strip():
-        raise ValueError(f"{flag}: expected a gradient method name[:option=value,...], got {spec!r}")
+        raise UsageError(f"{flag}: expected a gradient method name[:option=value,...], got {spec!r}")
     name, _, rest = spec.strip().partition(":")
+    name = name.strip()
+    if not name:
+        raise UsageError(f"{flag}: a method name is missing before ':' in {spec!r}")
+    valid = _options_of(name)
     opts, lr = [], None
     for item in filter(None, (p.strip() for p in rest.split(","))):
         k, eq, v = item.partition("=")
         if not eq:
-            raise ValueError(f"{flag}: expected option=value in {spec!r}, got {item!r}")
+            raise UsageError(f"{flag}: expected option=value in {spec!r}, got {item!r}")
         k = k.strip().replace("-", "_")
         if k == "lr":
             try:
                 lr = float(v)
             except ValueError:
-                raise ValueError(f"{flag}: lr must be a number in {spec!r}, got {v!r}") from None
+                raise UsageError(f"{flag}: option lr must be a number in {spec!r}, got {v!r}") from None
             if not lr > 0:
-                raise ValueError(f"{flag}: lr must be > 0 in {spec!r}, got {v!r}")
+                raise UsageError(f"{flag}: option lr must be > 0 in {spec!r}, got {v!r}")
         else:
-            opts.append((k, _value(v.strip())))
+            opts.append((k, _option_value(flag, spec, name, k, v.strip(), valid)))
     from duogard.grad import estimator
 
-    try:  # unknown names or options fail here, with the list of valid ones
-        built = estimator(name.strip(), **dict(opts))
-    except TypeError as exc:
-        raise ValueError(f"{flag}: {exc}") from None
-    return MethodSpec(name.strip(), tuple(opts), lr, built)
+    try:  # unknown names and bad option values fail here, with the valid ones
+        built = estimator(name, **dict(opts))
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"{flag}: {exc}") from None
+    return MethodSpec(name, tuple(opts), lr, built)
 
 
 def parse_methods(text: str | None, *, flag: str = "--methods") -> list[MethodSpec]:
@@ -123,5 +172,5 @@ def parse_methods(text: str | None, *, flag: str = "--methods") -> list[MethodSp
         return [parse_method(m, flag=flag) for m in DEFAULT_METHODS]
     items = [m for m in text.split(";") if m.strip()]
     if not items:
-        raise ValueError(f"{flag}: expected one or more methods separated by ';', got {text!r}")
+        raise UsageError(f"{flag}: expected one or more methods separated by ';', got {text!r}")
     return [parse_method(m, flag=flag) for m in items]

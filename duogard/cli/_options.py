@@ -5,7 +5,13 @@ from __future__ import annotations
 import argparse
 import os
 
+from duogard.cli._errors import UsageError
+
 __all__ = [
+    "UsageError",
+    "check_common",
+    "check_every",
+    "resolve_backend",
     "add_data_options",
     "add_optimizer_options",
     "build_optimizer",
@@ -82,15 +88,15 @@ def parse_hidden(text: str | None, dataset_name: str) -> tuple[int, ...]:
     try:
         sizes = tuple(int(h) for h in text.split(",") if h.strip())
     except ValueError:
-        raise ValueError(f"--hidden must be comma-separated ints, got {text!r}") from None
+        raise UsageError(f"--hidden must be comma-separated ints, got {text!r}") from None
     if not sizes or min(sizes) <= 0:
-        raise ValueError(f"--hidden must be positive ints, got {text!r}")
+        raise UsageError(f"--hidden must be positive ints, got {text!r}")
     return sizes
 
 
 def _positive(flag: str, value):
     if value is not None and not value > 0:
-        raise ValueError(f"{flag} must be > 0, got {value}")
+        raise UsageError(f"{flag} must be > 0, got {value}")
     return value
 
 
@@ -100,15 +106,52 @@ def check_common(args) -> None:
         if hasattr(args, flag):
             _positive("--" + flag.replace("_", "-"), getattr(args, flag))
     if getattr(args, "steps", 1) < 0:
-        raise ValueError(f"--steps must be >= 0, got {args.steps}")
+        raise UsageError(f"--steps must be >= 0, got {args.steps}")
     if getattr(args, "decay", 0.0) < 0:
-        raise ValueError(f"--decay must be >= 0, got {args.decay}")
+        raise UsageError(f"--decay must be >= 0, got {args.decay}")
     if getattr(args, "hidden", None) is not None:
         parse_hidden(args.hidden, "digits")
 
 
+def check_every(flag: str, value, *, zero: bool = False) -> None:
+    """``--X-every``: a positive int (``zero``: or 0, meaning never), or None (the default)."""
+    if value is not None and value < (0 if zero else 1):
+        raise UsageError(f"{flag} must be {'>= 0' if zero else 'a positive int'}, got {value}")
+
+
+def resolve_backend(name: str | None, flag: str = "--backend"):
+    """The backend module ``name`` (None: the default); an unknown or missing one is a usage error.
+
+    A backend whose framework is not installed is the user's environment, not a bug: the
+    error says how to install it.
+    """
+    import duogard as dg
+
+    try:
+        return dg.backend(name)
+    except (ValueError, ImportError) as exc:
+        raise UsageError(f"{flag} {name}: {exc}" if name else str(exc)) from None
+
+
 def load_data(args, *, say=print):
-    """The dataset of ``--dataset`` (``auto``: MNIST when its IDX files are in --data-dir, else digits)."""
+    """The dataset of ``--dataset`` (``auto``: MNIST when its IDX files are in --data-dir, else digits).
+
+    Unknown names, missing or malformed files are usage errors (their messages say what to fix);
+    the batch size must fit the training split.
+    """
+    try:
+        data = _load_data(args, say)
+    except (ValueError, FileNotFoundError) as exc:
+        raise UsageError(str(exc)) from None
+    batch = getattr(args, "batch_size", None)
+    if batch is not None and batch > data.num_train:
+        raise UsageError(
+            f"--batch-size {batch} is larger than the training set of {data.name} ({data.num_train})"
+        )
+    return data
+
+
+def _load_data(args, say):
     import duogard as dg
 
     if args.dataset != "auto":
@@ -173,5 +216,5 @@ def parse_backends(text: str | None, *, flag: str = "--backends") -> list[str] |
         return None
     names = [b.strip() for b in text.split(",") if b.strip()]
     if not names:
-        raise ValueError(f"{flag}: expected comma-separated backend names, got {text!r}")
+        raise UsageError(f"{flag}: expected comma-separated backend names, got {text!r}")
     return names

@@ -22,10 +22,15 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 def run(args) -> int:
     """Run the suite; its exit code."""
+    from duogard.cli._errors import UsageError
+    from duogard.cli._outputs import check_output_file
+
+    if args.json:
+        check_output_file(args.json, "--json")
     try:
         import duogard_bench
     except ImportError as exc:  # pragma: no cover - shipped in the same distribution
-        raise ImportError(
+        raise UsageError(
             "duogard bench needs the duogard_bench package, shipped with duogard's source "
             "distribution (benchmarks/): reinstall with pip install -e ."
         ) from exc

@@ -11,16 +11,20 @@ from pathlib import Path
 
 import numpy as np
 
+from duogard.cli._errors import RunInterruptedError
 from duogard.cli._methods import DEFAULT_METHODS, MethodSpec, parse_methods
 from duogard.cli._options import (
     add_data_options,
     build_model_from_args,
     check_common,
+    check_every,
     load_data,
     parse_backends,
+    resolve_backend,
 )
+from duogard.cli._outputs import check_output_dir, output_error
 
-__all__ = ["add_parser", "run", "compare", "format_table", "plot_runs"]
+__all__ = ["add_parser", "run", "compare", "write_outputs", "format_table", "plot_runs"]
 
 HELP = "THE MAIN JOB: every backend x gradient method, a table and a plot"
 
@@ -55,38 +59,60 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
-    """Run the comparison ``args`` describe and print its table."""
+    """Run the comparison ``args`` describe and print its table.
+
+    Ctrl-C ends the current run after its step and skips the rest: the table and files then
+    hold the runs so far (the last one cut short), and the exit code is 130.
+    """
+    from duogard.cli._interrupt import InterruptGuard
+
     check_common(args)
     specs = parse_methods(args.methods)
     backends = parse_backends(args.backends)
-    if args.diagnostics_every < 0:
-        raise ValueError(f"--diagnostics-every must be >= 0, got {args.diagnostics_every}")
+    for name in backends or ():
+        resolve_backend(name, "--backends")
+    check_every("--diagnostics-every", args.diagnostics_every, zero=True)
+    if args.out:
+        check_output_dir(args.out, "--out")
     print(
         f"duogard compare: {args.model} on {args.dataset}, {args.steps} steps, batch {args.batch_size}, "
         f"seed {args.seed}"
     )
     data = load_data(args)
     model, title = build_model_from_args(args, data)
-    result = compare(
-        model,
-        data,
-        backends=backends,
-        methods=specs,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        learning_rate=args.lr,
-        decay=args.decay,
-        seed=args.seed,
-        model_name=args.model,
-        diagnostics_every=args.diagnostics_every,
-        out_dir=args.out,
-        title=title,
-        progress=False if args.quiet else None,
-    )
+    with InterruptGuard() as guard:
+        result = compare(
+            model,
+            data,
+            backends=backends,
+            methods=specs,
+            steps=args.steps,
+            batch_size=args.batch_size,
+            learning_rate=args.lr,
+            decay=args.decay,
+            seed=args.seed,
+            model_name=args.model,
+            diagnostics_every=args.diagnostics_every,
+            out_dir=None,
+            title=title,
+            progress=False if args.quiet else None,
+            interrupt=guard,
+        )
     print()
-    print(format_table(result["runs"]))
-    for f in result.get("files", []):
-        print(f"wrote {f}")
+    print(format_table(result["runs"]), flush=True)
+    if args.out:
+        try:
+            files = write_outputs(result, args.out, title=title)
+        except OSError as exc:
+            raise output_error(exc, "--out", args.out) from exc
+        for f in files:
+            print(f"wrote {f}")
+    if guard.requested:
+        runs = result["runs"]
+        last = f" ({runs[-1]['backend']} {runs[-1]['method']} at step {runs[-1]['steps']})" if runs else ""
+        raise RunInterruptedError(
+            f"interrupted after {len(runs)} of {len(result['config']['backends']) * len(specs)} runs{last}"
+        )
     return 0
 
 
@@ -107,6 +133,7 @@ def compare(
     title: str = "",
     progress=None,
     log=print,
+    interrupt=None,
 ) -> dict:
     """Run every ``backend x method`` with the same data, initial weights, steps and batches.
 
@@ -126,6 +153,9 @@ def compare(
         title: the plot's title.
         progress: progress bars (None: when stderr is a terminal).
         log: prints one line per finished run (None: silent).
+        interrupt: an object whose ``requested`` ends the comparison after the current step
+            (the CLI's Ctrl-C guard; its ``callback()`` is added to every run). The runs so
+            far are returned, and ``config["interrupted"]`` says so.
 
     Returns:
         ``{"config": ..., "runs": [summary + history per run], "files": [...]}``.
@@ -134,41 +164,50 @@ def compare(
     from duogard import optim
     from duogard.cli._methods import parse_method
     from duogard.train import Diagnostics, Evaluate, Progress
+    from duogard.tree import tree_size
 
     if backends is None:
         backends = [b.name for b in dg.available_backends() if b.available]
     specs = [m if isinstance(m, MethodSpec) else parse_method(m, flag="--methods") for m in methods]
     params0 = model.init(seed, data.example_input)
+    # threading chosen for the work's size (torch: one thread for small steps), said once
+    work = 2.0 * batch_size * tree_size(params0)
+    threads = {b: dg.backend(b).threads_for(work) for b in backends}
+    if log:
+        log("  threads: " + "; ".join(f"{b}: {t}" for b, t in threads.items()))
     runs = []
-    for be_name in backends:
-        for spec in specs:
-            lr = learning_rate if learning_rate is not None else spec.learning_rate(model_name)
-            schedule = optim.exponential_decay(lr, rate=decay) if decay else lr
-            callbacks = [Evaluate(), Progress(progress)]
-            if diagnostics_every and spec.name != "backprop":
-                callbacks.append(Diagnostics(diagnostics_every))
-            res = dg.fit(
-                model,
-                params0,
-                data,
-                estimator=spec.estimator,
-                optimizer=optim.sgd(schedule),
-                backend=be_name,
-                steps=steps,
-                batch_size=batch_size,
-                seed=seed,
-                callbacks=callbacks,
+    for be_name, spec in [(b, m) for b in backends for m in specs]:
+        if interrupt is not None and interrupt.requested:
+            break
+        lr = learning_rate if learning_rate is not None else spec.learning_rate(model_name)
+        schedule = optim.exponential_decay(lr, rate=decay) if decay else lr
+        callbacks = [Evaluate(), Progress(progress)]
+        if diagnostics_every and spec.name != "backprop":
+            callbacks.append(Diagnostics(diagnostics_every))
+        if interrupt is not None:
+            callbacks.append(interrupt.callback())
+        res = dg.fit(
+            model,
+            params0,
+            data,
+            estimator=spec.estimator,
+            optimizer=optim.sgd(schedule),
+            backend=be_name,
+            steps=steps,
+            batch_size=batch_size,
+            seed=seed,
+            callbacks=callbacks,
+        )
+        summary = res.summary() | {"method": spec.label, "learning_rate": lr}
+        runs.append(
+            summary
+            | {"history": [{k: h[k] for k in ("step", "loss", "time") if k in h} for h in res.history]}
+        )
+        if log:
+            log(
+                f"  {be_name:>5} {spec.label:<45} loss {summary['final_loss']:.4f}  "
+                f"test acc {summary['test_accuracy']:.3f}  {1e3 * summary['time_per_step']:.2f} ms/step"
             )
-            summary = res.summary() | {"method": spec.label, "learning_rate": lr}
-            runs.append(
-                summary
-                | {"history": [{k: h[k] for k in ("step", "loss", "time") if k in h} for h in res.history]}
-            )
-            if log:
-                log(
-                    f"  {be_name:>5} {spec.label:<45} loss {summary['final_loss']:.4f}  "
-                    f"test acc {summary['test_accuracy']:.3f}  {1e3 * summary['time_per_step']:.2f} ms/step"
-                )
     result = {
         "config": {
             "dataset": data.name,
@@ -179,21 +218,29 @@ def compare(
             "decay": decay,
             "backends": list(backends),
             "methods": [s.label for s in specs],
+            "threads": threads,
             "versions": {b.name: b.version for b in dg.available_backends() if b.available},
+            "interrupted": bool(interrupt is not None and interrupt.requested),
         },
         "runs": runs,
     }
     if out_dir is not None:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "compare.json").write_text(json.dumps(result, indent=1, default=_json_default))
-        plot_runs(
-            runs,
-            out / "compare.png",
-            title=f"{title or model_name} on {data.name}, {steps} steps, batch {batch_size}",
-        )
-        result["files"] = [str(out / "compare.json"), str(out / "compare.png")]
+        result["files"] = write_outputs(result, out_dir, title=title)
     return result
+
+
+def write_outputs(result: dict, out_dir, *, title: str = "") -> list[str]:
+    """Write ``compare.json`` and ``compare.png`` of :func:`compare`'s ``result`` in ``out_dir``."""
+    c = result["config"]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "compare.json").write_text(json.dumps(result, indent=1, default=_json_default))
+    plot_runs(
+        result["runs"],
+        out / "compare.png",
+        title=f"{title or c['model']} on {c['dataset']}, {c['steps']} steps, batch {c['batch_size']}",
+    )
+    return [str(out / "compare.json"), str(out / "compare.png")]
 
 
 def _json_default(o):

@@ -6,14 +6,17 @@ from __future__ import annotations
 
 import argparse
 
+from duogard.cli._errors import UsageError
 from duogard.cli._methods import parse_method
 from duogard.cli._options import (
     add_data_options,
     build_model_from_args,
     build_optimizer,
     check_common,
+    check_every,
     load_data,
     parse_backends,
+    resolve_backend,
 )
 
 __all__ = ["add_parser", "run"]
@@ -45,18 +48,16 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 def run(args) -> int:
     """Print the lockstep table; exit 1 when the backends diverge."""
-    import duogard as dg
     from duogard.parity import compare
 
     check_common(args)
     backends = tuple(parse_backends(args.backends) or ("jax", "torch"))
     if len(backends) != 2:
-        raise ValueError(f"--backends must name two backends, got {args.backends!r}")
-    if args.every <= 0:
-        raise ValueError(f"--every must be a positive int, got {args.every}")
+        raise UsageError(f"--backends must name two backends, got {args.backends!r}")
+    check_every("--every", args.every)
     if args.tol is not None and not args.tol > 0:
-        raise ValueError(f"--tol must be a positive number, got {args.tol}")
-    bes = [dg.backend(name) for name in backends]
+        raise UsageError(f"--tol must be a positive number, got {args.tol}")
+    bes = [resolve_backend(name, "--backends") for name in backends]
     if args.dtype == "float64":
         for be in bes:
             be.enable_float64()

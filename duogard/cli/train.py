@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Sequence
+from pathlib import Path
 
+from duogard.cli._errors import OutputError, RunInterruptedError, UsageError
 from duogard.cli._methods import parse_method
 from duogard.cli._options import (
     add_data_options,
@@ -17,8 +19,11 @@ from duogard.cli._options import (
     build_model_from_args,
     build_optimizer,
     check_common,
+    check_every,
     load_data,
+    resolve_backend,
 )
+from duogard.cli._outputs import check_output_dir, check_output_file, check_resume, write_text
 
 __all__ = ["add_parser", "add_arguments", "run", "main"]
 
@@ -65,61 +70,80 @@ def add_parser(sub) -> argparse.ArgumentParser:
     return p
 
 
+def check_args(args) -> None:
+    """Every check of ``duogard train``'s flags and output paths, before any data is loaded."""
+    check_common(args)
+    check_every("--eval-every", args.eval_every)
+    check_every("--checkpoint-every", args.checkpoint_every)
+    check_every("--diagnostics-every", args.diagnostics_every, zero=True)
+    if args.checkpoint_every and args.checkpoint is None:
+        raise UsageError("--checkpoint-every needs --checkpoint DIR")
+    if args.log and Path(args.log).suffix not in (".csv", ".jsonl"):
+        raise UsageError(f"--log {args.log}: the file must end in .csv or .jsonl")
+    if args.resume:
+        check_resume(args.resume)
+    if args.checkpoint:
+        check_output_dir(args.checkpoint, "--checkpoint")
+    for flag, path in (("--log", args.log), ("--json", args.json)):
+        if path:
+            check_output_file(path, flag)
+
+
 def _callbacks(args) -> list:
     from duogard.train import Checkpointer, Diagnostics, Evaluate, LogFile, OnNonFinite, Progress
 
-    for flag in ("eval_every", "checkpoint_every"):
-        value = getattr(args, flag)
-        if value is not None and value <= 0:
-            raise ValueError(f"--{flag.replace('_', '-')} must be a positive int, got {value}")
-    if args.diagnostics_every < 0:
-        raise ValueError(f"--diagnostics-every must be >= 0, got {args.diagnostics_every}")
     cbs = [Evaluate(args.eval_every), OnNonFinite(args.on_nan), Progress(False if args.quiet else None)]
     if args.diagnostics_every:
         cbs.append(Diagnostics(args.diagnostics_every))
     if args.log:
         cbs.append(LogFile(args.log))
-    if args.checkpoint_every and args.checkpoint is None:
-        raise ValueError("--checkpoint-every needs --checkpoint DIR")
     if args.checkpoint or args.resume:
         cbs.append(Checkpointer(args.checkpoint, every=args.checkpoint_every, resume=args.resume))
     return cbs
 
 
 def run(args) -> int:
-    """Train as ``args`` say; print the setup, the evaluations and the summary."""
+    """Train as ``args`` say; print the setup, the evaluations and the summary.
+
+    Ctrl-C ends the run after the current step (a checkpoint is written with ``--checkpoint``)
+    and exits 130; an output that cannot be written at the end exits 1 after the summary.
+    """
     import duogard as dg
+    from duogard.cli._interrupt import InterruptGuard
+    from duogard.train.checkpoint import CheckpointMismatchError
     from duogard.tree import tree_size
 
-    check_common(args)
+    check_args(args)
     spec = parse_method(args.grad)
+    be = resolve_backend(args.backend)
     cbs = _callbacks(args)
     data = load_data(args)
     model, title = build_model_from_args(args, data)
     params = model.init(args.seed, data.example_input)  # NumPy: the same weights on both backends
     optimizer, lr = build_optimizer(args, spec)
     trainer = dg.train.Trainer(
-        model,
-        optimizer=optimizer,
-        estimator=spec.estimator,
-        backend=args.backend,
-        compile=args.compile or None,
+        model, optimizer=optimizer, estimator=spec.estimator, backend=be, compile=args.compile or None
     )
+    threads = trainer.be.threads_for(2.0 * args.batch_size * tree_size(params))  # torch: 1 for small steps
     print(
         f"{title} ({tree_size(params):,} parameters) on {data.name}: {data.num_train} train / "
-        f"{data.num_test} test, {trainer.be.name}, {spec.label}, {args.optimizer} lr {lr:g} "
+        f"{data.num_test} test, {trainer.be.name} ({threads}), {spec.label}, {args.optimizer} lr {lr:g} "
         f"decay {args.decay:g} ({trainer.update_strategy} update), {args.steps} steps of {args.batch_size}"
     )
-    result = dg.fit(
-        model,
-        params,
-        data,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        callbacks=cbs,
-        trainer=trainer,
-    )
+    with InterruptGuard() as guard:
+        try:
+            result = dg.fit(
+                model,
+                params,
+                data,
+                steps=args.steps,
+                batch_size=args.batch_size,
+                seed=args.seed,
+                callbacks=[*cbs, guard.callback()],
+                trainer=trainer,
+            )
+        except CheckpointMismatchError as exc:  # --resume from another model or optimizer
+            raise UsageError(f"--resume {args.resume}: {exc}") from None
     for ev in result.evals:
         print(
             f"  step {ev['step']:>6}  test loss {ev['test_loss']:.4f}  "
@@ -129,12 +153,38 @@ def run(args) -> int:
     print(
         f"{s['backend']} {spec.label}: final loss {s['final_loss']:.4f}, test accuracy "
         f"{s['test_accuracy']:.4f}, {1e3 * s['time_per_step']:.2f} ms/step (first step "
-        f"{s['first_step_seconds']:.2f} s), total {s['total_seconds']:.1f} s"
+        f"{s['first_step_seconds']:.2f} s), total {s['total_seconds']:.1f} s",
+        flush=True,
     )
+    stopped = _interrupted_message(args, result.step) if guard.requested else None
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(s | {"method": spec.label, "model": args.model, "dataset": data.name}, f, indent=1)
+        summary = s | {"method": spec.label, "model": args.model, "dataset": data.name}
+        try:
+            text = json.dumps(summary | {"interrupted": guard.requested}, indent=1)
+            write_text(args.json, text, "--json", note="the run's summary is printed above")
+        except OutputError as exc:
+            if stopped is None:
+                raise
+            stopped += f"; {exc}"
+    if stopped is not None:
+        raise RunInterruptedError(stopped)
     return 0
+
+
+def _interrupted_message(args, step: int) -> str:
+    from duogard.train.checkpoint import MANIFEST
+
+    where = "no checkpoint (use --checkpoint DIR)"
+    if args.checkpoint:
+        try:
+            saved = json.loads((Path(args.checkpoint) / MANIFEST).read_text())["step"]
+        except (OSError, ValueError, KeyError):
+            saved = None
+        if saved == step:
+            where = f"checkpoint written to {args.checkpoint}"
+        else:
+            where = f"no new checkpoint in {args.checkpoint} (no step was taken)"
+    return f"interrupted at step {step}; {where}"
 
 
 def main(
@@ -153,15 +203,17 @@ def main(
         defaults: flag defaults to change, by destination name (``{"model": "cnn", "steps": 500}``).
 
     Returns:
-        The exit code (usage errors exit 2 through argparse, or return 2).
+        The exit code: 0, 1 a failed run, 2 a usage error (through argparse, or returned), 130
+        interrupted (see :mod:`duogard.cli._errors`).
     """
-    from duogard.cli import report_errors
+    from duogard.cli import add_debug_flag, report_errors
 
     p = argparse.ArgumentParser(
         prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add_arguments(p)
+    add_debug_flag(p)
     if defaults:
         p.set_defaults(**defaults)
     args = p.parse_args(argv)
-    return report_errors(prog or "train", run, args)
+    return report_errors("train", run, args, prog=prog)

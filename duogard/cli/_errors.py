@@ -1,0 +1,78 @@
+"""How a command ends: its exit code and one line on stderr, whatever went wrong.
+
+Exit codes: 0 success; 1 a run failed (a non-finite loss, an output that could not be written,
+or an error inside duogard: one line, the traceback with ``--debug``); 2 a usage error (a
+:class:`UsageError`: a bad flag, method, path or dataset, or a framework that is not
+installed); 130 interrupted (Ctrl-C).
+"""
+
+from __future__ import annotations
+
+import sys
+import traceback
+from collections.abc import Callable
+
+__all__ = ["UsageError", "OutputError", "RunInterruptedError", "report_errors", "EXIT_INTERRUPTED"]
+
+#: The exit status of a command stopped by SIGINT (128 + 2, as shells report it).
+EXIT_INTERRUPTED = 130
+
+
+class UsageError(ValueError):
+    """A mistake in the command line or its environment, found by the command itself (exit 2).
+
+    Raised by the CLI's own checks of flags, methods, paths and data, and by its calls into
+    the library whose argument errors come straight from a flag (wrapped where it calls them).
+    Any other exception is not the user's mistake and exits 1.
+    """
+
+
+class OutputError(Exception):
+    """An output that could not be written at the end of a run; what the run printed stands (exit 1)."""
+
+
+class RunInterruptedError(Exception):
+    """A run stopped by Ctrl-C after writing what it could; the message says what (exit 130)."""
+
+
+def report_errors(name: str, run: Callable, args, *, prog: str | None = None) -> int:
+    """``run(args)``'s exit code, with any error said in one line on stderr.
+
+    :class:`UsageError` exits 2, :class:`RunInterruptedError` and ``KeyboardInterrupt`` 130,
+    ``FloatingPointError`` (a non-finite run) 1 with its message, and every other exception
+    1 with its type and message. ``args.debug`` also prints the traceback. Messages start
+    with ``prog`` (default ``duogard NAME``).
+    """
+    prog = prog or f"duogard {name}"
+    try:
+        return run(args)
+    except Exception as exc:
+        if getattr(args, "debug", False):
+            traceback.print_exc()
+        print(_one_line(prog, exc), file=sys.stderr)
+        return _exit_code(exc)
+    except KeyboardInterrupt:
+        if getattr(args, "debug", False):
+            traceback.print_exc()
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _one_line(prog: str, exc: Exception) -> str:
+    if isinstance(exc, (UsageError, OutputError)):
+        return f"{prog}: error: {exc}"
+    if isinstance(exc, RunInterruptedError):
+        return f"{prog}: {exc}"
+    if isinstance(exc, FloatingPointError):  # NonFiniteError: its message says what to do
+        return f"{prog}: {exc}"
+    text = str(exc).strip().replace("\n", " ")
+    kind = type(exc).__name__
+    return f"{prog}: error: {kind}: {text} (run with --debug for the traceback)"
+
+
+def _exit_code(exc: Exception) -> int:
+    if isinstance(exc, UsageError):
+        return 2
+    if isinstance(exc, RunInterruptedError):
+        return EXIT_INTERRUPTED
+    return 1
