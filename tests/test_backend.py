@@ -52,8 +52,9 @@ def test_backend_modules_have_identical_public_names(both):
 
 
 def test_contract_is_the_protocol():
-    methods = [n for n, v in vars(Backend).items() if inspect.isfunction(v) and not n.startswith("_")]
+    methods = [n for n in dir(Backend) if inspect.isfunction(getattr(Backend, n)) and not n.startswith("_")]
     assert set(CONTRACT) == set(methods) | set(inspect.get_annotations(Backend))
+    assert {"key", "normal", "draw_rows"} <= set(CONTRACT)  # the randomness part (RandomOps)
     assert len(CONTRACT) == len(set(CONTRACT))
     for n in ("enable_float64", "pin_float32_precision"):
         assert n in CONTRACT and getattr(Backend, n).__doc__
@@ -502,14 +503,34 @@ def test_conv2d_bias_is_added_per_channel(be, padding):
 
 
 @pytest.mark.parametrize("shape", [(1, 802816), (3, 5), (7,), (2, 3, 64), (1, 10), ()])
-def test_jax_normal_draws_in_a_fast_shape_with_jax_s_numbers(shape):
-    """duogard_jax.normal draws in a 2-D shape of the same size (XLA's CPU code draws faster
-    there than in (1, n)) and reshapes: the numbers must be exactly jax.random.normal's."""
+def test_jax_native_normal_draws_in_a_fast_shape_with_jax_s_numbers(shape):
+    """duogard_jax.normal(generator="native") draws in a 2-D shape of the same size (XLA's CPU
+    code draws faster there than in (1, n)) and reshapes: the numbers must be exactly
+    jax.random.normal's."""
     jax = pytest.importorskip("jax")
     bj = dg.backend("jax")
     key = jax.random.fold_in(jax.random.PRNGKey(7), 3)
     for dtype in ("float32", "float64"):
-        got = bj.normal(key, shape, dtype=dtype)
+        got = bj.normal(key, shape, dtype=dtype, generator="native")
         want = jax.random.normal(key, shape, dtype=bj.as_dtype(dtype))
         assert tuple(got.shape) == shape and got.dtype == want.dtype
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_threads_for_picks_one_torch_thread_for_small_steps(be, monkeypatch):
+    """torch: one intra-op thread below ~1e8 flop per step (a busy neighbour core slowed small
+    torch steps many times with two), the default above, DUOGARD_TORCH_THREADS first; JAX: unchanged."""
+    if be.name != "torch":
+        assert "XLA" in be.threads_for(1e3)
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        assert be.threads_for(1e6).startswith("torch 1 thread ") and torch.get_num_threads() == 1
+        big = be.threads_for(1e12)
+        assert torch.get_num_threads() >= 1 and str(torch.get_num_threads()) in big
+        monkeypatch.setenv("DUOGARD_TORCH_THREADS", "3")
+        assert "DUOGARD_TORCH_THREADS" in be.threads_for(1e6) and torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)

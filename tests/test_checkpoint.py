@@ -116,10 +116,12 @@ def test_files_and_manifest(tmp_path, rng):
     for step in (1, 2, 3):
         save_checkpoint(tmp_path / "ck", params=params, step=step)
     names = sorted(p.name for p in (tmp_path / "ck").iterdir())
-    assert names[0] == MANIFEST and len(names) == 2  # older tensor files were removed
-    assert names[1].startswith("tensors-00000003-") and names[1].endswith(".safetensors")
+    # the lock, the manifest, the tensor file of step 3 and (for readers) of step 2, not of 1
+    assert names[:2] == [".duogard-lock", MANIFEST] and len(names) == 4
+    assert names[2].startswith("tensors-00000002-") and names[3].startswith("tensors-00000003-")
+    assert names[3].endswith(".safetensors") and (tmp_path / "ck" / ".duogard-lock").read_bytes() == b""
     manifest = json.loads((tmp_path / "ck" / MANIFEST).read_text())
-    assert manifest["step"] == 3 and manifest["tensors"]["file"] == names[1]
+    assert manifest["step"] == 3 and manifest["tensors"]["file"] == names[3]
     assert [m["key"] for m in manifest["params"]["leaves"]] == [
         "params.0.bias",
         "params.0.weight",
@@ -128,7 +130,7 @@ def test_files_and_manifest(tmp_path, rng):
     ]
     import safetensors.numpy
 
-    flat = safetensors.numpy.load_file(str(tmp_path / "ck" / names[1]))  # a plain safetensors file
+    flat = safetensors.numpy.load_file(str(tmp_path / "ck" / names[3]))  # a plain safetensors file
     assert set(flat) == {"params.0.bias", "params.0.weight", "params.2.bias", "params.2.weight"}
     assert load_checkpoint(tmp_path / "ck" / MANIFEST).step == 3  # the manifest path works too
 
@@ -313,10 +315,10 @@ _WRITER = textwrap.dedent("""
     import os, signal, sys
     from pathlib import Path
     import numpy as np
-    from duogard.train import checkpoint as ck
+    from duogard.train import _checkpoint_io, checkpoint as ck
 
     path, kill_at, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-    ck._CHUNK = 1 << 20  # smaller write chunks: more points to crash at, with small files
+    _checkpoint_io._CHUNK = 1 << 20  # smaller write chunks: more points to crash at, with small files
 
     def tree(v):
         return {"a": np.full(size, v, np.float32), "b": {"c": np.full((size // 2, 2), v)}}
@@ -330,6 +332,7 @@ _WRITER = textwrap.dedent("""
             ck.save_checkpoint(path, params=tree(float(i)), opt_state=(tree(-float(i)),), step=i)
 
     ck.save_checkpoint(path, params=tree(1.0), step=1)
+    ck.save_checkpoint(path, params=tree(1.0), step=1)  # the next save removes the first's file
     events = []
 
     def spy(name, fn):
@@ -390,7 +393,8 @@ def test_kill_at_every_point_of_a_save(tmp_path):
         # and the next save after the crash works and cleans up
         if kill_at == commit - 1:
             save_checkpoint(tmp_path / "ck", params={"a": np.zeros(1)}, step=9)
-            assert sorted(p.name.split("-")[0] for p in (tmp_path / "ck").iterdir()) == [MANIFEST, "tensors"]
+            names = sorted(p.name.split("-")[0] for p in (tmp_path / "ck").iterdir())
+            assert names == [".duogard", MANIFEST, "tensors", "tensors"]  # no temporaries left
 
 
 def test_sigkill_at_random_times(tmp_path):

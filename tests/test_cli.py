@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import re
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from duogard.cli import DEFAULT_METHODS, main
@@ -31,7 +37,7 @@ def run(argv) -> int:
 @pytest.mark.parametrize(
     "argv,mentions",
     [
-        ([], ["train", "compare", "bench", "parity"]),
+        ([], ["train", "compare", "bench", "parity", "--debug"]),
         (
             ["train"],
             [
@@ -186,6 +192,12 @@ def test_compare_writes_json_png_and_table(capsys, tmp_path):
         assert r["steps"] == 30 and len(r["history"]) == 30
         assert 0.0 <= r["test_accuracy"] <= 1.0
     assert (out / "compare.png").read_bytes()[:8] == PNG_MAGIC
+    if len(AVAILABLE) == 2:
+        # portable tangents: every method, forward ones included, runs the same trajectory on
+        # both backends (before, each backend drew its own tangents and the rows differed)
+        for label in labels:
+            a, b = ([h["loss"] for h in r["history"]] for r in result["runs"] if r["method"] == label)
+            np.testing.assert_allclose(a, b, rtol=1e-4, err_msg=label)
 
     lines = printed.splitlines()
     head = next(i for i, line in enumerate(lines) if line.startswith("backend"))
@@ -205,3 +217,134 @@ def test_parity_prints_the_table(capsys):
     out = capsys.readouterr().out
     assert "step" in out and "param rel" in out and "grad rel" in out
     assert "jax vs torch (float32): agree within rel 0.0001 for 5 steps" in out
+
+
+def _steps_and_losses(path):
+    rows = [json.loads(line) for line in Path(path).read_text().splitlines()]
+    return [r["step"] for r in rows], [r["loss"] for r in rows]
+
+
+def test_train_resume_continues_exactly(be, capsys, tmp_path):
+    """10 steps, then --resume for 5 more == 15 steps in one go (the same steps, losses and params)."""
+    from duogard.train import load_checkpoint
+
+    base = ["train", "--backend", be.name, "--hidden", "8", "--batch-size", "16", "--quiet"]
+    base += ["--optimizer", "momentum", "--grad", "forward:num_tangents=2"]
+    whole, first, rest = tmp_path / "whole", tmp_path / "first", tmp_path / "rest"
+    assert (
+        run([*base, "--steps", "15", "--checkpoint", str(whole), "--log", str(tmp_path / "whole.jsonl")]) == 0
+    )
+    assert run([*base, "--steps", "10", "--checkpoint", str(first)]) == 0
+    resumed = ["--steps", "15", "--resume", str(first), "--checkpoint", str(rest)]
+    assert run([*base, *resumed, "--log", str(tmp_path / "rest.jsonl")]) == 0
+    capsys.readouterr()
+
+    steps, losses = _steps_and_losses(tmp_path / "rest.jsonl")
+    assert steps == [11, 12, 13, 14, 15]  # it went on from step 10, not from the start
+    whole_steps, whole_losses = _steps_and_losses(tmp_path / "whole.jsonl")
+    np.testing.assert_allclose(losses, whole_losses[10:], rtol=1e-6)
+    a, b = load_checkpoint(whole), load_checkpoint(rest)
+    assert a.step == b.step == 15
+    for x, y in zip(_leaves(a.params), _leaves(b.params)):
+        np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
+
+
+def _leaves(tree):
+    """The leaves of a loaded checkpoint's pytree (NumPy arrays), in order."""
+    import optree
+
+    return [np.asarray(leaf) for leaf in optree.tree_leaves(tree)]
+
+
+# ----------------------------------------------------------------------------- Ctrl-C
+
+
+def test_sigint_stops_train_after_the_step_and_checkpoints(tmp_path):
+    """Ctrl-C in `duogard train`: the step ends, the checkpoint is written, one line, exit 130."""
+    from duogard.train import load_checkpoint
+
+    ck, log = tmp_path / "ck", tmp_path / "log.jsonl"
+    # Python's own SIGINT handler, as in a terminal, whatever the disposition the test runner left
+    sigint = "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler)"
+    main_ = "from duogard.cli import main; sys.exit(main(sys.argv[1:]))"
+    argv = [sys.executable, "-c", f"{sigint}; {main_}", "train", "--hidden", "8", "--batch-size", "8"]
+    argv += ["--steps", "200000", "--eval-every", "100000", "--quiet"]
+    argv += ["--checkpoint", str(ck), "--log", str(log), "--json", str(tmp_path / "s.json")]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 120
+        while not (log.exists() and log.stat().st_size > 0):  # the log's first buffer: steps ran
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    match = re.search(
+        rf"duogard train: interrupted at step (\d+); checkpoint written to {re.escape(str(ck))}$", err
+    )
+    assert match, err
+    step = int(match.group(1))
+    assert 0 < step < 200000
+    assert load_checkpoint(ck).step == step
+    assert len(log.read_text().splitlines()) == step  # every step taken is logged
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert summary["interrupted"] is True and summary["steps"] == step
+    assert "final loss" in out  # the summary of the steps taken
+
+
+@pytest.fixture
+def python_sigint():
+    """Python's own SIGINT handler (KeyboardInterrupt), whatever the test runner left, restored after."""
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signal handlers need the main thread")
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
+def test_sigint_stops_compare_and_keeps_the_runs_so_far(python_sigint, capsys, tmp_path, monkeypatch):
+    """Ctrl-C in `duogard compare` (sent at step 3 of the first run): that run ends, the others are
+    skipped, the table and files hold what ran, exit 130."""
+    from duogard.cli._interrupt import InterruptGuard
+
+    callback = InterruptGuard.callback
+
+    def sending(self):
+        cb = callback(self)
+        step_end = cb.on_step_end
+
+        def on_step_end(run, record):
+            if record["step"] == 3:
+                os.kill(os.getpid(), signal.SIGINT)
+            step_end(run, record)
+
+        cb.on_step_end = on_step_end
+        return cb
+
+    monkeypatch.setattr(InterruptGuard, "callback", sending)
+    out_dir = tmp_path / "cmp"
+    argv = ["compare", "--steps", "50", "--hidden", "8", "--out", str(out_dir), "--quiet"]
+    assert run([*argv, "--methods", "backprop;forward"]) == 130
+    out, err = capsys.readouterr()
+    result = json.loads((out_dir / "compare.json").read_text())
+    assert result["config"]["interrupted"] is True
+    assert [r["steps"] for r in result["runs"]] == [3]
+    assert "duogard compare: interrupted after 1 of" in err and "at step 3" in err
+    assert "ms/step" in out and f"wrote {out_dir / 'compare.json'}" in out
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+
+
+def test_interrupt_guard_second_ctrl_c_interrupts_at_once(python_sigint):
+    from duogard.cli._interrupt import InterruptGuard
+
+    with InterruptGuard() as guard:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.01)  # the handler runs between bytecodes
+        assert guard.requested
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

@@ -305,6 +305,17 @@ def test_64_bit_refused_when_jax_x64_is_off():
         i = dg.convert(torch.tensor([7, -3]), to="jax", allow_downcast=True)
         assert f.dtype == jnp.float32 and f.tolist() == [1.25, 2.5]
         assert i.dtype == jnp.int32 and i.tolist() == [7, -3]
+        # int32's own limits fit; one past them would wrap (2**40 -> 0): refused, naming the leaf
+        edge = [2**31 - 1, -(2**31)]
+        for src in (np.array(edge), torch.tensor(edge)):
+            assert dg.convert(src, to="jax", allow_downcast=True).tolist() == edge
+        for big in (np.array([2**40, 1]), torch.tensor([-(2**31) - 1]), np.array([2**32], np.uint64)):
+            try:
+                dg.convert({"w": big}, to="jax", allow_downcast=True)
+            except ValueError as exc:
+                assert "'w'" in str(exc) and "range" in str(exc) and str(int(big[0])) in str(exc), exc
+            else:
+                raise AssertionError(f"{big} wrapped around silently")
         try:
             dg.convert(f64, to="jax", allow_downcast=True, copy=False)
         except ValueError as exc:

@@ -345,3 +345,31 @@ def test_get_by_name():
     assert losses.get(custom) is custom
     with pytest.raises(ValueError, match=r"unknown loss 'foo'.*cross_entropy.*mse"):
         losses.get("foo")
+
+
+@pytest.mark.parametrize("labels,bad,at", [([10, 10, 10, 10], 10, 0), ([0, 1, -1, 2], -1, 2)])
+@pytest.mark.parametrize("fn,options", [("cross_entropy", {}), ("cross_entropy", {"label_smoothing": 0.1}),
+                                        ("nll_loss", {})])  # fmt: skip
+def test_labels_outside_the_classes_raise_or_give_nan_when_traced(be, fn, options, labels, bad, at):
+    """A label outside [0, C) used to count as 0 (loss 0.0 for all-10 labels with 10 classes).
+    Concrete labels raise, naming the label; traced ones (vmapped) make their rows' losses NaN
+    while the other rows keep torch's values."""
+    x = np.random.default_rng(0).normal(size=(4, 10))
+    f = functools.partial(getattr(losses, fn), reduction="none", **options)
+    inp = _log_softmax(x) if fn == "nll_loss" else x
+    with pytest.raises(ValueError, match=rf"{fn}: labels must be in \[0, 10\), got {bad} \(at index {at}\)"):
+        f(be.asarray(inp), be.asarray(np.array(labels)))
+    y = np.array(labels)
+    out = be.to_numpy(be.vmap(f)(be.asarray(inp), be.asarray(y)))
+    ok = (y >= 0) & (y < 10)
+    assert np.isnan(out[~ok]).all()
+    # labels closed over by a compiled function are traced there too (JAX); torch's be.jit is eager
+    closed = be.jit(lambda z: f(z, be.asarray(y)))
+    if be.name == "jax":
+        np.testing.assert_array_equal(np.isnan(be.to_numpy(closed(be.asarray(inp)))), ~ok)
+    else:
+        with pytest.raises(ValueError, match=rf"{fn}: labels must be in \[0, 10\)"):
+            closed(be.asarray(inp))
+    tfn = F.nll_loss if fn == "nll_loss" else functools.partial(F.cross_entropy, **options)
+    ref = tfn(torch.as_tensor(inp[ok]), torch.as_tensor(y[ok]), reduction="none").numpy()
+    assert_close(out[ok], ref, "float64")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import pytest
 
 import duogard as dg
@@ -184,3 +185,45 @@ def test_grad_difference_is_relative_to_the_runs_gradient_scale():
     assert _diff(a, b, floor=1.0)[1] == pytest.approx(1e-7)  # against the run's scale
     big_a, big_b = {"w": np.array([1.0, 2.0])}, {"w": np.array([1.1, 2.0])}
     assert _diff(big_a, big_b, floor=1e-3)[1] == pytest.approx(0.1 / np.sqrt(1.1**2 + 4))  # a real gap stays
+
+
+# ----------------------------------------------------------------------------- calibrated float32 verdict
+
+
+def test_float32_verdict_is_calibrated_on_a_float64_reference(digits):
+    """float32: a step diverges only beyond tol AND 10x the run's own float32 rounding (a float64
+    run of the same steps and tangents on torch): a faithful run passes and says so."""
+    rep = compare(
+        _mlp(), "cross_entropy", optim.sgd(0.05), dg.estimator("forward"), digits, steps=12, batch_size=BATCH
+    )
+    assert rep.reference == "torch" and rep.first_divergence is None, rep.table(every=1)
+    r = rep.records[-1]
+    assert 0 < r["param_rounding"] < 1e-4 and r["grad_rounding"] > 0  # float32 vs float64 of one backend
+    assert "float32 rounding of a float64 run on torch" in rep.table()
+    # a tol below float32 rounding: uncalibrated it cries wolf at once, calibrated it does not
+    tiny = dict(steps=6, batch_size=BATCH, tol=1e-9)
+    loud = compare(_mlp(), "cross_entropy", optim.sgd(0.05), "backprop", digits, calibrate=False, **tiny)
+    calm = compare(_mlp(), "cross_entropy", optim.sgd(0.05), "backprop", digits, **tiny)
+    assert loud.first_divergence == 1 and calm.first_divergence is None, calm.table(every=1)
+
+
+@pytest.mark.parametrize("planted", ["activation", "transposed-weight"])
+def test_calibrated_verdict_still_catches_a_one_op_difference_at_its_first_step(digits, planted):
+    """A real one-op difference is far above rounding: caught at step 1 where it acts from the start."""
+    model = _mlp()
+    p0 = model.init(0, digits.example_input, dtype="float32")
+    if planted == "activation":  # one side computes leaky_relu where the other has relu
+        from duogard import nn
+
+        other = nn.Sequential(*[nn.leaky_relu if layer is nn.relu else layer for layer in model.layers])
+        kw = {"model": {"jax": model, "torch": other}, "params": p0}
+    else:  # the first weight handed over transposed (and reshaped back) on one side
+        name = next(k for k, v in p0.items() if v)
+        w = p0[name]["weight"]
+        q = {k: dict(v) for k, v in p0.items()}
+        q[name]["weight"] = np.ascontiguousarray(w.reshape(w.shape[::-1]).T)
+        assert not np.array_equal(q[name]["weight"], w)
+        kw = {"model": model, "params": {"jax": p0, "torch": q}}
+    rep = compare(loss="cross_entropy", optimizer=optim.sgd(0.05), estimator="backprop", data=digits, steps=3,
+                  batch_size=BATCH, **kw)  # fmt: skip
+    assert rep.reference is not None and rep.first_divergence == 1, rep.table(every=1)

@@ -613,3 +613,31 @@ def test_front_end_names_are_the_backends_extras():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert out.returncode == 0, out.stderr
+
+
+def test_forward_grad_takes_any_one_element_loss_as_backward_does():
+    """fwdgrad's Beale loss is a (1,)-shaped tensor: loss.backward() takes it, so must forward_grad_."""
+    import torch
+
+    x = torch.nn.Parameter(torch.tensor([1.0, 1.5]))
+    module = torch.nn.Module()
+    module.x = x
+
+    def beale(m, _):
+        a, b = m.x[0], m.x[1]
+        return ((1.5 - a + a * b) ** 2 + (2.25 - a + a * b**2) ** 2 + (2.625 - a + a * b**3) ** 2).reshape(
+            1, 1
+        )
+
+    loss = dg.torch.forward_grad_(module, beale, None, method="forward-exact")
+    assert loss.shape == () and x.grad is not None
+    ref = torch.tensor([1.0, 1.5], requires_grad=True)
+    beale(type("M", (), {"x": ref})(), None).sum().backward()
+    torch.testing.assert_close(x.grad, ref.grad)
+    with pytest.raises(ValueError, match="one element, got shape \\(2,\\)"):
+        dg.torch.forward_grad_(module, lambda m, b: m.x * 1.0, None, method="forward-exact")
+
+
+def test_unknown_estimator_options_list_the_valid_ones():
+    with pytest.raises(TypeError, match="unknown option bogus; valid options: distribution, generator"):
+        dg.estimator("forward", bogus=1)

@@ -3,6 +3,7 @@ argument checks, and the digits acceptance of issue 7."""
 
 from __future__ import annotations
 
+import copy
 import csv
 import dataclasses
 import json
@@ -239,11 +240,31 @@ def test_memory_stays_flat_and_jax_compiles_once(be, mlp, params0, digits):
     assert len(rss) == 600 and rss[100] > 0
     growth = (max(rss[100:]) - rss[100]) / rss[100]
     assert growth <= 0.05, f"RSS grew by {100 * growth:.1f}% after warm-up"
-    assert res.peak_memory_bytes >= 0
     if be.name == "jax":
         assert res.compiles == 1
     else:
         assert res.compiles is None
+
+
+def test_peak_memory_is_the_runs_rss_growth(be, mlp, params0, digits):
+    """peak_memory_bytes is the peak RSS growth during the run: 32 MiB, then 128 MiB, held by a
+    callback from the first step on (fresh, touched pages: resident) show up, the larger one
+    larger by most of the difference (the measurement is neither 0 nor a constant). A first
+    run takes the process's one-time growth (compiling, caches) out of the comparison."""
+    _run(mlp, params0, digits, be, optimizer=optim.sgd(0.05), steps=3, callbacks=[])
+    peaks = []
+    for mib in (32, 128):
+        held = []
+
+        def grab(record, mib=mib, held=held):
+            if not held:
+                held.append(np.ones(mib * 2**20 // 8))
+
+        res = _run(mlp, params0, digits, be, optimizer=optim.sgd(0.05), steps=3, callbacks=[grab])
+        held.clear()
+        assert res.peak_memory_bytes >= 0.75 * mib * 2**20, (mib, res.peak_memory_bytes)
+        peaks.append(res.peak_memory_bytes)
+    assert peaks[1] - peaks[0] >= 0.5 * 96 * 2**20, peaks
 
 
 # ----------------------------------------------------------------------------- logs
@@ -597,6 +618,59 @@ def test_grad_norm_off_drops_the_record_and_still_catches_a_nan_loss(be, mlp, pa
     _assert_bitwise(res.params, on.params)  # the norm is a measurement only
     with pytest.raises(NonFiniteError, match="non-finite loss at step 7"):
         _run(mlp, params0, _poisoned(digits, 6), be, optimizer=optim.sgd(0.05), steps=10, grad_norm=False)
+
+
+def test_labels_outside_the_models_outputs_stop_fit_before_any_step(be, mlp, params0, digits):
+    """Labels >= C used to count as 0 (loss 0, 100 silent steps): fit refuses them up front for
+    duogard's classification losses; behind a custom loss the loss itself stops the first step
+    (ValueError for concrete labels on torch, a NaN loss in JAX's compiled step)."""
+    bad = copy.copy(digits)
+    bad.y_train = np.full_like(digits.y_train, 10)  # past Dataset's own check, as a mutation is
+    seen = []
+    with pytest.raises(ValueError, match=r"fit: data.y_train holds label 10; labels must be in \[0, 10\)"):
+        fit(mlp, params0, bad, backend=be.name, steps=100, batch_size=BATCH, callbacks=[seen.append])
+    five = build_model("mlp", 5, hidden=(16,))
+    with pytest.raises(ValueError, match=r"holds label 9; labels must be in \[0, 5\) for the model's 5"):
+        fit(five, five.init(0, digits.example_input), digits, backend=be.name, steps=100, callbacks=[])
+    custom = lambda out, y: dg.losses.cross_entropy(out, y)  # noqa: E731
+    with pytest.raises(
+        (ValueError, NonFiniteError), match=r"labels must be in \[0, 10\), got 10|non-finite loss at step 1\b"
+    ):
+        fit(
+            mlp,
+            params0,
+            bad,
+            backend=be.name,
+            loss=custom,
+            steps=100,
+            batch_size=BATCH,
+            callbacks=[seen.append],
+        )
+    assert seen == []
+
+
+def _nan_grad_loss(out, y):
+    """Cross-entropy plus 0 * sqrt(0): the value stays finite, its derivative is 0 * inf = NaN."""
+    zero = out[0, 0] - out[0, 0]
+    return dg.losses.cross_entropy(out, y) + 0.0 * dg.backend_of(out).xp.sqrt(zero)
+
+
+@pytest.mark.parametrize(
+    "opt,est",
+    [(optim.sgd(0.05), "backprop"), (optim.adam(1e-3), "backprop"), (optim.sgd(0.05), "forward")],
+    ids=["sgd-in-place", "optimizer", "sgd-factored"],
+)
+def test_grad_norm_off_still_refuses_a_nan_gradient_under_a_finite_loss(be, mlp, params0, digits, opt, est):
+    """Without the norm, a NaN gradient with a finite loss used to make every parameter NaN (and
+    "skip" returned them without a word): now the step keeps its inputs and fit sees it."""
+    tr = Trainer(mlp, loss=_nan_grad_loss, optimizer=opt, estimator=est, backend=be.name, grad_norm=False)
+    with pytest.raises(
+        NonFiniteError, match=r"non-finite gradient at step 1 \(loss=[0-9.]+, \|grad\|\^2=nan"
+    ):
+        fit(mlp, params0, digits, trainer=tr, steps=3, batch_size=BATCH, callbacks=[])
+    res = fit(mlp, params0, digits, trainer=tr, steps=3, batch_size=BATCH, callbacks=[OnNonFinite("skip")])
+    assert res.skipped_steps == 3 and all(math.isfinite(h["loss"]) for h in res.history)
+    _assert_bitwise(res.params, params0)
 
 
 @pytest.mark.skipif("torch" not in AVAILABLE, reason="needs torch")

@@ -1,0 +1,224 @@
+"""Bad inputs that used to give silent wrong answers (or an error without the argument's name):
+one table, one test, on each backend.
+
+Each row of :data:`ROWS` is ``(id, call, exception, substring)``:
+
+- ``id``: the test id (``"area-what"``);
+- ``call``: a function of the backend name (``"jax"``, ``"torch"``) that feeds the bad input;
+  it may call ``pytest.skip`` where the row does not apply to that backend;
+- ``exception``: the exception type ``call`` must raise;
+- ``substring``: text the message must contain, naming the argument (and the bad value).
+
+Keep the rows tiny (a few elements, no training beyond one step). A row whose check needs JAX's
+64-bit mode off runs its code in a fresh interpreter (:func:`_x64_off`), which re-raises the
+error here.
+"""
+
+from __future__ import annotations
+
+import builtins
+import copy
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+import duogard as dg
+from duogard import losses, nn, optim
+from duogard.data import Dataset
+from duogard.parity import ParityReport, compare
+
+
+def _arr(name, values, dtype=None):
+    return dg.backend(name).asarray(np.asarray(values, dtype))
+
+
+def _apply(layer, name, params_shape, input_shape):
+    """``layer`` initialised for ``params_shape``, applied to zeros of ``input_shape`` on ``name``."""
+    params = dg.tree.tree_map(dg.backend(name).asarray, layer.init(0, params_shape))
+    return layer.apply(params, _arr(name, np.zeros(input_shape, np.float32)))
+
+
+def _tiny_data(num_classes=3):
+    x = np.random.default_rng(0).normal(size=(8, 4)).astype(np.float32)
+    y = np.arange(8) % num_classes
+    return Dataset("tiny", x, y, x[:4], y[:4], num_classes)
+
+
+def _fit_with_labels(name, label):
+    data = copy.copy(_tiny_data())
+    data.y_train = np.full(8, label)  # past Dataset's own check, as a later mutation is
+    model = nn.Sequential(nn.Linear(3))
+    return dg.fit(model, model.init(0, data.example_input), data, backend=name, steps=5, batch_size=4,
+                  callbacks=[])  # fmt: skip
+
+
+def _compare(**kw):
+    """``parity.compare`` with placeholder model, optimizer and data: the argument checks come first."""
+    return compare(None, "cross_entropy", None, "backprop", None, **kw)
+
+
+def _convert(name, leaf, **kw):
+    return dg.convert({"w": leaf}, to=name, **kw)
+
+
+def _jax():
+    return pytest.importorskip("jax")
+
+
+def _torch():
+    return pytest.importorskip("torch")
+
+
+def _jax_only(name):
+    if name != "jax":
+        pytest.skip("JAX's 64-bit mode only: the other backends keep 64-bit values")
+    _jax()
+
+
+def _x64_off(code: str) -> None:
+    """Run ``code`` in a fresh interpreter with JAX's 64-bit mode off; raise here the exception
+    (type and message) it raised there, or nothing if it raised none.
+    """
+    runner = textwrap.dedent(
+        """
+        import json, sys
+        try:
+            exec(sys.argv[1], {})
+        except Exception as exc:
+            print(json.dumps([type(exc).__name__, str(exc)]))
+        else:
+            print(json.dumps(None))
+        """
+    )
+    env = {**os.environ, "JAX_ENABLE_X64": "0"}
+    out = subprocess.run([sys.executable, "-c", runner, textwrap.dedent(code)], capture_output=True,
+                         text=True, env=env, timeout=120)  # fmt: skip
+    assert out.returncode == 0, out.stdout + out.stderr
+    raised = json.loads(out.stdout.strip().splitlines()[-1])
+    if raised is not None:
+        raise getattr(builtins, raised[0], RuntimeError)(raised[1])
+
+
+_FIT_64 = """
+    import numpy as np, duogard as dg
+    from duogard import nn
+    from duogard.data import Dataset
+    x = np.zeros((8, 4), {x_dtype!r}); y = np.arange(8) % 3
+    model = nn.Sequential(nn.Linear(3))
+    params = model.init(0, x[:2], dtype={p_dtype!r})
+    dg.fit(model, params, Dataset("tiny", x, y, x[:4], y[:4], 3), backend="jax", steps=1, batch_size=4,
+           callbacks=[])
+"""
+
+_CONVERT_BIG_INT = """
+    import numpy as np, duogard as dg
+    dg.convert({"w": np.array([2**40, 1])}, to="jax", allow_downcast=True)  # a torch source: test_interop
+"""
+
+
+def _schedule_for_arrays(step):
+    """A schedule written for arrays only (it reads ``step.ndim``): checked when the state is made."""
+    return 0.0 * step.ndim - 1.0
+
+
+ROWS = [
+    # 1. integer labels outside [0, C) counted as 0
+    ("cross_entropy-label-10", lambda b: losses.cross_entropy(_arr(b, np.zeros((4, 10))), _arr(b, [10] * 4)),
+     ValueError, "cross_entropy: labels must be in [0, 10), got 10 (at index 0)"),
+    ("cross_entropy-label-minus-1",
+     lambda b: losses.cross_entropy(_arr(b, np.zeros((4, 10))), _arr(b, [0, 1, -1, 2])),
+     ValueError, "cross_entropy: labels must be in [0, 10), got -1 (at index 2)"),
+    ("cross_entropy-smoothing-label-10",
+     lambda b: losses.cross_entropy(_arr(b, np.zeros((2, 3))), _arr(b, [0, 3]), label_smoothing=0.1),
+     ValueError, "cross_entropy: labels must be in [0, 3), got 3 (at index 1)"),
+    ("nll_loss-label-10", lambda b: losses.nll_loss(_arr(b, np.full((4, 10), -2.3)), _arr(b, [10] * 4)),
+     ValueError, "nll_loss: labels must be in [0, 10), got 10"),
+    ("fit-label-past-outputs", lambda b: _fit_with_labels(b, 3),
+     ValueError, "fit: data.y_train holds label 3; labels must be in [0, 3)"),
+    ("fit-label-negative", lambda b: _fit_with_labels(b, -1),
+     ValueError, "fit: data.y_train holds label -1"),
+    # 2. negative learning rates: gradient ascent
+    ("sgd-exponential_decay-negative", lambda b: optim.sgd(optim.exponential_decay(-0.1, rate=0)),
+     ValueError, "exponential_decay: init_value must be >= 0, got -0.1"),
+    ("step_decay-negative", lambda b: optim.step_decay(-0.1, step_size=2),
+     ValueError, "step_decay: init_value must be >= 0"),
+    ("cosine_decay-negative", lambda b: optim.cosine_decay(-0.1, decay_steps=5),
+     ValueError, "cosine_decay: init_value must be >= 0"),
+    ("warmup_cosine_decay-negative-end",
+     lambda b: optim.warmup_cosine_decay(0.1, warmup_steps=1, decay_steps=5, end_value=-0.1),
+     ValueError, "warmup_cosine_decay: end_value must be >= 0"),
+    ("constant_schedule-negative", lambda b: optim.constant_schedule(-1.0),
+     ValueError, "constant_schedule: value must be >= 0"),
+    ("sgd-callable-negative", lambda b: optim.sgd(lambda s: -1.0),
+     ValueError, "sgd: learning_rate schedule gave -1.0 at step 0; expected a finite number >= 0"),
+    ("sgd-momentum-callable-negative", lambda b: optim.sgd(lambda s: -1.0, momentum=0.9),
+     ValueError, "sgd: learning_rate schedule gave -1.0 at step 0"),
+    ("adam-callable-negative", lambda b: optim.adam(lambda s: -1.0),
+     ValueError, "adam: learning_rate schedule gave -1.0 at step 0"),
+    ("adamw-callable-negative", lambda b: optim.adamw(lambda s: -1.0),
+     ValueError, "adamw: learning_rate schedule gave -1.0 at step 0"),
+    ("rmsprop-callable-nan", lambda b: optim.rmsprop(lambda s: math.nan),
+     ValueError, "rmsprop: learning_rate schedule gave nan at step 0"),
+    ("adagrad-callable-negative", lambda b: optim.adagrad(lambda s: -1.0, lr_decay=0.1),
+     ValueError, "adagrad: learning_rate schedule gave -1.0 at step 0"),
+    ("sgd-array-schedule-negative-at-init",
+     lambda b: optim.sgd(_schedule_for_arrays).init({"w": _arr(b, [1.0])}),
+     ValueError, "scale_by_learning_rate: learning_rate schedule gave -1.0 at step 0"),
+    # 4. parity's arguments
+    ("parity-tol-nan", lambda b: _compare(tol=math.nan),
+     ValueError, "parity: tol must be a finite number > 0, got nan"),
+    ("parity-tol-negative", lambda b: _compare(tol=-1),
+     ValueError, "parity: tol must be a finite number > 0, got -1"),
+    ("parity-one-backend", lambda b: _compare(backends=(b,)),
+     ValueError, "parity: backends must name exactly two backends"),
+    ("parity-backends-string", lambda b: _compare(backends="ab"),
+     ValueError, "parity: backends must name exactly two backends"),
+    ("parity-steps-zero", lambda b: _compare(steps=0),
+     ValueError, "parity: steps must be a positive int, got 0"),
+    ("parity-table-every-zero", lambda b: ParityReport(("jax", "torch"), "float32", 1e-4).table(every=0),
+     ValueError, "ParityReport.table: every must be a positive int, got 0"),
+    # 5. float64 on JAX without 64-bit mode (a fresh interpreter)
+    ("fit-float64-params-x64-off",
+     lambda b: (_jax_only(b), _x64_off(_FIT_64.format(x_dtype="float32", p_dtype="float64"))),
+     TypeError, "Trainer.init_state: params are float64"),
+    ("fit-float64-data-x64-off",
+     lambda b: (_jax_only(b), _x64_off(_FIT_64.format(x_dtype="float64", p_dtype="float32"))),
+     TypeError, "fit: data.x_train are float64, which jax cannot hold now"),
+    # 6. inputs smaller than the kernel
+    ("conv2d-input-smaller-than-kernel", lambda b: _apply(nn.Conv2d(2, 3), b, (1, 1, 5, 5), (1, 1, 2, 2)),
+     ValueError, "Conv2d(2, (3, 3)): input spatial size (2, 2)"),
+    ("conv2d-dilated-kernel", lambda b: _apply(nn.Conv2d(2, 2, dilation=3), b, (1, 1, 6, 6), (1, 1, 3, 3)),
+     ValueError, "kernel_size (2, 2) with padding ((0, 0), (0, 0)) and dilation (3, 3)"),
+    ("maxpool2d-input-smaller-than-window", lambda b: _apply(nn.MaxPool2d(3), b, (1, 1, 6, 6), (1, 1, 2, 2)),
+     ValueError, "MaxPool2d((3, 3)): input spatial size (2, 2)"),
+    ("avgpool2d-input-smaller-than-window", lambda b: _apply(nn.AvgPool2d(3), b, (1, 1, 6, 6), (1, 1, 2, 2)),
+     ValueError, "AvgPool2d((3, 3)): input spatial size (2, 2)"),
+    # 7. convert: values that do not fit, and leaves it cannot move
+    ("convert-int64-past-int32-x64-off",
+     lambda b: (_jax_only(b), _x64_off(_CONVERT_BIG_INT)),
+     ValueError, "leaf 'w' holds int64 values in [1, 1099511627776], outside the int32 range"),
+    ("convert-typed-jax-key", lambda b: _convert(b, _jax().random.key(0)),
+     TypeError, "leaf 'w' is of dtype key<fry> (a typed JAX PRNG key"),
+    ("convert-numpy-strings", lambda b: _convert(b, np.array(["a"])),
+     TypeError, "leaf 'w' is a NumPy array of strings"),
+    ("convert-numpy-datetimes", lambda b: _convert(b, np.array(["2020-01-01"], "datetime64[D]")),
+     TypeError, "leaf 'w' is a NumPy array of datetimes"),
+    ("convert-float8", lambda b: _convert(b, _jax().numpy.zeros(2, _jax().numpy.float8_e4m3fn)),
+     TypeError, "leaf 'w' is of dtype float8_e4m3fn; convert moves arrays of bool"),
+    ("convert-sparse-torch", lambda b: _convert(b, _torch().eye(3).to_sparse()),
+     TypeError, "leaf 'w' is a sparse_coo torch tensor"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("row", ROWS, ids=[r[0] for r in ROWS])
+def test_bad_input_raises_naming_the_argument(be, row):
+    _, call, exception, substring = row
+    with pytest.raises(exception) as info:
+        call(be.name)
+    assert substring in str(info.value), str(info.value)

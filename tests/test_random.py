@@ -1,0 +1,106 @@
+"""The portable generator (duogard.backend._philox): the specification against published test
+vectors, each backend against the specification, and the two backends against each other."""
+
+import numpy as np
+import pytest
+
+import duogard as dg
+from duogard.backend import _philox as spec
+
+# Random123's known-answer vectors for philox4x32_10 (kat_vectors): counter, key, output
+KAT = [
+    ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+    ((0xFFFFFFFF,) * 4, (0xFFFFFFFF, 0xFFFFFFFF), (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+    (
+        (0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344),
+        (0xA4093822, 0x299F31D0),
+        (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1),
+    ),
+]
+
+
+@pytest.mark.parametrize("counter,key,want", KAT)
+def test_spec_matches_random123_known_answers(counter, key, want):
+    assert tuple(int(w) for w in spec.philox4x32(counter, key).ravel()) == want
+
+
+def test_spec_normal_and_signs_have_the_right_moments():
+    z = spec.normal(spec.key_words(11), 200_001)
+    assert z.shape == (200_001,) and z.dtype == np.float32
+    assert abs(z.mean()) < 0.01 and abs(z.var() - 1) < 0.015 and abs((z**4).mean() - 3) < 0.08
+    s = spec.rademacher(spec.key_words(11), 100_003)
+    assert set(np.unique(s)) == {-1.0, 1.0} and abs(s.mean()) < 0.015
+    u = spec.uniform(spec.key_words(11), 100_000)
+    assert u.min() > 0 and u.max() < 1 and abs(u.mean() - 0.5) < 0.005
+
+
+def _np(be, x):
+    return np.asarray(be.to_numpy(x))
+
+
+def test_keys_split_and_fold_in_follow_the_spec(be):
+    k = be.key(2**40 + 5)
+    np.testing.assert_array_equal(be.key_data(k), spec.key_words(2**40 + 5))
+    np.testing.assert_array_equal(be.key_data(be.split(k, 3)), spec.split_words(spec.key_words(2**40 + 5), 3))
+    for data in (0, 1, 12345678901, 2**63 + 3):
+        got = be.key_data(be.fold_in(k, data))
+        np.testing.assert_array_equal(got, spec.fold_in_words(spec.key_words(2**40 + 5), data))
+
+
+@pytest.mark.parametrize("n", [1, 6, 33, 1001])
+def test_portable_draws_follow_the_spec(be, n):
+    k, ref = be.fold_in(be.key(3), 9), spec.fold_in_words(spec.key_words(3), 9)
+    np.testing.assert_array_equal(_np(be, be.rademacher(k, (n,))), spec.rademacher(ref, n))
+    np.testing.assert_array_equal(_np(be, be.uniform(k, (n,))), spec.uniform(ref, n))
+    np.testing.assert_array_equal(_np(be, be.bernoulli(k, 0.3, (n,))), spec.uniform(ref, n) < 0.3)
+    np.testing.assert_allclose(_np(be, be.normal(k, (n,))), spec.normal(ref, n), rtol=2e-6, atol=2e-6)
+    np.testing.assert_allclose(
+        _np(be, be.normal(k, (n,), dtype="float64")), spec.normal(ref, n, np.float64), rtol=1e-13, atol=1e-13
+    )
+    # a shape is the flat draw in row-major order; draw_rows blocks are draws of (rows, size)
+    np.testing.assert_array_equal(_np(be, be.rademacher(k, (n, 2))).ravel(), spec.rademacher(ref, 2 * n))
+    rows = _np(be, be.draw_rows("rademacher", [k, be.key(1)], [n, 3], 2))
+    np.testing.assert_array_equal(rows[:, :n].ravel(), spec.rademacher(ref, 2 * n))
+
+
+def test_jax_keys_and_draws_trace_under_jit():
+    jax = pytest.importorskip("jax")
+    bj = dg.backend("jax")
+
+    @jax.jit
+    def f(key, step):
+        k = bj.fold_in(key, step)
+        return bj.split(k, 2), bj.normal(k, (5,)), bj.rademacher(k, (40,))
+
+    ks, z, s = f(bj.key(4), np.int32(17))
+    ref = spec.fold_in_words(spec.key_words(4), 17)
+    np.testing.assert_array_equal(np.asarray(ks), spec.split_words(ref, 2))
+    np.testing.assert_allclose(np.asarray(z), spec.normal(ref, 5), rtol=2e-6, atol=2e-6)
+    np.testing.assert_array_equal(np.asarray(s), spec.rademacher(ref, 40))
+
+
+def test_the_backends_draw_the_same_tangents(both):
+    """The same seed gives the same numbers on JAX and torch (what `duogard compare` relies on)."""
+    bj, bt = both
+    kj, kt = bj.fold_in(bj.key(0), 5), bt.fold_in(bt.key(0), 5)
+    np.testing.assert_array_equal(_np(bj, bj.rademacher(kj, (4, 33))), _np(bt, bt.rademacher(kt, (4, 33))))
+    np.testing.assert_allclose(
+        _np(bj, bj.normal(kj, (999,))), _np(bt, bt.normal(kt, (999,))), rtol=2e-6, atol=2e-6
+    )
+
+
+def test_native_generator_is_an_option_and_bad_names_are_refused(be):
+    k = be.key(0)
+    native = _np(be, be.normal(k, (64,), generator="native"))
+    assert not np.allclose(native, _np(be, be.normal(k, (64,))))
+    np.testing.assert_array_equal(native, _np(be, be.normal(k, (64,), generator="native")))
+    assert set(np.unique(_np(be, be.rademacher(k, (64,), generator="native")))) == {-1.0, 1.0}
+    with pytest.raises(ValueError, match="generator must be one of"):
+        be.normal(k, (3,), generator="philox")
+
+
+def test_long_draws_follow_the_spec_across_chunks(be):
+    """torch computes the words a chunk of counters at a time: the seams must not show."""
+    n = 4 * (1 << 15) * 2 + 11
+    ref = spec.key_words(8)
+    np.testing.assert_array_equal(_np(be, be.uniform(be.key(8), (n,))), spec.uniform(ref, n))
