@@ -73,6 +73,7 @@ def key_from_data(data):
 
 
 _CHUNK = 1 << 15  # counters per chunk: the rounds of one chunk stay in the CPU's cache
+_HOST_WORDS = 1 << 14  # draws of up to this many words run on the host (~100 tiny torch ops cost more)
 
 
 def _philox_blocks(c0, k0: int, k1: int):
@@ -115,6 +116,8 @@ def _words(key, n: int, device):
     counters at a time.
     """
     k0, k1 = _words_of(key)
+    if n <= _HOST_WORDS:  # a small draw (a rank-1 factor, a bias): NumPy on the host, one copy over
+        return torch.from_numpy(spec.words((k0, k1), n).astype(np.int64)).to(device)
     blocks = -(-n // 4)
     out = torch.empty((blocks, 4), dtype=torch.int64, device=device)
     for start in range(0, blocks, _CHUNK):
