@@ -28,9 +28,114 @@ def test_bench_tiny_runs_every_section_and_its_json_is_consistent(tmp_path):
         _check_one_step_record_per_configuration,
         _check_ratios_are_the_ratios_of_the_medians,
         _check_other_sections,
+        _check_rank1_rows,
         _check_targets_have_figure_limit_status_and_why,
     ):
         check(result)
+
+
+@pytest.mark.parametrize("backend", ["torch", "jax"])
+def test_hand_written_rank1_jvp_is_the_jvp_along_u_w_and_duogards(backend):
+    """The hand-written rank-1 forward pass (factors carried through Linear and Conv2d) gives the
+    framework's JVP along the dense tangents u ⊗ w, and duogard's estimate from the same factors
+    (``Forward.estimate_tree`` with :class:`duogard.tree.Rank1` leaves) is the one those JVPs give."""
+    pytest.importorskip(backend)
+    import numpy as np
+
+    import duogard as dg
+    from duogard import optim
+    from duogard.train import Trainer
+    from duogard.tree import Rank1
+
+    jit = __import__("jax").jit if backend == "jax" else (lambda f: f)  # eager JAX dispatches op by op
+    sz = duogard_bench.sizes_for(tiny=True)
+    x_np, y_np = duogard_bench.data_for(sz)
+    be = dg.backend(backend)
+    x, y = be.asarray(x_np), be.asarray(y_np.astype(np.int32) if backend == "jax" else y_np)
+    rng = np.random.default_rng(0)
+    for model_name in ("mlp", "cnn"):
+        wl = duogard_bench.workload(model_name, sz, x_np)
+        names = sorted(wl.params_np, key=int)
+        for k in (1, 3):
+            est = dg.estimator("forward", tangents="rank1", num_tangents=k)
+            tr = Trainer(wl.model, optimizer=optim.sgd(0.0), estimator=est, backend=backend)
+            params, _ = tr.init_state(wl.params_np)
+            layers = [params[n] for n in names]
+            # the factors, drawn here (duogard's own draw would compile its key arithmetic on JAX)
+            factors_np = [
+                {
+                    leaf: (
+                        rng.standard_normal((k, a.shape[0]), dtype=np.float32),
+                        rng.standard_normal((k, *a.shape[1:]), dtype=np.float32),
+                    )
+                    if a.ndim >= 2
+                    else rng.standard_normal((k, *a.shape), dtype=np.float32)
+                    for leaf, a in wl.params_np[n].items()
+                }
+                for n in names
+            ]
+            asarray = lambda t: tuple(be.asarray(a) for a in t) if isinstance(t, tuple) else be.asarray(t)  # noqa: E731
+            tangents = [{leaf: asarray(t) for leaf, t in tl.items()} for tl in factors_np]
+            dense_np = [
+                {
+                    leaf: (t[0][:, :, None] * t[1].reshape(k, 1, -1)).reshape(k, *wl.params_np[n][leaf].shape)
+                    if isinstance(t, tuple)
+                    else t
+                    for leaf, t in tl.items()
+                }
+                for n, tl in zip(names, factors_np)
+            ]
+            dense = [{leaf: be.asarray(t) for leaf, t in tl.items()} for tl in dense_np]
+            value, d = jit(lambda ls, ts, k=k: _hand_rank1_jvp(backend, wl.ops, ls, ts, x, y, k))(
+                layers, tangents
+            )
+            ref_value, ref_d = _framework_jvps(backend, jit, wl.ops, layers, dense, x, y, k)
+            np.testing.assert_allclose(be.to_numpy(d), ref_d, rtol=2e-4, atol=1e-5)
+            assert float(value) == pytest.approx(ref_value, rel=1e-5)
+            # duogard: its estimate from the same factors is sum_k d_k v_k / K
+            vtree = {
+                n: {leaf: Rank1(*t) if isinstance(t, tuple) else t for leaf, t in tl.items()}
+                for n, tl in zip(names, tangents)
+            }
+            loss, g = est.estimate_tree(tr.loss_fn, params, (x, y), vtree)
+            assert float(loss) == pytest.approx(ref_value, rel=1e-5)
+            for n, tl in zip(names, dense_np):
+                for leaf, t in tl.items():
+                    ref_g = np.tensordot(np.asarray(ref_d, dtype=np.float32), t, axes=1) / k
+                    np.testing.assert_allclose(be.to_numpy(g[n][leaf]), ref_g, rtol=1e-3, atol=1e-6)
+
+
+def _hand_rank1_jvp(backend, ops, layers, tangents, x, y, k):
+    if backend == "torch":
+        import torch
+
+        with torch.no_grad():
+            return duogard_bench.manual_jvp(ops, layers, tangents, x, y, k)
+    return duogard_bench.jax_rank1_jvp(ops, layers, tangents, x, y, k)
+
+
+def _framework_jvps(backend, jit, ops, layers, dense, x, y, k):
+    """The loss and its K directional derivatives by the framework's own jvp, tangent by tangent."""
+    if backend == "torch":
+        import torch
+        import torch.nn.functional as F
+
+        def loss(*flat):
+            rebuilt = [{"weight": flat[2 * i], "bias": flat[2 * i + 1]} for i in range(len(flat) // 2)]
+            return F.cross_entropy(duogard_bench.torch_apply(ops, rebuilt, x), y)
+
+        leaves, tleaves = duogard_bench.torch_leaves(layers), duogard_bench.torch_leaves(dense)
+        out = [torch.func.jvp(loss, tuple(leaves), tuple(t[i] for t in tleaves)) for i in range(k)]
+    else:
+        import jax
+        import jax.numpy as jnp
+
+        def loss(p):
+            return jnp.mean(duogard_bench.jax_per_example(duogard_bench.jax_apply(ops, p, x), y))
+
+        one = jit(lambda i, p, t: jax.jvp(loss, (p,), (jax.tree.map(lambda a: a[i], t),)))
+        out = [one(i, layers, dense) for i in range(k)]
+    return float(out[0][0]), [float(d) for _, d in out]
 
 
 def _finite_positive(x) -> bool:
@@ -82,6 +187,38 @@ def _check_ratios_are_the_ratios_of_the_medians(result):
             assert _finite_positive(r["draw_median_s"])
 
 
+def _check_rank1_rows(result):
+    """The rank-1 rows ran (duogard, its lean step, the hand-written step), their losses are
+    duogard's, and the rank-1 / dense ratio is that of the medians."""
+    recs = {(r["backend"], r["model"], r["method"], r["impl"]): r for r in result["step_time"]}
+    sz = duogard_bench.sizes_for(tiny=True)
+    rank1 = [
+        (m, me) for m, methods in sz.methods.items() for me in methods if me in duogard_bench.RANK1_METHODS
+    ]
+    assert rank1
+    for b in ("jax", "torch"):
+        for m, me in rank1:
+            for im in ("duogard", "hand") + (("duogard-lean",) if me in sz.lean_methods else ()):
+                r = recs[(b, m, me, im)]
+                assert "error" not in r, r
+                assert _finite_positive(r["median_s"])
+                if im != "duogard":
+                    assert r["same_first_loss"] is True, r
+            twin = me.removesuffix("-rank1")
+            if (b, m, twin, "duogard") in recs:
+                r = recs[(b, m, me, "duogard")]
+                assert r["ratios"]["rank1_over_dense"] == pytest.approx(
+                    r["median_s"] / recs[(b, m, twin, "duogard")]["median_s"]
+                )
+    gens = {(g["backend"], g["distribution"], g["elements"]): g for g in result["draw_generators"]}
+    n = result["draw_options"][0]["elements"]
+    assert set(gens) == {
+        (b, d, e) for b in ("jax", "torch") for d in ("normal", "rademacher") for e in (n, 1024)
+    }
+    for g in gens.values():
+        assert g["portable_over_native"] == pytest.approx(g["portable_ns"] / g["native_ns"])
+
+
 def _check_other_sections(result):
     assert {d["backend"] for d in result["draw_options"]} == {"jax", "torch"}
     assert all(_finite_positive(d["ns_per_element"]) for d in result["draw_options"])
@@ -107,6 +244,7 @@ def _check_targets_have_figure_limit_status_and_why(result):
         "duogard step / hand-written step",
         "tangent drawing / forward step",
         "forward peak memory",
+        "rank-1 forward step / backprop step",
     } <= {n.split(" at ")[0] for n in names}
     assert any(t["target"].startswith("conversion") for t in targets)
     for t in targets:

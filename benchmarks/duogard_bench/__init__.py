@@ -1,6 +1,8 @@
 """The benchmark suite behind ``duogard bench``: duogard beside hand-written JAX and torch steps.
 
-Sections: 1. step time (``step_time``), 2. tangent cost and ways of drawing tangents, 3. memory
+Sections: 1. step time (``step_time``, with rank-1 tangents beside dense ones and backprop), 2.
+tangent cost and ways of drawing tangents (``draws``: duogard's portable generator against each
+framework's own), 3. memory
 against depth (``memory``, one subprocess per configuration), 4. DLPack conversion
 (``conversion``), 5. compile / first-step time; then the targets (``report``). :func:`main` runs
 them; the hand-written baselines are in ``hand_jax`` and ``hand_torch``. Importing this package
@@ -22,6 +24,7 @@ from ._common import (
     FORWARD_METHODS,
     LR,
     METHODS,
+    RANK1_METHODS,
     TARGETS,
     Sizes,
     block_until_ready,
@@ -29,11 +32,12 @@ from ._common import (
     sizes_for,
 )
 from .conversion import conversion_section
-from .hand_jax import jax_apply, jax_hand, jax_per_example
-from .hand_torch import manual_jvp, torch_apply, torch_hand, torch_leaves
+from .draws import draw_options, generator_costs
+from .hand_jax import jax_apply, jax_draw_rank1, jax_hand, jax_per_example, jax_rank1_jvp
+from .hand_torch import manual_jvp, torch_apply, torch_draw_rank1, torch_hand, torch_leaves
 from .memory import memory_section
-from .report import compile_records, json_default, print_rest, print_step_tables
-from .step_time import check_losses, draw_options, step_configs, step_records, time_step_configs, warm
+from .report import compile_records, json_default, print_rank1_table, print_rest, print_step_tables
+from .step_time import check_losses, step_configs, step_records, time_step_configs, warm
 from .targets import evaluate_targets
 from .workloads import Workload, data_for, duogard_model, duogard_step, workload
 
@@ -42,6 +46,7 @@ __all__ = [
     "FORWARD_METHODS",
     "LR",
     "METHODS",
+    "RANK1_METHODS",
     "SECTIONS",
     "TARGETS",
     "Sizes",
@@ -50,12 +55,15 @@ __all__ = [
     "data_for",
     "duogard_step",
     "jax_apply",
+    "jax_draw_rank1",
     "jax_hand",
     "jax_per_example",
+    "jax_rank1_jvp",
     "main",
     "manual_jvp",
     "sizes_for",
     "torch_apply",
+    "torch_draw_rank1",
     "torch_hand",
     "torch_leaves",
     "workload",
@@ -64,7 +72,15 @@ __all__ = [
 SECTIONS = ("step", "draw", "memory", "conversion")
 
 
-def main(*, quick: bool = False, json_path: str | None = None, tiny: bool = False, sections=SECTIONS) -> int:
+def main(
+    *,
+    quick: bool = False,
+    json_path: str | None = None,
+    tiny: bool = False,
+    sections=SECTIONS,
+    rank1: bool = False,
+    backends=None,
+) -> int:
     """Run the benchmarks, print the tables and the targets, write ``json_path`` if given.
 
     Args:
@@ -73,27 +89,35 @@ def main(*, quick: bool = False, json_path: str | None = None, tiny: bool = Fals
         tiny: tiny sizes for the smoke test (with one torch thread while it runs).
         sections: which parts to run: ``step`` (with tangent cost and compile time), ``draw``
             (ways of drawing tangents), ``memory``, ``conversion``, or ``compile`` alone (first steps).
+        rank1: the rank-1 run's methods (:func:`sizes_for`), at the full run's sizes.
+        backends: the backends to time (default: JAX and torch, those installed).
 
     Returns:
         The exit code (0; 1 if a section failed outright).
     """
     if not tiny:
-        return _main(quick=quick, json_path=json_path, tiny=tiny, sections=sections)
+        return _main(
+            quick=quick, json_path=json_path, tiny=tiny, sections=sections, rank1=rank1, backends=backends
+        )
     # the smoke test's sizes: one torch thread, so a loaded machine does not stall its OpenMP barriers
     try:
         import torch
     except ImportError:
-        return _main(quick=quick, json_path=json_path, tiny=tiny, sections=sections)
+        return _main(
+            quick=quick, json_path=json_path, tiny=tiny, sections=sections, rank1=rank1, backends=backends
+        )
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _main(quick=quick, json_path=json_path, tiny=tiny, sections=sections)
+        return _main(
+            quick=quick, json_path=json_path, tiny=tiny, sections=sections, rank1=rank1, backends=backends
+        )
     finally:
         torch.set_num_threads(threads)
 
 
-def _main(*, quick, json_path, tiny, sections) -> int:
-    sz = sizes_for(quick=quick, tiny=tiny)
+def _main(*, quick, json_path, tiny, sections, rank1=False, backends=None) -> int:
+    sz = sizes_for(quick=quick, tiny=tiny, rank1=rank1)
     if "compile" in sections and "step" not in sections:  # first steps only
         sz = dataclasses.replace(sz, rounds=1, round_seconds=0.0, max_reps=1)
         sections = tuple(sections) + ("step",)
@@ -104,11 +128,16 @@ def _main(*, quick, json_path, tiny, sections) -> int:
     t_start = time.perf_counter()
     import duogard as dg
 
-    backends = [i.name for i in dg.available_backends() if i.available and i.name in ("jax", "torch")]
+    backends = [
+        i.name
+        for i in dg.available_backends()
+        if i.available and i.name in ("jax", "torch") and (backends is None or i.name in backends)
+    ]
     machine = machine_info(
         "duogard bench"
         + (" --quick" if quick else "")
         + (" --tiny" if tiny else "")
+        + (" (benchmarks/rank1.py: the rank-1 run)" if sz.mode == "rank1" else "")
         + (f" --json {json_path}" if json_path else "")
     )
     log(f"duogard bench ({sz.mode}) {machine['date']}")
@@ -143,7 +172,7 @@ def _main(*, quick, json_path, tiny, sections) -> int:
             "conversion_sizes": sz.conv_sizes,
         },
     }
-    step, draw_opts, memory, conv, compile_recs = [], [], [], [], []
+    step, draw_opts, draw_gens, memory, conv, compile_recs = [], [], [], [], [], []
     if "step" in sections:
         configs = step_configs(sz, backends)
         log(f"\nstep time: {len(configs)} configurations, {sz.rounds} rounds; warming up (first steps) ...")
@@ -156,6 +185,7 @@ def _main(*, quick, json_path, tiny, sections) -> int:
         compile_recs = compile_records(step)
         check_losses(step, log)
         print_step_tables(step, sz.batch, log)
+        print_rank1_table(step, log)
     if "draw" in sections and set(backends) >= {"jax", "torch"}:
         params_np = duogard_model("mlp", sz).init(0, data_for(sz)[0])
         n = sum(int(np.prod(a.shape)) for layer in params_np.values() for a in layer.values())
@@ -165,6 +195,7 @@ def _main(*, quick, json_path, tiny, sections) -> int:
             rounds={"tiny": 1, "quick": 2}.get(sz.mode, sz.rounds),
             reps={"tiny": 1, "quick": 2}.get(sz.mode, 3),
         )
+        draw_gens = generator_costs(draw_opts)
         log(f"\ntangent drawing options: {time.perf_counter() - t0:.1f} s")
     if "memory" in sections:
         log("\nmemory: one subprocess per configuration ...")
@@ -176,7 +207,7 @@ def _main(*, quick, json_path, tiny, sections) -> int:
         conv = conversion_section(sz, rounds=max(sz.rounds, 2))
         log(f"\nconversion: {time.perf_counter() - t0:.1f} s")
     targets = evaluate_targets(step, memory, conv, draw_opts)
-    print_rest(draw_opts, memory, conv, compile_recs, targets, log)
+    print_rest(draw_opts, memory, conv, compile_recs, targets, log, draw_gens=draw_gens)
     machine["load_average_end"] = (
         [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None
     )
@@ -185,6 +216,7 @@ def _main(*, quick, json_path, tiny, sections) -> int:
     result.update(
         step_time=step,
         draw_options=draw_opts,
+        draw_generators=draw_gens,
         memory=memory,
         conversion=conv,
         compile=compile_recs,

@@ -3,6 +3,7 @@ and the machine the run is on."""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import math
 import os
@@ -18,9 +19,11 @@ __all__ = [
     "FORWARD_METHODS",
     "LR",
     "METHODS",
+    "RANK1_METHODS",
     "TARGETS",
     "Sizes",
     "block_until_ready",
+    "dense_twin",
     "fmt",
     "format_table",
     "machine_info",
@@ -40,8 +43,20 @@ METHODS: dict[str, tuple[str, dict]] = {
     "fwd-K4-normal": ("forward", {"num_tangents": 4, "distribution": "normal"}),
     "fwd-K16-normal": ("forward", {"num_tangents": 16, "distribution": "normal"}),
     "forward-activity": ("forward-activity", {"distribution": "normal"}),
+    # rank-1 tangents: u wᵀ per weight (u: out numbers, w: the rest), biases dense
+    "fwd-K1-normal-rank1": ("forward", {"num_tangents": 1, "distribution": "normal", "tangents": "rank1"}),
+    "fwd-K1-rademacher-rank1": (
+        "forward",
+        {"num_tangents": 1, "distribution": "rademacher", "tangents": "rank1"},
+    ),
+    "fwd-K16-normal-rank1": ("forward", {"num_tangents": 16, "distribution": "normal", "tangents": "rank1"}),
+    "fwd-K16-rademacher-rank1": (
+        "forward",
+        {"num_tangents": 16, "distribution": "rademacher", "tangents": "rank1"},
+    ),
 }
 FORWARD_METHODS = tuple(m for m in METHODS if m.startswith("fwd-"))
+RANK1_METHODS = tuple(m for m in METHODS if METHODS[m][1].get("tangents") == "rank1")
 
 TARGETS = {
     "forward_over_backprop": 1.0,
@@ -49,7 +64,21 @@ TARGETS = {
     "tangent_share": 0.25,
     "memory_depth_ratio": 1.2,
     "conversion_size_ratio": 2.0,
+    "rank1_over_backprop": 1.0,  # K = 1, normal, MLP
+    # K = 16, normal, MLP: the arithmetic, not a wish. The 16 tangents go through layers 2 and 3
+    # as (16 B, in) by (in, out) products: with the primal that is 18.8 M multiply-adds per example
+    # against backprop's 4.8 M (forward, weight and input gradients), 3.9x; the hand-written
+    # rank-1 step measured 3.2-3.5x its backprop on both backends (2026-12-03)
+    "rank1_k16_over_backprop": 4.0,
 }
+
+
+def dense_twin(method: str) -> str | None:
+    """The dense-tangent method of a rank-1 one (``fwd-K1-normal-rank1`` -> ``fwd-K1-normal``), if any."""
+    if method not in RANK1_METHODS:
+        return None
+    twin = method.removesuffix("-rank1")
+    return twin if twin in METHODS else None
 
 
 @dataclass(frozen=True)
@@ -80,19 +109,44 @@ class Sizes:
     framework_jvp_methods: tuple = ()  # torch: also timed with the estimator's jvp="framework"
     lean_methods: tuple = ()  # forward methods also timed with lean=True (both backends)
     gradnorm_methods: tuple = ()  # also timed with Trainer(grad_norm=True), fit's default
+    native_methods: tuple = ()  # forward methods also timed with generator="native" (both backends)
 
 
-def sizes_for(*, quick: bool = False, tiny: bool = False) -> Sizes:
-    """The sizes of the full run, of ``--quick`` or of ``--tiny``.
+def sizes_for(*, quick: bool = False, tiny: bool = False, rank1: bool = False) -> Sizes:
+    """The sizes of the full run, of ``--quick``, of ``--tiny`` or of the rank-1 run.
 
     Args:
         quick: the reduced set (under a minute).
         tiny: the smoke test's sizes (wins over ``quick``).
+        rank1: the rank-1 rows beside backprop and the dense-tangent steps of the same K and
+            distribution, at the full run's sizes and rounds (``benchmarks/rank1.py``; wins over
+            ``quick``, not over ``tiny``).
 
     Returns:
         The :class:`Sizes` of that run.
     """
     all_methods = tuple(METHODS)
+    if rank1 and not tiny:
+        full = sizes_for()
+        mlp = ("backprop", "fwd-K1-normal", "fwd-K1-rademacher", "fwd-K16-normal", *RANK1_METHODS)
+        cnn = (
+            "backprop",
+            "fwd-K1-normal",
+            "fwd-K1-rademacher",
+            "fwd-K1-normal-rank1",
+            "fwd-K1-rademacher-rank1",
+        )
+        return dataclasses.replace(
+            full,
+            mode="rank1",
+            methods={"mlp": mlp, "cnn": cnn},
+            extras=False,
+            compile_methods=(),
+            framework_jvp_methods=(),
+            gradnorm_methods=(),
+            lean_methods=("fwd-K1-normal-rank1",),
+            native_methods=("fwd-K1-normal", "fwd-K1-normal-rank1"),
+        )
     if tiny:
         return Sizes(
             "tiny",
@@ -102,8 +156,14 @@ def sizes_for(*, quick: bool = False, tiny: bool = False) -> Sizes:
             cnn_channels=4,
             cnn_hidden=16,
             methods={
-                "mlp": ("backprop", "fwd-K4-normal", "forward-activity"),
-                "cnn": ("backprop", "fwd-K1-normal"),
+                "mlp": (
+                    "backprop",
+                    "fwd-K4-normal",
+                    "forward-activity",
+                    "fwd-K1-normal-rank1",
+                    "fwd-K16-rademacher-rank1",
+                ),
+                "cnn": ("backprop", "fwd-K1-normal", "fwd-K1-normal-rank1"),
             },
             rounds=2,
             round_seconds=0.0,
@@ -117,6 +177,7 @@ def sizes_for(*, quick: bool = False, tiny: bool = False) -> Sizes:
             conv_sizes=(1_000, 10_000),
             conv_reps=5,
             parallel_subprocesses=2,
+            lean_methods=("fwd-K1-normal-rank1",),
         )
     if quick:
         return Sizes(
@@ -127,8 +188,17 @@ def sizes_for(*, quick: bool = False, tiny: bool = False) -> Sizes:
             cnn_channels=64,
             cnn_hidden=1024,
             methods={
-                "mlp": ("backprop", "fwd-K1-normal", "fwd-K1-rademacher", "fwd-K4-normal"),
-                "cnn": ("backprop", "fwd-K1-rademacher"),
+                "mlp": (
+                    "backprop",
+                    "fwd-K1-normal",
+                    "fwd-K1-rademacher",
+                    "fwd-K4-normal",
+                    "fwd-K1-normal-rank1",
+                    "fwd-K1-rademacher-rank1",
+                    "fwd-K16-normal",
+                    "fwd-K16-normal-rank1",
+                ),
+                "cnn": ("backprop", "fwd-K1-rademacher", "fwd-K1-rademacher-rank1"),
             },
             rounds=3,
             round_seconds=0.05,
@@ -143,7 +213,8 @@ def sizes_for(*, quick: bool = False, tiny: bool = False) -> Sizes:
             conv_reps=20,
             parallel_subprocesses=2,
             extras=False,
-            lean_methods=("fwd-K1-rademacher",),
+            lean_methods=("fwd-K1-rademacher", "fwd-K1-normal-rank1"),
+            native_methods=("fwd-K1-normal-rank1",),
         )
     return Sizes(
         "full",
@@ -174,8 +245,9 @@ def sizes_for(*, quick: bool = False, tiny: bool = False) -> Sizes:
         parallel_subprocesses=2,
         compile_methods=("backprop", "fwd-K1-rademacher"),
         framework_jvp_methods=("fwd-K1-normal", "fwd-K1-rademacher", "fwd-K4-normal"),
-        lean_methods=("fwd-K1-normal", "fwd-K1-rademacher"),
+        lean_methods=("fwd-K1-normal", "fwd-K1-rademacher", "fwd-K1-normal-rank1"),
         gradnorm_methods=("backprop", "fwd-K1-rademacher"),
+        native_methods=("fwd-K1-normal", "fwd-K1-normal-rank1"),
     )
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ._common import LR, METHODS
 
-__all__ = ["jax_apply", "jax_draw", "jax_hand", "jax_per_example"]
+__all__ = ["jax_apply", "jax_draw", "jax_draw_rank1", "jax_hand", "jax_per_example", "jax_rank1_jvp"]
 
 
 def jax_apply(ops, layers, x, eps=None, inputs=None, pre=None):
@@ -70,6 +70,82 @@ def jax_draw(key, shapes, dist):
     return [jax.random.normal(k, s, dtype=jnp.float32) for k, s in zip(keys, shapes)]
 
 
+def jax_draw_rank1(key, shapes, k, dist):
+    """K rank-1 tangents per leaf: ``(u, w)`` with ``u`` ``(K, out)`` and ``w`` ``(K, *rest)`` for
+    a leaf of two or more axes (the tangent ``u ⊗ w``), a dense ``(K, *shape)`` array otherwise."""
+    import jax
+
+    out = []
+    for kk, s in zip(jax.random.split(key, len(shapes)), shapes):
+        if len(s) >= 2:
+            u, w = jax_draw(kk, [(k, s[0]), (k, *s[1:])], dist)
+            out.append((u, w))
+        else:
+            out.append(jax_draw(kk, [(k, *s)], dist)[0])
+    return out
+
+
+def _conv(h, w):
+    import jax
+
+    return jax.lax.conv_general_dilated(
+        h, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NCHW", "OIHW", "NCHW")
+    )
+
+
+def jax_rank1_jvp(ops, layers, tangents, x, y, k):
+    """Loss and its K directional derivatives along rank-1 tangents, the factors carried through.
+
+    Linear: ``t_out = (x·w) uᵀ + t_in Wᵀ + t_b``; Conv2d: ``u ⊗ conv(x, k) + conv(t_in, W) + t_b``;
+    ReLU masks, pooling is ``jax.jvp`` of the pool (vmapped over K), cross-entropy's tangent is
+    ``(softmax(z) - onehot(y)) / B`` against ``t_z``.
+
+    Args:
+        ops: the op list.
+        layers: per-layer params (JAX arrays).
+        tangents: per layer ``{"weight": (u, w), "bias": (K, out)}`` (:func:`jax_draw_rank1`).
+        x: the input batch.
+        y: the labels.
+        k: the number of tangents K.
+
+    Returns:
+        ``(value, d)``: the mean cross-entropy and its K directional derivatives, shape ``(K,)``.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    def pool(h):
+        return jax.lax.reduce_window(h, -jnp.inf, jax.lax.max, (1, 1, 2, 2), (1, 1, 2, 2), "VALID")
+
+    h, hd, i = x, None, 0
+    for op in ops:
+        if op in ("linear", "conv"):
+            w, b = layers[i]["weight"], layers[i]["bias"]
+            (u, wf), tb = tangents[i]["weight"], tangents[i]["bias"]
+            if op == "linear":
+                z = h @ w.T + b
+                zd = (wf @ h.T)[:, :, None] * u[:, None, :] + tb[:, None, :]  # (K, B, out)
+                if hd is not None:
+                    zd = zd + hd @ w.T
+            else:
+                z = _conv(h, w) + b[None, :, None, None]
+                t = jnp.transpose(_conv(h, wf), (1, 0, 2, 3))[:, :, None]  # (K, B, 1, H, W)
+                zd = t * u[:, None, :, None, None] + tb[:, None, :, None, None]
+                if hd is not None:
+                    n = hd.shape[1]
+                    zd = zd + _conv(hd.reshape(k * n, *hd.shape[2:]), w).reshape(k, n, *z.shape[1:])
+            h, hd, i = z, zd, i + 1
+        elif op == "relu":
+            h, hd = jnp.maximum(h, 0), hd * (h > 0)
+        elif op == "pool":
+            h, hd = pool(h), jax.vmap(lambda t, h=h: jax.jvp(pool, (h,), (t,))[1])(hd)
+        elif op == "flatten":
+            h, hd = h.reshape(h.shape[0], -1), (None if hd is None else hd.reshape(k, h.shape[0], -1))
+    value = jnp.mean(jax_per_example(h, y))
+    g = (jax.nn.softmax(h) - jax.nn.one_hot(y, h.shape[-1], dtype=h.dtype)) / h.shape[0]
+    return value, jnp.sum(g[None] * hd, axis=(1, 2))
+
+
 def jax_hand(ops, layers_np, x_np, y_np, method):
     """A hand-written JAX step (jit of value_and_grad / jvp + SGD).
 
@@ -105,6 +181,26 @@ def jax_hand(ops, layers_np, x_np, y_np, method):
             return jax.tree.map(lambda a, b: a - LR * b, p, g), value
 
         sample = None
+    elif est == "forward" and opts.get("tangents") == "rank1":
+        k, dist = opts["num_tangents"], opts["distribution"]
+
+        def sample(key):
+            return jax_draw_rank1(key, leaf_shapes, k, dist)
+
+        def step(p, key):  # the factored forward pass, then a rank-1 update per weight
+            v = jax.tree.unflatten(treedef, sample(key))
+            value, d = jax_rank1_jvp(ops, p, v, x, y, k)
+
+            def update(a, t):
+                if isinstance(t, tuple):
+                    u, w = t
+                    if k == 1:
+                        return a - (LR * d[0]) * jnp.outer(u[0], w[0].reshape(-1)).reshape(a.shape)
+                    g = (u * d[:, None]).T @ w.reshape(k, -1)  # sum_k d_k u_k w_kᵀ
+                    return a - (LR / k) * g.reshape(a.shape)
+                return a - (LR / k) * jnp.tensordot(d, t, axes=1)
+
+            return jax.tree.map(update, p, v, is_leaf=lambda t: isinstance(t, tuple)), value
     elif est == "forward":
         k, dist = opts["num_tangents"], opts["distribution"]
         shapes = leaf_shapes if k == 1 else [(k, *s) for s in leaf_shapes]

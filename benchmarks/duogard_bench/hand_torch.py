@@ -7,7 +7,7 @@ import contextlib
 
 from ._common import LR, METHODS
 
-__all__ = ["manual_jvp", "torch_apply", "torch_draw", "torch_hand", "torch_leaves"]
+__all__ = ["manual_jvp", "torch_apply", "torch_draw", "torch_draw_rank1", "torch_hand", "torch_leaves"]
 
 
 def torch_apply(ops, layers, x, eps=None, inputs=None, pre=None):
@@ -60,6 +60,19 @@ def torch_draw(shapes, dist):
     if dist == "rademacher":  # what a user writes: random bits, then 2b - 1
         return [torch.empty(s).bernoulli_(0.5).mul_(2).sub_(1) for s in shapes]
     return [torch.randn(s) for s in shapes]
+
+
+def torch_draw_rank1(shapes, k, dist):
+    """K rank-1 tangents per leaf: ``(u, w)`` with ``u`` ``(K, out)`` and ``w`` ``(K, *rest)`` for
+    a leaf of two or more axes (the tangent ``u ⊗ w``), a dense ``(K, *shape)`` tensor otherwise."""
+    out = []
+    for s in shapes:
+        if len(s) >= 2:
+            u, w = torch_draw([(k, s[0]), (k, *s[1:])], dist)
+            out.append((u, w))
+        else:
+            out.append(torch_draw([(k, *s)], dist)[0])
+    return out
 
 
 def _pre_shapes(ops, layers, x):
@@ -128,6 +141,17 @@ def torch_hand(ops, layers_np, x_np, y_np, method, impl):
             for t in leaves:
                 t.grad = None
             return value.detach()
+    elif est == "forward" and opts.get("tangents") == "rank1":
+        k, dist = opts["num_tangents"], opts["distribution"]
+
+        def sample():
+            return torch_draw_rank1(shapes, k, dist)
+
+        def step():  # the factored forward pass (manual_jvp), then a rank-1 update per weight
+            v = sample()
+            value, d = manual_jvp(ops, layers, rebuild(v), x, y, k)
+            _sgd_rank1(leaves, v, d, k)
+            return value
     elif est == "forward":
         k, dist = opts["num_tangents"], opts["distribution"]
         tshapes = shapes if k == 1 else [(k, *s) for s in shapes]
@@ -212,6 +236,23 @@ def _sgd_forward(leaves, v, d, k):
             p.add_(torch.tensordot(d, t, dims=1), alpha=-LR / k)
 
 
+def _sgd_rank1(leaves, v, d, k):
+    """params -= lr * mean_k(d_k u_k ⊗ w_k), in place: ``addr_`` for K = 1, one ``addmm_`` for K > 1
+    (weights seen as ``(out, rest)`` matrices); dense leaves (biases) as in :func:`_sgd_forward`."""
+    for p, t in zip(leaves, v):
+        if isinstance(t, tuple):
+            u, w = t
+            mat = p.view(p.shape[0], -1)
+            if k == 1:
+                mat.addr_(u[0], w[0].reshape(-1), alpha=-LR * float(d[0]))
+            else:
+                mat.addmm_((u * d[:, None]).T, w.reshape(k, -1), alpha=-LR / k)
+        elif k == 1:
+            p.add_(t[0], alpha=-LR * float(d[0]))
+        else:
+            p.add_(d @ t, alpha=-LR / k)
+
+
 def manual_jvp(ops, layers, tangents, x, y, k):
     """Loss and its K directional derivatives, with forward-mode rules written by hand.
 
@@ -221,7 +262,9 @@ def manual_jvp(ops, layers, tangents, x, y, k):
     Args:
         ops: the op list.
         layers: per-layer params (torch tensors).
-        tangents: the layers' structure with a leading K axis on every leaf.
+        tangents: the layers' structure with a leading K axis on every leaf; a weight's may be
+            a pair ``(u, w)`` of rank-1 factors (``u`` ``(K, out)``, ``w`` ``(K, *rest)``): its
+            tangent is ``u ⊗ w``, carried through the layer factored.
         x: the input batch.
         y: the labels.
         k: the number of tangents K.
@@ -238,7 +281,11 @@ def manual_jvp(ops, layers, tangents, x, y, k):
             w, b = layers[i]["weight"], layers[i]["bias"]
             vw, vb = tangents[i]["weight"], tangents[i]["bias"]
             z = F.linear(h, w, b)
-            zd = torch.baddbmm(vb[:, None, :], h.expand(k, *h.shape), vw.transpose(1, 2))  # (K, B, O)
+            if isinstance(vw, tuple):  # x (u wᵀ)ᵀ = (x·w) uᵀ: a (K, B) product, then an outer product
+                u, wf = vw
+                zd = torch.addcmul(vb[:, None, :], (wf @ h.T)[:, :, None], u[:, None, :])
+            else:
+                zd = torch.baddbmm(vb[:, None, :], h.expand(k, *h.shape), vw.transpose(1, 2))  # (K, B, O)
             if hd is not None:
                 zd += hd @ w.T
             h, hd, i = z, zd, i + 1
@@ -248,9 +295,14 @@ def manual_jvp(ops, layers, tangents, x, y, k):
             out = w.shape[0]
             z = F.conv2d(h, w, b, padding=1)
             n, _, hh, ww = z.shape
-            # one conv with the K weight tangents stacked on the output channels
-            zd = F.conv2d(h, vw.reshape(k * out, *w.shape[1:]), vb.reshape(-1), padding=1)
-            zd = zd.view(n, k, out, hh, ww).transpose(0, 1)
+            if isinstance(vw, tuple):  # conv(x, u ⊗ k) = u ⊗ conv(x, k): K output channels
+                u, kf = vw
+                t = F.conv2d(h, kf, padding=1).transpose(0, 1)[:, :, None]  # (K, B, 1, H, W)
+                zd = torch.addcmul(vb[:, None, :, None, None], t, u[:, None, :, None, None])
+            else:
+                # one conv with the K weight tangents stacked on the output channels
+                zd = F.conv2d(h, vw.reshape(k * out, *w.shape[1:]), vb.reshape(-1), padding=1)
+                zd = zd.view(n, k, out, hh, ww).transpose(0, 1)
             if hd is not None:
                 zd = zd + F.conv2d(hd.reshape(k * n, *hd.shape[2:]), w, padding=1).view(k, n, out, hh, ww)
             h, hd, i = z, zd, i + 1

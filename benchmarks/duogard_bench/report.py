@@ -7,9 +7,9 @@ import math
 
 import numpy as np
 
-from ._common import BAYDIN_RATIO, METHODS, fmt, format_table, median, ratio_of
+from ._common import BAYDIN_RATIO, METHODS, RANK1_METHODS, dense_twin, fmt, format_table, median, ratio_of
 
-__all__ = ["compile_records", "json_default", "print_rest", "print_step_tables"]
+__all__ = ["compile_records", "json_default", "print_rank1_table", "print_rest", "print_step_tables"]
 
 
 # ============================================================================ 5: compile
@@ -147,7 +147,48 @@ def print_step_tables(step, batch, log) -> None:
             log(f"   ! {r['backend']} {r['model']} {r['method']} {r['impl']}: {r['error']}")
 
 
-def print_rest(draw_opts, memory, conv, compile_recs, targets, log) -> None:
+def print_rank1_table(step, log) -> None:
+    """Print the rank-1 rows of section 1 beside backprop and the dense-tangent step of the same K.
+
+    Args:
+        step: the step records.
+        log: prints a line.
+    """
+    idx = {(r["backend"], r["model"], r["method"], r["impl"]): r for r in step}
+    rows = []
+    for m in ("mlp", "cnn"):
+        for me in RANK1_METHODS:
+            for im in ("duogard", "duogard-lean", "duogard-native", "hand"):
+                if not any(k[1:] == (m, me, im) for k in idx):
+                    continue
+                cells = [f"{m}  {me}", im]
+                for b in ("jax", "torch"):
+                    r = idx.get((b, m, me, im))
+                    twin = idx.get((b, m, dense_twin(me), im)) if dense_twin(me) else None
+                    bp = idx.get((b, m, "backprop", "hand" if im == "hand" else "duogard"))
+                    cells += [
+                        fmt(1e3 * r["median_s"]) if r else "-",
+                        fmt(1e3 * twin["median_s"]) if twin else "-",
+                        fmt(1e3 * bp["median_s"]) if bp else "-",
+                        fmt(r["ratios"].get("forward_over_backprop")) if r else "-",
+                        fmt(r["ratios"].get("rank1_over_dense")) if r else "-",
+                    ]
+                rows.append(cells)
+    if not rows:
+        return
+    log(
+        "\n   Rank-1 tangents (u wᵀ per weight), median ms: the rank-1 step, the dense-tangent step of "
+        "the same K and distribution, backprop; r1/bp and r1/dense their ratios (hand: hand-written "
+        "rank-1 step against hand-written steps; lean, native: against duogard's backprop and the dense "
+        "step of the same variant; native: generator='native', the framework's own generator)"
+    )
+    heads = []
+    for b in ("jax", "torch"):
+        heads += [f"{b} rank-1", f"{b} dense", f"{b} backprop", f"{b} r1/bp", f"{b} r1/dense"]
+    log(format_table(["model  method", "impl", *heads], rows))
+
+
+def print_rest(draw_opts, memory, conv, compile_recs, targets, log, draw_gens=()) -> None:
     """Print sections 2 to 5 (those that ran), then the targets and why each miss misses.
 
     Args:
@@ -157,15 +198,40 @@ def print_rest(draw_opts, memory, conv, compile_recs, targets, log) -> None:
         compile_recs: the ``compile`` records.
         targets: the targets (:func:`evaluate_targets`).
         log: prints a line.
+        draw_gens: the portable / native generator records (:func:`.draws.generator_costs`).
     """
     if draw_opts:
-        log(f"\n2. Tangent drawing, {draw_opts[0]['elements']:,} numbers (the MLP's parameter count)")
+        log(
+            f"\n2. Tangent drawing, {draw_opts[0]['elements']:,} numbers (the MLP's parameter count; "
+            "the rows that say so: 1,024)"
+        )
         log(
             format_table(
                 ["backend", "way", "ms", "ns/number"],
                 [
                     [d["backend"], d["way"], fmt(1e3 * d["median_s"]), fmt(d["ns_per_element"])]
                     for d in draw_opts
+                ],
+            )
+        )
+    if draw_gens:
+        log(
+            "\n   duogard's portable generator (Philox-4x32-10, the default) against the framework's "
+            "own (generator='native'): ns per number (µs per call)"
+        )
+        log(
+            format_table(
+                ["backend", "distribution", "numbers", "portable", "native", "portable/native"],
+                [
+                    [
+                        g["backend"],
+                        g["distribution"],
+                        f"{g['elements']:,}",
+                        f"{fmt(g['portable_ns'])} ({fmt(g['portable_us_per_call'], '.0f')} µs)",
+                        f"{fmt(g['native_ns'])} ({fmt(g['native_us_per_call'], '.0f')} µs)",
+                        fmt(g["portable_over_native"]),
+                    ]
+                    for g in draw_gens
                 ],
             )
         )

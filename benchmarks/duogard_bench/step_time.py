@@ -1,5 +1,5 @@
-"""Sections 1, 2 and 5: step time of every configuration, round-robin, the tangent cost, and the
-ways of drawing tangents."""
+"""Sections 1 and 5: step time of every configuration, round-robin, and the tangent cost (the ways
+of drawing tangents are in :mod:`.draws`)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._common import METHODS, Sizes, block_until_ready, median, ratio_of
+from ._common import METHODS, RANK1_METHODS, Sizes, dense_twin, median, ratio_of
 from .hand_jax import jax_hand
 from .hand_torch import torch_hand
 from .workloads import data_for, duogard_step, has_jvp_option, workload
@@ -19,7 +19,6 @@ from .workloads import data_for, duogard_step, has_jvp_option, workload
 __all__ = [
     "StepConfig",
     "check_losses",
-    "draw_options",
     "step_configs",
     "step_records",
     "time_step_configs",
@@ -69,8 +68,8 @@ def step_configs(sz: Sizes, backends) -> list[StepConfig]:
                 impls = ["duogard", "hand"]
                 if backend == "torch" and est == "backprop" and sz.extras:
                     impls.append("hand-autograd")
-                if backend == "torch" and est == "forward" and sz.extras:
-                    impls.append("hand-jvp")
+                if backend == "torch" and est == "forward" and sz.extras and method not in RANK1_METHODS:
+                    impls.append("hand-jvp")  # (the rank-1 "hand" step is hand-written rules already)
                 if backend == "torch" and model_name == "mlp" and method in sz.compile_methods:
                     impls.append("duogard-compiled")
                 if backend == "torch" and method in sz.framework_jvp_methods and has_jvp_option():
@@ -79,6 +78,8 @@ def step_configs(sz: Sizes, backends) -> list[StepConfig]:
                     impls.append("duogard-lean")
                 if method in sz.gradnorm_methods:
                     impls.append("duogard-gradnorm")
+                if method in sz.native_methods:
+                    impls.append("duogard-native")
                 for impl in impls:
                     if impl.startswith("duogard"):
                         make = lambda b=backend, m=model, p=params_np, me=method, im=impl: duogard_step(
@@ -91,6 +92,7 @@ def step_configs(sz: Sizes, backends) -> list[StepConfig]:
                             jvp="framework" if im == "duogard-framework-jvp" else None,
                             lean=im == "duogard-lean",
                             grad_norm=im == "duogard-gradnorm",
+                            generator="native" if im == "duogard-native" else None,
                         )
                     elif backend == "jax":
                         make = lambda o=ops, ln=layers_np, me=method: jax_hand(o, ln, *data, me)
@@ -222,6 +224,9 @@ def step_records(configs, draws) -> list[dict]:
             r["ratios"]["jax_over_torch"] = ratio_of(t, t_other) if b == "jax" else ratio_of(t_other, t)
         if "draw_median_s" in r:
             r["ratios"]["tangent_share"] = ratio_of(r["draw_median_s"], t)
+        twin = dense_twin(me)
+        if twin is not None and (b, m, twin, im) in index:
+            r["ratios"]["rank1_over_dense"] = ratio_of(t, index[(b, m, twin, im)]["median_s"])
     return recs
 
 
@@ -254,109 +259,3 @@ def check_losses(step, log) -> None:
                     f"   ! {r['backend']} {r['model']} {r['method']} {r['impl']}: first loss "
                     f"{r['first_loss']:.6f} differs from duogard's {ref['first_loss']:.6f}"
                 )
-
-
-# ---------------------------------------------------------------------------- drawing options
-
-
-def draw_options(n: int, rounds: int, reps: int) -> list[dict]:
-    """What drawing ``n`` tangent numbers costs, done in different ways (backs the proposals).
-
-    Args:
-        n: how many numbers to draw.
-        rounds: rounds over every way.
-        reps: draws per way per round.
-
-    Returns:
-        The ``draw_options`` records: median seconds and nanoseconds per number of each way.
-    """
-    import jax
-    import jax.numpy as jnp
-    import torch
-
-    import duogard as dg
-
-    bt, bj = dg.backend("torch"), dg.backend("jax")
-    kt, kj = bt.key(0), bj.key(0)
-    gen = torch.Generator().manual_seed(0)
-    shifts = torch.arange(8, dtype=torch.uint8)
-
-    def t_bits_int64():
-        words = torch.randint(-(2**63), 2**63 - 1, ((n + 63) // 64,), generator=gen, dtype=torch.int64)
-        bits = words[:, None].bitwise_right_shift(torch.arange(64)).bitwise_and_(1)
-        return bits.reshape(-1)[:n].to(torch.float32).mul_(2).sub_(1)
-
-    def t_bits_uint8_gen():
-        packed = torch.randint(0, 256, ((n + 7) // 8, 1), generator=gen, dtype=torch.uint8)
-        bits = packed.bitwise_right_shift(shifts).bitwise_and_(1)
-        return bits.reshape(-1)[:n].to(torch.float32).mul_(2).sub_(1)
-
-    table = torch.tensor([[1.0 if (b >> i) & 1 else -1.0 for i in range(8)] for b in range(256)])
-
-    def t_bytes_table():
-        words = torch.randint(-(2**63), 2**63 - 1, ((n + 63) // 64,), generator=gen, dtype=torch.int64)
-        return table[words.view(torch.uint8).long()].reshape(-1)[:n]
-
-    def t_bytes_table_index_select():
-        words = torch.randint(-(2**63), 2**63 - 1, ((n + 63) // 64,), generator=gen, dtype=torch.int64)
-        return table.index_select(0, words.view(torch.uint8).int()).reshape(-1)[:n]
-
-    def jax_bits(key):
-        words = jax.random.bits(key, ((n + 31) // 32,), dtype=jnp.uint32)
-        bits = (words[:, None] >> jnp.arange(32, dtype=jnp.uint32)) & 1
-        return bits.reshape(-1)[:n].astype(jnp.float32) * 2 - 1
-
-    rbg = jax.random.key(0, impl="rbg")
-    urbg = jax.random.key(0, impl="unsafe_rbg")
-    f_norm = jax.jit(lambda k: jax.random.normal(k, (n,), jnp.float32))
-    f_rad = jax.jit(lambda k: jax.random.rademacher(k, (n,), jnp.float32))
-    f_bits = jax.jit(jax_bits)
-    f_unif = jax.jit(lambda k: jax.random.uniform(k, (n,), jnp.float32))
-    f_be_norm = jax.jit(lambda k: bj.normal(k, (n,), dtype=jnp.float32))
-    f_be_rad = jax.jit(lambda k: bj.rademacher(k, (n,), dtype=jnp.float32))
-    ways = [
-        ("torch", "duogard be.normal", lambda: bt.normal(kt, (n,))),
-        ("torch", "torch.randn (global generator)", lambda: torch.randn(n)),
-        ("torch", "torch.randn (reused Generator)", lambda: torch.randn(n, generator=gen)),
-        ("torch", "duogard be.rademacher", lambda: bt.rademacher(kt, (n,))),
-        ("torch", "uint8 bytes, reused Generator", t_bits_uint8_gen),
-        ("torch", "int64 words, 64 signs each", t_bits_int64),
-        ("torch", "int64 words as bytes, 256x8 sign table (indexing)", t_bytes_table),
-        ("torch", "int64 words as bytes, 256x8 sign table (index_select)", t_bytes_table_index_select),
-        ("torch", "torch.rand(n).sub_(0.5).sign_()", lambda: torch.rand(n, generator=gen).sub_(0.5).sign_()),
-        ("torch", "torch.randn(n).sign_()", lambda: torch.randn(n, generator=gen).sign_()),
-        ("torch", "bernoulli_(0.5)*2-1", lambda: torch.empty(n).bernoulli_(0.5).mul_(2).sub_(1)),
-        ("torch", "randint(0,2)*2-1", lambda: torch.randint(0, 2, (n,), dtype=torch.float32).mul_(2).sub_(1)),
-        ("torch", "torch.rand (uniform)", lambda: torch.rand(n)),
-        ("jax", "duogard be.normal (jit)", lambda: f_be_norm(kj)),
-        ("jax", "duogard be.rademacher (jit)", lambda: f_be_rad(kj)),
-        ("jax", "jax.random.normal, threefry", lambda: f_norm(kj)),
-        ("jax", "jax.random.rademacher, threefry", lambda: f_rad(kj)),
-        ("jax", "jax.random.uniform, threefry", lambda: f_unif(kj)),
-        ("jax", "jax.random.bits, 32 signs per word, threefry", lambda: f_bits(kj)),
-        ("jax", "jax.random.normal, rbg key", lambda: f_norm(rbg)),
-        ("jax", "jax.random.rademacher, rbg key", lambda: f_rad(rbg)),
-        ("jax", "jax.random.normal, unsafe_rbg key", lambda: f_norm(urbg)),
-        ("jax", "jax.random.rademacher, unsafe_rbg key", lambda: f_rad(urbg)),
-        ("jax", "jax.random.bits, 32 signs per word, unsafe_rbg", lambda: f_bits(urbg)),
-    ]
-    times = {w[1]: [] for w in ways}
-    for _, _, f in ways:
-        block_until_ready(f())
-    for _ in range(rounds):
-        for _, label, f in ways:
-            for _ in range(reps):
-                t0 = time.perf_counter()
-                block_until_ready(f())
-                times[label].append(time.perf_counter() - t0)
-    return [
-        {
-            "section": "draw_options",
-            "backend": b,
-            "way": label,
-            "elements": n,
-            "median_s": median(times[label]),
-            "ns_per_element": 1e9 * median(times[label]) / n,
-        }
-        for b, label, _ in ways
-    ]

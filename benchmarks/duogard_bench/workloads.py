@@ -99,7 +99,17 @@ def has_jvp_option() -> bool:
 
 
 def duogard_step(
-    backend, model, params_np, x_np, y_np, method, compile=None, jvp=None, lean=False, grad_norm=False
+    backend,
+    model,
+    params_np,
+    x_np,
+    y_np,
+    method,
+    compile=None,
+    jvp=None,
+    lean=False,
+    grad_norm=False,
+    generator=None,
 ):
     """duogard's ``Trainer.step`` (estimator + SGD update).
 
@@ -117,6 +127,8 @@ def duogard_step(
             ``duogard.grad._lean``).
         grad_norm: the Trainer's option (fit's default; off here, as the hand-written steps
             compute no norm: the ``duogard-gradnorm`` rows measure what it costs).
+        generator: the forward estimator's ``generator`` option (None: its default, duogard's
+            portable Philox generator; ``"native"``: the framework's own).
 
     Returns:
         ``(run, draw)``: ``run()`` takes one step and returns the loss; ``draw()`` draws one
@@ -132,6 +144,8 @@ def duogard_step(
         opts = {**opts, "jvp": jvp}
     if lean:
         opts = {**opts, "lean": True}
+    if generator is not None:
+        opts = {**opts, "generator": generator}
     est = dg.estimator(est_name, **opts)
     tr = Trainer(
         model, optimizer=optim.sgd(LR), estimator=est, backend=backend, compile=compile, grad_norm=grad_norm
@@ -148,7 +162,19 @@ def duogard_step(
         return value
 
     draw = None
-    if est.stochastic:
+    if est.stochastic and getattr(est, "tangents", "dense") == "rank1":
+        from duogard.tree import Rank1, tree_leaves
+
+        # the factors as drawn (est.sample would form the dense u wᵀ to flatten them)
+        sample = be.jit(
+            lambda p, key: [
+                (t.u, t.w) if isinstance(t, Rank1) else t for t in tree_leaves(est.tangent_tree(p, key))
+            ]
+        )
+
+        def draw():
+            block_until_ready(sample(state["p"], keys[0]))
+    elif est.stochastic:
         sample = be.jit(lambda p, xx, yy, key: est.sample(tr.loss_fn, p, (xx, yy), key))
 
         def draw():
