@@ -145,6 +145,21 @@ def test_auto_path_calls_the_rules_where_the_backend_prefers_them(be, rules_call
     obj, params, batch = _setup(be, "mlp", losses.cross_entropy, "float64")
     dg.estimator("forward")(obj, params, batch, be.key(0))
     assert len(calls) == (1 if be.fast_jvp_rules else 0)
+    # K > 1: the rules on every backend (one stacked product for the K tangents)
+    dg.estimator("forward", num_tangents=3)(obj, params, batch, be.key(0))
+    assert len(calls) == (2 if be.fast_jvp_rules else 1)
+
+
+def test_k_tangents_in_one_product_match_k_separate_jvps(be):
+    """The stacked (B, K, ...) rules give, for each of the K tangents, the framework's own jvp."""
+    obj, params, batch = _setup(be, "cnn", losses.cross_entropy, "float64")
+    est = dg.estimator("forward", num_tangents=3, jvp="rules")
+    vtree = est.tangent_tree(params, be.key(5))
+    _, ds = est._directional(obj, params, batch, vtree)
+    for i in range(3):
+        vi = dg.tree.tree_map(lambda t, i=i: t[i], vtree)
+        _, di = be.jvp(lambda p: obj(p, batch), (params,), (vi,))
+        np.testing.assert_allclose(float(ds[i]), float(di), rtol=1e-10, atol=1e-12)
 
 
 def test_auto_path_keeps_the_framework_jvp_for_convolutions(be, rules_calls):

@@ -3,8 +3,11 @@
 Where a framework's generic forward AD is the bottleneck (``torch.func.jvp`` pays for dual
 tensors op by op), a JVP through a :class:`duogard.nn.Sequential` of duogard's own layers can
 be written directly: for ``y = x Wᵀ + b`` the tangent is ``ẏ = ẋ Wᵀ + x Ẇᵀ + ḃ``, and so on.
-The rules are written once against the backend contract, carry K tangents at once (a leading
-axis on every tangent), and are checked against the framework's ``jvp`` in the tests. Any
+The rules are written once against the backend contract and carry K tangents at once. A
+layer's K tangents are batch-major, ``(B, K, ...)``: then one matrix product (or one
+convolution) serves all K, ``x @ [V_1; ...; V_K]ᵀ`` for the weight tangents and a ``(B·K, in)``
+by ``(in, out)`` product for the incoming ones, with no transposes between layers. They are
+checked against the framework's ``jvp`` in the tests. Any
 layer without a rule here goes through the framework's ``jvp`` for that layer alone; a model
 or loss that is not covered at all makes :func:`plan` return None, and the estimator uses the
 framework's ``jvp`` for the whole loss (the path for arbitrary user code).
@@ -53,6 +56,26 @@ def plan(loss_fn, batch, *, convolutions: bool = True):
     return loss_fn.model, loss_fn.loss
 
 
+def _after_batch(xp, t, k: int):
+    """``(B, *rest, K*n)`` -> ``(B, K, *rest, n)``: a stacked product's K tangents, batch-major."""
+    t = xp.reshape(t, (*t.shape[:-1], k, t.shape[-1] // k))
+    return t if t.ndim == 3 else xp.moveaxis(t, -2, 1)
+
+
+def _through(xp, f, tx):
+    """``f`` (a map of the batch axis and features) applied to the K tangents ``tx`` (B, K, ...)
+    at once: they are folded into the batch axis, so one product serves all K.
+    """
+    b, k = tx.shape[0], tx.shape[1]
+    t = f(xp.reshape(tx, (b * k, *tx.shape[2:])))
+    return xp.reshape(t, (b, k, *t.shape[1:]))
+
+
+def _bias_tangent(xp, tb, ndim: int):
+    """A bias tangent ``(K, n)`` shaped to add to ``(B, K, *rest, n)`` (or ``(B, K, n, H, W)``)."""
+    return xp.reshape(tb, (1, tb.shape[0]) + (1,) * (ndim - 3) + (tb.shape[-1],))
+
+
 def _linear(be, layer, p, tp, x, tx, k):
     xp = be.xp
     w = p["weight"]
@@ -61,22 +84,16 @@ def _linear(be, layer, p, tp, x, tx, k):
     if isinstance(tw, Rank1):
         # x (u wᵀ)ᵀ = (x·w) uᵀ: one (B, in) by (in, K) product for all K tangents, then an
         # outer product, instead of a (B, in) by (in, out) product per tangent
-        xw = xp.moveaxis(xp.matmul(x, xp.matrix_transpose(tw.w)), -1, 0)  # (K, *batch)
-        ty = xw[..., None] * xp.reshape(tw.u, (k,) + (1,) * (x.ndim - 1) + (tw.u.shape[1],))
-    elif k == 1:
-        # one 2-D product: XLA's broadcast batched product (K=1) is twice as slow on CPU
-        ty = xp.matmul(x, xp.matrix_transpose(tw[0]))[None]
+        xw = xp.matmul(x, xp.matrix_transpose(tw.w))  # (B, *rest, K)
+        xw = xw if xw.ndim == 2 else xp.moveaxis(xw, -1, 1)  # (B, K, *rest)
+        ty = xw[..., None] * xp.reshape(tw.u, (1, k) + (1,) * (x.ndim - 2) + (tw.u.shape[1],))
     else:
-        # (K, B, out) by broadcasting: torch's batched product beats one (B, K*out) product
-        # followed by a transpose
-        ty = xp.matmul(x, xp.matrix_transpose(tw))
-    if tx is not None:  # the incoming tangents through W: one (K·B, in) by (in, out) product
-        b = tx.shape[1]
-        t2 = xp.matmul(xp.reshape(tx, (k * b, *tx.shape[2:])), xp.matrix_transpose(w))
-        ty = ty + xp.reshape(t2, (k, b, *t2.shape[1:]))
+        # the K weight tangents stacked: one (B, in) by (in, K·out) product for all K
+        ty = _after_batch(xp, xp.matmul(x, xp.matrix_transpose(xp.reshape(tw, (-1, tw.shape[-1])))), k)
+    if tx is not None:  # the incoming tangents through W: one (B·K, in) by (in, out) product
+        ty = ty + _through(xp, lambda t: xp.matmul(t, xp.matrix_transpose(w)), tx)
     if layer.bias:
-        tb = tp["bias"]
-        ty = ty + xp.reshape(tb, (tb.shape[0],) + (1,) * (ty.ndim - 2) + (tb.shape[-1],))
+        ty = ty + _bias_tangent(xp, tp["bias"], ty.ndim)
     return y, ty
 
 
@@ -100,37 +117,36 @@ def _conv(be, layer, p, tp, x, tx, k):
     if isinstance(tw, Rank1):
         # conv(x, u ⊗ k) = u ⊗ conv(x, k): one convolution with K single output channels
         t = conv(x, tw.w)  # (B, K, H, W)
-        ty = xp.permute_dims(t, (1, 0, 2, 3))[:, :, None] * tw.u[:, None, :, None, None]
+        ty = t[:, :, None] * tw.u[None, :, :, None, None]
     elif layer.groups == 1:
-        # all K weight tangents in one convolution: (B, K*out, H, W) -> (K, B, out, H, W)
+        # all K weight tangents in one convolution: (B, K*out, H, W) -> (B, K, out, H, W)
         t = conv(x, xp.reshape(tw, (k * out, *w.shape[1:])))
-        ty = xp.permute_dims(xp.reshape(t, (t.shape[0], k, out, *t.shape[2:])), (1, 0, 2, 3, 4))
+        ty = xp.reshape(t, (t.shape[0], k, out, *t.shape[2:]))
     else:
-        ty = xp.stack([conv(x, tw[i]) for i in range(k)])
-    if tx is not None:
-        b = tx.shape[1]
-        t2 = conv(xp.reshape(tx, (k * b, *tx.shape[2:])), w)
-        ty = ty + xp.reshape(t2, (k, b, *t2.shape[1:]))
+        ty = xp.stack([conv(x, tw[i]) for i in range(k)], axis=1)
+    if tx is not None:  # the incoming tangents through the kernel: one (B·K, ...) convolution
+        ty = ty + _through(xp, lambda t: conv(t, w), tx)
     if layer.bias:
-        ty = ty + xp.reshape(tp["bias"], (k, 1, -1, 1, 1))
+        ty = ty + xp.reshape(tp["bias"], (1, k, -1, 1, 1))
     return y, ty
 
 
 def _layer(be, layer, p, tp, x, tx, k):
+    """``(y, ty)``: the layer's output and its K tangents, batch-major: ``ty`` is ``(B, K, ...)``."""
     if isinstance(layer, Linear):
         return _linear(be, layer, p, tp, x, tx, k)
     if isinstance(layer, Conv2d):
         return _conv(be, layer, p, tp, x, tx, k)
     if isinstance(layer, Flatten):
         y = layer.forward(be, {}, x)
-        return y, None if tx is None else be.xp.reshape(tx, (k, *y.shape))
+        return y, None if tx is None else be.xp.reshape(tx, (y.shape[0], k, *y.shape[1:]))
     if isinstance(layer, Dropout):  # not training: identity
         return x, tx
     if isinstance(layer, Activation) and layer.name in _ELEMENTWISE:
         y = layer.forward(be, {}, x)
         if tx is None:
             return y, None
-        return y, tx * _ELEMENTWISE[layer.name](be, x, y, layer.options)
+        return y, tx * be.xp.expand_dims(_ELEMENTWISE[layer.name](be, x, y, layer.options), axis=1)
     return _generic_layer(be, layer, x, tx, k)
 
 
@@ -140,23 +156,23 @@ def _generic_layer(be, layer, x, tx, k):
     y = f(x)
     if tx is None:
         return y, None
-    return y, be.vmap(lambda t: be.jvp(f, (x,), (t,))[1])(tx)
+    return y, be.vmap(lambda t: be.jvp(f, (x,), (t,))[1], in_axes=1, out_axes=1)(tx)
 
 
 def _loss_jvp(be, loss, z, tz, y):
-    """(loss, K directional derivatives) of the batch-mean loss at logits ``z`` along ``tz`` (K, ...)."""
+    """(loss, K directional derivatives) of the batch-mean loss at logits ``z`` along ``tz`` (B, K, ...)."""
     xp = be.xp
-    axes = tuple(range(1, tz.ndim))
+    axes = (0,) + tuple(range(2, tz.ndim))
     if loss is _losses.cross_entropy:
         value = loss(z, y)
         target = _losses._targets_from(be, "cross_entropy", z, y, 0.0)
         g = (be.softmax(z, axis=-1) - target) / z.shape[0]  # d mean CE / dz
-        return value, xp.sum(g[None] * tz, axis=axes)
+        return value, xp.sum(xp.expand_dims(g, axis=1) * tz, axis=axes)
     diff = z - y  # mse
     numel = 1
     for d in diff.shape:
         numel *= int(d)
-    return xp.mean(diff * diff), xp.sum((2.0 / numel) * diff[None] * tz, axis=axes)
+    return xp.mean(diff * diff), xp.sum((2.0 / numel) * xp.expand_dims(diff, axis=1) * tz, axis=axes)
 
 
 def sequential_loss_jvp(be, model, loss, params, tparams, batch, k: int):
