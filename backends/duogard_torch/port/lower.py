@@ -35,9 +35,12 @@ class UnsupportedTorchOpsError(NotImplementedError):
 
     Attributes:
         ops: one ``(node name, op, module path, reason)`` tuple per unsupported node.
+
+    ``note`` (optional) is appended to the message (the torch.fx fallback says why export
+    was not used).
     """
 
-    def __init__(self, module_name: str, ops: list[tuple[str, str, str, str]]):
+    def __init__(self, module_name: str, ops: list[tuple[str, str, str, str]], note: str | None = None):
         self.ops = ops
         lines = [
             f"  - node {name!r}: {op} in module {path}" + (f" ({reason})" if reason else "")
@@ -49,6 +52,7 @@ class UnsupportedTorchOpsError(NotImplementedError):
             + "\n".join(lines)
             + "\nRewrite them with supported ops, or run the model on the torch backend "
             "(torch tensors use torch.func.functional_call and need no lowering)."
+            + (f"\n{note}" if note else "")
         )
 
 
@@ -78,7 +82,14 @@ class _Step:
 
 
 class LoweredGraph:
-    """A module's forward as a list of backend-neutral steps; call :meth:`run`."""
+    """A module's forward as a list of backend-neutral steps; call :meth:`run`.
+
+    Attributes:
+        path: ``"fx"`` (the export graph's is ``"export"``).
+    """
+
+    path = "fx"
+    fallback_reason: str | None = None
 
     def __init__(self, steps: list[_Step], output_args, module_name: str):
         self.steps = steps
@@ -111,6 +122,15 @@ class LoweredGraph:
                 kwargs = torch.fx.node.map_arg(step.kwargs, value)
                 env[step.name] = step.fn(rt, step.index, *args, **kwargs)
         return torch.fx.node.map_arg(self._output, value)
+
+    def run_with_state(self, be, params: dict, x, *, key=None):
+        """:meth:`run`, and the buffers the forward updates: none on the fx path (batch norm in
+        training mode with running statistics is not lowered there).
+
+        Returns:
+            ``(output, {})``.
+        """
+        return self.run(be, params, x, key=key), {}
 
     def __repr__(self) -> str:
         return f"LoweredGraph({self.module_name}, {len(self.steps)} steps)"
@@ -168,11 +188,28 @@ def trace(module: nn.Module) -> torch.fx.Graph:
     except Exception as exc:
         raise NotImplementedError(
             f"from_torch: torch.fx cannot trace {type(module).__name__}.forward, so it cannot run on "
-            f"a non-torch backend ({type(exc).__name__}: {str(exc).splitlines()[0][:300]}). Typical "
-            "cause: Python control flow on tensor values. On the torch backend the module runs as is."
+            f"a non-torch backend ({_trace_cause(exc)}). {_trace_hint(exc)} On the torch backend "
+            "the module runs as is."
         ) from exc
     finally:
         torch.autograd.Function.apply = original
+
+
+def _trace_cause(exc: BaseException) -> str:
+    from .export import real_cause
+
+    return real_cause(exc)
+
+
+def _trace_hint(exc: BaseException) -> str:
+    """What typically raises this tracing error (only where the error says so)."""
+    text = str(exc)
+    if "control flow" in text or "iteration" in text.lower() or "__bool__" in text:
+        return "Cause: Python control flow (if/while/for/bool) on tensor values."
+    return (
+        "Cause: the code at that location needs a concrete value where fx passes a symbolic proxy "
+        "(e.g. torch.finfo(x.dtype), a tensor's dtype or device, int()/float() of a tensor, NumPy)."
+    )
 
 
 # ============================================================================ lowering
@@ -259,6 +296,7 @@ def _lower_graph(module: nn.Module, graph: torch.fx.Graph) -> LoweredGraph:
     meth_rules = method_rules(fn_rules)
     state_names = set(module.state_dict().keys())
     steps, bad, bad_names, output, n_placeholders = [], [], set(), None, 0
+    dropouts = 0  # the i-th active dropout draws from fold_in(key, i), as on the export path
 
     for index, node in enumerate(graph.nodes):
         try:
@@ -277,6 +315,8 @@ def _lower_graph(module: nn.Module, graph: torch.fx.Graph) -> LoweredGraph:
                 mrule = module_rule(sub, node.target)
                 if node.kwargs or len(node.args) != 1:
                     raise Unsupported("called with more than one argument")
+                if type(sub) is nn.Dropout and sub.training and sub.p > 0:
+                    index, dropouts = dropouts, dropouts + 1
                 steps.append(
                     _Step(
                         index,
@@ -296,6 +336,8 @@ def _lower_graph(module: nn.Module, graph: torch.fx.Graph) -> LoweredGraph:
                 if rule is None:
                     raise Unsupported(None)
                 _bind_check(rule, node)
+                if node.target is F.dropout and _is_training_dropout(node):
+                    index, dropouts = dropouts, dropouts + 1
                 steps.append(_Step(index, node.name, node.op, rule.fn, tuple(node.args), dict(node.kwargs)))
             elif node.op == "output":
                 output = node.args[0]
@@ -311,6 +353,12 @@ def _lower_graph(module: nn.Module, graph: torch.fx.Graph) -> LoweredGraph:
     return LoweredGraph(steps, output, type(module).__name__)
 
 
+def _is_training_dropout(node) -> bool:
+    p = node.kwargs.get("p", node.args[1] if len(node.args) > 1 else 0.5)
+    training = node.kwargs.get("training", node.args[2] if len(node.args) > 2 else True)
+    return bool(training) and not (isinstance(p, (int, float)) and p == 0)
+
+
 def _report(node, source, module: nn.Module, reason) -> tuple[str, str, str, str | None]:
     """(node name, op, module path, reason) of an unsupported node."""
     where = node
@@ -319,8 +367,8 @@ def _report(node, source, module: nn.Module, reason) -> tuple[str, str, str, str
         op = f"module {cls.__module__}.{cls.__qualname__}"
     elif node.target is getattr and len(node.args) == 2:
         op, reason = f"tensor attribute .{node.args[1]}", None
-        # fx creates attribute nodes lazily (at their first use): report their input's module
-        where = source if source is not None else node
+        if source is not None:
+            reason = f"read from the output of node {source.name!r}"
     else:
         op = ("tensor method ." if node.op == "call_method" else "") + _describe(node.target)
     return node.name, op, _module_path(where, module), reason

@@ -5,8 +5,11 @@ its parameters and buffers become a flat dict of NumPy arrays keyed exactly like
 ``state_dict``, and ``model.apply(params, x)`` runs the module functionally:
 
 - torch tensors: ``torch.func.functional_call`` on the module itself (the reference);
-- any other backend (JAX): the forward captured once with ``torch.fx`` and lowered onto
-  duogard's backend ops (:mod:`.lower`), differentiable and jittable there.
+- any other backend (JAX): the forward captured with ``torch.export`` (decomposed to the core
+  ATen operators, one graph per train/eval mode and input shape and dtype) and lowered onto
+  duogard's backend ops (:mod:`.export`, :mod:`.aten`), differentiable and jittable there. Where
+  export cannot capture the forward, the ``torch.fx`` lowering (:mod:`.lower`) is used instead;
+  :attr:`TorchModel.lowered_path` says which.
 
 :func:`to_torch` loads trained params (of any backend, or NumPy) back into the module.
 """
@@ -23,7 +26,9 @@ from duogard.backend import backend, backend_of
 from duogard.nn import Module
 from duogard.tree import flatten_dict
 
+from .export import ExportCaptureError, capture, lower_exported, real_cause
 from .lower import UnsupportedTorchOpsError, lower_module
+from .training import PortableTrainMode, batchnorm_state_names, key_for_backend, train_mode_layers
 
 __all__ = ["TorchModel", "UnsupportedTorchOpsError", "from_torch", "to_torch"]
 
@@ -37,22 +42,6 @@ def _flat_params(params, where: str) -> dict:
     return flatten_dict(params) if any(isinstance(v, dict) for v in params.values()) else dict(params)
 
 
-def _torch_seed(key) -> int:
-    words = [int(w) for w in np.asarray(backend_of(key).key_data(key)).reshape(-1)]
-    seed = 0
-    for w in words:
-        seed = (seed * 0x100000001B3 + w) & 0x7FFFFFFFFFFFFFFF
-    return seed
-
-
-def _bn_with_running_stats(module) -> list[str]:
-    return [
-        name
-        for name, m in module.named_modules()
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats
-    ]
-
-
 class TorchModel(Module):
     """A ``torch.nn.Module`` as a duogard model (made by :func:`from_torch`).
 
@@ -64,21 +53,29 @@ class TorchModel(Module):
         trainable_names: names of the parameters with ``requires_grad`` (what an estimator
             should differentiate); everything else (buffers, frozen parameters) is state.
 
+        lowered_path: ``"export"`` or ``"fx"``: how the last lowered graph was captured (None
+            before any lowering); ``lowered_fallback_reason`` says why export was not used.
+
     ``apply(params, x, *, key=None, train=False)``:
         ``params`` may hold every state_dict entry, or only the trainable ones (see
         :meth:`trainable`): missing state entries are taken from :attr:`params`. Buffers are
         always passed explicitly, never mutated in place. ``train`` selects the module's
-        train/eval behaviour (dropout, batch norm) for this call only. BatchNorm with running
-        statistics cannot run with ``train=True`` (it would update its buffers in place): a
-        clear error says so; eval mode is fine.
+        train/eval behaviour (dropout, batch norm) for this call only: batch norm in training
+        mode normalises with batch statistics and updates nothing (:meth:`update_state` gives
+        the new running statistics).
 
-        - torch tensor ``x``: ``torch.func.functional_call(module, params, (x,))``; with
-          ``train=True`` and a ``key``, torch's RNG is seeded from the key inside
-          ``torch.random.fork_rng`` (dropout masks are then deterministic); without a key
-          torch's global RNG is used, as in PyTorch.
-        - any other array (JAX, or NumPy on a non-torch default backend): the lowered fx
-          graph (:meth:`lower`); dropout with ``train=True`` needs ``key``. The masks
-          differ from torch's (different generators).
+        - torch tensor ``x``: ``torch.func.functional_call(module, params, (x,))`` (buffers
+          cloned in training mode).
+        - any other array (JAX, or NumPy on a non-torch default backend): the lowered graph
+          (:meth:`lower`).
+
+        With ``train=True`` and a ``key``, dropout masks are duogard's portable draws, identical
+        on both backends: the i-th dropout in execution order keeps
+        ``be.bernoulli(be.fold_in(key, i), 1 - p, shape)``. Without a key, torch tensors use
+        torch's global RNG (as in PyTorch) and the lowered graph refuses to run dropout.
+
+    Training hooks (:class:`duogard.nn.Module`): :attr:`has_train_mode`, :attr:`has_state`,
+    :meth:`initial_state`, :meth:`update_state`.
     """
 
     def __init__(self, module, example_input=None):
@@ -88,10 +85,14 @@ class TorchModel(Module):
         state = module.state_dict(keep_vars=True)
         self.params = {k: v.detach().cpu().numpy().copy() for k, v in state.items()}
         self.trainable_names = tuple(k for k, p in module.named_parameters() if p.requires_grad)
-        self._batchnorms = _bn_with_running_stats(module)
-        self._lowered: dict[bool, Any] = {}
+        self._state_names = batchnorm_state_names(module)
+        self._lowered: dict[tuple, Any] = {}
+        self._example_spec = None
+        self.lowered_path = None
+        self.lowered_fallback_reason = None
         if example_input is not None:
             x = _as_torch(example_input, "from_torch: example_input")
+            self._example_spec = (tuple(x.shape), str(x.dtype).removeprefix("torch."))
             try:
                 self.apply(self.params, x)
             except Exception as exc:
@@ -157,53 +158,168 @@ class TorchModel(Module):
         return full
 
     # ------------------------------------------------------------------ torch path
-    def _torch_apply(self, params, x, *, key, train):
+    def _torch_apply(self, params, x, *, key, train, update_state=False):
         be = backend("torch")
-        if train and self._batchnorms:
-            raise ValueError(
-                f"from_torch model: BatchNorm layers {self._batchnorms} cannot run with train=True: "
-                "they would update their running statistics in place. Use train=False (eval-mode "
-                "batch norm), or build them with track_running_stats=False"
-            )
         full = self._full_params(params, be, "TorchModel.apply", device=x.device)
+        if train:
+            # buffers are updated in place by torch's layers (num_batches_tracked.add_, or
+            # running statistics): they run on clones, never on the caller's arrays (NumPy
+            # params share memory with torch.from_numpy)
+            trainable = set(self.trainable_names)
+            full = {k: v if k in trainable else v.clone() for k, v in full.items()}
         was_training = self.module.training
         self.module.train(bool(train))
         try:
-            if train and key is not None:
-                with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
-                    torch.manual_seed(_torch_seed(key))
-                    return torch.func.functional_call(self.module, full, (x,))
-            return torch.func.functional_call(self.module, full, (x,))
+            if not train:
+                return torch.func.functional_call(self.module, full, (x,))
+            mode = PortableTrainMode(key_for_backend(be, key), update_running_stats=update_state)
+            if update_state:
+                with torch.no_grad(), mode:
+                    torch.func.functional_call(self.module, full, (x,))
+                return {k: full[k] for k in self._state_names}
+            with mode:
+                return torch.func.functional_call(self.module, full, (x,))
         finally:
             self.module.train(was_training)
 
-    # ------------------------------------------------------------------ lowered path
-    def lower(self, *, train: bool = False):
-        """The module's forward traced with torch.fx and lowered onto duogard's backend ops.
+    # ------------------------------------------------------------------ training hooks
+    @property
+    def has_train_mode(self) -> bool:  # type: ignore[override]
+        """Whether a submodule computes differently in training (dropout with p > 0, batch norm,
+        attention dropout): training steps then run ``apply(..., train=True, key=...)``.
+
+        Judged from the submodules: a bare ``F.dropout(x, p, self.training)`` in a forward is
+        not seen (use ``nn.Dropout``).
+        """
+        return bool(train_mode_layers(self.module))
+
+    @property
+    def has_state(self) -> bool:  # type: ignore[override]
+        """Whether the module has batch norm running statistics (state that training updates)."""
+        return bool(self._state_names)
+
+    def initial_state(self) -> dict:
+        """The batch norm buffers before training: NumPy copies keyed like the state_dict."""
+        return {k: self.params[k].copy() for k in self._state_names}
+
+    def update_state(self, params, x, *, key=None) -> dict:
+        """The batch norm buffers after one training-mode forward pass over ``x``.
 
         Args:
-            train: lower the training-mode forward (dropout active) or the eval-mode one.
+            params: the params merged with the current state (``{**params, **state}``).
+            x: the batch's inputs (torch tensor, JAX array ...).
+            key: the step's key (the one its training forward used: the dropout masks before a
+                batch norm change its statistics).
 
         Returns:
-            The :class:`~duogard_torch.port.lower.LoweredGraph` (cached per mode).
+            New arrays of ``x``'s backend for every state entry (:meth:`initial_state`'s keys);
+            nothing is mutated. torch: the module itself under ``no_grad``, on clones; other
+            backends: the lowered training graph's buffer outputs.
+        """
+        if not self._state_names:
+            return {}
+        if not isinstance(x, torch.Tensor):
+            be = backend_of(x)
+            if not be.is_array(x):
+                x = be.asarray(np.asarray(x))
+        if isinstance(x, torch.Tensor):
+            return self._torch_apply(params, x, key=key, train=True, update_state=True)
+        be = backend_of(x)
+        graph = self.lower(train=True, example_input=x)
+        full = self._full_params(params, be, "TorchModel.update_state")
+        _, new = graph.run_with_state(be, full, x, key=key_for_backend(be, key))
+        return {k: new.get(k, full[k]) for k in self._state_names}
+
+    # ------------------------------------------------------------------ lowered path
+    def lower(self, *, train: bool = False, example_input=None):
+        """The module's forward lowered onto duogard's backend ops.
+
+        With an example input (``example_input``, else the one given to :func:`from_torch`)
+        the forward is captured with ``torch.export`` for that input's shape and dtype and
+        decomposed to core ATen (:mod:`.export`); where export cannot capture it (or without
+        any example input), with ``torch.fx`` (:mod:`.lower`). :attr:`lowered_path` records
+        which (``"export"`` or ``"fx"``) and :attr:`lowered_fallback_reason` why export was
+        not used. Graphs are cached per mode, shape and dtype.
+
+        Args:
+            train: lower the training-mode forward (dropout active, batch statistics) or the
+                eval-mode one.
+            example_input: an input (any backend, traced values included: only its shape and
+                dtype are used).
+
+        Returns:
+            An :class:`~duogard_torch.port.export.ExportedGraph` or a
+            :class:`~duogard_torch.port.lower.LoweredGraph`: ``run(be, params, x, *, key=None)``
+            and ``run_with_state(...)``; ``graph.path`` is ``"export"`` or ``"fx"``.
 
         Raises:
             UnsupportedTorchOpsError: lists every op it cannot lower, with node names and
                 module paths.
+            NotImplementedError: neither export nor fx can capture the forward (both causes
+                are given).
         """
         train = bool(train)
-        if train not in self._lowered:
-            self._lowered[train] = lower_module(self.module, train=train)
-        return self._lowered[train]
+        spec = self._example_spec
+        if example_input is not None:
+            spec = (
+                tuple(int(s) for s in example_input.shape),
+                str(example_input.dtype).removeprefix("torch."),
+            )
+        cache_key = (train, spec)
+        if cache_key not in self._lowered:
+            self._lowered[cache_key] = self._lower(train, spec)
+        graph = self._lowered[cache_key]
+        self.lowered_path = graph.path
+        self.lowered_fallback_reason = getattr(graph, "fallback_reason", None)
+        return graph
+
+    def _lower(self, train: bool, spec):
+        if spec is None:
+            graph = lower_module(self.module, train=train)
+            graph.fallback_reason = "no example input to export with (from_torch(module, example_input))"
+            return graph
+        shape, dtype = spec
+        example = torch.zeros(shape, dtype=getattr(torch, dtype))
+        try:
+            ep, functions = capture(self.module, example, train=train)
+        except ExportCaptureError as exc:
+            self._check_runs_on(example, train, exc)
+            try:
+                graph = lower_module(self.module, train=train)
+            except NotImplementedError as fx_exc:
+                if isinstance(fx_exc, UnsupportedTorchOpsError):
+                    note = f"These are torch.fx's spellings: the fallback, because {exc}"
+                    raise UnsupportedTorchOpsError(type(self.module).__name__, fx_exc.ops, note) from exc
+                raise NotImplementedError(
+                    f"from_torch: cannot capture {type(self.module).__name__}.forward to run it on a "
+                    f"non-torch backend. {exc} And torch.fx: {fx_exc}"
+                ) from exc
+            graph.fallback_reason = str(exc)
+            return graph
+        return lower_exported(self.module, ep, functions)
+
+    def _check_runs_on(self, example, train: bool, export_error) -> None:
+        """After an export failure: the module itself fails on such an input (a wrong shape or
+        dtype), say so instead of falling back to fx.
+        """
+        try:
+            with torch.random.fork_rng(devices=[]), torch.no_grad():
+                self._torch_apply(self.params, example, key=None, train=train)
+        except Exception as exc:
+            raise ValueError(
+                f"from_torch: {type(self.module).__name__} fails on an input of shape "
+                f"{tuple(example.shape)} and dtype {str(example.dtype).removeprefix('torch.')} "
+                f"(in {'training' if train else 'eval'} mode): {real_cause(exc)}"
+            ) from export_error.cause
 
     def lowered_apply(self, params, x, *, key=None, train: bool = False):
         """Run the lowered graph on ``x``'s backend (any backend, torch included)."""
         be = backend_of(x)
-        graph = self.lower(train=train)
+        graph = self.lower(train=train, example_input=x)
         # torch: put NumPy params on x's device (jax places them on its default device)
         device = be.device_of(x) if isinstance(x, torch.Tensor) else None
         full = self._full_params(params, be, "TorchModel.apply", device=device)
-        return graph.run(be, full, x, key=key)
+        return graph.run(be, full, x, key=key_for_backend(be, key))
 
     def output_shape(self, input_shape: tuple) -> tuple:
         return self.init_params(None, input_shape, None)[1]
@@ -235,9 +351,10 @@ def from_torch(module, example_input=None, *, lower: bool = False) -> TorchModel
     Args:
         module: the torch module (its weights are used as they are; it is not modified).
         example_input: an input to check the module with (run once, functionally, in eval
-            mode); optional.
-        lower: trace and lower the forward for non-torch backends now (raising the error that
-            lists every unsupported op at once), instead of at the first JAX call.
+            mode); optional. Its shape and dtype are also those ``lower=True`` exports with.
+        lower: capture and lower the eval-mode forward for non-torch backends now (raising the
+            error that lists every unsupported op at once), instead of at the first JAX call:
+            with ``torch.export`` given ``example_input``, else with ``torch.fx``.
 
     Returns:
         A :class:`TorchModel`: ``model.params`` (NumPy, keyed like ``module.state_dict()``,

@@ -1,0 +1,188 @@
+"""One lowering rule per core ATen operator, written against duogard's backend contract.
+
+``torch.export`` captures a module's forward as a graph of ATen operators; after
+``run_decompositions()`` only the core ATen set is left (about 200 operators into which every
+``torch.*``, ``Tensor.*``, ``F.*`` and ``nn.*`` call decomposes). :func:`rules` maps each
+supported operator (an ``OpOverload`` such as ``torch.ops.aten.addmm.default``) to an
+:class:`AtenRule`: a function of concrete values (arrays of the backend, Python numbers, lists)
+that computes the operator with ``be.xp`` and the contract's nn ops (``be.conv2d``,
+``be.max_pool2d``, ``be.bernoulli`` ...). Coverage follows from the operator set, not from a
+list of Python spellings. The nn operators (convolution, normalisation, pooling, dropout ...)
+are in :mod:`.aten_nn`.
+
+``python -m duogard_torch.port.optable [PATH]`` writes the operator table of the docs
+(``docs/torch-ops.md``); a test keeps that file in sync with :func:`rules`.
+"""
+
+from __future__ import annotations
+
+import operator
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["AtenRule", "NodeInfo", "Run", "rules", "table_markdown", "write_table"]
+
+aten = torch.ops.aten
+
+
+@dataclass
+class Run:
+    """What every rule sees at run time: the backend, the step's key, ``x``'s device."""
+
+    be: Any
+    key: Any
+    device: Any
+    params: dict
+
+    def key_for(self, index: int, what: str):
+        """The key of the ``index``-th random op (dropout): ``fold_in(key, index)``."""
+        if self.key is None:
+            raise ValueError(
+                f"{what} in training mode needs an explicit random key: "
+                "model.apply(params, x, train=True, key=be.key(seed))"
+            )
+        return self.be.fold_in(self.key, index)
+
+
+@dataclass
+class NodeInfo:
+    """What a rule may know about its node, fixed at lowering time."""
+
+    name: str
+    path: str = ""
+    #: indices of this node's outputs that other nodes read (multi-output operators)
+    used_outputs: set = field(default_factory=set)
+    #: per-operator extras (the dropout counter, batch norm's cumulative-average buffer ...)
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class AtenRule:
+    """A core ATen operator's lowering.
+
+    Attributes:
+        fn: ``fn(rt, info, *args, **kwargs)`` with the operator's schema arguments (tensors as
+            arrays of ``rt.be``).
+        doc: what it lowers to, for the docs table.
+        check: ``check(node, info)`` at lowering time; raises :class:`Unsupported` to refuse
+            options the rule does not cover.
+    """
+
+    fn: Callable
+    doc: str
+    check: Callable | None = None
+
+
+# ============================================================================ helpers
+
+_DTYPE_CACHE: dict = {}
+
+
+def dtype_of(be, torch_dtype):
+    """The backend's dtype for a torch dtype (JAX without 64-bit mode: the 32-bit one)."""
+    if torch_dtype is None:
+        return None
+    name = str(torch_dtype).removeprefix("torch.")
+    cache_key = (be.name, name)
+    if cache_key not in _DTYPE_CACHE:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            _DTYPE_CACHE[cache_key] = be.xp.zeros((), dtype=be.as_dtype(name)).dtype
+    return _DTYPE_CACHE[cache_key]
+
+
+def device_kw(rt) -> dict:
+    """``device=`` for creation ops: ``x``'s device (none under a JAX transform)."""
+    return {} if rt.device is None else {"device": rt.device}
+
+
+def axis_of(dim, ndim):
+    """A torch ``dim`` argument (int, list, None or []) as an array-API ``axis``."""
+    if dim is None or (isinstance(dim, (list, tuple)) and len(dim) == 0):
+        return None
+    if isinstance(dim, (list, tuple)):
+        return tuple(d % ndim if ndim else 0 for d in dim)
+    return dim % ndim if ndim else 0
+
+
+_RULES: dict | None = None
+
+
+def rules() -> dict:
+    """The lowering rules: core ATen ``OpOverload`` (and ``operator.getitem``) to :class:`AtenRule`."""
+    global _RULES
+    if _RULES is None:
+        from .aten_core import core_rules
+        from .aten_index import index_rules
+        from .aten_nn import nn_rules
+
+        table = core_rules()
+        table.update(index_rules())
+        table.update(nn_rules())
+        _RULES = table
+    return _RULES
+
+
+def op_name(op) -> str:
+    """``aten.addmm.default`` for an ``OpOverload``, ``operator.getitem`` for getitem."""
+    if op is operator.getitem:
+        return "operator.getitem"
+    return str(op)
+
+
+def table_markdown() -> str:
+    """The docs page listing every supported operator (``docs/torch-ops.md``)."""
+    from .rules import function_rules, method_rules
+
+    lines = [
+        "# PyTorch operators duogard lowers",
+        "",
+        "<!-- generated by `python -m duogard_torch.port.optable docs/torch-ops.md`; a test checks it -->",
+        "",
+        "`duogard.from_torch(module)` runs a `torch.nn.Module` on a non-torch backend (JAX) by",
+        "capturing its forward with `torch.export.export`, decomposing it to the core ATen operator",
+        "set (`ExportedProgram.run_decompositions()`), and lowering every operator with one rule",
+        "written against duogard's backend contract. Modules export cannot capture fall back to the",
+        "`torch.fx` lowering (the Python spellings in the second table); `TorchModel.lowered_path`",
+        "says which path a model took.",
+        "",
+        "## Core ATen operators (the `torch.export` path)",
+        "",
+        "| operator | lowered to |",
+        "|---|---|",
+    ]
+    for name, doc in sorted((op_name(op), rule.doc) for op, rule in rules().items()):
+        lines.append(f"| `{name}` | {doc} |")
+    fn_rules = function_rules()
+    fx_names = sorted({_fx_name(t) for t in fn_rules} | {f"Tensor.{m}" for m in method_rules(fn_rules)})
+    lines += [
+        "",
+        "## Python spellings (the `torch.fx` fallback)",
+        "",
+        "Functions and tensor methods; leaf modules: `nn.Linear`, `nn.Conv2d`, `nn.ReLU`, `nn.Tanh`,",
+        "`nn.Sigmoid`, `nn.SiLU`, `nn.GELU`, `nn.LeakyReLU`, `nn.ELU`, `nn.Softplus`, `nn.Softmax`,",
+        "`nn.LogSoftmax`, `nn.Flatten`, `nn.MaxPool2d`, `nn.AvgPool2d`, `nn.Dropout`, `nn.LayerNorm`,",
+        "`nn.BatchNorm1d`, `nn.BatchNorm2d` (eval mode), `nn.Identity`.",
+        "",
+    ]
+    lines += [f"- `{n}`" for n in fx_names]
+    return "\n".join(lines) + "\n"
+
+
+def _fx_name(target) -> str:
+    from .lower import _describe
+
+    return _describe(target)
+
+
+def write_table(path) -> Path:
+    """Write :func:`table_markdown` to ``path``; returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(table_markdown(), encoding="utf-8")
+    return path

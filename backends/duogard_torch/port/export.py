@@ -1,0 +1,369 @@
+"""Lower a ``torch.nn.Module`` through ``torch.export``: capture, graph signature, run.
+
+:func:`capture` exports the module's forward (non-strict) for one example input and decomposes
+it to the core ATen operator set; :func:`lower_exported` maps every node to a rule of
+:mod:`.aten` and returns an :class:`ExportedGraph`, which runs on any backend:
+
+- parameters and buffers are graph inputs, read from the ``params`` dict (keyed like the
+  module's ``state_dict``); constants (non-persistent buffers, tensor attributes) are kept in
+  NumPy;
+- buffer mutations (batch norm's running statistics in training mode) are graph outputs:
+  :meth:`ExportedGraph.run_with_state` returns them as new arrays, nothing is mutated;
+- the i-th ``native_dropout`` node of the graph draws its mask from ``fold_in(key, i)``.
+
+Every node is checked when the graph is lowered: unsupported operators (and custom
+``torch.autograd.Function`` calls, whose own backward/jvp cannot be lowered) are reported
+together in one :class:`~duogard_torch.port.lower.UnsupportedTorchOpsError`.
+"""
+
+from __future__ import annotations
+
+import operator
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.fx
+from torch import nn
+from torch.export.graph_signature import InputKind, OutputKind
+from torch.utils import _pytree as pytree
+
+from .aten import NodeInfo, Run, op_name, rules
+from .helpers import Unsupported
+from .lower import UnsupportedTorchOpsError, _module_path
+
+__all__ = ["ExportCaptureError", "ExportedGraph", "capture", "lower_exported", "real_cause"]
+
+_TORCH_DIR = str(Path(torch.__file__).parent)
+_PORT_DIR = str(Path(__file__).parent)
+
+
+class ExportCaptureError(RuntimeError):
+    """``torch.export`` could not capture the forward; ``cause`` is the original exception."""
+
+    def __init__(self, module_name: str, cause: BaseException):
+        self.cause = cause
+        super().__init__(f"torch.export cannot capture {module_name}.forward: {real_cause(cause)}")
+
+
+def real_cause(exc: BaseException) -> str:
+    """``Type: first line of the message (at file:line in function: code)``, the location being
+    the innermost frame of the user's code (outside torch and duogard's port).
+    """
+    message = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+    where = None
+    for frame in traceback.extract_tb(exc.__traceback__):
+        name = frame.filename
+        if name.startswith((_TORCH_DIR, _PORT_DIR)) or "site-packages" in name or name.startswith("<"):
+            continue
+        where = frame
+    text = f"{type(exc).__name__}: {message}"
+    if where is not None:
+        text += f" (at {where.filename}:{where.lineno} in {where.name}: {(where.line or '').strip()})"
+    return text
+
+
+# ============================================================================ capture
+
+
+class _Recorder:
+    """Module paths while tracing, and the custom autograd Functions called under them."""
+
+    def __init__(self, module: nn.Module):
+        self.stack: list[str] = []
+        self.functions: list[tuple[type, str]] = []
+        self.handles = []
+        for name, sub in module.named_modules():
+            self.handles.append(sub.register_forward_pre_hook(lambda m, a, _n=name: self.stack.append(_n)))
+            self.handles.append(sub.register_forward_hook(self._pop))
+
+    def _pop(self, module, args, output):
+        self.stack.pop()
+
+    def close(self):
+        for h in self.handles:
+            h.remove()
+
+
+def capture(module: nn.Module, example: torch.Tensor, *, train: bool):
+    """Export ``module``'s forward on ``example`` (non-strict) and decompose it to core ATen.
+
+    Batch norm layers with ``momentum=None`` (a cumulative average, which export cannot trace:
+    it reads ``num_batches_tracked`` as a Python number) are exported with a placeholder
+    momentum; :func:`lower_exported` computes the cumulative factor from the buffer instead.
+    The module's mode, momenta and state are restored afterwards.
+
+    Args:
+        module: the torch module.
+        example: an input of the shape and dtype the graph is for.
+        train: export the training-mode forward or the eval-mode one.
+
+    Returns:
+        ``(exported_program, functions)``: the decomposed ``ExportedProgram`` and the custom
+        ``torch.autograd.Function`` classes called while tracing, with their module paths.
+
+    Raises:
+        ExportCaptureError: export failed (its ``cause`` is the original exception).
+    """
+    was_training = module.training
+    recorder = _Recorder(module)
+    cumulative = [
+        m
+        for m in module.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.momentum is None and m.track_running_stats
+    ]
+    original = torch.autograd.Function.__dict__["apply"]
+
+    def apply(cls, *args, **kwargs):
+        recorder.functions.append((cls, recorder.stack[-1] if recorder.stack else ""))
+        return original.__func__(cls, *args, **kwargs)
+
+    module.train(train)
+    for m in cumulative:
+        m.momentum = 0.1
+    torch.autograd.Function.apply = classmethod(apply)
+    try:
+        ep = torch.export.export(module, (example,), strict=False)
+        ep = ep.run_decompositions()
+    except Exception as exc:
+        raise ExportCaptureError(type(module).__name__, exc) from exc
+    finally:
+        torch.autograd.Function.apply = original
+        for m in cumulative:
+            m.momentum = None
+        recorder.close()
+        module.train(was_training)
+    return ep, recorder.functions
+
+
+# ============================================================================ the lowered graph
+
+
+@dataclass
+class _Step:
+    name: str
+    fn: Any
+    info: NodeInfo
+    args: tuple
+    kwargs: dict
+
+
+class ExportedGraph:
+    """A module's exported forward as backend-neutral steps; call :meth:`run`.
+
+    Attributes:
+        path: ``"export"`` (the fx graph's is ``"fx"``).
+        module_name: the module's class name.
+        buffer_outputs: the state_dict names of the buffers the forward updates (batch norm's
+            running statistics in training mode).
+    """
+
+    path = "export"
+
+    def __init__(self, module_name, inputs, steps, user_outputs, buffer_outputs, out_spec):
+        self.module_name = module_name
+        self._inputs = inputs  # (placeholder name, kind, target or constant)
+        self.steps = steps
+        self._user_outputs = user_outputs
+        self._buffer_outputs = buffer_outputs  # (state_dict name, output node or constant)
+        self._out_spec = out_spec
+        self.buffer_outputs = tuple(name for name, _ in buffer_outputs)
+
+    def _evaluate(self, be, params, x, key):
+        rt = Run(be, key, be.device_of(x), params)
+        env: dict[str, Any] = {}
+        for name, kind, target in self._inputs:
+            if kind == "input":
+                env[name] = x
+            elif kind == "param":
+                env[name] = params[target]
+            else:  # a constant, NumPy
+                env[name] = be.asarray(target, **({} if rt.device is None else {"device": rt.device}))
+
+        def value(node):
+            return env[node.name]
+
+        for step in self.steps:
+            args = torch.fx.node.map_arg(step.args, value)
+            kwargs = torch.fx.node.map_arg(step.kwargs, value)
+            env[step.name] = step.fn(rt, step.info, *args, **kwargs)
+        user = [torch.fx.node.map_arg(o, value) for o in self._user_outputs]
+        out = pytree.tree_unflatten(user, self._out_spec)
+        state = {name: torch.fx.node.map_arg(node, value) for name, node in self._buffer_outputs}
+        return out, state
+
+    def run(self, be, params: dict, x, *, key=None):
+        """Evaluate the graph on backend ``be``.
+
+        Args:
+            be: the backend module whose ops to run.
+            params: state_dict names to arrays of ``be`` (parameters and buffers).
+            x: the input, an array of ``be``.
+            key: a key of ``be``; needed only by dropout in training mode.
+
+        Returns:
+            The module's output (arrays of ``be``, in the structure ``forward`` returns).
+        """
+        return self._evaluate(be, params, x, key)[0]
+
+    def run_with_state(self, be, params: dict, x, *, key=None):
+        """Evaluate the graph, and return the buffers it updates as new arrays.
+
+        Returns:
+            ``(output, new_buffers)``: ``new_buffers`` maps state_dict names (``"bn.running_mean"``,
+            ``"bn.num_batches_tracked"`` ...) to new arrays of ``be``; ``params`` is unchanged.
+        """
+        return self._evaluate(be, params, x, key)
+
+    def __repr__(self) -> str:
+        return f"ExportedGraph({self.module_name}, {len(self.steps)} steps)"
+
+
+def _python_spelling(node) -> str | None:
+    """``torch.fft.fft`` / ``Tensor.abs`` ... from export's ``torch_fn`` metadata."""
+    meta = node.meta.get("torch_fn")
+    if not meta or len(meta) < 2:
+        return None
+    kind, _, name = str(meta[1]).rpartition(".")
+    if kind == "method_descriptor":
+        return f"Tensor.{name}"
+    if hasattr(torch.nn.functional, name) and not hasattr(torch, name):
+        return f"torch.nn.functional.{name}"
+    if hasattr(torch, name):
+        return f"torch.{name}"
+    prefix, _, rest = name.partition("_")
+    if prefix in ("fft", "linalg", "special") and hasattr(getattr(torch, prefix), rest):
+        return f"torch.{prefix}.{rest}"
+    return name
+
+
+def _used_outputs(node) -> set:
+    return {u.args[1] for u in node.users if u.op == "call_function" and u.target is operator.getitem}
+
+
+def lower_exported(module: nn.Module, ep, functions=()) -> ExportedGraph:
+    """Lower every node of an exported program (:func:`capture`) onto duogard's backend ops.
+
+    Args:
+        module: the module that was exported (for module paths and batch norm settings).
+        ep: its decomposed ``ExportedProgram``.
+        functions: the custom autograd Functions :func:`capture` saw, reported as unsupported.
+
+    Returns:
+        The :class:`ExportedGraph`.
+
+    Raises:
+        UnsupportedTorchOpsError: one error listing every operator that cannot be lowered,
+            with node names and module paths.
+    """
+    table = rules()
+    state_names = set(module.state_dict().keys())
+    sig = ep.graph_signature
+    bad: list[tuple[str, str, str, str | None]] = []
+    placeholders = [n for n in ep.graph.nodes if n.op == "placeholder"]
+    inputs = []
+    n_user = 0
+    for node, spec in zip(placeholders, sig.input_specs):
+        if spec.kind in (InputKind.PARAMETER, InputKind.BUFFER) and spec.target in state_names:
+            inputs.append((node.name, "param", spec.target))
+        elif spec.kind in (InputKind.BUFFER, InputKind.CONSTANT_TENSOR, InputKind.PARAMETER):
+            const = ep.constants.get(spec.target, ep.state_dict.get(spec.target))
+            inputs.append((node.name, "const", _numpy(const)))
+        elif spec.kind == InputKind.USER_INPUT:
+            if n_user:
+                bad.append((node.name, "a second input", "''", "from_torch models take one input x"))
+            inputs.append((node.name, "input", None))
+            n_user += 1
+        else:
+            bad.append((node.name, f"graph input of kind {spec.kind.name}", "''", None))
+
+    steps, dropouts = [], 0
+    for node in ep.graph.nodes:
+        if node.op != "call_function":
+            continue
+        info = NodeInfo(node.name, _path(node), _used_outputs(node))
+        rule = table.get(node.target)
+        try:
+            if rule is None:
+                raise Unsupported(None)
+            if node.target is torch.ops.aten.native_dropout.default:
+                info.extra["dropout_index"] = dropouts
+                dropouts += 1
+            if node.target is torch.ops.aten._native_batch_norm_legit_functional.default:
+                _cumulative(module, info, state_names)
+            if rule.check is not None:
+                rule.check(node, info)
+        except Unsupported as exc:
+            spelling = _python_spelling(node)
+            op = op_name(node.target) + (f" (from {spelling})" if spelling else "")
+            bad.append((node.name, op, _where(node, module), exc.args[0] if exc.args else None))
+            continue
+        steps.append(_Step(node.name, rule.fn, info, tuple(node.args), dict(node.kwargs)))
+
+    for cls, path in dict.fromkeys(functions):
+        where = (
+            f"{path!r} ({type(module.get_submodule(path)).__name__})" if path else _module_path_root(module)
+        )
+        bad.append(
+            (
+                f"{cls.__name__}.apply",
+                f"custom torch.autograd.Function {cls.__module__}.{cls.__qualname__}",
+                where,
+                "its own backward/jvp cannot be lowered",
+            )
+        )
+
+    output_node = next(n for n in ep.graph.nodes if n.op == "output")
+    outs = list(output_node.args[0])
+    user_outputs, buffer_outputs = [], []
+    for value, spec in zip(outs, sig.output_specs):
+        if spec.kind == OutputKind.USER_OUTPUT:
+            user_outputs.append(value)
+        elif spec.kind == OutputKind.BUFFER_MUTATION:
+            buffer_outputs.append((spec.target, value))
+        else:
+            what = (
+                "modifies its input in place"
+                if spec.kind == OutputKind.USER_INPUT_MUTATION
+                else spec.kind.name
+            )
+            bad.append((getattr(value, "name", "output"), f"graph output ({what})", "''", None))
+    if bad:
+        raise UnsupportedTorchOpsError(type(module).__name__, bad)
+    return ExportedGraph(
+        type(module).__name__, inputs, steps, user_outputs, buffer_outputs, ep.call_spec.out_spec
+    )
+
+
+def _where(node, module) -> str:
+    """The module path of a node: ``'enc.inner' (_Inner)``, or the root."""
+    return _module_path(node, module) if _path(node) else _module_path_root(module)
+
+
+def _module_path_root(module) -> str:
+    return f"'' ({type(module).__name__}, the root)"
+
+
+def _path(node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    return list(stack.values())[-1][0] if stack else ""
+
+
+def _cumulative(module, info: NodeInfo, state_names) -> None:
+    """Batch norm with ``momentum=None``: the factor is 1 / (num_batches_tracked + 1)."""
+    try:
+        sub = module.get_submodule(info.path)
+    except AttributeError:
+        return
+    counter = f"{info.path}.num_batches_tracked" if info.path else "num_batches_tracked"
+    if isinstance(sub, nn.modules.batchnorm._BatchNorm) and sub.momentum is None and counter in state_names:
+        info.extra["cumulative"] = counter
+
+
+def _numpy(value):
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().numpy().copy()
+    return np.asarray(value)

@@ -1,0 +1,159 @@
+"""Training mode of a ported module on torch tensors: portable dropout masks, batch norm
+without in-place updates, and which layers make a module train differently.
+
+Dropout masks are duogard's portable draws, so that a module gives the same training-mode
+output on torch and on JAX for the same key: the i-th dropout applied in execution order
+(i = 0, 1, 2 ...) keeps an entry where ``be.bernoulli(be.fold_in(key, i), 1 - p, shape)`` is
+true and outputs ``where(keep, x / (1 - p), 0)``. On torch tensors :class:`PortableTrainMode`
+(a ``TorchFunctionMode``) intercepts ``F.dropout`` inside the real module; the lowered graphs
+count their dropout nodes in graph order (the execution order).
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from duogard.backend import backend, backend_of
+
+__all__ = ["PortableTrainMode", "batchnorm_state_names", "key_for_backend", "train_mode_layers"]
+
+_DROPOUT_SIG = inspect.signature(F.dropout)
+_MHA_SIG = inspect.signature(F.multi_head_attention_forward)
+_SDPA_PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+_BATCH_NORM_SIG = inspect.signature(F.batch_norm)
+
+
+class PortableTrainMode(TorchFunctionMode):
+    """Inside a module's forward on torch tensors: dropout from a key, batch norm untouched.
+
+    Args:
+        key: a torch backend key, or None to keep torch's own RNG for dropout.
+        update_running_stats: let ``F.batch_norm`` update the running statistics it is given
+            (in place: pass clones); otherwise training-mode batch norm uses batch statistics
+            and updates nothing.
+    """
+
+    def __init__(self, key=None, *, update_running_stats: bool = False):
+        super().__init__()
+        self.key = key
+        self.update_running_stats = update_running_stats
+        self.count = 0
+        self._be = backend("torch")
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.dropout and self.key is not None:
+            bound = _DROPOUT_SIG.bind(*args, **kwargs)
+            bound.apply_defaults()
+            a = bound.arguments
+            if a["training"]:
+                return self._dropout(a["input"], float(a["p"]))
+        if func is F.scaled_dot_product_attention and self.key is not None:
+            out = self._sdpa(args, kwargs)
+            if out is not None:
+                return out
+        if func is F.multi_head_attention_forward and self.key is not None:
+            bound = _MHA_SIG.bind(*args, **kwargs)
+            bound.apply_defaults()
+            if bound.arguments["training"] and bound.arguments["dropout_p"] > 0:
+                return self._attention_module(func, args, kwargs)
+        if func is F.batch_norm and not self.update_running_stats:
+            bound = _BATCH_NORM_SIG.bind(*args, **kwargs)
+            bound.apply_defaults()
+            a = bound.arguments
+            if a["training"] and a["running_mean"] is not None:
+                a["running_mean"] = a["running_var"] = None  # batch statistics, no update
+                return func(**a)
+        return func(*args, **kwargs)
+
+    def _sdpa(self, args, kwargs):
+        a = dict(zip(_SDPA_PARAMS, args), **kwargs)
+        if a.get("dropout_p", 0.0) > 0 and not a.get("enable_gqa", False):
+            return self._attention(**a)
+        return None
+
+    def _attention_module(self, func, args, kwargs):
+        # F.multi_head_attention_forward is dispatched as a whole (this mode is off inside it):
+        # its own dropout and attention calls, module globals, take the portable dropout for
+        # the duration of the call
+        saved = F.dropout, F.scaled_dot_product_attention
+
+        def dropout(input, p=0.5, training=True, inplace=False):
+            return self._dropout(input, float(p)) if training else input
+
+        def attention(*a, **k):
+            out = self._sdpa(a, k)
+            return saved[1](*a, **k) if out is None else out
+
+        F.dropout, F.scaled_dot_product_attention = dropout, attention
+        try:
+            return func(*args, **kwargs)
+        finally:
+            F.dropout, F.scaled_dot_product_attention = saved
+
+    def _attention(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **_):
+        # the math form of scaled_dot_product_attention, with the portable dropout where
+        # torch.export's decomposition has its dropout (on the attention weights)
+        n_q, n_k = query.shape[-2], key.shape[-2]
+        scale = 1.0 / float(query.shape[-1]) ** 0.5 if scale is None else scale
+        scores = (query @ key.transpose(-2, -1)) * scale
+        if is_causal:
+            causal = torch.ones(n_q, n_k, dtype=torch.bool, device=query.device).tril()
+            scores = scores.masked_fill(~causal, float("-inf"))
+        if attn_mask is not None:
+            if attn_mask.dtype == torch.bool:
+                scores = scores.masked_fill(~attn_mask, float("-inf"))
+            else:
+                scores = scores + attn_mask
+        weights = self._dropout(torch.softmax(scores, dim=-1), float(dropout_p))
+        return weights @ value
+
+    def _dropout(self, x, p):
+        if p == 0.0:  # torch.export drops these: they take no index
+            return x
+        index = self.count
+        self.count += 1
+        if p >= 1.0:
+            return torch.zeros_like(x)
+        be = self._be
+        keep = be.bernoulli(be.fold_in(self.key, index), 1.0 - p, tuple(x.shape), device=x.device)
+        return torch.where(keep, x / (1.0 - p), torch.zeros_like(x))
+
+
+def key_for_backend(be, key):
+    """``key`` as a key of backend ``be`` (the same words), or None."""
+    if key is None or be.is_array(key):
+        return key
+    return be.key_from_data(backend_of(key).key_data(key))
+
+
+def train_mode_layers(module: nn.Module) -> list[str]:
+    """The submodules that compute differently in training: dropout with p > 0, batch norm,
+    attention with dropout > 0 (paths, ``"<root>"`` for the module itself).
+    """
+    found = []
+    for name, m in module.named_modules():
+        if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0:
+            found.append(name or "<root>")
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+            found.append(name or "<root>")
+        elif isinstance(m, nn.MultiheadAttention) and m.dropout > 0:
+            found.append(name or "<root>")
+    return found
+
+
+def batchnorm_state_names(module: nn.Module) -> list[str]:
+    """The state_dict names of the batch norm buffers a training step updates."""
+    names = []
+    for path, m in module.named_modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
+            prefix = f"{path}." if path else ""
+            for buf in ("running_mean", "running_var", "num_batches_tracked"):
+                if getattr(m, buf, None) is not None:
+                    names.append(prefix + buf)
+    return names
