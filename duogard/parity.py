@@ -162,6 +162,7 @@ def compare(
     """
     from duogard import grad as _grad
     from duogard import optim as _optim
+    from duogard.grad._objective import model_batch
 
     _check_arguments(backends, tol, steps)
     names = tuple(backends)
@@ -186,8 +187,8 @@ def compare(
     inits = [tree_map(lambda a: np.asarray(a, dtype), p) for p in inits]
 
     def make_step(be, est, opt, loss_fn):
-        def step(params, state, x, y, tangents):
-            value, grads = est.estimate(loss_fn, params, (x, y), tangents)
+        def step(params, state, batch, tangents):
+            value, grads = est.estimate(loss_fn, params, batch, tangents)
             updates, state = opt.update(grads, state, params)
             return _optim.apply_updates(params, updates), state, value, grads
 
@@ -211,12 +212,17 @@ def compare(
         )
     loss_fn = loss_fns[0]
     key = bes[0].key(seed)
+    # a model with a training mode runs with train=True and the same model key on every side
+    # (duogard's keys and dropout masks are the same on every backend)
+    train_mode = bool(getattr(models[0], "has_train_mode", False))
+    keys = [lambda step, be=s["be"]: be.fold_in(be.key(seed), step) for s in sides]
     report = ParityReport(names, dtype, tol, reference=None if reference is None else names[reference])
     grad_norms: list[float] = []
     for step in range(steps):
         xb, yb = data.batch_at(step, batch_size, seed=seed)
         xb = xb.astype(dtype)
-        batches = [(s["be"].asarray(xb), s["be"].asarray(yb)) for s in sides[:2]]
+        batches = [model_batch(s["be"], s["be"].asarray(xb), s["be"].asarray(yb), keys[i](step), train_mode)
+                   for i, s in enumerate(sides[:2])]  # fmt: skip
         # tangents drawn once, on the first backend, and shared with the second (DLPack)
         a = sides[0]
         tangents = (
@@ -227,12 +233,14 @@ def compare(
         shared = [tangents, None if tangents is None else tree_map(sides[1]["be"].asarray, tangents)]
         if reference is not None:
             r = sides[2]["be"]
-            batches.append((r.asarray(np.asarray(xb, np.float64)), r.asarray(yb)))
+            batches.append(
+                model_batch(r, r.asarray(np.asarray(xb, "float64")), r.asarray(yb), keys[2](step), train_mode)
+            )
             as64 = lambda t, r=r: r.asarray(np.asarray(bes[0].to_numpy(t), np.float64))  # noqa: E731
             shared.append(None if tangents is None else tree_map(as64, tangents))
         outs = []
-        for s, (x, y), t in zip(sides, batches, shared):
-            s["params"], s["state"], value, grads = s["step"](s["params"], s["state"], x, y, t)
+        for s, batch, t in zip(sides, batches, shared):
+            s["params"], s["state"], value, grads = s["step"](s["params"], s["state"], batch, t)
             outs.append((value, grads))
         to_np = [lambda t, be=s["be"]: tree_map(be.to_numpy, t) for s in sides]
         pa, pb = to_np[0](sides[0]["params"]), to_np[1](sides[1]["params"])

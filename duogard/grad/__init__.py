@@ -16,7 +16,7 @@ from duogard.grad._forward import (
     jvp_loss,
 )
 from duogard.grad._lean import LeanStep
-from duogard.grad._objective import Supervised, supervised
+from duogard.grad._objective import MODEL_KEY, Supervised, model_batch, supervised
 
 __all__ = [
     "Estimator",
@@ -31,6 +31,8 @@ __all__ = [
     "ForwardActivity",
     "Supervised",
     "supervised",
+    "MODEL_KEY",
+    "model_batch",
     "gradient_agreement",
     "with_diagnostics",
     "forward_mode_errors",

@@ -6,7 +6,20 @@ from collections.abc import Callable
 
 from duogard import losses as _losses
 
-__all__ = ["Supervised", "supervised"]
+__all__ = ["MODEL_KEY", "Supervised", "model_batch", "supervised"]
+
+#: A training step's model key (dropout masks) is ``fold_in(step_key, MODEL_KEY)``: a stream of
+#: its own, apart from the tangents' draws (which take ``split`` and small ``fold_in`` indices of
+#: the step key), the same on every backend.
+MODEL_KEY = 0x6D6F6465  # "mode"
+
+
+def model_batch(be, x, y, key, train_mode: bool):
+    """The batch a training step's loss sees: ``(x, y)``, or ``(x, y, model_key)`` for a model
+    with a training mode (then the loss runs it with ``train=True`` and that key; see
+    :class:`duogard.grad.Supervised`).
+    """
+    return (x, y, be.fold_in(key, MODEL_KEY)) if train_mode else (x, y)
 
 
 class Supervised:

@@ -44,6 +44,33 @@ class Module:
     #: Does this layer have parameters? (Sequential leaves parameterless layers out of the dict.)
     has_params: bool = True
 
+    #: Does the layer compute differently in training (dropout, batch statistics)? Then
+    #: training steps run it with ``train=True`` and a key of their own, and evaluation with
+    #: ``train=False``.
+    has_train_mode: bool = False
+
+    #: Does the layer keep state that training updates but no gradient touches (batch norm's
+    #: running statistics)? Then :meth:`initial_state` and :meth:`update_state` say what it is
+    #: and how one training step changes it. The state is never mutated in place.
+    has_state: bool = False
+
+    def initial_state(self) -> dict:
+        """The state before training, a flat dict of NumPy arrays (empty for a stateless layer)."""
+        return {}
+
+    def update_state(self, params, x, *, key=None) -> dict:
+        """The new state after one training-mode forward pass over ``x``.
+
+        Args:
+            params: the params merged with the current state (``{**params, **state}``).
+            x: the batch's inputs.
+            key: the step's model key (the one the training step's forward pass used).
+
+        Returns:
+            New arrays for every state entry (on ``x``'s backend); nothing is mutated.
+        """
+        return {}
+
     # -- to be written by subclasses
     def init_params(self, rng: np.random.Generator, input_shape: tuple, dtype: np.dtype):
         return {}, tuple(input_shape)
@@ -133,6 +160,10 @@ class Sequential(Module):
         if not layers:
             raise ValueError("Sequential: expected at least one layer, got none")
         self.layers = tuple(as_module(layer) for layer in layers)
+
+    @property
+    def has_train_mode(self) -> bool:  # type: ignore[override]
+        return any(layer.has_train_mode for layer in self.layers)
 
     def __len__(self) -> int:
         return len(self.layers)

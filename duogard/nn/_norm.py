@@ -63,6 +63,10 @@ class Dropout(Module):
             raise ValueError(f"Dropout: p must be in [0, 1), got {p!r}")
         self.p = float(p)
 
+    @property
+    def has_train_mode(self) -> bool:  # type: ignore[override]
+        return self.p > 0.0
+
     def forward(self, be, params, x, *, key=None, train=False):
         if not train or self.p == 0.0:
             return x

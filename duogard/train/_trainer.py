@@ -11,7 +11,7 @@ from duogard import grad as _grad
 from duogard import losses as _losses
 from duogard import optim as _optim
 from duogard.backend import backend as _select_backend
-from duogard.train._update import choose_update, make_step
+from duogard.train._update import choose_update, keep_if, make_step, model_batch
 from duogard.tree import tree_map
 
 __all__ = ["Trainer"]
@@ -31,6 +31,15 @@ class Trainer:
     older ones. When the loss or the gradient is not finite, the step returns the params and
     optimizer state it was given, unchanged, and a NaN fourth result.
 
+    A model with a training mode (``model.has_train_mode``: dropout, batch norm; duogard's
+    ``nn.Dropout`` and ported torch modules alike) runs with ``train=True`` in every training
+    step, with a model key of its own (``fold_in(key, MODEL_KEY)``: the same dropout masks on
+    both backends), and with ``train=False`` in :meth:`evaluate`. A model with state
+    (``model.has_state``: batch norm's running statistics) keeps it in ``params`` under
+    :attr:`state_names` (:meth:`init_state` adds the model's initial state where missing): no
+    estimator or optimizer sees it, and each step replaces it with ``model.update_state`` over
+    the step's batch; evaluation then uses it.
+
     Args:
         model: a duogard model (``init``/``apply``).
         loss: a loss function or name (default softmax cross-entropy).
@@ -46,6 +55,8 @@ class Trainer:
         update_strategy: how the step applies the estimate, chosen once from the optimizer and
             the estimator: ``"optimizer"``, ``"sgd-in-place"``, ``"sgd-factored"`` or
             ``"sgd-lean"`` (see :mod:`duogard.train._update`).
+        train_mode: the training steps run the model with ``train=True`` (``model.has_train_mode``).
+        state_names: the model's state entries in ``params`` (empty for a stateless model).
     """
 
     def __init__(
@@ -67,7 +78,9 @@ class Trainer:
         self.optimizer = _optim.sgd(0.05) if optimizer is None else optimizer
         self.grad_norm = bool(grad_norm)
         self.update_strategy = choose_update(self.optimizer, est)
-        self.step = make_step(
+        self.train_mode = bool(getattr(model, "has_train_mode", False))
+        self.state_names = tuple(model.initial_state()) if getattr(model, "has_state", False) else ()
+        step = make_step(
             self.update_strategy,
             be,
             est,
@@ -75,7 +88,9 @@ class Trainer:
             self.loss_fn,
             grad_norm=self.grad_norm,
             compile=compile,
+            train_mode=self.train_mode,
         )
+        self.step = self._stateful_step(step, compile) if self.state_names else step
         # a loss with a reduction argument gives the evaluation's summed loss (decided once)
         self._loss_sum = _losses.get(loss) if _takes_reduction(loss) else None
         self._measure = _grad.with_diagnostics(est)
@@ -85,7 +100,38 @@ class Trainer:
 
     def _diagnose(self, params, x, y, key):
         """The estimate next to the true gradient (``cosine``, ``rel_norm``), outside the timed step."""
-        return self._measure(self.loss_fn, params, (x, y), key)[2]
+        params, _ = self.split_state(params)
+        batch = model_batch(self.be, x, y, key, self.train_mode)
+        return self._measure(self.loss_fn, params, batch, key)[2]
+
+    def split_state(self, params):
+        """``(trainable, state)``: the model's state entries (:attr:`state_names`: batch norm's
+        running statistics) taken out of a flat ``params`` dict; ``state`` is empty for a
+        stateless model.
+        """
+        if not self.state_names:
+            return params, {}
+        names = set(self.state_names)
+        return {k: v for k, v in params.items() if k not in names}, {k: params[k] for k in self.state_names}
+
+    def _stateful_step(self, step, compile):
+        """``step`` for a model with state: the state rides in ``params`` but no estimator sees
+        it; it is replaced by ``model.update_state`` over the step's batch, with the step's model
+        key, from the params before the update (as torch's training-mode forward updates it),
+        and kept unchanged when the step is refused.
+        """
+        be, model = self.be, self.model
+        jit_kw = {} if compile is None else {"compile": bool(compile)}
+        update = be.jit(lambda p, x, k: model.update_state(p, x, key=k), **jit_kw)
+
+        def stateful(params, opt_state, x, y, key):
+            trainable, state = self.split_state(params)
+            new_state = update(params, x, model_batch(be, x, y, key, True)[2])
+            trainable, opt_state, value, gsq = step(trainable, opt_state, x, y, key)
+            ok = be.xp.logical_and(be.xp.isfinite(value), be.xp.isfinite(gsq))
+            return {**trainable, **keep_if(be, ok, new_state, state)}, opt_state, value, gsq
+
+        return stateful
 
     def _evaluate_batch(self, params, x, y):
         """The summed loss (None without a reduction argument) and the correct count (None for
@@ -117,6 +163,8 @@ class Trainer:
                 train in float32).
         """
         be = self.be
+        if self.state_names:  # the model's state rides in params (initial values where missing)
+            params = {**self.model.initial_state(), **params}
         params = tree_map(lambda a: on_backend(be, a, "Trainer.init_state: params"), params)
         params = tree_map(lambda a: be.xp.asarray(a, copy=True) if be.is_array(a) else a, params)
 
@@ -124,7 +172,7 @@ class Trainer:
         def place(a):
             return be.asarray(a, device=be.default_device()) if be.is_array(a) else a
 
-        return tree_map(place, params), tree_map(place, self.optimizer.init(params))
+        return tree_map(place, params), tree_map(place, self.optimizer.init(self.split_state(params)[0]))
 
     def evaluate(self, params, x, y, *, batch_size: int = 512) -> dict:
         """Mean loss and accuracy over ``(x, y)`` (NumPy or backend arrays).

@@ -23,10 +23,12 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from duogard.grad import Forward, LeanStep
+from duogard.grad._objective import MODEL_KEY, model_batch
 from duogard.optim import PlainSGD, apply_updates
 from duogard.tree import Rank1, tree_leaves, tree_map
 
-__all__ = ["UPDATE_STRATEGIES", "choose_update", "make_step"]
+__all__ = ["MODEL_KEY", "UPDATE_STRATEGIES", "choose_update", "make_step", "model_batch"]
+
 
 #: The names of the update strategies, in the order :func:`choose_update` considers them.
 UPDATE_STRATEGIES = ("sgd-lean", "sgd-factored", "sgd-in-place", "optimizer")
@@ -62,7 +64,17 @@ def choose_update(optimizer, estimator) -> str:
     return "optimizer"
 
 
-def make_step(strategy: str, be, estimator, optimizer, loss_fn, *, grad_norm: bool, compile=None) -> Callable:
+def make_step(
+    strategy: str,
+    be,
+    estimator,
+    optimizer,
+    loss_fn,
+    *,
+    grad_norm: bool,
+    compile=None,
+    train_mode: bool = False,
+) -> Callable:
     """The training step of ``strategy``: ``step(params, opt_state, x, y, key) -> (params, opt_state,
     loss, |g|²)``.
 
@@ -81,6 +93,8 @@ def make_step(strategy: str, be, estimator, optimizer, loss_fn, *, grad_norm: bo
         grad_norm: return ``|g|²`` (one more pass over the gradient); without it the step still
             refuses a non-finite gradient with a finite loss (an elementwise finiteness check).
         compile: as ``be.jit``'s ``compile`` (None: the backend's default).
+        train_mode: the model has a training mode (dropout, batch statistics): the loss sees
+            :func:`model_batch`'s ``(x, y, model_key)`` (not with ``"sgd-lean"``).
 
     Returns:
         The step function (compiled on JAX; the lean step runs its own per-layer programs).
@@ -89,16 +103,22 @@ def make_step(strategy: str, be, estimator, optimizer, loss_fn, *, grad_norm: bo
         raise ValueError(f"make_step: strategy must be one of {UPDATE_STRATEGIES}, got {strategy!r}")
     jit_kw = {} if compile is None else {"compile": bool(compile)}
     if strategy == "sgd-lean":
+        if train_mode:
+            raise ValueError(
+                "Trainer: estimator forward(lean=True) runs duogard's layer-by-layer rules, which "
+                "have no training mode; the model has one (dropout or batch norm). Use lean=False"
+            )
         lean = LeanStep(estimator, loss_fn, be, optimizer, compile=compile)
         return lambda params, opt_state, x, y, key: lean.step(params, opt_state, (x, y), key)
     xp = be.xp
 
     def step(params, opt_state, x, y, key):
         coef = None  # "sgd-factored": the estimate is coef * grads
+        batch = model_batch(be, x, y, key, train_mode)
         if strategy == "sgd-factored":
-            value, coef, grads = estimator.factored(loss_fn, params, (x, y), key)
+            value, coef, grads = estimator.factored(loss_fn, params, batch, key)
         else:
-            value, grads = estimator(loss_fn, params, (x, y), key)
+            value, grads = estimator(loss_fn, params, batch, key)
         ok = xp.isfinite(value)
         if grad_norm:
             gsq = sum(_sq_norm(xp, g) for g in tree_leaves(grads))
