@@ -104,3 +104,20 @@ def test_long_draws_follow_the_spec_across_chunks(be):
     n = 4 * (1 << 15) * 2 + 11
     ref = spec.key_words(8)
     np.testing.assert_array_equal(_np(be, be.uniform(be.key(8), (n,))), spec.uniform(ref, n))
+
+
+def test_jax_keys_derived_on_the_host_equal_the_traced_rounds():
+    """A concrete key's fold_in / split run the NumPy specification on the host (fast in a
+    training loop); under jit the rounds are traced: both give the same words.
+    """
+    jax = pytest.importorskip("jax")
+    be = dg.backend("jax")
+    key = be.key(11)
+    for data in (0, 7, 2**40 + 3, -1):
+        eager = np.asarray(be.fold_in(key, data))
+        traced = np.asarray(jax.jit(lambda k, d=data: be.fold_in(k, d))(key))
+        np.testing.assert_array_equal(eager, traced)
+    for num in (1, 2, 5, 9):
+        np.testing.assert_array_equal(
+            np.asarray(be.split(key, num)), np.asarray(jax.jit(lambda k, n=num: be.split(k, n))(key))
+        )

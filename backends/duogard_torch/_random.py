@@ -132,6 +132,12 @@ def _unit(w, dtype):
 
 
 def _portable_normal(key, n: int, dtype, device):
+    if n <= _HOST_WORDS and dtype in (torch.float32, torch.float64):
+        # a small draw: the whole Box-Muller on the host, one copy over (the ~10 torch ops it
+        # takes cost more than the NumPy rounds); the same formula, equal to float rounding
+        k0, k1 = _words_of(key)
+        host = spec.normal((k0, k1), n, np.float32 if dtype == torch.float32 else np.float64)
+        return torch.from_numpy(host).to(device)
     pairs = -(-n // 2)
     u = _unit(_words(key, 2 * pairs, device), dtype).reshape(pairs, 2)
     r = torch.sqrt(torch.log(u[:, 0]) * -2)
