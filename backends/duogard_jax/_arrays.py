@@ -42,7 +42,8 @@ def dtype_name(dtype) -> str:
 
 
 def default_device():
-    return jax.devices()[0]
+    # this process's own device: in a multi-process run jax.devices() lists every process's
+    return jax.local_devices()[0]
 
 
 def resolve_device(device):
@@ -51,7 +52,7 @@ def resolve_device(device):
         return device
     kind, _, index = device.partition(":")
     kind = {"cuda": "gpu"}.get(kind, kind)
-    return jax.devices(kind)[int(index or 0)]
+    return jax.local_devices(backend=kind)[int(index or 0)]
 
 
 def device_of(x):

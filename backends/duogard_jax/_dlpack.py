@@ -19,9 +19,9 @@ _NARROW = {"float64": "float32", "int64": "int32", "uint64": "uint32", "complex1
 def _jax_device(device):
     """The JAX device for ``("cpu", 0)`` / ``("cuda", i)``, or None if this JAX has none."""
     if device[0] == "cpu":
-        return jax.devices("cpu")[0]
+        return jax.local_devices(backend="cpu")[0]
     try:
-        gpus = jax.devices("gpu")
+        gpus = jax.local_devices(backend="gpu")
     except RuntimeError:  # no GPU plugin installed
         return None
     for d in gpus:

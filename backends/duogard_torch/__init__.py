@@ -51,6 +51,15 @@ from ._autodiff import (
     vjp,
     vmap,
 )
+from ._distributed import (
+    all_gather,
+    all_reduce_sum,
+    dist_init,
+    dist_shutdown,
+    dist_step,
+    dist_world,
+    host_all_gather,
+)
 from ._dlpack import device_problem, dlpack_device, dlpack_export, dlpack_import
 from ._nn import (
     avg_pool2d,
@@ -161,6 +170,14 @@ __all__ = [
     "device_problem",
     "dlpack_export",
     "dlpack_import",
+    # data-parallel runs
+    "dist_init",
+    "dist_world",
+    "dist_step",
+    "all_reduce_sum",
+    "all_gather",
+    "host_all_gather",
+    "dist_shutdown",
 ]
 
 name = "torch"

@@ -11,20 +11,22 @@ import inspect
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
+from duogard.backend._contract_dist import DistributedOps
 from duogard.backend._contract_random import RandomOps
 from duogard.backend._exchange import Device, ExportedArray
 
 __all__ = ["Backend", "CONTRACT"]
 
 
-class Backend(RandomOps, Protocol):
+class Backend(RandomOps, DistributedOps, Protocol):
     """What every backend module provides: the one place its ops are documented.
 
     Backends implement each op as a module-level function with this signature (``self`` aside;
     a test checks the names, kinds and defaults of every parameter). Arrays are the framework's
     own (``jax.Array``, ``torch.Tensor``); ``xp`` is its array-API namespace for the rest.
     Randomness takes explicit keys (:class:`~duogard.backend._contract_random.RandomOps`): the
-    same key gives the same numbers on every backend.
+    same key gives the same numbers on every backend. Data-parallel runs use the ops of
+    :class:`~duogard.backend._contract_dist.DistributedOps`.
     """
 
     #: The registered name (``"jax"``, ``"torch"``), by convention its framework's import name.

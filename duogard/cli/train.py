@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -59,6 +60,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true", help="torch: use torch.compile (JAX always jits)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--json", default=None, help="write the run summary as JSON here")
+    p.add_argument(
+        "--distributed",
+        default="auto",
+        choices=("auto", "on", "off"),
+        help="data-parallel across the ranks of a torchrun launch (auto: when $WORLD_SIZE is set)",
+    )
+    p.add_argument(
+        "--dist-tangents",
+        default="shared",
+        choices=("shared", "per_rank"),
+        help="data-parallel forward gradients: one tangent key for all ranks, or one per rank",
+    )
+    p.add_argument("--dist-timeout", type=float, default=300.0, help="seconds a collective may wait")
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -114,6 +128,9 @@ def run(args) -> int:
     from duogard.tree import tree_size
 
     check_args(args)
+    dist = _data_parallel(args)
+    # a data-parallel run reports from rank 0 only
+    say = print if dist is None or os.environ.get("RANK", "0") == "0" else (lambda *a, **k: None)
     spec = parse_method(args.grad)
     be = resolve_backend(args.backend)
     cbs = _callbacks(args)
@@ -125,7 +142,7 @@ def run(args) -> int:
         model, optimizer=optimizer, estimator=spec.estimator, backend=be, compile=args.compile or None
     )
     threads = trainer.be.threads_for(2.0 * args.batch_size * tree_size(params))  # torch: 1 for small steps
-    print(
+    say(
         f"{title} ({tree_size(params):,} parameters) on {data.name}: {data.num_train} train / "
         f"{data.num_test} test, {trainer.be.name} ({threads}), {spec.label}, {args.optimizer} lr {lr:g} "
         f"decay {args.decay:g} ({trainer.update_strategy} update), {args.steps} steps of {args.batch_size}"
@@ -141,23 +158,29 @@ def run(args) -> int:
                 seed=args.seed,
                 callbacks=[*cbs, guard.callback()],
                 trainer=trainer,
+                distributed=dist or False,
             )
         except CheckpointMismatchError as exc:  # --resume from another model or optimizer
             raise UsageError(f"--resume {args.resume}: {exc}") from None
     for ev in result.evals:
-        print(
+        say(
             f"  step {ev['step']:>6}  test loss {ev['test_loss']:.4f}  "
             f"test accuracy {ev['test_accuracy']:.4f}  {ev['time']:6.1f} s"
         )
     s = result.summary()
-    print(
+    say(
         f"{s['backend']} {spec.label}: final loss {s['final_loss']:.4f}, test accuracy "
         f"{s['test_accuracy']:.4f}, {1e3 * s['time_per_step']:.2f} ms/step (first step "
         f"{s['first_step_seconds']:.2f} s), total {s['total_seconds']:.1f} s",
         flush=True,
     )
+    if dist is not None:
+        say(
+            f"data-parallel: {dist.world_size} ranks, {dist.numbers_per_step:,} numbers per rank per step "
+            f"({dist.exchange}; tangents {dist.tangents})"
+        )
     stopped = _interrupted_message(args, result.step) if guard.requested else None
-    if args.json:
+    if args.json and say is print:
         summary = s | {"method": spec.label, "model": args.model, "dataset": data.name}
         try:
             text = json.dumps(summary | {"interrupted": guard.requested}, indent=1)
@@ -169,6 +192,17 @@ def run(args) -> int:
     if stopped is not None:
         raise RunInterruptedError(stopped)
     return 0
+
+
+def _data_parallel(args):
+    """The run's :class:`~duogard.train.DataParallel`, or None for a single-process run."""
+    if args.distributed == "off" or (args.distributed == "auto" and not os.environ.get("WORLD_SIZE")):
+        return None
+    if not args.dist_timeout > 0:
+        raise UsageError(f"--dist-timeout must be positive seconds, got {args.dist_timeout}")
+    from duogard.train import DataParallel
+
+    return DataParallel(tangents=args.dist_tangents, timeout=args.dist_timeout)
 
 
 def _interrupted_message(args, step: int) -> str:

@@ -14,6 +14,7 @@ from duogard.train._callbacks import (
     OnNonFinite,
     Progress,
 )
+from duogard.train._distributed import DataParallel, DistributedError
 from duogard.train._fit import fit
 from duogard.train._models import MODELS, build_model
 from duogard.train._result import FitResult, NonFiniteError, rss_bytes
@@ -46,6 +47,8 @@ __all__ = [
     "Checkpointer",
     "OnNonFinite",
     "LambdaCallback",
+    "DataParallel",
+    "DistributedError",
     "build_model",
     "MODELS",
     "Checkpoint",

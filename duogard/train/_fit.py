@@ -10,6 +10,7 @@ import numpy as np
 
 from duogard import losses as _losses
 from duogard.train._callbacks import Callback, Evaluate, FitRun, LambdaCallback, OnNonFinite, Progress
+from duogard.train._distributed import distributed_callbacks
 from duogard.train._result import FitResult, rss_bytes
 from duogard.train._trainer import Trainer, on_backend
 
@@ -48,6 +49,7 @@ def fit(
     seed: int = 0,
     callbacks: Sequence[Callback | Callable] | None = None,
     trainer: Trainer | None = None,
+    distributed=False,
 ) -> FitResult:
     """Train ``model`` from ``params`` on ``data`` and measure everything on the way.
 
@@ -75,6 +77,10 @@ def fit(
         trainer: a :class:`Trainer` to reuse (for ``compile=True``, ``grad_norm=False`` or a
             step shared between runs); then ``loss``, ``optimizer``, ``estimator`` and
             ``backend`` must not be given.
+        distributed: True (or a :class:`~duogard.train.DataParallel` to set its options) to
+            train data-parallel across the ranks of a ``torchrun`` launch: each rank takes an
+            equal shard of every batch and the ranks exchange K + 1 numbers per step (forward
+            gradients) or the gradient (backprop). See :class:`~duogard.train.DataParallel`.
 
     Returns:
         A :class:`FitResult`.
@@ -93,7 +99,8 @@ def fit(
     trainer = _trainer_for(
         model, trainer, loss=loss, optimizer=optimizer, estimator=estimator, backend=backend
     )
-    cbs = _callbacks(callbacks)
+    # data-parallel: join the process group (before any array is made) and keep this rank's callbacks
+    cbs = distributed_callbacks(_callbacks(callbacks), distributed, trainer, batch_size=batch_size)
     _check_data(trainer, data)
     params, opt_state = trainer.init_state(params)
     name = getattr(trainer.estimator, "name", str(trainer.estimator))

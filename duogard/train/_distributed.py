@@ -1,0 +1,414 @@
+"""Data-parallel training: :class:`DataParallel`, what ``fit(..., distributed=True)`` adds.
+
+W processes (ranks), started by ``torchrun --nproc-per-node W`` (the same command for both
+backends), run the same :func:`duogard.fit`. Each step's batch is the single-process batch,
+split into W equal, contiguous shards (``batch_size`` must be divisible by W); the step's key is
+the same on every rank (``fold_in(key, step)``), so every rank draws the same tangents. Then,
+per step, the ranks exchange (one collective, the mean weighted by shard size):
+
+- ``"forward"`` estimators: the K directional derivatives and the loss, **K + 1 numbers**
+  (:meth:`duogard.grad.Forward.directional`); each rank combines their mean with the tangents
+  it drew itself (:meth:`~duogard.grad.Forward.combine`). Parameters are never sent.
+- backprop (and any estimator whose estimate is not a function of K scalars, e.g.
+  ``"forward-activity"``, whose per-example activity perturbations give a parameter-sized
+  estimate): the estimate itself and the loss, **P + 1 numbers** in one flat buffer, as DDP's
+  gradient all-reduce does.
+- ``DataParallel(tangents="per_rank")``: rank r draws its own K tangents from ``fold_in(key,
+  r)``; an all-gather of the W·(K + 1) numbers, and every rank regenerates all W·K tangents:
+  the estimate averages W·K tangents (W times lower variance than K) for O(W·K) numbers.
+
+Every rank then applies the same update (the Trainer's update strategy, through
+:func:`~duogard.train._update.make_step`), so the parameters stay bitwise identical across
+ranks; a :class:`~duogard.train.Checkpointer` compares a hash of them on every rank at each
+checkpoint. Evaluation, diagnostics, log files, the progress bar and checkpoint writing run on
+rank 0 only; every other callback (``OnNonFinite``, plain functions, your own) runs on every
+rank. A checkpoint of a data-parallel run is an ordinary checkpoint: it resumes
+single-process, and a single-process one resumes data-parallel, exactly. Under ``torchrun
+--max-restarts`` a restarted group resumes from its Checkpointer's directory.
+
+Collectives have a timeout (``DataParallel(timeout=...)``): a rank that stops or hangs makes the
+others fail with :class:`~duogard.train.DistributedError` naming it, instead of waiting forever.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+
+from duogard.backend._contract_dist import DistributedError
+from duogard.grad import Forward
+from duogard.grad._base import FlatView
+from duogard.train._callbacks import Callback, Checkpointer, Diagnostics, Evaluate, LogFile, Progress
+from duogard.train._update import make_step
+from duogard.tree import Rank1, tree_leaves, tree_map, tree_size
+
+__all__ = ["DataParallel", "DistributedError", "TANGENT_MODES", "distributed_callbacks"]
+
+#: ``DataParallel(tangents=...)``: one tangent key for all ranks, or one per rank.
+TANGENT_MODES = ("shared", "per_rank")
+#: callbacks that run on rank 0 only (they read or report, and must not repeat W times)
+_RANK0_ONLY = (Evaluate, Diagnostics, LogFile, Progress)
+
+
+class DataParallel(Callback):
+    """Train data-parallel across the ranks of a ``torchrun`` launch (see the module docstring).
+
+    Pass ``fit(..., distributed=True)`` (this with its defaults) or
+    ``fit(..., distributed=DataParallel(tangents="per_rank"))``, or put it in ``callbacks``.
+    The process group is joined from the environment (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``,
+    ``MASTER_PORT``) before fit makes any array.
+
+    Args:
+        tangents: ``"shared"`` (default: the same tangents on every rank; a run of W ranks
+            follows the single-process trajectory) or ``"per_rank"`` (forward estimators only:
+            rank r's tangents come from ``fold_in(key, r)``; W·K tangents per step).
+        timeout: seconds a collective may wait for a peer before the run fails (and JAX's
+            heartbeat timeout).
+
+    Attributes (after ``fit`` set it up):
+        rank, world_size: this process's rank and the number of ranks.
+        numbers_per_step: how many numbers each rank contributes to the step's collective.
+        exchange: ``"directional"`` (K + 1 numbers), ``"gathered"`` (per-rank tangents) or
+            ``"gradient"`` (P + 1 numbers).
+        hashes: ``[(step, hex digest)]`` of the parameters, checked equal on every rank at each
+            checkpoint.
+    """
+
+    order = 1  # before the Checkpointer's resume (5) and everything that reads the run
+
+    def __init__(self, *, tangents: str = "shared", timeout: float = 300.0):
+        if tangents not in TANGENT_MODES:
+            raise ValueError(f"DataParallel: tangents must be one of {TANGENT_MODES}, got {tangents!r}")
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+            raise ValueError(f"DataParallel: timeout must be positive seconds, got {timeout!r}")
+        self.tangents, self.timeout = tangents, float(timeout)
+        self.rank, self.world_size = 0, 1
+        self.restart_count = 0
+        self.numbers_per_step: int | None = None
+        self.exchange: str | None = None
+        self.hashes: list[tuple[int, str]] = []
+        self.healthy = True
+        self.current_step = 0
+        self._trainer = None
+
+    def __repr__(self) -> str:
+        return f"DataParallel(tangents={self.tangents!r}, timeout={self.timeout:g})"
+
+    # ---------------------------------------------------------------- set up by fit
+    def setup(self, trainer, *, batch_size: int) -> None:
+        """Join the process group and build the data-parallel step (fit calls it before it
+        makes any array).
+
+        Raises:
+            DistributedError: no launch environment, or the group cannot be joined.
+            ValueError: ``batch_size`` not divisible by the number of ranks; an update strategy
+                or estimator that cannot run data-parallel.
+        """
+        from duogard.backend._contract_dist import launch_env
+
+        be = trainer.be
+        self.restart_count = launch_env("fit(distributed=...)").restart_count
+        self.rank, self.world_size = be.dist_init(self.timeout)
+        if batch_size % self.world_size:
+            fix = batch_size - batch_size % self.world_size or self.world_size
+            raise ValueError(
+                f"fit: batch_size must be divisible by the number of ranks ({self.world_size}) in a "
+                f"data-parallel run (each rank takes an equal, contiguous shard of the step's batch), "
+                f"got batch_size={batch_size}; use e.g. {fix}"
+            )
+        # kept on the Trainer (and dying with it): a Trainer reused across fits compiles its
+        # data-parallel step once, as it does its own step
+        built = vars(trainer).setdefault("_data_parallel_steps", {})
+        key = (self.tangents, self.rank, self.world_size)
+        if key not in built:
+            built[key] = _DataParallelTrainer(trainer, self)
+        self._trainer = built[key]
+        self._trainer.dp, self.exchange = self, self._trainer.exchange
+
+    def on_fit_start(self, run):
+        if self._trainer is None or self._trainer.base is not run.trainer:
+            raise RuntimeError("DataParallel: not set up for this run; pass it to fit(distributed=...)")
+        run.data = _Shard(run.data, self.rank, self.world_size)
+        run.trainer = self._trainer
+        run.result.update_strategy = self._trainer.update_strategy
+        size = tree_size(run.params)
+        k = getattr(run.trainer.estimator, "num_tangents", 1)
+        self.numbers_per_step = {
+            "directional": k + 1,
+            "gathered": self.world_size * (k + 1),
+            "gradient": size + 1,
+        }[self.exchange]
+
+    def before_step(self, run, step, x, y, key):
+        self.current_step = step + 1
+
+    def on_fit_end(self, run):
+        run.trainer = getattr(run.trainer, "base", run.trainer)
+
+    # ---------------------------------------------------------------- checks and failures
+    def check_same_params(self, run, step: int) -> str:
+        """Compare a hash of the parameters across the ranks (a collective: every rank calls it
+        at the same step); returns the hex digest.
+
+        Raises:
+            DistributedError: the ranks whose parameters differ from rank 0's.
+        """
+        be = run.be
+        h = hashlib.sha256()
+        for leaf in tree_leaves(run.params):
+            a = np.ascontiguousarray(be.to_numpy(leaf))
+            h.update(f"{a.dtype.str}{a.shape}".encode())
+            h.update(a.tobytes())
+        mine = np.frombuffer(h.digest(), dtype=np.uint8)
+        try:
+            every = be.host_all_gather(mine)
+        except Exception as exc:
+            raise self.failure(exc, f"the parameter check at step {step}") from exc
+        bad = [r for r in range(every.shape[0]) if not np.array_equal(every[r], every[0])]
+        if bad:
+            raise DistributedError(
+                f"fit: at step {step} the parameters of rank(s) {bad} differ from rank 0's "
+                f"(sha256 {every[0].tobytes().hex()[:16]}... against "
+                f"{', '.join(every[r].tobytes().hex()[:16] for r in bad)}...); the ranks must run the "
+                "same model, data, seed and duogard version"
+            )
+        digest = h.hexdigest()
+        self.hashes.append((step, digest))
+        return digest
+
+    def failure(self, exc: BaseException, what: str) -> DistributedError:
+        """The error for a failed collective: which ranks stopped answering, and the cause."""
+        self.healthy = False
+        cause = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        if isinstance(exc, DistributedError) and cause.startswith("fit: rank"):
+            return exc
+        others = [r for r in range(self.world_size) if r != self.rank]
+        who = f"rank {others[0]}" if len(others) == 1 else f"one of ranks {others}"
+        return DistributedError(
+            f"fit: rank {self.rank} of {self.world_size}: {what} failed: {who} stopped or did not "
+            f"answer within {self.timeout:g} s (DataParallel(timeout=...)); {type(exc).__name__}: {cause}"
+        )
+
+
+class _Shard:
+    """A dataset whose training batches are this rank's contiguous shard of the global batch."""
+
+    def __init__(self, data, rank: int, world: int):
+        self.base, self.rank, self.world = data, rank, world
+
+    def batch_at(self, step, batch_size, *, seed=0, drop_last=True):
+        """Rows ``[rank·n, (rank+1)·n)`` (n = batch_size / W) of the global batch of ``step``."""
+        x, y = self.base.batch_at(step, batch_size, seed=seed, drop_last=drop_last)
+        n = batch_size // self.world
+        return x[self.rank * n : (self.rank + 1) * n], y[self.rank * n : (self.rank + 1) * n]
+
+    def __getattr__(self, name):
+        return getattr(self.base, name)
+
+
+class _DataParallelTrainer:
+    """The Trainer of a data-parallel run: the base Trainer's step with a reducing estimator,
+    run by every rank as one program (``be.dist_step``); everything else is the base's.
+    """
+
+    def __init__(self, trainer, dp: DataParallel):
+        self.base, self.dp = trainer, dp
+        be, est = trainer.be, trainer.estimator
+        strategy = trainer.update_strategy
+        if strategy == "sgd-lean":
+            raise ValueError(
+                "fit: estimator forward(lean=True) updates layer by layer inside its own step and "
+                "cannot run data-parallel; use lean=False with distributed="
+            )
+        if trainer.train_mode or trainer.state_names:
+            # a shard's dropout masks and batch statistics are not the global batch's rows of
+            # them: the run would silently differ from the single-process one
+            raise ValueError(
+                "fit: distributed= does not yet train a model with a training mode (dropout, batch "
+                "norm): each rank would draw its shard's masks and batch statistics on its own and "
+                "the run would differ from the single-process one; remove them or train single-process"
+            )
+        reducing = _Reducing(est, be, dp)
+        self.exchange = reducing.exchange
+        if strategy == "sgd-factored" and reducing.exchange != "directional":
+            strategy = "sgd-in-place"  # W·K tangents: the estimate is no longer one d·v
+        self.update_strategy = strategy
+        step = make_step(
+            strategy, be, reducing, trainer.optimizer, trainer.loss_fn, grad_norm=trainer.grad_norm
+        )
+        # x and y are this rank's shards; the key pair is (the step's key, this rank's index)
+        self._step = be.dist_step(step, sharded=(False, False, True, True, (False, True)))
+        self._rank = be.asarray(np.array([dp.rank], dtype=np.int32))
+
+    def step(self, params, opt_state, x, y, key):
+        """One data-parallel step on this rank's shard ``(x, y)``: the base step's results."""
+        try:
+            return self._step(params, opt_state, x, y, (key, self._rank))
+        except (DistributedError, RuntimeError) as exc:
+            if not _collective_failure(exc):
+                raise
+            raise self.dp.failure(exc, f"the collective of step {self.dp.current_step}") from exc
+
+    def compiles(self):
+        size = getattr(self._step, "_cache_size", None)
+        return size() if callable(size) else None
+
+    def __getattr__(self, name):
+        return getattr(self.base, name)
+
+
+def _collective_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` comes from a collective (a peer gone, a timeout), not from the model."""
+    if isinstance(exc, DistributedError):
+        return True
+    text = f"{type(exc).__name__} {exc}".lower()
+    return any(
+        w in text
+        for w in ("gloo", "nccl", "connection", "timed out", "timeout", "peer", "collective", "distbackend")
+    )
+
+
+class _Reducing:
+    """An estimator wrapper that make_step calls inside a data-parallel step: this rank's
+    estimate on its shard, then the step's one collective (see the module docstring).
+
+    ``key`` is the pair ``(step key, this rank's index as a 1-element array)``.
+    """
+
+    stochastic = True
+
+    def __init__(self, est, be, dp: DataParallel):
+        self.est, self.be, self.world = est, be, dp.world_size
+        self.name = getattr(est, "name", "?")
+        scalar = isinstance(est, Forward) and type(est).estimate_tree is Forward.estimate_tree
+        if dp.tangents == "per_rank":
+            if not scalar:
+                raise ValueError(
+                    f"DataParallel: tangents='per_rank' needs a forward estimator (K directional "
+                    f"derivatives per rank), got {est!r:.100}"
+                )
+            if est.projection:
+                raise ValueError(
+                    "DataParallel: tangents='per_rank' averages the ranks' estimates; with "
+                    "projection=True they are not a mean over tangents: use tangents='shared'"
+                )
+        self.exchange = "gradient" if not scalar else "directional" if dp.tangents == "shared" else "gathered"
+
+    def _weighted(self, loss, parts):
+        """``[loss, *parts]`` times this rank's shard weight n_r / N (equal shards: 1 / W)."""
+        xp = self.be.xp
+        dtype = parts[0].dtype
+        flat = xp.concat([xp.reshape(xp.astype(loss, dtype), (1,)), *(xp.reshape(p, (-1,)) for p in parts)])
+        return flat * (1.0 / self.world)
+
+    def _directional(self, loss_fn, params, batch, key):
+        """``(loss, ds, vtree)`` reduced: the mean of the ranks' K + 1 numbers."""
+        step_key, _ = key
+        loss, ds, vtree = self.est.directional(loss_fn, params, batch, step_key)
+        buf = self.be.all_reduce_sum(self._weighted(loss, [ds]))
+        return buf[0], buf[1:], vtree
+
+    def __call__(self, loss_fn, params, batch, key=None):
+        be, xp = self.be, self.be.xp
+        step_key, rank = key
+        if self.exchange == "directional":
+            loss, ds, vtree = self._directional(loss_fn, params, batch, key)
+            return loss, self.est.combine(ds, vtree)
+        if self.exchange == "gathered":
+            keys = [be.fold_in(step_key, r) for r in range(self.world)]
+            own = xp.stack(keys)[rank[0]]
+            loss, ds, _ = self.est.directional(loss_fn, params, batch, own)
+            every = be.all_gather(self._weighted(loss, [ds]))  # (W, K + 1)
+            grads = None
+            for r in range(self.world):  # the same order on every rank: the same bits
+                g = self.est.combine(every[r, 1:], self.est.tangent_tree(params, keys[r]))
+                grads = g if grads is None else tree_map(lambda a, b: a + b, grads, g)
+            return xp.sum(every[:, 0]), grads
+        loss, grads = self.est(loss_fn, params, batch, step_key)
+        view = FlatView.of(grads)
+        buf = be.all_reduce_sum(self._weighted(loss, [view.flatten(be, grads)]))
+        mean = view.unflatten(be, buf[1:])
+        return buf[0], tree_map(lambda m, g: xp.astype(m, g.dtype), mean, grads)
+
+    def factored(self, loss_fn, params, batch, key=None):
+        """``(loss, d, v)`` for a one-tangent forward gradient with shared tangents, else None."""
+        if self.exchange != "directional" or not self.est.factored_form:
+            return None
+        loss, ds, vtree = self._directional(loss_fn, params, batch, key)
+        return loss, ds[0], tree_map(lambda t: t if isinstance(t, Rank1) else t[0], vtree)
+
+
+class _RankCheckpointer(Callback):
+    """A :class:`Checkpointer` in a data-parallel run: every rank resumes; at each save the
+    ranks compare a hash of their parameters; rank 0 writes.
+    """
+
+    def __init__(self, cp: Checkpointer, dp: DataParallel):
+        self.cp, self.dp, self.order = cp, dp, cp.order
+
+    def on_fit_start(self, run):
+        cp, dp = self.cp, self.dp
+        if cp.resume is None and dp.restart_count and cp.directory is not None:
+            from duogard.train.checkpoint import is_checkpoint
+
+            if is_checkpoint(cp.directory):  # torchrun --max-restarts: go on from the last save
+                cp.resume = cp.directory
+        if dp.rank == 0:
+            cp.on_fit_start(run)
+        elif cp.resume is not None:
+            Checkpointer(None, resume=cp.resume).on_fit_start(run)  # load only; rank 0 writes
+
+    def on_step_end(self, run, record):
+        cp = self.cp
+        if cp.every and record["step"] % cp.every == 0:
+            self.dp.check_same_params(run, record["step"])
+            if self.dp.rank == 0:
+                cp.save(run, record["step"])
+
+    def on_fit_end(self, run):
+        try:
+            # a completed run: every rank is here at the same step (after an error, ranks may
+            # not be: no collective then, rank 0 saves its last good params)
+            step, done = run.result.step, [s for s, _ in self.dp.hashes[-1:]]
+            if run.completed and self.dp.healthy and self.cp.directory is not None and done != [step]:
+                self.dp.check_same_params(run, step)
+        finally:
+            if self.dp.rank == 0:
+                self.cp.on_fit_end(run)
+
+
+def distributed_callbacks(cbs: list, distributed, trainer, *, batch_size: int) -> list:
+    """The callbacks of fit for this rank (unchanged without ``distributed`` or a
+    :class:`DataParallel` among them); joins the process group first.
+
+    Raises:
+        TypeError: ``distributed`` is not a bool or a :class:`DataParallel`.
+        ValueError: two DataParallel objects.
+    """
+    given = [c for c in cbs if isinstance(c, DataParallel)]
+    if distributed is None or distributed is False:
+        if not given:
+            return cbs
+    elif distributed is True or isinstance(distributed, DataParallel):
+        dp = DataParallel() if distributed is True else distributed
+        if given and given != [dp]:
+            raise ValueError("fit: a DataParallel in callbacks and distributed= both given; give one")
+        if not given:
+            cbs = sorted([*cbs, dp], key=lambda c: c.order)
+            given = [dp]
+    else:
+        raise TypeError(
+            f"fit: distributed must be True, False or a DataParallel(...), got {distributed!r:.80}"
+        )
+    if len(given) > 1:
+        raise ValueError(f"fit: at most one DataParallel in callbacks, got {len(given)}")
+    dp = given[0]
+    dp.setup(trainer, batch_size=batch_size)
+    out = []
+    for c in cbs:
+        if isinstance(c, Checkpointer):
+            out.append(_RankCheckpointer(c, dp))
+        elif dp.rank == 0 or not isinstance(c, _RANK0_ONLY):
+            out.append(c)
+    return out
