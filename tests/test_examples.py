@@ -220,3 +220,35 @@ def test_beale_rosenbrock_usage_errors(examples, capsys):
             mod.main(argv)
         assert exc.value.code == 2
         assert needle in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- port_fwdgrad
+
+
+PORT_ROW = re.compile(
+    r"^  (hand-written torch\.func\.jvp loop|duogard port \((?:jax|torch), --grad \S+\))\s+loss ([0-9.]+)"
+    r"  test accuracy ([0-9.]+) -> ([0-9.]+)",
+    re.M,
+)
+
+
+def test_port_fwdgrad_ports_fwdgrads_models_and_settings(capsys, monkeypatch, tmp_path):
+    """fwdgrad's NeuralNet / ConvNet and its SGD settings; the hand-written loop and the port run
+    from the same initial weights."""
+    pytest.importorskip("torch", reason="port_fwdgrad ports a torch script")
+    mod = _module("port_fwdgrad")
+    assert mod.FWDGRAD_SETTINGS == dict(lr=2e-4, momentum=0.0, decay=1e-4, clip=0.0, batch_size=64)
+    counts = {m: sum(p.numel() for p in mod.make_module(m, 0).parameters()) for m in ("mlp", "logreg", "cnn")}
+    assert counts == {"mlp": 1_863_690, "logreg": 7_850, "cnn": 3_333_962}
+    monkeypatch.chdir(tmp_path)
+    assert mod.main(["--backend", "torch", "--steps", "3", "--model", "logreg"]) == 0
+    out = capsys.readouterr().out
+    assert "logreg on built-in digits upsampled 8x8 -> 28x28" in out
+    assert "3 steps, batch 64, SGD lr 0.0002 (momentum 0) * exp(-0.0001 step), clip 0" in out
+    rows = PORT_ROW.findall(out)
+    assert [r[0] for r in rows] == [
+        "hand-written torch.func.jvp loop",
+        "duogard port (torch, --grad forward)",
+    ]
+    assert rows[0][2] == rows[1][2]  # the same initial weights: the same accuracy before training
+    assert all(np.isfinite(float(r[1])) and 0 <= float(r[3]) <= 1 for r in rows)
