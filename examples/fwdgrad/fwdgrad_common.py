@@ -25,7 +25,16 @@ import numpy as np
 import duogard as dg
 from duogard.cli import UsageError, parse_method
 
-__all__ = ["ConfigError", "ScalarLog", "method_of", "backend_of_config", "load_images", "upsample", "run_dir"]
+__all__ = [
+    "ConfigError",
+    "ScalarLog",
+    "run_cli",
+    "method_of",
+    "backend_of_config",
+    "load_images",
+    "upsample",
+    "run_dir",
+]
 
 
 class ConfigError(ValueError):
@@ -221,3 +230,21 @@ def load_images(dataset_cfg, *, flat: bool, seed: int):
     x_test = ((data.x_test - mean) / std).astype(np.float32)
     data = dataclasses.replace(data, x_train=x_train, x_test=x_test)
     return (data.flattened() if flat else data), what
+
+
+def run_cli(fn, cfg, script: str) -> None:
+    """Run ``fn(cfg)`` as a Hydra entry point does here: a bad setting exits with 2, a diverged
+    run with 1, one line each on stderr.
+    """
+    import logging
+    import sys
+
+    logging.getLogger("jax").setLevel(logging.WARNING)  # Hydra logs INFO: not JAX's platform probing
+    try:
+        fn(cfg)
+    except ConfigError as exc:
+        print(f"{script}: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except FloatingPointError as exc:
+        print(f"{script}: error: {exc}", file=sys.stderr)
+        sys.exit(1)

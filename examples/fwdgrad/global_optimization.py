@@ -20,7 +20,6 @@ Run::
 from __future__ import annotations
 
 import json
-import logging
 import sys
 import time
 from pathlib import Path
@@ -31,7 +30,15 @@ if str(HERE) not in sys.path:
 
 import hydra  # noqa: E402
 import numpy as np  # noqa: E402
-from fwdgrad_common import ConfigError, ScalarLog, backend_of_config, check_finite, method_of, run_dir  # noqa: E402
+from fwdgrad_common import (  # noqa: E402
+    ConfigError,
+    ScalarLog,
+    backend_of_config,
+    check_finite,
+    method_of,
+    run_cli,
+    run_dir,
+)
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 import duogard as dg  # noqa: E402
@@ -158,15 +165,7 @@ def minimise(cfg: DictConfig, *, quiet: bool = False) -> dict:
 @hydra.main(version_base="1.3", config_path=str(HERE / "configs"), config_name="global_optim")
 def main(cfg: DictConfig) -> None:
     """The Hydra entry point: a bad setting exits with 2, a diverged run with 1 (one line each)."""
-    logging.getLogger("jax").setLevel(logging.WARNING)  # Hydra logs INFO: not JAX's platform probing
-    try:
-        minimise(cfg)
-    except ConfigError as exc:
-        print(f"global_optimization.py: error: {exc}", file=sys.stderr)
-        sys.exit(2)
-    except FloatingPointError as exc:
-        print(f"global_optimization.py: error: {exc}", file=sys.stderr)
-        sys.exit(1)
+    run_cli(minimise, cfg, "global_optimization.py")
 
 
 if __name__ == "__main__":

@@ -27,7 +27,6 @@ Run (``--help`` for Hydra's help; ``-m`` sweeps, e.g. ``-m grad=forward,backprop
 from __future__ import annotations
 
 import json
-import logging
 import math
 import sys
 import time
@@ -46,6 +45,7 @@ from fwdgrad_common import (  # noqa: E402
     check_finite,
     load_images,
     method_of,
+    run_cli,
     run_dir,
 )
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
@@ -328,15 +328,7 @@ def train(cfg: DictConfig) -> dict:
 @hydra.main(version_base="1.3", config_path=str(HERE / "configs"), config_name="config")
 def main(cfg: DictConfig) -> None:
     """The Hydra entry point: a bad setting exits with 2, a diverged run with 1 (one line each)."""
-    logging.getLogger("jax").setLevel(logging.WARNING)  # Hydra logs INFO: not JAX's platform probing
-    try:
-        train(cfg)
-    except ConfigError as exc:
-        print(f"mnist.py: error: {exc}", file=sys.stderr)
-        sys.exit(2)
-    except FloatingPointError as exc:
-        print(f"mnist.py: error: {exc}", file=sys.stderr)
-        sys.exit(1)
+    run_cli(train, cfg, "mnist.py")
 
 
 if __name__ == "__main__":

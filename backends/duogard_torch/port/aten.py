@@ -25,6 +25,8 @@ from typing import Any
 
 import torch
 
+from .helpers import training_key
+
 __all__ = ["AtenRule", "NodeInfo", "Run", "rules", "table_markdown", "write_table"]
 
 aten = torch.ops.aten
@@ -41,12 +43,7 @@ class Run:
 
     def key_for(self, index: int, what: str):
         """The key of the ``index``-th random op (dropout): ``fold_in(key, index)``."""
-        if self.key is None:
-            raise ValueError(
-                f"{what} in training mode needs an explicit random key: "
-                "model.apply(params, x, train=True, key=be.key(seed))"
-            )
-        return self.be.fold_in(self.key, index)
+        return training_key(self.be, self.key, index, what)
 
 
 @dataclass

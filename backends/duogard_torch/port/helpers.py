@@ -127,3 +127,15 @@ def _gelu(be, x, approximate):
 def _softmax_dim(dim):
     if _static(dim, "dim") is None:
         raise Unsupported("softmax without an explicit dim")
+
+
+def training_key(be, key, index: int, what: str):
+    """The key of a lowered graph's ``index``-th random op (dropout): ``fold_in(key, index)``;
+    training mode without a key is an error naming ``what`` and how to pass one.
+    """
+    if key is None:
+        raise ValueError(
+            f"{what} in training mode needs an explicit random key: "
+            "model.apply(params, x, train=True, key=be.key(seed))"
+        )
+    return be.fold_in(key, index)

@@ -25,6 +25,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
+from .helpers import training_key
 from .rules import Rule, Unsupported, function_rules, method_rules, module_rule
 
 __all__ = ["LoweredGraph", "UnsupportedTorchOpsError", "lower_module", "trace"]
@@ -63,12 +64,7 @@ class _RunContext:
     params: dict
 
     def key_for(self, index: int, what: str):
-        if self.key is None:
-            raise ValueError(
-                f"{what} in training mode needs an explicit random key: "
-                "model.apply(params, x, train=True, key=be.key(seed))"
-            )
-        return self.be.fold_in(self.key, index)
+        return training_key(self.be, self.key, index, what)
 
 
 @dataclass
