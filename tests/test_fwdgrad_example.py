@@ -265,23 +265,36 @@ def test_rosenbrock_diverges_at_fwdgrads_rate_and_converges_at_ours(ex, tmp_path
     assert r["backend"] == backend and r["losses"][-1] < 0.1 * r["losses"][0]
 
 
-def test_global_optimization_runs_under_hydra_main(ex, tmp_path, monkeypatch, capsys):
+def _run_script(name, *overrides, env=None):
+    """Run ``examples/fwdgrad/<name>.py`` with Hydra overrides in a process of its own (Hydra's
+    @hydra.main reconfigures logging and the standard streams, which would break pytest's
+    capture for every later test of the worker if it ran in-process).
+    """
+    import os
+    import subprocess
+
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run(
+        [sys.executable, str(HERE / f"{name}.py"), *overrides],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=300,
+    )
+
+
+def test_global_optimization_runs_under_hydra_main(tmp_path):
     """The script's entry point (@hydra.main, command-line overrides), $DUOGARD_BACKEND choosing."""
-    monkeypatch.setenv("DUOGARD_BACKEND", "torch")
-    argv = ["global_optimization.py", "grad=backprop", "iterations=20", f"hydra.run.dir={tmp_path}"]
-    monkeypatch.setattr(sys, "argv", argv)
-    ex["global_optimization"].main()
-    out = capsys.readouterr().out
-    assert "Iteration [1/20], Loss: " in out and "beale torch backprop: 20 iterations (lr 0.01)" in out
+    overrides = ("grad=backprop", "iterations=20", f"hydra.run.dir={tmp_path}")
+    proc = _run_script("global_optimization", *overrides, env={"DUOGARD_BACKEND": "torch"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Iteration [1/20], Loss: " in proc.stdout
+    assert "beale torch backprop: 20 iterations (lr 0.01)" in proc.stdout
     assert _events(tmp_path / "logs" / "beale_backprop_torch")["Loss/train_loss"][-1][0] == 20
 
 
-def test_a_bad_setting_exits_2_with_one_line(ex, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(
-        sys, "argv", ["mnist.py", "optimization.learning_rate=-1", f"hydra.run.dir={tmp_path}"]
-    )
-    with pytest.raises(SystemExit) as exc:
-        ex["mnist"].main()
-    assert exc.value.code == 2
-    err = capsys.readouterr().err.strip()
+def test_a_bad_setting_exits_2_with_one_line(tmp_path):
+    proc = _run_script("mnist", "optimization.learning_rate=-1", f"hydra.run.dir={tmp_path}")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    err = proc.stderr.strip()
     assert err == "mnist.py: error: optimization.learning_rate: expected a number > 0, got -1"
