@@ -215,7 +215,8 @@ def compare(
     # a model with a training mode runs with train=True and the same model key on every side
     # (duogard's keys and dropout masks are the same on every backend)
     train_mode = bool(getattr(models[0], "has_train_mode", False))
-    keys = [lambda step, be=s["be"]: be.fold_in(be.key(seed), step) for s in sides]
+    roots = [s["be"].key(seed) for s in sides]
+    keys = [lambda step, be=s["be"], root=root: be.fold_in(root, step) for s, root in zip(sides, roots)]
     report = ParityReport(names, dtype, tol, reference=None if reference is None else names[reference])
     grad_norms: list[float] = []
     for step in range(steps):

@@ -94,3 +94,15 @@ def has_cuda() -> bool:
         return torch.cuda.is_available()
     except ImportError:
         return False
+
+
+def load_script(path, module_name: str):
+    """A script (an example) imported by its file path as ``module_name``, without running its
+    ``__main__`` block.
+    """
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import AVAILABLE
+from conftest import AVAILABLE, load_script
 
 hydra = pytest.importorskip("hydra", reason="the fwdgrad examples need hydra-core (the examples extra)")
 pytest.importorskip("tensorboardX", reason="the fwdgrad examples need tensorboardX (the examples extra)")
@@ -38,10 +38,7 @@ SMALL_MLP = ["model.hidden_sizes=[16]", "dataset.max_test=64", "threads=1"]
 def _script(name):
     """A script of examples/fwdgrad, imported by its path (it puts its folder on sys.path, where
     the configs' ``_target_: fwdgrad_models....`` is found)."""
-    spec = importlib.util.spec_from_file_location(f"fwdgrad_example_{name}", HERE / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(HERE / f"{name}.py", f"fwdgrad_example_{name}")
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from duogard import grad as _grad
 from duogard import losses as _losses
 from duogard import optim as _optim
 from duogard.backend import backend as _select_backend
-from duogard.train._update import choose_update, keep_if, make_step, model_batch
+from duogard.train._update import MODEL_KEY, choose_update, keep_if, make_step, model_batch
 from duogard.tree import tree_map
 
 __all__ = ["Trainer"]
@@ -126,7 +126,7 @@ class Trainer:
 
         def stateful(params, opt_state, x, y, key):
             trainable, state = self.split_state(params)
-            new_state = update(params, x, model_batch(be, x, y, key, True)[2])
+            new_state = update(params, x, be.fold_in(key, MODEL_KEY))  # the step's model key
             trainable, opt_state, value, gsq = step(trainable, opt_state, x, y, key)
             ok = be.xp.logical_and(be.xp.isfinite(value), be.xp.isfinite(gsq))
             return {**trainable, **keep_if(be, ok, new_state, state)}, opt_state, value, gsq
