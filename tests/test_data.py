@@ -53,6 +53,17 @@ def test_digits_shapes_scale_and_split(digits, sk_digits):
         assert lookup[x.reshape(8, 8).tobytes()] == y
 
 
+def test_digits_file_read_is_load_digits(sk_digits):
+    """The digits are read from the file scikit-learn ships, without importing it: the very
+    images and targets ``load_digits`` gives, in its order."""
+    from duogard.data._load import _digits_from_file
+
+    images, target = _digits_from_file()
+    assert images is not None, "sklearn/datasets/data/digits.csv.gz not found"
+    np.testing.assert_array_equal(images, sk_digits[0])
+    np.testing.assert_array_equal(target, sk_digits[1])
+
+
 def test_digits_is_deterministic_and_seeded(digits):
     again = data.load("digits", seed=0)
     np.testing.assert_array_equal(again.x_train, digits.x_train)

@@ -315,6 +315,44 @@ def test_forward_activity_matches_the_formula_given_tangents(be, layerwise):
 
 
 @pytest.mark.parametrize("layerwise", [False, True], ids=["joint", "layerwise"])
+def test_forward_activity_rules_equal_the_frameworks_jvp(layerwise, monkeypatch):
+    """On torch the activity JVP runs through duogard's forward rules (``fast_jvp_rules``):
+    the estimate equals torch.func.jvp's, for a cross-entropy MLP with Flatten, relu and tanh
+    and for a squared-error linear model (float64, 1e-12)."""
+    import duogard.grad._activity as activity
+
+    torch_be = dg.backend("torch")
+    mlp = dg.grad.supervised(
+        nn.Sequential(nn.Flatten(), nn.Linear(5), nn.relu, nn.Linear(4), nn.tanh, nn.Linear(3)),
+        losses.cross_entropy,
+    )
+    rng = np.random.default_rng(1)
+    cases = [
+        _case(torch_be, mlp, rng.normal(size=(6, 2, 2)), np.array([0, 1, 2, 0, 1, 2]), "float64"),
+        _lin_case(torch_be),
+    ]
+    for loss_fn, params, batch in cases:
+        est = dg.estimator("forward-activity", layerwise=layerwise)
+        u = est.sample(loss_fn, params, batch, torch_be.key(4))
+        calls = []
+        real = activity._rules.sequential_activity_jvp
+        monkeypatch.setattr(
+            activity._rules, "sequential_activity_jvp", lambda *a, **k: calls.append(1) or real(*a, **k)
+        )
+        value, grads = est.estimate(loss_fn, params, batch, u)
+        assert calls, "the rules path was not taken on torch"
+        monkeypatch.setattr(torch_be, "fast_jvp_rules", False)  # the framework's jvp
+        ref_value, ref = est.estimate(loss_fn, params, batch, u)
+        monkeypatch.undo()
+        assert float(value) == pytest.approx(float(ref_value), rel=1e-12)
+        for n in ref:
+            for part in ref[n]:
+                np.testing.assert_allclose(
+                    torch_be.to_numpy(grads[n][part]), torch_be.to_numpy(ref[n][part]), rtol=1e-12, atol=1e-15
+                )
+
+
+@pytest.mark.parametrize("layerwise", [False, True], ids=["joint", "layerwise"])
 @pytest.mark.parametrize("case", [_mlp_case, _cnn_case], ids=["mlp", "cnn"])
 def test_forward_activity_is_unbiased(be, case, layerwise):
     """The mean of 10,000 activity-perturbed estimates has cosine >= 0.99 with ∇f (measured >= 0.998).

@@ -121,3 +121,58 @@ def test_jax_keys_derived_on_the_host_equal_the_traced_rounds():
         np.testing.assert_array_equal(
             np.asarray(be.split(key, num)), np.asarray(jax.jit(lambda k, n=num: be.split(k, n))(key))
         )
+
+
+def test_batched_draws_equal_one_draw_per_key(be):
+    """A model's leaves are drawn in one pass (``draw_rows`` batches the blocks under 2^16
+    numbers, each element with its own key; ``fold_in_many`` derives the leaf keys at once):
+    the spec's batched form, each backend eagerly and (JAX) under jit, give every key's own
+    numbers. Odd sizes check the dropped last normal and the part-used sign word."""
+    root = spec.key_words(21)
+    data = [0, 1, 2, 7, 2**33 + 1]
+    words = spec.fold_in_many_words(root, data)
+    np.testing.assert_array_equal(words, np.stack([spec.fold_in_words(root, d) for d in data]))
+    np.testing.assert_array_equal(be.key_data(be.fold_in_many(be.key(21), data)), words)
+    counts = [1, 3, 64, 33, 101]
+    for kind, one in (("normal", spec.normal), ("rademacher", spec.rademacher), ("uniform", spec.uniform)):
+        ref = np.concatenate([one(w, n) for w, n in zip(words, counts)])
+        np.testing.assert_array_equal(spec.draw_many(kind, words, counts), ref)
+    sizes = [1, 3, 32, 33, 50]
+    keys = list(be.fold_in_many(be.key(21), data))
+    draws = {"eager": lambda kind: be.draw_rows(kind, keys, sizes, 2)}
+    if be.name == "jax":
+        import jax
+
+        draws["jit"] = lambda kind: jax.jit(lambda ks: be.draw_rows(kind, list(ks), sizes, 2))(
+            be.fold_in_many(be.key(21), data)
+        )
+    for how, draw in draws.items():
+        for kind, one in (("normal", spec.normal), ("rademacher", spec.rademacher)):
+            got, start = _np(be, draw(kind)), 0
+            assert got.shape == (2, sum(sizes)), how
+            for w, size in zip(words, sizes):
+                want = one(w, 2 * size).reshape(2, size)
+                np.testing.assert_allclose(
+                    got[:, start : start + size], want, rtol=2e-6, atol=2e-6, err_msg=how
+                )
+                start += size
+
+
+def test_jax_fold_in_many_traced_equals_the_host_words():
+    jax = pytest.importorskip("jax")
+    be = dg.backend("jax")
+    key = be.key(5)
+    traced = jax.jit(lambda k: be.fold_in_many(k, [0, 3, 2**40]))(key)
+    np.testing.assert_array_equal(np.asarray(traced), np.asarray(be.fold_in_many(key, [0, 3, 2**40])))
+
+
+def test_stage_hands_a_batch_to_compiled_steps_at_least_cost(be):
+    """``stage``: JAX keeps the NumPy array (jit transfers it itself); torch makes a tensor
+    sharing its memory; anything else goes through ``asarray``."""
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    staged = be.stage(x)
+    if be.name == "jax":
+        assert staged is x
+    else:
+        assert be.is_array(staged) and np.shares_memory(be.to_numpy(staged), x)
+    np.testing.assert_array_equal(_np(be, be.stage([1.0, 2.0])), [1.0, 2.0])

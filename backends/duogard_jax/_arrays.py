@@ -84,5 +84,9 @@ def asarray(x, dtype=None, device=None):
     return out
 
 
+def stage(x):
+    return x if isinstance(x, np.ndarray) else asarray(x)
+
+
 def to_numpy(x) -> np.ndarray:
     return np.asarray(jax.device_get(x))

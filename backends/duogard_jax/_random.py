@@ -99,6 +99,17 @@ def fold_in(key, data: int):
     return jnp.stack([w0, w1])
 
 
+def fold_in_many(key, data):
+    data = [int(d) for d in data]
+    words = _concrete_words(key)
+    if words is not None:
+        return jnp.asarray(spec.fold_in_many_words(words, data))
+    z = np.asarray([d & ((1 << 64) - 1) for d in data], dtype=np.uint64).reshape(-1)
+    lo, hi = jnp.asarray((z & 0xFFFFFFFF).astype(np.uint32)), jnp.asarray((z >> 32).astype(np.uint32))
+    w0, w1, _, _ = _philox(lo, hi, jnp.zeros((), _U32), _U32(spec.FOLD_TAG), _as_key(key))
+    return jnp.stack([w0, w1], axis=1)
+
+
 def key_data(key) -> np.ndarray:
     return np.asarray(_as_key(key), dtype=np.uint32)
 
@@ -209,13 +220,75 @@ def rademacher(key, shape, dtype="float32", device=None, generator="portable"):
     return _draw(jax.random.rademacher, _portable_signs, key, shape, dtype, device, generator)
 
 
+_BATCH_MAX = 1 << 16  # numbers of a block from which draw_rows draws it on its own
+
+
 def draw_rows(kind, keys, sizes, rows, dtype="float32", device=None, generator="portable"):
     # block j is kind(keys[j], (rows, sizes[j])); under jit XLA writes the draws straight into
-    # the concatenation
+    # the concatenation. Portable blocks below _BATCH_MAX numbers are drawn together, in one
+    # pass of the rounds with a key per element: a program's compile time grows with each
+    # separate pass (about 0.15 s), and a model has a few large leaves and many small ones
     sizes = check_draw_rows(kind, keys, sizes)
+    rows, dtype = int(rows), as_dtype(dtype)
     draw = normal if kind == "normal" else rademacher
-    blocks = [draw(k, (int(rows), s), dtype=dtype, generator=generator) for k, s in zip(keys, sizes)]
-    return _placed(jnp.concatenate(blocks, axis=1), device)
+    blocks: list = [None] * len(sizes)
+    small = [j for j, s in enumerate(sizes) if rows * s < _BATCH_MAX]
+    if check_generator(generator) == "portable" and len(small) > 1:
+        counts = [rows * sizes[j] for j in small]
+        flat = _portable_many(kind, _as_key(jnp.stack([_as_key(keys[j]) for j in small])), counts, dtype)
+        for j, start, n in zip(small, np.cumsum(counts) - counts, counts):
+            blocks[j] = jnp.reshape(flat[start : start + n], (rows, sizes[j]))
+    for j, (k, size) in enumerate(zip(keys, sizes)):
+        if blocks[j] is None:
+            blocks[j] = draw(k, (rows, size), dtype=dtype, generator=generator)
+    return _placed(blocks[0] if len(blocks) == 1 else jnp.concatenate(blocks, axis=1), device)
+
+
+def _per_element(values, counts):
+    """``values[j]`` repeated ``counts[j]`` times, by selects on a position (a gather of the
+    few values costs more in XLA's CPU loops than a select per block).
+    """
+    pos = jnp.arange(int(np.sum(counts)), dtype=jnp.int32)
+    out = jnp.broadcast_to(values[-1], pos.shape)
+    ends = np.cumsum(counts)
+    for j in range(len(counts) - 2, -1, -1):
+        out = jnp.where(pos < int(ends[j]), values[j], out)
+    return out
+
+
+def _portable_many(kind, keys, counts, dtype):
+    """``kind(keys[j], counts[j])`` for every ``j``, concatenated (the spec's ``draw_many``): one
+    pass of the rounds, each element with its own key (``keys`` is ``(B, 2)``).
+    """
+    counts = np.asarray(counts, dtype=np.int64)
+    per = 2 if kind == "normal" else 32
+    took = per * -(-counts // per)  # numbers each key gives before its last ones are dropped
+    nwords = took if kind == "normal" else took // 32
+    t = np.arange(int(nwords.sum()), dtype=np.int64) - np.repeat(np.cumsum(nwords) - nwords, nwords)
+    k0, k1 = _per_element(keys[:, 0], nwords), _per_element(keys[:, 1], nwords)
+    t = jnp.asarray(t.astype(np.uint32))
+    zero = jnp.zeros((), _U32)
+    c0, c1, c2, c3 = _philox(t >> 2, zero, zero, zero, (k0, k1))
+    one = (k0[0] | _U32(1)) // (k0[0] | _U32(1))  # see _traced_one
+    if kind == "normal":  # as _portable_normal, number t of its key from its own block
+        second = ((t >> 1) & _U32(1)) == 1
+        r = jnp.sqrt(jnp.asarray(-2, dtype) * jnp.log(_unit(jnp.where(second, c2, c0), dtype)))
+        th = jnp.asarray(2 * np.pi, dtype) * _unit(jnp.where(second, c3, c1), dtype)
+        numbers = jnp.where((t & _U32(1)) == 1, r * jnp.sin(th), r * jnp.cos(th))
+        bits = jnp.uint32 if numbers.dtype.itemsize == 4 else jnp.uint64
+        numbers = jax.lax.bitcast_convert_type(
+            jax.lax.bitcast_convert_type(numbers, bits) // one.astype(bits), numbers.dtype
+        )
+    else:  # as _words then _portable_signs: word t's lane, then its 32 bits
+        lane = t & _U32(3)
+        w = jnp.where(lane == 0, c0, jnp.where(lane == 1, c1, jnp.where(lane == 2, c2, c3))) // one
+        bits = (w[:, None] >> jnp.arange(32, dtype=_U32)) & _U32(1)
+        numbers = bits.reshape(-1).astype(dtype) * 2 - 1
+    within = np.arange(int(counts.sum()), dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
+    index = np.repeat(np.cumsum(took) - took, counts) + within
+    if len(index) == len(numbers):  # nothing dropped: no gather
+        return numbers
+    return numbers[jnp.asarray(index.astype(np.int32))]
 
 
 def uniform(key, shape, dtype="float32", minval=0.0, maxval=1.0, device=None, generator="portable"):

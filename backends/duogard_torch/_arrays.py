@@ -115,6 +115,10 @@ def asarray(x, dtype=None, device=None):
     return torch.as_tensor(x, dtype=dtype, device=device)
 
 
+def stage(x):
+    return asarray(x)
+
+
 def to_numpy(x) -> np.ndarray:
     x = x.detach().cpu()
     if x.dtype == torch.bfloat16:

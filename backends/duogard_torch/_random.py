@@ -64,6 +64,11 @@ def fold_in(key, data: int):
     return _make_key(spec.fold_in_words(_words_of(key), int(data)))
 
 
+@torch.compiler.disable
+def fold_in_many(key, data):
+    return torch.as_tensor(spec.fold_in_many_words(_words_of(key), [int(d) for d in data]).astype(np.int64))
+
+
 def key_data(key) -> np.ndarray:
     return key.numpy().astype(np.uint32)
 
@@ -200,12 +205,35 @@ def draw_rows(kind, keys, sizes, rows, dtype="float32", device=None, generator="
     # Block j is kind(keys[j], (rows, sizes[j])) copied into its columns. Native normal blocks
     # that are large (or all of them when rows=1) are filled row by row in place from one
     # generator per block instead (each row of a block is contiguous): no per-block array.
+    # Portable blocks of up to _HOST_WORDS numbers are drawn together on the host, in one
+    # vectorised NumPy pass (the spec's draw_many), and copied over once: a model's small
+    # leaves (biases, rank-1 factors) each cost more in per-draw overhead than in numbers.
     sizes = check_draw_rows(kind, keys, sizes)
     native = check_generator(generator) == "native"
     dtype, rows = as_dtype(dtype), int(rows)
+    host = dtype in (torch.float32, torch.float64) and not native
+    small = [j for j, s in enumerate(sizes) if host and rows * s <= _HOST_WORDS]
+    if len(sizes) == 1 and not small and not (native and kind == "normal"):
+        draw = normal if kind == "normal" else rademacher  # one block: no copy into a new array
+        return draw(keys[0], (rows, sizes[0]), dtype=dtype, device=device, generator=generator)
+    flat = None
+    if small:
+        counts = [rows * sizes[j] for j in small]
+        words = np.stack([np.asarray(_words_of(keys[j]), dtype=np.uint32) for j in small])
+        flat = spec.draw_many(kind, words, counts, np.float32 if dtype == torch.float32 else np.float64)
+        flat = torch.from_numpy(flat).to(device)
+        if len(sizes) == 1:
+            return flat.reshape(rows, sizes[0])
     out = torch.empty((rows, sum(sizes)), dtype=dtype, device=device)
-    start = 0
-    for k, size in zip(keys, sizes):
+    starts = np.cumsum(sizes) - np.asarray(sizes, dtype=np.int64)
+    if small:
+        for j, at, n in zip(small, np.cumsum(counts) - counts, counts):
+            out[:, starts[j] : starts[j] + sizes[j]].copy_(flat[at : at + n].reshape(rows, sizes[j]))
+    done = set(small)
+    for j, (k, size) in enumerate(zip(keys, sizes)):
+        start = int(starts[j])
+        if j in done:
+            continue
         if native and kind == "normal" and (rows == 1 or size >= _ROW_FILL_MIN):
             g = _generator(k, out.device)
             for r in range(rows):
@@ -214,7 +242,6 @@ def draw_rows(kind, keys, sizes, rows, dtype="float32", device=None, generator="
             draw = normal if kind == "normal" else rademacher
             block = draw(k, (rows, size), dtype=dtype, device=out.device, generator=generator)
             out[:, start : start + size].copy_(block)
-        start += size
     return out
 
 

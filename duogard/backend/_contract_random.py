@@ -27,6 +27,12 @@ class RandomOps(Protocol):
     def fold_in(self, key: Any, data: int) -> Any:
         """A new key from ``key`` and the integer ``data`` (the same words on every backend)."""
 
+    def fold_in_many(self, key: Any, data: Sequence[int]) -> Any:
+        """``fold_in(key, d)`` for every ``d`` in ``data``, stacked along the first axis (the
+        keys of a model's leaves): one pass of the generator, where a program would otherwise
+        compile one per key.
+        """
+
     def key_data(self, key: Any) -> Any:
         """The key's words as a NumPy uint32 array (for checkpoints); :meth:`key_from_data`
         inverts it.
@@ -95,7 +101,8 @@ class RandomOps(Protocol):
 
         Block ``j`` (``sizes[j]`` columns) is ``kind(keys[j], (rows, sizes[j]))``: it depends on
         ``keys[j]`` alone, so a leaf's tangent can be drawn again on its own. The forward
-        estimators draw their flat ``(K, n)`` tangents with it.
+        estimators draw their flat ``(K, n)`` tangents with it. The portable generator draws
+        the small blocks together, in one pass with a key per element (the same numbers).
 
         Args:
             kind: ``"normal"`` or ``"rademacher"``.

@@ -44,7 +44,10 @@ __all__ = [
     "key_words",
     "split_words",
     "fold_in_words",
+    "fold_in_many_words",
     "words",
+    "words_many",
+    "draw_many",
     "uniform",
     "normal",
     "rademacher",
@@ -61,18 +64,20 @@ _MASK64 = (1 << 64) - 1
 
 def philox4x32(counter, key) -> np.ndarray:
     """Philox-4x32-10 of ``counter`` (four uint32 arrays, broadcast together) under ``key``
-    (two words): the four output words, stacked on a first axis of 4.
+    (two words, each an int or a uint32 array broadcast with the counter: one key per
+    element): the four output words, stacked on a first axis of 4.
     """
     c0, c1, c2, c3 = (np.asarray(c, dtype=np.uint64) for c in counter)
-    k0, k1 = (int(k) & _MASK32 for k in key)
+    k0, k1 = (np.asarray(k, dtype=np.uint64) & np.uint64(_MASK32) for k in key)
     m0, m1 = (np.uint64(m) for m in PHILOX_M)
+    w0, w1 = (np.uint64(w) for w in PHILOX_W)
     mask = np.uint64(_MASK32)
     for _ in range(ROUNDS):
         p0, p1 = c0 * m0, c2 * m1  # < 2**64: exact in uint64
         hi0, lo0 = p0 >> np.uint64(32), p0 & mask
         hi1, lo1 = p1 >> np.uint64(32), p1 & mask
-        c0, c1, c2, c3 = hi1 ^ c1 ^ np.uint64(k0), lo1, hi0 ^ c3 ^ np.uint64(k1), lo0
-        k0, k1 = (k0 + PHILOX_W[0]) & _MASK32, (k1 + PHILOX_W[1]) & _MASK32
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        k0, k1 = (k0 + w0) & mask, (k1 + w1) & mask
     return np.stack(np.broadcast_arrays(c0, c1, c2, c3)).astype(np.uint32)
 
 
@@ -110,11 +115,60 @@ def fold_in_words(key, data: int) -> np.ndarray:
     return np.array(_philox_ints(z & _MASK32, z >> 32, 0, FOLD_TAG, key)[:2], np.uint32)
 
 
+def fold_in_many_words(key, data) -> np.ndarray:
+    """``fold_in(key, d)`` for every ``d`` in ``data``: a ``(len(data), 2)`` uint32 array."""
+    out = np.empty((len(data), 2), dtype=np.uint32)
+    for i, d in enumerate(data):
+        out[i] = fold_in_words(key, d)
+    return out
+
+
 def words(key, n: int) -> np.ndarray:
     """The first ``n`` words of ``key``'s stream."""
     blocks = -(-int(n) // 4)
     out = philox4x32((np.arange(blocks, dtype=np.uint64), 0, 0, 0), key)
     return out.T.reshape(-1)[: int(n)]
+
+
+def words_many(keys, counts) -> np.ndarray:
+    """``words(keys[j], counts[j])`` for every ``j``, concatenated, in one vectorised pass:
+    ``keys`` is a ``(B, 2)`` array of keys, ``counts`` their word counts.
+    """
+    keys = np.asarray(keys, dtype=np.uint64).reshape(-1, 2)
+    counts = np.asarray(counts, dtype=np.int64).reshape(-1)
+    blocks = -(-counts // 4)  # Philox blocks per key
+    first = np.cumsum(blocks) - blocks  # each key's first block in the concatenation
+    owner = np.repeat(np.arange(len(counts)), blocks)
+    counter = np.arange(int(blocks.sum()), dtype=np.int64) - first[owner]
+    out = philox4x32((counter.astype(np.uint64), 0, 0, 0), (keys[owner, 0], keys[owner, 1]))
+    flat = out.T.reshape(-1)  # every key's words, padded to whole blocks
+    within = np.arange(int(counts.sum()), dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
+    return flat[np.repeat(4 * first, counts) + within]
+
+
+def draw_many(kind: str, keys, counts, dtype=np.float32) -> np.ndarray:
+    """``kind(keys[j], counts[j])`` (``"normal"``, ``"rademacher"`` or ``"uniform"``) for every
+    ``j``, concatenated: the same numbers as one draw per key, in one vectorised pass.
+    """
+    dtype = np.dtype(dtype).type
+    counts = np.asarray(counts, dtype=np.int64).reshape(-1)
+    if kind == "uniform":
+        return _unit(words_many(keys, counts), dtype)
+    per = 2 if kind == "normal" else 32  # numbers per pair of words / per word
+    took = per * -(-counts // per)  # each key's numbers before its last ones are dropped
+    w = words_many(keys, took // (1 if kind == "normal" else 32))
+    if kind == "normal":
+        u = _unit(w, dtype).reshape(-1, 2)
+        r = np.sqrt(dtype(-2) * np.log(u[:, 0]))
+        t = dtype(2 * np.pi) * u[:, 1]
+        numbers = np.stack([r * np.cos(t), r * np.sin(t)], axis=1).reshape(-1)
+    elif kind == "rademacher":
+        bits = (w[:, None] >> np.arange(32, dtype=np.uint32)) & np.uint32(1)
+        numbers = (bits.reshape(-1).astype(dtype) * 2 - 1).astype(dtype)
+    else:
+        raise ValueError(f"draw_many: kind must be 'normal', 'rademacher' or 'uniform', got {kind!r}")
+    within = np.arange(int(counts.sum()), dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
+    return numbers[np.repeat(np.cumsum(took) - took, counts) + within]
 
 
 def _unit(w: np.ndarray, dtype) -> np.ndarray:

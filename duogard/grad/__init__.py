@@ -12,6 +12,7 @@ from duogard.grad._forward import (
     Forward,
     ForwardExact,
     draw_leaf_tangent,
+    draw_leaf_tangents,
     forward_mode_errors,
     jvp_loss,
 )
@@ -39,4 +40,5 @@ __all__ = [
     "jvp_loss",
     "LeanStep",
     "draw_leaf_tangent",
+    "draw_leaf_tangents",
 ]

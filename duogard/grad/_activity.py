@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 from duogard.backend import check_generator
+from duogard.grad import _rules
 from duogard.grad._base import Estimator, params_backend, register
 from duogard.grad._forward import forward_mode_errors
 from duogard.grad._objective import Supervised, _unpack
@@ -116,7 +117,22 @@ class ForwardActivity(Estimator):
                 values = xp.sum(xp.reshape(values, (x.shape[0], -1)), axis=1)
             return values / count, inputs
 
+        rules = _rules.plan(loss_fn, batch, convolutions=False) if be.fast_jvp_rules else None
         with forward_mode_errors("forward-activity"):
+            if rules is not None:
+                # duogard's own forward rules where the framework's jvp is the slower one (torch:
+                # dual tensors op by op, and a Python decomposition of add under vmap)
+                value, d, inputs = _rules.sequential_activity_jvp(
+                    be, model, loss, params, batch, {n: tangents[n] for n in names}, layerwise=self.layerwise
+                )
+                dz = {
+                    n: _scale_rows(xp, d[:, j if self.layerwise else 0], tangents[n])
+                    for j, n in enumerate(names)
+                }
+                grads = {
+                    n: _weight_grads(be, model.layers[int(n)], params[n], inputs[n], dz[n]) for n in names
+                }
+                return value, grads
             if not self.layerwise:
                 contrib, d, inputs = be.jvp(per_example, (zeros,), (tangents,), has_aux=True)
                 dz = {n: _scale_rows(xp, d, tangents[n]) for n in names}

@@ -9,7 +9,7 @@ from duogard.backend import check_generator
 from duogard.grad._base import Estimator, FlatView, ForwardModeError, params_backend, register
 from duogard.grad._rules import plan as _rules_plan
 from duogard.grad._rules import sequential_loss_jvp
-from duogard.tree import Rank1, tree_flatten, tree_leaves, tree_map, tree_unflatten
+from duogard.tree import Rank1, tree_leaves, tree_map
 
 __all__ = [
     "Backprop",
@@ -17,6 +17,7 @@ __all__ = [
     "ForwardExact",
     "dense_tangents",
     "draw_leaf_tangent",
+    "draw_leaf_tangents",
     "forward_mode_errors",
     "jvp_loss",
 ]
@@ -223,25 +224,22 @@ class Forward(Estimator):
             A pytree shaped like ``params`` whose leaves have a leading axis of K.
         """
         be = params_backend(params)
-        leaves, treedef = tree_flatten(params)
+        leaves = tree_leaves(params)
         k = self.num_tangents
-        tree = tree_unflatten(
-            treedef,
-            [
-                draw_leaf_tangent(
-                    be,
-                    self.distribution,
-                    be.fold_in(key, i),
-                    k,
-                    tuple(leaf.shape),
-                    dtype=leaf.dtype,
-                    device=be.device_of(leaf),
-                    rank1=self.tangents == "rank1",
-                    generator=self.generator,
-                )
-                for i, leaf in enumerate(leaves)
-            ],
+        drawn = iter(
+            draw_leaf_tangents(
+                be,
+                self.distribution,
+                be.fold_in_many(key, range(len(leaves))),
+                k,
+                leaves,
+                rank1=self.tangents == "rank1",
+                generator=self.generator,
+            )
         )
+        # by tree_map, not a treedef kept across the draw: torch.compile breaks the graph at the
+        # host draws, and its pytree polyfill fails to unflatten a dict treedef made before a break
+        tree = tree_map(lambda _: next(drawn), params)
         if not self.orthogonal:
             return tree
         flat = FlatView.of(params)
@@ -398,21 +396,78 @@ def draw_leaf_tangent(
     rank1: bool = False,
     generator: str = "portable",
 ):
-    """One leaf's ``(k, *shape)`` tangent from its own key. The forward estimator and the lean
-    step both draw through it.
+    """One leaf's ``(k, *shape)`` tangent from its own key: what :func:`draw_leaf_tangents`
+    draws for that leaf, drawn alone (the lean step draws a layer's tangents this way).
 
-    Dense: one contiguous array, the numbers of that leaf's block in :meth:`Forward.sample`'s
-    flat array (``be.draw_rows`` with one key). With ``rank1`` and a leaf of two or more axes
-    ``(m, *rest)``: a :class:`duogard.tree.Rank1` whose factors ``u`` (``(k, m)``) and ``w``
-    (``(k, *rest)``) are drawn from ``split(key, 2)``.
+    Dense: the leaf's ``k`` rows of ``prod(shape)`` numbers (``be.draw_rows`` with one key).
+    With ``rank1`` and a leaf of two or more axes ``(m, *rest)``: a
+    :class:`duogard.tree.Rank1` whose factors are the key's ``k`` rows of ``m + prod(rest)``
+    numbers, ``u`` (``(k, m)``) the first ``m`` of each row and ``w`` (``(k, *rest)``) the rest.
     """
+    block = be.draw_rows(
+        kind, [key], [_leaf_width(shape, rank1)], k, dtype=dtype, device=device, generator=generator
+    )
+    return _leaf_tangent(be, block, k, shape, rank1)
+
+
+def draw_leaf_tangents(
+    be, kind: str, keys, k: int, leaves, *, rank1: bool = False, generator: str = "portable"
+):
+    """Every leaf's tangent (:func:`draw_leaf_tangent` of ``keys[i]`` for leaf ``i``), the
+    leaves grouped by dtype and device into one ``be.draw_rows`` each: the portable generator
+    then draws all small leaves in one pass (a compiled step carries one pass of the rounds,
+    not one per leaf; torch makes one host draw a step, not one per leaf).
+    """
+    groups: dict = {}
+    for i, leaf in enumerate(leaves):
+        groups.setdefault((str(leaf.dtype), str(be.device_of(leaf))), []).append(i)
+    out: list = [None] * len(leaves)
+    for idx in groups.values():
+        first = leaves[idx[0]]
+        widths = [_leaf_width(tuple(leaves[i].shape), rank1) for i in idx]
+        if len(idx) == 1:
+            block = be.draw_rows(
+                kind,
+                [keys[idx[0]]],
+                widths,
+                k,
+                dtype=first.dtype,
+                device=be.device_of(first),
+                generator=generator,
+            )
+            out[idx[0]] = _leaf_tangent(be, block, k, tuple(first.shape), rank1)
+            continue
+        # one row of every leaf's k * width numbers: key j's (k, width) draw, row-major, is its
+        # (1, k * width) draw, so each leaf's tangent is a contiguous slice of the row
+        row = be.draw_rows(
+            kind,
+            [keys[i] for i in idx],
+            [k * w for w in widths],
+            1,
+            dtype=first.dtype,
+            device=be.device_of(first),
+            generator=generator,
+        )[0]
+        start = 0
+        for i, width in zip(idx, widths):
+            block = be.xp.reshape(row[start : start + k * width], (k, width))
+            out[i] = _leaf_tangent(be, block, k, tuple(leaves[i].shape), rank1)
+            start += k * width
+    return out
+
+
+def _leaf_width(shape: tuple, rank1: bool) -> int:
+    """Numbers per tangent of a leaf of ``shape``: its size, or ``m + prod(rest)`` rank-1."""
     if rank1 and len(shape) >= 2:
-        ku, kw = be.split(key, 2)
-        rest = math.prod(shape[1:])
-        u = be.draw_rows(kind, [ku], [shape[0]], k, dtype=dtype, device=device, generator=generator)
-        w = be.draw_rows(kind, [kw], [rest], k, dtype=dtype, device=device, generator=generator)
-        return Rank1(u, be.xp.reshape(w, (k, *shape[1:])))
-    block = be.draw_rows(kind, [key], [math.prod(shape)], k, dtype=dtype, device=device, generator=generator)
+        return int(shape[0]) + math.prod(shape[1:])
+    return math.prod(shape)
+
+
+def _leaf_tangent(be, block, k: int, shape: tuple, rank1: bool):
+    """A leaf's tangent from its ``(k, width)`` block of numbers."""
+    if rank1 and len(shape) >= 2:
+        m = int(shape[0])
+        return Rank1(block[:, :m], be.xp.reshape(block[:, m:], (k, *shape[1:])))
     return be.xp.reshape(block, (k, *shape))
 
 

@@ -20,7 +20,7 @@ from duogard.grad._objective import Supervised, _unpack
 from duogard.nn import Activation, Conv2d, Dropout, Flatten, Linear, Sequential
 from duogard.tree import Rank1
 
-__all__ = ["plan", "sequential_loss_jvp"]
+__all__ = ["plan", "sequential_activity_jvp", "sequential_loss_jvp"]
 
 _ELEMENTWISE = {
     # name -> derivative as a function of (be, x, y, options)
@@ -159,10 +159,13 @@ def _generic_layer(be, layer, x, tx, k):
     return y, be.vmap(lambda t: be.jvp(f, (x,), (t,))[1], in_axes=1, out_axes=1)(tx)
 
 
-def _loss_jvp(be, loss, z, tz, y):
-    """(loss, K directional derivatives) of the batch-mean loss at logits ``z`` along ``tz`` (B, K, ...)."""
+def _loss_jvp(be, loss, z, tz, y, *, per_example: bool = False):
+    """(loss, K directional derivatives) of the batch-mean loss at logits ``z`` along ``tz`` (B, K, ...).
+
+    ``per_example``: each example's share of them instead, ``(B, K)`` (they sum to the K).
+    """
     xp = be.xp
-    axes = (0,) + tuple(range(2, tz.ndim))
+    axes = tuple(range(2, tz.ndim)) if per_example else (0,) + tuple(range(2, tz.ndim))
     if loss is _losses.cross_entropy:
         value = loss(z, y)
         target = _losses._targets_from(be, "cross_entropy", z, y, 0.0)
@@ -183,3 +186,48 @@ def sequential_loss_jvp(be, model, loss, params, tparams, batch, k: int):
         name = str(i)
         x, tx = _layer(be, layer, params.get(name, {}), tparams.get(name, {}), x, tx, k)
     return _loss_jvp(be, loss, x, tx, y)
+
+
+def _propagate(be, layer, p, x, tx):
+    """``(y, ty)`` of a layer whose params have no tangent: only the incoming ``tx`` moves."""
+    xp = be.xp
+    if isinstance(layer, Linear):
+        y = be.linear(x, p["weight"], p["bias"] if layer.bias else None)
+        if tx is None:
+            return y, None
+        return y, _through(xp, lambda t: be.linear(t, p["weight"]), tx)
+    return _layer(be, layer, {}, {}, x, tx, 0 if tx is None else tx.shape[1])
+
+
+def sequential_activity_jvp(be, model, loss, params, batch, perturb: dict, *, layerwise: bool):
+    """The activity-perturbed JVP of a Sequential of Linear and parameterless layers.
+
+    The tangent enters at the outputs of the layers named in ``perturb`` (``{name: u}``, ``u``
+    shaped like that layer's output): all of them into one tangent, or with ``layerwise`` each
+    into a tangent of its own (K = the number of layers perturbed, in ``perturb``'s order).
+
+    Returns:
+        ``(loss, d, inputs)``: the batch-mean loss, each example's share of the directional
+        derivatives ``(B, K)``, and ``{name: input}`` of the perturbed layers.
+    """
+    xp = be.xp
+    x, y, _ = _unpack(batch)
+    names = list(perturb)
+    k = len(names) if layerwise else 1
+    tx, inputs = None, {}
+    for i, layer in enumerate(model.layers):
+        name = str(i)
+        if name in perturb:
+            inputs[name] = x
+        x, tx = _propagate(be, layer, params.get(name, {}), x, tx)
+        if name in perturb:
+            u = perturb[name]
+            if layerwise:  # u enters slot j only: a (B, K, ...) tangent with u in column j
+                j = names.index(name)
+                onehot = xp.reshape(xp.astype(xp.arange(k) == j, u.dtype), (1, k) + (1,) * (u.ndim - 1))
+                t = xp.expand_dims(u, axis=1) * onehot
+            else:
+                t = xp.expand_dims(u, axis=1)
+            tx = t if tx is None else tx + t
+    value, d = _loss_jvp(be, loss, x, tx, y, per_example=True)
+    return value, d, inputs

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable, Sequence
 
@@ -11,7 +12,7 @@ import numpy as np
 from duogard import losses as _losses
 from duogard.train._callbacks import Callback, Evaluate, FitRun, LambdaCallback, OnNonFinite, Progress
 from duogard.train._distributed import distributed_callbacks
-from duogard.train._result import FitResult, rss_bytes
+from duogard.train._result import FitResult, _open_statm, rss_bytes
 from duogard.train._trainer import Trainer, on_backend
 
 __all__ = ["fit"]
@@ -177,7 +178,8 @@ class _Clock:
 
     def __init__(self):
         self.start = time.perf_counter()
-        self.rss0 = self.peak = rss_bytes()
+        self._statm = _open_statm()
+        self.rss0 = self.peak = rss_bytes(self._statm)
         self.first = float("nan")
         self.times: list[float] = []
 
@@ -186,7 +188,7 @@ class _Clock:
             self.first = dt
         else:
             self.times.append(dt)
-        self.peak = max(self.peak, rss_bytes())
+        self.peak = max(self.peak, rss_bytes(self._statm))
 
     def finish(self, run) -> None:
         r = run.result
@@ -196,6 +198,9 @@ class _Clock:
         r.time_per_step = float(np.median(self.times)) if self.times else self.first
         r.peak_memory_bytes = max(self.peak - self.rss0, 0)
         r.compiles = run.trainer.compiles()
+        if self._statm is not None:
+            os.close(self._statm)
+            self._statm = None
 
 
 def _step(run, step: int, cbs, clock: _Clock) -> dict:
@@ -203,7 +208,7 @@ def _step(run, step: int, cbs, clock: _Clock) -> dict:
     the non-finite policy, and the step's record (appended to the history).
     """
     be, trainer = run.be, run.trainer
-    xb, yb = (be.asarray(a) for a in run.data.batch_at(step, run.batch_size, seed=run.seed))
+    xb, yb = (be.stage(a) for a in run.data.batch_at(step, run.batch_size, seed=run.seed))
     key = be.fold_in(run.key, step)
     for cb in cbs:
         cb.before_step(run, step, xb, yb, key)

@@ -26,11 +26,29 @@ class NonFiniteError(FloatingPointError):
         self.step, self.params, self.opt_state = step, params, opt_state
 
 
-def rss_bytes() -> int:
-    """The process's resident set size now (Linux /proc; 0 where unknown)."""
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def _open_statm() -> int | None:
+    """A descriptor of ``/proc/self/statm`` to read again and again (None where there is none)."""
     try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        return os.open("/proc/self/statm", os.O_RDONLY)
+    except OSError:  # pragma: no cover - not Linux
+        return None
+
+
+def rss_bytes(fd: int | None = None) -> int:
+    """The process's resident set size now (Linux /proc; 0 where unknown).
+
+    Args:
+        fd: a descriptor from ``_open_statm`` (a training loop reads it every step: a
+            ``pread`` costs a tenth of opening the file); None opens the file.
+    """
+    try:
+        if fd is None:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * _PAGE
+        return int(os.pread(fd, 128, 0).split()[1]) * _PAGE
     except (OSError, ValueError, IndexError):  # pragma: no cover - not Linux
         return 0
 
