@@ -234,6 +234,17 @@ def _check_other_sections(result):
     assert {(c["backend"], c["model"]) for c in result["compile"]} == {
         (b, m) for b in ("jax", "torch") for m in ("mlp", "cnn")
     }
+    # data-parallel: one torchrun launch of 2 ranks; forward sends K + 1 = 5 numbers, backprop P + 1
+    (launch,) = result["distributed"]
+    assert "error" not in launch, launch.get("error")
+    assert (launch["backend"], launch["procs"]) == ("torch", 2)
+    assert {(r["model"], r["method"]) for r in launch["rows"]} == {
+        (m, g) for m in ("mlp", "cnn") for g in ("backprop", "forward")
+    }
+    for r in launch["rows"]:
+        assert r["numbers_per_step"] == (5 if r["method"] == "forward" else r["params"] + 1), r
+        assert _finite_positive(r["step_ms"])
+    assert launch["latency_s"] >= 0 and launch["s_per_number"] >= 0
 
 
 def _check_targets_have_figure_limit_status_and_why(result):

@@ -110,6 +110,16 @@ _WORKER = textwrap.dedent(
     r = run(dtype, est, 4, callbacks=[Checkpointer(resume=tmp / f"single-{rank}")], distributed=True)
     found["single_to_dp"] = {"hash": digest(r.params), "steps": [h["step"] for h in r.history],
                              "params": [be.to_numpy(a).tolist() for a in dg.tree.tree_leaves(r.params)]}
+    if name == "torch":  # the main job under torchrun: every run data-parallel, equal to one process
+        from duogard.cli.compare import compare
+        kw = dict(backends=["torch"], methods=["backprop", "forward:num_tangents=2"], steps=4,
+                  batch_size=32, seed=3, out_dir=None, log=None, progress=False, diagnostics_every=0)
+        got = compare(model, base, distributed=True, **kw)
+        found["compare"] = {"world": got["config"]["world_size"],
+                            "losses": [[h["loss"] for h in r["history"]] for r in got["runs"]]}
+        if rank == 0:
+            single = compare(model, base, **kw)
+            found["compare"]["single"] = [[h["loss"] for h in r["history"]] for r in single["runs"]]
     with open(tmp / f"out-{rank}.json", "w") as f:
         json.dump(found, f)
     """
@@ -289,6 +299,20 @@ def test_a_dead_rank_stops_the_others_and_torchrun_restarts_resume(runs):
     assert got["restart"] == 1  # the group was restarted once ...
     assert got["steps"][0] > 1 and got["steps"][-1] == 6  # ... resumed from a checkpoint ...
     assert got["same"]  # ... and ended with the uninterrupted run's params, bitwise
+
+
+def test_compare_runs_every_method_data_parallel(runs):
+    """``compare(distributed=True)`` (what ``torchrun -m duogard compare`` runs): both ranks see
+    the global loss of every step, equal to the single-process comparison's (float32, 1e-5)."""
+    if "torch" not in runs:
+        pytest.skip("needs torch")
+    r0, r1 = (runs["torch"][r]["compare"] for r in range(2))
+    assert r0["world"] == r1["world"] == 2
+    assert r0["losses"] == r1["losses"]
+    assert len(r0["losses"]) == len(r0["single"]) == 2
+    for got, ref in zip(r0["losses"], r0["single"]):
+        assert len(got) == len(ref) == 4
+        assert max(abs(a - b) / abs(b) for a, b in zip(got, ref)) <= 1e-5, (got, ref)
 
 
 def test_clear_errors_without_a_launch(monkeypatch, digits):

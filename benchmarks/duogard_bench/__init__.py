@@ -4,7 +4,9 @@ Sections: 1. step time (``step_time``, with rank-1 tangents beside dense ones an
 tangent cost and ways of drawing tangents (``draws``: duogard's portable generator against each
 framework's own), 3. memory
 against depth (``memory``, one subprocess per configuration), 4. DLPack conversion
-(``conversion``), 5. compile / first-step time; then the targets (``report``). :func:`main` runs
+(``conversion``), 5. compile / first-step time, 6. data-parallel runs under ``torchrun``
+(``distributed``: numbers per step and step time with 1, 2 and 4 processes); then the targets
+(``report``). :func:`main` runs
 them; the hand-written baselines are in ``hand_jax`` and ``hand_torch``. Importing this package
 imports neither JAX nor PyTorch (each section imports them inside its functions).
 """
@@ -32,6 +34,7 @@ from ._common import (
     sizes_for,
 )
 from .conversion import conversion_section
+from .distributed import distributed_section, print_distributed
 from .draws import draw_options, generator_costs
 from .hand_jax import jax_apply, jax_draw_rank1, jax_hand, jax_per_example, jax_rank1_jvp
 from .hand_torch import manual_jvp, torch_apply, torch_draw_rank1, torch_hand, torch_leaves
@@ -69,7 +72,7 @@ __all__ = [
     "workload",
 ]
 
-SECTIONS = ("step", "draw", "memory", "conversion")
+SECTIONS = ("step", "draw", "memory", "conversion", "distributed")
 
 
 def main(
@@ -88,7 +91,9 @@ def main(
         json_path: where to write every figure as JSON (nothing written if None).
         tiny: tiny sizes for the smoke test (with one torch thread while it runs).
         sections: which parts to run: ``step`` (with tangent cost and compile time), ``draw``
-            (ways of drawing tangents), ``memory``, ``conversion``, or ``compile`` alone (first steps).
+            (ways of drawing tangents), ``memory``, ``conversion``, ``distributed`` (torchrun
+            launches: 1, 2 and 4 processes; 1 and 2 with ``quick``; 2 with ``tiny``, torch
+            only), or ``compile`` alone (first steps).
         rank1: the rank-1 run's methods (:func:`sizes_for`), at the full run's sizes.
         backends: the backends to time (default: JAX and torch, those installed).
 
@@ -206,8 +211,27 @@ def _main(*, quick, json_path, tiny, sections, rank1=False, backends=None) -> in
         t0 = time.perf_counter()
         conv = conversion_section(sz, rounds=max(sz.rounds, 2))
         log(f"\nconversion: {time.perf_counter() - t0:.1f} s")
+    dist: list = []
+    if "distributed" in sections:
+        procs = {"tiny": (2,), "quick": (1, 2)}.get(sz.mode, (1, 2, 4))
+        dist_backends = [b for b in backends if b == "torch"] if sz.mode == "tiny" else backends
+        k = 4 if sz.mode == "tiny" else 16
+        log(f"\ndata-parallel: torchrun with {', '.join(map(str, procs))} processes ...")
+        t0 = time.perf_counter()
+        dist = distributed_section(
+            procs=procs,
+            backends=dist_backends,
+            steps={"tiny": 3, "quick": 10}.get(sz.mode, 30),
+            k=k,
+            batch=sz.batch if sz.batch % 4 == 0 else 64,
+            small=sz.mode != "full",
+            log=log,
+        )
+        log(f"  {time.perf_counter() - t0:.1f} s")
     targets = evaluate_targets(step, memory, conv, draw_opts)
     print_rest(draw_opts, memory, conv, compile_recs, targets, log, draw_gens=draw_gens)
+    if dist:
+        print_distributed(dist, log, k=k)
     machine["load_average_end"] = (
         [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None
     )
@@ -221,6 +245,7 @@ def _main(*, quick, json_path, tiny, sections, rank1=False, backends=None) -> in
         conversion=conv,
         compile=compile_recs,
         targets=targets,
+        distributed=dist,
     )
     if json_path:
         with open(json_path, "w") as f:

@@ -81,6 +81,34 @@ def add_optimizer_options(p: argparse.ArgumentParser, *, choices=OPTIMIZERS) -> 
     )
 
 
+def add_distributed_options(p: argparse.ArgumentParser) -> None:
+    """``--distributed``, ``--dist-tangents`` and ``--dist-timeout`` (train and compare)."""
+    p.add_argument(
+        "--distributed",
+        default="auto",
+        choices=("auto", "on", "off"),
+        help="data-parallel across the ranks of a torchrun launch (auto: when $WORLD_SIZE is set)",
+    )
+    p.add_argument(
+        "--dist-tangents",
+        default="shared",
+        choices=("shared", "per_rank"),
+        help="data-parallel forward gradients: one tangent key for all ranks, or one per rank",
+    )
+    p.add_argument("--dist-timeout", type=float, default=300.0, help="seconds a collective may wait")
+
+
+def data_parallel(args):
+    """The run's :class:`~duogard.train.DataParallel`, or None for a single-process run."""
+    if args.distributed == "off" or (args.distributed == "auto" and not os.environ.get("WORLD_SIZE")):
+        return None
+    if not args.dist_timeout > 0:
+        raise UsageError(f"--dist-timeout must be positive seconds, got {args.dist_timeout}")
+    from duogard.train import DataParallel
+
+    return DataParallel(tangents=args.dist_tangents, timeout=args.dist_timeout)
+
+
 def parse_hidden(text: str | None, dataset_name: str) -> tuple[int, ...]:
     """``--hidden``: comma-separated positive ints; None gives the default for the data."""
     if text is None:

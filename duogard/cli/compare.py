@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -15,9 +16,11 @@ from duogard.cli._errors import RunInterruptedError
 from duogard.cli._methods import DEFAULT_METHODS, MethodSpec, parse_methods
 from duogard.cli._options import (
     add_data_options,
+    add_distributed_options,
     build_model_from_args,
     check_common,
     check_every,
+    data_parallel,
     load_data,
     parse_backends,
     resolve_backend,
@@ -55,6 +58,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     c.add_argument("--diagnostics-every", type=int, default=25)
     c.add_argument("--out", default="duogard-out", help="output directory (compare.json, compare.png)")
     c.add_argument("--quiet", action="store_true")
+    add_distributed_options(c)
     return c
 
 
@@ -72,13 +76,17 @@ def run(args) -> int:
     for name in backends or ():
         resolve_backend(name, "--backends")
     check_every("--diagnostics-every", args.diagnostics_every, zero=True)
-    if args.out:
+    dist = data_parallel(args)
+    # under torchrun every rank runs every fit; rank 0 alone prints and writes
+    rank0 = dist is None or os.environ.get("RANK", "0") == "0"
+    say = print if rank0 else (lambda *a, **k: None)
+    if args.out and rank0:
         check_output_dir(args.out, "--out")
-    print(
+    say(
         f"duogard compare: {args.model} on {args.dataset}, {args.steps} steps, batch {args.batch_size}, "
-        f"seed {args.seed}"
+        f"seed {args.seed}" + (f", data-parallel over {os.environ.get('WORLD_SIZE')} ranks" if dist else "")
     )
-    data = load_data(args)
+    data = load_data(args, say=say)
     model, title = build_model_from_args(args, data)
     with InterruptGuard() as guard:
         result = compare(
@@ -95,9 +103,13 @@ def run(args) -> int:
             diagnostics_every=args.diagnostics_every,
             out_dir=None,
             title=title,
-            progress=False if args.quiet else None,
+            progress=False if args.quiet or not rank0 else None,
+            log=say,
             interrupt=guard,
+            distributed=dist,
         )
+    if not rank0:
+        return 0
     print()
     print(format_table(result["runs"]), flush=True)
     if args.out:
@@ -134,6 +146,7 @@ def compare(
     progress=None,
     log=print,
     interrupt=None,
+    distributed=None,
 ) -> dict:
     """Run every ``backend x method`` with the same data, initial weights, steps and batches.
 
@@ -156,6 +169,10 @@ def compare(
         interrupt: an object whose ``requested`` ends the comparison after the current step
             (the CLI's Ctrl-C guard; its ``callback()`` is added to every run). The runs so
             far are returned, and ``config["interrupted"]`` says so.
+        distributed: a :class:`~duogard.train.DataParallel` (or True): every run is
+            data-parallel across the ranks of a ``torchrun`` launch, each with a fresh
+            ``DataParallel`` of the same settings. Rank 0's summaries carry the test accuracy
+            (evaluation runs on rank 0 only); ``config["world_size"]`` says how many ranks.
 
     Returns:
         ``{"config": ..., "runs": [summary + history per run], "files": [...]}``.
@@ -163,8 +180,14 @@ def compare(
     import duogard as dg
     from duogard import optim
     from duogard.cli._methods import parse_method
-    from duogard.train import Diagnostics, Evaluate, Progress
+    from duogard.train import DataParallel, Diagnostics, Evaluate, Progress
     from duogard.tree import tree_size
+
+    if distributed is True:
+        distributed = DataParallel()
+    if distributed not in (None, False) and not isinstance(distributed, DataParallel):
+        raise TypeError(f"compare: distributed must be None, True or a DataParallel, got {distributed!r:.80}")
+    world = 1
 
     if backends is None:
         backends = [b.name for b in dg.available_backends() if b.available]
@@ -186,6 +209,7 @@ def compare(
             callbacks.append(Diagnostics(diagnostics_every))
         if interrupt is not None:
             callbacks.append(interrupt.callback())
+        dp = DataParallel(tangents=distributed.tangents, timeout=distributed.timeout) if distributed else None
         res = dg.fit(
             model,
             params0,
@@ -197,7 +221,9 @@ def compare(
             batch_size=batch_size,
             seed=seed,
             callbacks=callbacks,
+            distributed=dp or False,
         )
+        world = dp.world_size if dp else 1
         summary = res.summary() | {"method": spec.label, "learning_rate": lr}
         runs.append(
             summary
@@ -219,6 +245,7 @@ def compare(
             "backends": list(backends),
             "methods": [s.label for s in specs],
             "threads": threads,
+            "world_size": world,
             "versions": {b.name: b.version for b in dg.available_backends() if b.available},
             "interrupted": bool(interrupt is not None and interrupt.requested),
         },

@@ -16,11 +16,13 @@ from duogard.cli._errors import OutputError, RunInterruptedError, UsageError
 from duogard.cli._methods import parse_method
 from duogard.cli._options import (
     add_data_options,
+    add_distributed_options,
     add_optimizer_options,
     build_model_from_args,
     build_optimizer,
     check_common,
     check_every,
+    data_parallel,
     load_data,
     resolve_backend,
 )
@@ -60,19 +62,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true", help="torch: use torch.compile (JAX always jits)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--json", default=None, help="write the run summary as JSON here")
-    p.add_argument(
-        "--distributed",
-        default="auto",
-        choices=("auto", "on", "off"),
-        help="data-parallel across the ranks of a torchrun launch (auto: when $WORLD_SIZE is set)",
-    )
-    p.add_argument(
-        "--dist-tangents",
-        default="shared",
-        choices=("shared", "per_rank"),
-        help="data-parallel forward gradients: one tangent key for all ranks, or one per rank",
-    )
-    p.add_argument("--dist-timeout", type=float, default=300.0, help="seconds a collective may wait")
+    add_distributed_options(p)
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -128,7 +118,7 @@ def run(args) -> int:
     from duogard.tree import tree_size
 
     check_args(args)
-    dist = _data_parallel(args)
+    dist = data_parallel(args)
     # a data-parallel run reports from rank 0 only
     say = print if dist is None or os.environ.get("RANK", "0") == "0" else (lambda *a, **k: None)
     spec = parse_method(args.grad)
@@ -192,17 +182,6 @@ def run(args) -> int:
     if stopped is not None:
         raise RunInterruptedError(stopped)
     return 0
-
-
-def _data_parallel(args):
-    """The run's :class:`~duogard.train.DataParallel`, or None for a single-process run."""
-    if args.distributed == "off" or (args.distributed == "auto" and not os.environ.get("WORLD_SIZE")):
-        return None
-    if not args.dist_timeout > 0:
-        raise UsageError(f"--dist-timeout must be positive seconds, got {args.dist_timeout}")
-    from duogard.train import DataParallel
-
-    return DataParallel(tangents=args.dist_tangents, timeout=args.dist_timeout)
 
 
 def _interrupted_message(args, step: int) -> str:
