@@ -125,9 +125,9 @@ _WORKER = textwrap.dedent(
     """
 )
 
-# torchrun --max-restarts 1: rank 1 dies after step 3 on the first attempt; rank 0 must stop with
-# an error naming it; the restarted group resumes from the checkpoint and must end with the
-# params of an uninterrupted run
+# torchrun --max-restarts 1, 3 ranks: rank 1 dies after step 3 on the first attempt; ranks 0 and
+# 2 must stop with an error naming it; the restarted group resumes from the checkpoint and must
+# end with the params of an uninterrupted run
 _FAULT_WORKER = textwrap.dedent(
     """
     import hashlib, json, os, sys
@@ -152,7 +152,7 @@ _FAULT_WORKER = textwrap.dedent(
             os._exit(3)
 
     def run(where, cbs):
-        return dg.fit(model, params, data, trainer=trainer, steps=6, batch_size=32, seed=1,
+        return dg.fit(model, params, data, trainer=trainer, steps=6, batch_size=30, seed=1,
                       callbacks=[Checkpointer(where, every=2), *cbs], distributed=DataParallel(timeout=30))
 
     r = run(f"{out}/ck", [LambdaCallback(die)])
@@ -182,8 +182,8 @@ def _free_port() -> int:
     raise RuntimeError("no free pair of ports on loopback")
 
 
-def _launch(script: Path, args: list[str], *, extra: tuple = ()) -> subprocess.Popen:
-    cmd = [str(TORCHRUN), "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+def _launch(script: Path, args: list[str], *, extra: tuple = (), nproc: int = 2) -> subprocess.Popen:
+    cmd = [str(TORCHRUN), "--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1",
            "--master-port", str(_free_port()), *extra, str(script), *args]  # fmt: skip
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
@@ -212,7 +212,11 @@ def runs(tmp_path_factory):
     fault = root / "fault.py"
     fault.write_text(_FAULT_WORKER)
     (root / "restart").mkdir()
-    procs["restart"] = _launch(fault, [str(root / "restart")], extra=("--max-restarts", "1"))
+    # 3 ranks, so the survivors must find out which of the two others died (a roll call in the
+    # agent's store); the agent looks at its workers every 10 s, so they live to say it
+    procs["restart"] = _launch(
+        fault, [str(root / "restart")], extra=("--max-restarts", "1", "--monitor-interval", "10"), nproc=3
+    )
     found = {}
     for name, proc in list(procs.items()):
         if name == "restart":
@@ -290,10 +294,11 @@ def test_checkpoints_cross_between_distributed_and_single_process(runs, backend)
 
 def test_a_dead_rank_stops_the_others_and_torchrun_restarts_resume(runs):
     out, result = runs["restart"]
-    # the survivor's error names the rank that died (gloo sees the connection drop at once)
-    # (unless torchrun's agent stopped rank 0 first: then there is nothing to print)
+    # the survivors' errors name the rank that died, not "one of ranks [1, 2]" (a roll call)
+    # (unless torchrun's agent stopped them first: then there is nothing to print)
     if "closing signal SIGTERM" not in out:
-        assert "rank 0 of 2: the collective of step 4 failed: rank 1 stopped" in out, out[-4000:]
+        assert "rank 0 of 3: the collective of step 4 failed: rank 1 stopped" in out, out[-4000:]
+        assert "rank 2 of 3: the collective of step 4 failed: rank 1 stopped" in out, out[-4000:]
     assert result.exists(), out[-4000:]
     got = json.loads(result.read_text())
     assert got["restart"] == 1  # the group was restarted once ...
@@ -345,3 +350,34 @@ def test_a_model_with_a_training_mode_is_refused_not_trained_differently():
     trainer = dg.Trainer(model, backend="torch")
     with pytest.raises(ValueError, match="training mode.*single-process"):
         _DataParallelTrainer(trainer, dp=None)
+
+
+def test_the_roll_call_names_the_ranks_that_never_answer():
+    """After a failed collective among more than two ranks, each survivor marks itself present
+    in the launch's store (here a real torch TCPStore, as torchrun's agent hosts it) and names
+    the ranks that never answer: rank 1 of 4 is dead, ranks 0 and 3 answered before, 2 asks."""
+    import datetime
+
+    import torch.distributed as tdist
+
+    from duogard.backend._contract_dist import roll_call
+    from duogard.train import DataParallel
+
+    store = tdist.TCPStore("127.0.0.1", 0, is_master=True, timeout=datetime.timedelta(seconds=10))
+    for r in (0, 3):
+        store.set(f"duogard/roll-call/0/7/{r}", "1")
+    present = roll_call(lambda k: store.set(k, "1"), lambda k: store.check([k]), "0/7", 2, 4, 0.3)
+    assert present == [0, 2, 3]
+    assert store.check(["duogard/roll-call/0/7/2"])  # 2 answered for the others to see
+
+    class FakeBackend:  # what DataParallel.failure asks of the backend
+        def dist_roll_call(self, tag, wait):
+            assert tag == "0/7" and 0 < wait <= 3
+            return present
+
+    dp = DataParallel(timeout=30)
+    dp.rank, dp.world_size, dp.current_step, dp._be = 2, 4, 7, FakeBackend()
+    err = dp.failure(RuntimeError("Connection closed by peer"), "the collective of step 7")
+    assert "rank 2 of 4" in str(err) and "rank 1 stopped" in str(err), str(err)
+    dp._be = None  # no store reachable: the survivors say who might have
+    assert "one of ranks [0, 1, 3]" in str(dp.failure(RuntimeError("x"), "y"))

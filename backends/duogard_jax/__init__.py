@@ -54,6 +54,7 @@ from ._distributed import (
     all_gather,
     all_reduce_sum,
     dist_init,
+    dist_roll_call,
     dist_shutdown,
     dist_step,
     dist_world,
@@ -174,6 +175,7 @@ __all__ = [
     "dlpack_import",
     # data-parallel runs
     "dist_init",
+    "dist_roll_call",
     "dist_world",
     "dist_step",
     "all_reduce_sum",

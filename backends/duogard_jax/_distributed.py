@@ -19,7 +19,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from duogard.backend._contract_dist import DistributedError, launch_env
+from duogard.backend._contract_dist import DistributedError, launch_env, roll_call
 
 #: the mesh axis of the ranks (the name psum and all_gather reduce over)
 AXIS = "duogard_ranks"
@@ -60,6 +60,29 @@ def dist_init(timeout: float = 300.0) -> tuple[int, int]:
             f"{env.master_addr}:{port}: {first}{hint}"
         ) from exc
     return dist_world()
+
+
+def dist_roll_call(tag: str, wait: float = 10.0):
+    if not jax.distributed.is_initialized():
+        return None
+    from jax._src.distributed import global_state  # the coordination service's key-value store
+
+    client = global_state.client
+    if client is None:
+        return None
+
+    def has(key):
+        try:
+            client.key_value_try_get(key)
+        except Exception:  # NOT_FOUND (or the service is gone: the roll call then says so)
+            return False
+        return True
+
+    rank, world = dist_world()
+    try:
+        return roll_call(lambda k: client.key_value_set(k, "1"), has, tag, rank, world, wait)
+    except Exception:  # the coordination service went with rank 0
+        return None
 
 
 def dist_world() -> tuple[int, int]:

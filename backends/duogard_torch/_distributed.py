@@ -13,7 +13,7 @@ import os
 import numpy as np
 import torch
 
-from duogard.backend._contract_dist import DistributedError, launch_env
+from duogard.backend._contract_dist import DistributedError, launch_env, roll_call
 
 from ._arrays import default_device
 
@@ -50,12 +50,31 @@ def dist_init(timeout: float = 300.0) -> tuple[int, int]:
         # else the new processes read the dead ones' addresses
         store = dist.PrefixStore(f"duogard/attempt-{env.restart_count}", store)
         dist.init_process_group(group, store=store, rank=env.rank, world_size=env.world_size, timeout=seconds)
+        _STORE[:] = [store]  # the roll call's store (torchrun's agent store outlives any rank)
     except (RuntimeError, ValueError) as exc:  # DistStoreError, DistNetworkError are RuntimeErrors
         raise DistributedError(
             f"torch dist_init: rank {env.rank} of {env.world_size} could not join the {group} "
             f"process group at {env.master_addr}:{env.master_port}: {str(exc).splitlines()[0]}"
         ) from exc
     return dist.get_rank(), dist.get_world_size()
+
+
+_STORE: list = []  # the store of the joined group, for dist_roll_call
+
+
+def dist_roll_call(tag: str, wait: float = 10.0):
+    if not _STORE or not _joined():
+        return None
+    store = _STORE[0]
+    dist = _dist()
+
+    def has(key):
+        return bool(store.check([key]))
+
+    try:
+        return roll_call(lambda k: store.set(k, "1"), has, tag, dist.get_rank(), dist.get_world_size(), wait)
+    except (RuntimeError, ValueError):  # the store is gone (its host stopped)
+        return None
 
 
 def dist_world() -> tuple[int, int]:
@@ -98,5 +117,6 @@ def host_all_gather(x):
 
 
 def dist_shutdown() -> None:
+    _STORE.clear()
     if _joined():
         _dist().destroy_process_group()

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-__all__ = ["DistributedOps", "LaunchEnv", "launch_env", "DistributedError"]
+__all__ = ["DistributedOps", "LaunchEnv", "launch_env", "roll_call", "DistributedError"]
 
 _VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
@@ -133,5 +133,34 @@ class DistributedOps(Protocol):
         hashes), as a NumPy array of shape ``(world_size, *x.shape)``.
         """
 
+    def dist_roll_call(self, tag: str, wait: float = 10.0) -> list[int] | None:
+        """The ranks that answer the roll call ``tag`` within ``wait`` seconds, this one included.
+
+        Each rank that calls it marks itself present under ``tag`` in the launch's key-value
+        store (torch: the process group's store, torchrun's agent store; JAX: the coordination
+        service's), then waits until every rank is there or ``wait`` runs out. After a failed
+        collective the ranks that never answer are the ones that stopped (or still hang): what
+        a data-parallel run names in its error. None where no store can be reached (no group
+        joined, or the store went with a dead rank).
+        """
+
     def dist_shutdown(self) -> None:
         """Leave the process group (nothing when none was joined)."""
+
+
+def roll_call(set_key: Callable[[str], None], has_key: Callable[[str], bool], tag: str, rank: int,
+              world: int, wait: float, *, poll: float = 0.05) -> list[int]:  # fmt: skip
+    """The roll call of :meth:`DistributedOps.dist_roll_call` on any key-value store:
+    ``set_key(k)`` marks a key present, ``has_key(k)`` says whether it is. Returns the sorted
+    ranks present when all are, or when ``wait`` seconds have passed.
+    """
+    import time
+
+    prefix = f"duogard/roll-call/{tag}/"
+    set_key(prefix + str(rank))
+    deadline = time.monotonic() + max(float(wait), 0.0)
+    while True:
+        present = [r for r in range(world) if r == rank or has_key(prefix + str(r))]
+        if len(present) == world or time.monotonic() >= deadline:
+            return present
+        time.sleep(poll)

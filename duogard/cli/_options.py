@@ -109,6 +109,21 @@ def data_parallel(args):
     return DataParallel(tangents=args.dist_tangents, timeout=args.dist_timeout)
 
 
+def leave_process_groups() -> None:
+    """Leave every loaded backend's process group (the end of a command under torchrun): a gloo
+    group torn down at interpreter exit can abort the process after its work is done.
+    """
+    import sys
+
+    for name in ("duogard_jax", "duogard_torch"):
+        module = sys.modules.get(name)
+        if module is not None:
+            try:
+                module.dist_shutdown()
+            except Exception:  # noqa: BLE001 - leaving is best effort; the work is done
+                pass
+
+
 def parse_hidden(text: str | None, dataset_name: str) -> tuple[int, ...]:
     """``--hidden``: comma-separated positive ints; None gives the default for the data."""
     if text is None:

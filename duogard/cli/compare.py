@@ -21,6 +21,7 @@ from duogard.cli._options import (
     check_common,
     check_every,
     data_parallel,
+    leave_process_groups,
     load_data,
     parse_backends,
     resolve_backend,
@@ -68,6 +69,14 @@ def run(args) -> int:
     Ctrl-C ends the current run after its step and skips the rest: the table and files then
     hold the runs so far (the last one cut short), and the exit code is 130.
     """
+    try:
+        return _run(args)
+    finally:
+        if os.environ.get("WORLD_SIZE") and args.distributed != "off":
+            leave_process_groups()
+
+
+def _run(args) -> int:
     from duogard.cli._interrupt import InterruptGuard
 
     check_common(args)

@@ -23,6 +23,7 @@ from duogard.cli._options import (
     check_common,
     check_every,
     data_parallel,
+    leave_process_groups,
     load_data,
     resolve_backend,
 )
@@ -112,6 +113,14 @@ def run(args) -> int:
     Ctrl-C ends the run after the current step (a checkpoint is written with ``--checkpoint``)
     and exits 130; an output that cannot be written at the end exits 1 after the summary.
     """
+    try:
+        return _run(args)
+    finally:
+        if os.environ.get("WORLD_SIZE") and args.distributed != "off":
+            leave_process_groups()
+
+
+def _run(args) -> int:
     import duogard as dg
     from duogard.cli._interrupt import InterruptGuard
     from duogard.train.checkpoint import CheckpointMismatchError

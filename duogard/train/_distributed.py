@@ -91,6 +91,7 @@ class DataParallel(Callback):
         self.healthy = True
         self.current_step = 0
         self._trainer = None
+        self._be = None
 
     def __repr__(self) -> str:
         return f"DataParallel(tangents={self.tangents!r}, timeout={self.timeout:g})"
@@ -107,7 +108,7 @@ class DataParallel(Callback):
         """
         from duogard.backend._contract_dist import launch_env
 
-        be = trainer.be
+        be = self._be = trainer.be
         self.restart_count = launch_env("fit(distributed=...)").restart_count
         self.rank, self.world_size = be.dist_init(self.timeout)
         if batch_size % self.world_size:
@@ -185,6 +186,14 @@ class DataParallel(Callback):
             return exc
         others = [r for r in range(self.world_size) if r != self.rank]
         who = f"rank {others[0]}" if len(others) == 1 else f"one of ranks {others}"
+        if len(others) > 1 and self._be is not None:
+            # which ones: a roll call in the launch's store; the ranks that never answer stopped
+            present = self._be.dist_roll_call(
+                f"{self.restart_count}/{self.current_step}", wait=min(3.0, self.timeout)
+            )
+            missing = [r for r in others if present is not None and r not in present]
+            if missing:
+                who = f"rank {missing[0]}" if len(missing) == 1 else f"ranks {missing}"
         return DistributedError(
             f"fit: rank {self.rank} of {self.world_size}: {what} failed: {who} stopped or did not "
             f"answer within {self.timeout:g} s (DataParallel(timeout=...)); {type(exc).__name__}: {cause}"
