@@ -381,3 +381,36 @@ def test_the_roll_call_names_the_ranks_that_never_answer():
     assert "rank 2 of 4" in str(err) and "rank 1 stopped" in str(err), str(err)
     dp._be = None  # no store reachable: the survivors say who might have
     assert "one of ranks [0, 1, 3]" in str(dp.failure(RuntimeError("x"), "y"))
+
+
+_JAX_ROLL_CALL = textwrap.dedent(
+    """
+    import os, sys
+    os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1])
+    import duogard as dg
+    from jax._src.distributed import global_state
+    import duogard_jax._distributed as jd
+    be = dg.backend("jax")
+    assert be.dist_roll_call("t", 0.1) is None  # no group joined: no store to ask
+    be.dist_init(30)
+    assert be.dist_roll_call("t", 0.1) == [0]
+    global_state.client.key_value_set("duogard/roll-call/u/2", "1")  # rank 2 answered, 1 did not
+    jd.dist_world = lambda: (0, 3)
+    print("ROLL", be.dist_roll_call("u", 0.3))
+    be.dist_shutdown()
+    """
+)
+
+
+def test_jax_roll_call_uses_the_coordination_service(tmp_path):
+    """JAX's roll call marks and reads keys in jax.distributed's coordination service (a
+    one-process group here, with the world widened to 3 after it joined)."""
+    pytest.importorskip("jax")
+    script = tmp_path / "roll.py"
+    script.write_text(_JAX_ROLL_CALL)
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run(
+        [sys.executable, str(script), str(_free_port())], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "ROLL [0, 2]" in proc.stdout, proc.stdout[-2000:]
