@@ -348,3 +348,23 @@ def test_interrupt_guard_second_ctrl_c_interrupts_at_once(python_sigint):
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(1)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_command_under_torchrun_leaves_its_process_groups(monkeypatch):
+    """train and compare end by leaving the groups they joined (a gloo group torn down at exit
+    can abort a finished process), and only when they ran data-parallel; also after an error."""
+    import argparse
+
+    from duogard.cli import _options
+
+    left = []
+    monkeypatch.setattr(_options, "leave_process_groups", lambda: left.append(1))
+    args = argparse.Namespace(distributed="auto")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert _options.run_in_group(lambda a: 0, args) == 0 and left == []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert _options.run_in_group(lambda a: 3, args) == 3 and left == [1]
+    with pytest.raises(RuntimeError, match="boom"):
+        _options.run_in_group(lambda a: (_ for _ in ()).throw(RuntimeError("boom")), args)
+    assert left == [1, 1]
+    assert _options.run_in_group(lambda a: 0, argparse.Namespace(distributed="off")) == 0 and left == [1, 1]

@@ -109,6 +109,15 @@ def data_parallel(args):
     return DataParallel(tangents=args.dist_tangents, timeout=args.dist_timeout)
 
 
+def run_in_group(run, args) -> int:
+    """``run(args)``, then, for a command under torchrun, leave the process groups it joined."""
+    try:
+        return run(args)
+    finally:
+        if os.environ.get("WORLD_SIZE") and args.distributed != "off":
+            leave_process_groups()
+
+
 def leave_process_groups() -> None:
     """Leave every loaded backend's process group (the end of a command under torchrun): a gloo
     group torn down at interpreter exit can abort the process after its work is done.

@@ -21,10 +21,10 @@ from duogard.cli._options import (
     check_common,
     check_every,
     data_parallel,
-    leave_process_groups,
     load_data,
     parse_backends,
     resolve_backend,
+    run_in_group,
 )
 from duogard.cli._outputs import check_output_dir, output_error
 
@@ -69,11 +69,7 @@ def run(args) -> int:
     Ctrl-C ends the current run after its step and skips the rest: the table and files then
     hold the runs so far (the last one cut short), and the exit code is 130.
     """
-    try:
-        return _run(args)
-    finally:
-        if os.environ.get("WORLD_SIZE") and args.distributed != "off":
-            leave_process_groups()
+    return run_in_group(_run, args)
 
 
 def _run(args) -> int:

@@ -23,9 +23,9 @@ from duogard.cli._options import (
     check_common,
     check_every,
     data_parallel,
-    leave_process_groups,
     load_data,
     resolve_backend,
+    run_in_group,
 )
 from duogard.cli._outputs import check_output_dir, check_output_file, check_resume, write_text
 
@@ -113,11 +113,7 @@ def run(args) -> int:
     Ctrl-C ends the run after the current step (a checkpoint is written with ``--checkpoint``)
     and exits 130; an output that cannot be written at the end exits 1 after the summary.
     """
-    try:
-        return _run(args)
-    finally:
-        if os.environ.get("WORLD_SIZE") and args.distributed != "off":
-            leave_process_groups()
+    return run_in_group(_run, args)
 
 
 def _run(args) -> int:
