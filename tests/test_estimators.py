@@ -159,6 +159,8 @@ def test_forward_is_the_mean_of_directional_derivatives_times_tangents(be, num_t
         {"num_tangents": 4},
         {"num_tangents": 3, "distribution": "rademacher", "jvp": "rules"},
         {"num_tangents": 3, "projection": True},
+        {"num_tangents": 3, "distribution": "rademacher", "generator": "native"},
+        {"num_tangents": 3, "generator": "native"},
     ],
 )
 def test_forward_call_draws_leaf_by_leaf_the_numbers_of_sample(be, options):

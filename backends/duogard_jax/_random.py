@@ -132,10 +132,13 @@ def _words(key, n: int):
     key = _as_key(key)
     j = jnp.arange(n, dtype=_U32)
     zero = jnp.zeros((), _U32)
-    c0, c1, c2, c3 = _philox(j >> 2, zero, zero, zero, key)
+    return _lane(_philox(j >> 2, zero, zero, zero, key), j) // _traced_one(key)
+
+
+def _lane(c, j):
+    """Word ``j`` of a stream from its block's four words ``c``: lane ``j % 4``."""
     lane = j & _U32(3)
-    w = jnp.where(lane == 0, c0, jnp.where(lane == 1, c1, jnp.where(lane == 2, c2, c3)))
-    return w // _traced_one(key)
+    return jnp.where(lane == 0, c[0], jnp.where(lane == 1, c[1], jnp.where(lane == 2, c[2], c[3])))
 
 
 def _traced_one(key):
@@ -161,12 +164,17 @@ def _portable_normal(key, n: int, dtype):
     # are lanes 0, 1 or 2, 3): one fused single-output loop, as in _words
     i = jnp.arange(n, dtype=_U32)
     zero = jnp.zeros((), _U32)
-    c0, c1, c2, c3 = _philox(i >> 2, zero, zero, zero, _as_key(key))
+    return _unfused(_box_muller(_philox(i >> 2, zero, zero, zero, _as_key(key)), i, dtype), key)
+
+
+def _box_muller(c, i, dtype):
+    """Normal number ``i`` of a stream from its block's four words ``c`` (words 2p and 2p + 1
+    of its pair p = i // 2 are lanes 0, 1 or 2, 3).
+    """
     second = ((i >> 1) & _U32(1)) == 1
-    r = jnp.sqrt(jnp.asarray(-2, dtype) * jnp.log(_unit(jnp.where(second, c2, c0), dtype)))
-    t = jnp.asarray(2 * np.pi, dtype) * _unit(jnp.where(second, c3, c1), dtype)
-    z = jnp.where((i & _U32(1)) == 1, r * jnp.sin(t), r * jnp.cos(t))
-    return _unfused(z, key)
+    r = jnp.sqrt(jnp.asarray(-2, dtype) * jnp.log(_unit(jnp.where(second, c[2], c[0]), dtype)))
+    t = jnp.asarray(2 * np.pi, dtype) * _unit(jnp.where(second, c[3], c[1]), dtype)
+    return jnp.where((i & _U32(1)) == 1, r * jnp.sin(t), r * jnp.cos(t))
 
 
 def _unfused(x, key):
@@ -264,31 +272,19 @@ def _portable_many(kind, keys, counts, dtype):
     per = 2 if kind == "normal" else 32
     took = per * -(-counts // per)  # numbers each key gives before its last ones are dropped
     nwords = took if kind == "normal" else took // 32
-    t = np.arange(int(nwords.sum()), dtype=np.int64) - np.repeat(np.cumsum(nwords) - nwords, nwords)
     k0, k1 = _per_element(keys[:, 0], nwords), _per_element(keys[:, 1], nwords)
-    t = jnp.asarray(t.astype(np.uint32))
+    t = jnp.asarray(spec.positions(nwords).astype(np.uint32))  # each word's index in its stream
     zero = jnp.zeros((), _U32)
-    c0, c1, c2, c3 = _philox(t >> 2, zero, zero, zero, (k0, k1))
-    one = (k0[0] | _U32(1)) // (k0[0] | _U32(1))  # see _traced_one
-    if kind == "normal":  # as _portable_normal, number t of its key from its own block
-        second = ((t >> 1) & _U32(1)) == 1
-        r = jnp.sqrt(jnp.asarray(-2, dtype) * jnp.log(_unit(jnp.where(second, c2, c0), dtype)))
-        th = jnp.asarray(2 * np.pi, dtype) * _unit(jnp.where(second, c3, c1), dtype)
-        numbers = jnp.where((t & _U32(1)) == 1, r * jnp.sin(th), r * jnp.cos(th))
-        bits = jnp.uint32 if numbers.dtype.itemsize == 4 else jnp.uint64
-        numbers = jax.lax.bitcast_convert_type(
-            jax.lax.bitcast_convert_type(numbers, bits) // one.astype(bits), numbers.dtype
-        )
+    c = _philox(t >> 2, zero, zero, zero, (k0, k1))
+    if kind == "normal":  # as _portable_normal: number t of its key from its own block
+        numbers = _unfused(_box_muller(c, t, dtype), keys[0])
     else:  # as _words then _portable_signs: word t's lane, then its 32 bits
-        lane = t & _U32(3)
-        w = jnp.where(lane == 0, c0, jnp.where(lane == 1, c1, jnp.where(lane == 2, c2, c3))) // one
+        w = _lane(c, t) // _traced_one(keys[0])
         bits = (w[:, None] >> jnp.arange(32, dtype=_U32)) & _U32(1)
         numbers = bits.reshape(-1).astype(dtype) * 2 - 1
-    within = np.arange(int(counts.sum()), dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
-    index = np.repeat(np.cumsum(took) - took, counts) + within
-    if len(index) == len(numbers):  # nothing dropped: no gather
+    if int(took.sum()) == int(counts.sum()):  # nothing dropped: no gather
         return numbers
-    return numbers[jnp.asarray(index.astype(np.int32))]
+    return numbers[jnp.asarray(spec.kept(counts, took).astype(np.int32))]
 
 
 def uniform(key, shape, dtype="float32", minval=0.0, maxval=1.0, device=None, generator="portable"):

@@ -216,24 +216,19 @@ def draw_rows(kind, keys, sizes, rows, dtype="float32", device=None, generator="
     if len(sizes) == 1 and not small and not (native and kind == "normal"):
         draw = normal if kind == "normal" else rademacher  # one block: no copy into a new array
         return draw(keys[0], (rows, sizes[0]), dtype=dtype, device=device, generator=generator)
-    flat = None
+    counts = [rows * sizes[j] for j in small]
     if small:
-        counts = [rows * sizes[j] for j in small]
         words = np.stack([np.asarray(_words_of(keys[j]), dtype=np.uint32) for j in small])
         flat = spec.draw_many(kind, words, counts, np.float32 if dtype == torch.float32 else np.float64)
         flat = torch.from_numpy(flat).to(device)
         if len(sizes) == 1:
             return flat.reshape(rows, sizes[0])
     out = torch.empty((rows, sum(sizes)), dtype=dtype, device=device)
-    starts = np.cumsum(sizes) - np.asarray(sizes, dtype=np.int64)
-    if small:
-        for j, at, n in zip(small, np.cumsum(counts) - counts, counts):
-            out[:, starts[j] : starts[j] + sizes[j]].copy_(flat[at : at + n].reshape(rows, sizes[j]))
-    done = set(small)
-    for j, (k, size) in enumerate(zip(keys, sizes)):
-        start = int(starts[j])
-        if j in done:
-            continue
+    starts = [int(a) for a in np.cumsum(sizes) - np.asarray(sizes, dtype=np.int64)]
+    for j, at, n in zip(small, np.cumsum(counts) - counts, counts):
+        out[:, starts[j] : starts[j] + sizes[j]].copy_(flat[at : at + n].reshape(rows, sizes[j]))
+    for j in sorted(set(range(len(sizes))) - set(small)):
+        k, size, start = keys[j], sizes[j], starts[j]
         if native and kind == "normal" and (rows == 1 or size >= _ROW_FILL_MIN):
             g = _generator(k, out.device)
             for r in range(rows):

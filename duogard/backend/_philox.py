@@ -48,6 +48,8 @@ __all__ = [
     "words",
     "words_many",
     "draw_many",
+    "positions",
+    "kept",
     "uniform",
     "normal",
     "rademacher",
@@ -130,6 +132,20 @@ def words(key, n: int) -> np.ndarray:
     return out.T.reshape(-1)[: int(n)]
 
 
+def positions(counts) -> np.ndarray:
+    """For ``counts[j]`` elements of each key, concatenated: each element's index in its own key's run."""
+    counts = np.asarray(counts, dtype=np.int64).reshape(-1)
+    return np.arange(int(counts.sum()), dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
+
+
+def kept(counts, padded) -> np.ndarray:
+    """Where the first ``counts[j]`` elements of each key stand in the concatenation of the keys'
+    ``padded[j]``-long runs (a draw rounds each key's numbers up to whole words or blocks).
+    """
+    counts, padded = (np.asarray(a, dtype=np.int64).reshape(-1) for a in (counts, padded))
+    return np.repeat(np.cumsum(padded) - padded, counts) + positions(counts)
+
+
 def words_many(keys, counts) -> np.ndarray:
     """``words(keys[j], counts[j])`` for every ``j``, concatenated, in one vectorised pass:
     ``keys`` is a ``(B, 2)`` array of keys, ``counts`` their word counts.
@@ -137,13 +153,10 @@ def words_many(keys, counts) -> np.ndarray:
     keys = np.asarray(keys, dtype=np.uint64).reshape(-1, 2)
     counts = np.asarray(counts, dtype=np.int64).reshape(-1)
     blocks = -(-counts // 4)  # Philox blocks per key
-    first = np.cumsum(blocks) - blocks  # each key's first block in the concatenation
     owner = np.repeat(np.arange(len(counts)), blocks)
-    counter = np.arange(int(blocks.sum()), dtype=np.int64) - first[owner]
-    out = philox4x32((counter.astype(np.uint64), 0, 0, 0), (keys[owner, 0], keys[owner, 1]))
+    out = philox4x32((positions(blocks).astype(np.uint64), 0, 0, 0), (keys[owner, 0], keys[owner, 1]))
     flat = out.T.reshape(-1)  # every key's words, padded to whole blocks
-    within = np.arange(int(counts.sum()), dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
-    return flat[np.repeat(4 * first, counts) + within]
+    return flat[kept(counts, 4 * blocks)]
 
 
 def draw_many(kind: str, keys, counts, dtype=np.float32) -> np.ndarray:
@@ -167,8 +180,7 @@ def draw_many(kind: str, keys, counts, dtype=np.float32) -> np.ndarray:
         numbers = (bits.reshape(-1).astype(dtype) * 2 - 1).astype(dtype)
     else:
         raise ValueError(f"draw_many: kind must be 'normal', 'rademacher' or 'uniform', got {kind!r}")
-    within = np.arange(int(counts.sum()), dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
-    return numbers[np.repeat(np.cumsum(took) - took, counts) + within]
+    return numbers[kept(counts, took)]
 
 
 def _unit(w: np.ndarray, dtype) -> np.ndarray:

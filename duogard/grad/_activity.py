@@ -100,6 +100,33 @@ class ForwardActivity(Estimator):
         names = self._layers(loss_fn)
         be = params_backend(params)
         xp = be.xp
+        model = loss_fn.model
+        rules = _rules.plan(loss_fn, batch, convolutions=False) if be.fast_jvp_rules else None
+        with forward_mode_errors("forward-activity"):
+            if rules is not None:
+                # duogard's own forward rules where the framework's jvp is the slower one (torch:
+                # dual tensors op by op, and a Python decomposition of add under vmap)
+                value, d, inputs = _rules.sequential_activity_jvp(
+                    be,
+                    model,
+                    loss_fn.loss,
+                    params,
+                    batch,
+                    {n: tangents[n] for n in names},
+                    layerwise=self.layerwise,
+                )
+                dz = {
+                    n: _scale_rows(xp, d[:, j if self.layerwise else 0], tangents[n])
+                    for j, n in enumerate(names)
+                }
+            else:
+                value, dz, inputs = self._framework_jvp(be, loss_fn, params, batch, tangents, names)
+        grads = {n: _weight_grads(be, model.layers[int(n)], params[n], inputs[n], dz[n]) for n in names}
+        return value, grads
+
+    def _framework_jvp(self, be, loss_fn, params, batch, tangents, names):
+        """``(loss, dz, inputs)`` by the framework's jvp of the per-example losses."""
+        xp = be.xp
         x, y, dkey = _unpack(batch)
         model, loss = loss_fn.model, loss_fn.loss
         zeros = {n: xp.zeros_like(tangents[n]) for n in names}
@@ -117,31 +144,12 @@ class ForwardActivity(Estimator):
                 values = xp.sum(xp.reshape(values, (x.shape[0], -1)), axis=1)
             return values / count, inputs
 
-        rules = _rules.plan(loss_fn, batch, convolutions=False) if be.fast_jvp_rules else None
-        with forward_mode_errors("forward-activity"):
-            if rules is not None:
-                # duogard's own forward rules where the framework's jvp is the slower one (torch:
-                # dual tensors op by op, and a Python decomposition of add under vmap)
-                value, d, inputs = _rules.sequential_activity_jvp(
-                    be, model, loss, params, batch, {n: tangents[n] for n in names}, layerwise=self.layerwise
-                )
-                dz = {
-                    n: _scale_rows(xp, d[:, j if self.layerwise else 0], tangents[n])
-                    for j, n in enumerate(names)
-                }
-                grads = {
-                    n: _weight_grads(be, model.layers[int(n)], params[n], inputs[n], dz[n]) for n in names
-                }
-                return value, grads
-            if not self.layerwise:
-                contrib, d, inputs = be.jvp(per_example, (zeros,), (tangents,), has_aux=True)
-                dz = {n: _scale_rows(xp, d, tangents[n]) for n in names}
-            else:
-                dz, contrib, inputs = self._layerwise(be, per_example, zeros, tangents, names)
-        grads = {}
-        for n in names:
-            grads[n] = _weight_grads(be, model.layers[int(n)], params[n], inputs[n], dz[n])
-        return xp.sum(contrib), grads
+        if not self.layerwise:
+            contrib, d, inputs = be.jvp(per_example, (zeros,), (tangents,), has_aux=True)
+            dz = {n: _scale_rows(xp, d, tangents[n]) for n in names}
+        else:
+            dz, contrib, inputs = self._layerwise(be, per_example, zeros, tangents, names)
+        return xp.sum(contrib), dz, inputs
 
     def _layerwise(self, be, per_example, zeros, tangents, names):
         xp = be.xp

@@ -418,6 +418,23 @@ def draw_leaf_tangents(
     then draws all small leaves in one pass (a compiled step carries one pass of the rounds,
     not one per leaf; torch makes one host draw a step, not one per leaf).
     """
+    if generator != "portable":
+        # the framework's own generators number their draws by shape (torch's native signs come
+        # 64 to a word): only the portable one gives a (k, width) draw as a (1, k * width) one
+        return [
+            draw_leaf_tangent(
+                be,
+                kind,
+                keys[i],
+                k,
+                tuple(leaf.shape),
+                dtype=leaf.dtype,
+                device=be.device_of(leaf),
+                rank1=rank1,
+                generator=generator,
+            )
+            for i, leaf in enumerate(leaves)
+        ]
     groups: dict = {}
     for i, leaf in enumerate(leaves):
         groups.setdefault((str(leaf.dtype), str(be.device_of(leaf))), []).append(i)
@@ -425,18 +442,6 @@ def draw_leaf_tangents(
     for idx in groups.values():
         first = leaves[idx[0]]
         widths = [_leaf_width(tuple(leaves[i].shape), rank1) for i in idx]
-        if len(idx) == 1:
-            block = be.draw_rows(
-                kind,
-                [keys[idx[0]]],
-                widths,
-                k,
-                dtype=first.dtype,
-                device=be.device_of(first),
-                generator=generator,
-            )
-            out[idx[0]] = _leaf_tangent(be, block, k, tuple(first.shape), rank1)
-            continue
         # one row of every leaf's k * width numbers: key j's (k, width) draw, row-major, is its
         # (1, k * width) draw, so each leaf's tangent is a contiguous slice of the row
         row = be.draw_rows(

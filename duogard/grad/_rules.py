@@ -80,19 +80,21 @@ def _linear(be, layer, p, tp, x, tx, k):
     xp = be.xp
     w = p["weight"]
     y = be.linear(x, w, p["bias"] if layer.bias else None)
-    tw = tp["weight"]
+    tw = tp.get("weight")
+    ty = None  # stays None without param tangents (activity perturbation): only tx moves
     if isinstance(tw, Rank1):
         # x (u wᵀ)ᵀ = (x·w) uᵀ: one (B, in) by (in, K) product for all K tangents, then an
         # outer product, instead of a (B, in) by (in, out) product per tangent
         xw = xp.matmul(x, xp.matrix_transpose(tw.w))  # (B, *rest, K)
         xw = xw if xw.ndim == 2 else xp.moveaxis(xw, -1, 1)  # (B, K, *rest)
         ty = xw[..., None] * xp.reshape(tw.u, (1, k) + (1,) * (x.ndim - 2) + (tw.u.shape[1],))
-    else:
+    elif tw is not None:
         # the K weight tangents stacked: one (B, in) by (in, K·out) product for all K
         ty = _after_batch(xp, xp.matmul(x, xp.matrix_transpose(xp.reshape(tw, (-1, tw.shape[-1])))), k)
     if tx is not None:  # the incoming tangents through W: one (B·K, in) by (in, out) product
-        ty = ty + _through(xp, lambda t: xp.matmul(t, xp.matrix_transpose(w)), tx)
-    if layer.bias:
+        t_in = _through(xp, lambda t: xp.matmul(t, xp.matrix_transpose(w)), tx)
+        ty = t_in if ty is None else ty + t_in
+    if layer.bias and "bias" in tp:
         ty = ty + _bias_tangent(xp, tp["bias"], ty.ndim)
     return y, ty
 
@@ -100,7 +102,7 @@ def _linear(be, layer, p, tp, x, tx, k):
 def _conv(be, layer, p, tp, x, tx, k):
     xp = be.xp
     layer._output_hw(tuple(x.shape))  # an input smaller than the kernel: the layer's own error
-    w, tw = p["weight"], tp["weight"]
+    w, tw = p["weight"], tp.get("weight")
     conv = lambda inp, ker, bias=None: be.conv2d(
         inp,
         ker,
@@ -114,19 +116,21 @@ def _conv(be, layer, p, tp, x, tx, k):
     out = w.shape[0]
     if isinstance(tw, Rank1) and layer.groups != 1:
         tw = tw.dense(xp)  # a grouped kernel's factor is not a kernel of its own: form u ⊗ k
+    ty = None  # stays None without param tangents (activity perturbation): only tx moves
     if isinstance(tw, Rank1):
         # conv(x, u ⊗ k) = u ⊗ conv(x, k): one convolution with K single output channels
         t = conv(x, tw.w)  # (B, K, H, W)
         ty = t[:, :, None] * tw.u[None, :, :, None, None]
-    elif layer.groups == 1:
+    elif tw is not None and layer.groups == 1:
         # all K weight tangents in one convolution: (B, K*out, H, W) -> (B, K, out, H, W)
         t = conv(x, xp.reshape(tw, (k * out, *w.shape[1:])))
         ty = xp.reshape(t, (t.shape[0], k, out, *t.shape[2:]))
-    else:
+    elif tw is not None:
         ty = xp.stack([conv(x, tw[i]) for i in range(k)], axis=1)
     if tx is not None:  # the incoming tangents through the kernel: one (B·K, ...) convolution
-        ty = ty + _through(xp, lambda t: conv(t, w), tx)
-    if layer.bias:
+        t_in = _through(xp, lambda t: conv(t, w), tx)
+        ty = t_in if ty is None else ty + t_in
+    if layer.bias and "bias" in tp:
         ty = ty + xp.reshape(tp["bias"], (1, k, -1, 1, 1))
     return y, ty
 
@@ -188,19 +192,9 @@ def sequential_loss_jvp(be, model, loss, params, tparams, batch, k: int):
     return _loss_jvp(be, loss, x, tx, y)
 
 
-def _propagate(be, layer, p, x, tx):
-    """``(y, ty)`` of a layer whose params have no tangent: only the incoming ``tx`` moves."""
-    xp = be.xp
-    if isinstance(layer, Linear):
-        y = be.linear(x, p["weight"], p["bias"] if layer.bias else None)
-        if tx is None:
-            return y, None
-        return y, _through(xp, lambda t: be.linear(t, p["weight"]), tx)
-    return _layer(be, layer, {}, {}, x, tx, 0 if tx is None else tx.shape[1])
-
-
 def sequential_activity_jvp(be, model, loss, params, batch, perturb: dict, *, layerwise: bool):
-    """The activity-perturbed JVP of a Sequential of Linear and parameterless layers.
+    """The activity-perturbed JVP of a Sequential of Linear and parameterless layers (the
+    layers' rules with no param tangents).
 
     The tangent enters at the outputs of the layers named in ``perturb`` (``{name: u}``, ``u``
     shaped like that layer's output): all of them into one tangent, or with ``layerwise`` each
@@ -219,7 +213,7 @@ def sequential_activity_jvp(be, model, loss, params, batch, perturb: dict, *, la
         name = str(i)
         if name in perturb:
             inputs[name] = x
-        x, tx = _propagate(be, layer, params.get(name, {}), x, tx)
+        x, tx = _layer(be, layer, params.get(name, {}), {}, x, tx, k)  # no param tangents
         if name in perturb:
             u = perturb[name]
             if layerwise:  # u enters slot j only: a (B, K, ...) tangent with u in column j
