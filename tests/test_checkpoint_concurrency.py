@@ -67,6 +67,68 @@ def test_a_second_writer_in_this_process_is_refused(tmp_path):
     assert load_checkpoint(ck).step == 3 and (ck / ".duogard-lock").read_bytes() == b""
 
 
+# ----------------------------------------------------------------------------- planted links
+
+
+@pytest.mark.parametrize("dangling", [False, True], ids=["to-a-file", "dangling"])
+def test_a_symlinked_lock_file_is_refused_and_its_target_untouched(tmp_path, dangling):
+    """A link planted as .duogard-lock must not make the writer truncate or create its target."""
+    from duogard.train.checkpoint import CheckpointError
+
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    victim = tmp_path / "victim.txt"
+    if not dangling:
+        victim.write_bytes(b"precious")
+    (ck / ".duogard-lock").symlink_to(victim)
+    for attempt in (lambda: lock_directory(ck), lambda: _save(ck, 1)):
+        with pytest.raises(CheckpointError, match=r"\.duogard-lock is a symbolic link.*lock the directory"):
+            attempt()
+    if dangling:
+        assert not victim.exists()  # no file created where the link points
+    else:
+        assert victim.read_bytes() == b"precious"
+    assert not (ck / MANIFEST).exists()  # nothing written without the lock
+
+
+def test_a_hard_linked_or_special_lock_file_is_refused(tmp_path):
+    from duogard.train.checkpoint import CheckpointError
+
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    victim = tmp_path / "victim.txt"
+    victim.write_bytes(b"precious")
+    os.link(victim, ck / ".duogard-lock")
+    with pytest.raises(CheckpointError, match="2 hard links"):
+        lock_directory(ck)
+    assert victim.read_bytes() == b"precious"
+    (ck / ".duogard-lock").unlink()
+    os.mkfifo(ck / ".duogard-lock")
+    with pytest.raises(CheckpointError, match="a special file"):  # and the open does not block
+        lock_directory(ck)
+
+
+def test_readers_do_not_follow_planted_links(tmp_path):
+    """A manifest or tensor file replaced by a link (to /dev/zero, say: a read without end) is refused."""
+    from duogard.train.checkpoint import CheckpointError
+
+    ck = tmp_path / "ck"
+    _save(ck, 1)
+    tensors = next(p for p in ck.iterdir() if p.name.startswith("tensors-"))
+    real = tmp_path / "real.safetensors"
+    tensors.rename(real)
+    tensors.symlink_to(real)
+    with pytest.raises(CheckpointError, match="symbolic link.*read"):
+        load_checkpoint(ck)
+    tensors.unlink()
+    real.rename(tensors)
+    assert load_checkpoint(ck).step == 1
+    (ck / MANIFEST).rename(tmp_path / MANIFEST)
+    (ck / MANIFEST).symlink_to(tmp_path / MANIFEST)
+    with pytest.raises(CheckpointError, match="symbolic link"):
+        load_checkpoint(ck)
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 def test_a_forked_child_does_not_keep_the_lock(tmp_path):
     import warnings

@@ -24,6 +24,7 @@ from duogard.train._checkpoint_format import (
     check_tensors,
     decode_tensors,
 )
+from duogard.train._checkpoint_lock import open_no_follow
 
 _TMP_PREFIX = ".tmp-"
 _CHUNK = 1 << 22
@@ -39,6 +40,13 @@ def write_file(path: Path, data: bytes) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def read_file(path: Path) -> bytes:
+    """The bytes of a regular file of a checkpoint directory (a symbolic link is refused)."""
+    fd = open_no_follow(path, os.O_RDONLY, "read", single_link=False)
+    with os.fdopen(fd, "rb") as f:
+        return f.read()
 
 
 def fsync_dir(directory: Path) -> None:
@@ -66,7 +74,7 @@ def make_dir(directory: Path) -> Path:
 def committed_tensor_file(directory: Path) -> str | None:
     """The tensor file the current manifest names (None: no manifest, or not a readable one)."""
     try:
-        name = json.loads((directory / MANIFEST).read_bytes())["tensors"]["file"]
+        name = json.loads(read_file(directory / MANIFEST))["tensors"]["file"]
     except (OSError, ValueError, TypeError, KeyError):
         return None
     return name if isinstance(name, str) else None
@@ -113,7 +121,7 @@ def commit(directory: Path, blob: bytes, manifest: dict, step: int, *, exclusive
 
 
 def read_manifest(directory: Path) -> dict:
-    raw = (directory / MANIFEST).read_bytes()
+    raw = read_file(directory / MANIFEST)
     try:
         manifest = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError):
@@ -136,7 +144,7 @@ def read(directory: Path) -> tuple[dict, dict[str, np.ndarray]]:
         entry = manifest["tensors"]
         name = entry["file"]
         try:
-            blob = (directory / name).read_bytes()
+            blob = read_file(directory / name)
         except FileNotFoundError:
             if name == seen:  # the manifest still names it: it is not coming back
                 raise CheckpointError(

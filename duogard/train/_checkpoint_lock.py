@@ -10,6 +10,11 @@ loader's workers do not keep their parent's lock after it is released. Within on
 a registry refuses a second holder of the same directory too (flock alone would allow it
 on file systems that emulate it with per-process POSIX locks, such as NFS).
 
+The lock file is opened without following a symbolic link (``O_NOFOLLOW``) and must be a
+regular file with one link: a link planted in a shared checkpoint directory would otherwise
+make the writer truncate its target (any file the user can write), or create a file where a
+dangling one points. Such a directory is refused with a :class:`CheckpointError` naming it.
+
 Where ``fcntl`` does not exist (Windows) or the file system refuses locks (``ENOLCK``,
 ``EOPNOTSUPP``), writers are not locked against each other across processes: the registry
 still guards one process, and keeping to one writer per directory is up to the user.
@@ -21,6 +26,7 @@ import errno
 import json
 import os
 import socket
+import stat
 import sys
 import threading
 import time
@@ -28,12 +34,14 @@ import warnings
 import weakref
 from pathlib import Path
 
+from duogard.train._checkpoint_format import CheckpointError
+
 try:
     import fcntl
 except ImportError:  # pragma: no cover - not POSIX
     fcntl = None
 
-__all__ = ["CheckpointLockedError", "DirectoryLock", "LOCK_NAME"]
+__all__ = ["CheckpointLockedError", "DirectoryLock", "LOCK_NAME", "open_no_follow"]
 
 #: The lock file's name inside a checkpoint directory.
 LOCK_NAME = ".duogard-lock"
@@ -89,6 +97,50 @@ class CheckpointLockedError(RuntimeError):
             f"One writer per checkpoint directory: wait for that run to end, stop it, or write "
             f"to another directory (loading a checkpoint needs no lock)"
         )
+
+
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_NONBLOCK = getattr(os, "O_NONBLOCK", 0)  # a FIFO planted under the name must not block the open
+
+
+def open_no_follow(path: Path, flags: int, what: str, *, single_link: bool = True, mode: int = 0o666) -> int:
+    """``os.open`` of a file in a checkpoint directory that refuses anything but a regular file.
+
+    The last component is never followed when it is a symbolic link (``O_NOFOLLOW``), and
+    the opened file must be a regular file (a link to ``/dev/zero`` or a FIFO would make a
+    reader read forever) with, when ``single_link``, one link only (a hard link planted in a
+    shared directory is, for a writer, the same trap as a symbolic one).
+
+    Raises:
+        CheckpointError: ``path`` is a symbolic link, a hard link, or not a regular file.
+    """
+
+    def refuse(kind: str) -> CheckpointError:
+        return CheckpointError(
+            f"checkpoint: {path} is {kind}, not a regular file; refusing to {what} through it "
+            f"(a link planted in a checkpoint directory could make duogard overwrite or read "
+            f"another file). Remove it if you did not make it"
+        )
+
+    try:
+        fd = os.open(path, flags | _NOFOLLOW | _CLOEXEC | _NONBLOCK, mode)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP or (os.path.islink(path) and exc.errno != errno.ENOENT):
+            raise refuse("a symbolic link") from None
+        raise
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise refuse("a special file")
+        if single_link and info.st_nlink > 1:
+            raise refuse(f"a file with {info.st_nlink} hard links")
+        if _NONBLOCK:
+            os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _holder_of(fd: int) -> dict | None:
@@ -148,7 +200,7 @@ class DirectoryLock:
             other = _HELD.get(self._key)
             if other is not None:
                 raise CheckpointLockedError(self.directory, other.holder)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+            fd = open_no_follow(path, os.O_RDWR | os.O_CREAT, "lock the directory")
             try:
                 locked = _try_flock(fd, path)
                 if locked is False:
