@@ -161,8 +161,8 @@ def compare(
             positive int, or ``dtype`` not float32/float64.
     """
     from duogard import grad as _grad
-    from duogard import optim as _optim
     from duogard.grad._objective import model_batch
+    from duogard.step import build_step
 
     _check_arguments(backends, tol, steps)
     names = tuple(backends)
@@ -186,14 +186,9 @@ def compare(
     )
     inits = [tree_map(lambda a: np.asarray(a, dtype), p) for p in inits]
 
-    def make_step(be, est, opt, loss_fn):
-        def step(params, state, batch, tangents):
-            value, grads = est.estimate(loss_fn, params, batch, tangents)
-            updates, state = opt.update(grads, state, params)
-            return _optim.apply_updates(params, updates), state, value, grads
-
-        return be.jit(step)
-
+    # a model with a training mode runs with train=True and the same model key on every side
+    # (duogard's keys and dropout masks are the same on every backend)
+    train_mode = bool(getattr(models[0], "has_train_mode", False))
     sides = []
     for i in (0, 1) if reference is None else (0, 1, reference):
         be, est, opt = bes[i], ests[i], opts[i]
@@ -207,14 +202,22 @@ def compare(
                 "est": est,
                 "params": p,
                 "state": opt.init(p),
-                "step": make_step(be, est, opt, loss_fns[i]),
-            }
+                # the one step builder, with the Trainer's update strategy for this optimizer
+                # and estimator; the tangents are given (drawn once, shared), the estimate kept
+                "step": build_step(
+                    be,
+                    loss_fns[i],
+                    est,
+                    opt,
+                    train_mode=train_mode,
+                    grad_norm=False,
+                    tangents="given" if est.stochastic else "draw",
+                    return_estimate=True,
+                ),
+            }  # fmt: skip
         )
     loss_fn = loss_fns[0]
     key = bes[0].key(seed)
-    # a model with a training mode runs with train=True and the same model key on every side
-    # (duogard's keys and dropout masks are the same on every backend)
-    train_mode = bool(getattr(models[0], "has_train_mode", False))
     roots = [s["be"].key(seed) for s in sides]
     keys = [lambda step, be=s["be"], root=root: be.fold_in(root, step) for s, root in zip(sides, roots)]
     report = ParityReport(names, dtype, tol, reference=None if reference is None else names[reference])
@@ -222,26 +225,27 @@ def compare(
     for step in range(steps):
         xb, yb = data.batch_at(step, batch_size, seed=seed)
         xb = xb.astype(dtype)
-        batches = [model_batch(s["be"], s["be"].asarray(xb), s["be"].asarray(yb), keys[i](step), train_mode)
-                   for i, s in enumerate(sides[:2])]  # fmt: skip
+        xs = [s["be"].asarray(xb) for s in sides[:2]]
         # tangents drawn once, on the first backend, and shared with the second (DLPack)
         a = sides[0]
         tangents = (
-            a["est"].sample(loss_fn, a["params"], batches[0], bes[0].fold_in(key, step))
+            a["est"].sample(loss_fn, a["params"], model_batch(bes[0], xs[0], None, keys[0](step), train_mode),
+                            bes[0].fold_in(key, step))
             if a["est"].stochastic
             else None
-        )
+        )  # fmt: skip
         shared = [tangents, None if tangents is None else tree_map(sides[1]["be"].asarray, tangents)]
         if reference is not None:
             r = sides[2]["be"]
-            batches.append(
-                model_batch(r, r.asarray(np.asarray(xb, "float64")), r.asarray(yb), keys[2](step), train_mode)
-            )
+            xs.append(r.asarray(np.asarray(xb, "float64")))
             as64 = lambda t, r=r: r.asarray(np.asarray(bes[0].to_numpy(t), np.float64))  # noqa: E731
             shared.append(None if tangents is None else tree_map(as64, tangents))
         outs = []
-        for s, batch, t in zip(sides, batches, shared):
-            s["params"], s["state"], value, grads = s["step"](s["params"], s["state"], batch, t)
+        for i, (s, x, t) in enumerate(zip(sides, xs, shared)):
+            y = s["be"].asarray(yb)
+            s["params"], s["state"], value, _, grads = s["step"](
+                s["params"], s["state"], x, y, keys[i](step), t
+            )
             outs.append((value, grads))
         to_np = [lambda t, be=s["be"]: tree_map(be.to_numpy, t) for s in sides]
         pa, pb = to_np[0](sides[0]["params"]), to_np[1](sides[1]["params"])

@@ -24,6 +24,7 @@ import pytest
 import duogard as dg
 from duogard import losses, nn
 from duogard.grad import FlatView, ForwardModeError
+from duogard.grad._activity import perturbed_forward
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -292,7 +293,7 @@ def test_forward_activity_matches_the_formula_given_tangents(be, layerwise):
     """Given u: d_b = Σ_l ∇z_l[b]·u_l[b] (per layer if layerwise), ĝ_l = Σ_b d_b u_l[b] ⊗ a_l[b].
 
     ∇z (the gradient of the batch-mean loss w.r.t. each Linear's pre-activation) comes from
-    reverse mode through the model's ``perturb`` hook; the contraction is done in NumPy.
+    reverse mode through forward-activity's perturbed traversal; the contraction is done in NumPy.
     """
     loss_fn, params, batch = _mlp_case(be)
     model, (x, y) = loss_fn.model, batch
@@ -301,9 +302,9 @@ def test_forward_activity_matches_the_formula_given_tangents(be, layerwise):
     _, grads = est.estimate(loss_fn, params, batch, u)
 
     zeros = {k: be.xp.zeros_like(t) for k, t in u.items()}
-    dz = be.grad(lambda z: losses.cross_entropy(model.apply(params, x, perturb=z), y))(zeros)
-    inputs: dict = {}
-    model.apply(params, x, perturb=zeros, capture=inputs)
+    run = lambda z: perturbed_forward(be, model, params, x, z)  # noqa: E731
+    dz = be.grad(lambda z: losses.cross_entropy(run(z)[0], y))(zeros)
+    inputs = run(zeros)[1]
     un = {k: be.to_numpy(t) for k, t in u.items()}
     per_layer = {k: np.sum(be.to_numpy(dz[k]) * un[k], axis=1) for k in un}  # (B,)
     total = sum(per_layer.values())

@@ -11,8 +11,8 @@ import pytest
 import duogard as dg
 from duogard import losses, nn, optim
 from duogard.nn import Module
+from duogard.step import MODEL_KEY
 from duogard.train import Trainer
-from duogard.train._update import MODEL_KEY
 
 
 def _dropout_model():

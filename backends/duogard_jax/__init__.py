@@ -40,6 +40,7 @@ from ._arrays import (
 from ._autodiff import (
     add_outer_,
     add_scaled_,
+    compile_count,
     grad,
     is_tracing,
     jit,
@@ -145,6 +146,7 @@ __all__ = [
     "grad",
     "vmap",
     "jit",
+    "compile_count",
     "stop_gradient",
     "is_tracing",
     "synchronize",

@@ -149,7 +149,7 @@ def dist_step(fn, sharded=()):
         # the outputs are replicated: this process's copy, as an ordinary single-device array
         return jax.tree_util.tree_map(lambda a: a.addressable_data(0), out)
 
-    run._cache_size = lambda: sum(p._cache_size() for p in programs.values())
+    run.compile_count = lambda: sum(p._cache_size() for p in programs.values())
     return run
 
 

@@ -325,6 +325,12 @@ class Backend(RandomOps, DistributedOps, Protocol):
                 is the backend's default: JAX compiles, PyTorch runs eagerly.
         """
 
+    def compile_count(self, fn: Callable) -> int | None:
+        """How many programs ``fn`` (made by :meth:`jit`, or a wrapper with a ``compile_count()``
+        method of its own) has compiled so far; None where the backend does not count (eager
+        PyTorch).
+        """
+
     def stop_gradient(self, x: Any) -> Any:
         """``x`` as a constant for differentiation."""
 

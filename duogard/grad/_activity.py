@@ -11,7 +11,7 @@ from duogard.grad._forward import forward_mode_errors
 from duogard.grad._objective import Supervised, _unpack
 from duogard.nn import Conv2d, Linear, Sequential
 
-__all__ = ["ForwardActivity"]
+__all__ = ["ForwardActivity", "perturbed_forward"]
 
 _DISTRIBUTIONS = ("normal", "rademacher")
 
@@ -132,10 +132,7 @@ class ForwardActivity(Estimator):
         zeros = {n: xp.zeros_like(tangents[n]) for n in names}
 
         def per_example(perturb):
-            inputs: dict = {}
-            out = model.forward(
-                be, params, x, key=dkey, train=dkey is not None, perturb=perturb, capture=inputs
-            )
+            out, inputs = perturbed_forward(be, model, params, x, perturb, key=dkey)
             values = loss(out, y, reduction="none")
             # each example's share of the batch-mean loss (ops are dear under forward AD: no
             # reshape and sum for the usual one value per example)
@@ -164,6 +161,24 @@ class ForwardActivity(Estimator):
         contrib, d, inputs = be.vmap(lambda t: be.jvp(per_example, (zeros,), (t,), has_aux=True))(stacked)
         dz = {n: _scale_rows(xp, d[j], tangents[n]) for j, n in enumerate(names)}
         return dz, contrib[0], {n: v[0] for n, v in inputs.items()}
+
+
+def perturbed_forward(be, model, params, x, perturb: dict, *, key=None):
+    """``model``'s forward (a :class:`duogard.nn.Sequential`) with ``perturb[name]`` added to the
+    outputs of the layers named in it: forward-activity's own traversal.
+
+    Returns:
+        ``(output, {name: input})``: the model's output and the inputs of the perturbed layers.
+    """
+    inputs = {}
+    for i, layer in enumerate(model.layers):
+        name = str(i)
+        if name in perturb:
+            inputs[name] = x
+        x = layer.forward(be, params.get(name, {}), x, key=model.layer_key(be, key, i), train=key is not None)
+        if name in perturb:
+            x = x + perturb[name]
+    return x, inputs
 
 
 def _parameterless(layer) -> bool:

@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 from duogard import losses as _losses
 
-__all__ = ["MODEL_KEY", "Supervised", "model_batch", "supervised"]
+__all__ = ["MODEL_KEY", "Batch", "Supervised", "model_batch", "supervised"]
 
 #: A training step's model key (dropout masks) is ``fold_in(step_key, MODEL_KEY)``: a stream of
 #: its own, apart from the tangents' draws (which take ``split`` and small ``fold_in`` indices of
@@ -14,12 +14,49 @@ __all__ = ["MODEL_KEY", "Supervised", "model_batch", "supervised"]
 MODEL_KEY = 0x6D6F6465  # "mode"
 
 
-def model_batch(be, x, y, key, train_mode: bool):
-    """The batch a training step's loss sees: ``(x, y)``, or ``(x, y, model_key)`` for a model
-    with a training mode (then the loss runs it with ``train=True`` and that key; see
-    :class:`duogard.grad.Supervised`).
+class Batch(tuple):
+    """The batch a training step's loss sees, with its parts named: :attr:`inputs`,
+    :attr:`targets` and :attr:`model_key`.
+
+    It is a tuple, ``(inputs, targets)``, or ``(inputs, targets, model_key)`` for a model with
+    a training mode (then the loss runs it with ``train=True`` and that key: dropout masks; see
+    :class:`duogard.grad.Supervised`), so a loss written for ``x, y = batch`` keeps working.
     """
-    return (x, y, be.fold_in(key, MODEL_KEY)) if train_mode else (x, y)
+
+    __slots__ = ()
+
+    def __new__(cls, inputs, targets, model_key=None):
+        return tuple.__new__(cls, (inputs, targets) if model_key is None else (inputs, targets, model_key))
+
+    @property
+    def inputs(self):
+        """The model's inputs ``x``."""
+        return self[0]
+
+    @property
+    def targets(self):
+        """The targets ``y``."""
+        return self[1]
+
+    @property
+    def model_key(self):
+        """The key of the model's training-mode randomness (dropout), or None (evaluation mode)."""
+        return self[2] if len(self) == 3 else None
+
+    def __repr__(self) -> str:
+        key = self.model_key is not None
+        return f"Batch(inputs={_shape(self[0])}, targets={_shape(self[1])}, model_key={key})"
+
+
+def _shape(a) -> str:
+    return f"<{getattr(a, 'dtype', type(a).__name__)}{tuple(getattr(a, 'shape', ()))}>"
+
+
+def model_batch(be, x, y, key, train_mode: bool) -> Batch:
+    """The :class:`Batch` of a training step: with the model key ``fold_in(key, MODEL_KEY)`` for a
+    model with a training mode.
+    """
+    return Batch(x, y, be.fold_in(key, MODEL_KEY) if train_mode else None)
 
 
 class Supervised:

@@ -179,25 +179,16 @@ class Sequential(Module):
                 params[str(i)] = p
         return params, shape
 
-    def forward(self, be, params, x, *, key=None, train=False, perturb=None, capture=None):
-        """Apply the layers in order.
-
-        ``perturb`` (optional): ``{layer_index: array}`` added to those layers' outputs
-        (activity perturbation); ``capture`` (optional): a dict that receives
-        ``{layer_index: input}`` for the layers named in ``perturb``.
-        """
+    def forward(self, be, params, x, *, key=None, train=False):
+        """Apply the layers in order; layer ``i`` gets the key :meth:`layer_key` ``(key, i)``."""
         for i, layer in enumerate(self.layers):
-            name = str(i)
-            sub_key = None if key is None else be.fold_in(key, i)
-            if perturb is not None and name in perturb and capture is not None:
-                capture[name] = x
-            x = layer.forward(be, params.get(name, {}), x, key=sub_key, train=train)
-            if perturb is not None and name in perturb:
-                x = x + perturb[name]
+            x = layer.forward(be, params.get(str(i), {}), x, key=self.layer_key(be, key, i), train=train)
         return x
 
-    def apply(self, params, x, *, key=None, train=False, perturb=None, capture=None):
-        return self.forward(backend_of(x), params, x, key=key, train=train, perturb=perturb, capture=capture)
+    @staticmethod
+    def layer_key(be, key, i: int):
+        """Layer ``i``'s key (its dropout masks): ``fold_in(key, i)``, or None without a key."""
+        return None if key is None else be.fold_in(key, i)
 
     def layer_shapes(self, input_shape: tuple) -> list[tuple]:
         """Output shape of every layer, for an input shape (with the batch dimension)."""

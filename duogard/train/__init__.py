@@ -1,8 +1,10 @@
-"""Training: the Trainer and its update strategies, ``fit`` and its callbacks, checkpoints.
+"""Training: the Trainer, ``fit`` and its callbacks, checkpoints (the step itself and its update
+strategies come from :mod:`duogard.step`).
 
 The experiments' models (``build_model``) live here too.
 """
 
+from duogard.step import UPDATE_STRATEGIES, choose_update
 from duogard.train._callbacks import (
     Callback,
     Checkpointer,
@@ -19,7 +21,6 @@ from duogard.train._fit import fit
 from duogard.train._models import MODELS, build_model
 from duogard.train._result import FitResult, NonFiniteError, rss_bytes
 from duogard.train._trainer import Trainer
-from duogard.train._update import UPDATE_STRATEGIES, choose_update
 from duogard.train.checkpoint import (
     Checkpoint,
     CheckpointError,

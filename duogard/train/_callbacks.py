@@ -44,14 +44,33 @@ class FitRun:
         opt_state: the current optimizer state.
         key: the base random key (step ``i`` uses ``fold_in(key, i)``).
         result: the :class:`~duogard.train.FitResult` being filled.
+        step: the :class:`duogard.step.Step` the run takes (the Trainer's, or its data-parallel
+            build).
+        collective: the run's :class:`~duogard.train.DataParallel`, or None (one process).
         finite: whether the last step's loss (and gradient) were finite.
         completed: whether the run reached its last step (False while running or after an error).
         stop: set it (from any hook) to end the run before its next step: ``completed`` stays
             False and ``on_fit_end`` runs (a :class:`Checkpointer` writes the last step).
     """
 
-    def __init__(self, trainer, data, *, steps, batch_size, seed, params, opt_state, key, result):
+    def __init__(
+        self,
+        trainer,
+        data,
+        *,
+        steps,
+        batch_size,
+        seed,
+        params,
+        opt_state,
+        key,
+        result,
+        step=None,
+        collective=None,
+    ):
         self.trainer, self.data = trainer, data
+        self.step = trainer.step if step is None else step
+        self.collective = collective
         self.steps, self.batch_size, self.seed = steps, batch_size, seed
         self.start = 0
         self.params, self.opt_state, self.key, self.result = params, opt_state, key, result

@@ -17,13 +17,15 @@ per step, the ranks exchange (one collective, the mean weighted by shard size):
   r)``; an all-gather of the W·(K + 1) numbers, and every rank regenerates all W·K tangents:
   the estimate averages W·K tangents (W times lower variance than K) for O(W·K) numbers.
 
-Every rank then applies the same update (the Trainer's update strategy, through
-:func:`~duogard.train._update.make_step`), so the parameters stay bitwise identical across
-ranks; a :class:`~duogard.train.Checkpointer` compares a hash of them on every rank at each
-checkpoint. Evaluation, diagnostics, log files, the progress bar and checkpoint writing run on
-rank 0 only; every other callback (``OnNonFinite``, plain functions, your own) runs on every
-rank. A checkpoint of a data-parallel run is an ordinary checkpoint: it resumes
-single-process, and a single-process one resumes data-parallel, exactly. Under ``torchrun
+The collective is the *reduce* part of the one training step (:func:`duogard.step.build_step`,
+between the estimate and the update): a :class:`DataParallel` is that part, and fit builds the
+Trainer's step with it. Every rank then applies the same update (the Trainer's update
+strategy), so the parameters stay bitwise identical across ranks; a
+:class:`~duogard.train.Checkpointer` compares a hash of them on every rank at each checkpoint.
+Evaluation, diagnostics, log files, the progress bar and checkpoint writing run on rank 0
+only; every other callback (``OnNonFinite``, plain functions, your own) runs on every rank. A
+checkpoint of a data-parallel run is an ordinary checkpoint: it resumes single-process, and a
+single-process one resumes data-parallel, exactly. Under ``torchrun
 --max-restarts`` a restarted group resumes from its Checkpointer's directory.
 
 Collectives have a timeout (``DataParallel(timeout=...)``): a rank that stops or hangs makes the
@@ -40,8 +42,7 @@ from duogard.backend._contract_dist import DistributedError
 from duogard.grad import Forward
 from duogard.grad._base import FlatView
 from duogard.train._callbacks import Callback, Checkpointer, Diagnostics, Evaluate, LogFile, Progress
-from duogard.train._update import make_step
-from duogard.tree import Rank1, tree_leaves, tree_map, tree_size
+from duogard.tree import tree_leaves, tree_map, tree_size
 
 __all__ = ["DataParallel", "DistributedError", "TANGENT_MODES", "distributed_callbacks"]
 
@@ -90,8 +91,8 @@ class DataParallel(Callback):
         self.hashes: list[tuple[int, str]] = []
         self.healthy = True
         self.current_step = 0
-        self._trainer = None
         self._be = None
+        self._rank = None
 
     def __repr__(self) -> str:
         return f"DataParallel(tangents={self.tangents!r}, timeout={self.timeout:g})"
@@ -118,21 +119,39 @@ class DataParallel(Callback):
                 f"data-parallel run (each rank takes an equal, contiguous shard of the step's batch), "
                 f"got batch_size={batch_size}; use e.g. {fix}"
             )
-        # kept on the Trainer (and dying with it): a Trainer reused across fits compiles its
-        # data-parallel step once, as it does its own step
-        built = vars(trainer).setdefault("_data_parallel_steps", {})
-        key = (self.tangents, self.rank, self.world_size)
-        if key not in built:
-            built[key] = _DataParallelTrainer(trainer, self)
-        self._trainer = built[key]
-        self._trainer.dp, self.exchange = self, self._trainer.exchange
+        if trainer.update_strategy == "sgd-lean":
+            raise ValueError(
+                "fit: estimator forward(lean=True) updates layer by layer inside its own step and "
+                "cannot run data-parallel; use lean=False with distributed="
+            )
+        if trainer.train_mode or trainer.state_names:
+            # a shard's dropout masks and batch statistics are not the global batch's rows of
+            # them: the run would silently differ from the single-process one
+            raise ValueError(
+                "fit: distributed= does not yet train a model with a training mode (dropout, batch "
+                "norm): each rank would draw its shard's masks and batch statistics on its own and "
+                "the run would differ from the single-process one; remove them or train single-process"
+            )
+        self.exchange = self.exchange_for(trainer.estimator)  # checks the estimator first
+        self._rank = be.asarray(np.array([self.rank], dtype=np.int32))
+
+    # ---------------------------------------------------------------- what fit asks of it
+    @property
+    def cache_key(self) -> tuple:
+        """A Trainer reused across fits builds its data-parallel step once per this key."""
+        return ("data-parallel", self.tangents, self.rank, self.world_size)
+
+    def shard(self, data):
+        """``data`` whose training batches are this rank's contiguous shard of the global batch."""
+        return _Shard(data, self.rank, self.world_size)
+
+    def step_key(self, key):
+        """The data-parallel step's key: ``(the step's key, this rank's index)``."""
+        return (key, self._rank)
 
     def on_fit_start(self, run):
-        if self._trainer is None or self._trainer.base is not run.trainer:
+        if self._be is None:
             raise RuntimeError("DataParallel: not set up for this run; pass it to fit(distributed=...)")
-        run.data = _Shard(run.data, self.rank, self.world_size)
-        run.trainer = self._trainer
-        run.result.update_strategy = self._trainer.update_strategy
         size = tree_size(run.params)
         k = getattr(run.trainer.estimator, "num_tangents", 1)
         self.numbers_per_step = {
@@ -144,8 +163,75 @@ class DataParallel(Callback):
     def before_step(self, run, step, x, y, key):
         self.current_step = step + 1
 
-    def on_fit_end(self, run):
-        run.trainer = getattr(run.trainer, "base", run.trainer)
+    # ---------------------------------------------------------------- the step's reduce part
+    def exchange_for(self, est) -> str:
+        """What the step's collective carries for ``est``: ``"directional"`` (K + 1 numbers),
+        ``"gathered"`` (per-rank tangents: W·(K + 1)) or ``"gradient"`` (P + 1).
+
+        Raises:
+            ValueError: ``tangents="per_rank"`` with an estimator that is not a plain forward
+                gradient (or with ``projection=True``).
+        """
+        scalar = isinstance(est, Forward) and type(est).estimate_tree is Forward.estimate_tree
+        if self.tangents == "per_rank":
+            if not scalar:
+                raise ValueError(
+                    f"DataParallel: tangents='per_rank' needs a forward estimator (K directional "
+                    f"derivatives per rank), got {est!r:.100}"
+                )
+            if est.projection:
+                raise ValueError(
+                    "DataParallel: tangents='per_rank' averages the ranks' estimates; with "
+                    "projection=True they are not a mean over tangents: use tangents='shared'"
+                )
+        return "gradient" if not scalar else "directional" if self.tangents == "shared" else "gathered"
+
+    def _weighted(self, loss, parts):
+        """``[loss, *parts]`` times this rank's shard weight n_r / N (equal shards: 1 / W)."""
+        xp = self._be.xp
+        dtype = parts[0].dtype
+        flat = xp.concat([xp.reshape(xp.astype(loss, dtype), (1,)), *(xp.reshape(p, (-1,)) for p in parts)])
+        return flat * (1.0 / self.world_size)
+
+    def reduce(self, loss, ds):
+        """The mean over the ranks of the loss and the K directional derivatives (K + 1 numbers)."""
+        buf = self._be.all_reduce_sum(self._weighted(loss, [ds]))
+        return buf[0], buf[1:]
+
+    def reduce_tree(self, loss, grads):
+        """The mean over the ranks of the loss and the estimate (P + 1 numbers, one buffer)."""
+        be, xp = self._be, self._be.xp
+        view = FlatView.of(grads)
+        buf = be.all_reduce_sum(self._weighted(loss, [view.flatten(be, grads)]))
+        mean = view.unflatten(be, buf[1:])
+        return buf[0], tree_map(lambda m, g: xp.astype(m, g.dtype), mean, grads)
+
+    def gather(self, est, loss_fn, params, batch, step_key, rank):
+        """Per-rank tangents: this rank's K directional derivatives along the tangents of
+        ``fold_in(key, rank)``, an all-gather of the W·(K + 1) numbers, and every rank's tangents
+        drawn again to combine them (the same order on every rank: the same bits).
+        """
+        be, xp = self._be, self._be.xp
+        keys = [be.fold_in(step_key, r) for r in range(self.world_size)]
+        own = xp.stack(keys)[rank[0]]
+        loss, ds, _ = est.directional(loss_fn, params, batch, own)
+        every = be.all_gather(self._weighted(loss, [ds]))  # (W, K + 1)
+        grads = None
+        for r in range(self.world_size):
+            g = est.combine(every[r, 1:], est.tangent_tree(params, keys[r]))
+            grads = g if grads is None else tree_map(lambda a, b: a + b, grads, g)
+        return xp.sum(every[:, 0]), grads
+
+    def run_step(self, step, params, opt_state, x, y, key):
+        """One data-parallel step on this rank's shard ``(x, y)``; a failed collective is a
+        :class:`DistributedError` naming the rank that stopped.
+        """
+        try:
+            return step(params, opt_state, x, y, self.step_key(key))
+        except (DistributedError, RuntimeError) as exc:
+            if not _collective_failure(exc):
+                raise
+            raise self.failure(exc, f"the collective of step {self.current_step}") from exc
 
     # ---------------------------------------------------------------- checks and failures
     def check_same_params(self, run, step: int) -> str:
@@ -216,57 +302,6 @@ class _Shard:
         return getattr(self.base, name)
 
 
-class _DataParallelTrainer:
-    """The Trainer of a data-parallel run: the base Trainer's step with a reducing estimator,
-    run by every rank as one program (``be.dist_step``); everything else is the base's.
-    """
-
-    def __init__(self, trainer, dp: DataParallel):
-        self.base, self.dp = trainer, dp
-        be, est = trainer.be, trainer.estimator
-        strategy = trainer.update_strategy
-        if strategy == "sgd-lean":
-            raise ValueError(
-                "fit: estimator forward(lean=True) updates layer by layer inside its own step and "
-                "cannot run data-parallel; use lean=False with distributed="
-            )
-        if trainer.train_mode or trainer.state_names:
-            # a shard's dropout masks and batch statistics are not the global batch's rows of
-            # them: the run would silently differ from the single-process one
-            raise ValueError(
-                "fit: distributed= does not yet train a model with a training mode (dropout, batch "
-                "norm): each rank would draw its shard's masks and batch statistics on its own and "
-                "the run would differ from the single-process one; remove them or train single-process"
-            )
-        reducing = _Reducing(est, be, dp)
-        self.exchange = reducing.exchange
-        if strategy == "sgd-factored" and reducing.exchange != "directional":
-            strategy = "sgd-in-place"  # W·K tangents: the estimate is no longer one d·v
-        self.update_strategy = strategy
-        step = make_step(
-            strategy, be, reducing, trainer.optimizer, trainer.loss_fn, grad_norm=trainer.grad_norm
-        )
-        # x and y are this rank's shards; the key pair is (the step's key, this rank's index)
-        self._step = be.dist_step(step, sharded=(False, False, True, True, (False, True)))
-        self._rank = be.asarray(np.array([dp.rank], dtype=np.int32))
-
-    def step(self, params, opt_state, x, y, key):
-        """One data-parallel step on this rank's shard ``(x, y)``: the base step's results."""
-        try:
-            return self._step(params, opt_state, x, y, (key, self._rank))
-        except (DistributedError, RuntimeError) as exc:
-            if not _collective_failure(exc):
-                raise
-            raise self.dp.failure(exc, f"the collective of step {self.dp.current_step}") from exc
-
-    def compiles(self):
-        size = getattr(self._step, "_cache_size", None)
-        return size() if callable(size) else None
-
-    def __getattr__(self, name):
-        return getattr(self.base, name)
-
-
 def _collective_failure(exc: BaseException) -> bool:
     """Whether ``exc`` comes from a collective (a peer gone, a timeout), not from the model."""
     if isinstance(exc, DistributedError):
@@ -276,76 +311,6 @@ def _collective_failure(exc: BaseException) -> bool:
         w in text
         for w in ("gloo", "nccl", "connection", "timed out", "timeout", "peer", "collective", "distbackend")
     )
-
-
-class _Reducing:
-    """An estimator wrapper that make_step calls inside a data-parallel step: this rank's
-    estimate on its shard, then the step's one collective (see the module docstring).
-
-    ``key`` is the pair ``(step key, this rank's index as a 1-element array)``.
-    """
-
-    stochastic = True
-
-    def __init__(self, est, be, dp: DataParallel):
-        self.est, self.be, self.world = est, be, dp.world_size
-        self.name = getattr(est, "name", "?")
-        scalar = isinstance(est, Forward) and type(est).estimate_tree is Forward.estimate_tree
-        if dp.tangents == "per_rank":
-            if not scalar:
-                raise ValueError(
-                    f"DataParallel: tangents='per_rank' needs a forward estimator (K directional "
-                    f"derivatives per rank), got {est!r:.100}"
-                )
-            if est.projection:
-                raise ValueError(
-                    "DataParallel: tangents='per_rank' averages the ranks' estimates; with "
-                    "projection=True they are not a mean over tangents: use tangents='shared'"
-                )
-        self.exchange = "gradient" if not scalar else "directional" if dp.tangents == "shared" else "gathered"
-
-    def _weighted(self, loss, parts):
-        """``[loss, *parts]`` times this rank's shard weight n_r / N (equal shards: 1 / W)."""
-        xp = self.be.xp
-        dtype = parts[0].dtype
-        flat = xp.concat([xp.reshape(xp.astype(loss, dtype), (1,)), *(xp.reshape(p, (-1,)) for p in parts)])
-        return flat * (1.0 / self.world)
-
-    def _directional(self, loss_fn, params, batch, key):
-        """``(loss, ds, vtree)`` reduced: the mean of the ranks' K + 1 numbers."""
-        step_key, _ = key
-        loss, ds, vtree = self.est.directional(loss_fn, params, batch, step_key)
-        buf = self.be.all_reduce_sum(self._weighted(loss, [ds]))
-        return buf[0], buf[1:], vtree
-
-    def __call__(self, loss_fn, params, batch, key=None):
-        be, xp = self.be, self.be.xp
-        step_key, rank = key
-        if self.exchange == "directional":
-            loss, ds, vtree = self._directional(loss_fn, params, batch, key)
-            return loss, self.est.combine(ds, vtree)
-        if self.exchange == "gathered":
-            keys = [be.fold_in(step_key, r) for r in range(self.world)]
-            own = xp.stack(keys)[rank[0]]
-            loss, ds, _ = self.est.directional(loss_fn, params, batch, own)
-            every = be.all_gather(self._weighted(loss, [ds]))  # (W, K + 1)
-            grads = None
-            for r in range(self.world):  # the same order on every rank: the same bits
-                g = self.est.combine(every[r, 1:], self.est.tangent_tree(params, keys[r]))
-                grads = g if grads is None else tree_map(lambda a, b: a + b, grads, g)
-            return xp.sum(every[:, 0]), grads
-        loss, grads = self.est(loss_fn, params, batch, step_key)
-        view = FlatView.of(grads)
-        buf = be.all_reduce_sum(self._weighted(loss, [view.flatten(be, grads)]))
-        mean = view.unflatten(be, buf[1:])
-        return buf[0], tree_map(lambda m, g: xp.astype(m, g.dtype), mean, grads)
-
-    def factored(self, loss_fn, params, batch, key=None):
-        """``(loss, d, v)`` for a one-tangent forward gradient with shared tangents, else None."""
-        if self.exchange != "directional" or not self.est.factored_form:
-            return None
-        loss, ds, vtree = self._directional(loss_fn, params, batch, key)
-        return loss, ds[0], tree_map(lambda t: t if isinstance(t, Rank1) else t[0], vtree)
 
 
 class _RankCheckpointer(Callback):
@@ -387,9 +352,12 @@ class _RankCheckpointer(Callback):
                 self.cp.on_fit_end(run)
 
 
-def distributed_callbacks(cbs: list, distributed, trainer, *, batch_size: int) -> list:
+def distributed_callbacks(
+    cbs: list, distributed, trainer, *, batch_size: int
+) -> tuple[list, DataParallel | None]:
     """The callbacks of fit for this rank (unchanged without ``distributed`` or a
-    :class:`DataParallel` among them); joins the process group first.
+    :class:`DataParallel` among them) and the :class:`DataParallel` (None: a single-process
+    run); joins the process group first.
 
     Raises:
         TypeError: ``distributed`` is not a bool or a :class:`DataParallel`.
@@ -398,7 +366,7 @@ def distributed_callbacks(cbs: list, distributed, trainer, *, batch_size: int) -
     given = [c for c in cbs if isinstance(c, DataParallel)]
     if distributed is None or distributed is False:
         if not given:
-            return cbs
+            return cbs, None
     elif distributed is True or isinstance(distributed, DataParallel):
         dp = DataParallel() if distributed is True else distributed
         if given and given != [dp]:
@@ -420,4 +388,4 @@ def distributed_callbacks(cbs: list, distributed, trainer, *, batch_size: int) -
             out.append(_RankCheckpointer(c, dp))
         elif dp.rank == 0 or not isinstance(c, _RANK0_ONLY):
             out.append(c)
-    return out
+    return out, dp

@@ -101,13 +101,17 @@ def fit(
         model, trainer, loss=loss, optimizer=optimizer, estimator=estimator, backend=backend
     )
     # data-parallel: join the process group (before any array is made) and keep this rank's callbacks
-    cbs = distributed_callbacks(_callbacks(callbacks), distributed, trainer, batch_size=batch_size)
+    cbs, parallel = distributed_callbacks(_callbacks(callbacks), distributed, trainer, batch_size=batch_size)
     _check_data(trainer, data)
+    # the one step: the Trainer's, or with the data-parallel collective as its reduce part
+    step = trainer.step if parallel is None else trainer.build_step(collective=parallel)
+    data = data if parallel is None else parallel.shard(data)
     params, opt_state = trainer.init_state(params)
     name = getattr(trainer.estimator, "name", str(trainer.estimator))
-    result = FitResult(params, opt_state, 0, trainer.be.name, name, trainer.update_strategy)
+    result = FitResult(params, opt_state, 0, trainer.be.name, name, step.strategy)
     run = FitRun(trainer, data, steps=steps, batch_size=batch_size, seed=seed, params=params,
-                 opt_state=opt_state, key=trainer.be.key(seed), result=result)  # fmt: skip
+                 opt_state=opt_state, key=trainer.be.key(seed), result=result, step=step,
+                 collective=parallel)  # fmt: skip
     clock = _Clock()
     try:
         for cb in cbs:
@@ -197,7 +201,7 @@ class _Clock:
         r.total_seconds = time.perf_counter() - self.start
         r.time_per_step = float(np.median(self.times)) if self.times else self.first
         r.peak_memory_bytes = max(self.peak - self.rss0, 0)
-        r.compiles = run.trainer.compiles()
+        r.compiles = run.step.compiles()
         if self._statm is not None:
             os.close(self._statm)
             self._statm = None
@@ -207,14 +211,19 @@ def _step(run, step: int, cbs, clock: _Clock) -> dict:
     """Step ``step`` (0-based) of ``run``: the batch, the callbacks' ``before_step``, the timed step,
     the non-finite policy, and the step's record (appended to the history).
     """
-    be, trainer = run.be, run.trainer
+    be = run.be
     xb, yb = (be.stage(a) for a in run.data.batch_at(step, run.batch_size, seed=run.seed))
     key = be.fold_in(run.key, step)
     for cb in cbs:
         cb.before_step(run, step, xb, yb, key)
     t0 = time.perf_counter()
     # the step returns what to continue from: its inputs, unchanged, when not finite
-    run.params, run.opt_state, value, gsq = trainer.step(run.params, run.opt_state, xb, yb, key)
+    if run.collective is None:
+        run.params, run.opt_state, value, gsq = run.step(run.params, run.opt_state, xb, yb, key)
+    else:  # data-parallel: the collective names a rank that stopped answering
+        run.params, run.opt_state, value, gsq = run.collective.run_step(
+            run.step, run.params, run.opt_state, xb, yb, key
+        )
     value = float(value)  # waits for the step: honest timing
     # |g|² (0 without grad_norm); NaN for a step that refused a non-finite gradient
     gsq = float(gsq) if gsq is not None else 0.0
@@ -224,7 +233,7 @@ def _step(run, step: int, cbs, clock: _Clock) -> dict:
     if not run.finite:
         next(c for c in cbs if isinstance(c, OnNonFinite)).handle(run, step + 1, value, gsq)
     record = {"step": step + 1, "loss": value}
-    if trainer.grad_norm:
+    if run.trainer.grad_norm:
         record["grad_norm"] = math.sqrt(gsq) if gsq >= 0 else float("nan")
     record.update(time=time.perf_counter() - clock.start, step_time=dt)
     lr = _current_lr(run.opt_state)

@@ -11,7 +11,8 @@ from duogard import grad as _grad
 from duogard import losses as _losses
 from duogard import optim as _optim
 from duogard.backend import backend as _select_backend
-from duogard.train._update import MODEL_KEY, choose_update, keep_if, make_step, model_batch
+from duogard.grad._objective import model_batch
+from duogard.step import build_step, choose_update, split_state
 from duogard.tree import tree_map
 
 __all__ = ["Trainer"]
@@ -50,11 +51,15 @@ class Trainer:
         grad_norm: return ``|g|²`` as the fourth result of :meth:`step` (one more pass over the
             gradient). With False that result is 0 for a finite step and NaN for one that
             refused a non-finite loss or gradient (a finiteness check replaces the norm).
+        update: the update strategy: ``"auto"`` (default: chosen from the optimizer and the
+            estimator by :func:`duogard.step.choose_update`) or one of ``"optimizer"``,
+            ``"sgd-in-place"``, ``"sgd-factored"``, ``"sgd-lean"`` (``"lean"``: the
+            layer-by-layer forward-gradient step whose memory stays flat in depth).
 
     Attributes:
-        update_strategy: how the step applies the estimate, chosen once from the optimizer and
-            the estimator: ``"optimizer"``, ``"sgd-in-place"``, ``"sgd-factored"`` or
-            ``"sgd-lean"`` (see :mod:`duogard.train._update`).
+        update_strategy: how the step applies the estimate: ``"optimizer"``, ``"sgd-in-place"``,
+            ``"sgd-factored"`` or ``"sgd-lean"`` (see :mod:`duogard.step`).
+        step: the :class:`duogard.step.Step` that :func:`duogard.step.build_step` built.
         train_mode: the training steps run the model with ``train=True`` (``model.has_train_mode``).
         state_names: the model's state entries in ``params`` (empty for a stateless model).
     """
@@ -69,6 +74,7 @@ class Trainer:
         backend=None,
         compile=None,
         grad_norm: bool = True,
+        update: str = "auto",
     ):
         loss = _losses.cross_entropy if loss is None else loss
         self.be = be = _select_backend(backend)
@@ -77,20 +83,12 @@ class Trainer:
         self.estimator = est = _grad.estimator(estimator) if isinstance(estimator, str) else estimator
         self.optimizer = _optim.sgd(0.05) if optimizer is None else optimizer
         self.grad_norm = bool(grad_norm)
-        self.update_strategy = choose_update(self.optimizer, est)
         self.train_mode = bool(getattr(model, "has_train_mode", False))
         self.state_names = tuple(model.initial_state()) if getattr(model, "has_state", False) else ()
-        step = make_step(
-            self.update_strategy,
-            be,
-            est,
-            self.optimizer,
-            self.loss_fn,
-            grad_norm=self.grad_norm,
-            compile=compile,
-            train_mode=self.train_mode,
-        )
-        self.step = self._stateful_step(step, compile) if self.state_names else step
+        self._compile, self._update = compile, choose_update(self.optimizer, est, update)
+        self._steps: dict = {}  # data-parallel steps, built once per collective
+        self.step = self.build_step()
+        self.update_strategy = self.step.strategy
         # a loss with a reduction argument gives the evaluation's summed loss (decided once)
         self._loss_sum = _losses.get(loss) if _takes_reduction(loss) else None
         self._measure = _grad.with_diagnostics(est)
@@ -104,34 +102,37 @@ class Trainer:
         batch = model_batch(self.be, x, y, key, self.train_mode)
         return self._measure(self.loss_fn, params, batch, key)[2]
 
+    def build_step(self, *, collective=None, return_estimate: bool = False):
+        """This Trainer's step built by :func:`duogard.step.build_step` (the one step builder):
+        its estimator, update strategy, training mode and state, with an optional ``collective``
+        (a data-parallel run's reduce part; the step is then built once per collective and kept).
+        """
+        cache = getattr(collective, "cache_key", collective)
+        if collective is not None and cache in self._steps:
+            return self._steps[cache]
+        step = build_step(
+            self.be,
+            self.loss_fn,
+            self.estimator,
+            self.optimizer,
+            update=self._update,
+            train_mode=self.train_mode,
+            state=(self.model, self.state_names) if self.state_names else None,
+            collective=collective,
+            grad_norm=self.grad_norm,
+            compile=self._compile,
+            return_estimate=return_estimate,
+        )
+        if collective is not None:
+            self._steps[cache] = step
+        return step
+
     def split_state(self, params):
         """``(trainable, state)``: the model's state entries (:attr:`state_names`: batch norm's
         running statistics) taken out of a flat ``params`` dict; ``state`` is empty for a
         stateless model.
         """
-        if not self.state_names:
-            return params, {}
-        names = set(self.state_names)
-        return {k: v for k, v in params.items() if k not in names}, {k: params[k] for k in self.state_names}
-
-    def _stateful_step(self, step, compile):
-        """``step`` for a model with state: the state rides in ``params`` but no estimator sees
-        it; it is replaced by ``model.update_state`` over the step's batch, with the step's model
-        key, from the params before the update (as torch's training-mode forward updates it),
-        and kept unchanged when the step is refused.
-        """
-        be, model = self.be, self.model
-        jit_kw = {} if compile is None else {"compile": bool(compile)}
-        update = be.jit(lambda p, x, k: model.update_state(p, x, key=k), **jit_kw)
-
-        def stateful(params, opt_state, x, y, key):
-            trainable, state = self.split_state(params)
-            new_state = update(params, x, be.fold_in(key, MODEL_KEY))  # the step's model key
-            trainable, opt_state, value, gsq = step(trainable, opt_state, x, y, key)
-            ok = be.xp.logical_and(be.xp.isfinite(value), be.xp.isfinite(gsq))
-            return {**trainable, **keep_if(be, ok, new_state, state)}, opt_state, value, gsq
-
-        return stateful
+        return split_state(params, self.state_names)
 
     def _evaluate_batch(self, params, x, y):
         """The summed loss (None without a reduction argument) and the correct count (None for
@@ -145,9 +146,8 @@ class Trainer:
         return total, correct
 
     def compiles(self) -> int | None:
-        """How many times JAX compiled the step (None where unknown)."""
-        size = getattr(self.step, "_cache_size", None)
-        return size() if callable(size) else None
+        """How many times the step was compiled (None where the backend does not count)."""
+        return self.step.compiles()
 
     def init_state(self, params):
         """Params on this backend (from NumPy or either framework) and the optimizer state.

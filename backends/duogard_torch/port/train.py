@@ -20,6 +20,7 @@ import torch.func
 
 from duogard.backend import backend
 from duogard.grad import estimator as make_estimator
+from duogard.step import build_step
 
 __all__ = ["KeySequence", "forward_grad_"]
 
@@ -174,7 +175,10 @@ def forward_grad_(module, loss_fn: Callable, batch: Any, *, method="forward", ke
             raise ValueError(f"forward_grad_: loss_fn must return a tensor of one element, got {got}")
         return out.reshape(())
 
-    loss, grads = est(functional_loss, params, batch, step_key)
+    # the one step builder, with no update (torch.optim applies it): the user's batch rides as the
+    # step's inputs, passed to loss_fn unchanged
+    step = build_step(be, lambda p, b: functional_loss(p, b.inputs), est, update="none", grad_norm=False)
+    _, _, loss, _, grads = step(params, None, batch, None, step_key)
     with torch.no_grad():
         for name, p in named:
             g = grads[name]

@@ -1,0 +1,339 @@
+"""The one training step: draw, estimate, reduce, update.
+
+Every way duogard trains calls :func:`build_step`, with different parts, never a copy of it:
+:class:`duogard.train.Trainer` (and so :func:`duogard.fit`), the data-parallel step (a
+collective inserted between the estimate and the update), :func:`duogard.parity.compare`
+(tangents given instead of drawn), the lean step (``update="sgd-lean"``) and the torch port's
+``forward_grad_`` (``update="none"``: the estimate is returned for ``torch.optim`` to apply).
+
+A step is, in order:
+
+1. **draw**: the step's key gives the tangents (or perturbations) and, for a model with a
+   training mode, the model key ``fold_in(key, MODEL_KEY)`` (dropout masks); or the tangents
+   are given (``tangents="given"``: a parity run draws them once and shares them).
+2. **estimate**: the estimator's loss and estimate, as a gradient, or as ``d`` and ``v`` (the
+   factored form of a one-tangent forward gradient), or as the K directional derivatives.
+3. **reduce**: nothing, or the collective of a data-parallel run: the mean of the ranks' K + 1
+   numbers for forward gradients (each rank combines it with the tangents it drew), of the
+   P + 1 numbers of the gradient otherwise.
+4. **update**: the strategy named when the step is built (:data:`UPDATE_STRATEGIES`):
+
+   - ``"optimizer"``: any optimizer: ``updates, state = opt.update(grads, state, params)`` and
+     ``apply_updates`` (new arrays).
+   - ``"sgd-in-place"``: a momentum-free :func:`duogard.optim.sgd`
+     (:class:`~duogard.optim.PlainSGD`) with any estimator: each leaf is updated in one pass, in
+     place on torch and into the donated buffer on JAX, by ``PlainSGD.apply_``.
+   - ``"sgd-factored"``: the same optimizer with a forward gradient of one tangent, whose
+     estimate is ``d v``: ``p -= lr d v`` through the same ``apply_``, so the gradient array
+     ``d v`` is never written.
+   - ``"sgd-lean"``: the same optimizer with a forward estimator: the layer-by-layer step of
+     :class:`duogard.grad.LeanStep` (each tangent drawn twice, never a whole-model buffer).
+   - ``"none"``: no update; the step returns the estimate (the torch port's ``forward_grad_``).
+
+   Every SGD strategy gives the numbers of ``"optimizer"`` (the tests check each against
+   ``opt.update`` + ``apply_updates`` on both backends).
+
+A step whose loss or gradient is not finite returns the params and optimizer state it was
+given, unchanged, and its fourth result is NaN.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from duogard.grad import Forward, LeanStep
+from duogard.grad._objective import MODEL_KEY, Batch
+from duogard.optim import PlainSGD, apply_updates
+from duogard.tree import Rank1, tree_leaves, tree_map
+
+__all__ = ["Batch", "MODEL_KEY", "UPDATE_STRATEGIES", "Step", "build_step", "choose_update", "keep_if"]
+
+#: The update strategies: the four that :func:`choose_update` picks from, in the order it
+#: considers them, and ``"none"`` (no update: the step returns the estimate).
+UPDATE_STRATEGIES = ("sgd-lean", "sgd-factored", "sgd-in-place", "optimizer", "none")
+_ALIASES = {"lean": "sgd-lean", "factored": "sgd-factored", "in-place": "sgd-in-place"}
+
+
+def choose_update(optimizer, estimator, update: str = "auto") -> str:
+    """The update strategy for this optimizer and estimator.
+
+    Args:
+        optimizer: a ``GradientTransformation`` (None only with ``update="none"``).
+        estimator: a gradient estimator.
+        update: ``"auto"`` (the cheapest strategy that gives the optimizer's numbers:
+            ``"sgd-lean"`` for ``estimator("forward", lean=True)``, ``"sgd-factored"`` for a
+            one-tangent forward gradient with a momentum-free SGD, ``"sgd-in-place"`` for any
+            other estimator with it, ``"optimizer"`` otherwise), or one of
+            :data:`UPDATE_STRATEGIES` (``"lean"``, ``"factored"`` and ``"in-place"`` are short
+            for the ``sgd-`` names) to state it.
+
+    Returns:
+        One of :data:`UPDATE_STRATEGIES`.
+
+    Raises:
+        ValueError: an unknown strategy, or one that this optimizer and estimator cannot run
+            (the SGD strategies need a momentum-free :func:`duogard.optim.sgd`; ``"sgd-lean"``
+            and ``"sgd-factored"`` need a forward estimator that allows them).
+    """
+    if not isinstance(update, str):
+        raise TypeError(f"update must be a strategy name (a str), got {type(update).__name__}")
+    update = _ALIASES.get(update, update)
+    if update != "auto" and update not in UPDATE_STRATEGIES:
+        raise ValueError(f"update must be 'auto' or one of {UPDATE_STRATEGIES}, got {update!r}")
+    plain = isinstance(optimizer, PlainSGD)
+    forward = isinstance(estimator, Forward)
+    if update == "auto":
+        if forward and estimator.lean:
+            update = "sgd-lean"
+        elif plain:
+            update = "sgd-factored" if forward and estimator.factored_form else "sgd-in-place"
+        else:
+            update = "optimizer"
+    if update in ("none", "optimizer"):
+        if update == "optimizer" and optimizer is None:
+            raise ValueError("update='optimizer' needs an optimizer, got None")
+        return update
+    if not plain:
+        what = "estimator forward(lean=True)" if update == "sgd-lean" else f"update={update!r}"
+        raise ValueError(
+            f"Trainer: {what} applies the SGD update itself, leaf by leaf; optimizer must be "
+            f"duogard.optim.sgd(learning_rate, weight_decay=...) without momentum, got {optimizer!r:.120}"
+        )
+    if update == "sgd-lean" and not forward:
+        raise ValueError(f"update='sgd-lean' needs a forward estimator, got {estimator!r:.100}")
+    if update == "sgd-lean" and (estimator.orthogonal or estimator.projection):
+        raise ValueError(
+            "update='sgd-lean' draws each leaf's tangent on its own: not with orthogonal/projection"
+        )
+    if update == "sgd-factored" and not (forward and estimator.factored_form):
+        raise ValueError(
+            f"update='sgd-factored' needs a forward estimator of one tangent without projection, "
+            f"got {estimator!r:.100}"
+        )
+    return update
+
+
+class Step:
+    """A built step: ``step(params, opt_state, x, y, key, tangents=None) -> (params, opt_state,
+    loss, |g|²)`` (and the estimate fifth with ``return_estimate``/``update="none"``).
+
+    Attributes:
+        strategy: the update strategy (:data:`UPDATE_STRATEGIES`).
+        exchange: what a data-parallel step's collective carries (``"directional"``: K + 1
+            numbers, ``"gathered"``: W·(K + 1), ``"gradient"``: P + 1), or None.
+    """
+
+    def __init__(self, fn: Callable, *, be, strategy: str, exchange: str | None = None):
+        self._fn, self.be, self.strategy, self.exchange = fn, be, strategy, exchange
+
+    def __call__(self, params, opt_state, x, y, key, tangents=None):
+        if tangents is None:
+            return self._fn(params, opt_state, x, y, key)
+        return self._fn(params, opt_state, x, y, key, tangents)
+
+    @property
+    def fn(self) -> Callable:
+        """The compiled (or eager) step function itself."""
+        return self._fn
+
+    def compiles(self) -> int | None:
+        """How many programs the step has compiled (None where the backend does not count)."""
+        return self.be.compile_count(self._fn)
+
+    def __repr__(self) -> str:
+        return f"Step(strategy={self.strategy!r}, exchange={self.exchange!r})"
+
+
+def build_step(
+    be,
+    loss_fn: Callable,
+    estimator,
+    optimizer=None,
+    *,
+    update: str = "auto",
+    train_mode: bool = False,
+    state=None,
+    collective=None,
+    grad_norm: bool = True,
+    compile: bool | None = None,
+    tangents: str = "draw",
+    return_estimate: bool = False,
+) -> Step:
+    """Build the training step (see the module docstring for its parts).
+
+    Args:
+        be: the backend.
+        loss_fn: ``loss_fn(params, batch) -> scalar``; ``batch`` is a :class:`Batch`.
+        estimator: the gradient estimator.
+        optimizer: the optimizer (a :class:`~duogard.optim.PlainSGD` for the SGD strategies;
+            None with ``update="none"``).
+        update: the update strategy, or ``"auto"`` (:func:`choose_update`).
+        train_mode: the model has a training mode (dropout, batch statistics): the loss sees the
+            model key ``fold_in(key, MODEL_KEY)`` in its batch.
+        state: ``(model, names)`` for a model with state (batch norm's running statistics) kept in
+            ``params`` under ``names``: no estimator or optimizer sees it; each step replaces it
+            with ``model.update_state`` over the step's batch (kept when the step is refused).
+        collective: the reduce part of a data-parallel step (an object with ``exchange_for``,
+            ``reduce`` and ``gather``; :class:`duogard.train.DataParallel` makes it); the step
+            then takes ``(key, rank)`` as its key and runs as one ``be.dist_step`` program.
+        grad_norm: return ``|g|²`` (one more pass over the gradient); without it the step still
+            refuses a non-finite gradient with a finite loss (its fourth result is then 0, NaN
+            for a refused step).
+        compile: as ``be.jit``'s ``compile`` (None: the backend's default).
+        tangents: ``"draw"`` (from the step's key) or ``"given"``: the step takes the estimator's
+            sample (``estimator.sample(...)``, drawn elsewhere: a parity run draws them once and
+            shares them) as its sixth argument. Then the estimate is a gradient (no
+            ``"sgd-factored"``: it becomes ``"sgd-in-place"``).
+        return_estimate: also return the estimate (a params-shaped tree), fifth.
+
+    Returns:
+        A :class:`Step`.
+    """
+    strategy = choose_update(optimizer, estimator, update)
+    if tangents not in ("draw", "given"):
+        raise ValueError(f"build_step: tangents must be 'draw' or 'given', got {tangents!r}")
+    jit_kw = {} if compile is None else {"compile": bool(compile)}
+    if strategy == "sgd-lean":
+        return _lean_step(be, loss_fn, estimator, optimizer, train_mode, state, collective, compile)
+    exchange = None if collective is None else collective.exchange_for(estimator)
+    if strategy == "sgd-factored" and (exchange not in (None, "directional") or tangents == "given"):
+        strategy = "sgd-in-place"  # W·K tangents, or given ones: the estimate is no longer one d·v
+    xp = be.xp
+    factored = strategy == "sgd-factored"
+    with_estimate = return_estimate or strategy == "none"
+
+    def estimate(params, batch, key, given):
+        """``(loss, grads, coef)``: the estimate is ``coef * grads`` (coef None: ``grads``)."""
+        if given is not None:  # tangents drawn elsewhere (a parity run shares them)
+            return (*estimator.estimate(loss_fn, params, batch, given), None)
+        if collective is None:
+            if factored:
+                value, coef, v = estimator.factored(loss_fn, params, batch, key)
+                return value, v, coef
+            return (*estimator(loss_fn, params, batch, key), None)
+        step_key, rank = key
+        if exchange == "directional":  # estimate, reduce the K + 1 numbers, combine
+            value, ds, vtree = estimator.directional(loss_fn, params, batch, step_key)
+            value, ds = collective.reduce(value, ds)
+            if factored:
+                return value, tree_map(lambda t: t if isinstance(t, Rank1) else t[0], vtree), ds[0]
+            return value, estimator.combine(ds, vtree), None
+        if exchange == "gathered":  # each rank's own tangents: gather W·(K + 1) numbers
+            return (*collective.gather(estimator, loss_fn, params, batch, step_key, rank), None)
+        value, grads = estimator(loss_fn, params, batch, step_key)  # the P + 1 numbers
+        return (*collective.reduce_tree(value, grads), None)
+
+    def step(params, opt_state, x, y, key, given=None):
+        step_key = key if collective is None else key[0]
+        batch = Batch(x, y, be.fold_in(step_key, MODEL_KEY) if train_mode else None)
+        value, grads, coef = estimate(params, batch, key, given)
+        ok = xp.isfinite(value)
+        if grad_norm:
+            gsq = sum(_sq_norm(xp, g) for g in tree_leaves(grads))
+            if coef is not None:
+                gsq = gsq * coef * coef
+            ok = xp.logical_and(ok, xp.isfinite(gsq))
+        else:
+            # no norm, but still no update from a NaN/inf gradient under a finite loss: the
+            # factored estimate d v is finite where d is (v is drawn); else every element is read
+            ok = xp.logical_and(ok, _all_finite(be, grads if coef is None else [coef]))
+            gsq = xp.where(ok, xp.zeros_like(value), xp.full_like(value, float("nan")))
+        if with_estimate and coef is not None:
+            grads = tree_map(lambda v: coef * (v.dense(xp)[0] if isinstance(v, Rank1) else v), grads)
+            coef = None
+        new_state = opt_state
+        if strategy == "optimizer":
+            updates, new_state = optimizer.update(grads, opt_state, params)
+            params = keep_if(be, ok, apply_updates(params, updates), params)
+        elif strategy != "none":
+            lr, new_state = optimizer.advance(opt_state)
+            params = tree_map(
+                lambda p, g: optimizer.apply_(be, p, g, lr, scale=coef, where=ok), params, grads
+            )
+        out = (params, keep_if(be, ok, new_state, opt_state), value, gsq)
+        return (*out, grads) if with_estimate else out
+
+    if collective is not None:
+        # x and y are this rank's shards; the key pair is (the step's key, this rank's index)
+        fn = be.dist_step(step, sharded=(False, False, True, True, (False, True)))
+    else:
+        # params are donated: the SGD strategies update them in place under XLA too
+        fn = be.jit(step, donate_argnums=(0,) if strategy != "none" else (), **jit_kw)
+    if state is not None:
+        fn = _stateful(be, fn, state, jit_kw)
+    return Step(fn, be=be, strategy=strategy, exchange=exchange)
+
+
+def _lean_step(be, loss_fn, estimator, optimizer, train_mode, state, collective, compile) -> Step:
+    """The ``"sgd-lean"`` step: :class:`duogard.grad.LeanStep`'s own per-layer programs."""
+    if train_mode or state is not None:
+        raise ValueError(
+            "Trainer: estimator forward(lean=True) runs duogard's layer-by-layer rules, which "
+            "have no training mode; the model has one (dropout or batch norm). Use lean=False"
+        )
+    if collective is not None:
+        raise ValueError(
+            "fit: estimator forward(lean=True) updates layer by layer inside its own step and "
+            "cannot run data-parallel; use lean=False with distributed="
+        )
+    lean = LeanStep(estimator, loss_fn, be, optimizer, compile=compile)
+
+    def step(params, opt_state, x, y, key, given=None):
+        if given is not None:
+            raise ValueError("the lean step draws its own tangents; it cannot take given ones")
+        return lean.step(params, opt_state, Batch(x, y), key)
+
+    return Step(step, be=be, strategy="sgd-lean")
+
+
+def split_state(params, names) -> tuple[dict, dict]:
+    """``(trainable, state)``: the entries ``names`` taken out of a flat ``params`` dict."""
+    if not names:
+        return params, {}
+    return {k: v for k, v in params.items() if k not in names}, {k: params[k] for k in names}
+
+
+def _stateful(be, fn, state, jit_kw):
+    """``fn`` for a model with state: the state rides in ``params`` but no estimator sees it; it
+    is replaced by ``model.update_state`` over the step's batch, with the step's model key, from
+    the params before the update (as torch's training-mode forward updates it), and kept
+    unchanged when the step is refused.
+    """
+    model, names = state
+    update = be.jit(lambda p, x, k: model.update_state(p, x, key=k), **jit_kw)
+
+    def stateful(params, opt_state, x, y, key, *given):
+        trainable, old = split_state(params, names)
+        new = update(params, x, be.fold_in(key, MODEL_KEY))  # the step's model key
+        trainable, opt_state, value, gsq, *rest = fn(trainable, opt_state, x, y, key, *given)
+        ok = be.xp.logical_and(be.xp.isfinite(value), be.xp.isfinite(gsq))
+        return ({**trainable, **keep_if(be, ok, new, old)}, opt_state, value, gsq, *rest)
+
+    stateful.compile_count = lambda: be.compile_count(fn)
+    return stateful
+
+
+def _all_finite(be, tree):
+    """A 0-d bool array: every element of every leaf of ``tree`` is finite."""
+    xp, ok = be.xp, None
+    for leaf in tree_leaves(tree):
+        for part in (leaf.u, leaf.w) if isinstance(leaf, Rank1) else (leaf,):
+            # one pass: a NaN or inf makes the sum NaN or inf (a finite sum could overflow only
+            # for gradients near the dtype's largest value)
+            part_ok = xp.isfinite(xp.sum(part))
+            ok = part_ok if ok is None else xp.logical_and(ok, part_ok)
+    return ok if ok is not None else xp.asarray(True)
+
+
+def keep_if(be, ok, new, old):
+    """``new`` where the 0-d bool ``ok`` holds, else ``old`` (selected inside a compiled step)."""
+    if be.is_tracing(ok):
+        return tree_map(lambda a, b: be.xp.where(ok, a, b), new, old)
+    return new if bool(ok) else old
+
+
+def _sq_norm(xp, g):
+    """``|g|²`` of a gradient leaf, or of a rank-1 tangent ``u wᵀ`` (K = 1) as ``|u|² |w|²``."""
+    if isinstance(g, Rank1):
+        return xp.sum(g.u * g.u) * xp.sum(g.w * g.w)
+    return xp.linalg.vector_norm(g) ** 2
