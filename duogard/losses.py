@@ -63,6 +63,15 @@ def _valid_labels(be, fn: str, labels, num_classes: int):
     return None
 
 
+def _nll_values(be, fn: str, log_probs, labels):
+    """``be.nll_values``, with a label outside ``[0, C)`` named in a ValueError (traced: NaN rows)."""
+    try:
+        return be.nll_values(log_probs, labels)
+    except IndexError:
+        _valid_labels(be, fn, labels, log_probs.shape[-1])  # raises, naming the first bad label
+        raise
+
+
 def _poison(be, values, valid):
     """``values`` with NaN where ``valid`` (None: all valid) is false."""
     if valid is None:
@@ -117,17 +126,12 @@ def cross_entropy(logits, targets, *, reduction: str = "mean", label_smoothing: 
         if not _is_int(be, targets):
             targets = be.xp.moveaxis(targets, axis, -1)
     if _is_int(be, targets) and not label_smoothing:
-        # integer labels: select each target's log-probability. The one-hot product below gives
-        # the same numbers with four more ops, each of them paid again under forward-mode AD.
-        # Not a gather: torch's
-        # take_along_dim reads out of the row for a label >= C instead of raising
+        # integer labels: select each target's log-probability (one gather on torch, which
+        # checks the labels; the one-hot product below gives the same numbers in more ops, each
+        # paid again under forward-mode AD)
         _check_labels(be, "cross_entropy", logits, targets)
-        valid = _valid_labels(be, "cross_entropy", targets, logits.shape[-1])
-        xp = be.xp
-        hit = targets[..., None] == xp.arange(logits.shape[-1], device=be.device_of(logits))
-        log_probs = be.log_softmax(logits, axis=-1)
-        values = -xp.sum(xp.where(hit, log_probs, xp.zeros_like(log_probs)), axis=-1)
-        return _reduce(be, _poison(be, values, valid), reduction, "cross_entropy")
+        values = _nll_values(be, "cross_entropy", be.log_softmax(logits, axis=-1), targets)
+        return _reduce(be, values, reduction, "cross_entropy")
     probs = _targets_from(be, "cross_entropy", logits, targets, label_smoothing)
     integer = _is_int(be, targets)
     valid = _valid_labels(be, "cross_entropy", targets, logits.shape[-1]) if integer else None

@@ -39,6 +39,7 @@ given, unchanged, and its fourth result is NaN.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 from duogard.grad import Forward, LeanStep
@@ -227,17 +228,16 @@ def build_step(
         step_key = key if collective is None else key[0]
         batch = Batch(x, y, be.fold_in(step_key, MODEL_KEY) if train_mode else None)
         value, grads, coef = estimate(params, batch, key, given)
-        ok = xp.isfinite(value)
         if grad_norm:
-            gsq = sum(_sq_norm(xp, g) for g in tree_leaves(grads))
+            gsq = _sq_norm(be, tree_leaves(grads))
             if coef is not None:
                 gsq = gsq * coef * coef
-            ok = xp.logical_and(ok, xp.isfinite(gsq))
+            ok = _both_finite(be, value, gsq)
         else:
             # no norm, but still no update from a NaN/inf gradient under a finite loss: the
             # factored estimate d v is finite where d is (v is drawn); else every element is read
-            ok = xp.logical_and(ok, _all_finite(be, grads if coef is None else [coef]))
-            gsq = xp.where(ok, xp.zeros_like(value), xp.full_like(value, float("nan")))
+            ok = _both_finite(be, value, _all_finite(be, grads if coef is None else [coef]))
+            gsq = _zero_or_nan(be, ok, value)
         if with_estimate and coef is not None:
             grads = tree_map(lambda v: coef * (v.dense(xp)[0] if isinstance(v, Rank1) else v), grads)
             coef = None
@@ -247,9 +247,7 @@ def build_step(
             params = keep_if(be, ok, apply_updates(params, updates), params)
         elif strategy != "none":
             lr, new_state = optimizer.advance(opt_state)
-            params = tree_map(
-                lambda p, g: optimizer.apply_(be, p, g, lr, scale=coef, where=ok), params, grads
-            )
+            params = optimizer.apply_tree_(be, params, grads, lr, scale=coef, where=ok)
         out = (params, keep_if(be, ok, new_state, opt_state), value, gsq)
         return (*out, grads) if with_estimate else out
 
@@ -325,15 +323,41 @@ def _all_finite(be, tree):
     return ok if ok is not None else xp.asarray(True)
 
 
+def _both_finite(be, value, other):
+    """Whether the loss and ``other`` (|g|², or a 0-d bool flag) are finite: a 0-d bool array
+    inside a traced program, else a Python bool (read on the host once, not an array op per check).
+    """
+    xp = be.xp
+    flag = xp.isdtype(other.dtype, "bool")
+    if be.is_tracing(value) or be.is_tracing(other):
+        return xp.logical_and(xp.isfinite(value), other if flag else xp.isfinite(other))
+    return math.isfinite(float(value)) and (bool(other) if flag else math.isfinite(float(other)))
+
+
+def _zero_or_nan(be, ok, value):
+    """The fourth result without a norm: 0 for a finite step, NaN for a refused one."""
+    xp = be.xp
+    if isinstance(ok, bool):
+        return xp.full_like(value, 0.0 if ok else float("nan"))
+    return xp.where(ok, xp.zeros_like(value), xp.full_like(value, float("nan")))
+
+
 def keep_if(be, ok, new, old):
-    """``new`` where the 0-d bool ``ok`` holds, else ``old`` (selected inside a compiled step)."""
+    """``new`` where ``ok`` holds, else ``old`` (a 0-d bool array is selected inside a compiled step)."""
+    if isinstance(ok, bool):
+        return new if ok else old
     if be.is_tracing(ok):
         return tree_map(lambda a, b: be.xp.where(ok, a, b), new, old)
     return new if bool(ok) else old
 
 
-def _sq_norm(xp, g):
-    """``|g|²`` of a gradient leaf, or of a rank-1 tangent ``u wᵀ`` (K = 1) as ``|u|² |w|²``."""
-    if isinstance(g, Rank1):
-        return xp.sum(g.u * g.u) * xp.sum(g.w * g.w)
-    return xp.linalg.vector_norm(g) ** 2
+def _sq_norm(be, leaves):
+    """``Σ |g|²`` over the estimate's leaves; a rank-1 tangent ``u wᵀ`` (K = 1) as ``|u|² |w|²``."""
+    xp = be.xp
+    dense = [g for g in leaves if not isinstance(g, Rank1)]
+    total = be.sum_of_squares(dense) if dense else None
+    for g in leaves:
+        if isinstance(g, Rank1):
+            part = xp.sum(g.u * g.u) * xp.sum(g.w * g.w)
+            total = part if total is None else total + part
+    return total

@@ -348,16 +348,19 @@ def test_clear_errors_without_a_launch(monkeypatch, digits):
         DataParallel(timeout=0)
 
 
-def test_a_model_with_a_training_mode_is_refused_not_trained_differently():
+def test_a_model_with_a_training_mode_is_refused_not_trained_differently(monkeypatch):
     """Per-shard dropout masks and batch statistics would silently change the run."""
     import duogard as dg
     from duogard import nn
-    from duogard.train._distributed import _DataParallelTrainer
 
+    env = {"RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29999"}
+    for var, val in env.items():
+        monkeypatch.setenv(var, val)
+    monkeypatch.setattr(dg.backend("torch"), "dist_init", lambda timeout=300.0: (0, 1))  # no group joined
     model = nn.Sequential(nn.Flatten(), nn.Linear(8), nn.Dropout(0.5), nn.Linear(3))
     trainer = dg.Trainer(model, backend="torch")
     with pytest.raises(ValueError, match="training mode.*single-process"):
-        _DataParallelTrainer(trainer, dp=None)
+        dg.train.DataParallel().setup(trainer, batch_size=4)
 
 
 def test_the_roll_call_names_the_ranks_that_never_answer():

@@ -93,6 +93,20 @@ def log_softmax(x, axis=-1):
     return jax.nn.log_softmax(x, axis=axis)
 
 
+def nll_values(log_probs, labels):
+    # a masked sum (XLA fuses it): the gather's numbers, and NaN for an invalid label when
+    # traced (no error can be raised inside a compiled program)
+    num = log_probs.shape[-1]
+    hit = labels[..., None] == jnp.arange(num)
+    values = -jnp.sum(jnp.where(hit, log_probs, jnp.zeros_like(log_probs)), axis=-1)
+    valid = jnp.logical_and(labels >= 0, labels < num)
+    if isinstance(valid, jax.core.Tracer):
+        return jnp.where(valid, values, jnp.full_like(values, jnp.nan))
+    if not bool(jnp.all(valid)):
+        raise IndexError(f"a label is outside [0, {num})")
+    return values
+
+
 def logsumexp(x, axis=None, keepdims=False):
     return jax.nn.logsumexp(x, axis=axis, keepdims=keepdims)
 

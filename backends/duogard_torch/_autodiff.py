@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.func
 
@@ -84,6 +86,17 @@ def compile_count(fn):
     # eager torch compiles nothing; a duogard wrapper may count its own programs
     own = getattr(fn, "compile_count", None)
     return own() if callable(own) else None
+
+
+def sum_of_squares(leaves):
+    # one call for every leaf's norm (torch.optim's clip_grad_norm_ does the same), not a
+    # vector_norm and a pow per leaf: eager ops cost microseconds each at small sizes
+    norms = torch._foreach_norm(list(leaves))
+    dtype = norms[0].dtype
+    if any(n.dtype != dtype for n in norms):
+        dtype = functools.reduce(torch.promote_types, (n.dtype for n in norms))
+        norms = [n.to(dtype) for n in norms]
+    return torch.stack(norms).square().sum()
 
 
 def stop_gradient(x):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ._autodiff import is_tracing
+
 
 def linear(x, w, b=None):
     # one fused addmm (and its fused forward and backward rules), not x @ w.T + b as two ops
@@ -93,6 +95,23 @@ def softmax(x, axis=-1):
 
 def log_softmax(x, axis=-1):
     return torch.log_softmax(x, dim=axis)
+
+
+def nll_values(log_probs, labels):
+    if is_tracing(labels) or is_tracing(log_probs):
+        # compiled kernels do not check indices, and a torch.func transform's error could not
+        # name the row: poison invalid rows instead (the same numbers for valid ones)
+        num = log_probs.shape[-1]
+        hit = labels[..., None] == torch.arange(num, device=log_probs.device)
+        values = -torch.sum(torch.where(hit, log_probs, torch.zeros_like(log_probs)), dim=-1)
+        valid = (labels >= 0) & (labels < num)
+        return torch.where(valid, values, torch.full_like(values, float("nan")))
+    # one gather, which checks every label (the masked sum gives the same numbers in more ops)
+    try:
+        picked = torch.gather(log_probs, -1, labels.unsqueeze(-1).to(torch.int64))
+    except (RuntimeError, IndexError) as exc:
+        raise IndexError(str(exc)) from None
+    return -picked.squeeze(-1)
 
 
 def logsumexp(x, axis=None, keepdims=False):

@@ -264,6 +264,13 @@ class Backend(RandomOps, DistributedOps, Protocol):
     def log_softmax(self, x: Any, axis: int = -1) -> Any:
         """Log-softmax along ``axis``."""
 
+    def nll_values(self, log_probs: Any, labels: Any) -> Any:
+        """``-log_probs[..., label]`` for each row (integer ``labels`` of shape
+        ``log_probs.shape[:-1]``): the per-example negative log-likelihood. A label outside
+        ``[0, C)`` raises ``IndexError``, or, inside a compiled program (where nothing can be
+        raised), makes that row NaN.
+        """
+
     def logsumexp(self, x: Any, axis: int | None = None, keepdims: bool = False) -> Any:
         """``log(sum(exp(x)))`` along ``axis`` (over every element when None)."""
 
@@ -329,6 +336,11 @@ class Backend(RandomOps, DistributedOps, Protocol):
         """How many programs ``fn`` (made by :meth:`jit`, or a wrapper with a ``compile_count()``
         method of its own) has compiled so far; None where the backend does not count (eager
         PyTorch).
+        """
+
+    def sum_of_squares(self, leaves: Sequence[Any]) -> Any:
+        """``Σ_l Σ_i x_l[i]²`` over a non-empty list of arrays (a gradient's squared norm), as a
+        0-d array of their promoted dtype.
         """
 
     def stop_gradient(self, x: Any) -> Any:

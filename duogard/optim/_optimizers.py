@@ -10,17 +10,20 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from duogard.backend import backend_of
 from duogard.optim._base import GradientTransformation, chain, check, nonneg, positive, unit_interval
 from duogard.optim._schedules import as_schedule
 from duogard.optim._transforms import (
+    ScaleByLearningRateState,
     add_decayed_weights,
+    rate_at,
     scale_by_adam,
     scale_by_learning_rate,
     scale_by_rms,
     scale_by_rss,
     trace,
 )
-from duogard.tree import Rank1
+from duogard.tree import Rank1, tree_map
 
 __all__ = ["sgd", "adam", "adamw", "rmsprop", "adagrad", "PlainSGD"]
 
@@ -95,8 +98,10 @@ class PlainSGD(GradientTransformation):
             exactly as ``update`` would leave it.
         """
         lr_state = state[-1]  # sgd's chain ends with scale_by_learning_rate
-        _, new = scale_by_learning_rate(self.schedule).update({"lr": lr_state.learning_rate}, lr_state)
-        return lr_state.learning_rate, (*state[:-1], new)
+        lr = lr_state.learning_rate
+        count = lr_state.count + 1  # what scale_by_learning_rate's update leaves, without its updates
+        new = ScaleByLearningRateState(count, rate_at(backend_of(lr), self.schedule, count, lr.dtype))
+        return lr, (*state[:-1], new)
 
     def apply_(self, be, param, grad, lr, *, scale=None, where=None):
         """One leaf's step, in place where the backend can (torch; donated buffers under jit).
@@ -116,12 +121,41 @@ class PlainSGD(GradientTransformation):
         Returns:
             The updated leaf (the same buffer on torch).
         """
+        return self._apply(be, param, grad, lr, self._coefficient(be, lr, param.dtype, scale), where)
+
+    def apply_tree_(self, be, params, grads, lr, *, scale=None, where=None):
+        """:meth:`apply_` over every leaf of ``params`` (the same numbers), with the step's own
+        work done once, not per leaf: the coefficient ``-lr·scale`` per dtype, and, outside a
+        traced program, ``where`` decided on the host (nothing is written when it is false).
+
+        Returns:
+            The updated params (the same buffers on torch).
+        """
+        if isinstance(where, bool) or (where is not None and not be.is_tracing(where)):
+            if not bool(where):
+                return params
+            where = None
+        coefs: dict = {}
+
+        def one(param, grad):
+            coef = coefs.get(param.dtype)
+            if coef is None:
+                coef = coefs[param.dtype] = self._coefficient(be, lr, param.dtype, scale)
+            return self._apply(be, param, grad, lr, coef, where)
+
+        return tree_map(one, params, grads)
+
+    @staticmethod
+    def _coefficient(be, lr, dtype, scale):
+        """``-lr`` (times ``scale``, a factored estimate's ``d``) in the leaf's dtype."""
         xp = be.xp
+        coef = -xp.astype(lr, dtype)
+        return coef if scale is None else coef * xp.astype(scale, dtype)
+
+    def _apply(self, be, param, grad, lr, coef, where):
         if self.weight_decay:
-            param = be.add_scaled_(param, param, -xp.astype(lr, param.dtype) * self.weight_decay, where=where)
-        coef = -xp.astype(lr, param.dtype)
-        if scale is not None:
-            coef = coef * xp.astype(scale, param.dtype)
+            decay = -be.xp.astype(lr, param.dtype) * self.weight_decay
+            param = be.add_scaled_(param, param, decay, where=where)
         if isinstance(grad, Rank1):  # a rank-1 tangent u wᵀ (K = 1): a rank-1 update, no u wᵀ array
             return be.add_outer_(param, grad.u[0], grad.w[0], coef, where=where)
         return be.add_scaled_(param, grad, coef, where=where)

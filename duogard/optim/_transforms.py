@@ -31,6 +31,7 @@ __all__ = [
     "ScaleByRssState",
     "scale",
     "scale_by_learning_rate",
+    "rate_at",
     "add_decayed_weights",
     "trace",
     "scale_by_adam",
@@ -90,7 +91,7 @@ def scale(factor) -> GradientTransformation:
     return GradientTransformation(init, update)
 
 
-def _rate(be, schedule, count, dtype):
+def rate_at(be, schedule, count, dtype):
     """``schedule(count)`` as a 0-d array of ``dtype`` (on ``count``'s device)."""
     value = schedule(be.xp.astype(count, dtype))
     if be.is_array(value):
@@ -110,7 +111,7 @@ def scale_by_learning_rate(learning_rate) -> GradientTransformation:
         be = array_backend("scale_by_learning_rate.init", params)
         leaves = tree_leaves(params)
         count = _zero_count(be)
-        lr = _rate(be, schedule, count, float_dtype(be, leaves))
+        lr = rate_at(be, schedule, count, float_dtype(be, leaves))
         if not be.is_tracing(lr):  # the rate of the first update: a negative one would ascend
             check_rate_at_zero("scale_by_learning_rate", lr)
         return ScaleByLearningRateState(count, lr)
@@ -121,7 +122,7 @@ def scale_by_learning_rate(learning_rate) -> GradientTransformation:
         lr = state.learning_rate
         updates = tree_map(lambda u: -xp.astype(lr, u.dtype) * u, updates)
         count = state.count + 1
-        return updates, ScaleByLearningRateState(count, _rate(be, schedule, count, lr.dtype))
+        return updates, ScaleByLearningRateState(count, rate_at(be, schedule, count, lr.dtype))
 
     return GradientTransformation(init, update)
 
