@@ -13,15 +13,13 @@ it to the core ATen operator set; :func:`lower_exported` maps every node to a ru
 
 Every node is checked when the graph is lowered: unsupported operators (and custom
 ``torch.autograd.Function`` calls, whose own backward/jvp cannot be lowered) are reported
-together in one :class:`~duogard_torch.port.lower.UnsupportedTorchOpsError`.
+together in one :class:`~duogard_torch.port.helpers.UnsupportedTorchOpsError`.
 """
 
 from __future__ import annotations
 
 import operator
-import traceback
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -31,14 +29,11 @@ from torch import nn
 from torch.export.graph_signature import InputKind, OutputKind
 from torch.utils import _pytree as pytree
 
-from .aten import NodeInfo, Run, op_name, rules
-from .helpers import Unsupported
-from .lower import UnsupportedTorchOpsError, _module_path
+from .aten import op_name, rules
+from .helpers import Unsupported, UnsupportedTorchOpsError, module_path, module_path_root, real_cause
+from .registry import NodeInfo, Run
 
-__all__ = ["ExportCaptureError", "ExportedGraph", "capture", "lower_exported", "real_cause"]
-
-_TORCH_DIR = str(Path(torch.__file__).parent)
-_PORT_DIR = str(Path(__file__).parent)
+__all__ = ["ExportCaptureError", "ExportedGraph", "capture", "lower_exported"]
 
 
 class ExportCaptureError(RuntimeError):
@@ -47,23 +42,6 @@ class ExportCaptureError(RuntimeError):
     def __init__(self, module_name: str, cause: BaseException):
         self.cause = cause
         super().__init__(f"torch.export cannot capture {module_name}.forward: {real_cause(cause)}")
-
-
-def real_cause(exc: BaseException) -> str:
-    """``Type: first line of the message (at file:line in function: code)``, the location being
-    the innermost frame of the user's code (outside torch and duogard's port).
-    """
-    message = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
-    where = None
-    for frame in traceback.extract_tb(exc.__traceback__):
-        name = frame.filename
-        if name.startswith((_TORCH_DIR, _PORT_DIR)) or "site-packages" in name or name.startswith("<"):
-            continue
-        where = frame
-    text = f"{type(exc).__name__}: {message}"
-    if where is not None:
-        text += f" (at {where.filename}:{where.lineno} in {where.name}: {(where.line or '').strip()})"
-    return text
 
 
 # ============================================================================ capture
@@ -305,7 +283,7 @@ def lower_exported(module: nn.Module, ep, functions=()) -> ExportedGraph:
 
     for cls, path in dict.fromkeys(functions):
         where = (
-            f"{path!r} ({type(module.get_submodule(path)).__name__})" if path else _module_path_root(module)
+            f"{path!r} ({type(module.get_submodule(path)).__name__})" if path else module_path_root(module)
         )
         bad.append(
             (
@@ -340,11 +318,7 @@ def lower_exported(module: nn.Module, ep, functions=()) -> ExportedGraph:
 
 def _where(node, module) -> str:
     """The module path of a node: ``'enc.inner' (_Inner)``, or the root."""
-    return _module_path(node, module) if _path(node) else _module_path_root(module)
-
-
-def _module_path_root(module) -> str:
-    return f"'' ({type(module).__name__}, the root)"
+    return module_path(node, module) if _path(node) else module_path_root(module)
 
 
 def _path(node) -> str:

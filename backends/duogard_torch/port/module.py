@@ -26,8 +26,9 @@ from duogard.backend import backend, backend_of
 from duogard.nn import Module
 from duogard.tree import flatten_dict
 
-from .export import ExportCaptureError, capture, lower_exported, real_cause
-from .lower import UnsupportedTorchOpsError, lower_module
+from .export import ExportCaptureError, capture, lower_exported
+from .helpers import UnsupportedTorchOpsError, real_cause
+from .lower import lower_module
 from .training import PortableTrainMode, batchnorm_state_names, key_for_backend, train_mode_layers
 
 __all__ = ["TorchModel", "UnsupportedTorchOpsError", "from_torch", "to_torch"]
