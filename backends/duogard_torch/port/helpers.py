@@ -20,8 +20,10 @@ __all__ = [
     "OpaqueFunction",
     "Unsupported",
     "UnsupportedTorchOpsError",
+    "as_result_dtype",
     "as_tuple",
     "axis_of",
+    "cast",
     "channel_view",
     "describe",
     "device_kw",
@@ -118,6 +120,47 @@ def dtype_of(be, torch_dtype):
             warnings.simplefilter("ignore")
             _DTYPE_CACHE[cache_key] = be.xp.zeros((), dtype=be.as_dtype(name)).dtype
     return _DTYPE_CACHE[cache_key]
+
+
+def _is_float(torch_dtype) -> bool:
+    return torch_dtype is not None and (torch_dtype.is_floating_point or torch_dtype.is_complex)
+
+
+def as_result_dtype(rt, info, *values):
+    """``values`` with their arrays cast to the node's floating result dtype (``info.dtype``).
+
+    torch computes an elementwise operator in the dtype its type promotion gives: an integer
+    tensor times a Python float, an integer over an integer, ``sqrt`` of an integer are float32
+    (torch's default dtype), where the array API gives float64 or float16. Integer and bool
+    results, and nodes without a recorded dtype, keep their values as they are.
+    """
+    if not _is_float(info.dtype):
+        return values if len(values) != 1 else values[0]
+    target = dtype_of(rt.be, info.dtype)
+    out = tuple(
+        rt.be.xp.astype(v, target) if hasattr(v, "dtype") and hasattr(v, "shape") and v.dtype != target else v
+        for v in values
+    )
+    return out if len(out) != 1 else out[0]
+
+
+_WRAPPED_INTS = ("int8", "uint8", "int16", "uint16")
+
+
+def cast(rt, x, dtype):
+    """``x.to(dtype)`` as torch computes it (``dtype``: a torch dtype or the backend's).
+
+    A floating value cast to a narrow integer type wraps (torch truncates toward zero to a
+    32-bit integer, then keeps the low bits: ``-3.7 -> uint8`` is 253, ``300 -> int8`` is 44),
+    where the array API saturates. Beyond the 32-bit range the result is the platform's (as in
+    torch); within it the two agree.
+    """
+    xp = rt.be.xp
+    name = str(dtype).removeprefix("torch.")
+    target = dtype_of(rt.be, getattr(torch, name))
+    if name in _WRAPPED_INTS and "float" in str(x.dtype):
+        x = xp.astype(xp.astype(x, dtype_of(rt.be, torch.int32)), target)
+    return x if x.dtype == target else xp.astype(x, target)
 
 
 def device_kw(rt) -> dict:

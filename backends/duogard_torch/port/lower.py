@@ -24,6 +24,8 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
+from duogard.backend import backend
+
 from .helpers import (
     OpaqueFunction,
     Unsupported,
@@ -304,5 +306,5 @@ def _get_attr_rule(module: nn.Module, target: str, state_names: set) -> Callable
         obj = getattr(obj, part)
     if not isinstance(obj, torch.Tensor):
         raise Unsupported(f"attribute {target!r} of type {type(obj).__name__}")
-    const = obj.detach().cpu().numpy().copy()
+    const = backend("torch").to_numpy(obj).copy()  # bfloat16 as ml_dtypes'
     return lambda rt, i: rt.be.asarray(const)

@@ -49,6 +49,9 @@ class NodeInfo:
     used_outputs: set = field(default_factory=set)
     #: per-operator extras (the dropout counter, batch norm's cumulative-average buffer ...)
     extra: dict = field(default_factory=dict)
+    #: the torch dtype of the node's (first) result, as export recorded it: what torch's type
+    #: promotion gives, so what an elementwise rule computes in (None where not recorded)
+    dtype: Any = None
 
 
 @dataclass(frozen=True)
@@ -62,11 +65,15 @@ class AtenRule:
         check: ``check(node, info)`` at lowering time; raises
             :class:`~duogard_torch.port.helpers.Unsupported` to refuse options the rule does not
             cover.
+        bounded: its integer results are bounded by its inputs' values, the shapes or static
+            arguments (a view, an index, ``arange``): computed in 32 bits (JAX without 64-bit
+            mode) they lose nothing, so an int64 result is allowed there.
     """
 
     fn: Callable
     doc: str
     check: Callable | None = None
+    bounded: bool = False
 
 
 @dataclass(frozen=True)
@@ -90,11 +97,13 @@ class RuleTable:
         family: the family's name (said when two families register one operator).
         make: the rule type (:class:`AtenRule` or :class:`FxRule`), called as
             ``make(fn, **fields)``.
+        defaults: fields every rule of the family has unless its registration says otherwise.
     """
 
-    def __init__(self, family: str, make: Callable):
+    def __init__(self, family: str, make: Callable, **defaults):
         self.family = family
         self._make = make
+        self._defaults = defaults
         self._rules: dict = {}
 
     def register(self, *keys, **fields) -> Callable:
@@ -113,7 +122,7 @@ class RuleTable:
         """Register ``fn`` for ``key`` (rules made by a factory: ``add(op, _xp("exp"), doc=...)``)."""
         if key in self._rules:
             raise ValueError(f"{self.family}: {key} is registered twice")
-        self._rules[key] = self._make(fn, **fields)
+        self._rules[key] = self._make(fn, **{**self._defaults, **fields})
 
     def alias(self, key, rule) -> None:
         """Register an existing rule (of any table) for ``key`` too."""

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import torch
 
-from ..helpers import Unsupported, device_kw, dtype_of
+from ..helpers import Unsupported, cast, device_kw, dtype_of
 from ..registry import AtenRule, RuleTable
 
 __all__ = ["RULES"]
 
 aten = torch.ops.aten
-RULES = RuleTable("creation", AtenRule)
+RULES = RuleTable("creation", AtenRule, bounded=True)
 register = RULES.register
 
 
@@ -102,7 +102,6 @@ def _empty_strided(rt, info, size, stride, dtype=None, **kw):
     return _empty(rt, info, size, dtype=dtype)
 
 
-@register(aten.copy.default, doc="xp.broadcast_to, xp.astype")
+@register(aten.copy.default, doc="xp.broadcast_to, xp.astype (as torch casts)", bounded=False)
 def _copy(rt, info, x, src, non_blocking=False):
-    xp = rt.be.xp
-    return xp.astype(xp.broadcast_to(src, tuple(x.shape)), x.dtype)
+    return cast(rt, rt.be.xp.broadcast_to(src, tuple(x.shape)), x.dtype)

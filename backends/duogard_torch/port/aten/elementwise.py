@@ -9,6 +9,7 @@ import operator
 import numpy as np
 import torch
 
+from ..helpers import as_result_dtype
 from ..registry import AtenRule, RuleTable
 
 __all__ = ["RULES"]
@@ -51,16 +52,20 @@ _XP_UNARY = {
 }
 
 
+# Every rule computes in the node's result dtype (torch's type promotion: an integer tensor
+# times a Python float is float32, not float64): ``as_result_dtype`` casts the operands first.
+
+
 def _xp(name):
-    return lambda rt, info, x: getattr(rt.be.xp, name)(x)
+    return lambda rt, info, x: getattr(rt.be.xp, name)(as_result_dtype(rt, info, x))
 
 
 def _be(name):
-    return lambda rt, info, x: getattr(rt.be, name)(x)
+    return lambda rt, info, x: getattr(rt.be, name)(as_result_dtype(rt, info, x))
 
 
 def _xp2(name):
-    return lambda rt, info, a, b: getattr(rt.be.xp, name)(a, b)
+    return lambda rt, info, a, b: getattr(rt.be.xp, name)(*as_result_dtype(rt, info, a, b))
 
 
 for _op, _name in _XP_UNARY.items():
@@ -98,16 +103,19 @@ for _op, _name in (
 
 @register(aten.rsqrt.default, doc="1 / xp.sqrt")
 def _rsqrt(rt, info, x):
+    x = as_result_dtype(rt, info, x)
     return 1.0 / rt.be.xp.sqrt(x)
 
 
 @register(aten.reciprocal.default, doc="1 / x")
 def _reciprocal(rt, info, x):
+    x = as_result_dtype(rt, info, x)
     return 1.0 / x
 
 
 @register(aten.exp2.default, doc="xp.exp(x * log 2)")
 def _exp2(rt, info, x):
+    x = as_result_dtype(rt, info, x)
     return rt.be.xp.exp(x * float(np.log(2.0)))
 
 
@@ -142,11 +150,12 @@ def _where_clamp(xp, x, lo, hi):
 
 @register(aten.hardtanh.default, doc="xp.where (torch's clamp gradient)")
 def _hardtanh(rt, info, x, min_val=-1.0, max_val=1.0):
-    return _where_clamp(rt.be.xp, x, min_val, max_val)
+    return _where_clamp(rt.be.xp, as_result_dtype(rt, info, x), min_val, max_val)
 
 
 @register(aten.clamp.default, aten.clamp.Tensor, doc="xp.where (torch's clamp gradient)")
 def _clamp(rt, info, x, min=None, max=None):
+    x, min, max = as_result_dtype(rt, info, x, min, max)
     return _where_clamp(rt.be.xp, x, min, max)
 
 
@@ -155,6 +164,7 @@ def _clamp(rt, info, x, min=None, max=None):
 
 def _binary(op):
     def fn(rt, info, a, b, alpha=1):
+        a, b = as_result_dtype(rt, info, a, b)
         return op(a, b if alpha == 1 else b * alpha)
 
     return fn
@@ -168,22 +178,26 @@ RULES.add(aten.sub.Scalar, _binary(operator.sub), doc="a - alpha * b")
 
 @register(aten.rsub.Scalar, doc="b - alpha * a")
 def _rsub(rt, info, a, b, alpha=1):
+    a, b = as_result_dtype(rt, info, a, b)
     return b - alpha * a
 
 
 @register(aten.mul.Tensor, aten.mul.Scalar, doc="a * b")
 def _mul(rt, info, a, b):
+    a, b = as_result_dtype(rt, info, a, b)
     return a * b
 
 
 @register(aten.div.Tensor, aten.div.Scalar, doc="a / b")
 def _div(rt, info, a, b):
+    a, b = as_result_dtype(rt, info, a, b)
     return a / b
 
 
 @register(aten.div.Tensor_mode, aten.div.Scalar_mode, doc="a / b, xp.floor / xp.trunc")
 def _div_mode(rt, info, a, b, rounding_mode=None):
     xp = rt.be.xp
+    a, b = as_result_dtype(rt, info, a, b)
     q = a / b
     exact = _is_int(a, b)
     if rounding_mode == "floor":
@@ -200,6 +214,7 @@ def _is_int(*values) -> bool:
 
 @register(aten.pow.Tensor_Scalar, aten.pow.Tensor_Tensor, aten.pow.Scalar, doc="a ** b")
 def _pow(rt, info, a, b):
+    a, b = as_result_dtype(rt, info, a, b)
     return a**b
 
 
@@ -207,13 +222,14 @@ def _pow(rt, info, a, b):
 def _fmod(rt, info, a, b):
     # C's fmod (the sign of a) from the array API's remainder (the sign of b); exact for ints
     xp = rt.be.xp
+    a, b = as_result_dtype(rt, info, a, b)
     r = xp.remainder(a, b)
     return xp.where((r != 0) & ((r < 0) != (a < 0)), r - b, r)
 
 
-@register(aten.where.self, doc="xp.where")
+@register(aten.where.self, doc="xp.where", bounded=True)
 def _where(rt, info, c, a, b):
-    return rt.be.xp.where(c, a, b)
+    return rt.be.xp.where(c, *as_result_dtype(rt, info, a, b))
 
 
 @register(aten.mm.default, aten.bmm.default, doc="xp.matmul")

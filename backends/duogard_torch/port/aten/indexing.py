@@ -10,13 +10,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..helpers import device_kw, pad_constant
+from ..helpers import cast, device_kw, pad_constant
 from ..registry import AtenRule, RuleTable
 
 __all__ = ["RULES"]
 
 aten = torch.ops.aten
-RULES = RuleTable("indexing", AtenRule)
+RULES = RuleTable("indexing", AtenRule, bounded=True)
 register = RULES.register
 
 
@@ -53,7 +53,7 @@ def _scatter_positions(rt, x, src, dim, positions):
     shape = [1] * x.ndim
     shape[dim] = n
     keep = xp.reshape(rt.be.asarray(mask, **device_kw(rt)), tuple(shape))
-    return xp.where(keep, xp.astype(gathered, x.dtype), x)
+    return xp.where(keep, cast(rt, gathered, x.dtype), x)
 
 
 @register(aten.select_scatter.default, doc="xp.where with the source taken along dim")

@@ -90,9 +90,16 @@ def _avg_pool1d(rt, info, x, kernel_size, stride=(), padding=0, ceil_mode=False,
 # ============================================================================ linear resampling
 
 
+def _float_type(x):
+    """The NumPy type the resampling weights are computed in: float64 for float64 inputs, else
+    float32 (torch's accumulation type for float32, float16 and bfloat16).
+    """
+    return np.float64 if str(x.dtype).removeprefix("torch.") == "float64" else np.float32
+
+
 def _matrix(rt, m: np.ndarray, like):
     xp = rt.be.xp
-    return xp.astype(rt.be.asarray(m.astype(np.float32), **device_kw(rt)), like.dtype)
+    return xp.astype(rt.be.asarray(m.astype(_float_type(like)), **device_kw(rt)), like.dtype)
 
 
 def _resample(rt, x, mh: np.ndarray, mw: np.ndarray):
@@ -149,18 +156,19 @@ def _upsample_nearest(rt, info, x, output_size, scale_factors):
     return xp.take(y, rt.be.asarray(iw.astype(np.int32), **device_kw(rt)), axis=x.ndim - 1)
 
 
-def _linear_matrix(n_in, n_out, align_corners, scale):
+def _linear_matrix(n_in, n_out, align_corners, scale, ftype):
+    """The interpolation weights, the source coordinates computed in ``ftype`` as torch does."""
     if align_corners:
         ratio = (n_in - 1) / (n_out - 1) if n_out > 1 else 0.0
     else:
         ratio = 1.0 / scale if scale else n_in / n_out
-    ratio = np.float32(ratio)
+    ratio = ftype(ratio)
     m = np.zeros((n_out, n_in))
     for dst in range(n_out):
         if align_corners:
-            src = ratio * np.float32(dst)
+            src = ratio * ftype(dst)
         else:
-            src = max(ratio * (np.float32(dst) + np.float32(0.5)) - np.float32(0.5), np.float32(0.0))
+            src = max(ratio * (ftype(dst) + ftype(0.5)) - ftype(0.5), ftype(0.0))
         i0 = int(np.floor(src))
         i1 = i0 + (1 if i0 < n_in - 1 else 0)
         lam = float(src) - i0
@@ -173,6 +181,7 @@ def _linear_matrix(n_in, n_out, align_corners, scale):
 def _upsample_bilinear(rt, info, x, output_size, align_corners, scale_factors):
     (oh, ow), (sh, sw) = _out_sizes(x, output_size, scale_factors)
     h, w = int(x.shape[-2]), int(x.shape[-1])
+    ft = _float_type(x)
     return _resample(
-        rt, x, _linear_matrix(h, oh, align_corners, sh), _linear_matrix(w, ow, align_corners, sw)
+        rt, x, _linear_matrix(h, oh, align_corners, sh, ft), _linear_matrix(w, ow, align_corners, sw, ft)
     )

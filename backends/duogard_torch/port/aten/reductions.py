@@ -43,20 +43,23 @@ for _op, _name in (
     (aten.sum.dim_IntList, "sum"),
     (aten.mean.dim, "mean"),
     (aten.prod.dim_int, "prod"),
+):
+    RULES.add(_op, _reduce(_name), doc=f"xp.{_name}")
+for _op, _name in (
     (aten.amax.default, "max"),
     (aten.amin.default, "min"),
     (aten.any.dim, "any"),
     (aten.any.dims, "any"),
     (aten.all.dim, "all"),
 ):
-    RULES.add(_op, _reduce(_name), doc=f"xp.{_name}")
+    RULES.add(_op, _reduce(_name), doc=f"xp.{_name}", bounded=True)
 for _op, _name in (
     (aten.max.default, "max"),
     (aten.min.default, "min"),
     (aten.any.default, "any"),
     (aten.all.default, "all"),
 ):
-    RULES.add(_op, _whole(_name), doc=f"xp.{_name}")
+    RULES.add(_op, _whole(_name), doc=f"xp.{_name}", bounded=True)
 
 
 def _max_dim(reducer, arg):
@@ -69,8 +72,8 @@ def _max_dim(reducer, arg):
     return fn
 
 
-RULES.add(aten.max.dim, _max_dim("max", "argmax"), doc="xp.max, xp.argmax")
-RULES.add(aten.min.dim, _max_dim("min", "argmin"), doc="xp.min, xp.argmin")
+RULES.add(aten.max.dim, _max_dim("max", "argmax"), doc="xp.max, xp.argmax", bounded=True)
+RULES.add(aten.min.dim, _max_dim("min", "argmin"), doc="xp.min, xp.argmin", bounded=True)
 
 
 def _arg(name):
@@ -84,8 +87,8 @@ def _arg(name):
     return fn
 
 
-RULES.add(aten.argmax.default, _arg("argmax"), doc="xp.argmax")
-RULES.add(aten.argmin.default, _arg("argmin"), doc="xp.argmin")
+RULES.add(aten.argmax.default, _arg("argmax"), doc="xp.argmax", bounded=True)
+RULES.add(aten.argmin.default, _arg("argmin"), doc="xp.argmin", bounded=True)
 
 
 def _var(xp, x, dim=None, correction=None, keepdim=False):
@@ -103,7 +106,21 @@ def _var_dim(rt, info, x, dim=None, unbiased=True, keepdim=False):
     return _var(rt.be.xp, x, dim, int(unbiased), keepdim)
 
 
-@register(aten.linalg_vector_norm.default, doc="xp.sqrt(xp.sum(xp.square)) (and the other orders)")
+def _root(xp, s, p):
+    """``s ** (1 / p)`` (``sqrt`` for p = 2), 0 where ``s`` is 0 with a zero derivative there:
+    torch's norm has a zero gradient at a zero vector, where the root's derivative is infinite
+    (its JVP would be 0 * inf = NaN).
+    """
+    zero = s == 0
+    safe = xp.where(zero, xp.ones_like(s), s)
+    root = xp.sqrt(safe) if p == 2 else safe ** (1.0 / p)
+    return xp.where(zero, xp.zeros_like(s), root)
+
+
+@register(
+    aten.linalg_vector_norm.default,
+    doc="xp.sqrt(xp.sum(xp.square)) (and the other orders; a zero derivative at zero, as in torch)",
+)
 def _vector_norm(rt, info, x, ord=2, dim=None, keepdim=False, dtype=None):
     xp = rt.be.xp
     axis = axis_of(dim, x.ndim)
@@ -119,8 +136,8 @@ def _vector_norm(rt, info, x, ord=2, dim=None, keepdim=False, dtype=None):
     if ord == 1:
         return xp.sum(a, axis=axis, keepdims=keepdim)
     if ord == 2:
-        return xp.sqrt(xp.sum(xp.square(x), axis=axis, keepdims=keepdim))
-    return xp.sum(a**ord, axis=axis, keepdims=keepdim) ** (1.0 / ord)
+        return _root(xp, xp.sum(xp.square(x), axis=axis, keepdims=keepdim), 2)
+    return _root(xp, xp.sum(a**ord, axis=axis, keepdims=keepdim), ord)
 
 
 @register(aten.cumsum.default, doc="xp.cumulative_sum")

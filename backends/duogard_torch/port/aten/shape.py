@@ -8,13 +8,13 @@ import operator
 
 import torch
 
-from ..helpers import dtype_of, slice_axis
+from ..helpers import cast, slice_axis
 from ..registry import AtenRule, RuleTable
 
 __all__ = ["RULES"]
 
 aten = torch.ops.aten
-RULES = RuleTable("shape", AtenRule)
+RULES = RuleTable("shape", AtenRule, bounded=True)
 register = RULES.register
 
 
@@ -149,9 +149,11 @@ def _identity(rt, info, x, *args, **kwargs):
     return x
 
 
-@register(aten._to_copy.default, doc="xp.astype")
+@register(
+    aten._to_copy.default, doc="xp.astype (a float to a narrow integer wraps, as in torch)", bounded=False
+)
 def _to_copy(rt, info, x, dtype=None, **_):
-    return x if dtype is None else rt.be.xp.astype(x, dtype_of(rt.be, dtype))
+    return x if dtype is None else cast(rt, x, dtype)
 
 
 @register(aten._assert_tensor_metadata.default, doc="nothing (a trace-time assertion)")
