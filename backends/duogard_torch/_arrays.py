@@ -108,6 +108,8 @@ def asarray(x, dtype=None, device=None):
     if isinstance(x, np.ndarray):
         if not x.flags.writeable:
             x = x.copy()  # torch refuses to wrap read-only NumPy memory
+        if x.dtype.name == "bfloat16":  # ml_dtypes' (to_numpy's): torch reads it through int16
+            x = torch.from_numpy(np.ascontiguousarray(x).view(np.int16)).view(torch.bfloat16)
     elif not is_array(x):
         source = backend_of(x, fallback=False)
         if source is not None:

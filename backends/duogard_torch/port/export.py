@@ -13,15 +13,13 @@ it to the core ATen operator set; :func:`lower_exported` maps every node to a ru
 
 Every node is checked when the graph is lowered: unsupported operators (and custom
 ``torch.autograd.Function`` calls, whose own backward/jvp cannot be lowered) are reported
-together in one :class:`~duogard_torch.port.lower.UnsupportedTorchOpsError`.
+together in one :class:`~duogard_torch.port.helpers.UnsupportedTorchOpsError`.
 """
 
 from __future__ import annotations
 
 import operator
-import traceback
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -31,14 +29,20 @@ from torch import nn
 from torch.export.graph_signature import InputKind, OutputKind
 from torch.utils import _pytree as pytree
 
-from .aten import NodeInfo, Run, op_name, rules
-from .helpers import Unsupported
-from .lower import UnsupportedTorchOpsError, _module_path
+from duogard.backend import backend
 
-__all__ = ["ExportCaptureError", "ExportedGraph", "capture", "lower_exported", "real_cause"]
+from .aten import op_name, rules
+from .helpers import (
+    Unsupported,
+    UnsupportedTorchOpsError,
+    dtype_of,
+    module_path,
+    module_path_root,
+    real_cause,
+)
+from .registry import NodeInfo, Run
 
-_TORCH_DIR = str(Path(torch.__file__).parent)
-_PORT_DIR = str(Path(__file__).parent)
+__all__ = ["ExportCaptureError", "ExportedGraph", "capture", "lower_exported"]
 
 
 class ExportCaptureError(RuntimeError):
@@ -47,23 +51,6 @@ class ExportCaptureError(RuntimeError):
     def __init__(self, module_name: str, cause: BaseException):
         self.cause = cause
         super().__init__(f"torch.export cannot capture {module_name}.forward: {real_cause(cause)}")
-
-
-def real_cause(exc: BaseException) -> str:
-    """``Type: first line of the message (at file:line in function: code)``, the location being
-    the innermost frame of the user's code (outside torch and duogard's port).
-    """
-    message = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
-    where = None
-    for frame in traceback.extract_tb(exc.__traceback__):
-        name = frame.filename
-        if name.startswith((_TORCH_DIR, _PORT_DIR)) or "site-packages" in name or name.startswith("<"):
-            continue
-        where = frame
-    text = f"{type(exc).__name__}: {message}"
-    if where is not None:
-        text += f" (at {where.filename}:{where.lineno} in {where.name}: {(where.line or '').strip()})"
-    return text
 
 
 # ============================================================================ capture
@@ -145,6 +132,7 @@ def capture(module: nn.Module, example: torch.Tensor, *, train: bool):
 @dataclass
 class _Step:
     name: str
+    op: Any
     fn: Any
     info: NodeInfo
     args: tuple
@@ -186,7 +174,17 @@ class ExportedGraph:
         def value(node):
             return env[node.name]
 
+        narrowed = _narrowed(be)
         for step in self.steps:
+            wide = step.info.extra.get("wide")
+            if wide and wide[0] in narrowed:
+                raise TypeError(
+                    f"from_torch: node {step.name!r} ({op_name(step.op)}) in module {wide[1]} of "
+                    f"{self.module_name} computes a result of dtype {wide[0]}, which {be.name} would "
+                    f"silently compute as {narrowed[wide[0]]} (its 64-bit mode is off). Enable it before any "
+                    "computation (jax.config.update('jax_enable_x64', True), or JAX_ENABLE_X64=1), "
+                    "or compute in 32 bits in the module"
+                )
             args = torch.fx.node.map_arg(step.args, value)
             kwargs = torch.fx.node.map_arg(step.kwargs, value)
             env[step.name] = step.fn(rt, step.info, *args, **kwargs)
@@ -240,6 +238,35 @@ def _python_spelling(node) -> str | None:
     return name
 
 
+def _result_dtypes(node) -> list:
+    """The torch dtypes of a node's tensor results, as export recorded them."""
+    val = node.meta.get("val")
+    vals = val if isinstance(val, (list, tuple)) else [val]
+    return [v.dtype for v in vals if isinstance(v, torch.Tensor)]
+
+
+def _is_counter(node) -> bool:
+    """``buffer + 1``: batch norm's ``num_batches_tracked`` (2**31 steps from leaving int32)."""
+    return (
+        node.target in (torch.ops.aten.add.Tensor, torch.ops.aten.add.Scalar)
+        and len(node.args) == 2
+        and getattr(node.args[0], "op", None) == "placeholder"
+        and node.args[1] == 1
+    )
+
+
+def _narrowed(be) -> dict:
+    """The 64-bit torch dtypes ``be`` computes in fewer bits (JAX without its 64-bit mode), to
+    what it computes them as.
+    """
+    out = {}
+    for name in ("float64", "int64", "complex128"):
+        got = str(dtype_of(be, getattr(torch, name))).removeprefix("torch.")
+        if got != name:
+            out[name] = got
+    return out
+
+
 def _used_outputs(node) -> set:
     return {u.args[1] for u in node.users if u.op == "call_function" and u.target is operator.getitem}
 
@@ -284,7 +311,8 @@ def lower_exported(module: nn.Module, ep, functions=()) -> ExportedGraph:
     for node in ep.graph.nodes:
         if node.op != "call_function":
             continue
-        info = NodeInfo(node.name, _path(node), _used_outputs(node))
+        dtypes = _result_dtypes(node)
+        info = NodeInfo(node.name, _path(node), _used_outputs(node), dtype=dtypes[0] if dtypes else None)
         rule = table.get(node.target)
         try:
             if rule is None:
@@ -301,11 +329,16 @@ def lower_exported(module: nn.Module, ep, functions=()) -> ExportedGraph:
             op = op_name(node.target) + (f" (from {spelling})" if spelling else "")
             bad.append((node.name, op, _where(node, module), exc.args[0] if exc.args else None))
             continue
-        steps.append(_Step(node.name, rule.fn, info, tuple(node.args), dict(node.kwargs)))
+        wide = [
+            d for d in dtypes if d.itemsize == 8 and (d.is_floating_point or d.is_complex or not rule.bounded)
+        ]
+        if wide and not _is_counter(node):
+            info.extra["wide"] = (str(wide[0]).removeprefix("torch."), _where(node, module))
+        steps.append(_Step(node.name, node.target, rule.fn, info, tuple(node.args), dict(node.kwargs)))
 
     for cls, path in dict.fromkeys(functions):
         where = (
-            f"{path!r} ({type(module.get_submodule(path)).__name__})" if path else _module_path_root(module)
+            f"{path!r} ({type(module.get_submodule(path)).__name__})" if path else module_path_root(module)
         )
         bad.append(
             (
@@ -340,11 +373,7 @@ def lower_exported(module: nn.Module, ep, functions=()) -> ExportedGraph:
 
 def _where(node, module) -> str:
     """The module path of a node: ``'enc.inner' (_Inner)``, or the root."""
-    return _module_path(node, module) if _path(node) else _module_path_root(module)
-
-
-def _module_path_root(module) -> str:
-    return f"'' ({type(module).__name__}, the root)"
+    return module_path(node, module) if _path(node) else module_path_root(module)
 
 
 def _path(node) -> str:
@@ -365,5 +394,5 @@ def _cumulative(module, info: NodeInfo, state_names) -> None:
 
 def _numpy(value):
     if isinstance(value, torch.Tensor):
-        return value.detach().cpu().numpy().copy()
+        return backend("torch").to_numpy(value).copy()  # bfloat16 as ml_dtypes'
     return np.asarray(value)

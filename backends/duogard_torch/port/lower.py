@@ -15,7 +15,6 @@ backward/jvp cannot be lowered) instead of being traced through.
 from __future__ import annotations
 
 import inspect
-import operator
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -25,36 +24,21 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from .helpers import training_key
-from .rules import Rule, Unsupported, function_rules, method_rules, module_rule
+from duogard.backend import backend
+
+from .helpers import (
+    OpaqueFunction,
+    Unsupported,
+    UnsupportedTorchOpsError,
+    describe,
+    module_path,
+    real_cause,
+    training_key,
+)
+from .registry import FxRule
+from .rules import function_rules, method_rules, module_rule
 
 __all__ = ["LoweredGraph", "UnsupportedTorchOpsError", "lower_module", "trace"]
-
-
-class UnsupportedTorchOpsError(NotImplementedError):
-    """The module's graph uses ops duogard cannot lower; ``.ops`` lists every one of them.
-
-    Attributes:
-        ops: one ``(node name, op, module path, reason)`` tuple per unsupported node.
-
-    ``note`` (optional) is appended to the message (the torch.fx fallback says why export
-    was not used).
-    """
-
-    def __init__(self, module_name: str, ops: list[tuple[str, str, str, str]], note: str | None = None):
-        self.ops = ops
-        lines = [
-            f"  - node {name!r}: {op} in module {path}" + (f" ({reason})" if reason else "")
-            for name, op, path, reason in ops
-        ]
-        super().__init__(
-            f"from_torch: cannot lower {len(ops)} op(s) of {module_name} to duogard's ops "
-            "(needed to run it on a non-torch backend):\n"
-            + "\n".join(lines)
-            + "\nRewrite them with supported ops, or run the model on the torch backend "
-            "(torch tensors use torch.func.functional_call and need no lowering)."
-            + (f"\n{note}" if note else "")
-        )
 
 
 @dataclass
@@ -135,19 +119,6 @@ class LoweredGraph:
 # ============================================================================ tracing
 
 
-class _OpaqueFunction:
-    """A ``torch.autograd.Function`` call kept as one graph node (never lowered)."""
-
-    def __init__(self, cls):
-        self.cls = cls
-        self.__name__ = f"{cls.__name__}.apply"
-        self.__qualname__ = self.__name__
-        self.__module__ = cls.__module__
-
-    def __call__(self, *args, **kwargs):
-        return self.cls.apply(*args, **kwargs)
-
-
 def _has_proxy(args) -> bool:
     found = []
     torch.fx.node.map_aggregate(args, lambda a: found.append(isinstance(a, torch.fx.Proxy)))
@@ -175,7 +146,7 @@ def trace(module: nn.Module) -> torch.fx.Graph:
 
     def apply(cls, *args, **kwargs):
         if _has_proxy((args, kwargs)):
-            return tracer.create_proxy("call_function", _OpaqueFunction(cls), args, kwargs)
+            return tracer.create_proxy("call_function", OpaqueFunction(cls), args, kwargs)
         return original.__func__(cls, *args, **kwargs)
 
     torch.autograd.Function.apply = classmethod(apply)
@@ -184,17 +155,11 @@ def trace(module: nn.Module) -> torch.fx.Graph:
     except Exception as exc:
         raise NotImplementedError(
             f"from_torch: torch.fx cannot trace {type(module).__name__}.forward, so it cannot run on "
-            f"a non-torch backend ({_trace_cause(exc)}). {_trace_hint(exc)} On the torch backend "
+            f"a non-torch backend ({real_cause(exc)}). {_trace_hint(exc)} On the torch backend "
             "the module runs as is."
         ) from exc
     finally:
         torch.autograd.Function.apply = original
-
-
-def _trace_cause(exc: BaseException) -> str:
-    from .export import real_cause
-
-    return real_cause(exc)
 
 
 def _trace_hint(exc: BaseException) -> str:
@@ -211,45 +176,7 @@ def _trace_hint(exc: BaseException) -> str:
 # ============================================================================ lowering
 
 
-def _describe(target) -> str:
-    """A readable name for an fx call target: ``torch.sort``, ``torch.nn.functional.gelu`` ..."""
-    if isinstance(target, str):
-        return target
-    if isinstance(target, _OpaqueFunction):
-        return f"custom torch.autograd.Function {target.cls.__module__}.{target.cls.__qualname__}"
-    for prefix, namespace in (
-        ("torch.nn.functional", F),
-        ("torch", torch),
-        ("torch.fft", torch.fft),
-        ("torch.linalg", torch.linalg),
-        ("torch.special", torch.special),
-        ("operator", operator),
-    ):
-        name = getattr(target, "__name__", None)
-        for candidate in (name, name and name.split("_", 1)[-1]):
-            if candidate and getattr(namespace, candidate, None) is target:
-                return f"{prefix}.{candidate}"
-    mod = getattr(target, "__module__", None) or ""
-    name = getattr(target, "__qualname__", None) or getattr(target, "__name__", repr(target))
-    return f"{mod}.{name}" if mod else name
-
-
-def _module_path(node, root) -> str:
-    stack = node.meta.get("nn_module_stack") or {}
-    if node.op == "call_module":
-        path = node.target
-    elif stack:
-        path = list(stack.values())[-1][0]
-    else:
-        return f"'' ({type(root).__name__}, the root)"
-    try:
-        cls = type(root.get_submodule(path)).__name__
-    except AttributeError:
-        cls = "?"
-    return f"{path!r} ({cls})"
-
-
-def _bind_check(rule: Rule, node) -> None:
+def _bind_check(rule: FxRule, node) -> None:
     if rule.check is None:
         params = list(inspect.signature(rule.fn).parameters.values())[2:]
         sig = inspect.Signature(params)
@@ -289,7 +216,7 @@ def lower_module(module: nn.Module, *, train: bool) -> LoweredGraph:
 
 def _lower_graph(module: nn.Module, graph: torch.fx.Graph) -> LoweredGraph:
     fn_rules = function_rules()
-    meth_rules = method_rules(fn_rules)
+    meth_rules = method_rules()
     state_names = set(module.state_dict().keys())
     steps, bad, bad_names, output, n_placeholders = [], [], set(), None, 0
     dropouts = 0  # the i-th active dropout draws from fold_in(key, i), as on the export path
@@ -366,8 +293,8 @@ def _report(node, source, module: nn.Module, reason) -> tuple[str, str, str, str
         if source is not None:
             reason = f"read from the output of node {source.name!r}"
     else:
-        op = ("tensor method ." if node.op == "call_method" else "") + _describe(node.target)
-    return node.name, op, _module_path(where, module), reason
+        op = ("tensor method ." if node.op == "call_method" else "") + describe(node.target)
+    return node.name, op, module_path(where, module), reason
 
 
 def _get_attr_rule(module: nn.Module, target: str, state_names: set) -> Callable:
@@ -379,5 +306,5 @@ def _get_attr_rule(module: nn.Module, target: str, state_names: set) -> Callable
         obj = getattr(obj, part)
     if not isinstance(obj, torch.Tensor):
         raise Unsupported(f"attribute {target!r} of type {type(obj).__name__}")
-    const = obj.detach().cpu().numpy().copy()
+    const = backend("torch").to_numpy(obj).copy()  # bfloat16 as ml_dtypes'
     return lambda rt, i: rt.be.asarray(const)

@@ -26,8 +26,9 @@ from duogard.backend import backend, backend_of
 from duogard.nn import Module
 from duogard.tree import flatten_dict
 
-from .export import ExportCaptureError, capture, lower_exported, real_cause
-from .lower import UnsupportedTorchOpsError, lower_module
+from .export import ExportCaptureError, capture, lower_exported
+from .helpers import UnsupportedTorchOpsError, real_cause
+from .lower import lower_module
 from .training import PortableTrainMode, batchnorm_state_names, key_for_backend, train_mode_layers
 
 __all__ = ["TorchModel", "UnsupportedTorchOpsError", "from_torch", "to_torch"]
@@ -83,7 +84,9 @@ class TorchModel(Module):
             raise TypeError(f"from_torch: module must be a torch.nn.Module, got {type(module).__name__}")
         self.module = module
         state = module.state_dict(keep_vars=True)
-        self.params = {k: v.detach().cpu().numpy().copy() for k, v in state.items()}
+        # NumPy has no bfloat16: the torch backend's to_numpy gives ml_dtypes' (JAX's own)
+        to_numpy = backend("torch").to_numpy
+        self.params = {k: to_numpy(v).copy() for k, v in state.items()}
         self.trainable_names = tuple(k for k, p in module.named_parameters() if p.requires_grad)
         self._state_names = batchnorm_state_names(module)
         self._lowered: dict[tuple, Any] = {}
@@ -111,7 +114,7 @@ class TorchModel(Module):
         out = {k: v.copy() for k, v in self.params.items()}
         if dtype is not None:
             dt = np.dtype(dtype if isinstance(dtype, str) else getattr(dtype, "name", dtype))
-            out = {k: v.astype(dt) if np.issubdtype(v.dtype, np.floating) else v for k, v in out.items()}
+            out = {k: v.astype(dt) if _is_floating(v.dtype) else v for k, v in out.items()}
         return out
 
     def init_params(self, rng, input_shape, dtype):
@@ -327,6 +330,11 @@ class TorchModel(Module):
     def __repr__(self) -> str:
         n = sum(int(np.prod(self.params[k].shape)) for k in self.trainable_names)
         return f"from_torch({type(self.module).__name__}, {n} trainable parameters)"
+
+
+def _is_floating(dtype) -> bool:
+    # ml_dtypes' bfloat16 is not a NumPy floating subtype
+    return np.issubdtype(dtype, np.floating) or dtype.name == "bfloat16"
 
 
 def _maybe_numpy(value):

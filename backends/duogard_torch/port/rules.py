@@ -1,344 +1,523 @@
-"""The rules that lower torch ops onto duogard's backend ops (used by :mod:`.lower`).
+"""The rules that lower ``torch.fx`` call targets onto duogard's backend ops (used by
+:mod:`.lower`, the fallback where ``torch.export`` cannot capture a forward).
 
-Three tables map what a ``torch.fx`` graph calls to functions written against the backend
-contract (``be.xp``, ``be.conv2d``, ``be.max_pool2d`` ...):
+Three tables map what an fx graph calls to functions written against the backend contract
+(``be.xp``, ``be.conv2d``, ``be.max_pool2d`` ...):
 
-- :func:`function_rules`: ``torch.*``, ``torch.nn.functional.*`` and Python operators;
-- :func:`method_rules`: tensor methods (``x.view``, ``x.sum`` ...);
+- :func:`function_rules`: ``torch.*``, ``torch.nn.functional.*`` and Python operators, each
+  registered by decorator on :data:`FUNCTIONS`;
+- :func:`method_rules`: tensor methods (``x.view``, ``x.sum`` ...), on :data:`METHODS`;
 - :func:`module_rule`: leaf ``torch.nn`` modules (``nn.Linear``, ``nn.Conv2d`` ...).
 
-A rule that cannot lower its node raises :class:`Unsupported` with the reason.
+Each rule is ``fn(rt, index, <torch's parameter names and defaults>)``; an optional check (same
+parameters, minus rt/index) runs at lowering time with fx Nodes for tensor arguments. A rule
+that cannot lower its node raises :class:`~duogard_torch.port.helpers.Unsupported`.
 """
 
 from __future__ import annotations
 
+import math
 import operator
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
 
 import torch
-import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["Rule", "Unsupported", "function_rules", "method_rules", "module_rule"]
+from .helpers import Unsupported, channel_view, pair, static
+from .registry import FxRule, RuleTable
+
+__all__ = ["FUNCTIONS", "METHODS", "function_rules", "method_rules", "module_rule"]
+
+FUNCTIONS = RuleTable("fx functions", FxRule)
+METHODS = RuleTable("fx tensor methods", FxRule)
+function = FUNCTIONS.register
+method = METHODS.register
 
 
-from .helpers import (
-    Unsupported,
-    _avg_pool,
-    _batch_norm,
-    _conv_padding,
-    _dim,
-    _dropout,
-    _flatten,
-    _gelu,
-    _max_pool,
-    _no_dtype,
-    _pair,
-    _pool_checks,
-    _shape_args,
-    _softmax_dim,
-    _static,
-)
-
-# ============================================================================ function rules
-# Each rule is fn(rt, index, <torch's parameter names and defaults>); an optional check
-# (same parameters, minus rt/index) runs at lowering time with fx Nodes for tensor arguments.
+# ============================================================================ shared by the rules
 
 
-@dataclass(frozen=True)
-class Rule:
-    """A lowering rule: ``fn`` builds the node's computation; ``check``, if given, may refuse it."""
+def _conv_padding(padding, kernel, dilation, stride):
+    if isinstance(padding, str):
+        if padding == "valid":
+            return ((0, 0), (0, 0))
+        if padding == "same":
+            if pair(stride) != (1, 1):
+                raise Unsupported("padding='same' with stride != 1")
+            out = []
+            for k, d in zip(kernel, pair(dilation)):
+                total = d * (k - 1)
+                out.append((total // 2, total - total // 2))
+            return tuple(out)
+        raise Unsupported(f"padding={padding!r}")
+    ph, pw = pair(padding)
+    return ((ph, ph), (pw, pw))
 
-    fn: Callable
-    check: Callable | None = None
+
+def _dim(d, ndim) -> int:
+    return d + ndim if d < 0 else d
 
 
-def function_rules() -> dict[Any, Rule]:
-    R = Rule
+def _flatten(xp, x, start_dim=0, end_dim=-1):
+    shape = tuple(x.shape)
+    if not shape:
+        return xp.reshape(x, (1,))
+    s, e = _dim(start_dim, len(shape)), _dim(end_dim, len(shape))
+    return xp.reshape(x, shape[:s] + (math.prod(shape[s : e + 1]),) + shape[e + 1 :])
 
-    def binary(op):
-        return R(lambda rt, i, input, other, alpha=1: op(input, other if alpha == 1 else other * alpha))
 
-    def unary(name):
-        return R(lambda rt, i, input, inplace=False: getattr(rt.be, name)(input))
+def _shape_args(shape):
+    # x.view(2, -1) and x.view((2, -1)) both mean shape (2, -1)
+    if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
+        shape = tuple(shape[0])
+    return tuple(int(s) for s in shape)
 
-    def xp_unary(name):
-        return R(lambda rt, i, input: getattr(rt.be.xp, name)(input))
 
-    def softmax(name):
-        def fn(rt, i, input, dim=None, _stacklevel=3, dtype=None):
-            return getattr(rt.be, name)(input, axis=dim)
+def _batch_norm(be, x, mean, var, weight, bias, eps, use_batch_stats):
+    xp = be.xp
+    if use_batch_stats:
+        axes = (0,) + tuple(range(2, x.ndim))
+        mean = xp.mean(x, axis=axes)
+        var = xp.mean(xp.square(x - channel_view(xp, mean, x.ndim)), axis=axes)
+    out = (x - channel_view(xp, mean, x.ndim)) / xp.sqrt(channel_view(xp, var, x.ndim) + eps)
+    if weight is not None:
+        out = out * channel_view(xp, weight, x.ndim)
+    if bias is not None:
+        out = out + channel_view(xp, bias, x.ndim)
+    return out
 
-        def check(input, dim=None, _stacklevel=3, dtype=None):
-            _softmax_dim(dim)
-            _no_dtype(dtype)
 
-        return R(fn, check)
+def _dropout(rt, index, x, p, what):
+    if p == 0.0:
+        return x
+    if p >= 1.0:
+        return rt.be.xp.zeros_like(x)
+    keep = rt.be.bernoulli(rt.key_for(index, what), 1.0 - p, tuple(x.shape), device=rt.be.device_of(x))
+    return rt.be.xp.where(keep, x / (1.0 - p), rt.be.xp.zeros_like(x))
 
-    def linear(rt, i, input, weight, bias=None):
-        return rt.be.linear(input, weight, bias)
 
-    def conv2d(rt, i, input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
-        kernel = tuple(weight.shape[2:])
-        return rt.be.conv2d(
-            input,
-            weight,
-            bias,
-            stride=_pair(stride),
-            padding=_conv_padding(padding, kernel, dilation, stride),
-            dilation=_pair(dilation),
-            groups=int(groups),
-        )
+def _no_dtype(dtype):
+    if dtype is not None:
+        raise Unsupported(f"dtype={dtype}")
 
-    def conv2d_check(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
-        for name, v in (("stride", stride), ("padding", padding), ("dilation", dilation), ("groups", groups)):
-            _static(v, name)
-        if isinstance(padding, str) and padding not in ("same", "valid"):
-            raise Unsupported(f"padding={padding!r}")
 
-    def max_pool2d(
-        rt, i, input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False
-    ):
-        return _max_pool(rt.be, input, kernel_size, stride, padding)
+def _pool_checks(kind, dilation=1, ceil_mode=False, return_indices=False, divisor_override=None):
+    if pair(static(dilation, "dilation")) != (1, 1):
+        raise Unsupported(f"{kind} with dilation != 1")
+    if static(ceil_mode, "ceil_mode"):
+        raise Unsupported(f"{kind} with ceil_mode=True")
+    if static(return_indices, "return_indices"):
+        raise Unsupported(f"{kind} with return_indices=True")
+    if static(divisor_override, "divisor_override") is not None:
+        raise Unsupported(f"{kind} with divisor_override")
 
-    def max_pool2d_check(
-        input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False
-    ):
-        _pool_checks("max_pool2d", dilation, ceil_mode, return_indices)
 
-    def avg_pool2d(
-        rt,
-        i,
-        input,
-        kernel_size,
-        stride=None,
-        padding=0,
-        ceil_mode=False,
-        count_include_pad=True,
-        divisor_override=None,
-    ):
-        return _avg_pool(rt.be, input, kernel_size, stride, padding, count_include_pad)
+def _max_pool(be, x, kernel_size, stride, padding):
+    k = pair(kernel_size)
+    s = k if stride is None or stride == [] or stride == () else pair(stride)
+    return be.max_pool2d(x, kernel_size=k, stride=s, padding=pair(padding))
 
-    def avg_pool2d_check(
-        input,
-        kernel_size,
-        stride=None,
-        padding=0,
-        ceil_mode=False,
-        count_include_pad=True,
-        divisor_override=None,
-    ):
-        _pool_checks("avg_pool2d", 1, ceil_mode, False, divisor_override)
 
-    def dropout(rt, i, input, p=0.5, training=True, inplace=False):
-        return _dropout(rt, i, input, float(p), "F.dropout") if training else input
+def _avg_pool(be, x, kernel_size, stride, padding, count_include_pad):
+    k = pair(kernel_size)
+    s = k if stride is None or stride == [] or stride == () else pair(stride)
+    return be.avg_pool2d(
+        x, kernel_size=k, stride=s, padding=pair(padding), count_include_pad=bool(count_include_pad)
+    )
 
-    def layer_norm(rt, i, input, normalized_shape, weight=None, bias=None, eps=1e-5):
-        shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
-        return rt.be.layer_norm(input, weight, bias, normalized_ndim=len(shape), eps=float(eps))
 
-    def batch_norm(
-        rt,
-        i,
-        input,
-        running_mean,
-        running_var,
-        weight=None,
-        bias=None,
-        training=False,
-        momentum=0.1,
-        eps=1e-5,
-    ):
-        return _batch_norm(rt.be, input, running_mean, running_var, weight, bias, float(eps), training)
-
-    def batch_norm_check(
-        input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5
-    ):
-        if _static(training, "training") and running_mean is not None:
-            raise Unsupported(
-                "batch_norm in training mode updates running statistics in place; use eval mode"
-            )
-
-    def flatten(rt, i, input, start_dim=0, end_dim=-1):
-        return _flatten(rt.be.xp, input, start_dim, end_dim)
-
-    def reshape(rt, i, input, shape):
-        return rt.be.xp.reshape(input, _shape_args((shape,)))
-
-    def cat(rt, i, tensors, dim=0):
-        return rt.be.xp.concat(list(tensors), axis=dim)
-
-    def transpose(rt, i, input, dim0, dim1):
-        axes = list(range(input.ndim))
-        a, b = _dim(dim0, input.ndim), _dim(dim1, input.ndim)
-        axes[a], axes[b] = axes[b], axes[a]
-        return rt.be.xp.permute_dims(input, tuple(axes))
-
-    def div(rt, i, input, other, rounding_mode=None):
-        return input / other
-
-    def div_check(input, other, rounding_mode=None):
-        if _static(rounding_mode, "rounding_mode") is not None:
-            raise Unsupported(f"div with rounding_mode={rounding_mode!r}")
-
-    def getattr_(rt, i, obj, name):
-        if name == "shape":
-            return tuple(int(s) for s in obj.shape)
-        if name == "ndim":
-            return obj.ndim
-        if name == "T":
-            return rt.be.xp.permute_dims(obj, tuple(reversed(range(obj.ndim))))
-        raise AssertionError(name)
-
-    def getattr_check(obj, name):
-        if name not in ("shape", "ndim", "T"):
-            raise Unsupported(f"tensor attribute .{name}")
-
-    def leaky_relu(rt, i, input, negative_slope=0.01, inplace=False):
-        return rt.be.leaky_relu(input, negative_slope)
-
-    def elu(rt, i, input, alpha=1.0, inplace=False):
-        return rt.be.elu(input, alpha)
-
-    def softplus(rt, i, input, beta=1.0, threshold=20.0):
-        return rt.be.softplus(input, beta, threshold)
-
-    table = {
-        operator.add: binary(operator.add),
-        operator.sub: binary(operator.sub),
-        operator.mul: binary(operator.mul),
-        operator.truediv: binary(operator.truediv),
-        operator.matmul: R(lambda rt, i, a, b: a @ b),
-        operator.neg: R(lambda rt, i, a: -a),
-        operator.pos: R(lambda rt, i, a: a),
-        operator.pow: R(lambda rt, i, a, b: a**b),
-        operator.getitem: R(lambda rt, i, a, b: a[b]),
-        getattr: R(getattr_, getattr_check),
-        torch.add: binary(operator.add),
-        torch.sub: binary(operator.sub),
-        torch.mul: R(lambda rt, i, input, other: input * other),
-        torch.div: R(div, div_check),
-        torch.true_divide: R(lambda rt, i, input, other: input / other),
-        torch.matmul: R(lambda rt, i, input, other: rt.be.xp.matmul(input, other)),
-        torch.mm: R(lambda rt, i, input, mat2: rt.be.xp.matmul(input, mat2)),
-        torch.neg: R(lambda rt, i, input: -input),
-        torch.relu: unary("relu"),
-        torch.tanh: unary("tanh"),
-        torch.sigmoid: unary("sigmoid"),
-        torch.exp: xp_unary("exp"),
-        torch.log: xp_unary("log"),
-        torch.sqrt: xp_unary("sqrt"),
-        torch.abs: xp_unary("abs"),
-        torch.square: xp_unary("square"),
-        torch.flatten: R(flatten),
-        torch.reshape: R(reshape),
-        torch.cat: R(cat),
-        torch.transpose: R(transpose),
-        torch.softmax: softmax("softmax"),
-        torch.log_softmax: softmax("log_softmax"),
-        F.relu: unary("relu"),
-        F.tanh: unary("tanh"),
-        F.sigmoid: unary("sigmoid"),
-        F.silu: unary("silu"),
-        F.gelu: R(
-            lambda rt, i, input, approximate="none": _gelu(rt.be, input, approximate),
-            lambda input, approximate="none": _gelu_check(approximate),
-        ),
-        F.leaky_relu: R(leaky_relu),
-        F.elu: R(elu),
-        F.softplus: R(softplus),
-        F.softmax: softmax("softmax"),
-        F.log_softmax: softmax("log_softmax"),
-        F.linear: R(linear),
-        F.conv2d: R(conv2d, conv2d_check),
-        F.max_pool2d: R(max_pool2d, max_pool2d_check),
-        F.avg_pool2d: R(avg_pool2d, avg_pool2d_check),
-        F.dropout: R(dropout),
-        F.layer_norm: R(layer_norm),
-        F.batch_norm: R(batch_norm, batch_norm_check),
-    }
-    return table
+def _gelu(be, x, approximate):
+    if approximate not in ("none", "tanh"):
+        raise Unsupported(f"gelu approximate={approximate!r}")
+    return be.gelu(x, approximate=approximate == "tanh")
 
 
 def _gelu_check(approximate):
-    if _static(approximate, "approximate") not in ("none", "tanh"):
+    if static(approximate, "approximate") not in ("none", "tanh"):
         raise Unsupported(f"gelu approximate={approximate!r}")
 
 
-# method name -> function rule it is equivalent to (self is the first argument), or own rule
-def method_rules(fn_rules) -> dict[str, Rule]:
-    R = Rule
+def _softmax_dim(dim):
+    if static(dim, "dim") is None:
+        raise Unsupported("softmax without an explicit dim")
 
-    def view(rt, i, self, *shape):
-        return rt.be.xp.reshape(self, _shape_args(shape))
 
-    def size(rt, i, self, dim=None):
-        shape = tuple(int(s) for s in self.shape)
-        return shape if dim is None else shape[dim]
+# ============================================================================ function rules
 
-    def permute(rt, i, self, *dims):
-        return rt.be.xp.permute_dims(self, _shape_args(dims))
 
-    def reduce(name):
-        def fn(rt, i, self, dim=None, keepdim=False, dtype=None):
-            axis = tuple(dim) if isinstance(dim, (list, tuple)) else dim
-            return getattr(rt.be.xp, name)(self, axis=axis, keepdims=keepdim)
+def _binary(op):
+    return lambda rt, i, input, other, alpha=1: op(input, other if alpha == 1 else other * alpha)
 
-        def check(self, dim=None, keepdim=False, dtype=None):
-            _no_dtype(dtype)
 
-        return R(fn, check)
+def _unary(name):
+    return lambda rt, i, input, inplace=False: getattr(rt.be, name)(input)
 
-    def unsqueeze(rt, i, self, dim):
-        return rt.be.xp.expand_dims(self, axis=_dim(dim, self.ndim + 1))
 
-    def squeeze(rt, i, self, dim=None):
-        if dim is None:
-            dims = tuple(d for d, s in enumerate(self.shape) if s == 1)
-        else:
-            dims = tuple(
-                _dim(d, self.ndim) for d in ((dim,) if isinstance(dim, int) else dim) if self.shape[d] == 1
-            )
-        return rt.be.xp.squeeze(self, axis=dims) if dims else self
+def _xp_unary(name):
+    return lambda rt, i, input: getattr(rt.be.xp, name)(input)
 
-    table = {
-        "view": R(view),
-        "reshape": R(view),
-        "permute": R(permute),
-        "size": R(size),
-        "dim": R(lambda rt, i, self: self.ndim),
-        "contiguous": R(lambda rt, i, self, memory_format=None: self),
-        "t": R(lambda rt, i, self: rt.be.xp.matrix_transpose(self)),
-        "sum": reduce("sum"),
-        "mean": reduce("mean"),
-        "unsqueeze": R(unsqueeze),
-        "squeeze": R(squeeze),
-        "pow": R(lambda rt, i, self, exponent: self**exponent),
-    }
-    for name, fn in (
-        ("add", torch.add),
-        ("sub", torch.sub),
-        ("mul", torch.mul),
-        ("div", torch.div),
-        ("matmul", torch.matmul),
-        ("neg", torch.neg),
-        ("relu", torch.relu),
-        ("tanh", torch.tanh),
-        ("sigmoid", torch.sigmoid),
-        ("exp", torch.exp),
-        ("log", torch.log),
-        ("sqrt", torch.sqrt),
-        ("abs", torch.abs),
-        ("flatten", torch.flatten),
-        ("transpose", torch.transpose),
-        ("softmax", torch.softmax),
-        ("log_softmax", torch.log_softmax),
-    ):
-        table[name] = fn_rules[fn]
-    return table
+
+def _softmax(name):
+    def fn(rt, i, input, dim=None, _stacklevel=3, dtype=None):
+        return getattr(rt.be, name)(input, axis=dim)
+
+    def check(input, dim=None, _stacklevel=3, dtype=None):
+        _softmax_dim(dim)
+        _no_dtype(dtype)
+
+    return fn, check
+
+
+for _target, _op in (
+    (operator.add, operator.add),
+    (operator.sub, operator.sub),
+    (operator.mul, operator.mul),
+    (operator.truediv, operator.truediv),
+    (torch.add, operator.add),
+    (torch.sub, operator.sub),
+):
+    FUNCTIONS.add(_target, _binary(_op))
+for _target, _name in (
+    (torch.relu, "relu"),
+    (torch.tanh, "tanh"),
+    (torch.sigmoid, "sigmoid"),
+    (F.relu, "relu"),
+    (F.tanh, "tanh"),
+    (F.sigmoid, "sigmoid"),
+    (F.silu, "silu"),
+):
+    FUNCTIONS.add(_target, _unary(_name))
+for _target, _name in (
+    (torch.exp, "exp"),
+    (torch.log, "log"),
+    (torch.sqrt, "sqrt"),
+    (torch.abs, "abs"),
+    (torch.square, "square"),
+):
+    FUNCTIONS.add(_target, _xp_unary(_name))
+for _target, _name in (
+    (torch.softmax, "softmax"),
+    (torch.log_softmax, "log_softmax"),
+    (F.softmax, "softmax"),
+    (F.log_softmax, "log_softmax"),
+):
+    _fn, _check = _softmax(_name)
+    FUNCTIONS.add(_target, _fn, check=_check)
+
+
+@function(operator.matmul)
+def _op_matmul(rt, i, a, b):
+    return a @ b
+
+
+@function(operator.neg)
+def _op_neg(rt, i, a):
+    return -a
+
+
+@function(operator.pos)
+def _op_pos(rt, i, a):
+    return a
+
+
+@function(operator.pow)
+def _op_pow(rt, i, a, b):
+    return a**b
+
+
+@function(operator.getitem)
+def _op_getitem(rt, i, a, b):
+    return a[b]
+
+
+def _getattr_check(obj, name):
+    if name not in ("shape", "ndim", "T"):
+        raise Unsupported(f"tensor attribute .{name}")
+
+
+@function(getattr, check=_getattr_check)
+def _getattr(rt, i, obj, name):
+    if name == "shape":
+        return tuple(int(s) for s in obj.shape)
+    if name == "ndim":
+        return obj.ndim
+    if name == "T":
+        return rt.be.xp.permute_dims(obj, tuple(reversed(range(obj.ndim))))
+    raise AssertionError(name)
+
+
+@function(torch.mul)
+def _mul(rt, i, input, other):
+    return input * other
+
+
+def _div_check(input, other, rounding_mode=None):
+    if static(rounding_mode, "rounding_mode") is not None:
+        raise Unsupported(f"div with rounding_mode={rounding_mode!r}")
+
+
+@function(torch.div, check=_div_check)
+def _div(rt, i, input, other, rounding_mode=None):
+    return input / other
+
+
+@function(torch.true_divide)
+def _true_divide(rt, i, input, other):
+    return input / other
+
+
+@function(torch.matmul)
+def _matmul(rt, i, input, other):
+    return rt.be.xp.matmul(input, other)
+
+
+@function(torch.mm)
+def _mm(rt, i, input, mat2):
+    return rt.be.xp.matmul(input, mat2)
+
+
+@function(torch.neg)
+def _neg(rt, i, input):
+    return -input
+
+
+@function(torch.flatten)
+def _flatten_rule(rt, i, input, start_dim=0, end_dim=-1):
+    return _flatten(rt.be.xp, input, start_dim, end_dim)
+
+
+@function(torch.reshape)
+def _reshape(rt, i, input, shape):
+    return rt.be.xp.reshape(input, _shape_args((shape,)))
+
+
+@function(torch.cat)
+def _cat(rt, i, tensors, dim=0):
+    return rt.be.xp.concat(list(tensors), axis=dim)
+
+
+@function(torch.transpose)
+def _transpose(rt, i, input, dim0, dim1):
+    axes = list(range(input.ndim))
+    a, b = _dim(dim0, input.ndim), _dim(dim1, input.ndim)
+    axes[a], axes[b] = axes[b], axes[a]
+    return rt.be.xp.permute_dims(input, tuple(axes))
+
+
+@function(F.gelu, check=lambda input, approximate="none": _gelu_check(approximate))
+def _gelu_rule(rt, i, input, approximate="none"):
+    return _gelu(rt.be, input, approximate)
+
+
+@function(F.leaky_relu)
+def _leaky_relu(rt, i, input, negative_slope=0.01, inplace=False):
+    return rt.be.leaky_relu(input, negative_slope)
+
+
+@function(F.elu)
+def _elu(rt, i, input, alpha=1.0, inplace=False):
+    return rt.be.elu(input, alpha)
+
+
+@function(F.softplus)
+def _softplus(rt, i, input, beta=1.0, threshold=20.0):
+    return rt.be.softplus(input, beta, threshold)
+
+
+@function(F.linear)
+def _linear(rt, i, input, weight, bias=None):
+    return rt.be.linear(input, weight, bias)
+
+
+def _conv2d_check(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    for name, v in (("stride", stride), ("padding", padding), ("dilation", dilation), ("groups", groups)):
+        static(v, name)
+    if isinstance(padding, str) and padding not in ("same", "valid"):
+        raise Unsupported(f"padding={padding!r}")
+
+
+@function(F.conv2d, check=_conv2d_check)
+def _conv2d(rt, i, input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    kernel = tuple(weight.shape[2:])
+    return rt.be.conv2d(
+        input,
+        weight,
+        bias,
+        stride=pair(stride),
+        padding=_conv_padding(padding, kernel, dilation, stride),
+        dilation=pair(dilation),
+        groups=int(groups),
+    )
+
+
+def _max_pool2d_check(
+    input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False
+):
+    _pool_checks("max_pool2d", dilation, ceil_mode, return_indices)
+
+
+@function(F.max_pool2d, check=_max_pool2d_check)
+def _max_pool2d(
+    rt, i, input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False
+):
+    return _max_pool(rt.be, input, kernel_size, stride, padding)
+
+
+def _avg_pool2d_check(
+    input,
+    kernel_size,
+    stride=None,
+    padding=0,
+    ceil_mode=False,
+    count_include_pad=True,
+    divisor_override=None,
+):
+    _pool_checks("avg_pool2d", 1, ceil_mode, False, divisor_override)
+
+
+@function(F.avg_pool2d, check=_avg_pool2d_check)
+def _avg_pool2d(
+    rt,
+    i,
+    input,
+    kernel_size,
+    stride=None,
+    padding=0,
+    ceil_mode=False,
+    count_include_pad=True,
+    divisor_override=None,
+):
+    return _avg_pool(rt.be, input, kernel_size, stride, padding, count_include_pad)
+
+
+@function(F.dropout)
+def _dropout_rule(rt, i, input, p=0.5, training=True, inplace=False):
+    return _dropout(rt, i, input, float(p), "F.dropout") if training else input
+
+
+@function(F.layer_norm)
+def _layer_norm(rt, i, input, normalized_shape, weight=None, bias=None, eps=1e-5):
+    shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+    return rt.be.layer_norm(input, weight, bias, normalized_ndim=len(shape), eps=float(eps))
+
+
+def _batch_norm_check(
+    input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5
+):
+    if static(training, "training") and running_mean is not None:
+        raise Unsupported("batch_norm in training mode updates running statistics in place; use eval mode")
+
+
+@function(F.batch_norm, check=_batch_norm_check)
+def _batch_norm_rule(
+    rt, i, input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5
+):
+    return _batch_norm(rt.be, input, running_mean, running_var, weight, bias, float(eps), training)
+
+
+def function_rules() -> dict:
+    """``torch.*``, ``F.*`` and Python operator targets to their :class:`FxRule`."""
+    return dict(FUNCTIONS.items())
+
+
+# ============================================================================ method rules
+
+
+@method("view", "reshape")
+def _view(rt, i, self, *shape):
+    return rt.be.xp.reshape(self, _shape_args(shape))
+
+
+@method("permute")
+def _permute(rt, i, self, *dims):
+    return rt.be.xp.permute_dims(self, _shape_args(dims))
+
+
+@method("size")
+def _size(rt, i, self, dim=None):
+    shape = tuple(int(s) for s in self.shape)
+    return shape if dim is None else shape[dim]
+
+
+@method("dim")
+def _ndim(rt, i, self):
+    return self.ndim
+
+
+@method("contiguous")
+def _contiguous(rt, i, self, memory_format=None):
+    return self
+
+
+@method("t")
+def _t(rt, i, self):
+    return rt.be.xp.matrix_transpose(self)
+
+
+def _reduce(name):
+    def fn(rt, i, self, dim=None, keepdim=False, dtype=None):
+        axis = tuple(dim) if isinstance(dim, (list, tuple)) else dim
+        return getattr(rt.be.xp, name)(self, axis=axis, keepdims=keepdim)
+
+    def check(self, dim=None, keepdim=False, dtype=None):
+        _no_dtype(dtype)
+
+    return fn, check
+
+
+for _name in ("sum", "mean"):
+    _fn, _check = _reduce(_name)
+    METHODS.add(_name, _fn, check=_check)
+
+
+@method("unsqueeze")
+def _unsqueeze(rt, i, self, dim):
+    return rt.be.xp.expand_dims(self, axis=_dim(dim, self.ndim + 1))
+
+
+@method("squeeze")
+def _squeeze(rt, i, self, dim=None):
+    if dim is None:
+        dims = tuple(d for d, s in enumerate(self.shape) if s == 1)
+    else:
+        dims = tuple(
+            _dim(d, self.ndim) for d in ((dim,) if isinstance(dim, int) else dim) if self.shape[d] == 1
+        )
+    return rt.be.xp.squeeze(self, axis=dims) if dims else self
+
+
+@method("pow")
+def _pow_method(rt, i, self, exponent):
+    return self**exponent
+
+
+# a method that is its function with self first: the function's rule
+for _name, _target in (
+    ("add", torch.add),
+    ("sub", torch.sub),
+    ("mul", torch.mul),
+    ("div", torch.div),
+    ("matmul", torch.matmul),
+    ("neg", torch.neg),
+    ("relu", torch.relu),
+    ("tanh", torch.tanh),
+    ("sigmoid", torch.sigmoid),
+    ("exp", torch.exp),
+    ("log", torch.log),
+    ("sqrt", torch.sqrt),
+    ("abs", torch.abs),
+    ("flatten", torch.flatten),
+    ("transpose", torch.transpose),
+    ("softmax", torch.softmax),
+    ("log_softmax", torch.log_softmax),
+):
+    METHODS.alias(_name, FUNCTIONS[_target])
+
+
+def method_rules() -> dict:
+    """Tensor method names to their :class:`FxRule`."""
+    return dict(METHODS.items())
 
 
 # ============================================================================ module rules
@@ -363,7 +542,7 @@ def module_rule(mod: nn.Module, path: str) -> Callable:
         if mod.padding_mode != "zeros":
             raise Unsupported(f"padding_mode={mod.padding_mode!r}")
         pads = _conv_padding(mod.padding, mod.kernel_size, mod.dilation, mod.stride)
-        stride, dilation, groups = _pair(mod.stride), _pair(mod.dilation), mod.groups
+        stride, dilation, groups = pair(mod.stride), pair(mod.dilation), mod.groups
         has_bias = mod.bias is not None
 
         def fn(rt, i, params, x):

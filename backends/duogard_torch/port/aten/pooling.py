@@ -1,0 +1,187 @@
+"""Pooling and resampling: max and average pooling, adaptive average pooling, nearest and
+bilinear upsampling (separable matrices where the operator is linear).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from ..helpers import Unsupported, as_tuple, device_kw
+from ..registry import AtenRule, RuleTable
+
+__all__ = ["RULES"]
+
+aten = torch.ops.aten
+RULES = RuleTable("pooling", AtenRule)
+register = RULES.register
+
+
+def _as4d(xp, x):
+    return (xp.expand_dims(x, axis=0), True) if x.ndim == 3 else (x, False)
+
+
+def _max_pool_check(node, info):
+    if info.used_outputs - {0}:
+        raise Unsupported(f"max_pool2d_with_indices's outputs {sorted(info.used_outputs - {0})} are read")
+    args = list(node.args) + [None] * 6
+    if args[4] not in (None, 1, [1, 1], (1, 1)):
+        raise Unsupported(f"max_pool2d with dilation={args[4]}")
+    if args[5]:
+        raise Unsupported("max_pool2d with ceil_mode=True")
+
+
+@register(aten.max_pool2d_with_indices.default, doc="be.max_pool2d (values only)", check=_max_pool_check)
+def _max_pool(rt, info, x, kernel_size, stride=(), padding=0, dilation=1, ceil_mode=False):
+    xp = rt.be.xp
+    x, unbatched = _as4d(xp, x)
+    k = as_tuple(kernel_size, 2)
+    s = as_tuple(stride, 2) if stride else k
+    y = rt.be.max_pool2d(x, kernel_size=k, stride=s, padding=as_tuple(padding, 2))
+    return (y[0] if unbatched else y), None
+
+
+def _avg_pool_check(node, info):
+    args = list(node.args) + [None] * 7
+    if args[4]:
+        raise Unsupported("avg_pool2d with ceil_mode=True")
+    if args[6] is not None:
+        raise Unsupported("avg_pool2d with divisor_override")
+
+
+@register(aten.avg_pool2d.default, doc="be.avg_pool2d", check=_avg_pool_check)
+def _avg_pool(
+    rt,
+    info,
+    x,
+    kernel_size,
+    stride=(),
+    padding=0,
+    ceil_mode=False,
+    count_include_pad=True,
+    divisor_override=None,
+):
+    xp = rt.be.xp
+    x, unbatched = _as4d(xp, x)
+    k = as_tuple(kernel_size, 2)
+    s = as_tuple(stride, 2) if stride else k
+    y = rt.be.avg_pool2d(
+        x, kernel_size=k, stride=s, padding=as_tuple(padding, 2), count_include_pad=bool(count_include_pad)
+    )
+    return y[0] if unbatched else y
+
+
+@register(aten.avg_pool1d.default, doc="be.avg_pool2d over (1, L)", check=_avg_pool_check)
+def _avg_pool1d(rt, info, x, kernel_size, stride=(), padding=0, ceil_mode=False, count_include_pad=True):
+    xp = rt.be.xp
+    k, s, p = (
+        as_tuple(kernel_size, 1)[0],
+        (as_tuple(stride, 1) or as_tuple(kernel_size, 1))[0],
+        as_tuple(padding, 1)[0],
+    )
+    y = _avg_pool(
+        rt, info, xp.expand_dims(x, axis=x.ndim - 1), (1, k), (1, s), (0, p), ceil_mode, count_include_pad
+    )
+    return xp.squeeze(y, axis=y.ndim - 2)
+
+
+# ============================================================================ linear resampling
+
+
+def _float_type(x):
+    """The NumPy type the resampling weights are computed in: float64 for float64 inputs, else
+    float32 (torch's accumulation type for float32, float16 and bfloat16).
+    """
+    return np.float64 if str(x.dtype).removeprefix("torch.") == "float64" else np.float32
+
+
+def _matrix(rt, m: np.ndarray, like):
+    xp = rt.be.xp
+    return xp.astype(rt.be.asarray(m.astype(_float_type(like)), **device_kw(rt)), like.dtype)
+
+
+def _resample(rt, x, mh: np.ndarray, mw: np.ndarray):
+    """``mh @ x @ mw.T`` over the last two axes: a separable linear resampling."""
+    xp = rt.be.xp
+    y = xp.matmul(_matrix(rt, mh, x), x)
+    return xp.matmul(y, xp.matrix_transpose(_matrix(rt, mw, x)))
+
+
+def _adaptive_matrix(n_in: int, n_out: int) -> np.ndarray:
+    m = np.zeros((n_out, n_in))
+    for i in range(n_out):
+        start, end = (i * n_in) // n_out, -((-(i + 1) * n_in) // n_out)
+        m[i, start:end] = 1.0 / (end - start)
+    return m
+
+
+@register(aten._adaptive_avg_pool2d.default, doc="xp.mean, or averaging matrices (xp.matmul)")
+def _adaptive_avg_pool(rt, info, x, output_size):
+    oh, ow = as_tuple(output_size, 2)
+    h, w = int(x.shape[-2]), int(x.shape[-1])
+    if (oh, ow) == (1, 1):
+        return rt.be.xp.mean(x, axis=(-2, -1), keepdims=True)
+    return _resample(rt, x, _adaptive_matrix(h, oh), _adaptive_matrix(w, ow))
+
+
+@register(aten.adaptive_avg_pool1d.default, doc="averaging matrix (xp.matmul)")
+def _adaptive_avg_pool1d(rt, info, x, output_size):
+    xp = rt.be.xp
+    m = _adaptive_matrix(int(x.shape[-1]), as_tuple(output_size, 1)[0])
+    return xp.matmul(x, xp.matrix_transpose(_matrix(rt, m, x)))
+
+
+def _out_sizes(x, output_size, scale_factors):
+    if output_size is not None:
+        return as_tuple(output_size, 2), (None, None)
+    scales = tuple(float(s) for s in scale_factors)
+    return tuple(int(math.floor(int(n) * s)) for n, s in zip(x.shape[-2:], scales)), scales
+
+
+def _nearest_index(n_in, n_out, scale):
+    ratio = np.float32(1.0 / scale if scale else n_in / n_out)
+    dst = np.arange(n_out, dtype=np.float32)
+    return np.minimum(np.floor(dst * ratio).astype(np.int64), n_in - 1)
+
+
+@register(aten.upsample_nearest2d.vec, doc="xp.take of the nearest source rows and columns")
+def _upsample_nearest(rt, info, x, output_size, scale_factors):
+    xp = rt.be.xp
+    (oh, ow), (sh, sw) = _out_sizes(x, output_size, scale_factors)
+    ih = _nearest_index(int(x.shape[-2]), oh, sh)
+    iw = _nearest_index(int(x.shape[-1]), ow, sw)
+    y = xp.take(x, rt.be.asarray(ih.astype(np.int32), **device_kw(rt)), axis=x.ndim - 2)
+    return xp.take(y, rt.be.asarray(iw.astype(np.int32), **device_kw(rt)), axis=x.ndim - 1)
+
+
+def _linear_matrix(n_in, n_out, align_corners, scale, ftype):
+    """The interpolation weights, the source coordinates computed in ``ftype`` as torch does."""
+    if align_corners:
+        ratio = (n_in - 1) / (n_out - 1) if n_out > 1 else 0.0
+    else:
+        ratio = 1.0 / scale if scale else n_in / n_out
+    ratio = ftype(ratio)
+    m = np.zeros((n_out, n_in))
+    for dst in range(n_out):
+        if align_corners:
+            src = ratio * ftype(dst)
+        else:
+            src = max(ratio * (ftype(dst) + ftype(0.5)) - ftype(0.5), ftype(0.0))
+        i0 = int(np.floor(src))
+        i1 = i0 + (1 if i0 < n_in - 1 else 0)
+        lam = float(src) - i0
+        m[dst, i0] += 1.0 - lam
+        m[dst, i1] += lam
+    return m
+
+
+@register(aten.upsample_bilinear2d.vec, doc="interpolation matrices (xp.matmul)")
+def _upsample_bilinear(rt, info, x, output_size, align_corners, scale_factors):
+    (oh, ow), (sh, sw) = _out_sizes(x, output_size, scale_factors)
+    h, w = int(x.shape[-2]), int(x.shape[-1])
+    ft = _float_type(x)
+    return _resample(
+        rt, x, _linear_matrix(h, oh, align_corners, sh, ft), _linear_matrix(w, ow, align_corners, sw, ft)
+    )
