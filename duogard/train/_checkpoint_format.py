@@ -22,6 +22,7 @@ import numpy as np
 
 __all__ = [
     "CheckpointError",
+    "CheckpointWriteError",
     "FORMAT",
     "FORMAT_VERSION",
     "MANIFEST",
@@ -61,6 +62,28 @@ WRITABLE = frozenset(_TAGS.values())
 
 class CheckpointError(ValueError):
     """A checkpoint's files are damaged, edited or inconsistent (a ``ValueError``)."""
+
+
+class CheckpointWriteError(OSError):
+    """A save that the file system refused (no space left, a quota, an I/O error): an ``OSError``.
+
+    Nothing of the failed save is left in the directory (its temporary and uncommitted files
+    are removed, freeing their space), and the checkpoint committed before it, if any, is
+    intact; the message names the directory and says which step that is.
+
+    Attributes:
+        errno: the operating system's error number (``errno.ENOSPC`` for a full disk).
+        step: the step the failed save was writing.
+        previous_step: the step of the intact checkpoint in the directory (None: none).
+        directory: the checkpoint directory.
+    """
+
+    def __init__(self, message: str, *, errno: int | None, step: int, previous_step: int | None, directory):
+        super().__init__(message)
+        self.errno, self.step, self.previous_step, self.directory = errno, step, previous_step, directory
+
+    def __str__(self) -> str:
+        return self.args[0]
 
 
 # ----------------------------------------------------------------------------- dtypes

@@ -57,9 +57,10 @@ from duogard.train._checkpoint_format import (
     FORMAT_VERSION,
     MANIFEST,
     CheckpointError,
+    CheckpointWriteError,
     check_writable,
 )
-from duogard.train._checkpoint_io import commit, make_dir, read
+from duogard.train._checkpoint_io import commit, make_dir, read, read_manifest
 from duogard.train._checkpoint_lock import LOCK_NAME, CheckpointLockedError, DirectoryLock
 from duogard.train._checkpoint_tree import (
     _flatten,
@@ -75,9 +76,11 @@ __all__ = [
     "CheckpointError",
     "CheckpointLockedError",
     "CheckpointMismatchError",
+    "CheckpointWriteError",
     "save_checkpoint",
     "load_checkpoint",
     "is_checkpoint",
+    "read_checkpoint_manifest",
     "MANIFEST",
     "LOCK_NAME",
 ]
@@ -375,6 +378,17 @@ def load_checkpoint(
         metrics=manifest.get("metrics"),
         info=info,
     )
+
+
+def read_checkpoint_manifest(path: str | os.PathLike) -> dict:
+    """The checked manifest of the checkpoint at ``path`` (its step, config, metrics, ...), without
+    reading its tensors: what a resume compares before it loads anything.
+
+    Raises:
+        FileNotFoundError, ValueError: as :func:`load_checkpoint` for a path that holds no checkpoint.
+        CheckpointError: a damaged or edited manifest.
+    """
+    return read_manifest(_checkpoint_dir(path))
 
 
 def is_checkpoint(path: str | os.PathLike) -> bool:
