@@ -122,6 +122,25 @@ _CONVERT_BIG_INT = """
 """
 
 
+def _loss_of(name, loss, estimator="forward"):
+    """``estimator`` on a tiny Linear model whose loss is ``loss(logits, labels)``."""
+    be = dg.backend(name)
+    model = nn.Sequential(nn.Linear(3))
+    x = np.random.default_rng(0).normal(size=(4, 2)).astype(np.float32)
+    params = dg.tree.tree_map(be.asarray, model.init(0, x))
+    loss_fn = dg.grad.supervised(model, loss)
+    return dg.estimator(estimator)(loss_fn, params, (be.asarray(x), be.asarray(np.arange(4) % 3)), be.key(0))
+
+
+def _int_loss(out, y, reduction="mean"):
+    xp = dg.backend_of(out).xp
+    return xp.sum(xp.astype(out * 100, xp.int32))  # a count: no gradient
+
+
+def _vector_loss(out, y, reduction="mean"):
+    return losses.cross_entropy(out, y, reduction="none")  # forgot to reduce
+
+
 def _schedule_for_arrays(step):
     """A schedule written for arrays only (it reads ``step.ndim``): checked when the state is made."""
     return 0.0 * step.ndim - 1.0
@@ -213,6 +232,35 @@ ROWS = [
      TypeError, "leaf 'w' is of dtype float8_e4m3fn; convert moves arrays of bool"),
     ("convert-sparse-torch", lambda b: _convert(b, _torch().eye(3).to_sparse()),
      TypeError, "leaf 'w' is a sparse_coo torch tensor"),
+    # 8. estimator options: a string where a bool or an int is expected ("false" is truthy)
+    ("forward-lean-string", lambda b: dg.estimator("forward", lean="false"),
+     TypeError, "forward: lean must be True or False, got str 'false'"),
+    ("forward-projection-string", lambda b: dg.estimator("forward", projection="no"),
+     TypeError, "forward: projection must be True or False, got str 'no'"),
+    ("forward-orthogonal-string", lambda b: dg.estimator("forward", orthogonal="no"),
+     TypeError, "forward: orthogonal must be True or False, got str 'no'"),
+    ("forward-orthogonal-int", lambda b: dg.estimator("forward", orthogonal=1),
+     TypeError, "forward: orthogonal must be True or False, got int 1"),
+    ("forward-activity-layerwise-string", lambda b: dg.estimator("forward-activity", layerwise="no"),
+     TypeError, "forward-activity: layerwise must be True or False, got str 'no'"),
+    ("forward-num_tangents-string", lambda b: dg.estimator("forward", num_tangents="4"),
+     TypeError, "forward: num_tangents must be a positive int, got str '4'"),
+    ("forward-exact-chunk_size-none", lambda b: dg.estimator("forward-exact", chunk_size=None),
+     TypeError, "forward-exact: chunk_size must be a positive int, got NoneType None"),
+    # 9. losses that cannot be differentiated: integer-valued (torch trained on a zero gradient),
+    # not a scalar (forward mode failed in a reshape)
+    ("backprop-integer-loss", lambda b: _loss_of(b, _int_loss, "backprop"),
+     TypeError, "backprop: the loss must be a floating-point scalar to be differentiated, got int"),
+    ("forward-integer-loss", lambda b: _loss_of(b, _int_loss, "forward"),
+     TypeError, "forward: the loss must be a floating-point scalar to be differentiated, got int"),
+    ("forward-exact-integer-loss", lambda b: _loss_of(b, _int_loss, "forward-exact"),
+     TypeError, "forward-exact: the loss must be a floating-point scalar"),
+    ("forward-activity-scalar-per-example-loss", lambda b: _loss_of(b, _int_loss, "forward-activity"),
+     ValueError, "forward-activity: the loss with reduction='none' must give one value per example"),
+    ("forward-vector-loss", lambda b: _loss_of(b, _vector_loss, "forward"),
+     ValueError, "forward: the loss must be a scalar (0-d), got an array of shape (4,)"),
+    ("backprop-vector-loss", lambda b: _loss_of(b, _vector_loss, "backprop"),
+     ValueError, "backprop: the loss must be a scalar (0-d), got an array of shape (4,)"),
 ]  # fmt: skip
 
 
@@ -222,3 +270,30 @@ def test_bad_input_raises_naming_the_argument(be, row):
     with pytest.raises(exception) as info:
         call(be.name)
     assert substring in str(info.value), str(info.value)
+
+
+@pytest.mark.parametrize("options", [{}, {"tangents": "rank1"}, {"num_tangents": 3}, {"jvp": "framework"},
+                                     {"num_tangents": 3, "projection": True}])  # fmt: skip
+def test_forward_takes_float16_params_with_float32_data_as_backprop_does(be, options):
+    """Backprop computes in the promoted dtype and returns gradients in the params' dtype;
+    forward gradients (rules and framework paths) do the same instead of failing in a matmul.
+    (The native generator: float16 draws of the portable one are another issue.)"""
+    model = nn.Sequential(nn.Linear(5), nn.relu, nn.Linear(3))
+    x = np.random.default_rng(0).normal(size=(4, 4)).astype(np.float32)
+    params = dg.tree.tree_map(be.asarray, model.init(0, x, dtype="float16"))
+    batch = (be.asarray(x), be.asarray(np.arange(4) % 3))
+    loss_fn = dg.grad.supervised(model, losses.cross_entropy)
+    want, _ = dg.estimator("backprop")(loss_fn, params, batch)
+    loss, grads = dg.estimator("forward", generator="native", **options)(loss_fn, params, batch, be.key(0))
+    assert float(loss) == pytest.approx(float(want), rel=1e-5)
+    for g, p in zip(dg.tree.tree_leaves(grads), dg.tree.tree_leaves(params)):
+        assert be.dtype_name(g.dtype) == "float16" and tuple(g.shape) == tuple(p.shape)
+        assert np.isfinite(np.asarray(be.to_numpy(g), np.float32)).all()
+
+
+def test_the_cli_grammar_still_reads_true_and_false():
+    from duogard.cli import parse_method
+
+    assert parse_method("forward:lean=false").estimator.lean is False
+    assert parse_method("forward:orthogonal=true").estimator.orthogonal is True
+    assert parse_method("forward-activity:layerwise=no").estimator.layerwise is False
