@@ -141,6 +141,21 @@ def _vector_loss(out, y, reduction="mean"):
     return losses.cross_entropy(out, y, reduction="none")  # forgot to reduce
 
 
+def _threads_from(name, value):
+    """``threads_for`` of backend ``name`` with ``$DUOGARD_TORCH_THREADS`` set to ``value``."""
+    before = os.environ.get("DUOGARD_TORCH_THREADS")
+    os.environ["DUOGARD_TORCH_THREADS"] = value
+    try:
+        if name != "torch":
+            pytest.skip("DUOGARD_TORCH_THREADS is torch's")
+        return dg.backend(name).threads_for(1e6)
+    finally:
+        if before is None:
+            del os.environ["DUOGARD_TORCH_THREADS"]
+        else:
+            os.environ["DUOGARD_TORCH_THREADS"] = before
+
+
 def _schedule_for_arrays(step):
     """A schedule written for arrays only (it reads ``step.ndim``): checked when the state is made."""
     return 0.0 * step.ndim - 1.0
@@ -261,6 +276,10 @@ ROWS = [
      ValueError, "forward: the loss must be a scalar (0-d), got an array of shape (4,)"),
     ("backprop-vector-loss", lambda b: _loss_of(b, _vector_loss, "backprop"),
      ValueError, "backprop: the loss must be a scalar (0-d), got an array of shape (4,)"),
+    # 10. the thread count of $DUOGARD_TORCH_THREADS (100000 crashed torch; the others named no variable)
+    *[(f"torch-threads-{v}", lambda b, v=v: _threads_from(b, v), ValueError,
+       f"$DUOGARD_TORCH_THREADS must be a positive int of at most 1024 threads, got '{v}'")
+      for v in ("100000", "0", "-1", "abc", "2.5")],
 ]  # fmt: skip
 
 

@@ -70,6 +70,10 @@ def _disk_full_after(saves: int):
     return patch
 
 
+def _env(name: str, value: str):
+    return lambda mp: mp.setenv(name, value)
+
+
 LONG = "n" * 300  # a name longer than any file system allows (255 bytes)
 
 
@@ -158,6 +162,16 @@ ROWS = [
     ("compare-dist-timeout-inf", ["compare", "--dist-timeout", "inf"], 2, "--dist-timeout must be finite"),
     ("train-max-skipped-above-1", ["train", "--max-skipped", "2"], 2, "--max-skipped must be a fraction"),
     ("train-max-skipped-nan", ["train", "--max-skipped", "nan"], 2, "--max-skipped must be a fraction"),
+    *[
+        (
+            f"torch-threads-{v}",
+            [cmd],
+            2,
+            f"$DUOGARD_TORCH_THREADS must be a positive int of at most 1024 threads, got '{v}'",
+            _env("DUOGARD_TORCH_THREADS", v),
+        )
+        for v, cmd in (("100000", "train"), ("0", "train"), ("-1", "compare"), ("abc", "train"))
+    ],  # fmt: skip
     (
         "train-allow-change-without-resume",
         ["train", "--allow-change", "lr"],

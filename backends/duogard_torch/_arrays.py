@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import torch
 
-from duogard.backend import backend_of
+from duogard.backend import backend_of, threads_from_env
 
 from ._dlpack import dlpack_import
 
@@ -138,9 +136,9 @@ _SMALL_WORK = 1e8  # floating-point operations per step below which one thread i
 
 
 def threads_for(work: float) -> str:
-    forced = os.environ.get("DUOGARD_TORCH_THREADS", "").strip()
-    if forced:
-        n, why = int(forced), "DUOGARD_TORCH_THREADS"
+    forced = threads_from_env("DUOGARD_TORCH_THREADS")  # validated: a huge count crashed torch
+    if forced is not None:
+        n, why = forced, "DUOGARD_TORCH_THREADS"
     elif work < _SMALL_WORK:
         n, why = 1, f"small steps, ~{work:.2g} flop"
     else:
