@@ -160,6 +160,11 @@ def read_manifest(directory: Path) -> dict:
     raw = read_file(directory / MANIFEST)
     try:
         manifest = json.loads(raw.decode("utf-8"))
+    except RecursionError:
+        raise CheckpointError(
+            f"load_checkpoint: {directory / MANIFEST} nests too deeply to be a duogard checkpoint "
+            f"manifest (it is damaged or was edited)"
+        ) from None
     except (UnicodeDecodeError, ValueError):
         raise CheckpointError(
             f"load_checkpoint: {directory / MANIFEST} is not JSON; not a duogard "

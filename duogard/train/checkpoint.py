@@ -265,6 +265,19 @@ def _restore_leaf(arr: np.ndarray, kind: str, be, device):
     return be.asarray(arr, dtype=arr.dtype.name, device=device)
 
 
+def _restore_key(data: np.ndarray, be, directory: Path):
+    """The key of ``be`` from its raw data, which must have the shape and dtype of ``be``'s keys
+    (raw data of another shape or dtype would load as a key that is not one).
+    """
+    like = np.asarray(be.key_data(be.key(0)))
+    if data.shape != like.shape or data.dtype != like.dtype:
+        raise CheckpointError(
+            f"load_checkpoint: {directory}: 'key' holds {data.dtype.name}{list(data.shape)}, but a "
+            f"{be.name} key is {like.dtype.name}{list(like.shape)} (the checkpoint is damaged or was edited)"
+        )
+    return be.key_from_data(data)
+
+
 _SCALAR_KINDS = {"int": "iu", "float": "f", "bool": "b"}
 
 
@@ -363,7 +376,7 @@ def load_checkpoint(
 
     key = None
     if manifest.get("key"):
-        key = tensors["key"] if be is None else be.key_from_data(tensors["key"])
+        key = tensors["key"] if be is None else _restore_key(tensors["key"], be, directory)
     info = {
         k: manifest.get(k)
         for k in ("duogard_version", "backend", "framework_version", "created", "format_version")
