@@ -316,3 +316,23 @@ def test_the_cli_grammar_still_reads_true_and_false():
     assert parse_method("forward:lean=false").estimator.lean is False
     assert parse_method("forward:orthogonal=true").estimator.orthogonal is True
     assert parse_method("forward-activity:layerwise=no").estimator.layerwise is False
+
+
+def test_big_endian_numpy_input_works_as_native(be):
+    """Big-endian NumPy arrays (as read from files) are copied to native byte order by asarray,
+    stage, convert and fit, instead of failing deep inside DLPack or jit."""
+    big = np.arange(4, dtype=">f4")
+    for moved in (be.asarray(big), be.stage(big), dg.convert({"w": big}, to=be.name)["w"]):
+        assert np.asarray(be.to_numpy(moved)).tolist() == [0, 1, 2, 3]
+        assert be.dtype_name(moved.dtype) == "float32"
+    with pytest.raises(ValueError, match=r"leaf 'w' needs a copy \(it is in non-native byte order \(>f4\)\)"):
+        dg.convert({"w": big}, to=be.name, copy=False)
+    data = _tiny_data()
+    x, y = data.x_train.astype(">f4"), data.y_train.astype(">i8")
+    swapped = Dataset("tiny", x, y, x[:4], y[:4], 3)
+    model = nn.Sequential(nn.Linear(3))
+    runs = [
+        dg.fit(model, model.init(0, d.example_input), d, backend=be.name, steps=2, batch_size=4, callbacks=[])
+        for d in (data, swapped)
+    ]
+    assert [h["loss"] for h in runs[1].history] == [h["loss"] for h in runs[0].history]

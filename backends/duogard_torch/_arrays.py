@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from duogard.backend import backend_of, threads_from_env
+from duogard.backend import backend_of, native_byte_order, threads_from_env
 
 from ._dlpack import dlpack_import
 
@@ -104,7 +104,9 @@ def device_kind(x) -> str:
 def asarray(x, dtype=None, device=None):
     dtype = as_dtype(dtype)
     if isinstance(x, np.ndarray):
-        if not x.flags.writeable:
+        if not x.dtype.isnative:
+            x = native_byte_order(x)  # big-endian NumPy: torch takes native byte order only
+        elif not x.flags.writeable:
             x = x.copy()  # torch refuses to wrap read-only NumPy memory
     elif not is_array(x):
         source = backend_of(x, fallback=False)

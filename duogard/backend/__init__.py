@@ -40,6 +40,7 @@ from duogard.backend._exchange import (
     device_label,
     device_spec,
     leaf_name,
+    native_byte_order,
     plan_move,
 )
 
@@ -60,6 +61,7 @@ __all__ = [
     "device_spec",
     "extra",
     "leaf_name",
+    "native_byte_order",
     "plan_move",
     "registered_backends",
     "threads_from_env",
