@@ -8,6 +8,7 @@ one line with the ``--debug`` hint). ``{tmp}`` in an argument is the test's temp
 
 from __future__ import annotations
 
+import argparse
 import errno
 import json
 import os
@@ -475,6 +476,20 @@ def test_an_existing_checkpoint_is_not_replaced_without_overwrite(be, tmp_path, 
     assert load_checkpoint(ck).step == 2 and load_checkpoint(ck).config["run"]["flags"]["seed"] == 1
 
 
+def test_a_restarted_torchrun_group_may_reuse_its_checkpoint_directory(tmp_path, monkeypatch):
+    """torchrun --max-restarts restarts the same command: its --checkpoint is its own (it resumes)."""
+    from duogard.cli.train import _check_not_another_run
+    from duogard.train import save_checkpoint
+
+    ck = tmp_path / "ck"
+    save_checkpoint(ck, params={"w": np.zeros(2, np.float32)}, step=3)
+    args = argparse.Namespace(checkpoint=str(ck), overwrite=False, resume=None)
+    with pytest.raises(dg.cli.UsageError, match="already holds a checkpoint"):
+        _check_not_another_run(args)
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    _check_not_another_run(args)
+
+
 def test_a_full_disk_at_a_periodic_save_keeps_the_previous_checkpoint(be, tmp_path, capsys, monkeypatch):
     """The save of step 2 fails half-written: its partial files are removed, step 1's checkpoint
     loads, --json says what failed, and the one line says all of it (exit 1)."""
@@ -499,8 +514,6 @@ def test_a_full_disk_at_a_periodic_save_keeps_the_previous_checkpoint(be, tmp_pa
 
 def test_an_interrupted_rank_says_rank_0_writes_the_checkpoint(tmp_path):
     """Under torchrun every rank stops on Ctrl-C; only rank 0 writes checkpoints."""
-    import argparse
-
     from duogard.cli.train import _interrupted_message
     from duogard.train import save_checkpoint
 

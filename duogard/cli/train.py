@@ -165,12 +165,15 @@ def _same_dir(a, b) -> bool:
 
 def _check_not_another_run(args) -> None:
     """``--checkpoint DIR`` holding a checkpoint is refused unless it is the one ``--resume``
-    continues, or ``--overwrite`` says to replace it (one run must not silently replace another's).
+    continues, or ``--overwrite`` says to replace it (one run must not silently replace another's),
+    or the group was restarted by ``torchrun --max-restarts`` (it resumes from its own).
     """
     from duogard.train import is_checkpoint
 
     if args.overwrite or not is_checkpoint(args.checkpoint):
         return
+    if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0").strip() not in ("", "0"):
+        return  # a group that torchrun restarted: the checkpoint is its own, and it resumes from it
     if args.resume and _same_dir(args.resume, args.checkpoint):
         return
     raise UsageError(
