@@ -122,6 +122,40 @@ _CONVERT_BIG_INT = """
 """
 
 
+def _loss_of(name, loss, estimator="forward"):
+    """``estimator`` on a tiny Linear model whose loss is ``loss(logits, labels)``."""
+    be = dg.backend(name)
+    model = nn.Sequential(nn.Linear(3))
+    x = np.random.default_rng(0).normal(size=(4, 2)).astype(np.float32)
+    params = dg.tree.tree_map(be.asarray, model.init(0, x))
+    loss_fn = dg.grad.supervised(model, loss)
+    return dg.estimator(estimator)(loss_fn, params, (be.asarray(x), be.asarray(np.arange(4) % 3)), be.key(0))
+
+
+def _int_loss(out, y, reduction="mean"):
+    xp = dg.backend_of(out).xp
+    return xp.sum(xp.astype(out * 100, xp.int32))  # a count: no gradient
+
+
+def _vector_loss(out, y, reduction="mean"):
+    return losses.cross_entropy(out, y, reduction="none")  # forgot to reduce
+
+
+def _threads_from(name, value):
+    """``threads_for`` of backend ``name`` with ``$DUOGARD_TORCH_THREADS`` set to ``value``."""
+    before = os.environ.get("DUOGARD_TORCH_THREADS")
+    os.environ["DUOGARD_TORCH_THREADS"] = value
+    try:
+        if name != "torch":
+            pytest.skip("DUOGARD_TORCH_THREADS is torch's")
+        return dg.backend(name).threads_for(1e6)
+    finally:
+        if before is None:
+            del os.environ["DUOGARD_TORCH_THREADS"]
+        else:
+            os.environ["DUOGARD_TORCH_THREADS"] = before
+
+
 def _schedule_for_arrays(step):
     """A schedule written for arrays only (it reads ``step.ndim``): checked when the state is made."""
     return 0.0 * step.ndim - 1.0
@@ -213,6 +247,39 @@ ROWS = [
      TypeError, "leaf 'w' is of dtype float8_e4m3fn; convert moves arrays of bool"),
     ("convert-sparse-torch", lambda b: _convert(b, _torch().eye(3).to_sparse()),
      TypeError, "leaf 'w' is a sparse_coo torch tensor"),
+    # 8. estimator options: a string where a bool or an int is expected ("false" is truthy)
+    ("forward-lean-string", lambda b: dg.estimator("forward", lean="false"),
+     TypeError, "forward: lean must be True or False, got str 'false'"),
+    ("forward-projection-string", lambda b: dg.estimator("forward", projection="no"),
+     TypeError, "forward: projection must be True or False, got str 'no'"),
+    ("forward-orthogonal-string", lambda b: dg.estimator("forward", orthogonal="no"),
+     TypeError, "forward: orthogonal must be True or False, got str 'no'"),
+    ("forward-orthogonal-int", lambda b: dg.estimator("forward", orthogonal=1),
+     TypeError, "forward: orthogonal must be True or False, got int 1"),
+    ("forward-activity-layerwise-string", lambda b: dg.estimator("forward-activity", layerwise="no"),
+     TypeError, "forward-activity: layerwise must be True or False, got str 'no'"),
+    ("forward-num_tangents-string", lambda b: dg.estimator("forward", num_tangents="4"),
+     TypeError, "forward: num_tangents must be a positive int, got str '4'"),
+    ("forward-exact-chunk_size-none", lambda b: dg.estimator("forward-exact", chunk_size=None),
+     TypeError, "forward-exact: chunk_size must be a positive int, got NoneType None"),
+    # 9. losses that cannot be differentiated: integer-valued (torch trained on a zero gradient),
+    # not a scalar (forward mode failed in a reshape)
+    ("backprop-integer-loss", lambda b: _loss_of(b, _int_loss, "backprop"),
+     TypeError, "backprop: the loss must be a floating-point scalar to be differentiated, got int"),
+    ("forward-integer-loss", lambda b: _loss_of(b, _int_loss, "forward"),
+     TypeError, "forward: the loss must be a floating-point scalar to be differentiated, got int"),
+    ("forward-exact-integer-loss", lambda b: _loss_of(b, _int_loss, "forward-exact"),
+     TypeError, "forward-exact: the loss must be a floating-point scalar"),
+    ("forward-activity-scalar-per-example-loss", lambda b: _loss_of(b, _int_loss, "forward-activity"),
+     ValueError, "forward-activity: the loss with reduction='none' must give one value per example"),
+    ("forward-vector-loss", lambda b: _loss_of(b, _vector_loss, "forward"),
+     ValueError, "forward: the loss must be a scalar (0-d), got an array of shape (4,)"),
+    ("backprop-vector-loss", lambda b: _loss_of(b, _vector_loss, "backprop"),
+     ValueError, "backprop: the loss must be a scalar (0-d), got an array of shape (4,)"),
+    # 10. the thread count of $DUOGARD_TORCH_THREADS (100000 crashed torch; the others named no variable)
+    *[(f"torch-threads-{v}", lambda b, v=v: _threads_from(b, v), ValueError,
+       f"$DUOGARD_TORCH_THREADS must be a positive int of at most 1024 threads, got '{v}'")
+      for v in ("100000", "0", "-1", "abc", "2.5")],
 ]  # fmt: skip
 
 
@@ -222,3 +289,50 @@ def test_bad_input_raises_naming_the_argument(be, row):
     with pytest.raises(exception) as info:
         call(be.name)
     assert substring in str(info.value), str(info.value)
+
+
+@pytest.mark.parametrize("options", [{}, {"tangents": "rank1"}, {"num_tangents": 3}, {"jvp": "framework"},
+                                     {"num_tangents": 3, "projection": True}])  # fmt: skip
+def test_forward_takes_float16_params_with_float32_data_as_backprop_does(be, options):
+    """Backprop computes in the promoted dtype and returns gradients in the params' dtype;
+    forward gradients (rules and framework paths) do the same instead of failing in a matmul.
+    (The native generator: float16 draws of the portable one are another issue.)"""
+    model = nn.Sequential(nn.Linear(5), nn.relu, nn.Linear(3))
+    x = np.random.default_rng(0).normal(size=(4, 4)).astype(np.float32)
+    params = dg.tree.tree_map(be.asarray, model.init(0, x, dtype="float16"))
+    batch = (be.asarray(x), be.asarray(np.arange(4) % 3))
+    loss_fn = dg.grad.supervised(model, losses.cross_entropy)
+    want, _ = dg.estimator("backprop")(loss_fn, params, batch)
+    loss, grads = dg.estimator("forward", generator="native", **options)(loss_fn, params, batch, be.key(0))
+    assert float(loss) == pytest.approx(float(want), rel=1e-5)
+    for g, p in zip(dg.tree.tree_leaves(grads), dg.tree.tree_leaves(params)):
+        assert be.dtype_name(g.dtype) == "float16" and tuple(g.shape) == tuple(p.shape)
+        assert np.isfinite(np.asarray(be.to_numpy(g), np.float32)).all()
+
+
+def test_the_cli_grammar_still_reads_true_and_false():
+    from duogard.cli import parse_method
+
+    assert parse_method("forward:lean=false").estimator.lean is False
+    assert parse_method("forward:orthogonal=true").estimator.orthogonal is True
+    assert parse_method("forward-activity:layerwise=no").estimator.layerwise is False
+
+
+def test_big_endian_numpy_input_works_as_native(be):
+    """Big-endian NumPy arrays (as read from files) are copied to native byte order by asarray,
+    stage, convert and fit, instead of failing deep inside DLPack or jit."""
+    big = np.arange(4, dtype=">f4")
+    for moved in (be.asarray(big), be.stage(big), dg.convert({"w": big}, to=be.name)["w"]):
+        assert np.asarray(be.to_numpy(moved)).tolist() == [0, 1, 2, 3]
+        assert be.dtype_name(moved.dtype) == "float32"
+    with pytest.raises(ValueError, match=r"leaf 'w' needs a copy \(it is in non-native byte order \(>f4\)\)"):
+        dg.convert({"w": big}, to=be.name, copy=False)
+    data = _tiny_data()
+    x, y = data.x_train.astype(">f4"), data.y_train.astype(">i8")
+    swapped = Dataset("tiny", x, y, x[:4], y[:4], 3)
+    model = nn.Sequential(nn.Linear(3))
+    runs = [
+        dg.fit(model, model.init(0, d.example_input), d, backend=be.name, steps=2, batch_size=4, callbacks=[])
+        for d in (data, swapped)
+    ]
+    assert [h["loss"] for h in runs[1].history] == [h["loss"] for h in runs[0].history]

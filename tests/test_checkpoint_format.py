@@ -112,7 +112,16 @@ TAMPERS = {
     "no step": (lambda m: m.pop("step"), "the manifest has no 'step'"),
     "step str": (lambda m: m.update(step="3"), "'step'] must be int, got str"),
     "step bool": (lambda m: m.update(step=True), "'step'] must be int, got bool"),
-    "step negative": (lambda m: m.update(step=-1), "'step' must be non-negative"),
+    "step negative": (lambda m: m.update(step=-1), "'step' must be a non-negative int64, got -1"),
+    "step 1e30": (lambda m: m.update(step=10**30), "'step' must be a non-negative int64, got 1e+30"),
+    "int kind on a float": (
+        lambda m: m["params"]["leaves"][0].update(kind="int", shape=[]),
+        "params leaf 'params.a' is a Python int but has dtype 'float64'",
+    ),
+    "key of floats": (
+        lambda m: m.update(key={"shape": [2], "dtype": "float32", "backend": None}),
+        "'key' must hold integers (raw key data), got dtype 'float32'",
+    ),
     "no tensors": (lambda m: m.pop("tensors"), "the manifest has no 'tensors'"),
     "tensors null": (lambda m: m.update(tensors=None), "'tensors'] must be dict, got null"),
     "no sha": (lambda m: m["tensors"].pop("sha256"), "'tensors' has no 'sha256'"),
@@ -170,6 +179,38 @@ def test_damaged_manifest_is_a_clear_error(tmp_path, name):
             load_checkpoint(tmp_path / "ck", like_params=like)
         assert isinstance(info.value, ValueError) and str(path) in str(info.value)
         assert message in str(info.value), str(info.value)
+
+
+@pytest.mark.parametrize("depth", [300, 100_000])
+def test_a_deeply_nested_manifest_is_a_clear_error(tmp_path, depth):
+    """Deeper than the checker's limit (200 levels), or than Python's recursion: no RecursionError."""
+    save_checkpoint(tmp_path / "ck", params={"a": np.zeros(2)}, step=1)
+    path = tmp_path / "ck" / MANIFEST
+    text = path.read_text()
+    nested = '{"type": "list", "children": [' * depth + '"*"' + "]}" * depth
+    start = text.index('"structure"')
+    end = text.index('"leaves"', start)
+    path.write_text(text[:start] + f'"structure": {nested}, ' + text[end:])
+    with pytest.raises(CheckpointError, match="nests (deeper than 200 levels|too deeply)") as info:
+        load_checkpoint(tmp_path / "ck")
+    assert str(path) in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "data", [np.arange(3, dtype=np.uint32), np.arange(2, dtype=np.int64)], ids=["shape", "dtype"]
+)
+def test_a_key_of_the_wrong_shape_or_dtype_does_not_load_as_a_key(be, tmp_path, data):
+    save_checkpoint(tmp_path / "ck", params={"a": np.zeros(2)}, step=1, key=data)
+    assert load_checkpoint(tmp_path / "ck").key.shape == data.shape  # raw data: as saved
+    with pytest.raises(
+        CheckpointError,
+        match=rf"'key' holds {data.dtype.name}\[{data.size}\], but a {be.name} key is uint32\[2\]",
+    ):
+        load_checkpoint(tmp_path / "ck", backend=be.name)
+    save_checkpoint(tmp_path / "ok", params={"a": np.zeros(2)}, step=1, key=be.key(3))
+    assert np.array_equal(
+        be.key_data(load_checkpoint(tmp_path / "ok", backend=be.name).key), be.key_data(be.key(3))
+    )
 
 
 def test_missing_tensor_file_is_a_clear_error(tmp_path):

@@ -295,6 +295,35 @@ def test_sigint_stops_train_after_the_step_and_checkpoints(tmp_path):
     assert "final loss" in out  # the summary of the steps taken
 
 
+@pytest.mark.integration
+def test_sigterm_stops_train_after_the_step_and_checkpoints(tmp_path):
+    """SIGTERM (schedulers, containers, torchrun) is Ctrl-C's twin: the step ends, the checkpoint
+    is written without --checkpoint-every, one line, exit 143 (128 + 15)."""
+    from duogard.train import load_checkpoint
+
+    ck, log = tmp_path / "ck", tmp_path / "log.jsonl"
+    argv = [sys.executable, "-m", "duogard", "train", "--hidden", "8", "--batch-size", "8", "--quiet"]
+    argv += ["--steps", "200000", "--eval-every", "100000", "--checkpoint", str(ck), "--log", str(log)]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 120
+        while not (log.exists() and log.stat().st_size > 0):  # steps ran
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, err
+    assert "Traceback" not in err
+    match = re.search(
+        rf"duogard train: terminated \(SIGTERM\) at step (\d+); checkpoint written to {re.escape(str(ck))}$",
+        err,
+    )
+    assert match, err
+    assert 0 < int(match.group(1)) < 200000 and load_checkpoint(ck).step == int(match.group(1))
+
+
 @pytest.fixture
 def python_sigint():
     """Python's own SIGINT handler (KeyboardInterrupt), whatever the test runner left, restored after."""

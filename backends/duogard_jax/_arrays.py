@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from duogard.backend import backend_of
+from duogard.backend import backend_of, native_byte_order
 
 from ._dlpack import dlpack_import
 
@@ -69,6 +69,7 @@ def device_kind(x) -> str:
 
 def asarray(x, dtype=None, device=None):
     dtype = as_dtype(dtype)
+    x = native_byte_order(x)  # big-endian NumPy: a native copy
     source = None if is_array(x) or isinstance(x, np.ndarray) else backend_of(x, fallback=False)
     if source is not None:
         # asking for a narrower dtype is an explicit downcast: let the import allow it
@@ -85,7 +86,7 @@ def asarray(x, dtype=None, device=None):
 
 
 def stage(x):
-    return x if isinstance(x, np.ndarray) else asarray(x)
+    return native_byte_order(x) if isinstance(x, np.ndarray) else asarray(x)
 
 
 def to_numpy(x) -> np.ndarray:

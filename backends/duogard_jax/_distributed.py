@@ -29,8 +29,8 @@ def dist_init(timeout: float = 300.0) -> tuple[int, int]:
     if jax.distributed.is_initialized():
         return dist_world()
     env = launch_env("jax dist_init")
-    if not timeout > 0:
-        raise DistributedError(f"jax dist_init: timeout must be positive seconds, got {timeout!r}")
+    if not 0 < timeout < float("inf"):  # inf overflows the frameworks' timeouts
+        raise DistributedError(f"jax dist_init: timeout must be finite positive seconds, got {timeout!r}")
     text = os.environ.get("DUOGARD_JAX_COORDINATOR_PORT")
     port = int(text) if text and text.isdigit() else env.master_port + 1
     if not 0 < port < 65536:

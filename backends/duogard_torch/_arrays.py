@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import torch
 
-from duogard.backend import backend_of
+from duogard.backend import backend_of, native_byte_order, threads_from_env
 
 from ._dlpack import dlpack_import
 
@@ -106,7 +104,9 @@ def device_kind(x) -> str:
 def asarray(x, dtype=None, device=None):
     dtype = as_dtype(dtype)
     if isinstance(x, np.ndarray):
-        if not x.flags.writeable:
+        if not x.dtype.isnative:
+            x = native_byte_order(x)  # big-endian NumPy: torch takes native byte order only
+        elif not x.flags.writeable:
             x = x.copy()  # torch refuses to wrap read-only NumPy memory
         if x.dtype.name == "bfloat16":  # ml_dtypes' (to_numpy's): torch reads it through int16
             x = torch.from_numpy(np.ascontiguousarray(x).view(np.int16)).view(torch.bfloat16)
@@ -140,9 +140,9 @@ _SMALL_WORK = 1e8  # floating-point operations per step below which one thread i
 
 
 def threads_for(work: float) -> str:
-    forced = os.environ.get("DUOGARD_TORCH_THREADS", "").strip()
-    if forced:
-        n, why = int(forced), "DUOGARD_TORCH_THREADS"
+    forced = threads_from_env("DUOGARD_TORCH_THREADS")  # validated: a huge count crashed torch
+    if forced is not None:
+        n, why = forced, "DUOGARD_TORCH_THREADS"
     elif work < _SMALL_WORK:
         n, why = 1, f"small steps, ~{work:.2g} flop"
     else:

@@ -36,8 +36,8 @@ def dist_init(timeout: float = 300.0) -> tuple[int, int]:
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     env = launch_env("torch dist_init")
-    if not timeout > 0:
-        raise DistributedError(f"torch dist_init: timeout must be positive seconds, got {timeout!r}")
+    if not 0 < timeout < float("inf"):  # inf overflows the frameworks' timeouts
+        raise DistributedError(f"torch dist_init: timeout must be finite positive seconds, got {timeout!r}")
     device = torch.device(default_device())
     group = "nccl" if device.type == "cuda" else "gloo"
     if group == "nccl":  # pragma: no cover - needs GPUs

@@ -40,6 +40,7 @@ from duogard.backend._exchange import (
     device_label,
     device_spec,
     leaf_name,
+    native_byte_order,
     plan_move,
 )
 
@@ -60,10 +61,37 @@ __all__ = [
     "device_spec",
     "extra",
     "leaf_name",
+    "native_byte_order",
     "plan_move",
     "registered_backends",
+    "threads_from_env",
     "use_backend",
 ]
+
+#: The most threads an environment variable may ask for (torch crashed on 100000).
+MAX_THREADS = 1024
+
+
+def threads_from_env(variable: str) -> int | None:
+    """The thread count that environment variable ``variable`` forces (None: unset or blank).
+
+    A positive int, at most :data:`MAX_THREADS` (1024: far past any CPU count where more
+    threads help, and far below the counts that crashed torch).
+
+    Raises:
+        ValueError: anything else, naming the variable, what it must be and what it holds.
+    """
+    text = os.environ.get(variable, "").strip()
+    if not text:
+        return None
+    try:
+        n = int(text)
+    except ValueError:
+        n = None
+    if n is None or not 1 <= n <= MAX_THREADS:
+        raise ValueError(f"${variable} must be a positive int of at most {MAX_THREADS} threads, got {text!r}")
+    return n
+
 
 _ENTRY_POINT_GROUP = "duogard.backends"
 _BUILTIN = {"jax": "duogard_jax", "torch": "duogard_torch"}

@@ -19,6 +19,7 @@ __all__ = [
     "device_label",
     "device_spec",
     "leaf_name",
+    "native_byte_order",
     "plan_move",
 ]
 
@@ -79,6 +80,17 @@ class ExportedArray:
 
     def __dlpack_device__(self):
         return self.array.__dlpack_device__()
+
+
+def native_byte_order(x):
+    """``x``, or for a NumPy array in the other byte order (``np.arange(4, dtype=">f4")`` on a
+    little-endian machine) a copy in the machine's own: DLPack, JAX and torch take native arrays
+    only (and JAX's jit refused the array without naming it).
+    """
+    dtype = getattr(x, "dtype", None)
+    if dtype is not None and type(x).__module__ == "numpy" and not dtype.isnative:
+        return x.astype(dtype.newbyteorder("="))
+    return x
 
 
 def check_draw_rows(kind: str, keys: Sequence[Any], sizes: Sequence[int]) -> list[int]:

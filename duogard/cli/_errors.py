@@ -3,7 +3,7 @@
 Exit codes: 0 success; 1 a run failed (a non-finite loss, an output that could not be written,
 or an error inside duogard: one line, the traceback with ``--debug``); 2 a usage error (a
 :class:`UsageError`: a bad flag, method, path or dataset, or a framework that is not
-installed); 130 interrupted (Ctrl-C).
+installed); 130 interrupted (Ctrl-C), 143 terminated (SIGTERM).
 """
 
 from __future__ import annotations
@@ -12,7 +12,14 @@ import sys
 import traceback
 from collections.abc import Callable
 
-__all__ = ["UsageError", "OutputError", "RunInterruptedError", "report_errors", "EXIT_INTERRUPTED"]
+__all__ = [
+    "UsageError",
+    "OutputError",
+    "RunFailedError",
+    "RunInterruptedError",
+    "report_errors",
+    "EXIT_INTERRUPTED",
+]
 
 #: The exit status of a command stopped by SIGINT (128 + 2, as shells report it).
 EXIT_INTERRUPTED = 130
@@ -31,14 +38,28 @@ class OutputError(Exception):
     """An output that could not be written at the end of a run; what the run printed stands (exit 1)."""
 
 
+class RunFailedError(Exception):
+    """A run that ended but failed, said in one line by its message (exit 1): too many skipped
+    steps, a checkpoint the disk refused.
+    """
+
+
 class RunInterruptedError(Exception):
-    """A run stopped by Ctrl-C after writing what it could; the message says what (exit 130)."""
+    """A run stopped by Ctrl-C or SIGTERM after writing what it could; the message says what.
+
+    Exits ``exit_code``: 130 after Ctrl-C (SIGINT), 143 after SIGTERM.
+    """
+
+    def __init__(self, message: str, *, exit_code: int = EXIT_INTERRUPTED):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 def report_errors(name: str, run: Callable, args, *, prog: str | None = None) -> int:
     """``run(args)``'s exit code, with any error said in one line on stderr.
 
-    :class:`UsageError` exits 2, :class:`RunInterruptedError` and ``KeyboardInterrupt`` 130,
+    :class:`UsageError` exits 2, :class:`RunInterruptedError` its ``exit_code`` (130, 143),
+    ``KeyboardInterrupt`` 130,
     ``FloatingPointError`` (a non-finite run) 1 with its message, and every other exception
     1 with its type and message. ``args.debug`` also prints the traceback. Messages start
     with ``prog`` (default ``duogard NAME``).
@@ -59,7 +80,7 @@ def report_errors(name: str, run: Callable, args, *, prog: str | None = None) ->
 
 
 def _one_line(prog: str, exc: Exception) -> str:
-    if isinstance(exc, (UsageError, OutputError)):
+    if isinstance(exc, (UsageError, OutputError, RunFailedError)):
         return f"{prog}: error: {exc}"
     if isinstance(exc, RunInterruptedError):
         return f"{prog}: {exc}"
@@ -74,5 +95,5 @@ def _exit_code(exc: Exception) -> int:
     if isinstance(exc, UsageError):
         return 2
     if isinstance(exc, RunInterruptedError):
-        return EXIT_INTERRUPTED
+        return exc.exit_code
     return 1

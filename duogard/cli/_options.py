@@ -18,11 +18,14 @@ __all__ = [
     "parse_hidden",
     "load_data",
     "build_model_from_args",
+    "model_sizes",
     "parse_backends",
     "OPTIMIZERS",
 ]
 
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
+#: The longest ``--dist-timeout``: a week (inf, or a number past what a timedelta holds, overflowed)
+MAX_DIST_TIMEOUT = 7 * 86400.0
 DATASETS_HELP = (
     "digits (built in), auto (mnist if its IDX files are in --data-dir, else digits), "
     "mnist, fashion-mnist, synthetic"
@@ -102,8 +105,6 @@ def data_parallel(args):
     """The run's :class:`~duogard.train.DataParallel`, or None for a single-process run."""
     if args.distributed == "off" or (args.distributed == "auto" and not os.environ.get("WORLD_SIZE")):
         return None
-    if not args.dist_timeout > 0:
-        raise UsageError(f"--dist-timeout must be positive seconds, got {args.dist_timeout}")
     from duogard.train import DataParallel
 
     return DataParallel(tangents=args.dist_tangents, timeout=args.dist_timeout)
@@ -157,12 +158,24 @@ def check_common(args) -> None:
     for flag in ("batch_size", "channels", "cnn_hidden", "lr"):
         if hasattr(args, flag):
             _positive("--" + flag.replace("_", "-"), getattr(args, flag))
-    if getattr(args, "steps", 1) < 0:
-        raise UsageError(f"--steps must be >= 0, got {args.steps}")
+    if getattr(args, "steps", 1) < 1:  # 0 steps would print nan for every figure
+        raise UsageError(f"--steps must be a positive int, got {args.steps}")
     if getattr(args, "decay", 0.0) < 0:
         raise UsageError(f"--decay must be >= 0, got {args.decay}")
     if getattr(args, "hidden", None) is not None:
         parse_hidden(args.hidden, "digits")
+    try:  # the torch backend reads it at the first step: a bad value is refused before any work
+        from duogard.backend import threads_from_env
+
+        threads_from_env("DUOGARD_TORCH_THREADS")
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    timeout = getattr(args, "dist_timeout", None)
+    if timeout is not None and not 0 < timeout <= MAX_DIST_TIMEOUT:
+        raise UsageError(
+            f"--dist-timeout must be finite positive seconds, at most {MAX_DIST_TIMEOUT:g} (a week), "
+            f"got {timeout}"
+        )
 
 
 def check_every(flag: str, value, *, zero: bool = False) -> None:
@@ -219,21 +232,33 @@ def _load_data(args, say):
         return dg.data.load("digits", seed=args.seed)
 
 
+def model_sizes(args, data) -> dict:
+    """The size flags of ``--model`` with their defaults filled in for ``data`` (what a run records)."""
+    small = data.name == "digits"
+    if args.model == "cnn":
+        return {
+            "channels": args.channels or (16 if small else 64),
+            "cnn_hidden": args.cnn_hidden or (128 if small else 1024),
+        }
+    if args.model == "mlp":
+        return {"hidden": parse_hidden(args.hidden, data.name)}
+    return {}
+
+
 def build_model_from_args(args, data):
     """``(model, title)`` for ``--model`` and its size flags (the paper's sizes beyond digits)."""
     from duogard.train import build_model
 
-    small = data.name == "digits"
+    sizes = model_sizes(args, data)
     if args.model == "logreg":
         return build_model(
             "logreg", data.num_classes
         ), f"logistic regression {data.x_train[0].size}-{data.num_classes}"
     if args.model == "cnn":
-        channels = args.channels or (16 if small else 64)
-        cnn_hidden = args.cnn_hidden or (128 if small else 1024)
+        channels, cnn_hidden = sizes["channels"], sizes["cnn_hidden"]
         model = build_model("cnn", data.num_classes, channels=channels, cnn_hidden=cnn_hidden)
         return model, f"CNN 4 x conv3x3({channels}), linear {cnn_hidden}, {data.num_classes} classes"
-    hidden = parse_hidden(args.hidden, data.name)
+    hidden = sizes["hidden"]
     sizes = "-".join(map(str, (data.x_train[0].size, *hidden, data.num_classes)))
     return build_model("mlp", data.num_classes, hidden=hidden), f"MLP {sizes}"
 

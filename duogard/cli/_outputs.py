@@ -14,11 +14,48 @@ from pathlib import Path
 
 from duogard.cli._errors import OutputError, UsageError
 
-__all__ = ["check_output_file", "check_output_dir", "check_resume", "write_text", "output_error"]
+__all__ = [
+    "check_output_file",
+    "check_output_dir",
+    "check_resume",
+    "check_names",
+    "write_text",
+    "output_error",
+]
 
 
 def _reason(exc: OSError) -> str:
     return exc.strerror or str(exc)
+
+
+#: The longest file or directory name (bytes) where the file system does not say (Linux's NAME_MAX).
+NAME_MAX = 255
+
+
+def _name_max(path: Path) -> int:
+    """The longest name the file system of ``path``'s nearest existing ancestor allows."""
+    for ancestor in (path.absolute(), *path.absolute().parents):
+        try:
+            if ancestor.is_dir():
+                return os.pathconf(ancestor, "PC_NAME_MAX")
+        except (OSError, ValueError, AttributeError):  # no pathconf (Windows), or no limit
+            break
+    return NAME_MAX
+
+
+def check_names(path, flag: str) -> None:
+    """Refuse, as a usage error naming ``flag``, a path with a name longer than the file system allows
+    (it would fail only when the file is written, after the run).
+    """
+    path = Path(path)
+    limit = _name_max(path)
+    for part in path.parts:
+        size = len(os.fsencode(part))
+        if size > limit:
+            raise UsageError(
+                f"{flag} {path}: the name {part[:24]}... is {size} bytes, longer than the {limit} this "
+                "file system allows"
+            )
 
 
 def _make_dir(path: Path, flag: str, given: Path | None = None) -> None:
@@ -50,6 +87,7 @@ def check_output_dir(path, flag: str) -> Path:
         UsageError: it is a file, sits under one, or cannot be created or written in.
     """
     path = Path(path)
+    check_names(path, flag)
     _make_dir(path, flag)
     _probe_dir(path, flag)
     return path
@@ -65,6 +103,7 @@ def check_output_file(path, flag: str) -> Path:
         UsageError: it is a directory, its directory cannot be made or written, or it is read-only.
     """
     path = Path(path)
+    check_names(path, flag)
     if path.is_dir():
         raise UsageError(f"{flag} {path}: is a directory, not a file")
     _make_dir(path.parent, flag, path)
@@ -86,6 +125,7 @@ def check_resume(path, flag: str = "--resume") -> None:
     from duogard.train.checkpoint import MANIFEST
 
     p = Path(path)
+    check_names(p, flag)
     if p.is_file() and p.name == MANIFEST:
         return
     if not p.exists():

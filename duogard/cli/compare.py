@@ -128,7 +128,8 @@ def _run(args) -> int:
         runs = result["runs"]
         last = f" ({runs[-1]['backend']} {runs[-1]['method']} at step {runs[-1]['steps']})" if runs else ""
         raise RunInterruptedError(
-            f"interrupted after {len(runs)} of {len(result['config']['backends']) * len(specs)} runs{last}"
+            f"{guard.what} after {len(runs)} of {len(result['config']['backends']) * len(specs)} runs{last}",
+            exit_code=guard.exit_code,
         )
     return 0
 

@@ -6,7 +6,7 @@ import math
 
 from duogard.backend import check_generator
 from duogard.grad import _rules
-from duogard.grad._base import Estimator, params_backend, register
+from duogard.grad._base import Estimator, check_bool, params_backend, register
 from duogard.grad._forward import forward_mode_errors
 from duogard.grad._objective import Supervised, _unpack
 from duogard.nn import Conv2d, Linear, Sequential
@@ -52,7 +52,7 @@ class ForwardActivity(Estimator):
         except ValueError as exc:
             raise ValueError(f"forward-activity: {exc}") from None
         self.distribution = distribution
-        self.layerwise = bool(layerwise)
+        self.layerwise = check_bool("forward-activity", "layerwise", layerwise)
         self._shapes: dict = {}
 
     # -- which layers, and their output shapes
@@ -134,6 +134,7 @@ class ForwardActivity(Estimator):
         def per_example(perturb):
             out, inputs = perturbed_forward(be, model, params, x, perturb, key=dkey)
             values = loss(out, y, reduction="none")
+            _check_per_example(be, values, x.shape[0])
             # each example's share of the batch-mean loss (ops are dear under forward AD: no
             # reshape and sum for the usual one value per example)
             count = math.prod(values.shape)
@@ -179,6 +180,23 @@ def perturbed_forward(be, model, params, x, perturb: dict, *, key=None):
         if name in perturb:
             x = x + perturb[name]
     return x, inputs
+
+
+def _check_per_example(be, values, batch: int) -> None:
+    """The loss's ``reduction="none"`` values: floating point, and one (or more) per example."""
+    shape = tuple(values.shape)
+    if not shape or shape[0] != batch:
+        raise ValueError(
+            f"forward-activity: the loss with reduction='none' must give one value per example, shape "
+            f"({batch}, ...), got shape {shape}; a loss function for it takes reduction= (e.g. "
+            "duogard.losses.cross_entropy)"
+        )
+    name = be.dtype_name(values.dtype)
+    if not name.startswith(("float", "bfloat")):
+        raise TypeError(
+            f"forward-activity: the loss must be floating point to be differentiated, got {name}; an "
+            "integer-valued loss (a count, an argmax) has no gradient: compute it in floating point"
+        )
 
 
 def _parameterless(layer) -> bool:

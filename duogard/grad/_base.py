@@ -20,11 +20,24 @@ __all__ = [
     "estimator",
     "ESTIMATORS",
     "params_backend",
+    "check_bool",
 ]
 
 
 class ForwardModeError(NotImplementedError):
     """A forward gradient cannot be computed for this loss (raised instead of a wrong number)."""
+
+
+def check_bool(method: str, name: str, value) -> bool:
+    """Option ``name`` of estimator ``method`` as a bool: True or False (NumPy's too), nothing else.
+
+    Raises:
+        TypeError: any other value (``"false"`` is a non-empty string, so truthy: refused rather
+            than read as True).
+    """
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise TypeError(f"{method}: {name} must be True or False, got {type(value).__name__} {value!r}")
 
 
 def params_backend(params):

@@ -5,8 +5,10 @@ from __future__ import annotations
 import contextlib
 import math
 
+import numpy as np
+
 from duogard.backend import check_generator
-from duogard.grad._base import Estimator, FlatView, ForwardModeError, params_backend, register
+from duogard.grad._base import Estimator, FlatView, ForwardModeError, check_bool, params_backend, register
 from duogard.grad._rules import plan as _rules_plan
 from duogard.grad._rules import sequential_loss_jvp
 from duogard.tree import Rank1, tree_leaves, tree_map
@@ -20,6 +22,7 @@ __all__ = [
     "draw_leaf_tangents",
     "forward_mode_errors",
     "jvp_loss",
+    "check_loss",
 ]
 
 _DISTRIBUTIONS = ("normal", "rademacher")
@@ -83,10 +86,33 @@ def forward_mode_errors(method: str):
         raise
 
 
+def check_loss(be, value, method: str):
+    """``value``, a loss, after checking it is a 0-d floating-point array.
+
+    An integer loss has no gradient (torch would train on a zero gradient without a word, JAX
+    fails deep inside), and a non-scalar loss has no single directional derivative (forward mode
+    failed on a reshape): both are refused here, naming what came, on every backend.
+    """
+    shape = tuple(getattr(value, "shape", ()))
+    if shape:
+        raise ValueError(
+            f"{method}: the loss must be a scalar (0-d), got an array of shape {shape}; reduce it "
+            "(e.g. its mean) in the loss function"
+        )
+    dtype = getattr(value, "dtype", None)
+    name = be.dtype_name(dtype) if dtype is not None and be.is_array(value) else type(value).__name__
+    if not name.startswith(("float", "bfloat")):
+        raise TypeError(
+            f"{method}: the loss must be a floating-point scalar to be differentiated, got {name}; an "
+            "integer-valued loss (a count, an argmax) has no gradient: compute it in floating point"
+        )
+    return value
+
+
 def jvp_loss(be, loss_fn, params, batch, tangent, method="forward"):
     """``(loss, ∇f·v)`` from one JVP of ``loss_fn(·, batch)`` at ``params`` along ``tangent``."""
     with forward_mode_errors(method):
-        return be.jvp(lambda p: loss_fn(p, batch), (params,), (tangent,))
+        return be.jvp(lambda p: check_loss(be, loss_fn(p, batch), method), (params,), (tangent,))
 
 
 @register("backprop")
@@ -95,17 +121,21 @@ class Backprop(Estimator):
 
     def estimate(self, loss_fn, params, batch, tangents=None):
         be = params_backend(params)
-        return be.value_and_grad(loss_fn)(params, batch)
+        return be.value_and_grad(lambda p, b: check_loss(be, loss_fn(p, b), "backprop"))(params, batch)
 
 
-def _positive(name: str, value, kind=int):
+def _positive(name: str, value, kind=int, method: str = "forward"):
+    if not isinstance(value, (int, float, np.integer, np.floating)):  # a string, None, ...
+        raise TypeError(
+            f"{method}: {name} must be a positive {kind.__name__}, got {type(value).__name__} {value!r}"
+        )
     if (
         isinstance(value, bool)
         or not isinstance(value, (int, float))
         or value <= 0
         or (kind is int and int(value) != value)
     ):
-        raise ValueError(f"forward: {name} must be a positive {kind.__name__}, got {value!r}")
+        raise ValueError(f"{method}: {name} must be a positive {kind.__name__}, got {value!r}")
     return kind(value)
 
 
@@ -190,9 +220,9 @@ class Forward(Estimator):
         if distribution not in _DISTRIBUTIONS:
             raise ValueError(f"forward: distribution must be one of {_DISTRIBUTIONS}, got {distribution!r}")
         self.distribution = distribution
-        self.orthogonal = bool(orthogonal)
-        self.projection = bool(projection)
-        self.lean = bool(lean)
+        self.orthogonal = check_bool("forward", "orthogonal", orthogonal)
+        self.projection = check_bool("forward", "projection", projection)
+        self.lean = check_bool("forward", "lean", lean)
         if self.tangents == "rank1" and self.orthogonal:
             raise ValueError(
                 "forward: orthogonal=True turns the K tangents into an orthonormal frame, which is not "
@@ -286,20 +316,29 @@ class Forward(Estimator):
         average of the estimates.
         """
         xp, k = params_backend(ds).xp, self.num_tangents
+
+        def like(c, t):
+            # in the tangent's (the leaf's) dtype: float16 params with float32 data give float32
+            # directional derivatives, and the gradient keeps the params' dtype (as backprop's)
+            dtype = (t.u if isinstance(t, Rank1) else t).dtype
+            return c if c.dtype == dtype else xp.astype(c, dtype)
+
         if k == 1 and not self.projection:
             d = ds[0]
-            return tree_map(lambda t: d * (t.dense(xp) if isinstance(t, Rank1) else t)[0], vtree)
+            return tree_map(lambda t: like(d, t) * (t.dense(xp) if isinstance(t, Rank1) else t)[0], vtree)
         if self.projection:
             # the Gram matrix of the K flat tangents, summed over the leaves
             gram = sum(_gram(xp, t, k) for t in tree_leaves(vtree))
+            gram = gram if gram.dtype == ds.dtype else xp.astype(gram, ds.dtype)
             weights, divisor = xp.linalg.solve(gram, ds[:, None])[:, 0], 1
         else:
             weights, divisor = ds, k
 
         def combine(t):
+            c = like(weights, t)
             if isinstance(t, Rank1):  # sum_k c_k u_k w_kᵀ: one (m, K) by (K, n) product
-                return t.combine(xp, weights) / divisor
-            return xp.reshape(xp.matmul(weights[None, :], xp.reshape(t, (k, -1)))[0], t.shape[1:]) / divisor
+                return t.combine(xp, c) / divisor
+            return xp.reshape(xp.matmul(c[None, :], xp.reshape(t, (k, -1)))[0], t.shape[1:]) / divisor
 
         return tree_map(combine, vtree)
 
@@ -506,7 +545,7 @@ class ForwardExact(Estimator):
     """
 
     def __init__(self, *, chunk_size: int = 256):
-        self.chunk_size = _positive("chunk_size", chunk_size)
+        self.chunk_size = _positive("chunk_size", chunk_size, method="forward-exact")
 
     def estimate(self, loss_fn, params, batch, tangents=None):
         be = params_backend(params)

@@ -81,6 +81,11 @@ def _linear(be, layer, p, tp, x, tx, k):
     w = p["weight"]
     y = be.linear(x, w, p["bias"] if layer.bias else None)
     tw = tp.get("weight")
+    if x.dtype != w.dtype:  # be.linear promotes (float32 data, float16 params: float32); so do its tangents
+        dt = y.dtype
+        cast = lambda a: a if a is None or a.dtype == dt else xp.astype(a, dt)  # noqa: E731
+        x, tx, w = cast(x), cast(tx), cast(w)
+        tw = Rank1(cast(tw.u), cast(tw.w)) if isinstance(tw, Rank1) else cast(tw)
     ty = None  # stays None without param tangents (activity perturbation): only tx moves
     if isinstance(tw, Rank1):
         # x (u wᵀ)ᵀ = (x·w) uᵀ: one (B, in) by (in, K) product for all K tangents, then an

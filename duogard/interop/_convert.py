@@ -110,7 +110,14 @@ from typing import Any
 import numpy as np
 import optree
 
-from duogard.backend import backend, backend_of, device_label, registered_backends
+from duogard.backend import (
+    backend,
+    backend_of,
+    copy_refused,
+    device_label,
+    native_byte_order,
+    registered_backends,
+)
 from duogard.tree import tree_flatten, tree_unflatten
 
 __all__ = ["convert"]
@@ -340,6 +347,10 @@ def _convert_leaf(x, source, target, src_dev, dest, *, copy, allow_downcast, whe
         )
     if source is _NUMPY:
         obj = np.asarray(x)  # a NumPy scalar becomes a 0-d array
+        if not obj.dtype.isnative and target is not _NUMPY:  # DLPack takes native byte order only
+            if copy is False:
+                raise copy_refused(where, f"it is in non-native byte order ({obj.dtype.str})")
+            obj = native_byte_order(obj)
     else:
         obj = source.dlpack_export(
             x, copy=False if copy is False else None, device=dest if by_source else None, where=where

@@ -269,6 +269,8 @@ class Checkpointer(Callback):
             stopped by an error after its first step (the params are then the last good ones).
         resume: a checkpoint directory to continue from before the first step (exactly: the
             same batches and keys follow), or True for ``directory`` itself.
+        config: a JSON-serialisable dict added to every checkpoint's ``config`` (beside the
+            backend and the estimator's name): the command line records its flags there.
 
     From the start of the run to its end, the Checkpointer holds ``directory``'s writer
     lock: a second run writing to the same directory (another process, or another
@@ -279,11 +281,15 @@ class Checkpointer(Callback):
 
     order = 5
 
-    def __init__(self, directory=None, *, every: int | None = None, resume=None):
+    def __init__(self, directory=None, *, every: int | None = None, resume=None, config: dict | None = None):
         self.directory = directory
         self.every = _every("Checkpointer", every)
+        if config is not None and not isinstance(config, dict):
+            raise TypeError(f"Checkpointer: config must be a dict or None, got {type(config).__name__}")
+        self.config = dict(config or {})
         self.resume = directory if resume is True else (None if resume is False else resume)
         self._lock = None
+        self._failed: int | None = None  # the step whose save failed
         if directory is None and (self.resume is None or every is not None):
             raise ValueError(
                 "Checkpointer: directory is None, so nothing would be written: give a directory, "
@@ -313,8 +319,9 @@ class Checkpointer(Callback):
             return
         try:
             # also after an error, once a step has run: a non-finite step leaves the last good
-            # params in run.params, and an interrupted run keeps its steps
-            if run.completed or run.result.step > run.start:
+            # params in run.params, and an interrupted run keeps its steps; not again the step
+            # whose save just failed (a full disk): its error is the one the run reports
+            if (run.completed or run.result.step > run.start) and run.result.step != self._failed:
                 self.save(run, run.result.step)
         finally:
             lock, self._lock = self._lock, None
@@ -332,12 +339,16 @@ class Checkpointer(Callback):
             opt_state=run.opt_state,
             step=step,
             key=run.key,
-            config={"backend": run.be.name, "estimator": run.result.estimator},
+            config={"backend": run.be.name, "estimator": run.result.estimator, **self.config},
         )
-        if self._lock is not None:
-            save_locked(self._lock, **kwargs)
-        else:
-            save_checkpoint(self.directory, **kwargs)
+        try:
+            if self._lock is not None:
+                save_locked(self._lock, **kwargs)
+            else:
+                save_checkpoint(self.directory, **kwargs)
+        except OSError:  # CheckpointWriteError: says the previous checkpoint is intact
+            self._failed = step
+            raise
 
 
 _ACTIONS = ("raise", "skip")

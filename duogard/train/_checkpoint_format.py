@@ -22,6 +22,7 @@ import numpy as np
 
 __all__ = [
     "CheckpointError",
+    "CheckpointWriteError",
     "FORMAT",
     "FORMAT_VERSION",
     "MANIFEST",
@@ -37,6 +38,13 @@ FORMAT_VERSION = 1
 MANIFEST = "checkpoint.json"
 
 _KINDS = ("array", "int", "float", "bool")
+# the dtypes a Python-number leaf is stored as (save_checkpoint writes int64, float64, bool)
+_KIND_DTYPES = {"int": ("int", "uint"), "float": ("float",), "bool": ("bool",)}
+#: How deep a manifest's tree structure may nest (deeper: a damaged or hostile manifest, refused
+#: before Python's recursion limit turns it into a bare RecursionError).
+MAX_DEPTH = 200
+#: The largest step a manifest may hold (an int64, what every step counter is).
+MAX_STEP = 2**63 - 1
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 # safetensors' dtype tags, as NumPy dtype names (BF16: ml_dtypes.bfloat16)
 _TAGS = {
@@ -61,6 +69,28 @@ WRITABLE = frozenset(_TAGS.values())
 
 class CheckpointError(ValueError):
     """A checkpoint's files are damaged, edited or inconsistent (a ``ValueError``)."""
+
+
+class CheckpointWriteError(OSError):
+    """A save that the file system refused (no space left, a quota, an I/O error): an ``OSError``.
+
+    Nothing of the failed save is left in the directory (its temporary and uncommitted files
+    are removed, freeing their space), and the checkpoint committed before it, if any, is
+    intact; the message names the directory and says which step that is.
+
+    Attributes:
+        errno: the operating system's error number (``errno.ENOSPC`` for a full disk).
+        step: the step the failed save was writing.
+        previous_step: the step of the intact checkpoint in the directory (None: none).
+        directory: the checkpoint directory.
+    """
+
+    def __init__(self, message: str, *, errno: int | None, step: int, previous_step: int | None, directory):
+        super().__init__(message)
+        self.errno, self.step, self.previous_step, self.directory = errno, step, previous_step, directory
+
+    def __str__(self) -> str:
+        return self.args[0]
 
 
 # ----------------------------------------------------------------------------- dtypes
@@ -145,8 +175,10 @@ class _Checker:
         if not isinstance(value, list) or not all(_is_int(d) and d >= 0 for d in value):
             self.fail(f"{where} must be a list of non-negative ints, got {value!r:.60}")
 
-    def structure(self, part: str, node, prefix: str | None, names: list) -> None:
+    def structure(self, part: str, node, prefix: str | None, names: list, depth: int = 0) -> None:
         """Append the dotted leaf names ``node`` implies (None where a custom node hides them)."""
+        if depth > MAX_DEPTH:
+            self.fail(f"{part} structure nests deeper than {MAX_DEPTH} levels")
         if node == "*":
             names.append(prefix)
             return
@@ -179,7 +211,7 @@ class _Checker:
             self.fail(f"{at}: {len(entries)} keys/fields for {len(children)} children")
         for entry, child in zip(entries, children):
             child_prefix = None if entry is None or prefix is None else f"{prefix}.{entry}"
-            self.structure(part, child, child_prefix, names)
+            self.structure(part, child, child_prefix, names, depth + 1)
 
     def part(self, manifest: dict, part: str, required: bool) -> None:
         meta = manifest.get(part)
@@ -205,6 +237,9 @@ class _Checker:
                 self.fail(f"{at} has kind {kind!r:.40}, expected one of {_KINDS}")
             if kind != "array" and leaf["shape"]:
                 self.fail(f"{at} is a Python {kind} but has shape {leaf['shape']}")
+            if kind != "array" and not leaf["dtype"].startswith(_KIND_DTYPES[kind]):
+                # a float leaf marked "int" would load truncated (2.7 as 2)
+                self.fail(f"{at} is a Python {kind} but has dtype {leaf['dtype']!r:.40}")
             keys.append(key)
         dupes = sorted({k for k in keys if keys.count(k) > 1})
         if dupes:
@@ -234,8 +269,8 @@ def check_manifest(manifest: Any, where: Path) -> dict:
             f"this duogard reads up to {FORMAT_VERSION}"
         )
     step = check.field(manifest, "step", "the manifest", (int,))
-    if step < 0:
-        check.fail(f"'step' must be non-negative, got {step}")
+    if not 0 <= step <= MAX_STEP:
+        check.fail(f"'step' must be a non-negative int64, got {step:.3g}")
     tensors = check.field(manifest, "tensors", "the manifest", (dict,))
     name = check.field(tensors, "file", "'tensors'", (str,))
     if Path(name).name != name or name.startswith(".") or not name.endswith(".safetensors"):
@@ -251,7 +286,9 @@ def check_manifest(manifest: Any, where: Path) -> dict:
         if not isinstance(key, dict):
             check.fail(f"'key' must be an object or null, got {_type(key)}")
         check.shape(check.field(key, "shape", "'key'", (list,)), "'key' shape")
-        check.field(key, "dtype", "'key'", (str,))
+        dtype = check.field(key, "dtype", "'key'", (str,))
+        if not dtype.startswith(("int", "uint")):
+            check.fail(f"'key' must hold integers (raw key data), got dtype {dtype!r:.40}")
         check.field(key, "backend", "'key'", (str,), allow_none=True)
     return manifest
 

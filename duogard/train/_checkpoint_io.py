@@ -20,6 +20,7 @@ import numpy as np
 from duogard.train._checkpoint_format import (
     MANIFEST,
     CheckpointError,
+    CheckpointWriteError,
     check_manifest,
     check_tensors,
     decode_tensors,
@@ -73,17 +74,27 @@ def make_dir(directory: Path) -> Path:
 
 def committed_tensor_file(directory: Path) -> str | None:
     """The tensor file the current manifest names (None: no manifest, or not a readable one)."""
+    return _committed(directory)[0]
+
+
+def _committed(directory: Path) -> tuple[str | None, int | None]:
+    """``(tensor file, step)`` of the current manifest (None for what it does not say readably)."""
     try:
-        name = json.loads(read_file(directory / MANIFEST))["tensors"]["file"]
+        manifest = json.loads(read_file(directory / MANIFEST))
+        name, step = manifest["tensors"]["file"], manifest["step"]
     except (OSError, ValueError, TypeError, KeyError):
-        return None
-    return name if isinstance(name, str) else None
+        return None, None
+    return (name if isinstance(name, str) else None), (step if type(step) is int else None)
 
 
 def commit(directory: Path, blob: bytes, manifest: dict, step: int, *, exclusive: bool = True) -> Path:
     """Write the tensor file and then the manifest (the commit point); the caller holds the lock.
 
     ``exclusive``: the lock keeps other processes out, so temporaries of others are stale.
+
+    Raises:
+        CheckpointWriteError: the file system refused a write (a full disk); the files of this
+            save are removed and the previous checkpoint stands (the message says so).
     """
     token = secrets.token_hex(4)
     tensor_name = f"tensors-{step:08d}-{token}.safetensors"
@@ -92,18 +103,39 @@ def commit(directory: Path, blob: bytes, manifest: dict, step: int, *, exclusive
         "bytes": len(blob),
         "sha256": hashlib.sha256(blob).hexdigest(),
     }
-    previous = committed_tensor_file(directory)
+    previous, previous_step = _committed(directory)
     own_tmp = f"{_TMP_PREFIX}{os.getpid()}-{token}-"
+    committed = False
+    try:
+        tmp = directory / f"{own_tmp}{tensor_name}"
+        write_file(tmp, blob)
+        os.replace(tmp, directory / tensor_name)
+        fsync_dir(directory)  # the tensor file's name is durable before a manifest names it
 
-    tmp = directory / f"{own_tmp}{tensor_name}"
-    write_file(tmp, blob)
-    os.replace(tmp, directory / tensor_name)
-    fsync_dir(directory)  # the tensor file's name is durable before a manifest names it
-
-    tmp = directory / f"{own_tmp}{MANIFEST}"
-    write_file(tmp, json.dumps(manifest, indent=1).encode("utf-8"))
-    os.replace(tmp, directory / MANIFEST)  # the commit point
-    fsync_dir(directory)
+        tmp = directory / f"{own_tmp}{MANIFEST}"
+        write_file(tmp, json.dumps(manifest, indent=1).encode("utf-8"))
+        os.replace(tmp, directory / MANIFEST)  # the commit point
+        committed = True
+        fsync_dir(directory)
+    except OSError as exc:
+        if committed:  # only the directory's fsync failed: the new checkpoint is the current one
+            raise
+        for name in (f"{own_tmp}{tensor_name}", f"{own_tmp}{MANIFEST}", tensor_name):
+            _remove(directory / name)  # free the space this save took; nothing names these files
+        before = (
+            f"the previous checkpoint (step {previous_step}) is intact"
+            if previous_step is not None
+            else "no earlier checkpoint is there"
+        )
+        reason = exc.strerror or str(exc)
+        raise CheckpointWriteError(
+            f"save_checkpoint: could not write the checkpoint of step {step} in {directory}: {reason}; "
+            f"{before}, and the partial files of this save were removed",
+            errno=exc.errno,
+            step=step,
+            previous_step=previous_step,
+            directory=directory,
+        ) from exc
 
     # Garbage: tensor files older than the previous checkpoint's (a reader that read the
     # previous manifest may still be opening that one), and temporaries left by crashed
@@ -113,17 +145,26 @@ def commit(directory: Path, blob: bytes, manifest: dict, step: int, *, exclusive
     for old in directory.iterdir():
         stale_tensors = old.name.startswith("tensors-") and old.name.endswith(".safetensors")
         if (stale_tensors and old.name not in keep) or old.name.startswith(temps):
-            try:
-                old.unlink()
-            except FileNotFoundError:  # pragma: no cover
-                pass
+            _remove(old)
     return directory
+
+
+def _remove(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
 
 
 def read_manifest(directory: Path) -> dict:
     raw = read_file(directory / MANIFEST)
     try:
         manifest = json.loads(raw.decode("utf-8"))
+    except RecursionError:
+        raise CheckpointError(
+            f"load_checkpoint: {directory / MANIFEST} nests too deeply to be a duogard checkpoint "
+            f"manifest (it is damaged or was edited)"
+        ) from None
     except (UnicodeDecodeError, ValueError):
         raise CheckpointError(
             f"load_checkpoint: {directory / MANIFEST} is not JSON; not a duogard "

@@ -57,9 +57,10 @@ from duogard.train._checkpoint_format import (
     FORMAT_VERSION,
     MANIFEST,
     CheckpointError,
+    CheckpointWriteError,
     check_writable,
 )
-from duogard.train._checkpoint_io import commit, make_dir, read
+from duogard.train._checkpoint_io import commit, make_dir, read, read_manifest
 from duogard.train._checkpoint_lock import LOCK_NAME, CheckpointLockedError, DirectoryLock
 from duogard.train._checkpoint_tree import (
     _flatten,
@@ -75,9 +76,11 @@ __all__ = [
     "CheckpointError",
     "CheckpointLockedError",
     "CheckpointMismatchError",
+    "CheckpointWriteError",
     "save_checkpoint",
     "load_checkpoint",
     "is_checkpoint",
+    "read_checkpoint_manifest",
     "MANIFEST",
     "LOCK_NAME",
 ]
@@ -262,6 +265,19 @@ def _restore_leaf(arr: np.ndarray, kind: str, be, device):
     return be.asarray(arr, dtype=arr.dtype.name, device=device)
 
 
+def _restore_key(data: np.ndarray, be, directory: Path):
+    """The key of ``be`` from its raw data, which must have the shape and dtype of ``be``'s keys
+    (raw data of another shape or dtype would load as a key that is not one).
+    """
+    like = np.asarray(be.key_data(be.key(0)))
+    if data.shape != like.shape or data.dtype != like.dtype:
+        raise CheckpointError(
+            f"load_checkpoint: {directory}: 'key' holds {data.dtype.name}{list(data.shape)}, but a "
+            f"{be.name} key is {like.dtype.name}{list(like.shape)} (the checkpoint is damaged or was edited)"
+        )
+    return be.key_from_data(data)
+
+
 _SCALAR_KINDS = {"int": "iu", "float": "f", "bool": "b"}
 
 
@@ -360,7 +376,7 @@ def load_checkpoint(
 
     key = None
     if manifest.get("key"):
-        key = tensors["key"] if be is None else be.key_from_data(tensors["key"])
+        key = tensors["key"] if be is None else _restore_key(tensors["key"], be, directory)
     info = {
         k: manifest.get(k)
         for k in ("duogard_version", "backend", "framework_version", "created", "format_version")
@@ -375,6 +391,17 @@ def load_checkpoint(
         metrics=manifest.get("metrics"),
         info=info,
     )
+
+
+def read_checkpoint_manifest(path: str | os.PathLike) -> dict:
+    """The checked manifest of the checkpoint at ``path`` (its step, config, metrics, ...), without
+    reading its tensors: what a resume compares before it loads anything.
+
+    Raises:
+        FileNotFoundError, ValueError: as :func:`load_checkpoint` for a path that holds no checkpoint.
+        CheckpointError: a damaged or edited manifest.
+    """
+    return read_manifest(_checkpoint_dir(path))
 
 
 def is_checkpoint(path: str | os.PathLike) -> bool:
