@@ -136,18 +136,40 @@ def _unit(w, dtype):
     return ((w >> 9).to(dtype) * 2 + 1) * 2.0**-24
 
 
+def _working(dtype):
+    """The dtype a draw in ``dtype`` computes in (the spec's ``working_dtype``): float16 and
+    bfloat16 draws are float32 ones rounded (their own arithmetic overflows or rounds to 1).
+    """
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _host_dtype(dtype):
+    return np.float64 if dtype == torch.float64 else np.float32
+
+
+def _uniform_of(w, dtype):
+    """The uniform numbers of words ``w`` in ``dtype``: rounded from the working precision and,
+    in float16 or bfloat16, capped below 1.
+    """
+    u = _unit(w, _working(dtype)).to(dtype)
+    if dtype.itemsize >= 4:
+        return u
+    return u.clamp_(max=spec.below_one(str(dtype).removeprefix("torch.")))
+
+
 def _portable_normal(key, n: int, dtype, device):
-    if n <= _HOST_WORDS and dtype in (torch.float32, torch.float64):
+    if n <= _HOST_WORDS:
         # a small draw: the whole Box-Muller on the host, one copy over (the ~10 torch ops it
         # takes cost more than the NumPy rounds); the same formula, equal to float rounding
         k0, k1 = _words_of(key)
-        host = spec.normal((k0, k1), n, np.float32 if dtype == torch.float32 else np.float64)
-        return torch.from_numpy(host).to(device)
+        host = spec.normal((k0, k1), n, _host_dtype(dtype))
+        return torch.from_numpy(host).to(device=device, dtype=dtype)
     pairs = -(-n // 2)
-    u = _unit(_words(key, 2 * pairs, device), dtype).reshape(pairs, 2)
+    work = _working(dtype)
+    u = _unit(_words(key, 2 * pairs, device), work).reshape(pairs, 2)
     r = torch.sqrt(torch.log(u[:, 0]) * -2)
-    t = u[:, 1] * torch.tensor(2 * np.pi, dtype=dtype)
-    return torch.stack([r * torch.cos(t), r * torch.sin(t)], dim=1).reshape(-1)[:n]
+    t = u[:, 1] * torch.tensor(2 * np.pi, dtype=work)
+    return torch.stack([r * torch.cos(t), r * torch.sin(t)], dim=1).reshape(-1)[:n].to(dtype)
 
 
 def _portable_signs(key, n: int, dtype, device):
@@ -211,16 +233,14 @@ def draw_rows(kind, keys, sizes, rows, dtype="float32", device=None, generator="
     sizes = check_draw_rows(kind, keys, sizes)
     native = check_generator(generator) == "native"
     dtype, rows = as_dtype(dtype), int(rows)
-    host = dtype in (torch.float32, torch.float64) and not native
-    small = [j for j, s in enumerate(sizes) if host and rows * s <= _HOST_WORDS]
+    small = [j for j, s in enumerate(sizes) if not native and rows * s <= _HOST_WORDS]
     if len(sizes) == 1 and not small and not (native and kind == "normal"):
         draw = normal if kind == "normal" else rademacher  # one block: no copy into a new array
         return draw(keys[0], (rows, sizes[0]), dtype=dtype, device=device, generator=generator)
     counts = [rows * sizes[j] for j in small]
     if small:
         words = np.stack([np.asarray(_words_of(keys[j]), dtype=np.uint32) for j in small])
-        flat = spec.draw_many(kind, words, counts, np.float32 if dtype == torch.float32 else np.float64)
-        flat = torch.from_numpy(flat).to(device)
+        flat = torch.from_numpy(spec.draw_many(kind, words, counts, _host_dtype(dtype))).to(device, dtype)
         if len(sizes) == 1:
             return flat.reshape(rows, sizes[0])
     out = torch.empty((rows, sum(sizes)), dtype=dtype, device=device)
@@ -245,7 +265,7 @@ def uniform(key, shape, dtype="float32", minval=0.0, maxval=1.0, device=None, ge
     if check_generator(generator) == "native":
         u = torch.rand(shape, generator=_generator(key, device), dtype=dtype, device=device)
     else:
-        u = _unit(_words(key, math.prod(shape), device), dtype).reshape(shape)
+        u = _uniform_of(_words(key, math.prod(shape), device), dtype).reshape(shape)
     return u * (maxval - minval) + minval
 
 
