@@ -297,3 +297,34 @@ def test_a_forward_gradient_with_half_precision_params_is_finite(be, dtype, opti
     loss32, g32 = grads("float32")
     assert np.isfinite(loss) and np.isfinite(g).all()
     assert np.linalg.norm(g - g32) < 0.05 * np.linalg.norm(g32)
+
+
+@pytest.mark.slow
+def test_torch_compiled_draws_follow_the_spec(monkeypatch):
+    """Large portable normal and sign draws on a CPU run kernels compiled by torch.compile (the
+    rounds fused with Box-Muller or the bit unpacking): the spec's numbers, as the eager path's.
+    The size threshold is lowered here so that a small draw takes that path (two compilations)."""
+    pytest.importorskip("torch")
+    from duogard_torch import _random as torch_random
+
+    bt = dg.backend("torch")
+    monkeypatch.setattr(torch_random, "_COMPILE_MIN", 1 << 14)
+    n = 20_003  # above the host draws' 2**14 words, odd, not a whole block
+    k, ref = bt.fold_in(bt.key(3), 9), spec.fold_in_words(spec.key_words(3), 9)
+    compiled = {
+        "normal": _np(bt, bt.normal(k, (n,))),
+        "signs": _np(bt, bt.rademacher(k, (n,))),
+        "normal float16": _np(bt, bt.normal(k, (n,), dtype="float16")),
+    }
+    assert {kind for kind, kernel in torch_random._KERNELS.items() if kernel is not None} >= {
+        ("normal", bt.as_dtype("float32")),
+        ("signs", bt.as_dtype("float32")),
+    }
+    np.testing.assert_allclose(compiled["normal"], spec.normal(ref, n), rtol=2e-6, atol=2e-6)
+    np.testing.assert_array_equal(compiled["signs"], spec.rademacher(ref, n))
+    np.testing.assert_allclose(
+        compiled["normal float16"], spec.normal(ref, n, np.float16), **NORMAL_TOL["float16"]
+    )
+    monkeypatch.setenv("DUOGARD_COMPILE_DRAWS", "0")  # the eager path: the same numbers
+    np.testing.assert_allclose(_np(bt, bt.normal(k, (n,))), compiled["normal"], rtol=2e-6, atol=2e-6)
+    np.testing.assert_array_equal(_np(bt, bt.rademacher(k, (n,))), compiled["signs"])

@@ -4,12 +4,18 @@ A key is a CPU int64 tensor of two 32-bit words. ``key``, ``split`` and ``fold_i
 default (``"portable"``) draws are duogard's Philox-4x32-10 generator
 (:mod:`duogard.backend._philox`, the specification): keys are derived on the host, draws run as
 int64 tensor ops on the arrays' device, and give the same numbers as every other backend.
+Small draws run on the host (NumPy); large normal and sign draws on a CPU run kernels compiled
+by ``torch.compile`` (the rounds fused with Box-Muller or the bit unpacking: eager int64 ops
+cost 3-7x ``torch.randn``), compiled on the first such draw of a process and cached on disk by
+inductor; ``DUOGARD_COMPILE_DRAWS=0`` keeps every draw eager.
 ``generator="native"`` draws with a ``torch.Generator`` seeded from a splitmix64 hash of the key.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import warnings
 
 import numpy as np
 import torch
@@ -136,6 +142,103 @@ def _unit(w, dtype):
     return ((w >> 9).to(dtype) * 2 + 1) * 2.0**-24
 
 
+_COMPILE_MIN = 1 << 18  # numbers from which a CPU normal or sign draw runs a compiled kernel
+_KERNELS: dict = {}  # (kind, working dtype) -> its compiled kernel (None: compiling failed)
+_TWO_PI = {torch.float32: float(np.float32(2 * np.pi)), torch.float64: 2 * np.pi}
+
+
+def _rounds(blocks: int, schedule):
+    """The four words of the blocks ``0 .. blocks - 1`` (counters ``(i, 0, 0, 0)``), in int64,
+    written for ``torch.compile``, which fuses the rounds into one loop over the blocks where
+    eager ops make ~100 passes over memory. ``schedule`` holds every round's key (a tensor:
+    one compiled kernel serves every key).
+
+    As in :func:`_philox_blocks`, a product of two words is exact in int64's low 64 bits; here
+    a product's high word (``>>`` is arithmetic) is masked once, after its XORs, and the low
+    words, which only enter those XORs, are masked at the end.
+    """
+    m0, m1 = spec.PHILOX_M
+    c0 = torch.arange(blocks, dtype=torch.int64)
+    c1 = c2 = c3 = torch.zeros((), dtype=torch.int64)
+    for r in range(spec.ROUNDS):
+        p0, p1 = c0 * m0, c2 * m1
+        c0 = ((p1 >> 32) ^ c1 ^ schedule[r, 0]) & _MASK32
+        c2 = ((p0 >> 32) ^ c3 ^ schedule[r, 1]) & _MASK32
+        c1, c3 = p1, p0
+    return c0, c1 & _MASK32, c2, c3 & _MASK32
+
+
+def _normal_kernel(blocks: int, schedule, dtype):
+    """Normal numbers ``0 .. 4 blocks - 1`` of a stream, computed in ``dtype``: the spec's
+    Box-Muller of each block's four words, fused with the rounds.
+    """
+    c0, c1, c2, c3 = _rounds(blocks, schedule)
+    r0, r1 = (torch.sqrt(torch.log(_unit(c, dtype)) * -2) for c in (c0, c2))
+    t0, t1 = (_unit(c, dtype) * _TWO_PI[dtype] for c in (c1, c3))
+    pairs = [r0 * torch.cos(t0), r0 * torch.sin(t0), r1 * torch.cos(t1), r1 * torch.sin(t1)]
+    return torch.stack(pairs, dim=1).reshape(-1)
+
+
+def _signs_kernel(blocks: int, schedule, dtype):
+    """Signs ``0 .. 128 blocks - 1`` of a stream in ``dtype``: sign ``j`` from bit ``j % 32`` of
+    word ``j // 32``, fused with the rounds.
+    """
+    words = torch.stack(_rounds(blocks, schedule), dim=1).reshape(-1, 1)
+    bits = (words >> torch.arange(32, dtype=torch.int64)) & 1
+    return (bits * 2 - 1).to(dtype).reshape(-1)
+
+
+_KERNEL_OF = {"normal": (_normal_kernel, 4), "signs": (_signs_kernel, 128)}  # and numbers per block
+
+
+@torch.compiler.disable
+def _compiled(kind: str, key, n: int, dtype):
+    """``n`` portable numbers of ``kind`` (``"normal"`` or ``"signs"``) by a compiled kernel
+    (CPU), or None where compiled draws are switched off (``DUOGARD_COMPILE_DRAWS=0``), under a
+    ``torch.func`` transform, or the kernel could not be compiled (then once a warning).
+
+    A kernel is compiled on the first large draw of its kind and working dtype, with dynamic
+    shapes: one compilation serves every size, and inductor caches it on disk for later
+    processes. Keys and sizes are arguments, so nothing recompiles.
+    """
+    if os.environ.get("DUOGARD_COMPILE_DRAWS", "1") == "0":
+        return None
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        return None  # under torch.func.vmap / jvp / grad, which a compiled function refuses
+    work = _working(dtype)
+    body, per_block = _KERNEL_OF[kind]
+    if (kind, work) not in _KERNELS:
+        _KERNELS[kind, work] = torch.compile(
+            lambda blocks, schedule: body(blocks, schedule, work), dynamic=True, fullgraph=True
+        )
+    kernel = _KERNELS[kind, work]
+    if kernel is None:
+        return None
+    k0, k1 = _words_of(key)
+    w0, w1 = spec.PHILOX_W
+    schedule = torch.tensor(
+        [[(k0 + r * w0) & _MASK32, (k1 + r * w1) & _MASK32] for r in range(spec.ROUNDS)], dtype=torch.int64
+    )
+    try:
+        with torch.no_grad():  # one guard state: no recompilation under another grad mode
+            out = kernel(-(-n // per_block), schedule)
+    except Exception as e:  # no C++ compiler, an unsupported platform ...: draw eagerly
+        _KERNELS[kind, work] = None
+        warnings.warn(
+            f"duogard: torch.compile of the portable {kind} draw failed ({type(e).__name__}: {e}); "
+            "large draws run eagerly (DUOGARD_COMPILE_DRAWS=0 skips the attempt)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return None
+    return out[:n].to(dtype)
+
+
+def _compiles(n: int, device) -> bool:
+    """Whether a draw of ``n`` numbers onto ``device`` tries a compiled kernel: large, on CPU."""
+    return n >= _COMPILE_MIN and torch.device(device or "cpu").type == "cpu"
+
+
 def _working(dtype):
     """The dtype a draw in ``dtype`` computes in (the spec's ``working_dtype``): float16 and
     bfloat16 draws are float32 ones rounded (their own arithmetic overflows or rounds to 1).
@@ -164,6 +267,10 @@ def _portable_normal(key, n: int, dtype, device):
         k0, k1 = _words_of(key)
         host = spec.normal((k0, k1), n, _host_dtype(dtype))
         return torch.from_numpy(host).to(device=device, dtype=dtype)
+    if _compiles(n, device):
+        out = _compiled("normal", key, n, dtype)
+        if out is not None:
+            return out
     pairs = -(-n // 2)
     work = _working(dtype)
     u = _unit(_words(key, 2 * pairs, device), work).reshape(pairs, 2)
@@ -175,6 +282,10 @@ def _portable_normal(key, n: int, dtype, device):
 def _portable_signs(key, n: int, dtype, device):
     # sign j is bit j % 32 of word j // 32: the words as int32 are four little-endian bytes,
     # byte b holds bits 8b..8b+7, unpacked eight at a time through the (256, 8) sign table
+    if _compiles(n, device):
+        out = _compiled("signs", key, n, dtype)
+        if out is not None:
+            return out
     w = _words(key, -(-n // 32), device).to(torch.int32)
     table = _sign_table(dtype, w.device)
     return torch.index_select(table, 0, w.view(torch.uint8).long()).reshape(-1)[:n]
