@@ -4,10 +4,10 @@ A key is a CPU int64 tensor of two 32-bit words. ``key``, ``split`` and ``fold_i
 default (``"portable"``) draws are duogard's Philox-4x32-10 generator
 (:mod:`duogard.backend._philox`, the specification): keys are derived on the host, draws run as
 int64 tensor ops on the arrays' device, and give the same numbers as every other backend.
-Small draws run on the host (NumPy); large normal and sign draws on a CPU run kernels compiled
-by ``torch.compile`` (the rounds fused with Box-Muller or the bit unpacking: eager int64 ops
-cost 3-7x ``torch.randn``), compiled on the first such draw of a process and cached on disk by
-inductor; ``DUOGARD_COMPILE_DRAWS=0`` keeps every draw eager.
+Small draws run on the host (NumPy); large normal and sign draws (float32 and below) on a
+CPU run kernels compiled by ``torch.compile`` (the rounds fused with Box-Muller or the bit
+unpacking: eager int64 ops cost 3-7x ``torch.randn``), compiled on the first such draw of a
+process and cached on disk by inductor; ``DUOGARD_COMPILE_DRAWS=0`` keeps every draw eager.
 ``generator="native"`` draws with a ``torch.Generator`` seeded from a splitmix64 hash of the key.
 """
 
@@ -142,7 +142,10 @@ def _unit(w, dtype):
     return ((w >> 9).to(dtype) * 2 + 1) * 2.0**-24
 
 
-_COMPILE_MIN = 1 << 18  # numbers from which a CPU normal or sign draw runs a compiled kernel
+# numbers from which a CPU normal or sign draw (float32, float16 or bfloat16) runs a compiled
+# kernel: its compilation (seconds, once a process) pays for itself only over many such draws.
+# float64 draws stay eager: tests draw their statistics in float64, and must not compile
+_COMPILE_MIN = 1 << 20
 _KERNELS: dict = {}  # (kind, working dtype) -> its compiled kernel (None: compiling failed)
 _TWO_PI = {torch.float32: float(np.float32(2 * np.pi)), torch.float64: 2 * np.pi}
 
@@ -234,9 +237,11 @@ def _compiled(kind: str, key, n: int, dtype):
     return out[:n].to(dtype)
 
 
-def _compiles(n: int, device) -> bool:
-    """Whether a draw of ``n`` numbers onto ``device`` tries a compiled kernel: large, on CPU."""
-    return n >= _COMPILE_MIN and torch.device(device or "cpu").type == "cpu"
+def _compiles(n: int, dtype, device) -> bool:
+    """Whether a draw of ``n`` numbers in ``dtype`` onto ``device`` tries a compiled kernel:
+    large, computed in float32, on CPU.
+    """
+    return n >= _COMPILE_MIN and dtype != torch.float64 and torch.device(device or "cpu").type == "cpu"
 
 
 def _working(dtype):
@@ -267,7 +272,7 @@ def _portable_normal(key, n: int, dtype, device):
         k0, k1 = _words_of(key)
         host = spec.normal((k0, k1), n, _host_dtype(dtype))
         return torch.from_numpy(host).to(device=device, dtype=dtype)
-    if _compiles(n, device):
+    if _compiles(n, dtype, device):
         out = _compiled("normal", key, n, dtype)
         if out is not None:
             return out
@@ -282,7 +287,7 @@ def _portable_normal(key, n: int, dtype, device):
 def _portable_signs(key, n: int, dtype, device):
     # sign j is bit j % 32 of word j // 32: the words as int32 are four little-endian bytes,
     # byte b holds bits 8b..8b+7, unpacked eight at a time through the (256, 8) sign table
-    if _compiles(n, device):
+    if _compiles(n, dtype, device):
         out = _compiled("signs", key, n, dtype)
         if out is not None:
             return out
