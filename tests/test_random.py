@@ -176,3 +176,155 @@ def test_stage_hands_a_batch_to_compiled_steps_at_least_cost(be):
     else:
         assert be.is_array(staged) and np.shares_memory(be.to_numpy(staged), x)
     np.testing.assert_array_equal(_np(be, be.stage([1.0, 2.0])), [1.0, 2.0])
+
+
+# ----------------------------------------------------------------------------- every dtype (issue 26)
+
+DTYPES = ["float16", "bfloat16", "float32", "float64"]
+# a draw's numbers as float64, one entry per draw the library makes: the plain draws, and
+# draw_rows (the forward estimators' tangents, dense and rank-1 factors) with a large block
+# and small ones (torch draws small portable blocks together on the host)
+N = 40_001  # above torch's host-draw threshold (2**14 words) for normal and uniform
+DRAWS = {
+    "normal": lambda be, k, dt, g: be.normal(k, (N,), dtype=dt, generator=g),
+    "uniform": lambda be, k, dt, g: be.uniform(k, (N,), dtype=dt, generator=g),
+    "rademacher": lambda be, k, dt, g: be.rademacher(k, (N,), dtype=dt, generator=g),
+    "small normal": lambda be, k, dt, g: be.normal(k, (2, 999), dtype=dt, generator=g),
+    "draw_rows normal": lambda be, k, dt, g: be.draw_rows(
+        "normal", [k, be.fold_in(k, 1), be.fold_in(k, 2)], [N // 2, 33, 1000], 2, dtype=dt, generator=g
+    ),
+    "draw_rows rademacher": lambda be, k, dt, g: be.draw_rows(
+        "rademacher", [k, be.fold_in(k, 1)], [N, 33], 2, dtype=dt, generator=g
+    ),
+}
+MOMENTS = {"uniform": (0.5, 1 / 12), "rademacher": (0.0, 1.0)}  # mean, variance; else normal's
+
+
+def _float64(be, x, dtype):
+    assert be.dtype_name(x.dtype) == dtype
+    return np.asarray(be.to_numpy(x)).astype(np.float64)
+
+
+def _spec_draw(name, dtype):
+    """The specification's numbers of ``DRAWS[name]`` under key ``fold_in(key(3), 9)``."""
+    dtype = np.dtype(dtype)
+    root = spec.fold_in_words(spec.key_words(3), 9)
+    if name == "small normal":
+        return spec.normal(root, 2 * 999, dtype).reshape(2, 999)
+    if name.startswith("draw_rows"):
+        one = spec.normal if name.endswith("normal") else spec.rademacher
+        keys = [root, spec.fold_in_words(root, 1), spec.fold_in_words(root, 2)]
+        sizes = [N // 2, 33, 1000] if name.endswith("normal") else [N, 33]
+        return np.concatenate([one(k, 2 * s, dtype).reshape(2, s) for k, s in zip(keys, sizes)], axis=1)
+    return getattr(spec, name)(root, N, dtype)
+
+
+# the portable normal numbers of two libraries differ in the last bit of float32 (log, cos,
+# sin); rounded to float16 or bfloat16 they may round apart by one of its last bits
+NORMAL_TOL = {
+    "float16": dict(rtol=2**-10, atol=2**-14),
+    "bfloat16": dict(rtol=2**-7, atol=2**-14),
+    "float32": dict(rtol=2e-6, atol=2e-6),
+    "float64": dict(rtol=1e-13, atol=1e-13),
+}
+
+
+@pytest.mark.parametrize("generator", ["portable", "native"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("draw", list(DRAWS))
+def test_every_draw_in_every_dtype_is_finite_with_the_right_moments(be, draw, dtype, generator):
+    """float16 and bfloat16 draws are the float32 ones rounded: finite, in range, the right
+    mean and variance (float16's own arithmetic overflowed: NaN normals, infinite uniforms)."""
+    got = _float64(be, DRAWS[draw](be, be.fold_in(be.key(3), 9), dtype, generator), dtype)
+    assert np.isfinite(got).all()
+    kind = draw.split()[-1]
+    mean, var = MOMENTS.get(kind, (0.0, 1.0))
+    tol = 0.1 if draw == "small normal" else 0.03  # several standard errors of 2,000 / 40,000+ numbers
+    assert abs(got.mean() - mean) < tol * np.sqrt(var) and abs(got.var() - var) < 2 * tol * var
+    if kind == "uniform":  # [0, 1); the portable generator's in the open interval
+        assert got.min() >= 0 and got.max() < 1 and (got.min() > 0 or generator == "native")
+    if kind == "rademacher":
+        assert set(np.unique(got)) == {-1.0, 1.0}
+    if kind == "normal":
+        assert np.abs(got).max() < 6.5  # Box-Muller's largest is sqrt(-2 log 2**-24) = 5.77
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("draw", list(DRAWS))
+def test_every_portable_draw_in_every_dtype_follows_the_spec_on_both_backends(both, draw, dtype):
+    """Signs and uniforms equal bit for bit in every dtype (the float32 numbers rounded the same
+    way), normals to float rounding, on each backend, against the spec and each other."""
+    got = [_float64(b, DRAWS[draw](b, b.fold_in(b.key(3), 9), dtype, "portable"), dtype) for b in both]
+    want = _spec_draw(draw, dtype).astype(np.float64)
+    for g in got:
+        if draw.endswith("normal"):
+            np.testing.assert_allclose(g, want, **NORMAL_TOL[dtype])
+        else:
+            np.testing.assert_array_equal(g, want)
+    if draw.endswith("normal"):
+        np.testing.assert_allclose(got[0], got[1], **NORMAL_TOL[dtype])
+    else:
+        np.testing.assert_array_equal(got[0], got[1])
+
+
+_MLP = dg.grad.supervised(
+    dg.nn.Sequential(dg.nn.Linear(4), dg.nn.tanh, dg.nn.Linear(2)), dg.losses.cross_entropy
+)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"distribution": "rademacher"}, {"tangents": "rank1"}],
+    ids=["normal", "rademacher", "rank1"],
+)
+def test_a_forward_gradient_with_half_precision_params_is_finite(be, dtype, options):
+    """A forward-gradient step with float16 / bfloat16 params draws its tangents in that dtype:
+    a finite estimate, close to the float32 one of the same key (the same tangents, rounded)."""
+    x = np.random.default_rng(0).normal(size=(4, 3))
+    params_np = _MLP.model.init(0, x, dtype="float32")
+    est = dg.estimator("forward", num_tangents=2, **options)
+
+    def grads(dt):
+        params = dg.tree.tree_map(lambda a: be.asarray(a, dtype=dt), params_np)
+        batch = (be.asarray(x.astype(np.float32), dtype=dt), be.asarray(np.array([0, 1, 1, 0])))
+        loss, g = est(_MLP, params, batch, be.key(0))
+        leaves = dg.tree.tree_leaves(g)
+        assert all(be.dtype_name(a.dtype) == dt for a in leaves)
+        return float(loss), np.concatenate([_np(be, a).astype(np.float64).ravel() for a in leaves])
+
+    loss, g = grads(dtype)
+    loss32, g32 = grads("float32")
+    assert np.isfinite(loss) and np.isfinite(g).all()
+    assert np.linalg.norm(g - g32) < 0.05 * np.linalg.norm(g32)
+
+
+@pytest.mark.slow
+def test_torch_compiled_draws_follow_the_spec(monkeypatch):
+    """Large portable normal and sign draws on a CPU run kernels compiled by torch.compile (the
+    rounds fused with Box-Muller or the bit unpacking): the spec's numbers, as the eager path's.
+    The size threshold is lowered here so that a small draw takes that path (two compilations)."""
+    pytest.importorskip("torch")
+    from duogard_torch import _random as torch_random
+
+    bt = dg.backend("torch")
+    monkeypatch.setattr(torch_random, "_COMPILE_MIN", 1 << 14)
+    n = 20_003  # above the host draws' 2**14 words, odd, not a whole block
+    k, ref = bt.fold_in(bt.key(3), 9), spec.fold_in_words(spec.key_words(3), 9)
+    compiled = {
+        "normal": _np(bt, bt.normal(k, (n,))),
+        "signs": _np(bt, bt.rademacher(k, (n,))),
+        "normal float16": _np(bt, bt.normal(k, (n,), dtype="float16")),
+    }
+    assert {kind for kind, kernel in torch_random._KERNELS.items() if kernel is not None} >= {
+        ("normal", bt.as_dtype("float32")),
+        ("signs", bt.as_dtype("float32")),
+    }
+    np.testing.assert_allclose(compiled["normal"], spec.normal(ref, n), rtol=2e-6, atol=2e-6)
+    np.testing.assert_array_equal(compiled["signs"], spec.rademacher(ref, n))
+    np.testing.assert_allclose(
+        compiled["normal float16"], spec.normal(ref, n, np.float16), **NORMAL_TOL["float16"]
+    )
+    monkeypatch.setenv("DUOGARD_COMPILE_DRAWS", "0")  # the eager path: the same numbers
+    np.testing.assert_allclose(_np(bt, bt.normal(k, (n,))), compiled["normal"], rtol=2e-6, atol=2e-6)
+    np.testing.assert_array_equal(_np(bt, bt.rademacher(k, (n,))), compiled["signs"])

@@ -155,6 +155,23 @@ def _unit(w, dtype):
     return ((w >> 9).astype(dtype) * 2 + 1) * jnp.asarray(2.0**-24, dtype)
 
 
+def _working(dtype):
+    """The dtype a draw in ``dtype`` computes in (the spec's ``working_dtype``): float16 and
+    bfloat16 draws are float32 ones rounded (their own arithmetic overflows or rounds to 1).
+    """
+    return jnp.float64 if dtype == jnp.float64 else jnp.float32
+
+
+def _uniform_of(w, dtype):
+    """The uniform numbers of words ``w`` in ``dtype``: rounded from the working precision and,
+    in float16 or bfloat16, capped below 1.
+    """
+    u = _unit(w, _working(dtype)).astype(dtype)
+    if jnp.dtype(dtype).itemsize >= 4:
+        return u
+    return jnp.minimum(u, jnp.asarray(spec.below_one(jnp.dtype(dtype).name), dtype))
+
+
 def _placed(x, device):
     return x if device is None else jax.device_put(x, resolve_device(device))
 
@@ -164,12 +181,13 @@ def _portable_normal(key, n: int, dtype):
     # are lanes 0, 1 or 2, 3): one fused single-output loop, as in _words
     i = jnp.arange(n, dtype=_U32)
     zero = jnp.zeros((), _U32)
-    return _unfused(_box_muller(_philox(i >> 2, zero, zero, zero, _as_key(key)), i, dtype), key)
+    c = _philox(i >> 2, zero, zero, zero, _as_key(key))
+    return _unfused(_box_muller(c, i, _working(dtype)), key).astype(dtype)
 
 
 def _box_muller(c, i, dtype):
     """Normal number ``i`` of a stream from its block's four words ``c`` (words 2p and 2p + 1
-    of its pair p = i // 2 are lanes 0, 1 or 2, 3).
+    of its pair p = i // 2 are lanes 0, 1 or 2, 3), computed in ``dtype`` (a working dtype).
     """
     second = ((i >> 1) & _U32(1)) == 1
     r = jnp.sqrt(jnp.asarray(-2, dtype) * jnp.log(_unit(jnp.where(second, c[2], c[0]), dtype)))
@@ -277,7 +295,7 @@ def _portable_many(kind, keys, counts, dtype):
     zero = jnp.zeros((), _U32)
     c = _philox(t >> 2, zero, zero, zero, (k0, k1))
     if kind == "normal":  # as _portable_normal: number t of its key from its own block
-        numbers = _unfused(_box_muller(c, t, dtype), keys[0])
+        numbers = _unfused(_box_muller(c, t, _working(dtype)), keys[0]).astype(dtype)
     else:  # as _words then _portable_signs: word t's lane, then its 32 bits
         w = _lane(c, t) // _traced_one(keys[0])
         bits = (w[:, None] >> jnp.arange(32, dtype=_U32)) & _U32(1)
@@ -291,7 +309,7 @@ def uniform(key, shape, dtype="float32", minval=0.0, maxval=1.0, device=None, ge
     shape, dtype = tuple(int(d) for d in shape), as_dtype(dtype)
     if check_generator(generator) == "native":
         return _placed(jax.random.uniform(_native_key(key), shape, dtype, minval, maxval), device)
-    u = _unit(_words(key, math.prod(shape)), dtype).reshape(shape)
+    u = _uniform_of(_words(key, math.prod(shape)), dtype).reshape(shape)
     return _placed(u * (maxval - minval) + minval, device)
 
 

@@ -4,12 +4,18 @@ A key is a CPU int64 tensor of two 32-bit words. ``key``, ``split`` and ``fold_i
 default (``"portable"``) draws are duogard's Philox-4x32-10 generator
 (:mod:`duogard.backend._philox`, the specification): keys are derived on the host, draws run as
 int64 tensor ops on the arrays' device, and give the same numbers as every other backend.
+Small draws run on the host (NumPy); large normal and sign draws (float32 and below) on a
+CPU run kernels compiled by ``torch.compile`` (the rounds fused with Box-Muller or the bit
+unpacking: eager int64 ops cost 3-7x ``torch.randn``), compiled on the first such draw of a
+process and cached on disk by inductor; ``DUOGARD_COMPILE_DRAWS=0`` keeps every draw eager.
 ``generator="native"`` draws with a ``torch.Generator`` seeded from a splitmix64 hash of the key.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import warnings
 
 import numpy as np
 import torch
@@ -136,23 +142,155 @@ def _unit(w, dtype):
     return ((w >> 9).to(dtype) * 2 + 1) * 2.0**-24
 
 
+# numbers from which a CPU normal or sign draw (float32, float16 or bfloat16) runs a compiled
+# kernel: its compilation (seconds, once a process) pays for itself only over many such draws.
+# float64 draws stay eager: tests draw their statistics in float64, and must not compile
+_COMPILE_MIN = 1 << 20
+_KERNELS: dict = {}  # (kind, working dtype) -> its compiled kernel (None: compiling failed)
+_TWO_PI = {torch.float32: float(np.float32(2 * np.pi)), torch.float64: 2 * np.pi}
+
+
+def _rounds(blocks: int, schedule):
+    """The four words of the blocks ``0 .. blocks - 1`` (counters ``(i, 0, 0, 0)``), in int64,
+    written for ``torch.compile``, which fuses the rounds into one loop over the blocks where
+    eager ops make ~100 passes over memory. ``schedule`` holds every round's key (a tensor:
+    one compiled kernel serves every key).
+
+    As in :func:`_philox_blocks`, a product of two words is exact in int64's low 64 bits; here
+    a product's high word (``>>`` is arithmetic) is masked once, after its XORs, and the low
+    words, which only enter those XORs, are masked at the end.
+    """
+    m0, m1 = spec.PHILOX_M
+    c0 = torch.arange(blocks, dtype=torch.int64)
+    c1 = c2 = c3 = torch.zeros((), dtype=torch.int64)
+    for r in range(spec.ROUNDS):
+        p0, p1 = c0 * m0, c2 * m1
+        c0 = ((p1 >> 32) ^ c1 ^ schedule[r, 0]) & _MASK32
+        c2 = ((p0 >> 32) ^ c3 ^ schedule[r, 1]) & _MASK32
+        c1, c3 = p1, p0
+    return c0, c1 & _MASK32, c2, c3 & _MASK32
+
+
+def _normal_kernel(blocks: int, schedule, dtype):
+    """Normal numbers ``0 .. 4 blocks - 1`` of a stream, computed in ``dtype``: the spec's
+    Box-Muller of each block's four words, fused with the rounds.
+    """
+    c0, c1, c2, c3 = _rounds(blocks, schedule)
+    r0, r1 = (torch.sqrt(torch.log(_unit(c, dtype)) * -2) for c in (c0, c2))
+    t0, t1 = (_unit(c, dtype) * _TWO_PI[dtype] for c in (c1, c3))
+    pairs = [r0 * torch.cos(t0), r0 * torch.sin(t0), r1 * torch.cos(t1), r1 * torch.sin(t1)]
+    return torch.stack(pairs, dim=1).reshape(-1)
+
+
+def _signs_kernel(blocks: int, schedule, dtype):
+    """Signs ``0 .. 128 blocks - 1`` of a stream in ``dtype``: sign ``j`` from bit ``j % 32`` of
+    word ``j // 32``, fused with the rounds.
+    """
+    words = torch.stack(_rounds(blocks, schedule), dim=1).reshape(-1, 1)
+    bits = (words >> torch.arange(32, dtype=torch.int64)) & 1
+    return (bits * 2 - 1).to(dtype).reshape(-1)
+
+
+_KERNEL_OF = {"normal": (_normal_kernel, 4), "signs": (_signs_kernel, 128)}  # and numbers per block
+
+
+@torch.compiler.disable
+def _compiled(kind: str, key, n: int, dtype):
+    """``n`` portable numbers of ``kind`` (``"normal"`` or ``"signs"``) by a compiled kernel
+    (CPU), or None where compiled draws are switched off (``DUOGARD_COMPILE_DRAWS=0``), under a
+    ``torch.func`` transform, or the kernel could not be compiled (then once a warning).
+
+    A kernel is compiled on the first large draw of its kind and working dtype, with dynamic
+    shapes: one compilation serves every size, and inductor caches it on disk for later
+    processes. Keys and sizes are arguments, so nothing recompiles.
+    """
+    if os.environ.get("DUOGARD_COMPILE_DRAWS", "1") == "0":
+        return None
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        return None  # under torch.func.vmap / jvp / grad, which a compiled function refuses
+    work = _working(dtype)
+    body, per_block = _KERNEL_OF[kind]
+    if (kind, work) not in _KERNELS:
+        _KERNELS[kind, work] = torch.compile(
+            lambda blocks, schedule: body(blocks, schedule, work), dynamic=True, fullgraph=True
+        )
+    kernel = _KERNELS[kind, work]
+    if kernel is None:
+        return None
+    k0, k1 = _words_of(key)
+    w0, w1 = spec.PHILOX_W
+    schedule = torch.tensor(
+        [[(k0 + r * w0) & _MASK32, (k1 + r * w1) & _MASK32] for r in range(spec.ROUNDS)], dtype=torch.int64
+    )
+    try:
+        with torch.no_grad():  # one guard state: no recompilation under another grad mode
+            out = kernel(-(-n // per_block), schedule)
+    except Exception as e:  # no C++ compiler, an unsupported platform ...: draw eagerly
+        _KERNELS[kind, work] = None
+        warnings.warn(
+            f"duogard: torch.compile of the portable {kind} draw failed ({type(e).__name__}: {e}); "
+            "large draws run eagerly (DUOGARD_COMPILE_DRAWS=0 skips the attempt)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return None
+    return out[:n].to(dtype)
+
+
+def _compiles(n: int, dtype, device) -> bool:
+    """Whether a draw of ``n`` numbers in ``dtype`` onto ``device`` tries a compiled kernel:
+    large, computed in float32, on CPU.
+    """
+    return n >= _COMPILE_MIN and dtype != torch.float64 and torch.device(device or "cpu").type == "cpu"
+
+
+def _working(dtype):
+    """The dtype a draw in ``dtype`` computes in (the spec's ``working_dtype``): float16 and
+    bfloat16 draws are float32 ones rounded (their own arithmetic overflows or rounds to 1).
+    """
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _host_dtype(dtype):
+    return np.float64 if dtype == torch.float64 else np.float32
+
+
+def _uniform_of(w, dtype):
+    """The uniform numbers of words ``w`` in ``dtype``: rounded from the working precision and,
+    in float16 or bfloat16, capped below 1.
+    """
+    u = _unit(w, _working(dtype)).to(dtype)
+    if dtype.itemsize >= 4:
+        return u
+    return u.clamp_(max=spec.below_one(str(dtype).removeprefix("torch.")))
+
+
 def _portable_normal(key, n: int, dtype, device):
-    if n <= _HOST_WORDS and dtype in (torch.float32, torch.float64):
+    if n <= _HOST_WORDS:
         # a small draw: the whole Box-Muller on the host, one copy over (the ~10 torch ops it
         # takes cost more than the NumPy rounds); the same formula, equal to float rounding
         k0, k1 = _words_of(key)
-        host = spec.normal((k0, k1), n, np.float32 if dtype == torch.float32 else np.float64)
-        return torch.from_numpy(host).to(device)
+        host = spec.normal((k0, k1), n, _host_dtype(dtype))
+        return torch.from_numpy(host).to(device=device, dtype=dtype)
+    if _compiles(n, dtype, device):
+        out = _compiled("normal", key, n, dtype)
+        if out is not None:
+            return out
     pairs = -(-n // 2)
-    u = _unit(_words(key, 2 * pairs, device), dtype).reshape(pairs, 2)
+    work = _working(dtype)
+    u = _unit(_words(key, 2 * pairs, device), work).reshape(pairs, 2)
     r = torch.sqrt(torch.log(u[:, 0]) * -2)
-    t = u[:, 1] * torch.tensor(2 * np.pi, dtype=dtype)
-    return torch.stack([r * torch.cos(t), r * torch.sin(t)], dim=1).reshape(-1)[:n]
+    t = u[:, 1] * torch.tensor(2 * np.pi, dtype=work)
+    return torch.stack([r * torch.cos(t), r * torch.sin(t)], dim=1).reshape(-1)[:n].to(dtype)
 
 
 def _portable_signs(key, n: int, dtype, device):
     # sign j is bit j % 32 of word j // 32: the words as int32 are four little-endian bytes,
     # byte b holds bits 8b..8b+7, unpacked eight at a time through the (256, 8) sign table
+    if _compiles(n, dtype, device):
+        out = _compiled("signs", key, n, dtype)
+        if out is not None:
+            return out
     w = _words(key, -(-n // 32), device).to(torch.int32)
     table = _sign_table(dtype, w.device)
     return torch.index_select(table, 0, w.view(torch.uint8).long()).reshape(-1)[:n]
@@ -211,16 +349,14 @@ def draw_rows(kind, keys, sizes, rows, dtype="float32", device=None, generator="
     sizes = check_draw_rows(kind, keys, sizes)
     native = check_generator(generator) == "native"
     dtype, rows = as_dtype(dtype), int(rows)
-    host = dtype in (torch.float32, torch.float64) and not native
-    small = [j for j, s in enumerate(sizes) if host and rows * s <= _HOST_WORDS]
+    small = [j for j, s in enumerate(sizes) if not native and rows * s <= _HOST_WORDS]
     if len(sizes) == 1 and not small and not (native and kind == "normal"):
         draw = normal if kind == "normal" else rademacher  # one block: no copy into a new array
         return draw(keys[0], (rows, sizes[0]), dtype=dtype, device=device, generator=generator)
     counts = [rows * sizes[j] for j in small]
     if small:
         words = np.stack([np.asarray(_words_of(keys[j]), dtype=np.uint32) for j in small])
-        flat = spec.draw_many(kind, words, counts, np.float32 if dtype == torch.float32 else np.float64)
-        flat = torch.from_numpy(flat).to(device)
+        flat = torch.from_numpy(spec.draw_many(kind, words, counts, _host_dtype(dtype))).to(device, dtype)
         if len(sizes) == 1:
             return flat.reshape(rows, sizes[0])
     out = torch.empty((rows, sum(sizes)), dtype=dtype, device=device)
@@ -245,7 +381,7 @@ def uniform(key, shape, dtype="float32", minval=0.0, maxval=1.0, device=None, ge
     if check_generator(generator) == "native":
         u = torch.rand(shape, generator=_generator(key, device), dtype=dtype, device=device)
     else:
-        u = _unit(_words(key, math.prod(shape), device), dtype).reshape(shape)
+        u = _uniform_of(_words(key, math.prod(shape), device), dtype).reshape(shape)
     return u * (maxval - minval) + minval
 
 

@@ -3,6 +3,8 @@
 Every backend implements duogard's portable Philox-4x32-10 generator
 (:mod:`duogard.backend._philox` is its specification): the same keys and, by default, the same
 numbers on every backend; ``generator="native"`` draws with the framework's own generator.
+Every draw takes float16, bfloat16, float32 and float64: portable float16 and bfloat16 numbers
+are the float32 ones rounded (so they too are equal on every backend).
 """
 
 from __future__ import annotations

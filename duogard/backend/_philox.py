@@ -18,14 +18,19 @@ Specification
 - **fold_in(key, data)**: the first two words of ``philox(key, (lo, hi, 0, 2))`` with ``(hi, lo)``
   the words of ``data`` modulo 2**64.
 - **words(key, n)**: ``n`` words; word ``j`` is word ``j % 4`` of ``philox(key, (j // 4, 0, 0, 0))``.
+- **Working precision**: uniform and normal numbers are computed in float64 for a float64 draw
+  and in float32 for every other dtype; a float16 or bfloat16 draw is the float32 draw rounded
+  to nearest (even). (Their own arithmetic fails: ``2**23`` overflows float16, and bfloat16
+  rounds most ``u`` to a few values and some to 1.)
 - **uniform**: word ``w`` gives ``u = (2 (w >> 9) + 1) / 2**24``, in the open interval (0, 1)
-  and exact in float32; ``uniform(key, n)`` takes ``words(key, n)``.
+  and exact in float32; ``uniform(key, n)`` takes ``words(key, n)``. Rounded to float16 or
+  bfloat16, ``u`` is then capped at the dtype's largest number below 1, so it stays below 1.
 - **normal**: Box-Muller on pairs of words: ``n`` numbers take ``words(key, 2 ceil(n / 2))``;
   words ``2p`` and ``2p + 1`` give ``r = sqrt(-2 log u(w[2p]))``, ``t = 2 pi u(w[2p + 1])``, then
-  number ``2p`` is ``r cos t`` and number ``2p + 1`` is ``r sin t`` (computed in the output
-  dtype; the last number is dropped when ``n`` is odd).
+  number ``2p`` is ``r cos t`` and number ``2p + 1`` is ``r sin t`` (in the working precision,
+  then rounded to the output dtype; the last number is dropped when ``n`` is odd).
 - **rademacher**: ``n`` signs take ``words(key, ceil(n / 32))``; sign ``j`` is ``+1`` where bit
-  ``j % 32`` of word ``j // 32`` is set, ``-1`` where it is clear.
+  ``j % 32`` of word ``j // 32`` is set, ``-1`` where it is clear (exact in every dtype).
 - **bernoulli(key, p, n)**: ``uniform(key, n) < p``.
 - A draw of ``shape`` is the flat draw of ``prod(shape)`` numbers in row-major order.
 """
@@ -53,6 +58,8 @@ __all__ = [
     "uniform",
     "normal",
     "rademacher",
+    "working_dtype",
+    "below_one",
 ]
 
 PHILOX_M = (0xD2511F53, 0xCD9E8D57)
@@ -166,15 +173,12 @@ def draw_many(kind: str, keys, counts, dtype=np.float32) -> np.ndarray:
     dtype = np.dtype(dtype).type
     counts = np.asarray(counts, dtype=np.int64).reshape(-1)
     if kind == "uniform":
-        return _unit(words_many(keys, counts), dtype)
+        return _uniform_of(words_many(keys, counts), dtype)
     per = 2 if kind == "normal" else 32  # numbers per pair of words / per word
     took = per * -(-counts // per)  # each key's numbers before its last ones are dropped
     w = words_many(keys, took // (1 if kind == "normal" else 32))
     if kind == "normal":
-        u = _unit(w, dtype).reshape(-1, 2)
-        r = np.sqrt(dtype(-2) * np.log(u[:, 0]))
-        t = dtype(2 * np.pi) * u[:, 1]
-        numbers = np.stack([r * np.cos(t), r * np.sin(t)], axis=1).reshape(-1)
+        numbers = _box_muller(w, dtype)
     elif kind == "rademacher":
         bits = (w[:, None] >> np.arange(32, dtype=np.uint32)) & np.uint32(1)
         numbers = (bits.reshape(-1).astype(dtype) * 2 - 1).astype(dtype)
@@ -183,24 +187,53 @@ def draw_many(kind: str, keys, counts, dtype=np.float32) -> np.ndarray:
     return numbers[kept(counts, took)]
 
 
+def working_dtype(dtype):
+    """The NumPy dtype a draw in ``dtype`` computes in: float64 for float64, else float32."""
+    return np.float64 if np.dtype(dtype) == np.float64 else np.float32
+
+
+_MANTISSA_BITS = {"float16": 10, "bfloat16": 7, "float32": 23, "float64": 52}
+
+
+def below_one(dtype) -> float:
+    """The largest number below 1 in ``dtype`` (by name: ``"float16"``, ``"bfloat16"``,
+    ``"float32"`` or ``"float64"``, or a NumPy dtype): a float16 or bfloat16 uniform's cap.
+    """
+    name = dtype if isinstance(dtype, str) else np.dtype(dtype).name
+    return 1.0 - 2.0 ** -(_MANTISSA_BITS[name] + 1)
+
+
 def _unit(w: np.ndarray, dtype) -> np.ndarray:
     return ((w >> np.uint32(9)).astype(dtype) * 2 + 1) * dtype(2.0**-24)
 
 
+def _uniform_of(w: np.ndarray, dtype) -> np.ndarray:
+    """The uniform numbers of words ``w`` in ``dtype`` (rounded from the working precision)."""
+    work = working_dtype(dtype)
+    u = _unit(w, work)
+    if np.dtype(dtype).itemsize >= 4:
+        return u.astype(dtype)
+    return np.minimum(u.astype(dtype), np.asarray(below_one(dtype), dtype=dtype))
+
+
+def _box_muller(w: np.ndarray, dtype) -> np.ndarray:
+    """Box-Muller of the word pairs ``w`` (even length): two numbers a pair, in ``dtype``."""
+    work = working_dtype(dtype)
+    u = _unit(w, work).reshape(-1, 2)
+    r = np.sqrt(work(-2) * np.log(u[:, 0]))
+    t = work(2 * np.pi) * u[:, 1]
+    return np.stack([r * np.cos(t), r * np.sin(t)], axis=1).reshape(-1).astype(dtype)
+
+
 def uniform(key, n: int, dtype=np.float32) -> np.ndarray:
     """``n`` uniform numbers in (0, 1)."""
-    dtype = np.dtype(dtype).type
-    return _unit(words(key, n), dtype)
+    return _uniform_of(words(key, n), np.dtype(dtype).type)
 
 
 def normal(key, n: int, dtype=np.float32) -> np.ndarray:
-    """``n`` standard normal numbers (Box-Muller, computed in ``dtype``)."""
-    dtype = np.dtype(dtype).type
+    """``n`` standard normal numbers (Box-Muller in the working precision, then ``dtype``)."""
     pairs = -(-int(n) // 2)
-    u = _unit(words(key, 2 * pairs), dtype).reshape(pairs, 2)
-    r = np.sqrt(dtype(-2) * np.log(u[:, 0]))
-    t = dtype(2 * np.pi) * u[:, 1]
-    return np.stack([r * np.cos(t), r * np.sin(t)], axis=1).reshape(-1)[: int(n)]
+    return _box_muller(words(key, 2 * pairs), np.dtype(dtype).type)[: int(n)]
 
 
 def rademacher(key, n: int, dtype=np.float32) -> np.ndarray:
