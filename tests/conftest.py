@@ -1,5 +1,9 @@
 """Shared fixtures: every layer/loss/optimizer/estimator test runs on each backend.
 
+Shared helpers (not fixtures) live in ``tests/helpers.py``; tests import them from there.
+Everything under ``tests/integration/`` is marked ``integration`` here: the fast loop is
+``pytest -m "not integration"``.
+
 JAX's 64-bit mode is switched on once here, so float64 checks are real float64 on both
 backends; every float32 test gives its dtypes explicitly.
 """
@@ -13,7 +17,7 @@ import pytest
 
 import duogard as dg
 
-BACKENDS = ("jax", "torch")
+from helpers import AVAILABLE
 
 try:
     import jax
@@ -35,17 +39,6 @@ try:
     torch.set_num_threads(1)
 except ImportError:  # pragma: no cover - the jax-only install
     pass
-
-
-def _available(name: str) -> bool:
-    try:
-        dg.backend(name)
-        return True
-    except ImportError:
-        return False
-
-
-AVAILABLE = tuple(b for b in BACKENDS if _available(b))
 
 
 @pytest.fixture(params=AVAILABLE)
@@ -73,36 +66,9 @@ def digits():
     return dg.data.load("digits")
 
 
-TOL = {"float32": dict(rtol=1e-5, atol=1e-6), "float64": dict(rtol=1e-10, atol=1e-12)}
-
-
-def to_backend(be, tree, dtype=None):
-    """A NumPy pytree on backend ``be`` (optionally cast)."""
-    return dg.tree.tree_map(
-        lambda a: be.asarray(np.asarray(a) if dtype is None else np.asarray(a, dtype)), tree
-    )
-
-
-def to_numpy(be, tree):
-    return dg.tree.tree_map(be.to_numpy, tree)
-
-
-def has_cuda() -> bool:
-    try:
-        import torch
-
-        return torch.cuda.is_available()
-    except ImportError:
-        return False
-
-
-def load_script(path, module_name: str):
-    """A script (an example) imported by its file path as ``module_name``, without running its
-    ``__main__`` block.
-    """
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(module_name, path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def pytest_collection_modifyitems(config, items):
+    """Mark every test under tests/integration/ (subprocesses, torchrun, Hydra, examples, the
+    command line, the bench) as ``integration``."""
+    for item in items:
+        if "integration" in item.path.parts:
+            item.add_marker(pytest.mark.integration)

@@ -1,0 +1,64 @@
+"""Helpers the tests share (importable from every test folder: pytest's ``pythonpath``).
+
+Fixtures live in ``conftest.py``; plain functions and constants live here, so a test imports
+them by name instead of importing a conftest.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+import duogard as dg
+
+#: the repository's root
+ROOT = Path(__file__).resolve().parents[1]
+
+BACKENDS = ("jax", "torch")
+
+
+def _available(name: str) -> bool:
+    try:
+        dg.backend(name)
+        return True
+    except ImportError:
+        return False
+
+
+AVAILABLE = tuple(b for b in BACKENDS if _available(b))
+
+
+TOL = {"float32": dict(rtol=1e-5, atol=1e-6), "float64": dict(rtol=1e-10, atol=1e-12)}
+
+
+def to_backend(be, tree, dtype=None):
+    """A NumPy pytree on backend ``be`` (optionally cast)."""
+    return dg.tree.tree_map(
+        lambda a: be.asarray(np.asarray(a) if dtype is None else np.asarray(a, dtype)), tree
+    )
+
+
+def to_numpy(be, tree):
+    return dg.tree.tree_map(be.to_numpy, tree)
+
+
+def has_cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+def load_script(path, module_name: str):
+    """A script (an example) imported by its file path as ``module_name``, without running its
+    ``__main__`` block.
+    """
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

@@ -1,0 +1,762 @@
+"""The training loop: determinism, exact resume, non-finite handling, memory, logs, metrics,
+argument checks, and the digits acceptance of issue 7."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import dataclasses
+import json
+import math
+import mmap
+
+import numpy as np
+import pytest
+
+import duogard as dg
+from duogard import optim
+from duogard.cli import DEFAULT_METHODS, parse_method
+from duogard.cli.compare import compare
+from duogard.train import (
+    Checkpointer,
+    Diagnostics,
+    Evaluate,
+    LogFile,
+    NonFiniteError,
+    OnNonFinite,
+    Trainer,
+    build_model,
+    fit,
+    load_checkpoint,
+    rss_bytes,
+)
+
+from helpers import AVAILABLE
+
+BATCH = 32
+
+
+@pytest.fixture(scope="module")
+def mlp():
+    return build_model("mlp", 10, hidden=(16,))
+
+
+@pytest.fixture(scope="module")
+def params0(mlp, digits):
+    return mlp.init(0, digits.example_input)
+
+
+def _leaves(tree):
+    return [np.asarray(x) for x in dg.tree.tree_leaves(tree)]
+
+
+def _assert_bitwise(a, b):
+    la, lb = _leaves(a), _leaves(b)
+    assert len(la) == len(lb)
+    for x, y in zip(la, lb):
+        assert x.dtype == y.dtype and x.shape == y.shape
+        assert x.tobytes() == y.tobytes()
+
+
+def _losses(result):
+    return [h["loss"] for h in result.history]
+
+
+def _run(mlp, params0, digits, be, *, callbacks=None, grad_norm=True, compile=None, **kw):
+    """fit on ``be`` with an evaluation by default (no progress bar); ``grad_norm`` and ``compile``
+    go to a Trainer of their own."""
+    kw.setdefault("steps", 20)
+    kw.setdefault("batch_size", BATCH)
+    callbacks = [Evaluate()] if callbacks is None else callbacks
+    if grad_norm and compile is None:
+        return fit(mlp, params0, digits, backend=be.name, callbacks=callbacks, **kw)
+    tr = Trainer(
+        mlp,
+        optimizer=kw.pop("optimizer", None),
+        estimator=kw.pop("estimator", "backprop"),
+        backend=be.name,
+        grad_norm=grad_norm,
+        compile=compile,
+    )
+    return fit(mlp, params0, digits, callbacks=callbacks, trainer=tr, **kw)
+
+
+def _poisoned(ds, step, *, batch_size=BATCH, seed=0):
+    """A copy of ``ds`` whose training batch at 0-based ``step`` (and only there, in epoch 0)
+    holds one NaN example, so exactly that step's loss is non-finite."""
+    assert step < ds.steps_per_epoch(batch_size)
+    i = ds.epoch_order(0, seed=seed)[step * batch_size]
+    x = ds.x_train.copy()
+    x[i] = np.nan
+    return dataclasses.replace(ds, x_train=x)
+
+
+# ----------------------------------------------------------------------------- determinism
+
+
+@pytest.mark.parametrize("method", ["backprop", "forward"])
+def test_fit_is_deterministic(be, mlp, params0, digits, method):
+    kw = dict(estimator=method, optimizer=optim.sgd(0.05, momentum=0.9), seed=3, steps=25)
+    a = _run(mlp, params0, digits, be, **kw)
+    b = _run(mlp, params0, digits, be, **kw)
+    assert _losses(a) == _losses(b)
+    _assert_bitwise(a.params, b.params)
+    _assert_bitwise(a.opt_state, b.opt_state)
+    assert [e["test_accuracy"] for e in a.evals] == [e["test_accuracy"] for e in b.evals]
+    # and the seed matters (batches, and tangents for forward)
+    c = _run(mlp, params0, digits, be, **(kw | {"seed": 4}))
+    assert _losses(c) != _losses(a)
+
+
+# ----------------------------------------------------------------------------- resume
+
+
+@pytest.mark.parametrize("opt", ["momentum", "adam"])
+def test_resume_is_exact(be, mlp, params0, digits, tmp_path, opt):
+    make = {"momentum": lambda: optim.sgd(0.02, momentum=0.9), "adam": lambda: optim.adam(1e-3)}[opt]
+    kw = dict(estimator=dg.estimator("forward", num_tangents=2), seed=1)
+    full = _run(mlp, params0, digits, be, optimizer=make(), steps=100, **kw)
+    half = _run(
+        mlp, params0, digits, be, optimizer=make(), steps=50, callbacks=[Checkpointer(tmp_path / "ck")], **kw
+    )
+    assert load_checkpoint(tmp_path / "ck").step == 50
+    rest = _run(
+        mlp,
+        params0,
+        digits,
+        be,
+        optimizer=make(),
+        steps=100,
+        callbacks=[Checkpointer(resume=tmp_path / "ck")],
+        **kw,
+    )
+
+    assert [h["step"] for h in rest.history] == list(range(51, 101))
+    assert _losses(half) + _losses(rest) == _losses(full)
+    assert rest.step == 100
+    _assert_bitwise(rest.params, full.params)
+    _assert_bitwise(rest.opt_state, full.opt_state)
+    if be.name == "jax":
+        assert rest.compiles == 1  # the loaded state is placed like the step's outputs
+
+
+@pytest.mark.parametrize("src,dst", [("jax", "torch"), ("torch", "jax")])
+def test_checkpoint_resumes_on_the_other_backend(mlp, params0, digits, tmp_path, src, dst):
+    if len(AVAILABLE) < 2:
+        pytest.skip("needs both jax and torch")
+    kw = dict(estimator="backprop", seed=2, batch_size=BATCH)
+    full = fit(mlp, params0, digits, optimizer=optim.adam(1e-3), backend=src, steps=40, callbacks=[], **kw)
+    fit(
+        mlp,
+        params0,
+        digits,
+        optimizer=optim.adam(1e-3),
+        backend=src,
+        steps=20,
+        callbacks=[Checkpointer(tmp_path)],
+        **kw,
+    )
+    rest = fit(
+        mlp,
+        params0,
+        digits,
+        optimizer=optim.adam(1e-3),
+        backend=dst,
+        steps=40,
+        callbacks=[Checkpointer(resume=tmp_path)],
+        **kw,
+    )
+
+    assert rest.backend == dst and rest.step == 40
+    assert {dg.backend_of(x).name for x in dg.tree.tree_leaves(rest.params)} == {dst}
+    np.testing.assert_allclose(_losses(rest), _losses(full)[20:], rtol=1e-5)
+    for x, y in zip(_leaves(rest.params), _leaves(full.params)):
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
+    # the params moved since the checkpoint: the comparison is not of two copies of step 20
+    assert not np.allclose(_leaves(rest.params)[0], _leaves(load_checkpoint(tmp_path).params)[0])
+
+
+# ----------------------------------------------------------------------------- non-finite
+
+
+@pytest.mark.parametrize("every", [3, None])
+def test_nan_raise_names_the_step_and_writes_the_last_good_params(be, mlp, params0, digits, tmp_path, every):
+    bad = _poisoned(digits, 6)  # the 7th step (0-based index 6) sees a NaN input
+    ck = tmp_path / "ck"
+    with pytest.raises(NonFiniteError, match=r"non-finite loss at step 7\b") as info:
+        _run(
+            mlp,
+            params0,
+            bad,
+            be,
+            optimizer=optim.sgd(0.05),
+            steps=20,
+            callbacks=[Checkpointer(ck, every=every)],
+        )
+    assert "OnNonFinite('skip')" in str(info.value) and info.value.step == 7
+    good = _run(mlp, params0, digits, be, optimizer=optim.sgd(0.05), steps=6)
+    _assert_bitwise(info.value.params, good.params)  # the error carries the last good params
+    kept = load_checkpoint(ck, backend=be.name)  # and the checkpoint holds them, also without every=
+    assert kept.step == 6
+    _assert_bitwise(kept.params, good.params)
+
+
+def test_nan_from_a_huge_learning_rate_raises(be, mlp, params0, digits):
+    with pytest.raises(NonFiniteError, match=r"at step \d+"):
+        _run(mlp, params0, digits, be, optimizer=optim.sgd(1e30), steps=50)
+
+
+def test_nan_skip_drops_the_step_and_counts_it(be, mlp, params0, digits):
+    bad = _poisoned(digits, 6)
+    opt = optim.sgd(0.05, momentum=0.9)
+    upto = _run(mlp, params0, bad, be, optimizer=opt, steps=7, callbacks=[OnNonFinite("skip")])
+    assert upto.skipped_steps == 1
+    assert math.isnan(upto.history[6]["loss"])
+    # the skipped step changed nothing: params and optimizer state are those after 6 clean steps
+    clean = _run(mlp, params0, digits, be, optimizer=opt, steps=6)
+    _assert_bitwise(upto.params, clean.params)
+    _assert_bitwise(upto.opt_state, clean.opt_state)
+
+    on = _run(mlp, params0, bad, be, optimizer=opt, steps=12, callbacks=[OnNonFinite("skip")])
+    assert on.skipped_steps == 1 and on.summary()["skipped_steps"] == 1
+    assert all(math.isfinite(h["loss"]) for i, h in enumerate(on.history) if i != 6)
+    assert all(np.isfinite(x).all() for x in _leaves(on.params))
+
+
+# ----------------------------------------------------------------------------- memory, compiles
+
+
+def test_memory_stays_flat_and_jax_compiles_once(be, mlp, params0, digits):
+    rss = []
+    res = _run(
+        mlp,
+        params0,
+        digits,
+        be,
+        estimator="forward",
+        optimizer=optim.sgd(0.01),
+        steps=600,
+        callbacks=[lambda rec: rss.append(rss_bytes())],
+    )
+    assert len(rss) == 600 and rss[100] > 0
+    growth = (max(rss[100:]) - rss[100]) / rss[100]
+    assert growth <= 0.05, f"RSS grew by {100 * growth:.1f}% after warm-up"
+    if be.name == "jax":
+        assert res.compiles == 1
+    else:
+        assert res.compiles is None
+
+
+def test_peak_memory_is_the_runs_rss_growth(be, mlp, params0, digits):
+    """peak_memory_bytes is the peak RSS growth during the run: 32 MiB, then 128 MiB, held by a
+    callback from the first step on (fresh, touched pages: resident) show up, the larger one
+    larger by most of the difference (the measurement is neither 0 nor a constant). A first
+    run takes the process's one-time growth (compiling, caches) out of the comparison. The
+    memory is an anonymous mmap written through: always new pages, never malloc's free pool
+    (glibc serves a 32 MiB ``np.ones`` from pages a long-lived worker already holds once its
+    mmap threshold has grown, and the growth reads 0)."""
+    _run(mlp, params0, digits, be, optimizer=optim.sgd(0.05), steps=3, callbacks=[])
+    peaks = []
+    for mib in (32, 128):
+        held = []
+
+        def grab(record, mib=mib, held=held):
+            if not held:
+                block = mmap.mmap(-1, mib * 2**20)
+                np.frombuffer(block, dtype=np.uint8)[:] = 1
+                held.append(block)
+
+        res = _run(mlp, params0, digits, be, optimizer=optim.sgd(0.05), steps=3, callbacks=[grab])
+        held.pop().close()
+        assert res.peak_memory_bytes >= 0.75 * mib * 2**20, (mib, res.peak_memory_bytes)
+        peaks.append(res.peak_memory_bytes)
+    assert peaks[1] - peaks[0] >= 0.5 * 96 * 2**20, peaks
+
+
+# ----------------------------------------------------------------------------- logs
+
+
+def _read_log(path):
+    if path.suffix == ".jsonl":
+        return [json.loads(line) for line in path.read_text().splitlines()]
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    return [{k: float(v) for k, v in r.items() if v != ""} for r in rows]
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
+def test_log_has_one_record_per_step(be, mlp, params0, digits, tmp_path, suffix):
+    path = tmp_path / "logs" / f"run{suffix}"
+    res = _run(
+        mlp, params0, digits, be, optimizer=optim.adam(1e-3), steps=12, callbacks=[LogFile(path), Evaluate(5)]
+    )
+    recs = _read_log(path)
+    assert [int(r["step"]) for r in recs] == list(range(1, 13))
+    for r, h in zip(recs, res.history):
+        assert r["loss"] == pytest.approx(h["loss"], rel=1e-12)
+        assert r["step_time"] > 0
+        assert r["lr"] == pytest.approx(1e-3, rel=1e-6)
+    times = [r["time"] for r in recs]
+    assert times == sorted(times) and times[0] > 0
+    evals = {int(r["step"]): r["test_accuracy"] for r in recs if "test_accuracy" in r}
+    assert evals == {e["step"]: pytest.approx(e["test_accuracy"]) for e in res.evals}
+    assert sorted(evals) == [5, 10, 12]
+
+
+def test_log_without_learning_rate_when_the_optimizer_has_none(be, mlp, params0, digits, tmp_path):
+    res = _run(
+        mlp,
+        params0,
+        digits,
+        be,
+        optimizer=optim.scale(-0.05),
+        steps=3,
+        callbacks=[LogFile(tmp_path / "l.jsonl")],
+    )
+    assert all("lr" not in r for r in _read_log(tmp_path / "l.jsonl"))
+    assert all("lr" not in h for h in res.history)
+
+
+def test_bad_log_suffix(be, mlp, params0, digits, tmp_path):
+    with pytest.raises(ValueError, match=r"LogFile.*\.csv or \.jsonl.*run\.txt"):
+        LogFile(tmp_path / "run.txt")
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def test_time_per_step_excludes_the_first_step(be, mlp, params0, digits):
+    res = _run(mlp, params0, digits, be, steps=9)
+    times = [h["step_time"] for h in res.history]
+    assert res.first_step_seconds == times[0]
+    assert res.time_per_step == pytest.approx(float(np.median(times[1:])))
+    assert res.total_seconds >= sum(times)
+    if be.name == "jax":  # the first step compiles
+        assert res.first_step_seconds > 5 * res.time_per_step
+
+
+@pytest.mark.parametrize("method", ["backprop", "forward-exact", "forward"])
+def test_diagnostics_compare_the_estimate_with_backprop(be, mlp, params0, digits, method):
+    res = _run(
+        mlp,
+        params0,
+        digits,
+        be,
+        estimator=method,
+        optimizer=optim.sgd(0.01),
+        steps=10,
+        callbacks=[Diagnostics(4)],
+    )
+    with_diag = [h["step"] for h in res.history if "cosine" in h]
+    assert with_diag == [1, 5, 9]
+    cos = np.array([h["cosine"] for h in res.history if "cosine" in h])
+    rel = np.array([h["rel_norm"] for h in res.history if "rel_norm" in h])
+    assert res.mean_cosine == pytest.approx(cos.mean())
+    if method == "forward":
+        # (g.v) v against g: cos = |g.v| / (|g||v|) and rel_norm = |g.v||v| / |g|, so
+        # cos >= 0 is small and rel_norm / cos = |v|^2 ~ chi^2(n): about n (std sqrt(2n))
+        n = sum(x.size for x in _leaves(params0))
+        assert ((cos >= 0) & (cos < 0.5)).all()
+        np.testing.assert_allclose(rel / cos, n, rtol=0.2)
+    else:  # exact gradients
+        np.testing.assert_allclose(cos, 1, atol=1e-5)
+        np.testing.assert_allclose(rel, 1, atol=1e-4)
+
+
+def test_evaluation_every_n_steps_matches_an_independent_count(be, mlp, params0, digits):
+    res = _run(mlp, params0, digits, be, optimizer=optim.sgd(0.1), steps=20, callbacks=[Evaluate(7)])
+    assert [e["step"] for e in res.evals] == [7, 14, 20]
+    logits = be.to_numpy(mlp.apply(res.params, be.asarray(digits.x_test))).astype(np.float64)
+    acc = float(np.mean(np.argmax(logits, -1) == digits.y_test))
+    z = logits - logits.max(-1, keepdims=True)
+    nll = -(z - np.log(np.exp(z).sum(-1, keepdims=True)))[np.arange(len(z)), digits.y_test]
+    assert res.evals[-1]["test_accuracy"] == acc == res.test_accuracy
+    assert res.evals[-1]["test_loss"] == pytest.approx(nll.mean(), rel=1e-5)
+    assert res.history[6]["test_accuracy"] == res.evals[0]["test_accuracy"]
+    assert "test_accuracy" not in res.history[7]
+
+
+# ----------------------------------------------------------------------------- bad arguments
+
+
+@pytest.mark.parametrize(
+    "kw,name",
+    [
+        ({"steps": -1}, "steps"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"batch_size": 100_000}, "batch_size"),
+        ({"callbacks": [OnNonFinite("skip"), OnNonFinite("raise")]}, "OnNonFinite"),
+    ],
+)
+def test_bad_arguments_name_themselves(be, mlp, params0, digits, kw, name):
+    with pytest.raises(ValueError, match=name):
+        _run(mlp, params0, digits, be, **kw)
+
+
+def test_callbacks_check_their_arguments(be, mlp, params0, digits):
+    for make, needle in (
+        (lambda: OnNonFinite("ignore"), "action"),
+        (lambda: Evaluate(0), "every"),
+        (lambda: Diagnostics(-1), "every"),
+        (lambda: Checkpointer(), "directory"),
+        (lambda: Checkpointer(None, every=2, resume="x"), "directory"),
+    ):
+        with pytest.raises(ValueError, match=needle):
+            make()
+    with pytest.raises(TypeError, match="callback"):
+        _run(mlp, params0, digits, be, callbacks=[object()])
+    tr = Trainer(mlp, backend=be.name)
+    with pytest.raises(ValueError, match="optimizer, estimator given with trainer="):
+        fit(mlp, params0, digits, optimizer=optim.sgd(0.1), estimator="forward", trainer=tr, steps=1)
+
+
+def test_callbacks_run_in_order_and_see_every_hook(be, mlp, params0, digits):
+    from duogard.train import Callback
+
+    seen = []
+
+    class Spy(Callback):
+        order = 95  # after LogFile-like consumers' default order (50) and Evaluate (10)
+
+        def on_fit_start(self, run):
+            seen.append(("start", run.start, run.steps))
+
+        def before_step(self, run, step, x, y, key):
+            seen.append(("before", step))
+
+        def on_step_end(self, run, record):
+            seen.append(("end", record["step"], "test_accuracy" in record))
+
+        def on_fit_end(self, run):
+            seen.append(("fit_end", run.completed, run.result.step))
+
+    _run(mlp, params0, digits, be, steps=2, callbacks=[Spy(), Evaluate(2)])
+    assert seen == [
+        ("start", 0, 2),
+        ("before", 0),
+        ("end", 1, False),
+        ("before", 1),
+        ("end", 2, True),
+        ("fit_end", True, 2),
+    ]
+
+
+# ----------------------------------------------------------------------------- acceptance (issue 7)
+
+
+@pytest.mark.slow
+def test_digits_acceptance_within_the_compare_budget(be):
+    """Backprop MLP >= 95% and a forward method >= 90% test accuracy on digits with
+    ``duogard compare``'s defaults (80/20 split, seed 0, 2500 steps, hidden 128, the
+    methods' own learning rates). Diagnostics are off: they never change the run."""
+    backprop = next(m for m in DEFAULT_METHODS if parse_method(m).name == "backprop")
+    # the default forward methods with more than one tangent's worth of signal per step
+    forward = [
+        m
+        for m in DEFAULT_METHODS
+        if parse_method(m).name == "forward-activity"
+        or dict(parse_method(m).options).get("num_tangents", 1) > 1
+    ]
+    data = dg.data.load("digits", seed=0)
+    out = compare(
+        build_model("mlp", 10, hidden=(128,)),
+        data,
+        backends=[be.name],
+        methods=[backprop, *forward],
+        diagnostics_every=0,
+        out_dir=None,
+        progress=False,
+        log=None,
+    )
+    acc = {r["method"]: r["test_accuracy"] for r in out["runs"]}
+    assert out["config"]["steps"] == 2500
+    assert acc.pop(parse_method(backprop).label) >= 0.95, acc
+    assert len(acc) == 2 and max(acc.values()) >= 0.90, acc
+
+
+# ----------------------------------------------------------------------------- one-pass SGD, ownership
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.01])
+def test_one_pass_sgd_equals_update_then_apply(be, mlp, params0, digits, weight_decay):
+    """The Trainer applies a momentum-free sgd in one pass (in place / donated): same numbers as
+    optim's update + apply_updates, step after step, with a schedule."""
+    from duogard.train import Trainer
+
+    opt = optim.sgd(optim.exponential_decay(0.1, rate=0.1), weight_decay=weight_decay)
+    tr = Trainer(mlp, optimizer=opt, estimator="backprop", backend=be.name)
+    params, state = tr.init_state(params0)
+    ref, ref_state = tr.init_state(params0)
+    for step in range(3):
+        xb, yb = (be.asarray(a) for a in digits.batch_at(step, BATCH))
+        _, g = dg.estimator("backprop")(tr.loss_fn, ref, (xb, yb))
+        u, ref_state = opt.update(g, ref_state, ref)
+        ref = optim.apply_updates(ref, u)
+        params, state, _, gsq = tr.step(params, state, xb, yb, be.key(0))
+        for a, b in zip(
+            _leaves(dg.tree.tree_map(be.to_numpy, params)), _leaves(dg.tree.tree_map(be.to_numpy, ref))
+        ):
+            np.testing.assert_allclose(a, b, rtol=2e-6, atol=1e-7)
+        want = sum(float(np.sum(np.asarray(be.to_numpy(t), np.float64) ** 2)) for t in dg.tree.tree_leaves(g))
+        assert float(gsq) == pytest.approx(want, rel=1e-4)
+        assert float(optim.current_learning_rate(state)) == pytest.approx(
+            float(optim.current_learning_rate(ref_state)), rel=1e-7
+        )
+
+
+@pytest.mark.parametrize(
+    "distribution, weight_decay, jvp",
+    [
+        ("normal", 0.0, "auto"),
+        ("rademacher", 0.01, "auto"),
+        ("normal", 0.01, "framework"),
+    ],
+)
+def test_one_pass_sgd_with_a_factored_forward_gradient(
+    be, mlp, params0, digits, distribution, weight_decay, jvp
+):
+    """Forward, one tangent: the Trainer applies p -= (lr d) v without writing d v first; the
+    same numbers as the estimator's gradient, sgd's update and apply_updates, with |g|²."""
+    from duogard.train import Trainer
+
+    est = dg.estimator("forward", distribution=distribution, jvp=jvp)
+    opt = optim.sgd(optim.exponential_decay(0.1, rate=0.1), weight_decay=weight_decay)
+    tr = Trainer(mlp, optimizer=opt, estimator=est, backend=be.name)
+    params, state = tr.init_state(params0)
+    ref, ref_state = tr.init_state(params0)
+    for step in range(3):
+        xb, yb = (be.asarray(a) for a in digits.batch_at(step, BATCH))
+        key = be.fold_in(be.key(3), step)
+        loss, d, v = est.factored(tr.loss_fn, ref, (xb, yb), key)
+        value, g = est(tr.loss_fn, ref, (xb, yb), key)
+        assert float(loss) == float(value)
+        for gi, vi in zip(
+            _leaves(dg.tree.tree_map(be.to_numpy, g)), _leaves(dg.tree.tree_map(be.to_numpy, v))
+        ):
+            np.testing.assert_array_equal(gi, np.asarray(be.to_numpy(d)) * vi)  # d * v is the estimate
+        u, ref_state = opt.update(g, ref_state, ref)
+        ref = optim.apply_updates(ref, u)
+        params, state, _, gsq = tr.step(params, state, xb, yb, key)
+        for a, b in zip(
+            _leaves(dg.tree.tree_map(be.to_numpy, params)), _leaves(dg.tree.tree_map(be.to_numpy, ref))
+        ):
+            np.testing.assert_allclose(a, b, rtol=2e-6, atol=1e-7)
+        want = sum(float(np.sum(np.asarray(be.to_numpy(t), np.float64) ** 2)) for t in dg.tree.tree_leaves(g))
+        assert float(gsq) == pytest.approx(want, rel=1e-4)
+
+
+def test_factored_is_none_where_the_estimate_is_not_one_scaled_array(be, mlp, params0, digits):
+    """factored() is None unless the estimate is d v; a Forward subclass's own tangents go everywhere."""
+    from duogard.grad import Forward
+
+    xb, yb = (be.asarray(a) for a in digits.batch_at(0, BATCH))
+    params = dg.tree.tree_map(be.asarray, params0)
+    loss_fn = dg.grad.supervised(mlp, "cross_entropy")
+    key = be.key(0)
+    for est in (
+        dg.estimator("backprop"),
+        dg.estimator("forward", num_tangents=2),
+        dg.estimator("forward", projection=True),
+        dg.estimator("forward-activity"),
+    ):
+        assert est.factored(loss_fn, params, (xb, yb), key) is None, est
+
+    class Ones(Forward):  # a subclass with its own tangents: sample, __call__ and factored draw them
+        def tangent_tree(self, params, key):
+            return dg.tree.tree_map(lambda p: be.xp.ones((1, *p.shape), dtype=p.dtype), params)
+
+    _, g = Ones()(loss_fn, params, (xb, yb), key)
+    loss_f, d, v = Ones().factored(loss_fn, params, (xb, yb), key)
+    want = sum(
+        float(np.sum(a))
+        for a in _leaves(
+            dg.tree.tree_map(be.to_numpy, dg.estimator("backprop")(loss_fn, params, (xb, yb))[1])
+        )
+    )  # ∇f · ones
+    assert float(d) == pytest.approx(want, rel=1e-4)
+    for a in _leaves(dg.tree.tree_map(be.to_numpy, g)):
+        np.testing.assert_allclose(a, np.full_like(a, want), rtol=1e-4, atol=1e-6)
+    n = dg.grad.FlatView.of(params).size
+    np.testing.assert_array_equal(be.to_numpy(Ones().sample(loss_fn, params, (xb, yb), key)), np.ones((1, n)))
+    assert dg.estimator("forward").factored(loss_fn, params, (xb, yb), key) is not None
+    with pytest.raises(ValueError, match="random key"):
+        dg.estimator("forward").factored(loss_fn, params, (xb, yb), None)
+
+
+@pytest.mark.parametrize("opt_name", ["sgd", "adam"])
+def test_fit_never_touches_the_callers_arrays(be, mlp, params0, digits, opt_name):
+    opt = optim.sgd(0.05) if opt_name == "sgd" else optim.adam(1e-3)
+    given = dg.tree.tree_map(be.asarray, params0)
+    before = _leaves(dg.tree.tree_map(be.to_numpy, given))
+    res = _run(mlp, given, digits, be, optimizer=opt, steps=5)
+    after = _leaves(dg.tree.tree_map(be.to_numpy, given))  # on JAX a donated array would raise here
+    for a, b in zip(before, after):
+        assert a.tobytes() == b.tobytes()
+    assert any(
+        not np.array_equal(a, b) for a, b in zip(_leaves(dg.tree.tree_map(be.to_numpy, res.params)), before)
+    )
+
+
+@pytest.mark.parametrize("opt_name", ["sgd", "momentum"])
+def test_a_non_finite_step_returns_its_inputs_unchanged(be, mlp, params0, digits, opt_name):
+    from duogard.train import Trainer
+
+    opt = optim.sgd(0.05) if opt_name == "sgd" else optim.sgd(0.05, momentum=0.9)
+    tr = Trainer(mlp, optimizer=opt, estimator="backprop", backend=be.name)
+    params, state = tr.init_state(params0)
+    x = digits.x_train[:8].copy()
+    x[0] = np.nan
+    want_p = _leaves(dg.tree.tree_map(be.to_numpy, params))
+    want_s = _leaves(dg.tree.tree_map(be.to_numpy, state))
+    params, state, loss, gsq = tr.step(
+        params, state, be.asarray(x), be.asarray(digits.y_train[:8]), be.key(0)
+    )
+    assert not math.isfinite(float(loss))
+    _assert_bitwise(dg.tree.tree_map(be.to_numpy, params), want_p)
+    _assert_bitwise(dg.tree.tree_map(be.to_numpy, state), want_s)
+
+
+def test_grad_norm_off_drops_the_record_and_still_catches_a_nan_loss(be, mlp, params0, digits):
+    res = _run(mlp, params0, digits, be, optimizer=optim.sgd(0.05), steps=5, grad_norm=False)
+    assert all("grad_norm" not in h for h in res.history)
+    on = _run(mlp, params0, digits, be, optimizer=optim.sgd(0.05), steps=5)
+    assert all(h["grad_norm"] > 0 for h in on.history)
+    _assert_bitwise(res.params, on.params)  # the norm is a measurement only
+    with pytest.raises(NonFiniteError, match="non-finite loss at step 7"):
+        _run(mlp, params0, _poisoned(digits, 6), be, optimizer=optim.sgd(0.05), steps=10, grad_norm=False)
+
+
+def test_labels_outside_the_models_outputs_stop_fit_before_any_step(be, mlp, params0, digits):
+    """Labels >= C used to count as 0 (loss 0, 100 silent steps): fit refuses them up front for
+    duogard's classification losses; behind a custom loss the loss itself stops the first step
+    (ValueError for concrete labels on torch, a NaN loss in JAX's compiled step)."""
+    bad = copy.copy(digits)
+    bad.y_train = np.full_like(digits.y_train, 10)  # past Dataset's own check, as a mutation is
+    seen = []
+    with pytest.raises(ValueError, match=r"fit: data.y_train holds label 10; labels must be in \[0, 10\)"):
+        fit(mlp, params0, bad, backend=be.name, steps=100, batch_size=BATCH, callbacks=[seen.append])
+    five = build_model("mlp", 5, hidden=(16,))
+    with pytest.raises(ValueError, match=r"holds label 9; labels must be in \[0, 5\) for the model's 5"):
+        fit(five, five.init(0, digits.example_input), digits, backend=be.name, steps=100, callbacks=[])
+    custom = lambda out, y: dg.losses.cross_entropy(out, y)  # noqa: E731
+    with pytest.raises(
+        (ValueError, NonFiniteError), match=r"labels must be in \[0, 10\), got 10|non-finite loss at step 1\b"
+    ):
+        fit(
+            mlp,
+            params0,
+            bad,
+            backend=be.name,
+            loss=custom,
+            steps=100,
+            batch_size=BATCH,
+            callbacks=[seen.append],
+        )
+    assert seen == []
+
+
+def _nan_grad_loss(out, y):
+    """Cross-entropy plus 0 * sqrt(0): the value stays finite, its derivative is 0 * inf = NaN."""
+    zero = out[0, 0] - out[0, 0]
+    return dg.losses.cross_entropy(out, y) + 0.0 * dg.backend_of(out).xp.sqrt(zero)
+
+
+@pytest.mark.parametrize(
+    "opt,est",
+    [(optim.sgd(0.05), "backprop"), (optim.adam(1e-3), "backprop"), (optim.sgd(0.05), "forward")],
+    ids=["sgd-in-place", "optimizer", "sgd-factored"],
+)
+def test_grad_norm_off_still_refuses_a_nan_gradient_under_a_finite_loss(be, mlp, params0, digits, opt, est):
+    """Without the norm, a NaN gradient with a finite loss used to make every parameter NaN (and
+    "skip" returned them without a word): now the step keeps its inputs and fit sees it."""
+    tr = Trainer(mlp, loss=_nan_grad_loss, optimizer=opt, estimator=est, backend=be.name, grad_norm=False)
+    with pytest.raises(
+        NonFiniteError, match=r"non-finite gradient at step 1 \(loss=[0-9.]+, \|grad\|\^2=nan"
+    ):
+        fit(mlp, params0, digits, trainer=tr, steps=3, batch_size=BATCH, callbacks=[])
+    res = fit(mlp, params0, digits, trainer=tr, steps=3, batch_size=BATCH, callbacks=[OnNonFinite("skip")])
+    assert res.skipped_steps == 3 and all(math.isfinite(h["loss"]) for h in res.history)
+    _assert_bitwise(res.params, params0)
+
+
+@pytest.mark.skipif("torch" not in AVAILABLE, reason="needs torch")
+def test_torch_compile_step_matches_the_eager_step(mlp, params0, digits):
+    """Trainer(compile=True) on torch (torch.compile) with a forward gradient: the keyed draws run
+    eagerly in a graph break, and the numbers are the eager step's."""
+    est = dg.estimator("forward", distribution="rademacher")
+    compiled = _run(
+        mlp,
+        params0,
+        digits,
+        dg.backend("torch"),
+        estimator=est,
+        optimizer=optim.sgd(0.05),
+        steps=3,
+        compile=True,
+    )
+    eager = _run(mlp, params0, digits, dg.backend("torch"), estimator=est, optimizer=optim.sgd(0.05), steps=3)
+    np.testing.assert_allclose(_losses(compiled), _losses(eager), rtol=1e-5)
+    for a, b in zip(_leaves(compiled.params), _leaves(eager.params)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- update strategies
+
+
+def test_the_trainer_names_its_update_strategy(be, mlp):
+    from duogard.train import choose_update
+
+    fwd, lean = dg.estimator("forward"), dg.estimator("forward", lean=True)
+    cases = [
+        (optim.sgd(0.1), "backprop", "sgd-in-place"),
+        (optim.sgd(0.1), fwd, "sgd-factored"),
+        (optim.sgd(0.1, weight_decay=0.1), dg.estimator("forward", num_tangents=2), "sgd-in-place"),
+        (optim.sgd(0.1), dg.estimator("forward", projection=True), "sgd-in-place"),
+        (optim.sgd(0.1), lean, "sgd-lean"),
+        (optim.sgd(0.1, momentum=0.9), fwd, "optimizer"),
+        (optim.adam(1e-3), "backprop", "optimizer"),
+    ]
+    for opt, est, want in cases:
+        assert choose_update(opt, dg.grad.estimator(est) if isinstance(est, str) else est) == want
+        assert Trainer(mlp, optimizer=opt, estimator=est, backend=be.name).update_strategy == want
+    with pytest.raises(ValueError, match="lean=True.*without momentum"):
+        choose_update(optim.adam(1e-3), lean)
+
+
+class _Halved(dg.grad.Forward):
+    """A subclass with its own estimate: it says it is not d v, so the Trainer applies it as is."""
+
+    factored_form = False
+
+    def estimate_tree(self, loss_fn, params, batch, vtree):
+        loss, g = super().estimate_tree(loss_fn, params, batch, vtree)
+        return loss, dg.tree.tree_map(lambda a: a / 2, g)
+
+
+@pytest.mark.parametrize("strategy", ["sgd-in-place", "sgd-factored", "sgd-lean"])
+def test_each_sgd_strategy_gives_the_numbers_of_update_then_apply(be, mlp, params0, digits, strategy):
+    """Bitwise: every SGD strategy against the "optimizer" strategy's opt.update + apply_updates on the
+    same estimate (a momentum-free sgd's chain, with weight decay and a schedule)."""
+    est = {
+        "sgd-in-place": _Halved(),
+        "sgd-factored": dg.estimator("forward"),
+        "sgd-lean": dg.estimator("forward", lean=True),
+    }[strategy]
+    opt = optim.sgd(optim.exponential_decay(0.1, rate=0.1), weight_decay=0.01)
+    chained = optim.chain(
+        optim.add_decayed_weights(0.01), optim.scale_by_learning_rate(optim.exponential_decay(0.1, rate=0.1))
+    )
+    fast = Trainer(mlp, optimizer=opt, estimator=est, backend=be.name, grad_norm=False)
+    same = dg.estimator("forward") if strategy == "sgd-lean" else est  # lean's draws, unfused
+    slow = Trainer(mlp, optimizer=chained, estimator=same, backend=be.name, grad_norm=False)
+    assert fast.update_strategy == strategy and slow.update_strategy == "optimizer"
+    p, s = fast.init_state(params0)
+    q, t = slow.init_state(params0)
+    for step in range(3):
+        xb, yb = (be.asarray(a) for a in digits.batch_at(step, BATCH))
+        key = be.fold_in(be.key(0), step)
+        p, s, lp, _ = fast.step(p, s, xb, yb, key)
+        q, t, lq, _ = slow.step(q, t, xb, yb, key)
+        assert float(lp) == pytest.approx(float(lq), rel=1e-6)  # two compiled programs: rounding
+    for a, b in zip(_leaves(dg.tree.tree_map(be.to_numpy, p)), _leaves(dg.tree.tree_map(be.to_numpy, q))):
+        np.testing.assert_allclose(a, b, rtol=2e-6, atol=1e-7)
