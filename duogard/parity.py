@@ -192,8 +192,11 @@ def compare(
     sides = []
     for i in (0, 1) if reference is None else (0, 1, reference):
         be, est, opt = bes[i], ests[i], opts[i]
-        as_side = (lambda a, be=be: be.asarray(a, dtype=dtype)) if len(sides) < 2 else (
-            lambda a, be=be: be.asarray(np.asarray(a, np.float64))  # the float64 reference run
+        # each side its own copy: backends may wrap NumPy memory without copying (torch always,
+        # JAX on CPU), and the SGD strategies update in place: one side's update must not reach
+        # the other side's params (nor the caller's ``params``) while that side still reads them
+        as_side = (lambda a, be=be: be.asarray(np.array(a, dtype=dtype))) if len(sides) < 2 else (
+            lambda a, be=be: be.asarray(np.array(a, np.float64))  # the float64 reference run
         )  # fmt: skip
         p = tree_map(as_side, inits[i])
         sides.append(

@@ -227,3 +227,18 @@ def test_calibrated_verdict_still_catches_a_one_op_difference_at_its_first_step(
     rep = compare(loss="cross_entropy", optimizer=optim.sgd(0.05), estimator="backprop", data=digits, steps=3,
                   batch_size=BATCH, **kw)  # fmt: skip
     assert rep.reference is not None and rep.first_divergence == 1, rep.table(every=1)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_sides_hold_their_own_copies_of_the_params(digits, dtype):
+    """torch (and JAX on CPU) may wrap NumPy memory; the SGD strategies update in place: each
+    side copies the initial params, so neither the caller's arrays nor the other side see an
+    update (they did: torch's in-place step raced JAX's asynchronous read of the same memory).
+    """
+    model = build_model("mlp", 10, hidden=(8,))
+    params = model.init(0, digits.example_input, dtype=dtype)
+    before = [a.copy() for a in dg.tree.tree_leaves(params)]
+    rep = compare(model, "cross_entropy", optim.sgd(0.05), "forward", digits, steps=2, dtype=dtype, params=params)
+    assert rep.first_divergence is None
+    for a, b in zip(dg.tree.tree_leaves(params), before):
+        np.testing.assert_array_equal(a, b)
