@@ -1,4 +1,5 @@
-"""Zeroth-order estimates (``estimator("spsa")``, duogard.grad._zeroth) and MeZO's lean step.
+"""The rivals at equal memory: zeroth-order estimates (``estimator("spsa")``,
+duogard.grad._zeroth), MeZO's lean step, and checkpointed backprop.
 
 The theory, checked on both backends in float64: the two-point difference is exact for a
 quadratic (so the mean over many queries tends to the gradient), it tends to the directional
@@ -6,7 +7,9 @@ derivative ∇f·z as ε → 0 (against the forward gradient's JVP along the sam
 normal z the estimate is unbiased for the gradient of the Gaussian-smoothed loss (a quartic,
 whose smoothed gradient differs from its gradient). Then the plumbing: the perturbations are
 the forward estimator's tangents, the step's data-parallel, parity and given-tangent paths
-take SPSA with no special case, and it trains.
+take SPSA with no special case, and it trains. MeZO's in-place step equals the ordinary one
+to rounding. Last, the other rival at equal memory: backprop with activation checkpointing
+(``estimator("backprop", checkpoint=True)``) equals backprop.
 """
 
 from __future__ import annotations
@@ -419,3 +422,75 @@ def test_zo_lean_cannot_run_data_parallel(digits, monkeypatch):
             distributed=True,
             callbacks=[],
         )
+
+
+# ------------------------------------------------------------------------ checkpointed backprop
+def _dropout_mlp():
+    return nn.Sequential(nn.Linear(8), nn.tanh, nn.Dropout(0.3), nn.Linear(8), nn.relu, nn.Linear(3))
+
+
+@pytest.mark.parametrize("every", [1, 2, 4])
+def test_checkpointed_backprop_equals_backprop(be, every):
+    """Same loss and gradient to rounding, dropout in training mode included (the recomputed
+    segments see the same keys, so the same masks); and the segments really are checkpointed.
+    """
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((6, 5)), rng.integers(0, 3, 6)
+    calls = []
+    # a layer that saves its input for the backward pass (torch recomputes only what is unpacked)
+    counted = nn.Lambda(lambda a: calls.append(1) or a * a, name="square")
+    model = nn.Sequential(*_dropout_mlp().layers[:2], counted, *_dropout_mlp().layers[2:])
+    params = to_backend(be, model.init(0, x, dtype="float64"))
+    loss_fn = dg.grad.supervised(model)
+    batch = (be.asarray(x), be.asarray(y), be.key(3))
+    want_loss, want = dg.estimator("backprop")(loss_fn, params, batch)
+    assert len(calls) == 1
+    est = dg.estimator("backprop", checkpoint=True, checkpoint_every=every)
+    loss, grads = est(loss_fn, params, batch)
+    assert float(loss) == pytest.approx(float(want_loss), rel=1e-15)
+    for a, b in zip(_np(be, grads), _np(be, want)):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-15)
+    if be.name == "torch":  # the segment holding the counter ran again in the backward pass
+        assert len(calls) == 3
+    else:
+        import jax
+
+        jaxpr = str(jax.make_jaxpr(lambda p: est(loss_fn, p, batch))(params))
+        assert jaxpr.count("prevent_cse=") == -(-len(model.layers) // every), jaxpr  # one remat each
+
+
+def test_checkpointed_backprop_trains_as_backprop(be, digits):
+    """Through the Trainer's (jitted on JAX) step: the same params after 4 steps, float64."""
+    model = nn.Sequential(nn.Flatten(), nn.Linear(8), nn.relu, nn.Linear(10))
+    p0 = model.init(0, digits.example_input, dtype="float64")
+    runs = [
+        dg.fit(
+            model, p0, digits, estimator=est, optimizer=optim.sgd(0.1), backend=be.name, steps=4, callbacks=[]
+        )
+        for est in (dg.estimator("backprop"), dg.estimator("backprop", checkpoint=True, checkpoint_every=2))
+    ]
+    for a, b in zip(_np(be, runs[0].params), _np(be, runs[1].params)):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_checkpoint_options_and_losses_it_cannot_segment(be):
+    for bad, needle in (
+        ({"checkpoint": 1}, "checkpoint must be True or False, got 1"),
+        ({"checkpoint": True, "checkpoint_every": 0}, "checkpoint_every must be a positive int, got 0"),
+        ({"checkpoint_every": 2}, "checkpoint_every=2 needs checkpoint=True"),
+    ):
+        with pytest.raises(ValueError, match=needle):
+            dg.estimator("backprop", **bad)
+    assert repr(dg.estimator("backprop")) == "estimator('backprop')"
+    spec = parse_method("backprop:checkpoint=true,checkpoint_every=2")
+    assert spec.estimator.checkpoint and spec.estimator.checkpoint_every == 2
+    params = {"w": be.asarray(np.ones(3))}
+    with pytest.raises(ValueError, match=r"checkpoint=True segments the loss layer by layer.*supervised"):
+        dg.estimator("backprop", checkpoint=True)(lambda p, b: be.xp.sum(p["w"] ** 2), params, None)
+
+
+def test_torch_checkpoint_under_torch_func_is_a_clear_error():
+    torch = pytest.importorskip("torch")
+    f = dg.backend("torch").checkpoint(lambda w: torch.tanh(w).sum())
+    with pytest.raises(RuntimeError, match="cannot run under a torch.func transform"):
+        torch.func.grad(f)(torch.ones(3, dtype=torch.float64))

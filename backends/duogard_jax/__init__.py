@@ -40,6 +40,7 @@ from ._arrays import (
 from ._autodiff import (
     add_outer_,
     add_scaled_,
+    checkpoint,
     compile_count,
     grad,
     is_tracing,
@@ -146,6 +147,7 @@ __all__ = [
     "grad",
     "vmap",
     "jit",
+    "checkpoint",
     "compile_count",
     "stop_gradient",
     "is_tracing",
