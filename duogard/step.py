@@ -3,7 +3,7 @@
 Every way duogard trains calls :func:`build_step`, with different parts, never a copy of it:
 :class:`duogard.train.Trainer` (and so :func:`duogard.fit`), the data-parallel step (a
 collective inserted between the estimate and the update), :func:`duogard.parity.compare`
-(tangents given instead of drawn), the lean step (``update="sgd-lean"``) and the torch port's
+(tangents given instead of drawn), the lean steps (``update="sgd-lean"``, ``"zo-lean"``) and the torch port's
 ``forward_grad_`` (``update="none"``: the estimate is returned for ``torch.optim`` to apply).
 
 A step is, in order:
@@ -28,6 +28,11 @@ A step is, in order:
      ``d v`` is never written.
    - ``"sgd-lean"``: the same optimizer with a forward estimator: the layer-by-layer step of
      :class:`duogard.grad.LeanStep` (each tangent drawn twice, never a whole-model buffer).
+   - ``"zo-lean"``: the same optimizer with ``estimator("spsa")``: MeZO's step,
+     :class:`duogard.grad.ZerothLeanStep` (the params perturbed in place, each perturbation
+     regenerated from its key: the step's memory is that of inference). It equals
+     ``"sgd-factored"``/``"sgd-in-place"`` to rounding (restoring ``θ ± εz`` drifts by a few
+     units in the last place), not bitwise.
    - ``"none"``: no update; the step returns the estimate (the torch port's ``forward_grad_``).
 
    Every SGD strategy gives the numbers of ``"optimizer"`` (the tests check each against
@@ -42,16 +47,16 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-from duogard.grad import Forward, LeanStep
+from duogard.grad import SPSA, Forward, LeanStep, ZerothLeanStep
 from duogard.grad._objective import MODEL_KEY, Batch
 from duogard.optim import PlainSGD, apply_updates
 from duogard.tree import Rank1, tree_leaves, tree_map
 
 __all__ = ["Batch", "MODEL_KEY", "UPDATE_STRATEGIES", "Step", "build_step", "choose_update", "keep_if"]
 
-#: The update strategies: the four that :func:`choose_update` picks from, in the order it
+#: The update strategies: the five that :func:`choose_update` picks from, in the order it
 #: considers them, and ``"none"`` (no update: the step returns the estimate).
-UPDATE_STRATEGIES = ("sgd-lean", "sgd-factored", "sgd-in-place", "optimizer", "none")
+UPDATE_STRATEGIES = ("zo-lean", "sgd-lean", "sgd-factored", "sgd-in-place", "optimizer", "none")
 _ALIASES = {"lean": "sgd-lean", "factored": "sgd-factored", "in-place": "sgd-in-place"}
 
 
@@ -62,11 +67,13 @@ def choose_update(optimizer, estimator, update: str = "auto") -> str:
         optimizer: a ``GradientTransformation`` (None only with ``update="none"``).
         estimator: a gradient estimator.
         update: ``"auto"`` (the cheapest strategy that gives the optimizer's numbers:
-            ``"sgd-lean"`` for ``estimator("forward", lean=True)``, ``"sgd-factored"`` for a
-            one-tangent forward gradient with a momentum-free SGD, ``"sgd-in-place"`` for any
+            ``"zo-lean"`` for ``estimator("spsa", lean=True)``, ``"sgd-lean"`` for
+            ``estimator("forward", lean=True)``, ``"sgd-factored"`` for a one-tangent forward
+            gradient (or one-query SPSA) with a momentum-free SGD, ``"sgd-in-place"`` for any
             other estimator with it, ``"optimizer"`` otherwise), or one of
-            :data:`UPDATE_STRATEGIES` (``"lean"``, ``"factored"`` and ``"in-place"`` are short
-            for the ``sgd-`` names) to state it.
+            :data:`UPDATE_STRATEGIES` (``"factored"`` and ``"in-place"`` are short for the
+            ``sgd-`` names; ``"lean"`` for ``"zo-lean"`` with SPSA, ``"sgd-lean"`` otherwise)
+            to state it.
 
     Returns:
         One of :data:`UPDATE_STRATEGIES`.
@@ -74,17 +81,21 @@ def choose_update(optimizer, estimator, update: str = "auto") -> str:
     Raises:
         ValueError: an unknown strategy, or one that this optimizer and estimator cannot run
             (the SGD strategies need a momentum-free :func:`duogard.optim.sgd`; ``"sgd-lean"``
-            and ``"sgd-factored"`` need a forward estimator that allows them).
+            and ``"sgd-factored"`` need a forward estimator that allows them, ``"zo-lean"`` an
+            SPSA estimator).
     """
     if not isinstance(update, str):
         raise TypeError(f"update must be a strategy name (a str), got {type(update).__name__}")
-    update = _ALIASES.get(update, update)
+    zeroth = isinstance(estimator, SPSA)
+    update = "zo-lean" if update == "lean" and zeroth else _ALIASES.get(update, update)
     if update != "auto" and update not in UPDATE_STRATEGIES:
         raise ValueError(f"update must be 'auto' or one of {UPDATE_STRATEGIES}, got {update!r}")
     plain = isinstance(optimizer, PlainSGD)
-    forward = isinstance(estimator, Forward)
+    forward = isinstance(estimator, Forward)  # SPSA is one too: the same tangents, K numbers
     if update == "auto":
-        if forward and estimator.lean:
+        if zeroth and estimator.lean:
+            update = "zo-lean"
+        elif forward and estimator.lean:
             update = "sgd-lean"
         elif plain:
             update = "sgd-factored" if forward and estimator.factored_form else "sgd-in-place"
@@ -95,13 +106,16 @@ def choose_update(optimizer, estimator, update: str = "auto") -> str:
             raise ValueError("update='optimizer' needs an optimizer, got None")
         return update
     if not plain:
-        what = "estimator forward(lean=True)" if update == "sgd-lean" else f"update={update!r}"
+        lean = {"sgd-lean": "estimator forward(lean=True)", "zo-lean": "estimator spsa(lean=True)"}
+        what = lean.get(update, f"update={update!r}")
         raise ValueError(
             f"Trainer: {what} applies the SGD update itself, leaf by leaf; optimizer must be "
             f"duogard.optim.sgd(learning_rate, weight_decay=...) without momentum, got {optimizer!r:.120}"
         )
-    if update == "sgd-lean" and not forward:
+    if update == "sgd-lean" and (zeroth or not forward):
         raise ValueError(f"update='sgd-lean' needs a forward estimator, got {estimator!r:.100}")
+    if update == "zo-lean" and not zeroth:
+        raise ValueError(f"update='zo-lean' needs an spsa estimator, got {estimator!r:.100}")
     if update == "sgd-lean" and (estimator.orthogonal or estimator.projection):
         raise ValueError(
             "update='sgd-lean' draws each leaf's tangent on its own: not with orthogonal/projection"
@@ -196,6 +210,8 @@ def build_step(
     jit_kw = {} if compile is None else {"compile": bool(compile)}
     if strategy == "sgd-lean":
         return _lean_step(be, loss_fn, estimator, optimizer, train_mode, state, collective, compile)
+    if strategy == "zo-lean":
+        return _zo_lean_step(be, loss_fn, estimator, optimizer, train_mode, state, collective, compile)
     exchange = None if collective is None else collective.exchange_for(estimator)
     if strategy == "sgd-factored" and (exchange not in (None, "directional") or tangents == "given"):
         strategy = "sgd-in-place"  # W·K tangents, or given ones: the estimate is no longer one d·v
@@ -282,6 +298,25 @@ def _lean_step(be, loss_fn, estimator, optimizer, train_mode, state, collective,
         return lean.step(params, opt_state, Batch(x, y), key)
 
     return Step(step, be=be, strategy="sgd-lean")
+
+
+def _zo_lean_step(be, loss_fn, estimator, optimizer, train_mode, state, collective, compile) -> Step:
+    """The ``"zo-lean"`` step: :class:`duogard.grad.ZerothLeanStep`'s in-place perturbations."""
+    if collective is not None:
+        raise ValueError(
+            "fit: estimator spsa(lean=True) perturbs and updates the params in place inside its own "
+            "step and cannot run data-parallel; use lean=False with distributed="
+        )
+    lean = ZerothLeanStep(estimator, loss_fn, be, optimizer, compile=compile)
+
+    def step(params, opt_state, x, y, key, given=None):
+        if given is not None:
+            raise ValueError("the zo-lean step draws its own perturbations; it cannot take given ones")
+        batch = Batch(x, y, be.fold_in(key, MODEL_KEY) if train_mode else None)
+        return lean.step(params, opt_state, batch, key)
+
+    jit_kw = {} if compile is None else {"compile": bool(compile)}
+    return Step(step if state is None else _stateful(be, step, state, jit_kw), be=be, strategy="zo-lean")
 
 
 def split_state(params, names) -> tuple[dict, dict]:

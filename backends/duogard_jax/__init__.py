@@ -40,6 +40,7 @@ from ._arrays import (
 from ._autodiff import (
     add_outer_,
     add_scaled_,
+    checkpoint,
     compile_count,
     grad,
     is_tracing,
@@ -149,6 +150,7 @@ __all__ = [
     "grad",
     "vmap",
     "jit",
+    "checkpoint",
     "compile_count",
     "sum_of_squares",
     "stop_gradient",

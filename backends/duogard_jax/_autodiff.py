@@ -35,6 +35,10 @@ def jit(f, *, static_argnums=None, static_argnames=None, donate_argnums=None, co
     )
 
 
+def checkpoint(f):
+    return jax.checkpoint(f)
+
+
 def compile_count(fn):
     # a duogard wrapper counts its own programs; jax.jit's cache holds one per compilation
     own = getattr(fn, "compile_count", None)

@@ -82,6 +82,25 @@ def jit(f, *, static_argnums=None, static_argnames=None, donate_argnums=None, co
     return torch.compile(f) if compile else f
 
 
+def checkpoint(f):
+    # non-reentrant: works with torch.autograd.grad and keyword-free calls of any arguments;
+    # the RNG state is not saved (duogard draws from explicit keys)
+    import torch.utils.checkpoint
+
+    def wrapped(*args):
+        if torch._C._functorch.peek_interpreter_stack() is not None:
+            # torch.func's grad/vjp refuse the saved-tensor hooks checkpointing runs on: say so
+            # rather than silently keeping every activation
+            raise RuntimeError(
+                "checkpoint: torch.utils.checkpoint cannot run under a torch.func transform (grad, "
+                "vjp, vmap); duogard's backprop runs it with torch.autograd (eager torch, params "
+                "that do not require grad). Use checkpoint=False under torch.func or torch.compile"
+            )
+        return torch.utils.checkpoint.checkpoint(f, *args, use_reentrant=False, preserve_rng_state=False)
+
+    return wrapped
+
+
 def compile_count(fn):
     # eager torch compiles nothing; a duogard wrapper may count its own programs
     own = getattr(fn, "compile_count", None)

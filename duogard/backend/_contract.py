@@ -332,6 +332,17 @@ class Backend(RandomOps, DistributedOps, Protocol):
                 is the backend's default: JAX compiles, PyTorch runs eagerly.
         """
 
+    def checkpoint(self, f: Callable) -> Callable:
+        """``f`` with its activations recomputed in the backward pass instead of stored
+        (activation checkpointing, rematerialisation): the same values and gradients, less
+        memory between the forward and backward passes, one more forward pass of ``f``.
+
+        ``jax.checkpoint(f)``; torch: ``torch.utils.checkpoint.checkpoint(f, *args,
+        use_reentrant=False)`` (its random state is not restored: duogard's randomness comes
+        from explicit keys, which the recomputation sees again; under a ``torch.func``
+        transform, which refuses its saved-tensor hooks, it raises a RuntimeError).
+        """
+
     def compile_count(self, fn: Callable) -> int | None:
         """How many programs ``fn`` (made by :meth:`jit`, or a wrapper with a ``compile_count()``
         method of its own) has compiled so far; None where the backend does not count (eager

@@ -1,4 +1,4 @@
-"""Gradient estimators: backprop, forward gradients and their variants, diagnostics.
+"""Gradient estimators: backprop, forward gradients and their variants, zeroth order, diagnostics.
 
 ``duogard.estimator(name, **options)`` returns a callable ``(loss_fn, params, batch, key) ->
 (loss, grads)``; the names are the ``--grad`` flag of the scripts and the CLI.
@@ -18,6 +18,7 @@ from duogard.grad._forward import (
 )
 from duogard.grad._lean import LeanStep
 from duogard.grad._objective import MODEL_KEY, Supervised, model_batch, supervised
+from duogard.grad._zeroth import SPSA, ZerothLeanStep
 
 __all__ = [
     "Estimator",
@@ -30,6 +31,8 @@ __all__ = [
     "Forward",
     "ForwardExact",
     "ForwardActivity",
+    "SPSA",
+    "ZerothLeanStep",
     "Supervised",
     "supervised",
     "MODEL_KEY",

@@ -119,9 +119,10 @@ class DataParallel(Callback):
                 f"data-parallel run (each rank takes an equal, contiguous shard of the step's batch), "
                 f"got batch_size={batch_size}; use e.g. {fix}"
             )
-        if trainer.update_strategy == "sgd-lean":
+        if trainer.update_strategy in ("sgd-lean", "zo-lean"):
+            name = "forward" if trainer.update_strategy == "sgd-lean" else "spsa"
             raise ValueError(
-                "fit: estimator forward(lean=True) updates layer by layer inside its own step and "
+                f"fit: estimator {name}(lean=True) updates the params inside its own step and "
                 "cannot run data-parallel; use lean=False with distributed="
             )
         if trainer.train_mode or trainer.state_names:

@@ -54,11 +54,12 @@ class Trainer:
         update: the update strategy: ``"auto"`` (default: chosen from the optimizer and the
             estimator by :func:`duogard.step.choose_update`) or one of ``"optimizer"``,
             ``"sgd-in-place"``, ``"sgd-factored"``, ``"sgd-lean"`` (``"lean"``: the
-            layer-by-layer forward-gradient step whose memory stays flat in depth).
+            layer-by-layer forward-gradient step whose memory stays flat in depth),
+            ``"zo-lean"`` (SPSA's in-place MeZO step; ``"lean"`` with an SPSA estimator).
 
     Attributes:
         update_strategy: how the step applies the estimate: ``"optimizer"``, ``"sgd-in-place"``,
-            ``"sgd-factored"`` or ``"sgd-lean"`` (see :mod:`duogard.step`).
+            ``"sgd-factored"``, ``"sgd-lean"`` or ``"zo-lean"`` (see :mod:`duogard.step`).
         step: the :class:`duogard.step.Step` that :func:`duogard.step.build_step` built.
         train_mode: the training steps run the model with ``train=True`` (``model.has_train_mode``).
         state_names: the model's state entries in ``params`` (empty for a stateless model).

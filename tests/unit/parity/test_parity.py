@@ -238,7 +238,9 @@ def test_sides_hold_their_own_copies_of_the_params(digits, dtype):
     model = build_model("mlp", 10, hidden=(8,))
     params = model.init(0, digits.example_input, dtype=dtype)
     before = [a.copy() for a in dg.tree.tree_leaves(params)]
-    rep = compare(model, "cross_entropy", optim.sgd(0.05), "forward", digits, steps=2, dtype=dtype, params=params)
+    rep = compare(
+        model, "cross_entropy", optim.sgd(0.05), "forward", digits, steps=2, dtype=dtype, params=params
+    )
     assert rep.first_divergence is None
     for a, b in zip(dg.tree.tree_leaves(params), before):
         np.testing.assert_array_equal(a, b)
