@@ -20,7 +20,7 @@ import math
 import numpy as np
 
 from duogard.backend import check_generator
-from duogard.grad._base import params_backend, register
+from duogard.grad._base import check_bool, params_backend, register
 from duogard.grad._forward import Forward, draw_leaf_tangent
 from duogard.grad._objective import Batch
 from duogard.tree import tree_flatten, tree_unflatten
@@ -103,7 +103,7 @@ class SPSA(Forward):
             self.generator = check_generator(generator)
         except ValueError as exc:
             raise ValueError(f"spsa: {exc}") from None
-        self.lean = bool(lean)
+        self.lean = check_bool("spsa", "lean", lean)
 
     @property
     def num_tangents(self) -> int:

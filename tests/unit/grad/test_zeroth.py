@@ -495,3 +495,8 @@ def test_torch_checkpoint_under_torch_func_is_a_clear_error():
     f = dg.backend("torch").checkpoint(lambda w: torch.tanh(w).sum())
     with pytest.raises(RuntimeError, match="cannot run under a torch.func transform"):
         torch.func.grad(f)(torch.ones(3, dtype=torch.float64))
+
+
+def test_spsa_lean_is_a_typed_bool():
+    with pytest.raises(TypeError, match="spsa: lean must be True or False, got str 'false'"):
+        dg.estimator("spsa", lean="false")  # a non-empty string is truthy: refused, not read as True
