@@ -394,7 +394,8 @@ class Backend(RandomOps, DistributedOps, Protocol):
         - PyTorch on a CPU: a dispatch mode over the call records the storage of every tensor
           an op returns that is none of the op's inputs' (views and in-place results are not
           new), adds its bytes, subtracts them when a weak reference sees it freed, and keeps
-          the peak of the running total.
+          the peak of the running total. A ``torch.compile``'d step runs eagerly under the
+          mode: its figure is the eager step's.
         - PyTorch on CUDA (any argument on a GPU): the caching allocator's peak
           (``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``) less the
           bytes allocated at entry.

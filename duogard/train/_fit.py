@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -139,13 +140,18 @@ def _step_memory(run) -> int | None:
     timed steps and wall-clock: one more step on copies of the final params and optimizer
     state, with the first step's batch and key (compiled already). None when no step ran. Not
     for a data-parallel run, whose step is a collective that every rank would have to join.
+    A measurement that fails warns and gives None: the run's results are kept.
     """
     if run.result.step <= run.start:
         return None
     be = run.be
     xb, yb = (be.stage(a) for a in run.data.batch_at(run.start, run.batch_size, seed=run.seed))
     key = be.fold_in(run.key, run.start)
-    return measure_step_memory(run.trainer, run.params, run.opt_state, xb, yb, key)
+    try:
+        return measure_step_memory(run.trainer, run.params, run.opt_state, xb, yb, key)
+    except Exception as exc:  # noqa: BLE001 - a figure of the run, not the run itself
+        warnings.warn(f"fit: the step memory was not measured: {type(exc).__name__}: {exc}", stacklevel=3)
+        return None
 
 
 def _trainer_for(model, trainer, *, loss, optimizer, estimator, backend) -> Trainer:
