@@ -3,8 +3,8 @@
 It implements :class:`duogard.backend.Backend`, where every op is documented once; the functions
 here stay short, with a comment where JAX and PyTorch differ. The ops live in modules by
 concern, with the same names in ``duogard_torch``: ``_arrays`` (arrays, dtypes, devices,
-numerics), ``_nn``, ``_autodiff``, ``_random``, ``_tree`` and ``_dlpack`` (the exchange with other
-frameworks).
+numerics), ``_nn``, ``_autodiff``, ``_random``, ``_tree``, ``_dlpack`` (the exchange with other
+frameworks) and ``_memory`` (a step's memory).
 """
 
 from __future__ import annotations
@@ -64,6 +64,7 @@ from ._distributed import (
     host_all_gather,
 )
 from ._dlpack import device_problem, dlpack_device, dlpack_export, dlpack_import
+from ._memory import step_memory
 from ._nn import (
     avg_pool2d,
     conv2d,
@@ -158,6 +159,8 @@ __all__ = [
     "synchronize",
     "add_outer_",
     "add_scaled_",
+    # memory
+    "step_memory",
     # randomness
     "key",
     "split",

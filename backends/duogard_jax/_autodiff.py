@@ -5,6 +5,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from ._memory import observed
+
 
 def jvp(f, primals, tangents, has_aux=False):
     return jax.jvp(f, tuple(primals), tuple(tangents), has_aux=has_aux)
@@ -27,12 +29,13 @@ def vmap(f, in_axes=0, out_axes=0):
 
 
 def jit(f, *, static_argnums=None, static_argnames=None, donate_argnums=None, compile=None):
-    # compiled unless compile is False (torch's default is eager)
+    # compiled unless compile is False (torch's default is eager); observed by step_memory
     if compile is not None and not compile:
         return f
-    return jax.jit(
+    program = jax.jit(
         f, static_argnums=static_argnums, static_argnames=static_argnames, donate_argnums=donate_argnums
     )
+    return observed(program)
 
 
 def checkpoint(f):

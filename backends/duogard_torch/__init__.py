@@ -5,8 +5,8 @@ here stay short, with a comment where PyTorch and JAX differ. Autodiff goes thro
 ``torch.func`` with JAX's signatures; randomness takes explicit keys (a key is a CPU int64 tensor
 of two 32-bit words, hashed into a fresh ``torch.Generator`` seed per draw). The ops live in
 modules by concern, with the same names in ``duogard_jax``: ``_arrays`` (arrays, dtypes, devices,
-numerics), ``_nn``, ``_autodiff``, ``_random``, ``_tree`` and ``_dlpack`` (the exchange with other
-frameworks).
+numerics), ``_nn``, ``_autodiff``, ``_random``, ``_tree``, ``_dlpack`` (the exchange with other
+frameworks) and ``_memory`` (a step's memory).
 """
 
 from __future__ import annotations
@@ -66,6 +66,7 @@ from ._distributed import (
     host_all_gather,
 )
 from ._dlpack import device_problem, dlpack_device, dlpack_export, dlpack_import
+from ._memory import step_memory
 from ._nn import (
     avg_pool2d,
     conv2d,
@@ -160,6 +161,8 @@ __all__ = [
     "synchronize",
     "add_outer_",
     "add_scaled_",
+    # memory
+    "step_memory",
     # randomness
     "key",
     "split",

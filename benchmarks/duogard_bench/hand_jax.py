@@ -146,7 +146,7 @@ def jax_rank1_jvp(ops, layers, tangents, x, y, k):
     return value, jnp.sum(g[None] * hd, axis=(1, 2))
 
 
-def jax_hand(ops, layers_np, x_np, y_np, method):
+def jax_hand(ops, layers_np, x_np, y_np, method, *, jit=None):
     """A hand-written JAX step (jit of value_and_grad / jvp + SGD).
 
     Args:
@@ -155,6 +155,8 @@ def jax_hand(ops, layers_np, x_np, y_np, method):
         x_np: the input batch.
         y_np: the labels.
         method: a key of ``METHODS``.
+        jit: compiles the step (None: ``jax.jit``; the memory section passes the backend's
+            ``jit``, whose programs its ``step_memory`` sees).
 
     Returns:
         ``(run, draw)``: ``run()`` takes one step and returns the loss; ``draw()`` draws one
@@ -253,8 +255,9 @@ def jax_hand(ops, layers_np, x_np, y_np, method):
                 new.append({"weight": layer["weight"] - LR * gw, "bias": layer["bias"] - LR * gb})
             return new, per.sum()
 
-    step = jax.jit(step)
-    sample_j = jax.jit(sample) if sample is not None else None
+    jit = jax.jit if jit is None else jit
+    step = jit(step)
+    sample_j = jit(sample) if sample is not None else None
     keys = [jax.random.fold_in(jax.random.key(0), i) for i in range(16)]
     state = {"p": layers, "i": 0}
 

@@ -1,6 +1,7 @@
-"""Section 3: peak memory against MLP depth, each configuration in a fresh subprocess
-(``python -m duogard_bench --memory-worker SPEC``), and the lean forward steps written in bare
-framework code (``hand-lean``)."""
+"""Section 3: step memory (and the process's peak RSS) against MLP depth, each configuration in a
+fresh subprocess (``python -m duogard_bench --memory-worker SPEC``), and the lean forward steps
+written in bare framework code (``hand-lean``).
+"""
 
 from __future__ import annotations
 
@@ -54,7 +55,9 @@ def _reset_peak() -> bool:
 
 
 def memory_worker(spec: dict) -> dict:
-    """Runs in a fresh subprocess: peak RSS of a few steps of one MLP configuration.
+    """Runs in a fresh subprocess: the step memory of one MLP configuration (the backend's
+    ``step_memory``, as ``fit`` reports it: the arrays alive within a step beyond params,
+    optimizer state and batch), and the process's peak RSS over a few steps.
 
     Args:
         spec: ``backend``, ``method`` (``"backprop"`` or ``"forward"``), ``impl`` (``"duogard"``,
@@ -62,7 +65,8 @@ def memory_worker(spec: dict) -> dict:
             ``steps`` and ``torch_threads`` (None: torch's default).
 
     Returns:
-        The parameters' bytes, and the RSS before and after the first step and at its peak.
+        The parameters' bytes, the step memory, and the RSS before and after the first step
+        and at its peak.
     """
     backend, method, impl = spec["backend"], spec["method"], spec["impl"]
     depth, width, batch, steps = spec["depth"], spec["width"], spec["batch"], spec["steps"]
@@ -73,7 +77,10 @@ def memory_worker(spec: dict) -> dict:
 
         if spec.get("torch_threads"):
             torch.set_num_threads(spec["torch_threads"])
+    import duogard as dg
     from duogard.train import build_model
+
+    be = dg.backend(backend)
 
     rng = np.random.default_rng(0)
 
@@ -87,14 +94,16 @@ def memory_worker(spec: dict) -> dict:
         if impl in ("duogard", "duogard-lean"):
             run = duogard_step(backend, model, params_np, x_np, y_np, est, lean=impl == "duogard-lean")[0]
             return run, nbytes
+        # hand-written JAX steps compile with the backend's jit (jax.jit, observed), so that
+        # step_memory sees their programs as it sees duogard's
         if impl == "hand":
             ops = ["flatten"] + ["linear", "relu"] * d + ["linear"]
             if backend == "torch":
                 return torch_hand(ops, layers_of(params_np), x_np, y_np, est, "hand")[0], nbytes
-            return jax_hand(ops, layers_of(params_np), x_np, y_np, est)[0], nbytes
+            return jax_hand(ops, layers_of(params_np), x_np, y_np, est, jit=be.jit)[0], nbytes
         if backend == "torch":
             return torch_lean(params_np, x_np, y_np), nbytes
-        return jax_lean(params_np, x_np, y_np), nbytes
+        return jax_lean(params_np, x_np, y_np, jit=be.jit), nbytes
 
     # load the libraries a step uses lazily (torch.func, XLA's compiler ...) with a small model,
     # so the baseline below holds them and the measured peak is the step's own
@@ -112,8 +121,10 @@ def memory_worker(spec: dict) -> dict:
     for _ in range(steps):
         run()
     peak = _proc_kb("VmHWM")
+    step_memory = be.step_memory(run)  # one more step, after the RSS peak is read
     return {
         "params_bytes": params_bytes,
+        "step_memory_bytes": step_memory,
         "baseline_bytes": base,
         "after_first_step_bytes": warm,
         "peak_bytes": peak,
@@ -162,12 +173,15 @@ def torch_lean(params_np, x_np, y_np):
     return run
 
 
-def jax_lean(params_np, x_np, y_np):
+def jax_lean(params_np, x_np, y_np, *, jit=None):
     """The same on JAX, one jitted program per layer (XLA keeps every tangent of a whole-model
     program alive at once: its temp buffer at depth 32 is 2.5x the parameters): the layer's
-    JVP draws its tangent from the layer's key; the update (donated, in place) draws it again."""
+    JVP draws its tangent from the layer's key; the update (donated, in place) draws it again.
+    ``jit`` compiles each program (None: ``jax.jit``)."""
     import jax
     import jax.numpy as jnp
+
+    jit = jax.jit if jit is None else jit
 
     layers = [jax.tree.map(jnp.asarray, layer) for layer in layers_of(params_np)]
     x, y = jnp.asarray(x_np).reshape(x_np.shape[0], -1), jnp.asarray(y_np, dtype=jnp.int32)
@@ -180,21 +194,21 @@ def jax_lean(params_np, x_np, y_np):
             jax.random.normal(kb, layer["bias"].shape, layer["bias"].dtype),
         )
 
-    @jax.jit
+    @jit
     def first(layer, h, key):
         vw, vb = tangents(key, layer)
         return h @ layer["weight"].T + layer["bias"], h @ vw.T + vb
 
-    @jax.jit
+    @jit
     def middle(layer, h, hd, key):
         vw, vb = tangents(key, layer)
         return h @ layer["weight"].T + layer["bias"], h @ vw.T + vb + hd @ layer["weight"].T
 
-    @jax.jit
+    @jit
     def relu(z, zd):
         return jnp.maximum(z, 0), jnp.where(z > 0, zd, 0)
 
-    @jax.jit
+    @jit
     def head(z, zd):
         logp = jax.nn.log_softmax(z)
         value = -jnp.take_along_axis(logp, y[:, None], 1).mean()
@@ -205,7 +219,7 @@ def jax_lean(params_np, x_np, y_np):
         vw, vb = tangents(key, layer)
         return {"weight": layer["weight"] - (LR * d) * vw, "bias": layer["bias"] - (LR * d) * vb}
 
-    update_one = jax.jit(update_one, donate_argnums=0)
+    update_one = jit(update_one, donate_argnums=0)
     state = {"p": layers, "i": 0}
 
     def run():
@@ -264,6 +278,7 @@ def memory_section(sz: Sizes, log) -> list[dict]:
             mb = 2**20
             rec.update(
                 params_mb=res["params_bytes"] / mb,
+                step_memory_mb=res["step_memory_bytes"] / mb,
                 baseline_mb=res["baseline_bytes"] / mb,
                 peak_beyond_params_mb=(res["peak_bytes"] - res["baseline_bytes"]) / mb,
                 peak_beyond_first_step_mb=(res["peak_bytes"] - res["after_first_step_bytes"]) / mb,
@@ -274,11 +289,12 @@ def memory_section(sz: Sizes, log) -> list[dict]:
         ref_depth = 4 if 4 in sz.depths and 4 < max(sz.depths) else min(sz.depths)
         same = ("backend", "method", "impl")
         ref = [r for r in recs if r["depth"] == ref_depth and all(r[k] == rec[k] for k in same)]
-        if ref and "peak_beyond_params_mb" in rec and "peak_beyond_params_mb" in ref[0]:
+        if ref and "step_memory_mb" in rec and "step_memory_mb" in ref[0]:
             rec["ratios"] = {
-                f"to_depth_{ref_depth}": ratio_of(
+                f"to_depth_{ref_depth}": ratio_of(rec["step_memory_mb"], ref[0]["step_memory_mb"]),
+                f"rss_to_depth_{ref_depth}": ratio_of(
                     rec["peak_beyond_params_mb"], ref[0]["peak_beyond_params_mb"]
-                )
+                ),
             }
     log(f"  {len(specs)} subprocesses")
     return recs

@@ -237,8 +237,9 @@ def print_rest(draw_opts, memory, conv, compile_recs, targets, log, draw_gens=()
         )
     if memory:
         log(
-            "\n3. Peak RSS beyond the process after imports and parameters (MB), "
-            f"MLP width {memory[0]['width']}, batch {memory[0]['batch']}"
+            "\n3. Step memory (arrays alive within a step beyond params, optimizer state and "
+            "batch: fit's step_memory_bytes), then the process's peak RSS beyond imports and "
+            f"parameters (MB), MLP width {memory[0]['width']}, batch {memory[0]['batch']}"
         )
         rows = []
         for r in memory:
@@ -249,6 +250,8 @@ def print_rest(draw_opts, memory, conv, compile_recs, targets, log, draw_gens=()
                     r["impl"],
                     r["depth"],
                     fmt(r.get("params_mb"), ".0f"),
+                    fmt(r.get("step_memory_mb"), ".1f"),
+                    fmt(ratio_of(r.get("step_memory_mb"), r.get("params_mb")), ".2f"),
                     fmt(r.get("peak_beyond_params_mb"), ".0f"),
                     fmt(r.get("peak_beyond_first_step_mb"), ".0f"),
                     fmt(ratio_of(r.get("peak_beyond_params_mb"), r.get("params_mb")), ".1f"),
@@ -266,10 +269,12 @@ def print_rest(draw_opts, memory, conv, compile_recs, targets, log, draw_gens=()
                     "impl",
                     "depth",
                     "params",
-                    "peak-base",
-                    "peak-after-1st",
-                    "peak/params",
-                    ref,
+                    "step",
+                    "step/params",
+                    "rss peak-base",
+                    "rss peak-after-1st",
+                    "rss/params",
+                    f"step {ref}",
                     "",
                 ],
                 rows,

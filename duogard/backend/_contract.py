@@ -398,6 +398,48 @@ class Backend(RandomOps, DistributedOps, Protocol):
             As :meth:`add_scaled_`.
         """
 
+    # memory
+
+    def step_memory(self, fn: Callable, *args: Any) -> int:
+        """Run ``fn(*args)`` once and return its step memory: the peak bytes of the arrays it
+        allocates that are alive at once during the call.
+
+        Arrays alive when the call starts are the baseline and are not counted (for a training
+        step: the params, the optimizer state and the batch, passed in ``args``). What the call
+        allocates is counted while it is alive: activations, tangents, gradients, temporaries,
+        and new params or state where they are not written in place (an in-place update, or a
+        program writing into a donated buffer, allocates nothing); the outputs alive when
+        ``fn`` returns too. The same definition on every backend, measured as the framework
+        allows:
+
+        - JAX: at each call of a program that :meth:`jit` made, the bytes of the arrays made
+          since entry that are alive (``jax.live_arrays()`` less the bytes alive at entry)
+          plus the program's own temp and output bytes less those aliased to donated inputs
+          (XLA's ``compiled.memory_analysis()``); the peak over the calls and the end of
+          ``fn``. A step of several programs (the lean step: one per layer) is measured
+          across them. Lowering a program that has already run with these shapes is a cache
+          hit, not a second compile; arrays made eagerly between programs count from the
+          next sample on.
+        - PyTorch on a CPU: a dispatch mode over the call records the storage of every tensor
+          an op returns that is none of the op's inputs' (views and in-place results are not
+          new), adds its bytes, subtracts them when a weak reference sees it freed, and keeps
+          the peak of the running total. A ``torch.compile``'d step runs eagerly under the
+          mode: its figure is the eager step's.
+        - PyTorch on CUDA (any argument on a GPU): the caching allocator's peak
+          (``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``) less the
+          bytes allocated at entry.
+
+        Never the process's resident set size, which holds compilers, libraries and allocator
+        caches. ``fn`` may update ``args`` in place or donate them: pass copies to keep them.
+
+        Args:
+            fn: the function to run once (a training step).
+            *args: its arguments.
+
+        Returns:
+            The peak, in bytes (0 when the call allocates nothing).
+        """
+
     # pytrees (duogard.tree: nested dicts/lists/tuples, dict keys sorted)
 
     def tree_map(self, fn: Callable, tree: Any, *rest: Any) -> Any:

@@ -283,11 +283,15 @@ def _json_default(o):
 
 
 def format_table(runs: list[dict]) -> str:
-    """The comparison table (one row per backend x method)."""
-    head = ("backend", "method", "final loss", "test acc", "ms/step", "total s", "peak MB", "cosine")
+    """The comparison table (one row per backend x method). ``step MB`` is the step's own memory
+    (``step_memory_bytes``: arrays alive within one step beyond params, optimizer state and
+    batch); the process's RSS growth stays in ``compare.json`` as ``process_rss_peak_bytes``.
+    """
+    head = ("backend", "method", "final loss", "test acc", "ms/step", "total s", "step MB", "cosine")
     rows = []
     for r in runs:
         cos = r.get("mean_cosine", float("nan"))
+        mem = r.get("step_memory_bytes")
         rows.append(
             (
                 r["backend"],
@@ -296,7 +300,7 @@ def format_table(runs: list[dict]) -> str:
                 f"{r['test_accuracy']:.3f}",
                 f"{1e3 * r['time_per_step']:.2f}",
                 f"{r['total_seconds']:.1f}",
-                f"{r['peak_memory_bytes'] / 2**20:.1f}",
+                "-" if mem is None else f"{mem / 2**20:.2f}",
                 "-" if math.isnan(cos) else f"{cos:.3f}",
             )
         )
@@ -320,23 +324,28 @@ _STYLES = ("-", "--", ":", "-.")
 
 
 def plot_runs(runs: list[dict], path, *, title: str = "") -> None:
-    """Loss against step and against wall-clock, one line per run (moving average of 25)."""
+    """Loss against step and against wall-clock, one line per run (moving average of 25), and
+    each run's step memory (a bar per run).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     backends = list(dict.fromkeys(r["backend"] for r in runs))  # a line style per backend
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for r in runs:
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(17, 4.5))
+    for i, r in enumerate(runs):
         h = r["history"]
         step = np.array([x["step"] for x in h])
         loss = _smooth(np.array([x["loss"] for x in h], dtype=float), 25)
         t = np.array([x["time"] for x in h])
         style = _STYLES[backends.index(r["backend"]) % len(_STYLES)]
         label = f"{r['backend']} {r['method']}"
-        ax1.plot(step, loss, style, label=label)
+        (line,) = ax1.plot(step, loss, style, label=label)
         ax2.plot(t, loss, style, label=label)
+        mem = r.get("step_memory_bytes") or 0
+        ax3.barh(i, mem / 2**20, color=line.get_color(), hatch=None if style == "-" else "//")
+    _memory_panel(ax3, runs)
     for ax, xl in ((ax1, "step"), (ax2, "wall-clock seconds")):
         ax.set_xlabel(xl)
         ax.set_ylabel("training loss (moving average)")
@@ -347,3 +356,17 @@ def plot_runs(runs: list[dict], path, *, title: str = "") -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _memory_panel(ax, runs: list[dict]) -> None:
+    """Label the step-memory bars: one per run, top to bottom in the table's order."""
+    mbs = [(r.get("step_memory_bytes") or 0) / 2**20 for r in runs]
+    for i, (r, mb) in enumerate(zip(runs, mbs)):
+        size = "-" if r.get("step_memory_bytes") is None else f"{mb:.2f}"
+        ax.annotate(f" {size}  {r['backend']} {r['method']}", (mb, i), va="center", fontsize=7)
+    ax.set_xlim(0, 2.2 * max(mbs, default=0) or 1)
+    ax.set_yticks([])
+    ax.invert_yaxis()
+    ax.set_xlabel("step memory, MiB")
+    ax.set_title("arrays alive in a step beyond params, optimizer state, batch", fontsize=8)
+    ax.grid(axis="x", alpha=0.3)

@@ -18,6 +18,7 @@ from duogard.train._callbacks import (
 )
 from duogard.train._distributed import DataParallel, DistributedError
 from duogard.train._fit import fit
+from duogard.train._memory import measure_step_memory
 from duogard.train._models import MODELS, build_model
 from duogard.train._result import FitResult, NonFiniteError, rss_bytes
 from duogard.train._trainer import Trainer
@@ -38,6 +39,7 @@ __all__ = [
     "FitResult",
     "NonFiniteError",
     "rss_bytes",
+    "measure_step_memory",
     "UPDATE_STRATEGIES",
     "choose_update",
     "Callback",

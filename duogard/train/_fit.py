@@ -5,13 +5,15 @@ from __future__ import annotations
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable, Sequence
 
 import numpy as np
 
 from duogard import losses as _losses
 from duogard.train._callbacks import Callback, Evaluate, FitRun, LambdaCallback, OnNonFinite, Progress
-from duogard.train._distributed import distributed_callbacks
+from duogard.train._distributed import DataParallel, distributed_callbacks
+from duogard.train._memory import measure_step_memory
 from duogard.train._result import FitResult, _open_statm, rss_bytes
 from duogard.train._trainer import Trainer, on_backend
 
@@ -84,7 +86,9 @@ def fit(
             gradients) or the gradient (backprop). See :class:`~duogard.train.DataParallel`.
 
     Returns:
-        A :class:`FitResult`.
+        A :class:`FitResult`. Its ``step_memory_bytes`` is the step's own memory, measured once
+        after the run on copies of its final state (:func:`~duogard.train.measure_step_memory`);
+        ``process_rss_peak_bytes`` is the process's RSS growth, which is not a method's memory.
 
     Raises:
         NonFiniteError: a non-finite loss or gradient under the ``"raise"`` policy.
@@ -130,7 +134,28 @@ def fit(
         clock.finish(run)
         for cb in cbs:
             cb.on_fit_end(run)
+    if not any(isinstance(c, DataParallel) for c in cbs):
+        result.step_memory_bytes = _step_memory(run)
     return result
+
+
+def _step_memory(run) -> int | None:
+    """The step memory (:func:`measure_step_memory`), measured once after the run, outside its
+    timed steps and wall-clock: one more step on copies of the final params and optimizer
+    state, with the first step's batch and key (compiled already). None when no step ran. Not
+    for a data-parallel run, whose step is a collective that every rank would have to join.
+    A measurement that fails warns and gives None: the run's results are kept.
+    """
+    if run.result.step <= run.start:
+        return None
+    be = run.be
+    xb, yb = (be.stage(a) for a in run.data.batch_at(run.start, run.batch_size, seed=run.seed))
+    key = be.fold_in(run.key, run.start)
+    try:
+        return measure_step_memory(run.trainer, run.params, run.opt_state, xb, yb, key)
+    except Exception as exc:  # noqa: BLE001 - a figure of the run, not the run itself
+        warnings.warn(f"fit: the step memory was not measured: {type(exc).__name__}: {exc}", stacklevel=3)
+        return None
 
 
 def _trainer_for(model, trainer, *, loss, optimizer, estimator, backend) -> Trainer:
@@ -200,7 +225,7 @@ class _Clock:
         r.first_step_seconds = self.first
         r.total_seconds = time.perf_counter() - self.start
         r.time_per_step = float(np.median(self.times)) if self.times else self.first
-        r.peak_memory_bytes = max(self.peak - self.rss0, 0)
+        r.process_rss_peak_bytes = max(self.peak - self.rss0, 0)
         r.compiles = run.step.compiles()
         if self._statm is not None:
             os.close(self._statm)

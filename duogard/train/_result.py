@@ -68,7 +68,13 @@ class FitResult:
     first_step_seconds: float = float("nan")  # compilation + first step
     time_per_step: float = float("nan")  # median, compilation excluded
     total_seconds: float = float("nan")
-    peak_memory_bytes: int = 0  # peak RSS growth during the run
+    # the step's own memory (:func:`~duogard.train.measure_step_memory`): the peak bytes of the
+    # arrays alive during one step beyond params, optimizer state and batch; None: not measured
+    # (no step ran, or a data-parallel run)
+    step_memory_bytes: int | None = None
+    # the process's peak RSS growth during the run: compilers, libraries and allocator caches
+    # included, so never a method's memory
+    process_rss_peak_bytes: int = 0
     skipped_steps: int = 0
     compiles: int | None = None  # JAX: compilations of the step
 
@@ -101,7 +107,8 @@ class FitResult:
             "time_per_step": self.time_per_step,
             "first_step_seconds": self.first_step_seconds,
             "total_seconds": self.total_seconds,
-            "peak_memory_bytes": self.peak_memory_bytes,
+            "step_memory_bytes": self.step_memory_bytes,
+            "process_rss_peak_bytes": self.process_rss_peak_bytes,
             "mean_cosine": self.mean_cosine,
             "skipped_steps": self.skipped_steps,
             "compiles": self.compiles,

@@ -191,6 +191,8 @@ def test_compare_writes_json_png_and_table(capsys, tmp_path):
     for r in result["runs"]:
         assert r["steps"] == 30 and len(r["history"]) == 30
         assert 0.0 <= r["test_accuracy"] <= 1.0
+        # the method's own memory, and the process's RSS under its own name
+        assert r["step_memory_bytes"] > 0 and r["process_rss_peak_bytes"] >= 0
     assert (out / "compare.png").read_bytes()[:8] == PNG_MAGIC
     if len(AVAILABLE) == 2:
         # portable tangents: every method, forward ones included, runs the same trajectory on
@@ -201,7 +203,7 @@ def test_compare_writes_json_png_and_table(capsys, tmp_path):
 
     lines = printed.splitlines()
     head = next(i for i, line in enumerate(lines) if line.startswith("backend"))
-    for col in ("method", "final loss", "test acc", "ms/step", "total s", "peak MB", "cosine"):
+    for col in ("method", "final loss", "test acc", "ms/step", "total s", "step MB", "cosine"):
         assert col in lines[head]
     assert set(lines[head + 1].replace(" ", "")) == {"-"}
     assert len(

@@ -266,3 +266,25 @@ def test_jax_does_not_preallocate_next_to_torch():
         env,
     )
     assert float(out.strip().splitlines()[-1]) > 0.5
+
+
+@needs_cuda
+def test_torch_step_memory_on_cuda_is_the_allocators_peak():
+    """On CUDA the step memory is the caching allocator's peak beyond what was allocated at
+    entry: the hand case of tests/test_train.py (3 S alive at once; the params and batch, the
+    in-place update and what the step frees are not counted), on the GPU."""
+    be = dg.backend("torch")
+    side = 256
+    s = side * side * 4
+    p, x = (torch.full((side, side), v, device="cuda") for v in (1.0, 2.0))
+
+    def step(p, x):
+        a = x + 1  # S
+        b, c = a * x, a + x  # 3 S
+        p.add_(b, alpha=0.5)  # in place: 3 S
+        del a, c
+        return p + 1, b  # 2 S
+
+    step(p, x)  # CUDA context and kernels loaded before the measurement
+    assert 3 * s <= be.step_memory(step, p, x) <= 3 * s + 4096
+    assert torch.cuda.memory_allocated() >= 2 * s  # the caller's params and batch are kept

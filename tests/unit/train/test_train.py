@@ -28,6 +28,7 @@ from duogard.train import (
     build_model,
     fit,
     load_checkpoint,
+    measure_step_memory,
     rss_bytes,
 )
 
@@ -247,8 +248,8 @@ def test_memory_stays_flat_and_jax_compiles_once(be, mlp, params0, digits):
         assert res.compiles is None
 
 
-def test_peak_memory_is_the_runs_rss_growth(be, mlp, params0, digits):
-    """peak_memory_bytes is the peak RSS growth during the run: 32 MiB, then 128 MiB, held by a
+def test_process_rss_peak_is_the_runs_rss_growth(be, mlp, params0, digits):
+    """process_rss_peak_bytes is the peak RSS growth during the run: 32 MiB, then 128 MiB, held by a
     callback from the first step on (fresh, touched pages: resident) show up, the larger one
     larger by most of the difference (the measurement is neither 0 nor a constant). A first
     run takes the process's one-time growth (compiling, caches) out of the comparison. The
@@ -268,9 +269,99 @@ def test_peak_memory_is_the_runs_rss_growth(be, mlp, params0, digits):
 
         res = _run(mlp, params0, digits, be, optimizer=optim.sgd(0.05), steps=3, callbacks=[grab])
         held.pop().close()
-        assert res.peak_memory_bytes >= 0.75 * mib * 2**20, (mib, res.peak_memory_bytes)
-        peaks.append(res.peak_memory_bytes)
+        assert res.process_rss_peak_bytes >= 0.75 * mib * 2**20, (mib, res.process_rss_peak_bytes)
+        peaks.append(res.process_rss_peak_bytes)
     assert peaks[1] - peaks[0] >= 0.5 * 96 * 2**20, peaks
+
+
+def _hand_step(be, side: int):
+    """A step whose allocations are known: each program below makes ``side x side`` float32
+    arrays (S bytes each); the update writes into its input (torch: in place; JAX: a donated
+    buffer). Alive at once at most: ``a``, ``b``, ``c``: 3 S."""
+    add = be.jit(lambda x: x + 1)
+    two = be.jit(lambda a, x: (a * x, a + x))
+    update = be.jit(lambda p, v: be.add_scaled_(p, v, 0.5), donate_argnums=(0,))
+
+    def step(p, x):
+        a = add(x)  # S
+        b, c = two(a, x)  # 3 S
+        p = update(p, b)  # 3 S: p is written in place
+        del a, c
+        return add(p), b  # 2 S
+
+    return step
+
+
+@pytest.mark.parametrize("side", [128, 256])
+def test_step_memory_counts_exactly_what_the_step_allocates(be, side):
+    """The hand case: 3 S, whatever S, on both backends: params and batch (2 S, alive at entry)
+    are not counted, nor is the in-place update; what the step frees is subtracted. (XLA's
+    figure for a program of two outputs holds their tuple too: two 8-byte pointers.)"""
+    s = side * side * 4
+    step = _hand_step(be, side)
+    p, x = (be.asarray(np.full((side, side), v, np.float32)) for v in (1.0, 2.0))
+    p, _ = step(p, x)  # compiled (JAX) before the measurement: lowering it again costs no compile
+    assert 3 * s <= be.step_memory(step, p, x) <= 3 * s + 16
+
+
+def test_step_memory_of_an_empty_step_is_zero(be):
+    x = be.asarray(np.ones((64, 64), np.float32))
+    assert be.step_memory(lambda x: x, x) == 0
+
+
+def _mlp_step_memory(backend: str, estimator: str, depth: int, cache={}) -> int:  # noqa: B006
+    """The step memory of a width-256 MLP of ``depth`` hidden layers on a batch of 256 (64
+    inputs, 10 classes), measured once per process."""
+    key = (backend, estimator, depth)
+    if key not in cache:
+        model = build_model("mlp", 10, hidden=(256,) * depth)
+        rng = np.random.default_rng(0)
+        x, y = rng.standard_normal((256, 64)).astype(np.float32), rng.integers(0, 10, 256)
+        est = dg.estimator("forward", lean=True) if estimator == "lean" else estimator
+        tr = Trainer(model, estimator=est, optimizer=optim.sgd(0.01), backend=backend)
+        params, opt_state = tr.init_state(model.init(0, x))
+        be = tr.be
+        cache[key] = measure_step_memory(tr, params, opt_state, be.asarray(x), be.asarray(y), be.key(0))
+    return cache[key]
+
+
+def test_step_memory_backprop_grows_with_depth_lean_forward_stays_flat(be):
+    """Backprop keeps every layer's activations for its backward pass; the lean forward step
+    keeps one layer's worth, whatever the depth. (torch's backprop: 2.5x from depth 2 to 8, its
+    backward frees activations as the weight gradients arrive; JAX's: 3.4x.)"""
+    bp = [_mlp_step_memory(be.name, "backprop", d) for d in (2, 8)]
+    lean = [_mlp_step_memory(be.name, "lean", d) for d in (2, 8)]
+    assert bp[1] / bp[0] > 2.0, bp
+    assert lean[1] / lean[0] < 1.3, lean
+    # one width-256 activation of the batch (256 KiB) is a floor for either method
+    assert min(bp + lean) > 256 * 256 * 4, (bp, lean)
+
+
+def test_step_memory_agrees_across_backends(both):
+    """One definition, two frameworks: the figures of one configuration agree within 3x."""
+    for est in ("backprop", "lean"):
+        j, t = (_mlp_step_memory(b.name, est, 8) for b in both)
+        assert 1 / 3 < j / t < 3, (est, j, t)
+
+
+def test_step_memory_leaves_the_params_as_they_were(be, mlp, params0, digits):
+    """measure_step_memory steps copies: the params and state passed in (which the SGD step
+    would overwrite) keep their values, and can be stepped on."""
+    tr = Trainer(mlp, optimizer=optim.sgd(0.1), backend=be.name)
+    params, opt_state = tr.init_state(params0)
+    before = _leaves(params)
+    x, y = (be.stage(a) for a in digits.batch_at(0, BATCH))
+    assert measure_step_memory(tr, params, opt_state, x, y, be.key(0)) > 0
+    _assert_bitwise(params, before)
+    tr.step(params, opt_state, x, y, be.key(0))
+
+
+def test_fit_reports_step_memory_apart_from_rss(be, mlp, params0, digits):
+    res = _run(mlp, params0, digits, be, steps=3, callbacks=[])
+    summary = res.summary()
+    assert isinstance(summary["step_memory_bytes"], int) and summary["step_memory_bytes"] > 0
+    assert isinstance(summary["process_rss_peak_bytes"], int) and "peak_memory_bytes" not in summary
+    assert _run(mlp, params0, digits, be, steps=0, callbacks=[]).summary()["step_memory_bytes"] is None
 
 
 # ----------------------------------------------------------------------------- logs
