@@ -49,8 +49,8 @@ GRID = {
 }
 
 
-def run_one(backend, spec, lr, seed, *, hidden, groups, steps, batch_size, data):
-    model = build_model("local-mlp", data.num_classes, hidden=hidden, groups=groups)
+def run_one(backend, spec, lr, seed, *, hidden, groups, head_norm, steps, batch_size, data):
+    model = build_model("local-mlp", data.num_classes, hidden=hidden, groups=groups, head_norm=head_norm)
     params = model.init(seed, data.example_input)
     try:
         result = _fit(model, params, data, spec.estimator, lr, backend, steps, batch_size, seed)
@@ -86,6 +86,7 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--hidden", default="256,256,256")
     p.add_argument("--groups", type=int, default=8)
+    p.add_argument("--head-norm", action="store_true", help="the heads read their group normalised")
     p.add_argument("--steps", type=int, default=2500)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--json", default=None)
@@ -97,7 +98,8 @@ def main(argv=None) -> int:
     seeds = [int(s) for s in args.seeds.split(",")]
     hidden = tuple(int(h) for h in args.hidden.split(","))
     print(
-        f"local-mlp {'-'.join(map(str, (64, *hidden, 10)))}, {args.groups} groups, LayerNorm; digits, "
+        f"local-mlp {'-'.join(map(str, (64, *hidden, 10)))}, {args.groups} groups"
+        f"{' (normalised)' if args.head_norm else ''}, LayerNorm; digits, "
         f"{args.steps} steps, batch {args.batch_size}, SGD; seeds {seeds}"
     )
     data = dg.data.load("digits", seed=0)
@@ -120,6 +122,7 @@ def main(argv=None) -> int:
                         seed,
                         hidden=hidden,
                         groups=args.groups,
+                        head_norm=args.head_norm,
                         steps=args.steps,
                         batch_size=args.batch_size,
                         data=data,

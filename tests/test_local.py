@@ -4,6 +4,8 @@ LG-FG-W), guessed tangents; checked against their definitions on both backends.
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -202,3 +204,35 @@ def test_local_methods_follow_the_same_trajectory_on_both_backends(both, digits,
     for pa, pb in zip(tree_leaves(runs[0].params), tree_leaves(runs[1].params)):
         np.testing.assert_allclose(both[0].to_numpy(pa), both[1].to_numpy(pb), rtol=1e-3, atol=1e-5)
     assert a[-10:].mean() < a[:10].mean()  # and it learns
+
+
+# ------------------------------------------------------------------ through the CLI, no special case
+def test_cli_trains_checkpoints_resumes_and_compares_local_models(capsys, tmp_path):
+    from duogard.cli import main
+
+    ck, js = tmp_path / "ck", tmp_path / "s.json"
+    base = ["train", "--model", "local-mlp", "--hidden", "8,8", "--groups", "2", "--batch-size", "16",
+            "--grad", "local-forward-activity:distribution=rademacher", "--quiet"]  # fmt: skip
+    assert main([*base, "--steps", "4", "--checkpoint", str(ck)]) == 0
+    assert main([*base, "--steps", "6", "--resume", str(ck), "--json", str(js)]) == 0
+    summary = json.loads(js.read_text())
+    assert summary["steps"] == 6 and 0.0 <= summary["test_accuracy"] <= 1.0
+    assert "local MLP 64-8-8-10 (LayerNorm, 2 local heads a layer)" in capsys.readouterr().out
+    out = tmp_path / "cmp"
+    methods = "backprop;local-backprop;local-forward-activity;local-forward;forward-guess"
+    argv = ["compare", "--model", "local-mlp", "--hidden", "8", "--groups", "2", "--steps", "3",
+            "--methods", methods, "--backends", "jax", "--out", str(out), "--quiet"]  # fmt: skip
+    assert main(argv) == 0
+    runs = json.loads((out / "compare.json").read_text())["runs"]
+    assert [r["method"] for r in runs] == methods.split(";")
+    assert main(["train", "--model", "local-mlp", "--hidden", "8", "--groups", "3", "--steps", "1"]) == 2
+    assert "--groups 3 must divide every hidden size" in capsys.readouterr().err
+
+
+def test_parity_runs_local_methods_in_lockstep(both, digits):
+    model = dg.train.build_model("local-mlp", 10, hidden=(8,), groups=2)
+    for method in ("local-forward-activity", "local-forward"):
+        rep = dg.parity.compare(
+            model, "cross_entropy", optim.sgd(0.05), method, digits, steps=5, batch_size=16
+        )
+        assert rep.first_divergence is None, rep.table()

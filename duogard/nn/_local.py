@@ -41,12 +41,15 @@ class Local(Sequential):
         num_classes: outputs of each head (the task's classes, or the target's width).
         groups: how many groups (and heads) the output units are split into; it must divide
             the output width.
+        head_norm: each head reads its group's units normalised (a layer norm without affine
+            parameters over the group) instead of as they are.
     """
 
-    def __init__(self, *layers, num_classes: int, groups: int = 1):
+    def __init__(self, *layers, num_classes: int, groups: int = 1, head_norm: bool = False):
         super().__init__(*layers)
         self.num_classes = _positive_int("Local", "num_classes", num_classes)
         self.groups = _positive_int("Local", "groups", groups)
+        self.head_norm = bool(head_norm)
 
     def init_params(self, rng, input_shape, dtype):
         params, shape = super().init_params(rng, input_shape, dtype)
@@ -79,8 +82,11 @@ class Local(Sequential):
                 f"got {tuple(h.shape)}"
             )
         hg = xp.permute_dims(xp.reshape(h, (h.shape[0], g, -1)), (1, 0, 2))  # (G, B, D/G)
+        if self.head_norm:
+            hg = be.layer_norm(hg, None, None, normalized_ndim=1)
         return xp.matmul(hg, xp.matrix_transpose(head["weight"])) + head["bias"][:, None, :]
 
     def __repr__(self) -> str:
         inner = ",\n    ".join(repr(layer) for layer in self.layers)
-        return f"Local(\n    {inner},\n    num_classes={self.num_classes}, groups={self.groups}\n  )"
+        opts = f"num_classes={self.num_classes}, groups={self.groups}, head_norm={self.head_norm}"
+        return f"Local(\n    {inner},\n    {opts}\n  )"

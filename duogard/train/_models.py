@@ -17,6 +17,7 @@ def build_model(
     channels: int = 64,
     cnn_hidden: int = 1024,
     groups: int = 8,
+    head_norm: bool = False,
 ) -> nn.Sequential:
     """A model for NCHW images (or flat vectors) with ``num_classes`` outputs.
 
@@ -41,9 +42,8 @@ def build_model(
         return nn.Sequential(*layers, nn.Linear(num_classes))
     if name == "local-mlp":
         norm = lambda: nn.LayerNorm(elementwise_affine=False)  # noqa: E731
-        blocks = [
-            nn.Local(norm(), nn.Linear(h), nn.relu, num_classes=num_classes, groups=groups) for h in hidden
-        ]
+        local = dict(num_classes=num_classes, groups=groups, head_norm=head_norm)
+        blocks = [nn.Local(norm(), nn.Linear(h), nn.relu, **local) for h in hidden]
         return nn.Sequential(nn.Flatten(), *blocks, norm(), nn.Linear(num_classes))
     if name == "cnn":
         conv = lambda: nn.Conv2d(channels, 3, padding="same")  # noqa: E731
