@@ -86,7 +86,12 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--hidden", default="256,256,256")
     p.add_argument("--groups", type=int, default=8)
-    p.add_argument("--head-norm", action="store_true", help="the heads read their group normalised")
+    p.add_argument(
+        "--head-norm",
+        default=True,
+        action=argparse.BooleanOptionalAction,
+        help="the heads read their group normalised (default: on)",
+    )
     p.add_argument("--steps", type=int, default=2500)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--json", default=None)

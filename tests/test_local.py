@@ -23,8 +23,9 @@ def _norm():
     return nn.LayerNorm(elementwise_affine=False)
 
 
-def _model(groups=2, width=8, classes=3):
-    block = lambda: nn.Local(_norm(), nn.Linear(width), nn.relu, num_classes=classes, groups=groups)  # noqa: E731
+def _model(groups=2, width=8, classes=3, head_norm=False):
+    opts = dict(num_classes=classes, groups=groups, head_norm=head_norm)
+    block = lambda: nn.Local(_norm(), nn.Linear(width), nn.relu, **opts)  # noqa: E731
     return nn.Sequential(nn.Flatten(), block(), block(), _norm(), nn.Linear(classes))
 
 
@@ -67,6 +68,13 @@ def test_local_block_params_and_forward(be):
     )
     for g in range(2):
         np.testing.assert_allclose(logits[g], hn[:, 4 * g : 4 * g + 4] @ w[g].T + b[g], rtol=1e-12)
+    # head_norm: each head reads its group normalised (zero mean, unit variance, eps 1e-5)
+    normed = nn.Local(*model[1].layers, num_classes=3, groups=2, head_norm=True)
+    logits = be.to_numpy(normed.heads(be, params["1"], h))
+    for g in range(2):
+        hg = hn[:, 4 * g : 4 * g + 4]
+        hg = (hg - hg.mean(1, keepdims=True)) / np.sqrt(hg.var(1, keepdims=True) + 1e-5)
+        np.testing.assert_allclose(logits[g], hg @ w[g].T + b[g], rtol=1e-9, atol=1e-12)
 
 
 def test_local_block_errors():
@@ -132,7 +140,7 @@ def test_local_forward_gradients_are_unbiased(be, method, distribution):
     five standard errors of the mean, coordinate by coordinate); heads and the output part
     are exact for every key.
     """
-    model, params, batch = _setup(be, batch=3, width=4)
+    model, params, batch = _setup(be, batch=3, width=4, head_norm=True)
     lf = supervised(model)
     exact = _flat(be, dg.estimator("local-backprop")(lf, params, batch)[1])
     est = dg.estimator(method, distribution=distribution)

@@ -17,7 +17,7 @@ def build_model(
     channels: int = 64,
     cnn_hidden: int = 1024,
     groups: int = 8,
-    head_norm: bool = False,
+    head_norm: bool = True,
 ) -> nn.Sequential:
     """A model for NCHW images (or flat vectors) with ``num_classes`` outputs.
 
@@ -26,9 +26,10 @@ def build_model(
       (Baydin et al.'s MNIST MLP is hidden=(1024, 1024)).
     - ``local-mlp``: the MLP for local losses: Flatten, then for each h in ``hidden`` a
       :class:`duogard.nn.Local` block of LayerNorm (no affine), Linear(h) and ReLU whose h units
-      are split into ``groups`` groups, each with its own linear head; then LayerNorm (no
-      affine) and Linear(num_classes). End-to-end estimators train it as an MLP with
-      LayerNorm (the heads stay idle); the local estimators (``local-*``) use the heads.
+      are split into ``groups`` groups, each with its own linear head on the group's units
+      normalised (``head_norm``); then LayerNorm (no affine) and Linear(num_classes).
+      End-to-end estimators train it as an MLP with LayerNorm (the heads stay idle); the local
+      estimators (``local-*``, ``forward-guess``) use the heads.
     - ``cnn``: the CNN of Baydin et al.: four 3x3 convolutions with ``channels`` channels
       ("same" padding, ReLU), 2x2 max-pooling after the 2nd and 4th, a ``cnn_hidden`` hidden
       layer, then the classifier.
