@@ -244,3 +244,20 @@ def test_parity_runs_local_methods_in_lockstep(both, digits):
             model, "cross_entropy", optim.sgd(0.05), method, digits, steps=5, batch_size=16
         )
         assert rep.first_divergence is None, rep.table()
+
+
+def test_local_forward_activity_with_k_tangents_is_the_mean_of_k_estimates(be):
+    model, params, batch = _setup(be, batch=3, width=4, head_norm=True)
+    lf = supervised(model)
+    one = dg.estimator("local-forward-activity")
+    three = dg.estimator("local-forward-activity", num_tangents=3, distribution="rademacher")
+    drawn = three.sample(lf, params, batch, be.key(3))
+    assert tuple(drawn["1"].shape) == (3, 3, 4)
+    each = [
+        _flat(be, one.estimate(lf, params, batch, {n: u[i] for n, u in drawn.items()})[1]) for i in range(3)
+    ]
+    np.testing.assert_allclose(
+        _flat(be, three.estimate(lf, params, batch, drawn)[1]), sum(each) / 3, rtol=1e-12
+    )
+    with pytest.raises(ValueError, match="num_tangents must be a positive int"):
+        dg.estimator("local-forward-activity", num_tangents=0)

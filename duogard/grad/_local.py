@@ -335,11 +335,20 @@ class LocalForwardActivity(_LocalForwardBase):
     gradient (see :mod:`duogard.grad._local`).
 
     Args:
+        num_tangents: K (default 1): the mean of K estimates, each from its own perturbation
+            (the K JVPs batched with ``vmap``; the primal is computed once).
         distribution: ``"normal"`` (default) or ``"rademacher"``.
         generator: ``"portable"`` (default: the same draws on every backend) or ``"native"``.
 
-    :meth:`sample` gives ``{block name: u}`` (``u`` shaped like the block's Linear output).
+    :meth:`sample` gives ``{block name: u}`` (``u`` shaped like the block's Linear output, with
+    a leading K axis when K > 1).
     """
+
+    def __init__(self, *, num_tangents: int = 1, distribution: str = "normal", generator: str = "portable"):
+        super().__init__(distribution=distribution, generator=generator)
+        if isinstance(num_tangents, bool) or not isinstance(num_tangents, int) or num_tangents < 1:
+            raise ValueError(f"{self.name}: num_tangents must be a positive int, got {num_tangents!r}")
+        self.num_tangents = num_tangents
 
     def sample(self, loss_fn, params, batch, key):
         model, _, plans, _ = self._plan(loss_fn, params)
@@ -347,8 +356,10 @@ class LocalForwardActivity(_LocalForwardBase):
         x, _, _ = _unpack(batch)
         shapes = self._shapes(model, tuple(x.shape))
         keys = be.split(key, len(plans))
+        lead = () if self.num_tangents == 1 else (self.num_tangents,)
         return {
-            str(plan.index): self._draw(be, keys[j], shapes[plan.index], x) for j, plan in enumerate(plans)
+            str(plan.index): self._draw(be, keys[j], (*lead, *shapes[plan.index]), x)
+            for j, plan in enumerate(plans)
         }
 
     def _shapes(self, model, x_shape):
@@ -378,10 +389,17 @@ class LocalForwardActivity(_LocalForwardBase):
             h = plan.after(be, p, zz, key, train)
             return _per_example(be, loss, block.heads(be, p, h), y, groups), h
 
-        _, d, h = be.jvp(shares, (z,), (u,), has_aux=True)
         b = z.shape[0]
-        # ĝ_z[b, group g] = d[g, b] u[b, group g]
-        gz = xp.reshape(xp.reshape(u, (b, groups, -1)) * xp.matrix_transpose(d)[:, :, None], tuple(z.shape))
+        if u.ndim == z.ndim:
+            _, d, h = be.jvp(shares, (z,), (u,), has_aux=True)
+            # ĝ_z[b, group g] = d[g, b] u[b, group g]
+            each = xp.reshape(u, (b, groups, -1)) * xp.matrix_transpose(d)[:, :, None]
+            gz = xp.reshape(each, tuple(z.shape))
+        else:  # K perturbations: the mean of the K estimates
+            _, d, h = be.vmap(lambda t: be.jvp(shares, (z,), (t,), has_aux=True))(u)
+            k, h = u.shape[0], h[0]
+            each = xp.reshape(u, (k, b, groups, -1)) * xp.permute_dims(d, (0, 2, 1))[..., None]
+            gz = xp.reshape(xp.sum(each, axis=0) / k, tuple(z.shape))
         out = {"weight": xp.matmul(xp.matrix_transpose(gz), xin)}
         if lin.bias:
             out["bias"] = xp.sum(gz, axis=0)
