@@ -32,18 +32,17 @@ from duogard.train import build_model
 #: The rows reported, as ``duogard compare --methods`` writes them (``lr=``: the best SGD
 #: learning rate on the default model, found with ``--sweep`` over seeds 0-2 on JAX).
 CHOSEN = (
-    "backprop:lr=0.2",
+    "backprop:lr=0.15",
     "local-backprop:lr=0.2",
-    "local-forward-activity:lr=0.05",
-    "local-forward-activity:distribution=rademacher,lr=0.05",
+    "local-forward-activity:distribution=rademacher,lr=0.1",
     "local-forward:distribution=rademacher,lr=0.01",
-    "forward-guess:lr=0.2",
+    "forward-guess:lr=0.1",
 )
 #: The learning-rate grid of ``--sweep``, by method name.
 GRID = {
-    "backprop": (0.05, 0.1, 0.2, 0.4),
+    "backprop": (0.05, 0.1, 0.15, 0.2, 0.4),
     "local-backprop": (0.05, 0.1, 0.2, 0.4),
-    "local-forward-activity": (0.02, 0.03, 0.05, 0.1),
+    "local-forward-activity": (0.03, 0.05, 0.1, 0.15),
     "local-forward": (0.003, 0.01, 0.03),
     "forward-guess": (0.1, 0.2, 0.4),
 }
