@@ -200,7 +200,7 @@ def test_forward_guess_projects_the_gradient_onto_the_local_gradient(be):
 def test_local_methods_follow_the_same_trajectory_on_both_backends(both, digits, method):
     """The first 100 steps of each method: the same losses and params on JAX and torch (float32,
     portable draws), through fit."""
-    model = dg.train.build_model("local-mlp", 10, hidden=(16, 16), groups=4)
+    model = dg.train.build_model("local-mlp", 10, hidden=(16, 16), groups=2)
     params = model.init(0, digits.example_input)
     runs = [
         dg.fit(model, params, digits, optimizer=optim.sgd(0.05), estimator=dg.estimator(method),
@@ -210,7 +210,7 @@ def test_local_methods_follow_the_same_trajectory_on_both_backends(both, digits,
     a, b = (np.array([r["loss"] for r in run.history]) for run in runs)
     np.testing.assert_allclose(a, b, rtol=5e-5)
     for pa, pb in zip(tree_leaves(runs[0].params), tree_leaves(runs[1].params)):
-        np.testing.assert_allclose(both[0].to_numpy(pa), both[1].to_numpy(pb), rtol=1e-3, atol=1e-5)
+        np.testing.assert_allclose(both[0].to_numpy(pa), both[1].to_numpy(pb), rtol=1e-3, atol=5e-4)
     assert a[-10:].mean() < a[:10].mean()  # and it learns
 
 
