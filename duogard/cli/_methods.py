@@ -27,6 +27,16 @@ LEARNING_RATES = {
     "logreg": {"backprop": 0.5, "forward-exact": 0.5, "forward": 0.03, "forward-activity": 0.4},
     "mlp": {"backprop": 0.2, "forward-exact": 0.2, "forward": 0.005, "forward-activity": 0.03},
     "cnn": {"backprop": 0.2, "forward-exact": 0.2, "forward": 0.005, "forward-activity": 0.003},
+    # benchmarks/local_losses_sweep.py (seeds 0-2; local-forward and forward-guess: seed 0)
+    "local-mlp": {
+        "backprop": 0.15,
+        "forward-exact": 0.15,
+        "forward": 0.005,
+        "local-backprop": 0.2,
+        "local-forward-activity": 0.1,
+        "local-forward": 0.01,
+        "forward-guess": 0.1,
+    },
 }
 for _rates in LEARNING_RATES.values():
     _rates["spsa"] = _rates["forward"]

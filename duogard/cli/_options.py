@@ -44,7 +44,7 @@ def add_data_options(p: argparse.ArgumentParser, *, many_backends: bool = False)
         )
     p.add_argument("--dataset", default="digits", help=DATASETS_HELP)
     p.add_argument("--data-dir", default=None, help="directory with the MNIST/Fashion-MNIST IDX files")
-    p.add_argument("--model", default="mlp", choices=("logreg", "mlp", "cnn"))
+    p.add_argument("--model", default="mlp", choices=("logreg", "mlp", "cnn", "local-mlp"))
     p.add_argument(
         "--hidden",
         default=None,
@@ -61,6 +61,12 @@ def add_data_options(p: argparse.ArgumentParser, *, many_backends: bool = False)
         type=int,
         default=None,
         help="CNN: units of the hidden linear layer (default: 128 on digits, 1024 otherwise)",
+    )
+    p.add_argument(
+        "--groups",
+        type=int,
+        default=None,
+        help="local-mlp: groups (local heads) per hidden layer (default: 8)",
     )
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
@@ -155,7 +161,7 @@ def _positive(flag: str, value):
 
 def check_common(args) -> None:
     """The checks argparse's types do not make (before any data is loaded)."""
-    for flag in ("batch_size", "channels", "cnn_hidden", "lr"):
+    for flag in ("batch_size", "channels", "cnn_hidden", "groups", "lr"):
         if hasattr(args, flag):
             _positive("--" + flag.replace("_", "-"), getattr(args, flag))
     if getattr(args, "steps", 1) < 1:  # 0 steps would print nan for every figure
@@ -242,6 +248,9 @@ def model_sizes(args, data) -> dict:
         }
     if args.model == "mlp":
         return {"hidden": parse_hidden(args.hidden, data.name)}
+    if args.model == "local-mlp":
+        hidden = parse_hidden(args.hidden or ("256,256,256" if small else None), data.name)
+        return {"hidden": hidden, "groups": getattr(args, "groups", None) or 8}
     return {}
 
 
@@ -258,6 +267,16 @@ def build_model_from_args(args, data):
         channels, cnn_hidden = sizes["channels"], sizes["cnn_hidden"]
         model = build_model("cnn", data.num_classes, channels=channels, cnn_hidden=cnn_hidden)
         return model, f"CNN 4 x conv3x3({channels}), linear {cnn_hidden}, {data.num_classes} classes"
+    if args.model == "local-mlp":
+        hidden, groups = sizes["hidden"], sizes["groups"]
+        bad = [h for h in hidden if h % groups]
+        if bad:
+            raise UsageError(
+                f"--groups {groups} must divide every hidden size, got --hidden {args.hidden or hidden}"
+            )
+        sizes = "-".join(map(str, (data.x_train[0].size, *hidden, data.num_classes)))
+        model = build_model("local-mlp", data.num_classes, hidden=hidden, groups=groups)
+        return model, f"local MLP {sizes} (LayerNorm, {groups} local heads a layer)"
     hidden = sizes["hidden"]
     sizes = "-".join(map(str, (data.x_train[0].size, *hidden, data.num_classes)))
     return build_model("mlp", data.num_classes, hidden=hidden), f"MLP {sizes}"

@@ -17,6 +17,14 @@ from duogard.grad._forward import (
     jvp_loss,
 )
 from duogard.grad._lean import LeanStep
+from duogard.grad._local import (
+    ForwardGuess,
+    LocalBackprop,
+    LocalForward,
+    LocalForwardActivity,
+    local_losses,
+    local_objective,
+)
 from duogard.grad._objective import MODEL_KEY, Supervised, model_batch, supervised
 from duogard.grad._zeroth import SPSA, ZerothLeanStep
 
@@ -33,6 +41,12 @@ __all__ = [
     "ForwardActivity",
     "SPSA",
     "ZerothLeanStep",
+    "LocalBackprop",
+    "LocalForward",
+    "LocalForwardActivity",
+    "ForwardGuess",
+    "local_objective",
+    "local_losses",
     "Supervised",
     "supervised",
     "MODEL_KEY",

@@ -144,7 +144,8 @@ def register(name: str):
 
 def estimator(name: str | Estimator, **options) -> Estimator:
     """An estimator by name: ``"backprop"``, ``"forward"``, ``"forward-exact"``, ``"forward-activity"``,
-    ``"spsa"``.
+    ``"spsa"``; for models of :class:`duogard.nn.Local` blocks (local losses) also ``"local-backprop"``,
+    ``"local-forward-activity"``, ``"local-forward"`` and ``"forward-guess"``.
 
     The same names are the ``--grad`` flag of the scripts and the CLI. Options are passed to
     the estimator (e.g. ``estimator("forward", num_tangents=4, distribution="rademacher")``);

@@ -21,6 +21,7 @@ from duogard.nn._activations import (
 )
 from duogard.nn._conv import Conv2d
 from duogard.nn._linear import Linear
+from duogard.nn._local import Local
 from duogard.nn._module import Lambda, Module, Sequential
 from duogard.nn._norm import Dropout, LayerNorm
 from duogard.nn._pool import AvgPool2d, Flatten, MaxPool2d
@@ -29,6 +30,7 @@ __all__ = [
     "Module",
     "Sequential",
     "Lambda",
+    "Local",
     "Linear",
     "Conv2d",
     "MaxPool2d",
