@@ -319,6 +319,8 @@ def _run(args) -> int:
         if at >= args.steps:
             say(f"--resume {args.resume}: already at step {at} of --steps {args.steps}, nothing to do")
             return 0
+    if dist is not None:  # the ranks compare these before the first step, naming a flag that differs
+        dist.config = {f"--{k.replace('_', '-')}": v for k, v in flags.items()}
     cbs = _callbacks(args, {"run": {"flags": flags, "changes": changes}})
     trainer = dg.train.Trainer(
         model, optimizer=optimizer, estimator=spec.estimator, backend=be, compile=args.compile or None

@@ -66,6 +66,15 @@ class DataParallel(Callback):
             rank r's tangents come from ``fold_in(key, r)``; W·K tangents per step).
         timeout: seconds a collective may wait for a peer before the run fails (and JAX's
             heartbeat timeout).
+        config: named settings every rank must share, beyond what fit checks itself (the
+            command line passes its flags, so a mismatch names the flag).
+
+    At the start of a run the ranks compare their configuration, a digest per setting, in one
+    collective: the model, loss, estimator and update strategy, the initial parameters and
+    optimizer state (the seed, the model's sizes and the learning rate show there), the batch
+    size, seed and steps, and every ``config`` entry. A difference is a
+    :class:`DistributedError` naming each setting and the ranks that differ, before any step:
+    ranks launched with different flags would otherwise train to different parameters.
 
     Attributes (after ``fit`` set it up):
         rank, world_size: this process's rank and the number of ranks.
@@ -78,7 +87,12 @@ class DataParallel(Callback):
 
     order = 1  # before the Checkpointer's resume (5) and everything that reads the run
 
-    def __init__(self, *, tangents: str = "shared", timeout: float = 300.0):
+    def __init__(self, *, tangents: str = "shared", timeout: float = 300.0, config: dict | None = None):
+        if config is not None and not isinstance(config, dict):
+            raise TypeError(
+                f"DataParallel: config must be a dict of named settings, got {type(config).__name__}"
+            )
+        self.config = dict(config or {})
         if tangents not in TANGENT_MODES:
             raise ValueError(f"DataParallel: tangents must be one of {TANGENT_MODES}, got {tangents!r}")
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
@@ -153,6 +167,7 @@ class DataParallel(Callback):
     def on_fit_start(self, run):
         if self._be is None:
             raise RuntimeError("DataParallel: not set up for this run; pass it to fit(distributed=...)")
+        self.check_same_config(run)
         size = tree_size(run.params)
         k = getattr(run.trainer.estimator, "num_tangents", 1)
         self.numbers_per_step = {
@@ -264,6 +279,69 @@ class DataParallel(Callback):
         digest = h.hexdigest()
         self.hashes.append((step, digest))
         return digest
+
+    def settings(self, run) -> dict[str, bytes]:
+        """A digest of each setting the ranks must share (see the class docstring)."""
+        be = run.be
+
+        def arrays(tree) -> bytes:
+            h = hashlib.sha256()
+            for leaf in tree_leaves(tree):
+                a = np.ascontiguousarray(be.to_numpy(leaf)) if be.is_array(leaf) else np.asarray(leaf)
+                h.update(f"{a.dtype.str}{a.shape}".encode())
+                h.update(a.tobytes())
+            return h.digest()
+
+        tr = run.trainer
+        named = {
+            "model": repr(tr.model),
+            "loss": repr(tr.loss_fn),
+            "estimator": repr(tr.estimator),
+            "update strategy": run.step.strategy,
+            "batch_size": run.batch_size,
+            "seed": run.seed,
+            "steps": run.steps,
+            **{str(k): v for k, v in sorted(self.config.items())},
+        }
+        out = {k: hashlib.sha256(repr(v).encode()).digest() for k, v in named.items()}
+        out["initial parameters"] = arrays(run.params)
+        out["optimizer state"] = arrays(run.opt_state)
+        return out
+
+    def check_same_config(self, run) -> None:
+        """Compare :meth:`settings` across the ranks (a collective: every rank calls it first).
+
+        Raises:
+            DistributedError: the settings that differ from rank 0's, with the ranks.
+        """
+        mine = self.settings(run)
+        names = sorted(mine)
+        key = hashlib.sha256("\0".join(names).encode()).digest()[:8]
+        try:  # the same set of settings first: the digests' gather needs one shape on every rank
+            keys = self._be.host_all_gather(np.frombuffer(key, dtype=np.uint8))
+            bad = [r for r in range(keys.shape[0]) if not np.array_equal(keys[r], keys[0])]
+            if bad:
+                raise DistributedError(
+                    f"fit: rank(s) {bad} name other settings than rank 0 ({', '.join(names)} here); "
+                    "launch every rank with the same command, flags and duogard version"
+                )
+            every = self._be.host_all_gather(np.frombuffer(b"".join(mine[n] for n in names), dtype=np.uint8))
+        except DistributedError:
+            raise
+        except Exception as exc:
+            raise self.failure(exc, "the configuration check") from exc
+        every = every.reshape(every.shape[0], len(names), -1)
+        differ = {
+            n: [r for r in range(every.shape[0]) if not np.array_equal(every[r, i], every[0, i])]
+            for i, n in enumerate(names)
+        }
+        differ = {n: ranks for n, ranks in differ.items() if ranks}
+        if differ:
+            said = "; ".join(f"{n} (rank(s) {ranks} differ from rank 0)" for n, ranks in differ.items())
+            raise DistributedError(
+                f"fit: the ranks do not run the same configuration: {said}. Every rank must be "
+                "launched with the same flags (torchrun starts one command on every rank)"
+            )
 
     def failure(self, exc: BaseException, what: str) -> DistributedError:
         """The error for a failed collective: which ranks stopped answering, and the cause."""

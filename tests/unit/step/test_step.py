@@ -177,3 +177,76 @@ def test_the_batch_names_its_parts(be, digits):
     drop = build_step(be, loss_fn, dg.estimator("backprop"), optim.sgd(0.1), train_mode=True, compile=False)
     drop(p, optim.sgd(0.1).init(p), be.asarray(xb), be.asarray(yb), be.key(0))
     assert seen == [("Batch", False), ("Batch", True)]
+
+
+def _one_rank_env(monkeypatch, world: int):
+    env = {"RANK": "0", "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29999"}
+    for var, val in env.items():
+        monkeypatch.setenv(var, val)
+    be = dg.backend("torch")
+    monkeypatch.setattr(be, "dist_init", lambda timeout=300.0: (0, world))  # no group joined
+    return be
+
+
+def test_ranks_launched_with_different_settings_are_refused_naming_them(digits, monkeypatch):
+    """Rank 1 was launched with another --lr: the ranks' first collective compares a digest per
+    setting, and the run stops before any step, naming the flag (it trained to diverged params)."""
+    import hashlib
+
+    be = _one_rank_env(monkeypatch, 2)
+    theirs = hashlib.sha256(repr(0.2).encode()).digest()
+
+    def gather(x):  # what rank 1 sends: the same, but its "--lr" (first, sorted) is 0.2
+        other = x.copy()
+        if x.size > 8:
+            other[:32] = np.frombuffer(theirs, dtype=np.uint8)
+        return np.stack([x, other])
+
+    monkeypatch.setattr(be, "host_all_gather", gather)
+    model = _mlp()
+    p0 = model.init(0, digits.example_input)
+    steps = []
+    dp = dg.train.DataParallel(config={"--lr": 0.1})
+    with pytest.raises(
+        dg.train.DistributedError, match=r"not run the same configuration: --lr \(rank\(s\) \[1\]"
+    ):
+        dg.fit(model, p0, digits, backend="torch", steps=2, distributed=dp, callbacks=[steps.append])
+    assert steps == []  # refused before the first step
+
+    monkeypatch.setattr(be, "host_all_gather", lambda x: np.stack([x, x[::-1].copy()]))
+    with pytest.raises(dg.train.DistributedError, match="name other settings than rank 0"):
+        dg.fit(model, p0, digits, backend="torch", steps=2, distributed=dg.train.DataParallel(), callbacks=[])
+
+
+def test_the_configuration_digest_changes_with_each_setting(digits, monkeypatch):
+    _one_rank_env(monkeypatch, 1)
+    model = _mlp()
+    p0 = model.init(0, digits.example_input)
+    seen = {}
+
+    class Grab(dg.train.Callback):
+        order = 2  # after DataParallel set up the run
+
+        def __init__(self, tag, dp):
+            self.tag, self.dp = tag, dp
+
+        def on_fit_start(self, run):
+            seen[self.tag] = self.dp.settings(run)
+
+    runs = {
+        "base": dict(optimizer=optim.sgd(0.1), seed=0, batch_size=16),
+        "lr": dict(optimizer=optim.sgd(0.2), seed=0, batch_size=16),
+        "seed": dict(optimizer=optim.sgd(0.1), seed=1, batch_size=16),
+        "batch": dict(optimizer=optim.sgd(0.1), seed=0, batch_size=32),
+    }
+    for tag, kw in runs.items():
+        dp = dg.train.DataParallel()
+        params = model.init(kw["seed"], digits.example_input)
+        dg.fit(
+            model, params, digits, backend="torch", steps=1, distributed=dp, callbacks=[Grab(tag, dp)], **kw
+        )
+    base = seen["base"]
+    changed = {tag: sorted(k for k in base if seen[tag][k] != base[k]) for tag in ("lr", "seed", "batch")}
+    assert changed["lr"] == ["optimizer state"]
+    assert changed["seed"] == ["initial parameters", "seed"]
+    assert changed["batch"] == ["batch_size"]
