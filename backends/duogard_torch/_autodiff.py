@@ -139,7 +139,7 @@ def add_scaled_(target, value, scale, where=None):
     if where is not None and not bool(where):
         return target
     if isinstance(scale, torch.Tensor):
-        return target.addcmul_(value, scale.to(target.dtype))
+        return target.addcmul_(value, scale if scale.dtype == target.dtype else scale.to(target.dtype))
     return target.add_(value, alpha=float(scale))
 
 
