@@ -19,7 +19,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from duogard.backend._contract_dist import DistributedError, launch_env, roll_call
+from duogard.backend.authoring import DistributedError, launch_env, roll_call
 
 #: the mesh axis of the ranks (the name psum and all_gather reduce over)
 AXIS = "duogard_ranks"

@@ -13,7 +13,7 @@ import os
 import numpy as np
 import torch
 
-from duogard.backend._contract_dist import DistributedError, launch_env, roll_call
+from duogard.backend.authoring import DistributedError, launch_env, roll_call
 
 from ._arrays import default_device
 

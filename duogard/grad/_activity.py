@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from duogard.backend import check_generator
+from duogard.backend.authoring import check_generator
 from duogard.grad import _rules
 from duogard.grad._base import Estimator, check_bool, params_backend, register
 from duogard.grad._forward import forward_mode_errors

@@ -7,7 +7,7 @@ import math
 
 import numpy as np
 
-from duogard.backend import check_generator
+from duogard.backend.authoring import check_generator
 from duogard.grad._base import Estimator, FlatView, ForwardModeError, check_bool, params_backend, register
 from duogard.grad._rules import plan as _rules_plan
 from duogard.grad._rules import sequential_loss_jvp
