@@ -123,15 +123,13 @@ def leave_process_groups() -> None:
     """Leave every loaded backend's process group (the end of a command under torchrun): a gloo
     group torn down at interpreter exit can abort the process after its work is done.
     """
-    import sys
+    from duogard.backend import loaded_backends
 
-    for name in ("duogard_jax", "duogard_torch"):
-        module = sys.modules.get(name)
-        if module is not None:
-            try:
-                module.dist_shutdown()
-            except Exception:  # noqa: BLE001 - leaving is best effort; the work is done
-                pass
+    for be in loaded_backends():
+        try:
+            be.dist_shutdown()
+        except Exception:  # noqa: BLE001 - leaving is best effort; the work is done
+            pass
 
 
 def parse_hidden(text: str | None, dataset_name: str) -> tuple[int, ...]:
