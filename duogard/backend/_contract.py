@@ -77,7 +77,9 @@ class Backend(RandomOps, DistributedOps, FrameworkFacts, Protocol):
         torch: one thread below about 1e8 operations per step (small ops gain little from a
         second thread, and one thread waiting on a descheduled sibling slowed torch steps many
         times when another process used a core), its default count above; ``DUOGARD_TORCH_THREADS``
-        overrides. JAX: XLA's own thread pool, unchanged.
+        overrides. JAX: XLA's own thread pool, unchanged. A backend's override, if it has one, is
+        ``$DUOGARD_<NAME>_THREADS`` (read with ``authoring.threads_from_env``: the command line
+        checks it before any work).
         """
 
     # arrays, dtypes, devices

@@ -162,12 +162,16 @@ def check_common(args) -> None:
         raise UsageError(f"--decay must be >= 0, got {args.decay}")
     if getattr(args, "hidden", None) is not None:
         parse_hidden(args.hidden, "digits")
-    try:  # the torch backend reads it at the first step: a bad value is refused before any work
-        from duogard.backend import threads_from_env
+    # a backend's thread override is $DUOGARD_<NAME>_THREADS (its threads_for reads it at the first
+    # step; torch's is the one there is): a bad value is refused before any work
+    from duogard.backend import registered_backends
+    from duogard.backend.authoring import threads_from_env
 
-        threads_from_env("DUOGARD_TORCH_THREADS")
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
+    for name in registered_backends():
+        try:
+            threads_from_env(f"DUOGARD_{name.upper()}_THREADS")
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
     timeout = getattr(args, "dist_timeout", None)
     if timeout is not None and not 0 < timeout <= MAX_DIST_TIMEOUT:
         raise UsageError(
