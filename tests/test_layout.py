@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import importlib
 import inspect
+import json
 import pkgutil
 import re
 import subprocess
@@ -225,3 +226,18 @@ def test_import_duogard_is_explicit_and_imports_no_framework():
     assert proc.returncode == 0, proc.stderr[-3000:]
     frameworks, eager, cli, _ = proc.stdout.rsplit(" ", 3)
     assert frameworks == "[]" and eager == "True" and cli == "False", proc.stdout
+
+
+def test_a_third_backends_extra_needs_no_front_end_change(monkeypatch):
+    """An extra registered by another distribution (here: the standard library's json.dumps as
+    ``duogard.interop.dumps``) shows in dir() and resolves, with no change to the front end."""
+    import duogard.interop
+
+    registry = importlib.import_module("duogard.backend")
+    extras = {**registry.registered_extras(), "duogard.interop.dumps": "json:dumps"}
+    monkeypatch.setattr(registry, "registered_extras", lambda: extras)
+    monkeypatch.delitem(vars(duogard.interop), "dumps", raising=False)
+    assert "dumps" in dir(duogard.interop)
+    assert duogard.interop.dumps is json.dumps
+    monkeypatch.delitem(vars(duogard.interop), "dumps")
+    assert not hasattr(duogard.interop, "nope")
