@@ -3,54 +3,80 @@
 ``import duogard`` imports neither JAX nor PyTorch: a framework is imported when a backend
 is first asked for (:func:`backend`), or when a framework-specific extra
 (``duogard.torch.forward_grad_``, ``duogard.from_torch``) is first used.
+
+Every framework-free package is imported here and re-exported explicitly; the only names
+resolved on first use are the framework-specific extras (``from_torch``, ``to_torch``: the
+torch backend registers them, see :func:`duogard.backend.load_extra`) and ``cli``, the
+``duogard`` command, which the library never imports.
 """
 
 from __future__ import annotations
 
 import importlib
 
-from duogard import losses, nn, tree
-from duogard.backend import available_backends, backend, backend_of, use_backend
+from duogard import (
+    backend,  # the package; the name is the function of the same name below
+    data,
+    grad,
+    interop,
+    losses,
+    nn,
+    optim,
+    parity,
+    step,
+    testing,
+    torch,
+    train,
+    tree,
+)
+from duogard.backend import available_backends, backend, backend_of, extras_module, use_backend  # noqa: F811
+from duogard.grad import estimator, supervised
+from duogard.interop import convert
+from duogard.train import Trainer, fit
 
 __version__ = "0.1.0"
 
-# Submodules and names loaded on first use (some import a framework; all are heavier than
-# the front door needs to be).
-_LAZY_MODULES = ("optim", "grad", "data", "train", "interop", "parity", "testing", "torch", "cli")
-_LAZY_NAMES = {
-    "convert": "duogard.interop",
-    "from_torch": "duogard.interop",
-    "to_torch": "duogard.interop",
-    "estimator": "duogard.grad",
-    "supervised": "duogard.grad",
-    "fit": "duogard.train",
-    "Trainer": "duogard.train",
-}
-
 __all__ = [
     "__version__",
+    # backends
     "available_backends",
     "backend",
     "backend_of",
     "use_backend",
+    # the packages
     "nn",
     "losses",
+    "optim",
+    "grad",
+    "data",
+    "train",
+    "interop",
+    "parity",
+    "step",
+    "testing",
     "tree",
-    *_LAZY_MODULES,
-    *_LAZY_NAMES,
+    "torch",
+    "cli",
+    # the names of everyday use
+    "estimator",
+    "supervised",
+    "fit",
+    "Trainer",
+    "convert",
+    # registered extras of the torch backend (loaded on first use)
+    "from_torch",
+    "to_torch",
 ]
+
+_extra, _dir = extras_module(__name__, globals())
 
 
 def __getattr__(name: str):
-    if name in _LAZY_MODULES:
-        value = importlib.import_module(f"duogard.{name}")
-    elif name in _LAZY_NAMES:
-        value = getattr(importlib.import_module(_LAZY_NAMES[name]), name)
-    else:
-        raise AttributeError(f"module 'duogard' has no attribute {name!r}")
-    globals()[name] = value  # resolved once; later lookups are plain attribute reads
-    return value
+    if name == "cli":  # the command's package: the library never imports it
+        value = globals()["cli"] = importlib.import_module("duogard.cli")
+        return value
+    return _extra(name)
 
 
 def __dir__():
-    return sorted(__all__)
+    return sorted(set(_dir()) | {"cli"})

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from duogard import losses as _losses
+from duogard.backend import DEFAULT_PAIR
 from duogard.backend import backend as _backend
 from duogard.tree import flatten_dict, tree_map
 
@@ -129,7 +130,7 @@ def compare(
     data,
     *,
     steps: int = 100,
-    backends=("jax", "torch"),
+    backends=DEFAULT_PAIR,
     seed: int = 0,
     batch_size: int = 64,
     dtype: str = "float32",
@@ -289,8 +290,8 @@ def compare(
 
 
 def _reference_side(bes) -> int | None:
-    """The index of a backend that computes in float64 (torch first), or None."""
-    order = sorted(range(len(bes)), key=lambda i: bes[i].name != "torch")
+    """The index of a backend that computes in float64 (one that always does first), or None."""
+    order = sorted(range(len(bes)), key=lambda i: not bes[i].float64_always)
     for i in order:
         try:
             if bes[i].dtype_name(bes[i].asarray(np.zeros(1)).dtype) == "float64":

@@ -52,7 +52,16 @@ from duogard.grad._objective import MODEL_KEY, Batch
 from duogard.optim import PlainSGD, apply_updates
 from duogard.tree import Rank1, tree_leaves, tree_map
 
-__all__ = ["Batch", "MODEL_KEY", "UPDATE_STRATEGIES", "Step", "build_step", "choose_update", "keep_if"]
+__all__ = [
+    "Batch",
+    "MODEL_KEY",
+    "UPDATE_STRATEGIES",
+    "Step",
+    "build_step",
+    "choose_update",
+    "keep_if",
+    "split_state",
+]
 
 #: The update strategies: the five that :func:`choose_update` picks from, in the order it
 #: considers them, and ``"none"`` (no update: the step returns the estimate).

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from duogard.backend import DEFAULT_PAIR
 from duogard.parity import compare
 
 __all__ = ["assert_backends_agree"]
@@ -15,7 +16,7 @@ def assert_backends_agree(
     data,
     *,
     steps: int = 20,
-    backends=("jax", "torch"),
+    backends=DEFAULT_PAIR,
     dtype: str = "float32",
     rtol: float | None = None,
     seed: int = 0,

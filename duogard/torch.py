@@ -10,25 +10,17 @@ Port a backprop loop to forward gradients by replacing ``loss.backward()``::
         optimizer.step(); scheduler.step()                          # torch.optim, unchanged
 
 Also here: :func:`from_torch`, :func:`to_torch`, :class:`TorchModel` (a module as a duogard
-model). They live in the torch backend (``duogard_torch.port``) and are loaded on first use
-with :func:`duogard.backend.extra`; importing this module imports no framework. Without
+model). They live in the torch backend (``duogard_torch.port``), which registers them as
+extras (entry points ``duogard.extras``); each is loaded on first use with
+:func:`duogard.backend.load_extra`, so importing this module imports no framework. Without
 PyTorch, using one raises ImportError with the command that installs it.
 """
 
 from __future__ import annotations
 
-from duogard.backend import extra
+from duogard.backend import extras_module
 
+# Every name here is a registered extra (duogard.backend.registered_extras), loaded on first use.
 __all__ = ["forward_grad_", "KeySequence", "from_torch", "to_torch", "TorchModel"]
 
-
-def __getattr__(name: str):
-    if name in __all__:
-        value = extra("torch", name)
-        globals()[name] = value  # resolved once; later lookups are plain attribute reads
-        return value
-    raise AttributeError(f"module 'duogard.torch' has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = extras_module(__name__, globals())

@@ -62,8 +62,10 @@ from ._distributed import (
     dist_step,
     dist_world,
     host_all_gather,
+    is_collective_failure,
 )
 from ._dlpack import device_problem, dlpack_device, dlpack_export, dlpack_import
+from ._facts import exchange_device, forward_mode_cause, gpu_preallocation_fixed
 from ._memory import step_memory
 from ._nn import (
     avg_pool2d,
@@ -115,6 +117,11 @@ __all__ = [
     "enable_float64",
     "pin_float32_precision",
     "threads_for",
+    # framework facts
+    "float64_always",
+    "gpu_preallocation_fixed",
+    "forward_mode_cause",
+    "exchange_device",
     # arrays, dtypes, devices
     "is_array",
     "as_dtype",
@@ -193,6 +200,7 @@ __all__ = [
     "all_gather",
     "host_all_gather",
     "dist_shutdown",
+    "is_collective_failure",
 ]
 
 name = "jax"
@@ -200,6 +208,7 @@ framework = "jax"
 install_hint = 'pip install "duogard[jax]"'
 #: use duogard's hand-written forward rules for its own layers where they apply?
 fast_jvp_rules = False  # jax.jvp through XLA is as fast as hand-written rules
+float64_always = False  # float64 only in JAX's 64-bit mode (enable_float64)
 xp = jnp
 
 float32 = jnp.float32

@@ -6,7 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from duogard.backend import backend_of, native_byte_order
+from duogard.backend import backend_of
+from duogard.backend.authoring import native_byte_order
 
 from ._dlpack import dlpack_import
 

@@ -19,7 +19,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from duogard.backend._contract_dist import DistributedError, launch_env, roll_call
+from duogard.backend.authoring import DistributedError, launch_env, roll_call
 
 #: the mesh axis of the ranks (the name psum and all_gather reduce over)
 AXIS = "duogard_ranks"
@@ -175,3 +175,12 @@ def host_all_gather(x):
 def dist_shutdown() -> None:
     if jax.distributed.is_initialized():
         jax.distributed.shutdown()
+
+
+# what XLA's collectives say when a peer is gone (dist_step reports most as DistributedError)
+_COLLECTIVE_WORDS = ("gloo", "connection", "peer", "timed out", "timeout", "heartbeat", "collective")
+
+
+def is_collective_failure(exc: BaseException) -> bool:
+    text = f"{type(exc).__name__} {exc}".lower()
+    return isinstance(exc, RuntimeError) and any(w in text for w in _COLLECTIVE_WORDS)

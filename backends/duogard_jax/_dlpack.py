@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from duogard.backend import ExportedArray, copy_refused, device_spec, leaf_name, plan_move
+from duogard.backend.authoring import ExportedArray, copy_refused, device_spec, leaf_name, plan_move
 
 JAX_ALIGNMENT = 64  # bytes; XLA's minimum alignment for a buffer it does not copy
 

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from duogard.backend import _philox as spec
-from duogard.backend import check_draw_rows, check_generator
+from duogard.backend.authoring import check_draw_rows, check_generator
 
 from ._arrays import as_dtype, resolve_device
 

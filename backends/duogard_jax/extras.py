@@ -1,7 +1,9 @@
-"""What only the JAX backend offers, for ``duogard.backend.extra("jax", name)``.
+"""What only the JAX backend offers: its extras.
 
-The front end reaches these through that function only (``duogard.optim.from_optax`` resolves
-here), so it never imports JAX itself.
+``pyproject.toml`` registers each under its front-end name (entry points ``duogard.extras``:
+``duogard.optim.from_optax`` -> ``duogard_jax.extras:from_optax``); the front end loads them by
+that name on first use (``duogard.backend.load_extra``), so it never imports JAX itself nor
+names this backend. ``duogard.backend.extra("jax", name)`` reads this module too.
 
 - the optax adapter: :func:`from_optax` (:mod:`duogard_jax.optax`).
 """

@@ -14,7 +14,7 @@ __all__ = ["from_optax"]
 
 _OPTAX_FIX = (
     "optax transformations run on the JAX backend (backend='jax'); on torch use "
-    "duogard.optim's own optimizers or from_torch(torch.optim.<Class>, ...)"
+    "duogard.optim's own optimizers or from_torch_optimizer(torch.optim.<Class>, ...)"
 )
 
 

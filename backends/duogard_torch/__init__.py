@@ -64,8 +64,10 @@ from ._distributed import (
     dist_step,
     dist_world,
     host_all_gather,
+    is_collective_failure,
 )
 from ._dlpack import device_problem, dlpack_device, dlpack_export, dlpack_import
+from ._facts import exchange_device, forward_mode_cause, gpu_preallocation_fixed
 from ._memory import step_memory
 from ._nn import (
     avg_pool2d,
@@ -117,6 +119,11 @@ __all__ = [
     "enable_float64",
     "pin_float32_precision",
     "threads_for",
+    # framework facts
+    "float64_always",
+    "gpu_preallocation_fixed",
+    "forward_mode_cause",
+    "exchange_device",
     # arrays, dtypes, devices
     "is_array",
     "as_dtype",
@@ -195,6 +202,7 @@ __all__ = [
     "all_gather",
     "host_all_gather",
     "dist_shutdown",
+    "is_collective_failure",
 ]
 
 name = "torch"
@@ -202,6 +210,7 @@ framework = "torch"
 install_hint = 'pip install torch==2.13.0 "duogard[torch]"'
 #: use duogard's hand-written forward rules for its own layers where they apply?
 fast_jvp_rules = True  # torch.func.jvp pays for dual tensors op by op; duogard's own rules are faster
+float64_always = True  # torch holds float64 whenever asked
 xp = _xp
 
 float32 = torch.float32

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from duogard.backend import backend_of, native_byte_order, threads_from_env
+from duogard.backend import backend_of
+from duogard.backend.authoring import native_byte_order, threads_from_env
 
 from ._dlpack import dlpack_import
 

@@ -13,7 +13,7 @@ import os
 import numpy as np
 import torch
 
-from duogard.backend._contract_dist import DistributedError, launch_env, roll_call
+from duogard.backend.authoring import DistributedError, launch_env, roll_call
 
 from ._arrays import default_device
 
@@ -120,3 +120,21 @@ def dist_shutdown() -> None:
     _STORE.clear()
     if _joined():
         _dist().destroy_process_group()
+
+
+# what torch.distributed's failures say (DistBackendError, DistNetworkError, gloo/NCCL timeouts)
+_COLLECTIVE_WORDS = (
+    "gloo",
+    "nccl",
+    "connection",
+    "timed out",
+    "timeout",
+    "peer",
+    "collective",
+    "distbackend",
+)
+
+
+def is_collective_failure(exc: BaseException) -> bool:
+    text = f"{type(exc).__name__} {exc}".lower()
+    return isinstance(exc, RuntimeError) and any(w in text for w in _COLLECTIVE_WORDS)

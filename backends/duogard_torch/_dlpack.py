@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import torch
 
-from duogard.backend import ExportedArray, copy_refused, device_spec, leaf_name, plan_move
+from duogard.backend.authoring import ExportedArray, copy_refused, device_spec, leaf_name, plan_move
 
 
 def _torch_device(device):

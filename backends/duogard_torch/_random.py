@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from duogard.backend import _philox as spec
-from duogard.backend import check_draw_rows, check_generator
+from duogard.backend.authoring import check_draw_rows, check_generator
 
 from ._arrays import as_dtype
 

@@ -1,7 +1,7 @@
 """``torch.optim`` optimizers as duogard optimizers: :func:`optimizer_from_torch`.
 
-Front-end name: ``duogard.optim.from_torch`` (``from_torch`` alone is the module port, so the
-extra is called ``optimizer_from_torch`` here). Torch optimizers keep their state inside; the
+Front-end name: ``duogard.optim.from_torch_optimizer`` (``from_torch`` alone is the module port, so
+the extra is called ``optimizer_from_torch`` here). Torch optimizers keep their state inside; the
 adapter hides one behind ``init``/``update`` (eager only).
 """
 
@@ -26,7 +26,9 @@ _TORCH_FIX = (
 
 
 def _check_leaves(what: str, tree) -> None:
-    check_adapter_leaves("from_torch", what, tree, backend("torch"), kind="torch.Tensor", fix=_TORCH_FIX)
+    check_adapter_leaves(
+        "from_torch_optimizer", what, tree, backend("torch"), kind="torch.Tensor", fix=_TORCH_FIX
+    )
 
 
 class TorchOptimizerState(NamedTuple):
@@ -50,7 +52,7 @@ class _TorchDriver:
         except (TypeError, ValueError) as exc:
             args = ", ".join(f"{k}={v!r}" for k, v in self.hyperparameters.items())
             raise type(exc)(
-                f"from_torch: {getattr(self.cls, '__name__', self.cls)}({args}) failed: {exc}"
+                f"from_torch_optimizer: {getattr(self.cls, '__name__', self.cls)}({args}) failed: {exc}"
             ) from exc
         scheduler = self.make_scheduler(optimizer) if self.make_scheduler is not None else None
         return optimizer, scheduler
@@ -94,7 +96,7 @@ class _TorchDriver:
 
     def update(self, grads, state, params=None):
         if self.optimizer is None:
-            raise RuntimeError("from_torch: call init(params) before update")
+            raise RuntimeError("from_torch_optimizer: call init(params) before update")
         _check_leaves("grads", grads)
         grad_leaves = self.treedef.flatten_up_to(grads)
         with torch.no_grad():
@@ -122,7 +124,8 @@ class _TorchDriver:
 def optimizer_from_torch(
     optimizer_class, /, *, scheduler: Callable | None = None, **hyperparameters
 ) -> GradientTransformation:
-    """Use any ``torch.optim`` optimizer with duogard: ``from_torch(torch.optim.Adam, lr=1e-3)``.
+    """Use any ``torch.optim`` optimizer with duogard:
+    ``from_torch_optimizer(torch.optim.Adam, lr=1e-3)``.
 
     ``init(params)`` copies the params into fresh leaf tensors and builds
     ``optimizer_class(those, **hyperparameters)``; ``update(grads, state, params)`` copies
@@ -135,7 +138,7 @@ def optimizer_from_torch(
     rate and the optimizer's per-parameter tensors: these *are* the live optimizer's tensors,
     updated in place by the next ``update`` (clone them to keep a snapshot). A state that is
     not the latest one (a restored checkpoint, an earlier snapshot) is loaded into the
-    optimizer first. One live optimizer per ``from_torch(...)`` object: ``init`` again
+    optimizer first. One live optimizer per ``from_torch_optimizer(...)`` object: ``init`` again
     restarts it.
 
     Args:
@@ -153,10 +156,12 @@ def optimizer_from_torch(
             tensor).
     """
     if not callable(optimizer_class):
-        raise TypeError(f"from_torch: expected a torch.optim optimizer class, got {optimizer_class!r}")
+        raise TypeError(
+            f"from_torch_optimizer: expected a torch.optim optimizer class, got {optimizer_class!r}"
+        )
     if scheduler is not None and not callable(scheduler):
         raise TypeError(
-            f"from_torch: scheduler must be a callable optimizer -> lr scheduler, got {scheduler!r}"
+            f"from_torch_optimizer: scheduler must be a callable optimizer -> lr scheduler, got {scheduler!r}"
         )
     driver = _TorchDriver(optimizer_class, dict(hyperparameters), scheduler)
     driver._construct([torch.zeros(1, requires_grad=True)])  # fail now on bad hyperparameters

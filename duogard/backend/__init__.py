@@ -11,9 +11,15 @@ Selection order: explicit argument > :func:`use_backend` context > ``$DUOGARD_BA
 default (jax if installed, else torch). This is the one place in the front end that
 chooses between backends by name.
 
-The module also holds what the backends share: the object of the DLPack exchange
-(:class:`ExportedArray`) and the argument checks and error messages both backends give
-(:func:`check_draw_rows`, :func:`device_spec`, :func:`plan_move`, :func:`copy_refused`).
+Backends also register the front-end names only their framework can offer (the
+``torch.nn.Module`` port, the ``torch.optim`` and optax adapters) as entry points in the group
+``duogard.extras``: the public name (``duogard.optim.from_optax``) -> the object
+(``duogard_jax.extras:from_optax``). :func:`load_extra` imports one when it is first used, so
+the front-end modules that show these names (``duogard.torch``, ``duogard.optim``,
+``duogard.interop``) name no backend (:func:`extras_module`).
+
+What backend authors share beside the contract (the DLPack exchange's checks and messages,
+thread counts, launch variables) is in :mod:`duogard.backend.authoring`.
 """
 
 from __future__ import annotations
@@ -25,15 +31,18 @@ import importlib
 import importlib.metadata
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from types import ModuleType
 
 from duogard.backend._contract import CONTRACT, Backend
-from duogard.backend._exchange import (
+from duogard.backend._exchange import Device, ExportedArray
+
+# Helpers for backend authors live in duogard.backend.authoring; these names stay importable from
+# here (not in __all__) for code written before it existed.
+from duogard.backend.authoring import (  # noqa: F401
     GENERATORS,
-    Device,
-    ExportedArray,
+    MAX_THREADS,
     check_draw_rows,
     check_generator,
     copy_refused,
@@ -42,60 +51,34 @@ from duogard.backend._exchange import (
     leaf_name,
     native_byte_order,
     plan_move,
+    threads_from_env,
 )
 
 __all__ = [
     "CONTRACT",
     "Backend",
     "BackendInfo",
+    "DEFAULT_PAIR",
     "Device",
     "ExportedArray",
     "available_backends",
     "backend",
     "backend_of",
-    "GENERATORS",
-    "check_draw_rows",
-    "check_generator",
-    "copy_refused",
-    "device_label",
-    "device_spec",
     "extra",
-    "leaf_name",
-    "native_byte_order",
-    "plan_move",
+    "extras_module",
+    "imported_backends",
+    "loaded_backends",
+    "load_extra",
     "registered_backends",
-    "threads_from_env",
+    "registered_extras",
     "use_backend",
 ]
-
-#: The most threads an environment variable may ask for (torch crashed on 100000).
-MAX_THREADS = 1024
-
-
-def threads_from_env(variable: str) -> int | None:
-    """The thread count that environment variable ``variable`` forces (None: unset or blank).
-
-    A positive int, at most :data:`MAX_THREADS` (1024: far past any CPU count where more
-    threads help, and far below the counts that crashed torch).
-
-    Raises:
-        ValueError: anything else, naming the variable, what it must be and what it holds.
-    """
-    text = os.environ.get(variable, "").strip()
-    if not text:
-        return None
-    try:
-        n = int(text)
-    except ValueError:
-        n = None
-    if n is None or not 1 <= n <= MAX_THREADS:
-        raise ValueError(f"${variable} must be a positive int of at most {MAX_THREADS} threads, got {text!r}")
-    return n
-
 
 _ENTRY_POINT_GROUP = "duogard.backends"
 _BUILTIN = {"jax": "duogard_jax", "torch": "duogard_torch"}
 _DEFAULT_ORDER = ("jax", "torch")
+#: The default pair of a cross-backend comparison (``duogard.parity.compare``, ``duogard parity``).
+DEFAULT_PAIR = _DEFAULT_ORDER
 _current: contextvars.ContextVar[str | None] = contextvars.ContextVar("duogard_backend", default=None)
 _loaded: dict[str, ModuleType] = {}
 
@@ -224,7 +207,7 @@ def backend_of(x, default: str | ModuleType | None = None, *, fallback: bool = T
     Returns:
         A backend module (or None, only with ``fallback=False``).
     """
-    for be in tuple(_loaded.values()):
+    for be in loaded_backends():
         if be.is_array(x):
             return be
     for name in _registry():
@@ -238,15 +221,117 @@ def backend_of(x, default: str | ModuleType | None = None, *, fallback: bool = T
     return backend(default) if fallback else None
 
 
+def loaded_backends() -> tuple[ModuleType, ...]:
+    """The backends loaded so far in this process; imports nothing."""
+    return tuple(_loaded.values())
+
+
+def imported_backends() -> tuple[ModuleType, ...]:
+    """The backends of every framework this process has imported, loading those not loaded yet.
+
+    Backends are registered under their framework's import name, so this imports no framework
+    of its own accord: it is how the front end asks "whoever could own this" (a device object,
+    a framework's exception) without naming a framework. A backend whose framework is imported
+    but whose other needs are missing is left out.
+    """
+    for name in _registry():
+        if name not in _loaded and sys.modules.get(name) is not None:
+            with contextlib.suppress(ImportError):
+                _load(name)
+    return loaded_backends()
+
+
+_EXTRAS_GROUP = "duogard.extras"
+#: The built-in backends' extras, as their entry points in pyproject.toml register them (a test
+#: checks the two agree): read too where no metadata is installed (a source checkout).
+_BUILTIN_EXTRAS = {
+    "duogard.from_torch": "duogard_torch.extras:from_torch",
+    "duogard.to_torch": "duogard_torch.extras:to_torch",
+    "duogard.interop.from_torch": "duogard_torch.extras:from_torch",
+    "duogard.interop.to_torch": "duogard_torch.extras:to_torch",
+    "duogard.interop.TorchModel": "duogard_torch.extras:TorchModel",
+    "duogard.interop.UnsupportedTorchOpsError": "duogard_torch.extras:UnsupportedTorchOpsError",
+    "duogard.optim.from_optax": "duogard_jax.extras:from_optax",
+    "duogard.optim.from_torch_optimizer": "duogard_torch.extras:optimizer_from_torch",
+    "duogard.optim.TorchOptimizerState": "duogard_torch.extras:TorchOptimizerState",
+    "duogard.torch.forward_grad_": "duogard_torch.extras:forward_grad_",
+    "duogard.torch.KeySequence": "duogard_torch.extras:KeySequence",
+    "duogard.torch.from_torch": "duogard_torch.extras:from_torch",
+    "duogard.torch.to_torch": "duogard_torch.extras:to_torch",
+    "duogard.torch.TorchModel": "duogard_torch.extras:TorchModel",
+}
+
+
+@functools.cache
+def registered_extras() -> dict[str, str]:
+    """Every registered extra: public front-end name -> ``"module:attribute"``, importing nothing.
+
+    From the entry points of the group ``duogard.extras``, falling back to the built-in backends'
+    (a source checkout). Read once per process (callers must not change the dict).
+    """
+    found = dict(_BUILTIN_EXTRAS)
+    try:
+        for ep in importlib.metadata.entry_points(group=_EXTRAS_GROUP):
+            found[ep.name] = ep.value
+    except Exception:  # pragma: no cover - broken metadata must not break import
+        pass
+    return found
+
+
+def load_extra(public: str):
+    """The object registered as front-end name ``public`` (``"duogard.optim.from_optax"``).
+
+    The backend that provides it is loaded first (importing its framework; its contract is
+    checked), then the registered module.
+
+    Raises:
+        ImportError: the backend's framework is not installed (the message says how to
+            install it).
+        AttributeError: no backend registers ``public``.
+    """
+    target = registered_extras().get(public)
+    if target is None:
+        module, _, name = public.rpartition(".")
+        raise AttributeError(f"module {module!r} has no attribute {name!r}")
+    path, _, attr = target.partition(":")
+    owners = [n for n, top in _registry().items() if top == path.split(".")[0]]
+    for owner in owners:
+        _load(owner)  # ImportError with the backend's install hint
+    value = importlib.import_module(path)
+    for part in attr.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def extras_module(module: str, namespace: dict) -> tuple[Callable, Callable]:
+    """``__getattr__`` and ``__dir__`` for front-end module ``module`` (``"duogard.torch"``), whose
+    framework-specific names are registered extras: each is loaded with :func:`load_extra` on
+    first use and kept in ``namespace`` (the module's ``globals()``, with its ``__all__``);
+    ``__dir__`` lists ``__all__`` and every extra registered for the module.
+    """
+    prefix = module + "."
+
+    def module_getattr(name: str):
+        value = load_extra(prefix + name)
+        namespace[name] = value  # resolved once; later lookups are plain attribute reads
+        return value
+
+    def module_dir() -> list[str]:
+        extras = {n[len(prefix) :] for n in registered_extras() if n.startswith(prefix)}
+        return sorted(set(namespace["__all__"]) | {n for n in extras if "." not in n})
+
+    return module_getattr, module_dir
+
+
 def extra(name: str, attr: str):
     """A framework-specific extra of backend ``name``: ``extra("torch", "forward_grad_")``.
 
     Extras are what only one framework can offer (the ``torch.nn.Module`` port, the
     ``torch.optim`` and optax adapters). A backend package ships them in its optional
     submodule ``extras`` (``duogard_torch.extras``); this loads the backend (which imports its
-    framework), then that module, and returns the attribute. Public front-end names such as
-    ``duogard.torch.forward_grad_`` and ``duogard.optim.from_optax`` resolve through here, so
-    the front end never imports a framework itself.
+    framework), then that module, and returns the attribute. The public front-end names
+    (``duogard.torch.forward_grad_``, ``duogard.optim.from_optax``) resolve through the
+    registered extras instead (:func:`load_extra`), which name no backend in the front end.
 
     Args:
         name: a registered backend name (``"jax"``, ``"torch"``).

@@ -12,13 +12,14 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from duogard.backend._contract_dist import DistributedOps
+from duogard.backend._contract_facts import FrameworkFacts
 from duogard.backend._contract_random import RandomOps
 from duogard.backend._exchange import Device, ExportedArray
 
 __all__ = ["Backend", "CONTRACT"]
 
 
-class Backend(RandomOps, DistributedOps, Protocol):
+class Backend(RandomOps, DistributedOps, FrameworkFacts, Protocol):
     """What every backend module provides: the one place its ops are documented.
 
     Backends implement each op as a module-level function with this signature (``self`` aside;
@@ -26,7 +27,8 @@ class Backend(RandomOps, DistributedOps, Protocol):
     own (``jax.Array``, ``torch.Tensor``); ``xp`` is its array-API namespace for the rest.
     Randomness takes explicit keys (:class:`~duogard.backend._contract_random.RandomOps`): the
     same key gives the same numbers on every backend. Data-parallel runs use the ops of
-    :class:`~duogard.backend._contract_dist.DistributedOps`.
+    :class:`~duogard.backend._contract_dist.DistributedOps`. What the front end would otherwise
+    learn by naming a framework is in :class:`~duogard.backend._contract_facts.FrameworkFacts`.
     """
 
     #: The registered name (``"jax"``, ``"torch"``), by convention its framework's import name.
@@ -37,6 +39,9 @@ class Backend(RandomOps, DistributedOps, Protocol):
     install_hint: str
     #: Whether duogard's hand-written forward rules for its own layers beat the framework's jvp.
     fast_jvp_rules: bool
+    #: Whether the framework holds float64 whatever its global settings (PyTorch: True; JAX:
+    #: False, only in its 64-bit mode); a parity run prefers it for its float64 reference.
+    float64_always: bool
     #: The framework's array-API namespace (``jax.numpy``, ``array_api_compat.torch``).
     xp: Any
     #: The framework's dtypes.
@@ -72,7 +77,9 @@ class Backend(RandomOps, DistributedOps, Protocol):
         torch: one thread below about 1e8 operations per step (small ops gain little from a
         second thread, and one thread waiting on a descheduled sibling slowed torch steps many
         times when another process used a core), its default count above; ``DUOGARD_TORCH_THREADS``
-        overrides. JAX: XLA's own thread pool, unchanged.
+        overrides. JAX: XLA's own thread pool, unchanged. A backend's override, if it has one, is
+        ``$DUOGARD_<NAME>_THREADS`` (read with ``authoring.threads_from_env``: the command line
+        checks it before any work).
         """
 
     # arrays, dtypes, devices

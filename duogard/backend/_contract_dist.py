@@ -147,6 +147,12 @@ class DistributedOps(Protocol):
     def dist_shutdown(self) -> None:
         """Leave the process group (nothing when none was joined)."""
 
+    def is_collective_failure(self, exc: BaseException) -> bool:
+        """Whether ``exc``, raised in a data-parallel step, is this framework's report of a failed
+        collective (a peer gone, a timeout, a broken connection) rather than an error of the
+        model; a data-parallel run then names the ranks that stopped.
+        """
+
 
 def roll_call(set_key: Callable[[str], None], has_key: Callable[[str], bool], tag: str, rank: int,
               world: int, wait: float, *, poll: float = 0.05) -> list[int]:  # fmt: skip

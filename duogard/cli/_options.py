@@ -129,15 +129,13 @@ def leave_process_groups() -> None:
     """Leave every loaded backend's process group (the end of a command under torchrun): a gloo
     group torn down at interpreter exit can abort the process after its work is done.
     """
-    import sys
+    from duogard.backend import loaded_backends
 
-    for name in ("duogard_jax", "duogard_torch"):
-        module = sys.modules.get(name)
-        if module is not None:
-            try:
-                module.dist_shutdown()
-            except Exception:  # noqa: BLE001 - leaving is best effort; the work is done
-                pass
+    for be in loaded_backends():
+        try:
+            be.dist_shutdown()
+        except Exception:  # noqa: BLE001 - leaving is best effort; the work is done
+            pass
 
 
 def parse_hidden(text: str | None, dataset_name: str) -> tuple[int, ...]:
@@ -170,12 +168,16 @@ def check_common(args) -> None:
         raise UsageError(f"--decay must be >= 0, got {args.decay}")
     if getattr(args, "hidden", None) is not None:
         parse_hidden(args.hidden, "digits")
-    try:  # the torch backend reads it at the first step: a bad value is refused before any work
-        from duogard.backend import threads_from_env
+    # a backend's thread override is $DUOGARD_<NAME>_THREADS (its threads_for reads it at the first
+    # step; torch's is the one there is): a bad value is refused before any work
+    from duogard.backend import registered_backends
+    from duogard.backend.authoring import threads_from_env
 
-        threads_from_env("DUOGARD_TORCH_THREADS")
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
+    for name in registered_backends():
+        try:
+            threads_from_env(f"DUOGARD_{name.upper()}_THREADS")
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
     timeout = getattr(args, "dist_timeout", None)
     if timeout is not None and not 0 < timeout <= MAX_DIST_TIMEOUT:
         raise UsageError(

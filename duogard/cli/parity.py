@@ -48,10 +48,11 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 def run(args) -> int:
     """Print the lockstep table; exit 1 when the backends diverge."""
+    from duogard.backend import DEFAULT_PAIR
     from duogard.parity import compare
 
     check_common(args)
-    backends = tuple(parse_backends(args.backends) or ("jax", "torch"))
+    backends = tuple(parse_backends(args.backends) or DEFAULT_PAIR)
     if len(backends) != 2:
         raise UsageError(f"--backends must name two backends, got {args.backends!r}")
     check_every("--every", args.every)

@@ -30,7 +30,18 @@ from duogard.cli._options import (
 )
 from duogard.cli._outputs import check_output_dir, check_output_file, check_resume, write_text
 
-__all__ = ["add_parser", "add_arguments", "run", "main", "RESUME_FLAGS", "MAX_SKIPPED"]
+__all__ = [
+    "add_parser",
+    "add_arguments",
+    "run",
+    "main",
+    "RESUME_FLAGS",
+    "MAX_SKIPPED",
+    "check_args",
+    "allowed_changes",
+    "run_flags",
+    "resume_config",
+]
 
 HELP = "train one model with one backend and gradient method"
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from duogard.backend import check_generator
+from duogard.backend.authoring import check_generator
 from duogard.grad import _rules
 from duogard.grad._base import Estimator, check_bool, params_backend, register
 from duogard.grad._forward import forward_mode_errors
@@ -102,7 +102,7 @@ class ForwardActivity(Estimator):
         xp = be.xp
         model = loss_fn.model
         rules = _rules.plan(loss_fn, batch, convolutions=False) if be.fast_jvp_rules else None
-        with forward_mode_errors("forward-activity"):
+        with forward_mode_errors("forward-activity", be):
             if rules is not None:
                 # duogard's own forward rules where the framework's jvp is the slower one (torch:
                 # dual tensors op by op, and a Python decomposition of add under vmap)

@@ -7,7 +7,8 @@ import math
 
 import numpy as np
 
-from duogard.backend import check_generator
+from duogard.backend import loaded_backends
+from duogard.backend.authoring import check_generator
 from duogard.grad._base import Estimator, FlatView, ForwardModeError, check_bool, params_backend, register
 from duogard.grad._checkpoint import checkpointed_loss
 from duogard.grad._rules import plan as _rules_plan
@@ -30,61 +31,25 @@ _DISTRIBUTIONS = ("normal", "rademacher")
 _TANGENTS = ("dense", "rank1")
 _JVP_PATHS = ("auto", "framework", "rules")
 
-# What the frameworks say when forward mode cannot go through, and what it means.
-_CAUSES = (  # most specific first: the generic "jvp" also appears in other messages
-    (
-        "custom_vjp",
-        "the loss uses a jax.custom_vjp function, which has no forward-mode rule "
-        "(define it with jax.custom_jvp instead)",
-    ),
-    (
-        "setup_context",
-        "the loss uses a torch.autograd.Function without forward-mode support "
-        "(it needs setup_context and a jvp staticmethod)",
-    ),
-    (
-        "custom autograd.function",
-        "the loss uses a torch.autograd.Function without a jvp staticmethod (forward mode needs one)",
-    ),
-    (
-        "does not have vmap support",
-        "the loss uses a torch.autograd.Function without vmap support, which "
-        "batched JVPs (num_tangents > 1, forward-exact) need (set "
-        "generate_vmap_rule=True; forward mode also needs a jvp staticmethod)",
-    ),
-    (
-        "in-place",
-        "the loss mutates a tensor in place (e.g. BatchNorm in training mode updates its "
-        "running statistics); pass buffers explicitly or use eval mode",
-    ),
-    (
-        "inplace",
-        "the loss mutates a tensor in place (e.g. BatchNorm in training mode updates its "
-        "running statistics); pass buffers explicitly or use eval mode",
-    ),
-    ("forward-mode", "an op in the loss has no forward-mode (JVP) rule"),
-    ("forward ad", "an op in the loss has no forward-mode (JVP) rule"),
-    ("forward_ad", "an op in the loss has no forward-mode (JVP) rule"),
-    ("jvp", "an op in the loss has no forward-mode (JVP) rule"),
-)
-
 
 @contextlib.contextmanager
-def forward_mode_errors(method: str):
-    """Turn the frameworks' forward-mode failures into a :class:`ForwardModeError` naming the cause."""
+def forward_mode_errors(method: str, be=None):
+    """Turn a framework's forward-mode failures into a :class:`ForwardModeError` naming the cause
+    (``be.forward_mode_cause`` reads them; without ``be``, every loaded backend's).
+    """
     try:
         yield
     except ForwardModeError:
         raise
-    except (RuntimeError, TypeError, NotImplementedError) as exc:
-        text = str(exc).lower()
-        for needle, cause in _CAUSES:
-            if needle in text:
-                raise ForwardModeError(
-                    f"{method}: cannot compute a forward gradient: {cause}. Use --grad backprop for "
-                    f"this loss. Framework error: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
-                ) from exc
-        raise
+    except Exception as exc:
+        owners = (be,) if be is not None else loaded_backends()
+        cause = next((c for c in (b.forward_mode_cause(exc) for b in owners) if c is not None), None)
+        if cause is None:
+            raise
+        raise ForwardModeError(
+            f"{method}: cannot compute a forward gradient: {cause}. Use --grad backprop for "
+            f"this loss. Framework error: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+        ) from exc
 
 
 def check_loss(be, value, method: str):
@@ -112,7 +77,7 @@ def check_loss(be, value, method: str):
 
 def jvp_loss(be, loss_fn, params, batch, tangent, method="forward"):
     """``(loss, ∇f·v)`` from one JVP of ``loss_fn(·, batch)`` at ``params`` along ``tangent``."""
-    with forward_mode_errors(method):
+    with forward_mode_errors(method, be):
         return be.jvp(lambda p: check_loss(be, loss_fn(p, batch), method), (params,), (tangent,))
 
 
@@ -427,7 +392,7 @@ class Forward(Estimator):
         k = self.num_tangents
         rules = self._rules(loss_fn, batch, be)
         if rules is not None:
-            with forward_mode_errors("forward"):
+            with forward_mode_errors("forward", be):
                 return sequential_loss_jvp(be, *rules, params, vtree, batch, k)
         vtree = dense_tangents(be, vtree)  # the framework's jvp takes dense tangents
         if k == 1:

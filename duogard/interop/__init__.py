@@ -6,32 +6,25 @@
 - :func:`configure_shared_gpu` and :func:`pin_matmul_precision` set up JAX and PyTorch to
   share one GPU and to agree on float32 matmul precision (rules in ``_gpu``).
 - ``from_torch`` / ``to_torch`` (torch.nn.Module import/export) live in the torch backend
-  (``duogard_torch.port``) and are loaded on first use with :func:`duogard.backend.extra`.
+  (``duogard_torch.port``), registered as extras, and are loaded on first use
+  (:func:`duogard.backend.load_extra`).
 
 Importing this package imports neither JAX nor PyTorch.
 """
 
 from __future__ import annotations
 
-from duogard.backend import extra
+from duogard.backend import extras_module
 from duogard.interop._convert import __doc__ as _convert_rules
 from duogard.interop._convert import convert
 from duogard.interop._gpu import configure_shared_gpu, pin_matmul_precision
 
-# torch.nn.Module import/export: extras of the torch backend, loaded on first use
-_TORCH_MODULE_NAMES = ("from_torch", "to_torch", "TorchModel", "UnsupportedTorchOpsError")
+# torch.nn.Module import/export: registered extras of the torch backend, loaded on first use
+_EXTRAS = ("from_torch", "to_torch", "TorchModel", "UnsupportedTorchOpsError")
 
-__all__ = ["convert", "configure_shared_gpu", "pin_matmul_precision", *_TORCH_MODULE_NAMES]
+__all__ = ["convert", "configure_shared_gpu", "pin_matmul_precision", *_EXTRAS]
 
 # help(duogard.interop) shows convert's rules too
 __doc__ += "\nRules of convert\n----------------\n" + _convert_rules.split("Rules\n-----\n", 1)[-1]
 
-
-def __getattr__(name: str):
-    if name in _TORCH_MODULE_NAMES:
-        return extra("torch", name)
-    raise AttributeError(f"module 'duogard.interop' has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(__all__)
+__getattr__, __dir__ = extras_module(__name__, globals())

@@ -110,14 +110,8 @@ from typing import Any
 import numpy as np
 import optree
 
-from duogard.backend import (
-    backend,
-    backend_of,
-    copy_refused,
-    device_label,
-    native_byte_order,
-    registered_backends,
-)
+from duogard.backend import backend, backend_of, imported_backends, registered_backends
+from duogard.backend.authoring import copy_refused, device_label, native_byte_order
 from duogard.tree import tree_flatten, tree_unflatten
 
 __all__ = ["convert"]
@@ -281,14 +275,11 @@ def _parse_device(device) -> tuple[str, int]:
         kind = {"gpu": "cuda"}.get(kind, kind)
         if kind in ("cpu", "cuda") and (index == "" or index.isdigit()):
             return kind, int(index or 0) if kind == "cuda" else 0
-    elif hasattr(device, "platform") and hasattr(device, "id"):  # a JAX device
-        kind = {"gpu": "cuda", "rocm": "cuda"}.get(device.platform, device.platform)
-        if kind in ("cpu", "cuda"):
-            index = getattr(device, "local_hardware_id", None)
-            return kind, 0 if kind == "cpu" else int(device.id if index is None else index)
-    elif hasattr(device, "type") and hasattr(device, "index"):  # a torch.device
-        if device.type in ("cpu", "cuda"):
-            return device.type, 0 if device.type == "cpu" else int(device.index or 0)
+    else:  # a framework's device object: its backend knows it (none of a framework never imported)
+        for be in imported_backends():
+            spec = be.exchange_device(device)
+            if spec is not None:
+                return spec
     raise ValueError(
         f"convert: device must be None, 'cpu', 'cuda', 'cuda:N', a torch.device or a JAX "
         f"CPU/GPU device, got {device!r}"

@@ -22,24 +22,21 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sys
 import warnings
 from collections.abc import Iterator
 
-from duogard.backend import available_backends, backend
+from duogard.backend import available_backends, backend, imported_backends
 
 __all__ = ["configure_shared_gpu", "pin_matmul_precision"]
 
 PREALLOCATE_VAR = "XLA_PYTHON_CLIENT_PREALLOCATE"
 
 
-def _jax_backends_started() -> bool:
-    """Whether JAX has created its backends (after which the variable is not read again)."""
-    if "jax" not in sys.modules:
-        return False
-    bridge = sys.modules.get("jax._src.xla_bridge")
-    backends = getattr(bridge, "_backends", None)
-    return True if backends is None else bool(backends)  # unknown internals: assume started
+def _preallocation_fixed() -> list[str]:
+    """The backends whose framework has already read its preallocation setting (each says,
+    :meth:`Backend.gpu_preallocation_fixed`; a framework never imported has read nothing).
+    """
+    return [be.name for be in imported_backends() if be.gpu_preallocation_fixed()]
 
 
 def configure_shared_gpu(*, preallocate: bool = False) -> str:
@@ -48,7 +45,8 @@ def configure_shared_gpu(*, preallocate: bool = False) -> str:
     Call it before the first JAX computation. A value already in the environment (the
     user's) is kept and returned. If JAX's backends have already started, the variable
     is still set (for child processes) but a ``RuntimeWarning`` says it no longer affects
-    this process.
+    this process (each imported backend says whether its framework has read it:
+    :meth:`~duogard.backend.Backend.gpu_preallocation_fixed`).
 
     Args:
       preallocate: the value to set when the user has set none: ``False`` (the default)
@@ -62,11 +60,12 @@ def configure_shared_gpu(*, preallocate: bool = False) -> str:
         return os.environ[PREALLOCATE_VAR]
     value = "true" if preallocate else "false"
     os.environ[PREALLOCATE_VAR] = value
-    if _jax_backends_started():
+    started = _preallocation_fixed()
+    if started:
         warnings.warn(
-            f"configure_shared_gpu: JAX's backends have already started, so "
+            f"configure_shared_gpu: the runtime of {', '.join(started)} has already started, so "
             f"{PREALLOCATE_VAR}={value} only affects new processes. Call it before the first "
-            f"JAX computation, or set {PREALLOCATE_VAR} in the shell.",
+            f"computation, or set {PREALLOCATE_VAR} in the shell.",
             RuntimeWarning,
             stacklevel=2,
         )

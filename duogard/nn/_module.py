@@ -24,7 +24,8 @@ def init_rng(seed) -> np.random.Generator:
 def _float_dtype(example, dtype) -> np.dtype:
     if dtype is not None:
         return np.dtype(dtype if isinstance(dtype, str) else getattr(dtype, "name", dtype))
-    name = str(getattr(example, "dtype", "float32")).removeprefix("torch.")
+    be = backend_of(example, fallback=False)  # a framework's array names its dtype through its backend
+    name = be.dtype_name(example.dtype) if be is not None else str(getattr(example, "dtype", "float32"))
     return np.dtype(name) if name in ("float32", "float64") else np.dtype("float32")
 
 

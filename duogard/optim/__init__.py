@@ -14,12 +14,16 @@ whole training step compiles under ``jax.jit`` and runs unchanged, eagerly, on t
 
 The optimizers follow ``torch.optim`` (hyperparameters, defaults, where eps goes) so a torch
 script ports number for number; each docstring says where optax differs. Use your own optax
-or torch.optim optimizer with :func:`from_optax` / :func:`from_torch`: these adapters live in
-the backends (``duogard_jax.optax``, ``duogard_torch.optim``) and are loaded on first use with
-:func:`duogard.backend.extra`, so importing this package imports no framework.
+or torch.optim optimizer with :func:`from_optax` / :func:`from_torch_optimizer`: these adapters
+live in the backends (``duogard_jax.optax``, ``duogard_torch.optim``), which register them as
+extras; each is loaded on first use (:func:`duogard.backend.load_extra`), so importing this
+package imports no framework. ``from_torch`` is the old name of :func:`from_torch_optimizer`
+(deprecated: ``duogard.from_torch`` ports a ``torch.nn.Module``).
 """
 
-from duogard.backend import extra
+import warnings
+
+from duogard.backend import extras_module
 from duogard.optim._base import (
     EmptyState,
     GradientTransformation,
@@ -93,27 +97,26 @@ __all__ = [
     "step_decay",
     "cosine_decay",
     "warmup_cosine_decay",
-    # adapters
+    # adapters: registered extras of the backends, loaded on first use
     "from_optax",
-    "from_torch",
+    "from_torch_optimizer",
     "TorchOptimizerState",
 ]
 
-# adapter name -> (backend, name of its extra)
-_ADAPTERS = {
-    "from_optax": ("jax", "from_optax"),
-    "from_torch": ("torch", "optimizer_from_torch"),
-    "TorchOptimizerState": ("torch", "TorchOptimizerState"),
-}
+_extra, __dir__ = extras_module(__name__, globals())
+
+# old name -> new name; the old names go in the next release
+_DEPRECATED = {"from_torch": "from_torch_optimizer"}
 
 
 def __getattr__(name: str):
-    if name in _ADAPTERS:
-        value = extra(*_ADAPTERS[name])
-        globals()[name] = value  # resolved once; later lookups are plain attribute reads
-        return value
-    raise AttributeError(f"module 'duogard.optim' has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(set(globals()) | set(__all__))
+    if name in _DEPRECATED:
+        new = _DEPRECATED[name]
+        warnings.warn(
+            f"duogard.optim.{name} is deprecated and goes in the next release: use "
+            f"duogard.optim.{new} (duogard.from_torch ports a torch.nn.Module)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return _extra(new)
+    return _extra(name)

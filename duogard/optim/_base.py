@@ -95,7 +95,7 @@ def apply_updates(params, updates):
 
 def _is_lr_node(x) -> bool:
     fields = getattr(x, "_fields", ())
-    if "count" in fields and "learning_rate" in fields:  # ours and from_torch's
+    if "count" in fields and "learning_rate" in fields:  # ours and from_torch_optimizer's
         return True
     return isinstance(getattr(x, "hyperparams", None), dict)  # optax.inject_hyperparams
 
@@ -104,7 +104,7 @@ def current_learning_rate(state):
     """The learning rate the next ``update`` will use, as a 0-d array (``float()``-able).
 
     Found in the state of :func:`scale_by_learning_rate` (every optimizer here has one), of
-    :func:`from_torch`, or of ``optax.inject_hyperparams`` (the ``learning_rate``
+    :func:`from_torch_optimizer`, or of ``optax.inject_hyperparams`` (the ``learning_rate``
     hyperparameter). With several, the first in leaf order is returned. Raises ValueError when
     the state holds none.
     """
@@ -118,7 +118,7 @@ def current_learning_rate(state):
         return node.learning_rate
     raise ValueError(
         "current_learning_rate: the state holds no learning rate (use an optimizer from "
-        "duogard.optim, scale_by_learning_rate, from_torch, or optax.inject_hyperparams)"
+        "duogard.optim, scale_by_learning_rate, from_torch_optimizer, or optax.inject_hyperparams)"
     )
 
 

@@ -245,7 +245,7 @@ class DataParallel(Callback):
         try:
             return step(params, opt_state, x, y, self.step_key(key))
         except (DistributedError, RuntimeError) as exc:
-            if not _collective_failure(exc):
+            if not (isinstance(exc, DistributedError) or self._be.is_collective_failure(exc)):
                 raise
             raise self.failure(exc, f"the collective of step {self.current_step}") from exc
 
@@ -379,17 +379,6 @@ class _Shard:
 
     def __getattr__(self, name):
         return getattr(self.base, name)
-
-
-def _collective_failure(exc: BaseException) -> bool:
-    """Whether ``exc`` comes from a collective (a peer gone, a timeout), not from the model."""
-    if isinstance(exc, DistributedError):
-        return True
-    text = f"{type(exc).__name__} {exc}".lower()
-    return any(
-        w in text
-        for w in ("gloo", "nccl", "connection", "timed out", "timeout", "peer", "collective", "distbackend")
-    )
 
 
 class _RankCheckpointer(Callback):

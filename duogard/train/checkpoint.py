@@ -81,6 +81,8 @@ __all__ = [
     "load_checkpoint",
     "is_checkpoint",
     "read_checkpoint_manifest",
+    "lock_directory",
+    "save_locked",
     "MANIFEST",
     "LOCK_NAME",
 ]

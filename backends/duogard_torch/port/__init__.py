@@ -15,7 +15,7 @@ forward gradients in an existing torch training loop.
 - :mod:`.train`: :func:`forward_grad_` and :class:`KeySequence`.
 
 Users reach these through the front end (``duogard.from_torch``, ``duogard.torch.forward_grad_``),
-which loads them with ``duogard.backend.extra("torch", name)`` (see :mod:`duogard_torch.extras`).
+where they are registered extras (entry points ``duogard.extras``, see :mod:`duogard_torch.extras`).
 """
 
 from .helpers import UnsupportedTorchOpsError

@@ -538,3 +538,42 @@ def test_threads_for_picks_one_torch_thread_for_small_steps(be, monkeypatch):
         assert "DUOGARD_TORCH_THREADS" in be.threads_for(1e6) and torch.get_num_threads() == 3
     finally:
         torch.set_num_threads(before)
+
+
+# ----------------------------------------------------------------------------- framework facts
+
+
+def test_each_backend_reads_its_own_frameworks_facts(both):
+    """What the front end once learnt by naming a framework, each backend now says itself."""
+    import jax
+    import torch
+
+    jx, th = both
+    assert th.float64_always is True and jx.float64_always is False
+    assert th.gpu_preallocation_fixed() is False and isinstance(jx.gpu_preallocation_fixed(), bool)
+    # devices: each backend knows its own device objects, and nothing else
+    assert th.exchange_device(torch.device("cpu")) == ("cpu", 0)
+    assert th.exchange_device(torch.device("cuda", 1)) == ("cuda", 1)
+    assert th.exchange_device(torch.device("meta")) is None
+    assert jx.exchange_device(jax.devices("cpu")[0]) == ("cpu", 0)
+    for device in ("cpu", 3, None):
+        assert th.exchange_device(device) is None and jx.exchange_device(device) is None
+    assert jx.exchange_device(torch.device("cpu")) is None
+    assert th.exchange_device(jax.devices("cpu")[0]) is None
+    # forward-mode failures: each matches its own framework's words; other errors are not its own
+    assert "jax.custom_vjp" in jx.forward_mode_cause(TypeError("can't apply forward-mode to a custom_vjp"))
+    assert th.forward_mode_cause(TypeError("can't apply forward-mode to a custom_vjp")) == (
+        "an op in the loss has no forward-mode (JVP) rule"
+    )
+    assert "torch.autograd.Function" in th.forward_mode_cause(RuntimeError("implement setup_context"))
+    assert jx.forward_mode_cause(RuntimeError("implement setup_context")) is None
+    assert "in place" in th.forward_mode_cause(RuntimeError("an inplace operation"))
+    for be in both:
+        assert be.forward_mode_cause(ValueError("jvp")) is None  # not an error forward mode raises
+        assert be.forward_mode_cause(RuntimeError("shapes do not match")) is None
+    # collectives
+    assert th.is_collective_failure(RuntimeError("[gloo] Connection closed by peer"))
+    assert jx.is_collective_failure(RuntimeError("heartbeat timeout"))
+    for be in both:
+        assert not be.is_collective_failure(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+        assert not be.is_collective_failure(ValueError("timeout"))

@@ -580,7 +580,7 @@ def test_from_optax_rejects_torch_leaves():
     with pytest.raises(
         TypeError,
         match=r"from_optax: expected jax\.Array leaves in params, got a torch array at "
-        r"'layer\.w'; .*backend='jax'.*from_torch",
+        r"'layer\.w'; .*backend='jax'.*from_torch_optimizer",
     ):
         tx.init(params)
     state = tx.init({"layer": {"w": jnp.ones(3)}})
@@ -610,7 +610,7 @@ def _torch_direct(params0, data, loss, make_opt, make_sched=None, steps=STEPS):
 def test_from_torch_matches_torch_optim(dtype):
     be = dg.backend("torch")
     params0, data, loss = problem("mlp", dtype)
-    tx = optim.from_torch(T.AdamW, lr=0.01, betas=(0.8, 0.99), weight_decay=0.1)
+    tx = optim.from_torch_optimizer(T.AdamW, lr=0.01, betas=(0.8, 0.99), weight_decay=0.1)
     got, state = run_duogard(be, tx, "mlp", dtype)
     want, _ = _torch_direct(
         params0, data, loss, lambda p: T.AdamW(p, lr=0.01, betas=(0.8, 0.99), weight_decay=0.1)
@@ -631,7 +631,7 @@ def test_from_torch_with_scheduler_and_restored_state():
     def make_sched(o):
         return T.lr_scheduler.StepLR(o, step_size=3, gamma=0.5)
 
-    tx = optim.from_torch(T.SGD, lr=0.2, momentum=0.9, scheduler=make_sched)
+    tx = optim.from_torch_optimizer(T.SGD, lr=0.2, momentum=0.9, scheduler=make_sched)
     params, bdata = to_backend(be, params0), to_backend(be, data)
     vg, state = gradient_fn(be.name, "mlp", "float64"), tx.init(params)
     want, want_lrs = _torch_direct(params0, data, loss, lambda p: T.SGD(p, lr=0.2, momentum=0.9), make_sched)
@@ -657,7 +657,7 @@ def test_from_torch_update_without_params():
     """Without params, update steps from its own copy (the caller applied the last updates)."""
     be = dg.backend("torch")
     params0, data, loss = problem("quadratic", "float64")
-    tx = optim.from_torch(T.SGD, lr=0.1, momentum=0.9)
+    tx = optim.from_torch_optimizer(T.SGD, lr=0.1, momentum=0.9)
     params, bdata = to_backend(be, params0), to_backend(be, data)
     vg, state = gradient_fn("torch", "quadratic", "float64"), tx.init(params)
     for _ in range(5):
@@ -669,22 +669,24 @@ def test_from_torch_update_without_params():
 
 def test_from_torch_errors():
     jx = dg.backend("jax")
-    tx = optim.from_torch(T.Adam, lr=1e-3)
+    tx = optim.from_torch_optimizer(T.Adam, lr=1e-3)
     with pytest.raises(RuntimeError, match="call init"):
         tx.update({"w": torch.ones(2)}, None)
     with pytest.raises(
         TypeError,
-        match=r"from_torch: expected torch.Tensor leaves in params, got a jax array at 'w'; "
+        match=r"from_torch_optimizer: expected torch.Tensor leaves in params, got a jax array at 'w'; "
         r".*backend='torch'.*from_optax",
     ):
         tx.init({"w": jx.asarray(np.ones(2))})
     state = tx.init({"w": torch.ones(2)})
-    with pytest.raises(TypeError, match="from_torch: expected torch.Tensor leaves in grads"):
+    with pytest.raises(TypeError, match="from_torch_optimizer: expected torch.Tensor leaves in grads"):
         tx.update({"w": jx.asarray(np.ones(2))}, state)
-    with pytest.raises(ValueError, match=r"from_torch: Adam\(lr=-1\.0\) failed: Invalid learning rate"):
-        optim.from_torch(T.Adam, lr=-1.0)
-    with pytest.raises(TypeError, match="from_torch: expected a torch.optim optimizer class"):
-        optim.from_torch("adam")
+    with pytest.raises(
+        ValueError, match=r"from_torch_optimizer: Adam\(lr=-1\.0\) failed: Invalid learning rate"
+    ):
+        optim.from_torch_optimizer(T.Adam, lr=-1.0)
+    with pytest.raises(TypeError, match="from_torch_optimizer: expected a torch.optim optimizer class"):
+        optim.from_torch_optimizer("adam")
 
 
 # ----------------------------------------------------------------------------- misc
@@ -703,6 +705,18 @@ def test_apply_updates_keeps_dtype_and_chain_composes(be):
     assert len(state) == 3 and int(optim.step_count(state)) == 1
 
 
+def test_from_torch_is_a_deprecated_alias_of_from_torch_optimizer():
+    """``dg.optim.from_torch`` (the optimizer adapter) was renamed: ``dg.from_torch`` ports a
+    module. The old name still works for one release, with a DeprecationWarning naming the new one."""
+    pytest.importorskip("torch")
+    with pytest.warns(
+        DeprecationWarning, match=r"duogard\.optim\.from_torch is deprecated.*from_torch_optimizer"
+    ):
+        old = optim.from_torch
+    assert old is optim.from_torch_optimizer
+    assert "from_torch" not in optim.__all__  # `from duogard.optim import *` does not warn
+
+
 def test_module_exports():
     assert set(optim.__all__) <= set(dir(optim))
     for name in (
@@ -714,7 +728,7 @@ def test_module_exports():
         "chain",
         "apply_updates",
         "from_optax",
-        "from_torch",
+        "from_torch_optimizer",
         "exponential_decay",
         "current_learning_rate",
     ):

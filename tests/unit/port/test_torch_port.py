@@ -591,8 +591,8 @@ def test_from_torch_model_trains_with_a_duogard_estimator_on_jax():
 
 @pytest.mark.integration  # starts a Python process
 def test_front_end_names_are_the_backends_extras():
-    """duogard.torch, duogard.interop and duogard.optim resolve their framework names through
-    duogard.backend.extra; the front-end modules themselves import no framework."""
+    """duogard.torch, duogard.interop and duogard.optim resolve their framework names through the
+    registered extras (entry points duogard.extras); the front-end modules import no framework."""
     import subprocess
     import sys
 
@@ -605,7 +605,7 @@ def test_front_end_names_are_the_backends_extras():
     for name in ("from_torch", "to_torch", "TorchModel", "UnsupportedTorchOpsError"):
         assert getattr(dg.interop, name) is getattr(torch_extras, name), name
     assert dg.from_torch is torch_extras.from_torch and dg.to_torch is torch_extras.to_torch
-    assert dg.optim.from_torch is torch_extras.optimizer_from_torch
+    assert dg.optim.from_torch_optimizer is torch_extras.optimizer_from_torch
     assert dg.optim.TorchOptimizerState is torch_extras.TorchOptimizerState
     assert dg.optim.from_optax is jax_extras.from_optax
     assert set(torch_extras.__all__) == {
