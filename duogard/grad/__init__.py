@@ -5,10 +5,10 @@
 """
 
 from duogard.grad._activity import ForwardActivity
+from duogard.grad._backprop import Backprop
 from duogard.grad._base import ESTIMATORS, Estimator, FlatView, ForwardModeError, estimator, register
 from duogard.grad._diagnostics import gradient_agreement, with_diagnostics
 from duogard.grad._forward import (
-    Backprop,
     Forward,
     ForwardExact,
     draw_leaf_tangent,
@@ -16,9 +16,9 @@ from duogard.grad._forward import (
     forward_mode_errors,
     jvp_loss,
 )
+from duogard.grad._guess import ForwardGuess
 from duogard.grad._lean import LeanStep
 from duogard.grad._local import (
-    ForwardGuess,
     LocalBackprop,
     LocalForward,
     LocalForwardActivity,

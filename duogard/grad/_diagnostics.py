@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from duogard.grad._backprop import Backprop
 from duogard.grad._base import Estimator, params_backend
-from duogard.grad._forward import Backprop
 from duogard.tree import tree_leaves
 
 __all__ = ["gradient_agreement", "with_diagnostics"]

@@ -41,16 +41,18 @@ __all__ = [
     "LocalBackprop",
     "LocalForward",
     "LocalForwardActivity",
-    "ForwardGuess",
     "local_objective",
     "local_losses",
+    "local_model_of",
+    "map_heads",
+    "leaves_no_head",
 ]
 
 _DISTRIBUTIONS = ("normal", "rademacher")
 _NOT_ELEMENTWISE = ("softmax", "log_softmax")
 
 
-def _model_of(loss_fn, method: str):
+def local_model_of(loss_fn, method: str):
     """``(model, loss, blocks, top)``: the Local blocks' indices and where the output part starts."""
     if not isinstance(loss_fn, Supervised) or not isinstance(loss_fn.model, Sequential):
         raise TypeError(
@@ -89,10 +91,6 @@ def _per_group(be, y, groups: int):
     return be.xp.broadcast_to(y[None], (groups, *y.shape))
 
 
-def _layer_key(be, model, key, i):
-    return model.layer_key(be, key, i)
-
-
 def local_losses(loss_fn, params, batch):
     """``(task_loss, [block losses])`` of a model of :class:`duogard.nn.Local` blocks, with the
     gradient stopped at the input of every block and of the output part.
@@ -106,14 +104,14 @@ def local_losses(loss_fn, params, batch):
         The task loss at the model's output and each block's local loss (the sum over its
         groups of its heads' losses), in the blocks' order.
     """
-    model, loss, _, top = _model_of(loss_fn, "local_losses")
+    model, loss, _, top = local_model_of(loss_fn, "local_losses")
     be = params_backend(params)
     x, y, key = _unpack(batch)
     train = key is not None
     block_losses = []
     for i, layer in enumerate(model.layers[:top]):
         p = params.get(str(i), {})
-        lk = _layer_key(be, model, key, i)
+        lk = model.layer_key(be, key, i)
         if isinstance(layer, Local):
             x = layer.forward(be, p, be.stop_gradient(x), key=lk, train=train)
             block_losses.append(_block_loss(be, layer, p, x, y, loss))
@@ -122,7 +120,7 @@ def local_losses(loss_fn, params, batch):
     x = be.stop_gradient(x)
     for i in range(top, len(model.layers)):
         x = model.layers[i].forward(
-            be, params.get(str(i), {}), x, key=_layer_key(be, model, key, i), train=train
+            be, params.get(str(i), {}), x, key=model.layer_key(be, key, i), train=train
         )
     return loss(x, y), block_losses
 
@@ -131,7 +129,7 @@ class _LocalObjective:
     """The local objective as a ``loss_fn(params, batch)`` (see :func:`local_objective`)."""
 
     def __init__(self, loss_fn):
-        _model_of(loss_fn, "local_objective")
+        local_model_of(loss_fn, "local_objective")
         self.loss_fn = loss_fn
 
     def __call__(self, params, batch):
@@ -164,7 +162,7 @@ class LocalBackprop(Estimator):
     """
 
     def estimate(self, loss_fn, params, batch, tangents=None):
-        _model_of(loss_fn, "local-backprop")
+        local_model_of(loss_fn, "local-backprop")
         be = params_backend(params)
 
         def objective(p, b):
@@ -241,7 +239,7 @@ class _LocalForwardBase(Estimator):
         self._shape_cache: dict = {}
 
     def _plan(self, loss_fn, params):
-        model, loss, blocks, top = _model_of(loss_fn, self.name)
+        model, loss, blocks, top = local_model_of(loss_fn, self.name)
         cached = self._plans.get(id(model))
         if cached is None or cached[0] is not model:
             cached = (model, [_BlockPlan(i, model.layers[i], self.name) for i in blocks])
@@ -268,7 +266,7 @@ class _LocalForwardBase(Estimator):
         by_index = {plan.index: plan for plan in plans}
         with forward_mode_errors(self.name):
             for i, layer in enumerate(model.layers[:top]):
-                name, lk = str(i), _layer_key(be, model, key, i)
+                name, lk = str(i), model.layer_key(be, key, i)
                 if i not in by_index:
                     x = layer.forward(be, params.get(name, {}), x, key=lk, train=train)
                     continue
@@ -296,7 +294,7 @@ def _output_grads(be, model, params, top, x, y, loss, key):
 
     def task(tp, a):
         for i in range(top, len(model.layers)):
-            lk = _layer_key(be, model, key, i)
+            lk = model.layer_key(be, key, i)
             a = model.layers[i].forward(be, tp.get(str(i), {}), a, key=lk, train=key is not None)
         return loss(a, y)
 
@@ -464,70 +462,17 @@ class LocalForward(_LocalForwardBase):
         return h, out
 
 
-@register("forward-guess")
-class ForwardGuess(Estimator):
-    """Forward gradients along guessed tangents (Fournier, Rivaud, Belilovsky, Eickenberg,
-    Oyallon; ICML 2023): the tangent of each block is the gradient of its local loss.
-
-    For a model of :class:`duogard.nn.Local` blocks: the guess ``v`` is the exact gradient of
-    the local objective (``"local-backprop"``). For each block i (its layers, not its heads)
-    and for the output part, one JVP of the **end-to-end** loss along ``v_i`` (``v`` restricted
-    to that part) gives ``d_i = ∇_i f · v_i``, and the estimate of that part's gradient is the
-    projection of the true gradient onto the guess, ``d_i v_i / ‖v_i‖²`` (zero where
-    ``v_i = 0``). The heads get their exact local gradient, so the guesses keep improving. Biased
-    (a projection onto a direction that depends on the batch, not a random one), but with the
-    variance of one local gradient, not of a random direction in parameter space. The output
-    part's guess is its own gradient, so its estimate is exact.
-
-    The JVPs of the parts are batched (``vmap``); the loss returned is the end-to-end loss.
-    """
-
-    def estimate(self, loss_fn, params, batch, tangents=None):
-        model, _, blocks, top = _model_of(loss_fn, "forward-guess")
-        be = params_backend(params)
-        xp = be.xp
-        guess = LocalBackprop().estimate(loss_fn, params, batch)[1]
-        parts = [str(i) for i in blocks] + [
-            str(i) for i in range(top, len(model.layers)) if params.get(str(i))
-        ]
-        count = len(parts)
-
-        def stacked(name, leaf, path_head):
-            # part j's tangent in slot j; the heads get none (the end-to-end loss ignores them)
-            if path_head or name not in parts:
-                return xp.zeros((count, *leaf.shape), dtype=leaf.dtype, device=be.device_of(leaf))
-            onehot = xp.astype(xp.arange(count) == parts.index(name), leaf.dtype)
-            return xp.reshape(onehot, (count,) + (1,) * leaf.ndim) * leaf[None]
-
-        vtree = {
-            name: _map_heads(g, lambda leaf, head, name=name: stacked(name, leaf, head))
-            for name, g in guess.items()
-        }
-        with forward_mode_errors("forward-guess"):
-            values, ds = be.vmap(lambda t: be.jvp(lambda p: loss_fn(p, batch), (params,), (t,)))(vtree)
-        grads = {}
-        for name, g in guess.items():
-            if name not in parts:
-                grads[name] = g
-                continue
-            j = parts.index(name)
-            sq = sum(xp.sum(leaf * leaf) for leaf in _leaves_no_head(g))
-            scale = xp.where(sq > 0, ds[j] / xp.where(sq > 0, sq, xp.ones_like(sq)), xp.zeros_like(sq))
-            grads[name] = _map_heads(g, lambda leaf, head, s=scale: leaf if head else s * leaf)
-        return values[0], grads
-
-
-def _map_heads(tree, fn, head: bool = False):
+def map_heads(tree, fn, head: bool = False):
     """``fn(leaf, in_head)`` over a block's gradient tree (``in_head``: under its ``"head"`` key)."""
     if isinstance(tree, dict):
-        return {k: _map_heads(v, fn, head or k == "head") for k, v in tree.items()}
+        return {k: map_heads(v, fn, head or k == "head") for k, v in tree.items()}
     return fn(tree, head)
 
 
-def _leaves_no_head(tree):
+def leaves_no_head(tree):
     if isinstance(tree, dict):
         for k, v in tree.items():
             if k != "head":
-                yield from _leaves_no_head(v)
+                yield from leaves_no_head(v)
     else:
         yield tree

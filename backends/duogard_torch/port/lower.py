@@ -26,6 +26,7 @@ from torch import nn
 
 from duogard.backend import backend
 
+from .fx_modules import module_rule
 from .helpers import (
     OpaqueFunction,
     Unsupported,
@@ -36,7 +37,7 @@ from .helpers import (
     training_key,
 )
 from .registry import FxRule
-from .rules import function_rules, method_rules, module_rule
+from .rules import function_rules, method_rules
 
 __all__ = ["LoweredGraph", "UnsupportedTorchOpsError", "lower_module", "trace"]
 

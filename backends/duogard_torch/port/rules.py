@@ -7,7 +7,7 @@ Three tables map what an fx graph calls to functions written against the backend
 - :func:`function_rules`: ``torch.*``, ``torch.nn.functional.*`` and Python operators, each
   registered by decorator on :data:`FUNCTIONS`;
 - :func:`method_rules`: tensor methods (``x.view``, ``x.sum`` ...), on :data:`METHODS`;
-- :func:`module_rule`: leaf ``torch.nn`` modules (``nn.Linear``, ``nn.Conv2d`` ...).
+- leaf ``torch.nn`` modules (``nn.Linear``, ``nn.Conv2d`` ...) have theirs in :mod:`.fx_modules`.
 
 Each rule is ``fn(rt, index, <torch's parameter names and defaults>)``; an optional check (same
 parameters, minus rt/index) runs at lowering time with fx Nodes for tensor arguments. A rule
@@ -16,131 +16,35 @@ that cannot lower its node raises :class:`~duogard_torch.port.helpers.Unsupporte
 
 from __future__ import annotations
 
-import math
 import operator
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from .helpers import Unsupported, channel_view, pair, static
+from .fx_shared import (
+    avg_pool,
+    axis_index,
+    batch_norm,
+    conv_padding,
+    dropout,
+    flatten,
+    gelu,
+    gelu_check,
+    max_pool,
+    no_dtype,
+    pool_checks,
+    shape_args,
+    softmax_dim,
+)
+from .helpers import Unsupported, pair, static
 from .registry import FxRule, RuleTable
 
-__all__ = ["FUNCTIONS", "METHODS", "function_rules", "method_rules", "module_rule"]
+__all__ = ["FUNCTIONS", "METHODS", "function_rules", "method_rules"]
 
 FUNCTIONS = RuleTable("fx functions", FxRule)
 METHODS = RuleTable("fx tensor methods", FxRule)
 function = FUNCTIONS.register
 method = METHODS.register
-
-
-# ============================================================================ shared by the rules
-
-
-def _conv_padding(padding, kernel, dilation, stride):
-    if isinstance(padding, str):
-        if padding == "valid":
-            return ((0, 0), (0, 0))
-        if padding == "same":
-            if pair(stride) != (1, 1):
-                raise Unsupported("padding='same' with stride != 1")
-            out = []
-            for k, d in zip(kernel, pair(dilation)):
-                total = d * (k - 1)
-                out.append((total // 2, total - total // 2))
-            return tuple(out)
-        raise Unsupported(f"padding={padding!r}")
-    ph, pw = pair(padding)
-    return ((ph, ph), (pw, pw))
-
-
-def _dim(d, ndim) -> int:
-    return d + ndim if d < 0 else d
-
-
-def _flatten(xp, x, start_dim=0, end_dim=-1):
-    shape = tuple(x.shape)
-    if not shape:
-        return xp.reshape(x, (1,))
-    s, e = _dim(start_dim, len(shape)), _dim(end_dim, len(shape))
-    return xp.reshape(x, shape[:s] + (math.prod(shape[s : e + 1]),) + shape[e + 1 :])
-
-
-def _shape_args(shape):
-    # x.view(2, -1) and x.view((2, -1)) both mean shape (2, -1)
-    if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
-        shape = tuple(shape[0])
-    return tuple(int(s) for s in shape)
-
-
-def _batch_norm(be, x, mean, var, weight, bias, eps, use_batch_stats):
-    xp = be.xp
-    if use_batch_stats:
-        axes = (0,) + tuple(range(2, x.ndim))
-        mean = xp.mean(x, axis=axes)
-        var = xp.mean(xp.square(x - channel_view(xp, mean, x.ndim)), axis=axes)
-    out = (x - channel_view(xp, mean, x.ndim)) / xp.sqrt(channel_view(xp, var, x.ndim) + eps)
-    if weight is not None:
-        out = out * channel_view(xp, weight, x.ndim)
-    if bias is not None:
-        out = out + channel_view(xp, bias, x.ndim)
-    return out
-
-
-def _dropout(rt, index, x, p, what):
-    if p == 0.0:
-        return x
-    if p >= 1.0:
-        return rt.be.xp.zeros_like(x)
-    keep = rt.be.bernoulli(rt.key_for(index, what), 1.0 - p, tuple(x.shape), device=rt.be.device_of(x))
-    return rt.be.xp.where(keep, x / (1.0 - p), rt.be.xp.zeros_like(x))
-
-
-def _no_dtype(dtype):
-    if dtype is not None:
-        raise Unsupported(f"dtype={dtype}")
-
-
-def _pool_checks(kind, dilation=1, ceil_mode=False, return_indices=False, divisor_override=None):
-    if pair(static(dilation, "dilation")) != (1, 1):
-        raise Unsupported(f"{kind} with dilation != 1")
-    if static(ceil_mode, "ceil_mode"):
-        raise Unsupported(f"{kind} with ceil_mode=True")
-    if static(return_indices, "return_indices"):
-        raise Unsupported(f"{kind} with return_indices=True")
-    if static(divisor_override, "divisor_override") is not None:
-        raise Unsupported(f"{kind} with divisor_override")
-
-
-def _max_pool(be, x, kernel_size, stride, padding):
-    k = pair(kernel_size)
-    s = k if stride is None or stride == [] or stride == () else pair(stride)
-    return be.max_pool2d(x, kernel_size=k, stride=s, padding=pair(padding))
-
-
-def _avg_pool(be, x, kernel_size, stride, padding, count_include_pad):
-    k = pair(kernel_size)
-    s = k if stride is None or stride == [] or stride == () else pair(stride)
-    return be.avg_pool2d(
-        x, kernel_size=k, stride=s, padding=pair(padding), count_include_pad=bool(count_include_pad)
-    )
-
-
-def _gelu(be, x, approximate):
-    if approximate not in ("none", "tanh"):
-        raise Unsupported(f"gelu approximate={approximate!r}")
-    return be.gelu(x, approximate=approximate == "tanh")
-
-
-def _gelu_check(approximate):
-    if static(approximate, "approximate") not in ("none", "tanh"):
-        raise Unsupported(f"gelu approximate={approximate!r}")
-
-
-def _softmax_dim(dim):
-    if static(dim, "dim") is None:
-        raise Unsupported("softmax without an explicit dim")
 
 
 # ============================================================================ function rules
@@ -163,8 +67,8 @@ def _softmax(name):
         return getattr(rt.be, name)(input, axis=dim)
 
     def check(input, dim=None, _stacklevel=3, dtype=None):
-        _softmax_dim(dim)
-        _no_dtype(dtype)
+        softmax_dim(dim)
+        no_dtype(dtype)
 
     return fn, check
 
@@ -284,12 +188,12 @@ def _neg(rt, i, input):
 
 @function(torch.flatten)
 def _flatten_rule(rt, i, input, start_dim=0, end_dim=-1):
-    return _flatten(rt.be.xp, input, start_dim, end_dim)
+    return flatten(rt.be.xp, input, start_dim, end_dim)
 
 
 @function(torch.reshape)
 def _reshape(rt, i, input, shape):
-    return rt.be.xp.reshape(input, _shape_args((shape,)))
+    return rt.be.xp.reshape(input, shape_args((shape,)))
 
 
 @function(torch.cat)
@@ -300,14 +204,14 @@ def _cat(rt, i, tensors, dim=0):
 @function(torch.transpose)
 def _transpose(rt, i, input, dim0, dim1):
     axes = list(range(input.ndim))
-    a, b = _dim(dim0, input.ndim), _dim(dim1, input.ndim)
+    a, b = axis_index(dim0, input.ndim), axis_index(dim1, input.ndim)
     axes[a], axes[b] = axes[b], axes[a]
     return rt.be.xp.permute_dims(input, tuple(axes))
 
 
-@function(F.gelu, check=lambda input, approximate="none": _gelu_check(approximate))
+@function(F.gelu, check=lambda input, approximate="none": gelu_check(approximate))
 def _gelu_rule(rt, i, input, approximate="none"):
-    return _gelu(rt.be, input, approximate)
+    return gelu(rt.be, input, approximate)
 
 
 @function(F.leaky_relu)
@@ -345,7 +249,7 @@ def _conv2d(rt, i, input, weight, bias=None, stride=1, padding=0, dilation=1, gr
         weight,
         bias,
         stride=pair(stride),
-        padding=_conv_padding(padding, kernel, dilation, stride),
+        padding=conv_padding(padding, kernel, dilation, stride),
         dilation=pair(dilation),
         groups=int(groups),
     )
@@ -354,14 +258,14 @@ def _conv2d(rt, i, input, weight, bias=None, stride=1, padding=0, dilation=1, gr
 def _max_pool2d_check(
     input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False
 ):
-    _pool_checks("max_pool2d", dilation, ceil_mode, return_indices)
+    pool_checks("max_pool2d", dilation, ceil_mode, return_indices)
 
 
 @function(F.max_pool2d, check=_max_pool2d_check)
 def _max_pool2d(
     rt, i, input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False
 ):
-    return _max_pool(rt.be, input, kernel_size, stride, padding)
+    return max_pool(rt.be, input, kernel_size, stride, padding)
 
 
 def _avg_pool2d_check(
@@ -373,7 +277,7 @@ def _avg_pool2d_check(
     count_include_pad=True,
     divisor_override=None,
 ):
-    _pool_checks("avg_pool2d", 1, ceil_mode, False, divisor_override)
+    pool_checks("avg_pool2d", 1, ceil_mode, False, divisor_override)
 
 
 @function(F.avg_pool2d, check=_avg_pool2d_check)
@@ -388,12 +292,12 @@ def _avg_pool2d(
     count_include_pad=True,
     divisor_override=None,
 ):
-    return _avg_pool(rt.be, input, kernel_size, stride, padding, count_include_pad)
+    return avg_pool(rt.be, input, kernel_size, stride, padding, count_include_pad)
 
 
 @function(F.dropout)
 def _dropout_rule(rt, i, input, p=0.5, training=True, inplace=False):
-    return _dropout(rt, i, input, float(p), "F.dropout") if training else input
+    return dropout(rt, i, input, float(p), "F.dropout") if training else input
 
 
 @function(F.layer_norm)
@@ -413,7 +317,7 @@ def _batch_norm_check(
 def _batch_norm_rule(
     rt, i, input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5
 ):
-    return _batch_norm(rt.be, input, running_mean, running_var, weight, bias, float(eps), training)
+    return batch_norm(rt.be, input, running_mean, running_var, weight, bias, float(eps), training)
 
 
 def function_rules() -> dict:
@@ -426,12 +330,12 @@ def function_rules() -> dict:
 
 @method("view", "reshape")
 def _view(rt, i, self, *shape):
-    return rt.be.xp.reshape(self, _shape_args(shape))
+    return rt.be.xp.reshape(self, shape_args(shape))
 
 
 @method("permute")
 def _permute(rt, i, self, *dims):
-    return rt.be.xp.permute_dims(self, _shape_args(dims))
+    return rt.be.xp.permute_dims(self, shape_args(dims))
 
 
 @method("size")
@@ -461,7 +365,7 @@ def _reduce(name):
         return getattr(rt.be.xp, name)(self, axis=axis, keepdims=keepdim)
 
     def check(self, dim=None, keepdim=False, dtype=None):
-        _no_dtype(dtype)
+        no_dtype(dtype)
 
     return fn, check
 
@@ -473,7 +377,7 @@ for _name in ("sum", "mean"):
 
 @method("unsqueeze")
 def _unsqueeze(rt, i, self, dim):
-    return rt.be.xp.expand_dims(self, axis=_dim(dim, self.ndim + 1))
+    return rt.be.xp.expand_dims(self, axis=axis_index(dim, self.ndim + 1))
 
 
 @method("squeeze")
@@ -482,7 +386,7 @@ def _squeeze(rt, i, self, dim=None):
         dims = tuple(d for d, s in enumerate(self.shape) if s == 1)
     else:
         dims = tuple(
-            _dim(d, self.ndim) for d in ((dim,) if isinstance(dim, int) else dim) if self.shape[d] == 1
+            axis_index(d, self.ndim) for d in ((dim,) if isinstance(dim, int) else dim) if self.shape[d] == 1
         )
     return rt.be.xp.squeeze(self, axis=dims) if dims else self
 
@@ -518,105 +422,3 @@ for _name, _target in (
 def method_rules() -> dict:
     """Tensor method names to their :class:`FxRule`."""
     return dict(METHODS.items())
-
-
-# ============================================================================ module rules
-
-
-def module_rule(mod: nn.Module, path: str) -> Callable:
-    """fn(rt, index, params, x) for a leaf torch.nn module, or raise Unsupported."""
-    p = f"{path}." if path else ""
-
-    def param(params, name):
-        return params[p + name]
-
-    if isinstance(mod, nn.Linear):
-        has_bias = mod.bias is not None
-
-        def fn(rt, i, params, x):
-            return rt.be.linear(x, param(params, "weight"), param(params, "bias") if has_bias else None)
-
-        return fn
-
-    if isinstance(mod, nn.Conv2d):
-        if mod.padding_mode != "zeros":
-            raise Unsupported(f"padding_mode={mod.padding_mode!r}")
-        pads = _conv_padding(mod.padding, mod.kernel_size, mod.dilation, mod.stride)
-        stride, dilation, groups = pair(mod.stride), pair(mod.dilation), mod.groups
-        has_bias = mod.bias is not None
-
-        def fn(rt, i, params, x):
-            return rt.be.conv2d(
-                x,
-                param(params, "weight"),
-                param(params, "bias") if has_bias else None,
-                stride=stride,
-                padding=pads,
-                dilation=dilation,
-                groups=groups,
-            )
-
-        return fn
-
-    simple = {nn.ReLU: "relu", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid", nn.SiLU: "silu"}
-    for cls, name in simple.items():
-        if type(mod) is cls:
-            return lambda rt, i, params, x, _n=name: getattr(rt.be, _n)(x)
-    if type(mod) is nn.Identity:
-        return lambda rt, i, params, x: x
-    if isinstance(mod, nn.GELU):
-        _gelu_check(mod.approximate)
-        return lambda rt, i, params, x: _gelu(rt.be, x, mod.approximate)
-    if isinstance(mod, nn.LeakyReLU):
-        return lambda rt, i, params, x: rt.be.leaky_relu(x, mod.negative_slope)
-    if isinstance(mod, nn.ELU):
-        return lambda rt, i, params, x: rt.be.elu(x, mod.alpha)
-    if isinstance(mod, nn.Softplus):
-        return lambda rt, i, params, x: rt.be.softplus(x, mod.beta, mod.threshold)
-    if isinstance(mod, (nn.Softmax, nn.LogSoftmax)):
-        _softmax_dim(mod.dim)
-        name = "softmax" if isinstance(mod, nn.Softmax) else "log_softmax"
-        return lambda rt, i, params, x: getattr(rt.be, name)(x, axis=mod.dim)
-    if isinstance(mod, nn.Flatten):
-        return lambda rt, i, params, x: _flatten(rt.be.xp, x, mod.start_dim, mod.end_dim)
-    if isinstance(mod, nn.MaxPool2d):
-        _pool_checks("MaxPool2d", mod.dilation, mod.ceil_mode, mod.return_indices)
-        return lambda rt, i, params, x: _max_pool(rt.be, x, mod.kernel_size, mod.stride, mod.padding)
-    if isinstance(mod, nn.AvgPool2d):
-        _pool_checks("AvgPool2d", 1, mod.ceil_mode, False, mod.divisor_override)
-        return lambda rt, i, params, x: _avg_pool(
-            rt.be, x, mod.kernel_size, mod.stride, mod.padding, mod.count_include_pad
-        )
-    if type(mod) is nn.Dropout:
-        prob, training = float(mod.p), mod.training
-        return lambda rt, i, params, x: _dropout(rt, i, x, prob, f"Dropout {path!r}") if training else x
-    if isinstance(mod, nn.LayerNorm):
-        ndim = len(mod.normalized_shape)
-        has_w = mod.weight is not None
-        has_b = mod.bias is not None
-
-        def fn(rt, i, params, x):
-            w = param(params, "weight") if has_w else None
-            b = param(params, "bias") if has_b else None
-            return rt.be.layer_norm(x, w, b, normalized_ndim=ndim, eps=mod.eps)
-
-        return fn
-    if isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)):
-        running = mod.running_mean is not None
-        if mod.training and running:
-            raise Unsupported(
-                "BatchNorm in training mode updates its running statistics in place; "
-                "use eval mode (module.eval() / train=False) or track_running_stats=False"
-            )
-        batch_stats = mod.training or not running
-        has_w = mod.weight is not None
-
-        def fn(rt, i, params, x):
-            mean = None if batch_stats else param(params, "running_mean")
-            var = None if batch_stats else param(params, "running_var")
-            w = param(params, "weight") if has_w else None
-            b = param(params, "bias") if has_w else None
-            return _batch_norm(rt.be, x, mean, var, w, b, mod.eps, batch_stats)
-
-        return fn
-    raise Unsupported(None)

@@ -1,0 +1,50 @@
+"""Reverse mode: the ``backprop`` estimator, with optional activation checkpointing."""
+
+from __future__ import annotations
+
+from duogard.grad._base import Estimator, check_bool, params_backend, register
+from duogard.grad._checkpoint import checkpointed_loss
+from duogard.grad._forward import check_loss
+
+__all__ = ["Backprop"]
+
+
+@register("backprop")
+class Backprop(Estimator):
+    """Reverse mode: ``value_and_grad`` (``jax.value_and_grad``; ``torch.func.grad_and_value``).
+
+    Args:
+        checkpoint: activation checkpointing: the loss's Sequential runs as segments of
+            ``checkpoint_every`` layers, each through ``be.checkpoint`` (``jax.checkpoint``;
+            ``torch.utils.checkpoint``), so the backward pass stores only each segment's input
+            and recomputes the activations inside it: one more forward pass for a step memory
+            of about (depth / checkpoint_every) inputs plus one segment's activations. The same
+            gradient (to rounding). For ``supervised(Sequential, loss)`` losses (what Trainer
+            and fit build for a Sequential model); another loss is an error.
+        checkpoint_every: layers per checkpointed segment (default 1: every layer, activations
+            included, on its own); needs ``checkpoint=True``.
+    """
+
+    def __init__(self, *, checkpoint: bool = False, checkpoint_every: int = 1):
+        checkpoint = check_bool("backprop", "checkpoint", checkpoint)
+        if (
+            isinstance(checkpoint_every, bool)
+            or not isinstance(checkpoint_every, int)
+            or checkpoint_every < 1
+        ):
+            raise ValueError(f"backprop: checkpoint_every must be a positive int, got {checkpoint_every!r}")
+        if checkpoint_every != 1 and not checkpoint:
+            raise ValueError(
+                f"backprop: checkpoint_every={checkpoint_every} needs checkpoint=True (got checkpoint=False)"
+            )
+        self.checkpoint, self.checkpoint_every = checkpoint, checkpoint_every
+
+    def options(self) -> dict:
+        # plain backprop keeps its plain name: estimator('backprop')
+        return super().options() if self.checkpoint else {}
+
+    def estimate(self, loss_fn, params, batch, tangents=None):
+        be = params_backend(params)
+        if self.checkpoint:
+            loss_fn = checkpointed_loss(be, loss_fn, self.checkpoint_every)
+        return be.value_and_grad(lambda p, b: check_loss(be, loss_fn(p, b), "backprop"))(params, batch)
