@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 from duogard import losses as _losses
 
-__all__ = ["MODEL_KEY", "Batch", "Supervised", "model_batch", "supervised"]
+__all__ = ["MODEL_KEY", "RULE_LOSSES", "Batch", "Supervised", "model_batch", "supervised"]
 
 #: A training step's model key (dropout masks) is ``fold_in(step_key, MODEL_KEY)``: a stream of
 #: its own, apart from the tangents' draws (which take ``split`` and small ``fold_in`` indices of
@@ -59,17 +59,40 @@ def model_batch(be, x, y, key, train_mode: bool) -> Batch:
     return Batch(x, y, be.fold_in(key, MODEL_KEY) if train_mode else None)
 
 
+#: The losses that duogard's hand-written forward rules cover (:mod:`duogard.grad._rules`).
+RULE_LOSSES = ("cross_entropy", "mse")
+
+
 class Supervised:
     """``loss_fn(params, batch) = loss(model.apply(params, x), y)`` for ``batch = (x, y)``.
 
     Estimators that need the model's structure (``forward-activity``) read ``.model`` and
     ``.loss``; every other estimator just calls it. ``batch`` may carry a third item, a
-    random key for dropout (then the model runs with ``train=True``).
+    random key for dropout (then the model runs with ``train=True``). The objective says
+    whether duogard's hand-written forward rules may serve it (:attr:`loss_rule`).
+
+    Args:
+        model: the model.
+        loss: the loss function or its name.
+        forward_rules: let estimators use duogard's forward rules where they cover the model
+            and the loss (default True); False keeps the framework's jvp for this objective.
     """
 
-    def __init__(self, model, loss: Callable | str = _losses.cross_entropy):
+    def __init__(self, model, loss: Callable | str = _losses.cross_entropy, *, forward_rules: bool = True):
+        if not isinstance(forward_rules, bool):
+            raise TypeError(f"supervised: forward_rules must be True or False, got {forward_rules!r}")
         self.model = model
         self.loss = _losses.get(loss)
+        self.forward_rules = forward_rules
+
+    @property
+    def loss_rule(self) -> str | None:
+        """The name of the hand-written forward rule of this objective's loss (one of
+        :data:`RULE_LOSSES`), or None: the loss has none, or ``forward_rules=False``.
+        """
+        if not self.forward_rules:
+            return None
+        return next((name for name in RULE_LOSSES if self.loss is _losses.get(name)), None)
 
     def __call__(self, params, batch):
         x, y, key = _unpack(batch)
@@ -90,6 +113,10 @@ def _unpack(batch):
     return x, y, rest[0] if rest else None
 
 
-def supervised(model, loss: Callable | str = _losses.cross_entropy) -> Supervised:
-    """Make ``loss_fn(params, (x, y))`` from a model and a loss (default: softmax cross-entropy)."""
-    return Supervised(model, loss)
+def supervised(
+    model, loss: Callable | str = _losses.cross_entropy, *, forward_rules: bool = True
+) -> Supervised:
+    """Make ``loss_fn(params, (x, y))`` from a model and a loss (default: softmax cross-entropy);
+    ``forward_rules=False`` keeps estimators on the framework's jvp for it.
+    """
+    return Supervised(model, loss, forward_rules=forward_rules)

@@ -31,7 +31,6 @@ _ELEMENTWISE = {
         x > 0, be.xp.ones_like(x), be.xp.full_like(x, o.get("negative_slope", 0.01))
     ),
 }
-_LOSSES = (_losses.cross_entropy, _losses.mse)
 
 
 def plan(loss_fn, batch, *, convolutions: bool = True):
@@ -41,7 +40,7 @@ def plan(loss_fn, batch, *, convolutions: bool = True):
     """
     if not isinstance(loss_fn, Supervised) or not isinstance(loss_fn.model, Sequential):
         return None
-    if loss_fn.loss not in _LOSSES:
+    if loss_fn.loss_rule is None:  # the objective says whether its loss has a rule here
         return None
     if len(batch) == 3 and batch[2] is not None:  # dropout in training mode: generic path
         return None

@@ -169,3 +169,30 @@ def test_auto_path_keeps_the_framework_jvp_for_convolutions(be, rules_calls):
     assert calls == []  # torch's own forward AD is as fast for convolutions (benchmarks/RESULTS.md)
     dg.estimator("forward", jvp="rules")(obj, params, batch, be.key(0))
     assert calls == [1]
+
+
+def test_the_objective_says_whether_the_forward_rules_apply(be):
+    """The rules path follows the objective's own declaration (``loss_rule``), which a user can
+    turn off; the numbers are the framework jvp's either way."""
+    model = nn.Sequential(nn.Flatten(), nn.Linear(5), nn.relu, nn.Linear(3))
+    x = be.asarray(np.random.default_rng(0).normal(size=(4, 2, 3)))
+    y = be.asarray(np.array([0, 1, 2, 1]))
+    params = dg.tree.tree_map(be.asarray, model.init(0, np.zeros((4, 2, 3))))
+    on, off = (
+        dg.grad.supervised(model, "cross_entropy"),
+        dg.grad.supervised(model, "cross_entropy", forward_rules=False),
+    )
+    assert on.loss_rule == "cross_entropy" and off.loss_rule is None
+    assert dg.grad.supervised(model, "mse").loss_rule == "mse"
+    assert dg.grad.supervised(model, lambda out, t: dg.losses.mse(out, t)).loss_rule is None
+    assert plan(on, (x, y)) is not None and plan(off, (x, y)) is None
+    est = dg.estimator("forward", num_tangents=3)
+    a = est(on, params, (x, y), be.key(1))
+    b = est(off, params, (x, y), be.key(1))
+    np.testing.assert_allclose(float(a[0]), float(b[0]), rtol=1e-12)
+    for u, v in zip(dg.tree.tree_leaves(a[1]), dg.tree.tree_leaves(b[1])):
+        np.testing.assert_allclose(be.to_numpy(u), be.to_numpy(v), rtol=1e-9, atol=1e-12)
+    with pytest.raises(ValueError, match="jvp='rules' covers"):
+        dg.estimator("forward", jvp="rules")(off, params, (x, y), be.key(1))
+    with pytest.raises(TypeError, match="forward_rules must be True or False"):
+        dg.grad.supervised(model, "mse", forward_rules="no")
