@@ -62,7 +62,14 @@ from ._distributed import (
     dist_world,
     host_all_gather,
 )
-from ._dlpack import device_problem, dlpack_device, dlpack_export, dlpack_import
+from ._dlpack import (
+    device_problem,
+    dlpack_device,
+    dlpack_export,
+    dlpack_import,
+    dlpack_importer,
+    dlpack_share,
+)
 from ._nn import (
     avg_pool2d,
     conv2d,
@@ -179,6 +186,8 @@ __all__ = [
     "device_problem",
     "dlpack_export",
     "dlpack_import",
+    "dlpack_share",
+    "dlpack_importer",
     # data-parallel runs
     "dist_init",
     "dist_roll_call",

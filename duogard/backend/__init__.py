@@ -32,6 +32,7 @@ from types import ModuleType
 from duogard.backend._contract import CONTRACT, Backend
 from duogard.backend._exchange import (
     GENERATORS,
+    SHARE_ALIGNMENT,
     Device,
     ExportedArray,
     check_draw_rows,
@@ -54,6 +55,7 @@ __all__ = [
     "backend",
     "backend_of",
     "GENERATORS",
+    "SHARE_ALIGNMENT",
     "check_draw_rows",
     "check_generator",
     "copy_refused",

@@ -9,6 +9,12 @@ leaf's backend (``duogard.backend.backend_of``), checks the devices and decides 
 moves a leaf. It imports no framework itself (a backend is loaded when a leaf or the target
 needs it) and handles NumPy, which is no framework, on its own.
 
+The default exchange (``copy=None``, no move) of plain arrays takes a fast route first: the
+source backend's ``dlpack_share`` checks each leaf's own state with cheap attributes (traced,
+layout, address, autograd, device) and the target's ``dlpack_importer`` is its bare
+``from_dlpack``, while what depends only on a type, a dtype or a device is decided once and
+kept. A tree with any other leaf takes the general route below, which alone copies and raises.
+
 Rules
 -----
 The same memory, no copies (default, ``copy=None``)
@@ -156,8 +162,17 @@ def convert(
         params_t = dg.convert(params_j, to="torch")     # the same memory, as tensors
         grads_j = dg.convert(grads_t, to="jax")
     """
-    target = _target(to)
-    if copy not in (None, True, False):
+    try:
+        target = _TARGETS[to]
+    except (KeyError, TypeError):  # first use of ``to`` (or an unhashable one: _target says why)
+        target = _target(to)
+        if isinstance(to, (str, ModuleType)):
+            _TARGETS[to] = target
+    if copy is None:
+        out = _GENERAL if target is _NUMPY else _share_tree(tree, target, device)
+        if out is not _GENERAL:
+            return out
+    elif copy is not True and copy is not False:
         raise TypeError(f"convert: copy must be None, True or False, got {copy!r}")
     leaves, treedef = tree_flatten(tree)
     owners = [_owner(x, tree, i) for i, x in enumerate(leaves)]
@@ -190,6 +205,120 @@ def convert(
         for i, (x, owner, src_dev) in enumerate(zip(leaves, owners, devices))
     ]
     return tree_unflatten(treedef, out)
+
+
+# ----------------------------------------------------------------------------- the fast route
+
+# The default exchange of arrays that need no rule's copy (the common case: parameters, batches,
+# gradients) goes the fast route; anything else, and every error, the general route below.
+# What depends only on a type, a dtype or a device is decided once and kept here; what depends
+# on the array itself (autograd, layout, address, device) is checked leaf by leaf by the
+# source backend's dlpack_share, cheap attributes first.
+
+_GENERAL = object()  # the fast route's answer where the general route must decide
+_TARGETS: dict[Any, Any] = {}  # a ``to`` argument -> the target backend (or _NUMPY)
+_OWNERS: dict[type, ModuleType] = {}  # an array type -> its backend (backend_of answers by type)
+_DTYPES: dict[tuple, str] = {}  # (backend, dtype) -> its name, for the dtypes convert moves
+_REACHABLE: dict[tuple, bool] = {}  # (backend, device) -> whether the backend holds arrays there
+_PYTHON_SCALARS = frozenset((bool, int, float, complex))  # exactly these types: returned unchanged
+
+
+def _share_tree(tree, target, device):
+    """``tree`` converted to ``target`` by the fast route, or _GENERAL.
+
+    The fast route takes a tree whose array leaves belong to backends other than ``target``,
+    have dtypes convert moves, are shared as they are by their backend (``dlpack_share``: no
+    rule needs a copy) and lie on one device that ``target`` holds (``device``, if given);
+    Python scalars are returned unchanged. Each leaf is imported with ``target``'s importer for
+    its dtype, asked once per dtype per call. Nothing is imported before every leaf passes, and
+    where any fails the general route starts afresh: its checks, copies and error messages stay
+    the only ones.
+    """
+    importers: dict[str, Any] = {}
+    if type(tree) in _OWNERS:  # one array: nothing to flatten
+        hit = _share_leaf(tree, target, importers)
+        if hit is None or not _holds(target, hit[2], device):
+            return _GENERAL
+        return hit[0](hit[1])
+    leaves, treedef = tree_flatten(tree)
+    hits = []
+    here = None
+    for x in leaves:
+        if type(x) in _PYTHON_SCALARS:
+            hits.append(None)
+            continue
+        hit = _share_leaf(x, target, importers)
+        if hit is None:
+            return _GENERAL
+        if hit[2] != here:
+            if here is not None:  # leaves on two devices: the general route names them
+                return _GENERAL
+            here = hit[2]
+        hits.append(hit)
+    if not _holds(target, here, device):
+        return _GENERAL
+    out = [x if hit is None else hit[0](hit[1]) for x, hit in zip(leaves, hits)]
+    return tree_unflatten(treedef, out)
+
+
+def _share_leaf(x, target, importers):
+    """``(importer, obj, device)`` for array leaf ``x`` on the fast route, or None."""
+    owner = _OWNERS.get(type(x)) or _learn_owner(x)
+    if owner is None or owner is target:  # NumPy, other leaves, the same framework
+        return None
+    try:
+        name = _DTYPES.get((owner, x.dtype)) or _learn_dtype(owner, x.dtype)
+    except TypeError:  # an unhashable dtype
+        return None
+    hit = None if name is None else owner.dlpack_share(x)
+    if hit is None:
+        return None
+    importer = importers.get(name)
+    if importer is None:
+        importer = importers[name] = target.dlpack_importer(name)
+        if importer is None:
+            return None
+    return importer, hit[0], hit[1]
+
+
+def _holds(target, here, device) -> bool:
+    """Whether the fast route's results stay on ``here`` (None: no array leaf), where ``device``
+    (if given) asks them to be and ``target`` can hold them.
+    """
+    if device is not None:
+        try:
+            if _parse_device(device) != here:  # a move (or no array leaf at all)
+                return False
+        except ValueError:
+            return False
+    if here is None:
+        return True
+    reachable = _REACHABLE.get((target, here))
+    if reachable is None:
+        reachable = _REACHABLE[(target, here)] = _device_problem(target, here) is None
+    return reachable
+
+
+def _learn_owner(x):
+    """The backend of array ``x`` (kept for its type), or None for NumPy and other leaves."""
+    if isinstance(x, (np.ndarray, np.generic)):
+        return None
+    owner = backend_of(x, fallback=False)
+    if owner is not None:
+        _OWNERS[type(x)] = owner
+    return owner
+
+
+def _learn_dtype(owner, dtype):
+    """The name of ``dtype`` (kept) if convert moves it, else None."""
+    try:
+        name = owner.dtype_name(dtype)
+    except TypeError:
+        return None
+    if name not in SUPPORTED_DTYPES:
+        return None
+    _DTYPES[(owner, dtype)] = name
+    return name
 
 
 # ----------------------------------------------------------------------------- arguments
