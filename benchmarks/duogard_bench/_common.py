@@ -64,6 +64,11 @@ TARGETS = {
     "tangent_share": 0.25,
     "memory_depth_ratio": 1.2,
     "conversion_size_ratio": 2.0,
+    # duogard.convert against the bare from_dlpack of the target framework (issue 29): one leaf
+    # (the median over the sizes: every size is zero-copy, so each costs the same), and a tree of
+    # 100 small leaves against 100 bare calls
+    "conversion_over_bare": 1.3,
+    "conversion_tree_over_bare": 1.5,
     "rank1_over_backprop": 1.0,  # K = 1, normal, MLP
     # K = 16, normal, MLP: the arithmetic, not a wish. The 16 tangents go through layers 2 and 3
     # as (16 B, in) by (in, out) products: with the primal that is 18.8 M multiply-adds per example
