@@ -110,7 +110,7 @@ def dlpack_share(x):
 def dlpack_importer(dtype):
     if dtype in _NARROW and not _keeps_width(dtype):
         return None  # 64-bit mode off: the general route refuses (or casts) with the leaf's name
-    return jnp.from_dlpack
+    return jax.dlpack.from_dlpack
 
 
 def dlpack_import(obj, *, copy=None, device=None, allow_downcast=False, where=None):

@@ -19,8 +19,8 @@ def conversion_section(sz: Sizes, rounds: int) -> list[dict]:
     One leaf: ``convert(x, to=...)`` against the bare ``from_dlpack(x)`` of the target framework
     (``jax.dlpack.from_dlpack``, ``torch.from_dlpack``), each size in both directions. A tree:
     ``convert`` of a dict of :data:`TREE_LEAVES` small leaves against as many bare calls. The
-    duogard and bare calls of one case run back to back in every round, in one process, so their
-    ratio (``ratios["duogard_over_bare"]``) compares like with like on a loaded machine.
+    duogard and bare calls of one case alternate call by call in every round, in one process, so
+    their ratio (``ratios["duogard_over_bare"]``) compares like with like on a loaded machine.
 
     Args:
         sz: the run's sizes (``conv_sizes``, ``conv_reps``).
@@ -51,41 +51,62 @@ def conversion_section(sz: Sizes, rounds: int) -> list[dict]:
         return ptr(out) == ptr(src)
 
     def cases():
-        """(direction, impl, leaves, elements per leaf, source, call)"""
+        """(direction, leaves, elements per leaf, source, bare call, duogard call)"""
         out = []
         for n in sz.conv_sizes:
             t, a = arrays[n]
             out += [
-                ("torch->jax", "bare", 1, n, t, lambda t=t: jax.dlpack.from_dlpack(t).block_until_ready()),
-                ("torch->jax", "duogard", 1, n, t, lambda t=t: convert(t, to="jax").block_until_ready()),
-                ("jax->torch", "bare", 1, n, a, lambda a=a: torch.from_dlpack(a)),
-                ("jax->torch", "duogard", 1, n, a, lambda a=a: convert(a, to="torch")),
+                (
+                    "torch->jax",
+                    1,
+                    n,
+                    t,
+                    lambda t=t: jax.dlpack.from_dlpack(t).block_until_ready(),
+                    lambda t=t: convert(t, to="jax").block_until_ready(),
+                ),
+                ("jax->torch", 1, n, a, lambda a=a: torch.from_dlpack(a), lambda a=a: convert(a, to="torch")),
             ]
         k, e = TREE_LEAVES, TREE_LEAF_ELEMENTS
         return out + [
-            ("torch->jax", "bare", k, e, tree_t, lambda: [jax.dlpack.from_dlpack(t) for t in leaves_t]),
-            ("torch->jax", "duogard", k, e, tree_t, lambda: convert(tree_t, to="jax")),
-            ("jax->torch", "bare", k, e, tree_j, lambda: [torch.from_dlpack(a) for a in leaves_j]),
-            ("jax->torch", "duogard", k, e, tree_j, lambda: convert(tree_j, to="torch")),
+            (
+                "torch->jax",
+                k,
+                e,
+                tree_t,
+                lambda: [jax.dlpack.from_dlpack(t) for t in leaves_t],
+                lambda: convert(tree_t, to="jax"),
+            ),
+            (
+                "jax->torch",
+                k,
+                e,
+                tree_j,
+                lambda: [torch.from_dlpack(a) for a in leaves_j],
+                lambda: convert(tree_j, to="torch"),
+            ),
         ]
 
     times: dict = {}
     zero_copy: dict = {}
-    for direction, impl, k, n, src, f in cases():
-        try:
-            zero_copy[(direction, impl, k, n)] = shares(f(), src)
-        except Exception as exc:  # noqa: BLE001 - reported
-            zero_copy[(direction, impl, k, n)] = f"{type(exc).__name__}: {exc}"[:200]
+    for direction, k, n, src, *calls in cases():
+        for impl, f in zip(("bare", "duogard"), calls):
+            try:
+                zero_copy[(direction, impl, k, n)] = shares(f(), src)
+            except Exception as exc:  # noqa: BLE001 - reported
+                zero_copy[(direction, impl, k, n)] = f"{type(exc).__name__}: {exc}"[:200]
     for _ in range(rounds):
-        for direction, impl, k, n, _, f in cases():
-            key = (direction, impl, k, n)
-            if isinstance(zero_copy.get(key), str):
-                continue
-            reps = sz.conv_reps if k == 1 else max(1, sz.conv_reps // 4)
-            for _ in range(reps):
-                t0 = time.perf_counter()
-                f()
-                times.setdefault(key, []).append(time.perf_counter() - t0)
+        for direction, k, n, _, *calls in cases():
+            timed = [
+                ((direction, impl, k, n), f)
+                for impl, f in zip(("bare", "duogard"), calls)
+                if not isinstance(zero_copy.get((direction, impl, k, n)), str)
+            ]
+            # the bare and the duogard call alternate, call by call: a pair sees the same machine
+            for _ in range(sz.conv_reps if k == 1 else max(3, sz.conv_reps // 2)):
+                for key, f in timed:
+                    t0 = time.perf_counter()
+                    f()
+                    times.setdefault(key, []).append(time.perf_counter() - t0)
     recs = []
     for (direction, impl, k, n), zc in zero_copy.items():
         rec = {

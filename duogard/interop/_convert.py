@@ -218,7 +218,7 @@ def convert(
 _GENERAL = object()  # the fast route's answer where the general route must decide
 _TARGETS: dict[Any, Any] = {}  # a ``to`` argument -> the target backend (or _NUMPY)
 _OWNERS: dict[type, ModuleType] = {}  # an array type -> its backend (backend_of answers by type)
-_DTYPES: dict[tuple, str] = {}  # (backend, dtype) -> its name, for the dtypes convert moves
+_KINDS: dict[tuple, tuple] = {}  # (array type, dtype) -> (backend, dtype name) for dtypes convert moves
 _REACHABLE: dict[tuple, bool] = {}  # (backend, device) -> whether the backend holds arrays there
 _PYTHON_SCALARS = frozenset((bool, int, float, complex))  # exactly these types: returned unchanged
 
@@ -229,25 +229,26 @@ def _share_tree(tree, target, device):
     The fast route takes a tree whose array leaves belong to backends other than ``target``,
     have dtypes convert moves, are shared as they are by their backend (``dlpack_share``: no
     rule needs a copy) and lie on one device that ``target`` holds (``device``, if given);
-    Python scalars are returned unchanged. Each leaf is imported with ``target``'s importer for
-    its dtype, asked once per dtype per call. Nothing is imported before every leaf passes, and
+    Python scalars are returned unchanged. Nothing is imported before every leaf passes, and
     where any fails the general route starts afresh: its checks, copies and error messages stay
     the only ones.
     """
-    importers: dict[str, Any] = {}
     if type(tree) in _OWNERS:  # one array: nothing to flatten
-        hit = _share_leaf(tree, target, importers)
-        if hit is None or not _holds(target, hit[2], device):
+        hit = _share_leaf(tree, target)
+        if hit is None:
             return _GENERAL
-        return hit[0](hit[1])
+        importer, obj, here = hit
+        if (device is None and _REACHABLE.get((target, here))) or _holds(target, here, device):
+            return importer(obj)
+        return _GENERAL
     leaves, treedef = tree_flatten(tree)
-    hits = []
+    hits = []  # (importer, obj, device), or None for a Python scalar
     here = None
     for x in leaves:
         if type(x) in _PYTHON_SCALARS:
             hits.append(None)
             continue
-        hit = _share_leaf(x, target, importers)
+        hit = _share_leaf(x, target)
         if hit is None:
             return _GENERAL
         if hit[2] != here:
@@ -261,24 +262,20 @@ def _share_tree(tree, target, device):
     return tree_unflatten(treedef, out)
 
 
-def _share_leaf(x, target, importers):
-    """``(importer, obj, device)`` for array leaf ``x`` on the fast route, or None."""
-    owner = _OWNERS.get(type(x)) or _learn_owner(x)
-    if owner is None or owner is target:  # NumPy, other leaves, the same framework
-        return None
+def _share_leaf(x, target):
+    """``(importer, obj, device)`` of array leaf ``x`` on the fast route, or None."""
     try:
-        name = _DTYPES.get((owner, x.dtype)) or _learn_dtype(owner, x.dtype)
-    except TypeError:  # an unhashable dtype
+        kind = _KINDS.get((type(x), x.dtype)) or _learn_kind(x)
+    except (AttributeError, TypeError):  # not an array, or an unhashable dtype
         return None
-    hit = None if name is None else owner.dlpack_share(x)
+    if kind is None or kind[0] is target:  # NumPy, a dtype convert refuses, the same framework
+        return None
+    hit = kind[0].dlpack_share(x)
     if hit is None:
         return None
-    importer = importers.get(name)
-    if importer is None:
-        importer = importers[name] = target.dlpack_importer(name)
-        if importer is None:
-            return None
-    return importer, hit[0], hit[1]
+    # asked per leaf: JAX's answer for 64-bit dtypes follows its 64-bit mode, call by call
+    importer = target.dlpack_importer(kind[1])
+    return None if importer is None else (importer, *hit)
 
 
 def _holds(target, here, device) -> bool:
@@ -299,26 +296,24 @@ def _holds(target, here, device) -> bool:
     return reachable
 
 
-def _learn_owner(x):
-    """The backend of array ``x`` (kept for its type), or None for NumPy and other leaves."""
+def _learn_kind(x):
+    """``(backend, dtype name)`` of array ``x`` (kept for its type and dtype), or None for NumPy,
+    other leaves and dtypes convert does not move.
+    """
     if isinstance(x, (np.ndarray, np.generic)):
         return None
     owner = backend_of(x, fallback=False)
-    if owner is not None:
-        _OWNERS[type(x)] = owner
-    return owner
-
-
-def _learn_dtype(owner, dtype):
-    """The name of ``dtype`` (kept) if convert moves it, else None."""
+    if owner is None:
+        return None
+    _OWNERS[type(x)] = owner
     try:
-        name = owner.dtype_name(dtype)
+        name = owner.dtype_name(x.dtype)
     except TypeError:
         return None
     if name not in SUPPORTED_DTYPES:
         return None
-    _DTYPES[(owner, dtype)] = name
-    return name
+    kind = _KINDS[(type(x), x.dtype)] = (owner, name)
+    return kind
 
 
 # ----------------------------------------------------------------------------- arguments
