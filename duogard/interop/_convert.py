@@ -233,13 +233,12 @@ def _share_tree(tree, target, device):
     where any fails the general route starts afresh: its checks, copies and error messages stay
     the only ones.
     """
-    if type(tree) in _OWNERS:  # one array: nothing to flatten
+    if type(tree) in _OWNERS:  # one array: nothing to flatten, nothing to collect
         hit = _share_leaf(tree, target)
-        if hit is None:
-            return _GENERAL
-        importer, obj, here = hit
-        if (device is None and _REACHABLE.get((target, here))) or _holds(target, here, device):
-            return importer(obj)
+        if hit is not None and (
+            (device is None and _REACHABLE.get((target, hit[2]))) or _holds(target, hit[2], device)
+        ):
+            return hit[0](hit[1])
         return _GENERAL
     leaves, treedef = tree_flatten(tree)
     hits = []  # (importer, obj, device), or None for a Python scalar
@@ -275,7 +274,7 @@ def _share_leaf(x, target):
         return None
     # asked per leaf: JAX's answer for 64-bit dtypes follows its 64-bit mode, call by call
     importer = target.dlpack_importer(kind[1])
-    return None if importer is None else (importer, *hit)
+    return None if importer is None else (importer, hit[0], hit[1])
 
 
 def _holds(target, here, device) -> bool:
