@@ -552,6 +552,14 @@ def test_fast_route_kept_decisions_follow_dtype_layout_and_autograd():
     # a dtype convert does not move, after those it does: still refused, naming the leaf
     with pytest.raises(TypeError, match=r"leaf 'q' is of dtype float8_e4m3fn"):
         dg.convert({"t": t, "q": t.to(torch.float8_e4m3fn)}, to="jax")
+    # leaf after leaf of one kind (a tree reuses the previous leaf's kind): a new dtype, a strided view
+    with pytest.raises(TypeError, match=r"leaf 'b' is of dtype float8_e4m3fn"):
+        dg.convert({"a": t, "b": t.to(torch.float8_e4m3fn)}, to="jax")
+    m = torch.arange(24, dtype=torch.float32).reshape(4, 6)
+    j = dg.convert({"a": t, "b": m, "c": m[:, ::2], "d": m.double()}, to="jax")
+    assert ptr(j["a"]) == ptr(t) and ptr(j["b"]) == ptr(m) and ptr(j["c"]) != ptr(m)
+    assert j["d"].dtype == jnp.float64
+    np.testing.assert_array_equal(np.asarray(j["c"]), m[:, ::2].numpy())
     # the same tensor, requiring grad after a plain conversion: detached, and still requiring grad
     t.requires_grad_()
     j = dg.convert(t, to="jax")

@@ -241,15 +241,24 @@ def _share_tree(tree, target, device):
             return hit[0](hit[1])
         return _GENERAL
     leaves, treedef = tree_flatten(tree)
-    hits = []  # (importer, obj, device), or None for a Python scalar
+    hits = []  # (importer, obj), or None for a Python scalar
     here = None
+    last = (None, None, None, None)  # the previous leaf's type, dtype, backend and importer
     for x in leaves:
         if type(x) in _PYTHON_SCALARS:
             hits.append(None)
             continue
-        hit = _share_leaf(x, target)
-        if hit is None:
-            return _GENERAL
+        if type(x) is last[0] and getattr(x, "dtype", None) is last[1]:
+            # the previous leaf's kind (dtypes are singletons): its answers stand
+            hit = last[2].dlpack_share(x)
+            if hit is None:
+                return _GENERAL
+            hit = (last[3], hit[0], hit[1])
+        else:
+            hit = _share_leaf(x, target)
+            if hit is None:
+                return _GENERAL
+            last = (type(x), x.dtype, _KINDS[(type(x), x.dtype)][0], hit[0])
         if hit[2] != here:
             if here is not None:  # leaves on two devices: the general route names them
                 return _GENERAL
