@@ -481,8 +481,8 @@ class Backend(RandomOps, DistributedOps, Protocol):
         The importer takes an ``obj`` of another backend's :meth:`dlpack_share` and returns the
         framework's array on the same memory (its ``from_dlpack``, which passes the framework's
         stream to ``__dlpack__``). None where the destination's rules need the general route
-        for that dtype now (JAX with its 64-bit mode off: 64-bit dtypes). ``convert`` asks once
-        per dtype per call, so a switch of the 64-bit mode between calls is seen.
+        for that dtype now (JAX with its 64-bit mode off: 64-bit dtypes). ``convert`` keeps no
+        answer across calls, so a switch of the 64-bit mode between calls is seen.
         """
 
     def dlpack_import(
