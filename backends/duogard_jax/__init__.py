@@ -64,7 +64,14 @@ from ._distributed import (
     host_all_gather,
     is_collective_failure,
 )
-from ._dlpack import device_problem, dlpack_device, dlpack_export, dlpack_import
+from ._dlpack import (
+    device_problem,
+    dlpack_device,
+    dlpack_export,
+    dlpack_import,
+    dlpack_importer,
+    dlpack_share,
+)
 from ._facts import exchange_device, forward_mode_cause, gpu_preallocation_fixed
 from ._memory import step_memory
 from ._nn import (
@@ -191,6 +198,8 @@ __all__ = [
     "device_problem",
     "dlpack_export",
     "dlpack_import",
+    "dlpack_share",
+    "dlpack_importer",
     # data-parallel runs
     "dist_init",
     "dist_roll_call",

@@ -8,9 +8,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from duogard.backend.authoring import ExportedArray, copy_refused, device_spec, leaf_name, plan_move
+from duogard.backend.authoring import (
+    SHARE_ALIGNMENT,
+    ExportedArray,
+    copy_refused,
+    device_spec,
+    leaf_name,
+    plan_move,
+)
 
-JAX_ALIGNMENT = 64  # bytes; XLA's minimum alignment for a buffer it does not copy
+JAX_ALIGNMENT = SHARE_ALIGNMENT  # bytes; XLA's minimum alignment for a buffer it does not copy
 
 # 64-bit dtypes JAX shrinks when its 64-bit mode is off, and what they become
 _NARROW = {"float64": "float32", "int64": "int32", "uint64": "uint32", "complex128": "complex64"}
@@ -74,6 +81,38 @@ def dlpack_export(x, *, copy=None, device=None, dtype=None, where=None):
     )
 
 
+# dlpack_share's decisions: per array type (concrete or traced), per sharding (its device, or
+# None for several devices); a sharding is a small value object that many arrays share
+_CONCRETE: dict[type, bool] = {}
+_SHARDING_DEVICE: dict = {}
+
+
+def dlpack_share(x):
+    concrete = _CONCRETE.get(type(x))
+    if concrete is None:
+        concrete = _CONCRETE[type(x)] = not issubclass(type(x), jax.core.Tracer)
+    if not concrete or x.is_deleted():
+        return None
+    sharding = x.sharding
+    here = _SHARDING_DEVICE.get(sharding, False)
+    if here is False:
+        try:
+            here = None if len(sharding.device_set) != 1 else device_spec(x.__dlpack_device__())
+        except (ValueError, BufferError):  # a device DLPack does not name: the general route says so
+            here = None
+        if len(_SHARDING_DEVICE) >= 64:
+            _SHARDING_DEVICE.clear()
+        _SHARDING_DEVICE[sharding] = here
+    # dense, and XLA aligns its buffers: nothing else to check
+    return None if here is None else (x, here)
+
+
+def dlpack_importer(dtype):
+    if dtype in _NARROW and not _keeps_width(dtype):
+        return None  # 64-bit mode off: the general route refuses (or casts) with the leaf's name
+    return jax.dlpack.from_dlpack
+
+
 def dlpack_import(obj, *, copy=None, device=None, allow_downcast=False, where=None):
     host = isinstance(obj, np.ndarray)  # NumPy memory; else an ExportedArray
     own = not host and isinstance(obj.array, jax.Array)  # exported by this backend: nothing crosses
@@ -94,7 +133,7 @@ def dlpack_import(obj, *, copy=None, device=None, allow_downcast=False, where=No
 def _fit_width(obj, host, fresh, *, copy, allow_downcast, where):
     """Refuse (or, if allowed, perform) the 64 -> 32 bit narrowing JAX does silently."""
     name = obj.dtype.name if host else obj.dtype
-    if name not in _NARROW or jax.dtypes.canonicalize_dtype(np.dtype(name)) == np.dtype(name):
+    if name not in _NARROW or _keeps_width(name):
         return obj, fresh
     narrow = _NARROW[name]
     if not allow_downcast:
@@ -109,6 +148,11 @@ def _fit_width(obj, host, fresh, *, copy, allow_downcast, where):
         raise copy_refused(where, f"a downcast from {name} to {narrow}")
     # the source framework casts (a copy)
     return (obj.astype(narrow) if host else obj.copy(dtype=narrow)), True
+
+
+def _keeps_width(name) -> bool:
+    """Whether JAX stores dtype ``name`` as it is now (64-bit dtypes: only in 64-bit mode)."""
+    return jax.dtypes.canonicalize_dtype(np.dtype(name)) == np.dtype(name)
 
 
 def _check_fits(obj, host, name, narrow, where) -> None:

@@ -7,7 +7,17 @@ import sys
 import numpy as np
 import torch
 
-from duogard.backend.authoring import ExportedArray, copy_refused, device_spec, leaf_name, plan_move
+from duogard.backend.authoring import (
+    SHARE_ALIGNMENT,
+    ExportedArray,
+    copy_refused,
+    device_spec,
+    leaf_name,
+    plan_move,
+)
+
+_CPU = ("cpu", 0)
+_is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 
 
 def _torch_device(device):
@@ -15,7 +25,7 @@ def _torch_device(device):
 
 
 def dlpack_device(x, *, where=None):
-    if torch._C._functorch.is_functorch_wrapped_tensor(x):
+    if _is_wrapped(x):
         raise TypeError(
             f"convert: leaf {leaf_name(where)} is a torch tensor traced by torch.func "
             "(grad/jvp/vmap); convert concrete tensors, outside the transform"
@@ -61,6 +71,25 @@ def dlpack_export(x, *, copy=None, device=None, dtype=None, where=None):
         fresh,
         x.data_ptr,
     )
+
+
+def dlpack_share(x):
+    # attribute checks first (each a C call), the pointer last
+    if x.layout is not torch.strided or x.is_nested or x.is_conj() or x.is_neg() or _is_wrapped(x):
+        return None
+    if x.is_cpu:  # pinned host memory too: the exchange names it the CPU
+        here = _CPU
+    elif x.is_cuda:  # ROCm too
+        here = ("cuda", x.get_device())
+    else:
+        return None
+    if not x.is_contiguous() or x.data_ptr() % SHARE_ALIGNMENT:
+        return None
+    return (x.detach() if x.requires_grad else x), here
+
+
+def dlpack_importer(dtype):
+    return torch.from_dlpack  # torch stores every dtype the exchange moves
 
 
 def dlpack_import(obj, *, copy=None, device=None, allow_downcast=False, where=None):

@@ -104,7 +104,7 @@ def step_configs(sz: Sizes, backends) -> list[StepConfig]:
     return configs
 
 
-def warm(cfg: StepConfig, round_seconds: float, max_reps: int) -> None:
+def warm(cfg: StepConfig, round_seconds: float, max_reps: int, draw_impls=("duogard", "hand")) -> None:
     """Build the step, time the first call (compilation), warm up, and choose the repeats.
 
     A failure is recorded in ``cfg.error`` (and the configuration is left out of the rounds).
@@ -113,11 +113,12 @@ def warm(cfg: StepConfig, round_seconds: float, max_reps: int) -> None:
         cfg: the configuration, updated in place.
         round_seconds: the time per configuration per round that sets the repeats.
         max_reps: the most repeats per round.
+        draw_impls: the implementations whose tangent drawing is timed alone (``Sizes.draw_impls``).
     """
     try:
         gc.collect()
         cfg.run, cfg.draw = cfg.make()
-        if cfg.impl not in ("duogard", "hand"):
+        if cfg.impl not in draw_impls:
             cfg.draw = None  # the tangent cost is measured on the main implementations only
         t0 = time.perf_counter()
         loss = cfg.run()

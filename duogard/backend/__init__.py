@@ -43,6 +43,7 @@ from duogard.backend._exchange import Device, ExportedArray
 from duogard.backend.authoring import (  # noqa: F401
     GENERATORS,
     MAX_THREADS,
+    SHARE_ALIGNMENT,
     check_draw_rows,
     check_generator,
     copy_refused,

@@ -384,6 +384,35 @@ class Backend(NNOps, RandomOps, DistributedOps, FrameworkFacts, Protocol):
             ValueError: ``copy=False`` where a copy is needed.
         """
 
+    def dlpack_share(self, x: Any) -> tuple[Any, Device] | None:
+        """The fast route of the exchange: ``x`` ready for any framework's ``from_dlpack``, or None.
+
+        ``convert`` asks it first, leaf by leaf, for the default exchange (``copy=None``, no
+        move). It answers only where no rule of either side needs more than this: a concrete,
+        single-device array on a CPU or CUDA device whose memory is dense row-major and aligned
+        to :data:`~duogard.backend.SHARE_ALIGNMENT` bytes (what every importer takes as is;
+        JAX's 64-byte rule is the strictest), after the source's own rules that cost no copy
+        (PyTorch detaches a tensor that requires grad). Everything else (traced, sharded,
+        sparse, strided or misaligned arrays, lazy conjugate bits, other devices) is None, and
+        ``convert`` takes the general route (:meth:`dlpack_export`, :meth:`dlpack_import`), whose
+        rules copy or raise with the leaf's name. Checks cheap attributes only: no copy, no
+        host synchronisation.
+
+        Returns:
+            ``(obj, device)``: what to pass to the importer and where its memory is (a
+            :data:`Device`), or None.
+        """
+
+    def dlpack_importer(self, dtype: str) -> Callable[[Any], Any] | None:
+        """This framework's importer for shared arrays of ``dtype`` (a name), or None.
+
+        The importer takes an ``obj`` of another backend's :meth:`dlpack_share` and returns the
+        framework's array on the same memory (its ``from_dlpack``, which passes the framework's
+        stream to ``__dlpack__``). None where the destination's rules need the general route
+        for that dtype now (JAX with its 64-bit mode off: 64-bit dtypes). ``convert`` keeps no
+        answer across calls, so a switch of the 64-bit mode between calls is seen.
+        """
+
     def dlpack_import(
         self,
         obj: Any,

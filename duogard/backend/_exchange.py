@@ -13,6 +13,7 @@ __all__ = [
     "Device",
     "ExportedArray",
     "GENERATORS",
+    "SHARE_ALIGNMENT",
     "check_draw_rows",
     "check_generator",
     "copy_refused",
@@ -22,6 +23,10 @@ __all__ = [
     "native_byte_order",
     "plan_move",
 ]
+
+#: The alignment (bytes) of a buffer that ``dlpack_share`` hands over as is: XLA's minimum for a
+#: buffer it does not copy, the strictest of the importers'.
+SHARE_ALIGNMENT = 64
 
 #: A device as the DLPack exchange names it: ``("cpu", 0)`` or ``("cuda", index)``.
 Device = tuple[str, int]

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from duogard.backend._contract_dist import DistributedError, LaunchEnv, launch_env, roll_call
 from duogard.backend._exchange import (
     GENERATORS,
+    SHARE_ALIGNMENT,
     Device,
     ExportedArray,
     check_draw_rows,
@@ -37,6 +38,7 @@ from duogard.backend._exchange import (
 
 __all__ = [
     "Device",
+    "SHARE_ALIGNMENT",
     "ExportedArray",
     "device_spec",
     "device_label",

@@ -9,6 +9,12 @@ leaf's backend (``duogard.backend.backend_of``), checks the devices and decides 
 moves a leaf. It imports no framework itself (a backend is loaded when a leaf or the target
 needs it) and handles NumPy, which is no framework, on its own.
 
+The default exchange (``copy=None``, no move) of plain arrays takes a fast route first: the
+source backend's ``dlpack_share`` checks each leaf's own state with cheap attributes (traced,
+layout, address, autograd, device) and the target's ``dlpack_importer`` is its bare
+``from_dlpack``, while what depends only on a type, a dtype or a device is decided once and
+kept. A tree with any other leaf takes the general route below, which alone copies and raises.
+
 Rules
 -----
 The same memory, no copies (default, ``copy=None``)
@@ -150,8 +156,17 @@ def convert(
         params_t = dg.convert(params_j, to="torch")     # the same memory, as tensors
         grads_j = dg.convert(grads_t, to="jax")
     """
-    target = _target(to)
-    if copy not in (None, True, False):
+    try:
+        target = _TARGETS[to]
+    except (KeyError, TypeError):  # first use of ``to`` (or an unhashable one: _target says why)
+        target = _target(to)
+        if isinstance(to, (str, ModuleType)):
+            _TARGETS[to] = target
+    if copy is None:
+        out = _GENERAL if target is _NUMPY else _share_tree(tree, target, device)
+        if out is not _GENERAL:
+            return out
+    elif copy is not True and copy is not False:
         raise TypeError(f"convert: copy must be None, True or False, got {copy!r}")
     leaves, treedef = tree_flatten(tree)
     owners = [_owner(x, tree, i) for i, x in enumerate(leaves)]
@@ -184,6 +199,123 @@ def convert(
         for i, (x, owner, src_dev) in enumerate(zip(leaves, owners, devices))
     ]
     return tree_unflatten(treedef, out)
+
+
+# ----------------------------------------------------------------------------- the fast route
+
+# The default exchange of arrays that need no rule's copy (the common case: parameters, batches,
+# gradients) goes the fast route; anything else, and every error, the general route below.
+# What depends only on a type, a dtype or a device is decided once and kept here; what depends
+# on the array itself (autograd, layout, address, device) is checked leaf by leaf by the
+# source backend's dlpack_share, cheap attributes first.
+
+_GENERAL = object()  # the fast route's answer where the general route must decide
+_TARGETS: dict[Any, Any] = {}  # a ``to`` argument -> the target backend (or _NUMPY)
+_OWNERS: dict[type, ModuleType] = {}  # an array type -> its backend (backend_of answers by type)
+_KINDS: dict[tuple, tuple] = {}  # (array type, dtype) -> (backend, dtype name) for dtypes convert moves
+_REACHABLE: dict[tuple, bool] = {}  # (backend, device) -> whether the backend holds arrays there
+_PYTHON_SCALARS = frozenset((bool, int, float, complex))  # exactly these types: returned unchanged
+
+
+def _share_tree(tree, target, device):
+    """``tree`` converted to ``target`` by the fast route, or _GENERAL.
+
+    The fast route takes a tree whose array leaves belong to backends other than ``target``,
+    have dtypes convert moves, are shared as they are by their backend (``dlpack_share``: no
+    rule needs a copy) and lie on one device that ``target`` holds (``device``, if given);
+    Python scalars are returned unchanged. Nothing is imported before every leaf passes, and
+    where any fails the general route starts afresh: its checks, copies and error messages stay
+    the only ones.
+    """
+    if type(tree) in _OWNERS:  # one array: nothing to flatten, nothing to collect
+        hit = _share_leaf(tree, target)
+        if hit is not None and (
+            (device is None and _REACHABLE.get((target, hit[2]))) or _holds(target, hit[2], device)
+        ):
+            return hit[0](hit[1])
+        return _GENERAL
+    leaves, treedef = tree_flatten(tree)
+    hits = []  # (importer, obj), or None for a Python scalar
+    here = None
+    last = (None, None, None, None)  # the previous leaf's type, dtype, backend and importer
+    for x in leaves:
+        if type(x) in _PYTHON_SCALARS:
+            hits.append(None)
+            continue
+        if type(x) is last[0] and getattr(x, "dtype", None) is last[1]:
+            # the previous leaf's kind (dtypes are singletons): its answers stand
+            hit = last[2].dlpack_share(x)
+            if hit is None:
+                return _GENERAL
+            hit = (last[3], hit[0], hit[1])
+        else:
+            hit = _share_leaf(x, target)
+            if hit is None:
+                return _GENERAL
+            last = (type(x), x.dtype, _KINDS[(type(x), x.dtype)][0], hit[0])
+        if hit[2] != here:
+            if here is not None:  # leaves on two devices: the general route names them
+                return _GENERAL
+            here = hit[2]
+        hits.append(hit)
+    if not _holds(target, here, device):
+        return _GENERAL
+    out = [x if hit is None else hit[0](hit[1]) for x, hit in zip(leaves, hits)]
+    return tree_unflatten(treedef, out)
+
+
+def _share_leaf(x, target):
+    """``(importer, obj, device)`` of array leaf ``x`` on the fast route, or None."""
+    try:
+        kind = _KINDS.get((type(x), x.dtype)) or _learn_kind(x)
+    except (AttributeError, TypeError):  # not an array, or an unhashable dtype
+        return None
+    if kind is None or kind[0] is target:  # NumPy, a dtype convert refuses, the same framework
+        return None
+    hit = kind[0].dlpack_share(x)
+    if hit is None:
+        return None
+    # asked per leaf: JAX's answer for 64-bit dtypes follows its 64-bit mode, call by call
+    importer = target.dlpack_importer(kind[1])
+    return None if importer is None else (importer, hit[0], hit[1])
+
+
+def _holds(target, here, device) -> bool:
+    """Whether the fast route's results stay on ``here`` (None: no array leaf), where ``device``
+    (if given) asks them to be and ``target`` can hold them.
+    """
+    if device is not None:
+        try:
+            if _parse_device(device) != here:  # a move (or no array leaf at all)
+                return False
+        except ValueError:
+            return False
+    if here is None:
+        return True
+    reachable = _REACHABLE.get((target, here))
+    if reachable is None:
+        reachable = _REACHABLE[(target, here)] = _device_problem(target, here) is None
+    return reachable
+
+
+def _learn_kind(x):
+    """``(backend, dtype name)`` of array ``x`` (kept for its type and dtype), or None for NumPy,
+    other leaves and dtypes convert does not move.
+    """
+    if isinstance(x, (np.ndarray, np.generic)):
+        return None
+    owner = backend_of(x, fallback=False)
+    if owner is None:
+        return None
+    _OWNERS[type(x)] = owner
+    try:
+        name = owner.dtype_name(x.dtype)
+    except TypeError:
+        return None
+    if name not in SUPPORTED_DTYPES:
+        return None
+    kind = _KINDS[(type(x), x.dtype)] = (owner, name)
+    return kind
 
 
 # ----------------------------------------------------------------------------- arguments

@@ -422,12 +422,16 @@ def test_explicit_cpu_device_is_zero_copy():
 
 
 def test_device_mismatch_is_an_error(monkeypatch):
-    # A CPU-only machine has one device; pretend one leaf lives on cuda:0.
+    # A CPU-only machine has one device; pretend one leaf lives on cuda:0, to both routes: the
+    # fast one (the backend's dlpack_share) and the general one, which raises.
     t_cpu, t_gpu = torch.ones(2), torch.zeros(2)
     real = _convert._device_of
     monkeypatch.setattr(
         _convert, "_device_of", lambda x, *args: ("cuda", 0) if x is t_gpu else real(x, *args)
     )
+    th = dg.backend("torch")
+    share = th.dlpack_share
+    monkeypatch.setattr(th, "dlpack_share", lambda x: (x, ("cuda", 0)) if x is t_gpu else share(x))
     with pytest.raises(ValueError, match=r"different devices.*'a' on cpu.*'b' on cuda:0.*device="):
         dg.convert({"a": t_cpu, "b": t_gpu}, to="jax")
 
@@ -485,3 +489,156 @@ def test_import_is_lazy():
         print(sorted(m for m in ("jax", "torch") if m in sys.modules))
     """)
     assert out.strip() == "[]"
+
+
+# ----------------------------------------------------------------------------- the fast route
+# convert's default exchange (copy=None, no move) shares plain leaves through the backends'
+# dlpack_share/dlpack_importer and keeps what depends only on a type, a dtype or a device; every
+# other leaf sends the whole tree down the general route. These check that each kept decision
+# follows what it depends on.
+
+
+def test_dlpack_share_answers_only_plain_arrays(both):
+    jx, th = both
+    t = torch.arange(64, dtype=torch.float32)
+    obj, here = th.dlpack_share(t)
+    assert obj is t and here == ("cpu", 0)
+    w = torch.ones(4, requires_grad=True)
+    obj, _ = th.dlpack_share(w)
+    assert not obj.requires_grad and ptr(obj) == ptr(w) and w.requires_grad  # detached, shared
+    z = torch.ones(2, dtype=torch.complex64)
+    m = t.reshape(8, 8)
+    # misaligned, strided, transposed, broadcast, a lazy bit, sparse: the general route's
+    for odd in (t[1:9], m[:, ::2], m.T, t[:4].expand(3, 4), z.conj(), t.to_sparse()):
+        assert th.dlpack_share(odd) is None
+    j = jnp.arange(4.0, dtype=jnp.float32)
+    assert jx.dlpack_share(j) == (j, ("cpu", 0))
+    seen = []
+    jax.jit(lambda x: seen.append(jx.dlpack_share(x)) or x)(j)
+    assert seen == [None]  # traced
+    assert th.dlpack_importer("float64") is not None and jx.dlpack_importer("float64") is not None  # x64 on
+
+
+def test_fast_route_shares_plain_leaves_and_general_route_takes_the_rest(monkeypatch):
+    th = dg.backend("torch")
+    calls = []
+    real_export = th.dlpack_export
+    monkeypatch.setattr(th, "dlpack_export", lambda x, **kw: calls.append(x) or real_export(x, **kw))
+    tree = {"w": torch.ones(3, 4), "b": torch.zeros(4), "n": 3, "s": [0.5, True]}
+    out = dg.convert(tree, to="jax")
+    assert not calls  # the fast route: no ExportedArray
+    assert ptr(out["w"]) == ptr(tree["w"]) and ptr(out["b"]) == ptr(tree["b"])
+    assert out["n"] == 3 and out["s"] == [0.5, True]
+    # one strided leaf: the whole tree goes the general route; the leaf is copied, the rest shared
+    base = torch.arange(24, dtype=torch.float32).reshape(4, 6)
+    tree["v"] = base[:, ::2]
+    out = dg.convert(tree, to="jax")
+    assert len(calls) == 4  # each array leaf exported, and the strided one again for its copy
+    assert ptr(out["w"]) == ptr(tree["w"]) and ptr(out["v"]) != ptr(tree["v"])
+    np.testing.assert_array_equal(np.asarray(out["v"]), tree["v"].numpy())
+    # the same tensor again, now a plain one: the fast route again
+    calls.clear()
+    assert ptr(dg.convert(base, to="jax")) == ptr(base) and not calls
+
+
+def test_fast_route_kept_decisions_follow_dtype_layout_and_autograd():
+    t = torch.arange(6, dtype=torch.float32)
+    assert ptr(dg.convert(t, to="jax")) == ptr(t)  # float32 now known
+    for dtype in (torch.bool, torch.int8, torch.uint8, torch.bfloat16, torch.float64, torch.complex64):
+        u = t.to(dtype)
+        j = dg.convert({"u": u, "t": t}, to="jax")
+        assert str(j["u"].dtype) == str(dtype).removeprefix("torch.") and ptr(j["u"]) == ptr(u)
+        back = dg.convert(j, to="torch")
+        assert back["u"].dtype == dtype and ptr(back["u"]) == ptr(u)
+    assert float(dg.convert(torch.tensor(2.5), to="jax")) == 2.5  # 0-d
+    # a dtype convert does not move, after those it does: still refused, naming the leaf
+    with pytest.raises(TypeError, match=r"leaf 'q' is of dtype float8_e4m3fn"):
+        dg.convert({"t": t, "q": t.to(torch.float8_e4m3fn)}, to="jax")
+    # leaf after leaf of one kind (a tree reuses the previous leaf's kind): a new dtype, a strided view
+    with pytest.raises(TypeError, match=r"leaf 'b' is of dtype float8_e4m3fn"):
+        dg.convert({"a": t, "b": t.to(torch.float8_e4m3fn)}, to="jax")
+    m = torch.arange(24, dtype=torch.float32).reshape(4, 6)
+    j = dg.convert({"a": t, "b": m, "c": m[:, ::2], "d": m.double()}, to="jax")
+    assert ptr(j["a"]) == ptr(t) and ptr(j["b"]) == ptr(m) and ptr(j["c"]) != ptr(m)
+    assert j["d"].dtype == jnp.float64
+    np.testing.assert_array_equal(np.asarray(j["c"]), m[:, ::2].numpy())
+    # the same tensor, requiring grad after a plain conversion: detached, and still requiring grad
+    t.requires_grad_()
+    j = dg.convert(t, to="jax")
+    assert ptr(j) == ptr(t) and t.requires_grad
+    # a complex tensor shared, then its lazy conjugate: resolved (a copy), not shared
+    z = torch.tensor([1 + 2j, 3 - 1j], dtype=torch.complex64)
+    assert ptr(dg.convert(z, to="jax")) == ptr(z)
+    zc = dg.convert(z.conj(), to="jax")
+    np.testing.assert_array_equal(np.asarray(zc), np.conj(z.numpy()))
+    # JAX -> torch: a torch result never requires grad, and a JAX array stays itself
+    a = jnp.arange(3.0, dtype=jnp.float32)
+    assert not dg.convert(a, to="torch").requires_grad and dg.convert(a, to="jax") is a
+
+
+def test_fast_route_still_refuses_traced_values_after_concrete_ones():
+    j = jnp.ones(2, dtype=jnp.float32)
+    dg.convert(j, to="torch")  # ArrayImpl known as concrete
+    with pytest.raises(TypeError, match="traced JAX value"):
+        jax.jit(lambda x: dg.convert(x, to="torch"))(j)
+    with pytest.raises(TypeError, match="traced JAX value"):
+        jax.grad(lambda x: dg.convert({"x": x}, to="torch") and x.sum())(j)
+    t = torch.ones(2)
+    dg.convert(t, to="jax")  # torch.Tensor known
+    with pytest.raises(TypeError, match="traced by torch.func"):
+        torch.func.grad(lambda x: dg.convert(x, to="jax") and x.sum())(t)
+
+
+def test_fast_route_sees_the_64_bit_mode_switch_between_calls():
+    out = run_python(
+        """
+        import torch, jax
+        import duogard as dg
+        f64 = torch.ones(2, dtype=torch.float64)
+        jax.config.update("jax_enable_x64", True)
+        assert dg.convert(f64, to="jax").dtype == "float64"
+        jax.config.update("jax_enable_x64", False)
+        try:
+            dg.convert({"w": f64}, to="jax")
+        except TypeError as exc:
+            assert "'w'" in str(exc) and "64-bit mode" in str(exc)
+        else:
+            raise AssertionError("float64 silently narrowed after x64 was switched off")
+        assert dg.convert(f64, to="jax", allow_downcast=True).dtype == "float32"
+        jax.config.update("jax_enable_x64", True)
+        assert dg.convert(f64, to="jax").dtype == "float64"
+        print("switch OK")
+    """,
+        JAX_ENABLE_X64="0",
+    )
+    assert "switch OK" in out
+
+
+def test_fast_route_devices_per_sharding():
+    out = run_python(
+        """
+        import numpy as np, jax, jax.numpy as jnp
+        from jax.sharding import Mesh, NamedSharding, PartitionSpec
+        import duogard as dg
+        d0, d1 = jax.devices("cpu")[:2]
+        one = jax.device_put(jnp.arange(4.0), d0)
+        t = dg.convert(one, to="torch")
+        assert t.data_ptr() == one.unsafe_buffer_pointer()
+        # the second host device: still host memory, a new sharding learnt
+        other = jax.device_put(jnp.arange(4.0) + 1, d1)
+        assert dg.convert(other, to="torch").tolist() == [1.0, 2.0, 3.0, 4.0]
+        # sharded over both: refused by the general route, after single-device ones were shared
+        mesh = Mesh(np.array([d0, d1]), ("x",))
+        spread = jax.device_put(jnp.arange(4.0), NamedSharding(mesh, PartitionSpec("x")))
+        try:
+            dg.convert({"p": spread}, to="torch")
+        except ValueError as exc:
+            assert "sharded over 2 devices" in str(exc)
+        else:
+            raise AssertionError("a sharded array was exchanged")
+        print("devices OK")
+    """,
+        XLA_FLAGS="--xla_force_host_platform_device_count=2",
+        JAX_PLATFORMS="cpu",
+    )
+    assert "devices OK" in out
