@@ -222,6 +222,7 @@ print(frameworks, eager, "duogard.cli" in sys.modules, took)
 """
 
 
+@pytest.mark.integration  # starts a Python process
 def test_import_duogard_is_explicit_and_imports_no_framework():
     """``import duogard`` imports its framework-free packages (explicit re-exports), no framework,
     and not the command line."""

@@ -589,6 +589,7 @@ def test_fast_route_still_refuses_traced_values_after_concrete_ones():
         torch.func.grad(lambda x: dg.convert(x, to="jax") and x.sum())(t)
 
 
+@pytest.mark.integration  # starts a Python process
 def test_fast_route_sees_the_64_bit_mode_switch_between_calls():
     out = run_python(
         """
@@ -614,6 +615,7 @@ def test_fast_route_sees_the_64_bit_mode_switch_between_calls():
     assert "switch OK" in out
 
 
+@pytest.mark.integration  # starts a Python process
 def test_fast_route_devices_per_sharding():
     out = run_python(
         """
