@@ -48,7 +48,7 @@ import math
 from collections.abc import Callable
 
 from duogard.grad import SPSA, Forward, LeanStep, ZerothLeanStep
-from duogard.grad._objective import MODEL_KEY, Batch
+from duogard.grad._objective import MODEL_KEY, Batch, model_batch
 from duogard.optim import PlainSGD, apply_updates
 from duogard.tree import Rank1, tree_leaves, tree_map
 
@@ -155,11 +155,6 @@ class Step:
             return self._fn(params, opt_state, x, y, key)
         return self._fn(params, opt_state, x, y, key, tangents)
 
-    @property
-    def fn(self) -> Callable:
-        """The compiled (or eager) step function itself."""
-        return self._fn
-
     def compiles(self) -> int | None:
         """How many programs the step has compiled (None where the backend does not count)."""
         return self.be.compile_count(self._fn)
@@ -251,7 +246,7 @@ def build_step(
 
     def step(params, opt_state, x, y, key, given=None):
         step_key = key if collective is None else key[0]
-        batch = Batch(x, y, be.fold_in(step_key, MODEL_KEY) if train_mode else None)
+        batch = model_batch(be, x, y, step_key, train_mode)
         value, grads, coef = estimate(params, batch, key, given)
         if grad_norm:
             gsq = _sq_norm(be, tree_leaves(grads))
@@ -321,7 +316,7 @@ def _zo_lean_step(be, loss_fn, estimator, optimizer, train_mode, state, collecti
     def step(params, opt_state, x, y, key, given=None):
         if given is not None:
             raise ValueError("the zo-lean step draws its own perturbations; it cannot take given ones")
-        batch = Batch(x, y, be.fold_in(key, MODEL_KEY) if train_mode else None)
+        batch = model_batch(be, x, y, key, train_mode)
         return lean.step(params, opt_state, batch, key)
 
     jit_kw = {} if compile is None else {"compile": bool(compile)}

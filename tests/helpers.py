@@ -62,3 +62,16 @@ def load_script(path, module_name: str):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def one_rank_env(monkeypatch, world: int = 1):
+    """A launch environment for a data-parallel fit in this process: the torchrun variables set
+    and the torch backend's ``dist_init`` answering ``(0, world)`` without joining a group (its
+    collectives then act on this rank alone). Returns the torch backend.
+    """
+    env = {"RANK": "0", "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29999"}
+    for var, val in env.items():
+        monkeypatch.setenv(var, val)
+    be = dg.backend("torch")
+    monkeypatch.setattr(be, "dist_init", lambda timeout=300.0: (0, world))
+    return be

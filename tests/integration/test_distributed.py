@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import AVAILABLE, ROOT
+from helpers import AVAILABLE, ROOT, one_rank_env
 
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 
@@ -352,10 +352,7 @@ def test_a_model_with_a_training_mode_is_refused_not_trained_differently(monkeyp
     import duogard as dg
     from duogard import nn
 
-    env = {"RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29999"}
-    for var, val in env.items():
-        monkeypatch.setenv(var, val)
-    monkeypatch.setattr(dg.backend("torch"), "dist_init", lambda timeout=300.0: (0, 1))  # no group joined
+    one_rank_env(monkeypatch)  # no group joined
     model = nn.Sequential(nn.Flatten(), nn.Linear(8), nn.Dropout(0.5), nn.Linear(3))
     trainer = dg.Trainer(model, backend="torch")
     with pytest.raises(ValueError, match="training mode.*single-process"):

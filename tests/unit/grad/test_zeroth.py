@@ -24,7 +24,7 @@ from duogard import nn, optim
 from duogard.cli._methods import parse_method
 from duogard.tree import tree_leaves, tree_map
 
-from helpers import to_backend
+from helpers import one_rank_env, to_backend
 
 
 def _np(be, tree):
@@ -222,15 +222,7 @@ def test_spsa_runs_data_parallel_with_k_plus_one_numbers(digits, monkeypatch):
     """The in-process one-rank pattern of test_step: the collective carries K + 1 numbers and one
     rank follows the single-process run bitwise.
     """
-    be = dg.backend("torch")
-    for var, val in (
-        ("RANK", "0"),
-        ("WORLD_SIZE", "1"),
-        ("MASTER_ADDR", "127.0.0.1"),
-        ("MASTER_PORT", "29999"),
-    ):
-        monkeypatch.setenv(var, val)
-    monkeypatch.setattr(be, "dist_init", lambda timeout=300.0: (0, 1))
+    be = one_rank_env(monkeypatch)  # one rank, no group joined
     model = nn.Sequential(nn.Flatten(), nn.Linear(8), nn.relu, nn.Linear(10))
     p0 = model.init(0, digits.example_input)
     est = dg.estimator("spsa", num_queries=3)
@@ -399,15 +391,7 @@ def test_zo_lean_keeps_the_callers_params_and_learns_with_dropout(be, digits):
 
 
 def test_zo_lean_cannot_run_data_parallel(digits, monkeypatch):
-    be = dg.backend("torch")
-    for var, val in (
-        ("RANK", "0"),
-        ("WORLD_SIZE", "1"),
-        ("MASTER_ADDR", "127.0.0.1"),
-        ("MASTER_PORT", "29999"),
-    ):
-        monkeypatch.setenv(var, val)
-    monkeypatch.setattr(be, "dist_init", lambda timeout=300.0: (0, 1))
+    one_rank_env(monkeypatch)  # one rank, no group joined
     model, p0 = _digits_mlp(digits, "float32")
     est = dg.estimator("spsa", lean=True)
     with pytest.raises(ValueError, match=r"spsa\(lean=True\) updates the params inside its own step"):

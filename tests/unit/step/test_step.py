@@ -12,6 +12,8 @@ from duogard import nn, optim
 from duogard.step import Batch, Step, build_step, choose_update
 from duogard.tree import tree_leaves, tree_map
 
+from helpers import one_rank_env
+
 
 def _mlp():
     return nn.Sequential(nn.Flatten(), nn.Linear(16), nn.relu, nn.Linear(10))
@@ -78,15 +80,7 @@ def test_forward_grad_reaches_the_builder(built):
 
 def test_data_parallel_builds_the_trainers_step_with_its_collective(digits, built, monkeypatch):
     """fit(distributed=...) inserts the collective as the step's reduce part: no swapped trainer."""
-    be = dg.backend("torch")
-    for var, val in (
-        ("RANK", "0"),
-        ("WORLD_SIZE", "1"),
-        ("MASTER_ADDR", "127.0.0.1"),
-        ("MASTER_PORT", "29999"),
-    ):
-        monkeypatch.setenv(var, val)
-    monkeypatch.setattr(be, "dist_init", lambda timeout=300.0: (0, 1))  # one rank, no group joined
+    be = one_rank_env(monkeypatch)  # one rank, no group joined
     model = _mlp()
     p0 = model.init(0, digits.example_input)
     tr = dg.Trainer(
@@ -179,21 +173,12 @@ def test_the_batch_names_its_parts(be, digits):
     assert seen == [("Batch", False), ("Batch", True)]
 
 
-def _one_rank_env(monkeypatch, world: int):
-    env = {"RANK": "0", "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29999"}
-    for var, val in env.items():
-        monkeypatch.setenv(var, val)
-    be = dg.backend("torch")
-    monkeypatch.setattr(be, "dist_init", lambda timeout=300.0: (0, world))  # no group joined
-    return be
-
-
 def test_ranks_launched_with_different_settings_are_refused_naming_them(digits, monkeypatch):
     """Rank 1 was launched with another --lr: the ranks' first collective compares a digest per
     setting, and the run stops before any step, naming the flag (it trained to diverged params)."""
     import hashlib
 
-    be = _one_rank_env(monkeypatch, 2)
+    be = one_rank_env(monkeypatch, 2)
     theirs = hashlib.sha256(repr(0.2).encode()).digest()
 
     def gather(x):  # what rank 1 sends: the same, but its "--lr" (first, sorted) is 0.2
@@ -219,7 +204,7 @@ def test_ranks_launched_with_different_settings_are_refused_naming_them(digits, 
 
 
 def test_the_configuration_digest_changes_with_each_setting(digits, monkeypatch):
-    _one_rank_env(monkeypatch, 1)
+    one_rank_env(monkeypatch)
     model = _mlp()
     seen = {}
 
