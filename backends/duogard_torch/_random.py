@@ -4,10 +4,14 @@ A key is a CPU int64 tensor of two 32-bit words. ``key``, ``split`` and ``fold_i
 default (``"portable"``) draws are duogard's Philox-4x32-10 generator
 (:mod:`duogard.backend._philox`, the specification): keys are derived on the host, draws run as
 int64 tensor ops on the arrays' device, and give the same numbers as every other backend.
-Small draws run on the host (NumPy); large normal and sign draws (float32 and below) on a
-CPU run kernels compiled by ``torch.compile`` (the rounds fused with Box-Muller or the bit
+On a CPU, draws of under a million numbers run on the host in one call of duogard's compiled
+Philox kernel (:mod:`duogard.backend._philox_host`; where it is not built, draws of up to
+16,384 words run the NumPy specification there instead); onto an accelerator, small draws run
+on the host and are copied over once. Large normal and sign draws (float32 and below) on a CPU
+run kernels compiled by ``torch.compile`` (the rounds fused with Box-Muller or the bit
 unpacking: eager int64 ops cost 3-7x ``torch.randn``), compiled on the first such draw of a
-process and cached on disk by inductor; ``DUOGARD_COMPILE_DRAWS=0`` keeps every draw eager.
+process and cached on disk by inductor; ``DUOGARD_COMPILE_DRAWS=0`` keeps them off the
+compiler (then the host kernel, else eager ops, draws them).
 ``generator="native"`` draws with a ``torch.Generator`` seeded from a splitmix64 hash of the key.
 """
 
@@ -21,6 +25,7 @@ import numpy as np
 import torch
 
 from duogard.backend import _philox as spec
+from duogard.backend import _philox_host as host
 from duogard.backend.authoring import check_draw_rows, check_generator
 
 from ._arrays import as_dtype
@@ -127,8 +132,8 @@ def _words(key, n: int, device):
     counters at a time.
     """
     k0, k1 = _words_of(key)
-    if n <= _HOST_WORDS:  # a small draw (a rank-1 factor, a bias): NumPy on the host, one copy over
-        return torch.from_numpy(spec.words((k0, k1), n).astype(np.int64)).to(device)
+    if n <= _host_limit(device):  # a small draw (a rank-1 factor, a bias): on the host, one copy over
+        return torch.from_numpy(host.words((k0, k1), n).astype(np.int64)).to(device)
     blocks = -(-n // 4)
     out = torch.empty((blocks, 4), dtype=torch.int64, device=device)
     for start in range(0, blocks, _CHUNK):
@@ -265,17 +270,39 @@ def _uniform_of(w, dtype):
     return u.clamp_(max=spec.below_one(str(dtype).removeprefix("torch.")))
 
 
+def _host_limit(device) -> int:
+    """The largest draw (in numbers or words) that runs on the host: below the compiled
+    kernels' size on a CPU where the host kernel is built (it is faster than eager torch ops
+    there), a few thousand otherwise (the copy to an accelerator, or NumPy's rounds, cost more
+    for larger draws than the device's own ops).
+    """
+    return _COMPILE_MIN - 1 if _host_kernel_on(device) else _HOST_WORDS
+
+
+def _host_kernel_on(device) -> bool:
+    """Whether draws onto ``device`` may run on the host kernel: a CPU, with the kernel built."""
+    return torch.device(device or "cpu").type == "cpu" and host.kernel() is not None
+
+
+def _on_host(kind: str, key, n: int, dtype, device):
+    """``n`` numbers of ``kind`` drawn on the host (the kernel, else the NumPy specification)
+    and copied over once: the same numbers (normal ones to float rounding).
+    """
+    flat = host.draw_many(kind, [_words_of(key)], [n], _host_dtype(dtype))
+    return torch.from_numpy(flat).to(device=device, dtype=dtype)
+
+
 def _portable_normal(key, n: int, dtype, device):
-    if n <= _HOST_WORDS:
+    if n <= _host_limit(device):
         # a small draw: the whole Box-Muller on the host, one copy over (the ~10 torch ops it
-        # takes cost more than the NumPy rounds); the same formula, equal to float rounding
-        k0, k1 = _words_of(key)
-        host = spec.normal((k0, k1), n, _host_dtype(dtype))
-        return torch.from_numpy(host).to(device=device, dtype=dtype)
+        # takes cost more); the same formula, equal to float rounding
+        return _on_host("normal", key, n, dtype, device)
     if _compiles(n, dtype, device):
         out = _compiled("normal", key, n, dtype)
         if out is not None:
             return out
+    if _host_kernel_on(device):  # no compiled kernel: the host kernel beats eager int64 ops
+        return _on_host("normal", key, n, dtype, device)
     pairs = -(-n // 2)
     work = _working(dtype)
     u = _unit(_words(key, 2 * pairs, device), work).reshape(pairs, 2)
@@ -287,10 +314,14 @@ def _portable_normal(key, n: int, dtype, device):
 def _portable_signs(key, n: int, dtype, device):
     # sign j is bit j % 32 of word j // 32: the words as int32 are four little-endian bytes,
     # byte b holds bits 8b..8b+7, unpacked eight at a time through the (256, 8) sign table
+    if n <= _host_limit(device) and host.kernel() is not None:
+        return _on_host("rademacher", key, n, dtype, device)
     if _compiles(n, dtype, device):
         out = _compiled("signs", key, n, dtype)
         if out is not None:
             return out
+    if _host_kernel_on(device):
+        return _on_host("rademacher", key, n, dtype, device)
     w = _words(key, -(-n // 32), device).to(torch.int32)
     table = _sign_table(dtype, w.device)
     return torch.index_select(table, 0, w.view(torch.uint8).long()).reshape(-1)[:n]
@@ -349,14 +380,15 @@ def draw_rows(kind, keys, sizes, rows, dtype="float32", device=None, generator="
     sizes = check_draw_rows(kind, keys, sizes)
     native = check_generator(generator) == "native"
     dtype, rows = as_dtype(dtype), int(rows)
-    small = [j for j, s in enumerate(sizes) if not native and rows * s <= _HOST_WORDS]
+    limit = _host_limit(device)
+    small = [j for j, s in enumerate(sizes) if not native and rows * s <= limit]
     if len(sizes) == 1 and not small and not (native and kind == "normal"):
         draw = normal if kind == "normal" else rademacher  # one block: no copy into a new array
         return draw(keys[0], (rows, sizes[0]), dtype=dtype, device=device, generator=generator)
     counts = [rows * sizes[j] for j in small]
     if small:
         words = np.stack([np.asarray(_words_of(keys[j]), dtype=np.uint32) for j in small])
-        flat = torch.from_numpy(spec.draw_many(kind, words, counts, _host_dtype(dtype))).to(device, dtype)
+        flat = torch.from_numpy(host.draw_many(kind, words, counts, _host_dtype(dtype))).to(device, dtype)
         if len(sizes) == 1:
             return flat.reshape(rows, sizes[0])
     out = torch.empty((rows, sum(sizes)), dtype=dtype, device=device)

@@ -1,0 +1,93 @@
+"""The portable generator's draws on the host, in one call of a compiled kernel.
+
+:mod:`duogard.backend._philox` is the specification, written in NumPy: a draw there is ~100
+whole-array operations, each with microseconds of per-call overhead, so a model's tangents (a
+few thousand numbers per leaf) cost ~0.5 ms, against a few microseconds for a framework's own
+generator. ``_philox_kernel.c`` computes the same numbers in one C loop per key (words, uniform
+numbers and signs bit for bit equal to the specification, normal numbers to float rounding:
+its float32 ``log``, ``cos`` and ``sin`` are polynomials within a few ulp of the C library's).
+It is built as an optional extension when the package is installed; where it was not built
+(no C compiler), or ``DUOGARD_PHILOX_KERNEL=0``, these functions fall back to the NumPy
+specification, with the same numbers.
+
+A backend that draws on the host (the torch backend's small draws) calls :func:`draw_many`
+and :func:`words`; :func:`kernel` says which ran (the bench's drawing table prints it).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+import os
+
+import numpy as np
+
+from duogard.backend import _philox as spec
+
+__all__ = ["draw_many", "kernel", "words"]
+
+_KINDS = {"words": 0, "uniform": 1, "normal": 2, "rademacher": 3}
+_LOADED: list = []  # [the kernel's draw function, or None]
+
+
+def kernel():
+    """The compiled kernel's draw function, or None where it is not built or is switched off
+    (``DUOGARD_PHILOX_KERNEL=0``): then every draw here runs the NumPy specification.
+    """
+    if os.environ.get("DUOGARD_PHILOX_KERNEL", "1") == "0":
+        return None
+    if not _LOADED:
+        _LOADED.append(_load())
+    return _LOADED[0]
+
+
+def _load():
+    spec_ = importlib.util.find_spec("duogard.backend._philox_kernel")
+    if spec_ is None or not spec_.origin or not os.path.isfile(spec_.origin):
+        return None
+    try:
+        fn = ctypes.CDLL(spec_.origin).duogard_philox_draw
+    except (OSError, AttributeError):  # a stale or foreign build: the specification serves
+        return None
+    fn.restype = ctypes.c_int
+    fn.argtypes = [
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.c_void_p,
+        ctypes.c_void_p,
+        ctypes.c_int64,
+        ctypes.c_void_p,
+    ]
+    return fn
+
+
+def _run(fn, kind: str, keys, counts, dtype) -> np.ndarray:
+    keys = np.ascontiguousarray(np.asarray(keys, dtype=np.uint32).reshape(-1, 2))
+    counts = np.ascontiguousarray(np.asarray(counts, dtype=np.int64).reshape(-1))
+    if len(keys) != len(counts) or (counts < 0).any():
+        raise ValueError(f"draw_many: {len(keys)} keys for {len(counts)} counts, or a negative count")
+    out = np.empty(int(counts.sum()), dtype=dtype)
+    f64 = int(dtype == np.float64)
+    if fn(_KINDS[kind], f64, keys.ctypes.data, counts.ctypes.data, len(counts), out.ctypes.data) != 0:
+        raise RuntimeError(f"the Philox kernel refused the draw kind {kind!r}")  # not reached
+    return out
+
+
+def draw_many(kind: str, keys, counts, dtype=np.float32) -> np.ndarray:
+    """``kind(keys[j], counts[j])`` (``"normal"``, ``"rademacher"`` or ``"uniform"``) for every
+    ``j``, concatenated, in ``dtype`` (float32 or float64: a half-precision draw is the float32
+    one rounded, which the caller does): :func:`duogard.backend._philox.draw_many`'s numbers.
+    """
+    dtype = np.dtype(dtype).type
+    fn = kernel()
+    if fn is None or kind not in ("normal", "rademacher", "uniform") or dtype not in (np.float32, np.float64):
+        return spec.draw_many(kind, keys, counts, dtype)
+    return _run(fn, kind, keys, counts, dtype)
+
+
+def words(key, n: int) -> np.ndarray:
+    """The first ``n`` words of ``key``'s stream (uint32): :func:`duogard.backend._philox.words`."""
+    fn = kernel()
+    if fn is None:
+        return spec.words(key, n)
+    return _run(fn, "words", [key], [int(n)], np.uint32)
