@@ -42,6 +42,7 @@ METHODS: dict[str, tuple[str, dict]] = {
     "fwd-K1-rademacher": ("forward", {"num_tangents": 1, "distribution": "rademacher"}),
     "fwd-K4-normal": ("forward", {"num_tangents": 4, "distribution": "normal"}),
     "fwd-K16-normal": ("forward", {"num_tangents": 16, "distribution": "normal"}),
+    "fwd-K16-rademacher": ("forward", {"num_tangents": 16, "distribution": "rademacher"}),
     "forward-activity": ("forward-activity", {"distribution": "normal"}),
     # rank-1 tangents: u wᵀ per weight (u: out numbers, w: the rest), biases dense
     "fwd-K1-normal-rank1": ("forward", {"num_tangents": 1, "distribution": "normal", "tangents": "rank1"}),
@@ -60,7 +61,8 @@ RANK1_METHODS = tuple(m for m in METHODS if METHODS[m][1].get("tangents") == "ra
 
 TARGETS = {
     "forward_over_backprop": 1.0,
-    "duogard_over_hand": 1.05,
+    # issue 29: duogard's fit step within 1.15x of a hand-written step of the same framework
+    "duogard_over_hand": 1.15,
     "tangent_share": 0.25,
     "memory_depth_ratio": 1.2,
     "conversion_size_ratio": 2.0,
@@ -69,7 +71,13 @@ TARGETS = {
     # 100 small leaves against 100 bare calls
     "conversion_over_bare": 1.3,
     "conversion_tree_over_bare": 1.5,
-    "rank1_over_backprop": 1.0,  # K = 1, normal, MLP
+    # issue 29's limits for the rank-1 forward step against backprop (K = 1, normal): the MLP,
+    # the CNN, and the lean step on the MLP
+    "rank1_over_backprop": 0.7,
+    "rank1_cnn_over_backprop": 0.8,
+    "rank1_lean_over_backprop": 0.9,
+    # issue 29: K = 16 dense Rademacher tangents against backprop (MLP)
+    "k16_rademacher_over_backprop": 13.0,
     # K = 16, normal, MLP: the arithmetic, not a wish. The 16 tangents go through layers 2 and 3
     # as (16 B, in) by (in, out) products: with the primal that is 18.8 M multiply-adds per example
     # against backprop's 4.8 M (forward, weight and input gradients), 3.9x; the hand-written
@@ -224,7 +232,8 @@ def sizes_for(*, quick: bool = False, tiny: bool = False, rank1: bool = False) -
         mlp_hidden=(1024, 1024),
         cnn_channels=64,
         cnn_hidden=1024,
-        methods={"mlp": all_methods, "cnn": all_methods},
+        # K = 16 dense Rademacher is a target row of the MLP only (issue 29)
+        methods={"mlp": all_methods, "cnn": tuple(m for m in all_methods if m != "fwd-K16-rademacher")},
         rounds=5,
         round_seconds=0.3,
         max_reps=25,

@@ -106,7 +106,7 @@ def evaluate_targets(step, memory, conv, draw_opts) -> list[dict]:
                 out.append(rec)
     # 1b. rank-1 tangents against backprop (MLP)
     out.extend(_rank1_targets(idx, t, share, backends))
-    # 2. duogard <= 1.05 x hand-written
+    # 2. duogard <= 1.15 x hand-written (issue 29)
     for b in backends:
         for m in models:
             ratios = {
@@ -140,7 +140,7 @@ def evaluate_targets(step, memory, conv, draw_opts) -> list[dict]:
                     parts.append(f"{me} {v:.2f}x (+{extra_ms:.2f} ms" + drawing + ")")
                 rec["why"] = (
                     "misses: " + "; ".join(parts) + ". See RESULTS.md (third to fifth rounds): "
-                    "the rows found above 1.05 and what was fixed; on this shared machine single "
+                    "the rows found above the limit and what was fixed; on this shared machine single "
                     "ratios move by up to ±20% between runs, so re-time a miss in pairs before "
                     "chasing it."
                 )
@@ -268,33 +268,36 @@ def _us_per_leaf(rows) -> float:
 
 
 def _rank1_targets(idx, t, share, backends) -> list[dict]:
-    """Target 1b: the rank-1 forward step (duogard, and its lean step) against backprop, on the MLP."""
+    """Target 1b: the rank-1 forward step (duogard, and its lean step) against backprop, on the MLP
+    and the CNN, and K = 16 dense Rademacher tangents on the MLP, at issue 29's limits."""
     out = []
     for b in backends:
-        for me, im, limit in (
-            ("fwd-K1-normal-rank1", "duogard", TARGETS["rank1_over_backprop"]),
-            ("fwd-K1-normal-rank1", "duogard-lean", TARGETS["rank1_over_backprop"]),
-            ("fwd-K16-normal-rank1", "duogard", TARGETS["rank1_k16_over_backprop"]),
+        for model, me, im, limit in (
+            ("mlp", "fwd-K1-normal-rank1", "duogard", TARGETS["rank1_over_backprop"]),
+            ("mlp", "fwd-K1-normal-rank1", "duogard-lean", TARGETS["rank1_lean_over_backprop"]),
+            ("cnn", "fwd-K1-normal-rank1", "duogard", TARGETS["rank1_cnn_over_backprop"]),
+            ("mlp", "fwd-K16-normal-rank1", "duogard", TARGETS["rank1_k16_over_backprop"]),
+            ("mlp", "fwd-K16-rademacher", "duogard", TARGETS["k16_rademacher_over_backprop"]),
         ):
-            if (b, "mlp", me, im) not in idx:
+            if (b, model, me, im) not in idx:
                 continue
-            r = idx[(b, "mlp", me, im)]
+            r = idx[(b, model, me, im)]
             rec = {
-                "target": "rank-1 forward step / backprop step",
+                "target": ("rank-1 " if "rank1" in me else "dense ") + "forward step / backprop step",
                 "backend": b,
-                "model": "mlp",
+                "model": model,
                 "method": me + (" lean" if im == "duogard-lean" else ""),
-                "measured": ratio_of(t(b, "mlp", me, im), t(b, "mlp", "backprop")),
+                "measured": ratio_of(t(b, model, me, im), t(b, model, "backprop")),
                 "limit": limit,
                 "rank1_over_dense": r.get("ratios", {}).get("rank1_over_dense"),
             }
             if not rec["measured"] <= limit:
-                hand = ratio_of(t(b, "mlp", me, "hand"), t(b, "mlp", "backprop", "hand"))
-                sh = share(b, "mlp", me, im)
+                hand = ratio_of(t(b, model, me, "hand"), t(b, model, "backprop", "hand"))
+                sh = share(b, model, me, im)
                 dense = rec["rank1_over_dense"]
                 rec["why"] = (
-                    f"{fmt(1e3 * t(b, 'mlp', me, im))} ms against {fmt(1e3 * t(b, 'mlp', 'backprop'))} ms; "
-                    f"the hand-written {b} rank-1 step is {fmt(hand)}x its backprop"
+                    f"{fmt(1e3 * t(b, model, me, im))} ms against {fmt(1e3 * t(b, model, 'backprop'))} ms; "
+                    f"the hand-written {b} step is {fmt(hand)}x its backprop"
                     + (
                         f"; drawing the factors is {fmt(100 * sh, '.0f')}% of the step"
                         if math.isfinite(sh)
@@ -302,7 +305,7 @@ def _rank1_targets(idx, t, share, backends) -> list[dict]:
                     )
                     + (f"; {fmt(dense)}x the dense-tangent step of the same K" if dense is not None else "")
                     + (
-                        ". The hand-written rank-1 step misses too, so the gap is not duogard's own: it "
+                        ". The hand-written step misses too, so the gap is not duogard's own: it "
                         "is the framework's forward pass (the primal and its K tangents) against one "
                         "forward and one backward pass, or the machine"
                         if hand > limit
