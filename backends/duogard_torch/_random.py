@@ -77,7 +77,7 @@ def fold_in(key, data: int):
 
 @torch.compiler.disable
 def fold_in_many(key, data):
-    return torch.as_tensor(spec.fold_in_many_words(_words_of(key), [int(d) for d in data]).astype(np.int64))
+    return torch.as_tensor(host.fold_in_many(_words_of(key), [int(d) for d in data]).astype(np.int64))
 
 
 def key_data(key) -> np.ndarray:
@@ -389,8 +389,8 @@ def draw_rows(kind, keys, sizes, rows, dtype="float32", device=None, generator="
     if small:
         words = np.stack([np.asarray(_words_of(keys[j]), dtype=np.uint32) for j in small])
         flat = torch.from_numpy(host.draw_many(kind, words, counts, _host_dtype(dtype))).to(device, dtype)
-        if len(sizes) == 1:
-            return flat.reshape(rows, sizes[0])
+        if len(sizes) == 1 or (rows == 1 and len(small) == len(sizes)):
+            return flat.reshape(rows, -1)  # one row of blocks side by side: the concatenation
     out = torch.empty((rows, sum(sizes)), dtype=dtype, device=device)
     starts = [int(a) for a in np.cumsum(sizes) - np.asarray(sizes, dtype=np.int64)]
     for j, at, n in zip(small, np.cumsum(counts) - counts, counts):

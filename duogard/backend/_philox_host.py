@@ -24,10 +24,10 @@ import numpy as np
 
 from duogard.backend import _philox as spec
 
-__all__ = ["draw_many", "kernel", "words"]
+__all__ = ["draw_many", "fold_in_many", "kernel", "words"]
 
 _KINDS = {"words": 0, "uniform": 1, "normal": 2, "rademacher": 3}
-_LOADED: list = []  # [the kernel's draw function, or None]
+_LOADED: list = []  # [(the kernel's draw function, its blocks function), or None]
 
 
 def kernel():
@@ -38,7 +38,11 @@ def kernel():
         return None
     if not _LOADED:
         _LOADED.append(_load())
-    return _LOADED[0]
+    return _LOADED[0] and _LOADED[0][0]
+
+
+def _blocks():
+    return kernel() and _LOADED[0][1]
 
 
 def _load():
@@ -46,19 +50,14 @@ def _load():
     if spec_ is None or not spec_.origin or not os.path.isfile(spec_.origin):
         return None
     try:
-        fn = ctypes.CDLL(spec_.origin).duogard_philox_draw
+        lib = ctypes.CDLL(spec_.origin)
+        draw, blocks = lib.duogard_philox_draw, lib.duogard_philox_blocks
     except (OSError, AttributeError):  # a stale or foreign build: the specification serves
         return None
-    fn.restype = ctypes.c_int
-    fn.argtypes = [
-        ctypes.c_int,
-        ctypes.c_int,
-        ctypes.c_void_p,
-        ctypes.c_void_p,
-        ctypes.c_int64,
-        ctypes.c_void_p,
-    ]
-    return fn
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    draw.restype, draw.argtypes = ctypes.c_int, [ctypes.c_int, ctypes.c_int, p, p, i64, p]
+    blocks.restype, blocks.argtypes = None, [p, p, i64, p]
+    return draw, blocks
 
 
 def _run(fn, kind: str, keys, counts, dtype) -> np.ndarray:
@@ -91,3 +90,20 @@ def words(key, n: int) -> np.ndarray:
     if fn is None:
         return spec.words(key, n)
     return _run(fn, "words", [key], [int(n)], np.uint32)
+
+
+def fold_in_many(key, data) -> np.ndarray:
+    """``fold_in(key, d)`` for every ``d`` in ``data`` (a ``(len(data), 2)`` uint32 array):
+    :func:`duogard.backend._philox.fold_in_many_words`, one kernel call for all of them.
+    """
+    fn = _blocks()
+    if fn is None:
+        return spec.fold_in_many_words(key, data)
+    z = np.asarray([int(d) & ((1 << 64) - 1) for d in data], dtype=np.uint64)
+    counters = np.zeros((len(z), 4), dtype=np.uint32)
+    counters[:, 0], counters[:, 1], counters[:, 3] = z & 0xFFFFFFFF, z >> np.uint64(32), spec.FOLD_TAG
+    keys = np.empty((len(z), 2), dtype=np.uint32)
+    keys[:] = np.asarray(key, dtype=np.uint64) & 0xFFFFFFFF
+    out = np.empty((len(z), 4), dtype=np.uint32)
+    fn(counters.ctypes.data, keys.ctypes.data, len(z), out.ctypes.data)
+    return np.ascontiguousarray(out[:, :2])

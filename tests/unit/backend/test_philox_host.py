@@ -72,6 +72,14 @@ def test_normal_numbers_hold_over_the_whole_range_of_words():
     assert abs(got.mean()) < 0.003 and abs(got.var() - 1) < 0.003
 
 
+@needs_kernel
+def test_fold_in_many_is_the_specs():
+    for key in ((0, 0), (0xFFFFFFFF, 0xFFFFFFFF), (12345, 678)):
+        data = [0, 1, 7, 2**32 - 1, 2**32, 2**63 + 5, 2**64 - 1]
+        np.testing.assert_array_equal(host.fold_in_many(key, data), spec.fold_in_many_words(key, data))
+    assert host.fold_in_many((1, 2), []).shape == (0, 2)
+
+
 def test_switched_off_it_is_the_specification(monkeypatch):
     monkeypatch.setenv("DUOGARD_PHILOX_KERNEL", "0")
     assert host.kernel() is None
@@ -80,6 +88,7 @@ def test_switched_off_it_is_the_specification(monkeypatch):
         host.draw_many("normal", keys, [5, 0, 300]), spec.draw_many("normal", keys, [5, 0, 300])
     )
     np.testing.assert_array_equal(host.words(tuple(keys[0]), 9), spec.words(tuple(keys[0]), 9))
+    np.testing.assert_array_equal(host.fold_in_many((3, 4), [1, 2]), spec.fold_in_many_words((3, 4), [1, 2]))
 
 
 @needs_kernel
