@@ -264,3 +264,24 @@ def _check_targets_have_figure_limit_status_and_why(result):
         assert t["status"] == ("PASS" if t["measured"] <= t["limit"] else "MISS")
         if t["status"] == "MISS":
             assert t["why"]
+
+
+def test_main_job_bench_times_compares_methods_beside_hand_written_steps(tmp_path):
+    """benchmarks/main_job.py: every compare default method on both backends, duogard beside the
+    hand-written step; the ratios are computed from the timings, and the targets' verdicts follow
+    the limits."""
+    from helpers import ROOT, load_script
+
+    mod = load_script(ROOT / "benchmarks" / "main_job.py", "main_job_bench")
+    t = mod.measure(("jax", "torch"), rounds=1, reps=2)
+    assert len(t) == 3 * 2 * len(mod.MAIN_JOB_METHODS) and all(v > 0 for v in t.values())
+    recs = mod.rows(t)
+    back = recs[0]
+    assert back["torch_over_hand"] == t[("torch", "backprop", "duogard")] / t[("torch", "backprop", "hand")]
+    assert back["ratio_of_ratios"] == back["torch_over_jax"] / back["torch_over_jax_hand"]
+    # the verdicts follow the limits, on made-up figures
+    fake = {k: 1.0 for k in t}
+    fake[("torch", "backprop", "duogard")] = 1.3
+    text = mod.report(mod.rows(fake))
+    assert "MISS  torch backprop" in text and "PASS  jax   backprop" in text
+    assert "MISS  torch/JAX backprop" in text and "PASS  torch/JAX forward " in text
