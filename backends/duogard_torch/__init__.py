@@ -19,7 +19,7 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
         'pip install "duogard[torch]"'
     ) from exc
 try:
-    import array_api_compat.torch as _xp
+    import array_api_compat.torch  # noqa: F401 - the Array API layer under _xp.xp
 except ImportError as exc:  # pragma: no cover
     raise ImportError(
         'duogard\'s torch backend needs array-api-compat: pip install "duogard[torch]"'
@@ -110,6 +110,7 @@ from ._random import (
     uniform,
 )
 from ._tree import tree_flatten, tree_leaves, tree_map, tree_structure, tree_unflatten
+from ._xp import xp as _fast_xp
 
 __all__ = [
     # identity and numerics
@@ -220,7 +221,7 @@ install_hint = 'pip install torch==2.13.0 "duogard[torch]"'
 #: use duogard's hand-written forward rules for its own layers where they apply?
 fast_jvp_rules = True  # torch.func.jvp pays for dual tensors op by op; duogard's own rules are faster
 float64_always = True  # torch holds float64 whenever asked
-xp = _xp
+xp = _fast_xp  # array_api_compat.torch, its per-step calls sent straight to torch
 
 float32 = torch.float32
 float64 = torch.float64

@@ -208,9 +208,16 @@ def test_local_methods_follow_the_same_trajectory_on_both_backends(both, digits,
         for b in both
     ]  # fmt: skip
     a, b = (np.array([r["loss"] for r in run.history]) for run in runs)
-    np.testing.assert_allclose(a, b, rtol=5e-5)
+    # normal tangents are equal to float rounding (each framework's float32 log, cos and sin
+    # differ in the last bit for a fifth of the numbers), and 100 noisy weight-perturbed steps
+    # amplify that: 1.3e-4 in the loss and 6.4e-4 in a param by step 100 for local-forward (the
+    # noisiest: weight perturbation); the others stay within 5e-5 and 5e-4
+    noisy = method == "local-forward"
+    np.testing.assert_allclose(a, b, rtol=3e-4 if noisy else 5e-5)
     for pa, pb in zip(tree_leaves(runs[0].params), tree_leaves(runs[1].params)):
-        np.testing.assert_allclose(both[0].to_numpy(pa), both[1].to_numpy(pb), rtol=1e-3, atol=5e-4)
+        np.testing.assert_allclose(
+            both[0].to_numpy(pa), both[1].to_numpy(pb), rtol=1e-3, atol=1.5e-3 if noisy else 5e-4
+        )
     assert a[-10:].mean() < a[:10].mean()  # and it learns
 
 
