@@ -29,12 +29,11 @@ from duogard import (
     train,
     tree,
 )
+from duogard._version import __version__
 from duogard.backend import available_backends, backend, backend_of, extras_module, use_backend  # noqa: F811
 from duogard.grad import estimator, supervised
 from duogard.interop import convert
 from duogard.train import Trainer, fit
-
-__version__ = "0.1.0"
 
 __all__ = [
     "__version__",
