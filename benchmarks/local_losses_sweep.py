@@ -26,7 +26,7 @@ import numpy as np
 
 import duogard as dg
 from duogard import optim
-from duogard.cli._methods import parse_method
+from duogard.methods import parse_method
 from duogard.train import build_model
 
 #: The rows reported, as ``duogard compare --methods`` writes them (``lr=``: the best SGD

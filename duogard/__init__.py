@@ -16,10 +16,12 @@ import importlib
 
 from duogard import (
     backend,  # the package; the name is the function of the same name below
+    comparison,
     data,
     grad,
     interop,
     losses,
+    methods,
     nn,
     optim,
     parity,
@@ -29,12 +31,12 @@ from duogard import (
     train,
     tree,
 )
+from duogard._version import __version__
 from duogard.backend import available_backends, backend, backend_of, extras_module, use_backend  # noqa: F811
+from duogard.comparison import compare_methods
 from duogard.grad import estimator, supervised
 from duogard.interop import convert
 from duogard.train import Trainer, fit
-
-__version__ = "0.1.0"
 
 __all__ = [
     "__version__",
@@ -52,6 +54,8 @@ __all__ = [
     "train",
     "interop",
     "parity",
+    "methods",
+    "comparison",
     "step",
     "testing",
     "tree",
@@ -63,6 +67,7 @@ __all__ = [
     "fit",
     "Trainer",
     "convert",
+    "compare_methods",
     # registered extras of the torch backend (loaded on first use)
     "from_torch",
     "to_torch",

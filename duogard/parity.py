@@ -4,11 +4,16 @@ The same initial params (NumPy init), the same batches (NumPy, step-indexed), an
 stochastic estimators the SAME tangents: drawn once per step on the first backend and
 handed to the second by DLPack. Any difference is then the frameworks' own arithmetic (or a
 real bug), not noise.
+
+:func:`compare_backends` runs it (``compare`` is its old name: deprecated, it warns and goes in
+the next release; :func:`duogard.comparison.compare_methods` is the main job, every backend x
+method).
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -19,7 +24,7 @@ from duogard.backend import DEFAULT_PAIR
 from duogard.backend import backend as _backend
 from duogard.tree import flatten_dict, tree_map
 
-__all__ = ["ROUNDING_FACTOR", "ParityReport", "compare", "default_tolerance"]
+__all__ = ["ROUNDING_FACTOR", "ParityReport", "compare_backends", "default_tolerance"]
 
 
 #: A calibrated float32 run diverges only beyond this many times its own rounding (measured
@@ -122,7 +127,7 @@ def _diff(tree_a: dict, tree_b: dict, floor: float = 0.0):
     return max_abs, math.sqrt(num) / max(math.sqrt(den), floor, 1e-30), worst, math.sqrt(den)
 
 
-def compare(
+def compare_backends(
     model,
     loss: Callable | str,
     optimizer,
@@ -308,3 +313,20 @@ def _diverged(p_rel: float, g_rel: float, tol: float, rounding) -> bool:
     if rounding is None:
         return max(p_rel, g_rel) > tol
     return any(rel > max(tol, ROUNDING_FACTOR * r) for rel, r in zip((p_rel, g_rel), rounding))
+
+
+# old name -> new name; the old names go in the next release
+_DEPRECATED = {"compare": "compare_backends"}
+
+
+def __getattr__(name: str):
+    if name in _DEPRECATED:
+        new = _DEPRECATED[name]
+        warnings.warn(
+            f"duogard.parity.{name} is deprecated and goes in the next release: use "
+            f"duogard.parity.{new} (duogard.compare_methods is the main job, every backend x method)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return globals()[new]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

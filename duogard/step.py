@@ -2,9 +2,10 @@
 
 Every way duogard trains calls :func:`build_step`, with different parts, never a copy of it:
 :class:`duogard.train.Trainer` (and so :func:`duogard.fit`), the data-parallel step (a
-collective inserted between the estimate and the update), :func:`duogard.parity.compare`
-(tangents given instead of drawn), the lean steps (``update="sgd-lean"``, ``"zo-lean"``) and the torch port's
-``forward_grad_`` (``update="none"``: the estimate is returned for ``torch.optim`` to apply).
+collective inserted between the estimate and the update),
+:func:`duogard.parity.compare_backends` (tangents given instead of drawn), the lean steps
+(``update="sgd-lean"``, ``"zo-lean"``) and the torch port's ``forward_grad_``
+(``update="none"``: the estimate is returned for ``torch.optim`` to apply).
 
 A step is, in order:
 

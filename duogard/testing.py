@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from duogard.backend import DEFAULT_PAIR
-from duogard.parity import compare
+from duogard.parity import compare_backends
 
 __all__ = ["assert_backends_agree"]
 
@@ -28,7 +28,7 @@ def assert_backends_agree(
     relative difference against ``rtol``); returns the :class:`duogard.parity.ParityReport`
     otherwise. pytest shows the message as is.
     """
-    report = compare(
+    report = compare_backends(
         model,
         loss,
         optimizer,

@@ -32,8 +32,8 @@ import numpy as np
 
 import duogard as dg
 from duogard import optim
-from duogard.cli import parse_method
 from duogard.data import OBJECTIVES
+from duogard.methods import parse_method
 
 #: per function: initial learning rate, decay rate k, steps (all overridable on the command line)
 DEFAULTS = {

@@ -78,7 +78,8 @@ __all__ = [
 _ENTRY_POINT_GROUP = "duogard.backends"
 _BUILTIN = {"jax": "duogard_jax", "torch": "duogard_torch"}
 _DEFAULT_ORDER = ("jax", "torch")
-#: The default pair of a cross-backend comparison (``duogard.parity.compare``, ``duogard parity``).
+#: The default pair of a cross-backend comparison (``duogard.parity.compare_backends``,
+#: ``duogard parity``).
 DEFAULT_PAIR = _DEFAULT_ORDER
 _current: contextvars.ContextVar[str | None] = contextvars.ContextVar("duogard_backend", default=None)
 _loaded: dict[str, ModuleType] = {}

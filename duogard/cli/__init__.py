@@ -1,9 +1,13 @@
 """The ``duogard`` command: ``train``, ``compare`` (the main job), ``parity``, ``bench``.
 
-One module per command (``add_parser`` and ``run``); ``_methods`` holds the
-``name[:option=value,...]`` grammar and the one table of default learning rates, ``_options``
+One module per command (``add_parser`` and ``run``): each is the front of a library function
+(``compare`` of :func:`duogard.comparison.compare_methods`, ``parity`` of
+:func:`duogard.parity.compare_backends`, ``train`` of :func:`duogard.fit`); ``_options`` holds
 the flags several commands share, ``_outputs`` the output paths (checked before any work),
-``_interrupt`` Ctrl-C, ``_errors`` the exit codes. Library modules never import this package.
+``_interrupt`` Ctrl-C, ``_errors`` the exit codes. The ``name[:option=value,...]`` grammar and
+the one table of default learning rates are the library's :mod:`duogard.methods` (their old
+names here, ``duogard.cli.parse_method`` and the others, are deprecated: they warn and go in the
+next release). Library modules never import this package.
 
 Exit codes (:mod:`duogard.cli._errors`): 0 success; 1 a run failed (a non-finite loss, an output
 that could not be written, an error inside duogard: one line, ``--debug`` for the traceback);
@@ -14,18 +18,12 @@ that could not be written, an error inside duogard: one line, ``--debug`` for th
 from __future__ import annotations
 
 import argparse
+import warnings
 from collections.abc import Sequence
 
+from duogard import methods as _methods
 from duogard.cli import bench, compare, parity, train
 from duogard.cli._errors import UsageError, report_errors
-from duogard.cli._methods import (
-    DEFAULT_METHODS,
-    LEARNING_RATES,
-    MethodSpec,
-    default_lr,
-    parse_method,
-    parse_methods,
-)
 
 __all__ = [
     "main",
@@ -33,12 +31,6 @@ __all__ = [
     "report_errors",
     "add_debug_flag",
     "UsageError",
-    "MethodSpec",
-    "parse_method",
-    "parse_methods",
-    "DEFAULT_METHODS",
-    "LEARNING_RATES",
-    "default_lr",
 ]
 
 _COMMANDS = {"train": train, "compare": compare, "bench": bench, "parity": parity}
@@ -73,3 +65,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     return report_errors(args.command, _COMMANDS[args.command].run, args)
+
+
+#: The method grammar's old names here (moved to :mod:`duogard.methods`); they go in the next release.
+_DEPRECATED = (
+    "MethodSpec",
+    "parse_method",
+    "parse_methods",
+    "DEFAULT_METHODS",
+    "LEARNING_RATES",
+    "default_lr",
+)
+
+
+def __getattr__(name: str):
+    if name in _DEPRECATED:
+        warnings.warn(
+            f"duogard.cli.{name} is deprecated and goes in the next release: use duogard.methods.{name}",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return getattr(_methods, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -12,6 +12,8 @@ import sys
 import traceback
 from collections.abc import Callable
 
+from duogard.methods import MethodError
+
 __all__ = [
     "UsageError",
     "OutputError",
@@ -30,8 +32,14 @@ class UsageError(ValueError):
 
     Raised by the CLI's own checks of flags, methods, paths and data, and by its calls into
     the library whose argument errors come straight from a flag (wrapped where it calls them).
-    Any other exception is not the user's mistake and exits 1.
+    A :class:`duogard.methods.MethodError` (a ``--grad`` or ``--methods`` written wrongly,
+    raised by the library's grammar) is a usage error too. Any other exception is not the
+    user's mistake and exits 1.
     """
+
+
+#: What a command reports as the user's mistake: exit 2, the message alone.
+_USAGE_ERRORS = (UsageError, MethodError)
 
 
 class OutputError(Exception):
@@ -58,8 +66,8 @@ class RunInterruptedError(Exception):
 def report_errors(name: str, run: Callable, args, *, prog: str | None = None) -> int:
     """``run(args)``'s exit code, with any error said in one line on stderr.
 
-    :class:`UsageError` exits 2, :class:`RunInterruptedError` its ``exit_code`` (130, 143),
-    ``KeyboardInterrupt`` 130,
+    :class:`UsageError` (and :class:`~duogard.methods.MethodError`) exits 2,
+    :class:`RunInterruptedError` its ``exit_code`` (130, 143), ``KeyboardInterrupt`` 130,
     ``FloatingPointError`` (a non-finite run) 1 with its message, and every other exception
     1 with its type and message. ``args.debug`` also prints the traceback. Messages start
     with ``prog`` (default ``duogard NAME``).
@@ -80,7 +88,7 @@ def report_errors(name: str, run: Callable, args, *, prog: str | None = None) ->
 
 
 def _one_line(prog: str, exc: Exception) -> str:
-    if isinstance(exc, (UsageError, OutputError, RunFailedError)):
+    if isinstance(exc, (*_USAGE_ERRORS, OutputError, RunFailedError)):
         return f"{prog}: error: {exc}"
     if isinstance(exc, RunInterruptedError):
         return f"{prog}: {exc}"
@@ -92,7 +100,7 @@ def _one_line(prog: str, exc: Exception) -> str:
 
 
 def _exit_code(exc: Exception) -> int:
-    if isinstance(exc, UsageError):
+    if isinstance(exc, _USAGE_ERRORS):
         return 2
     if isinstance(exc, RunInterruptedError):
         return exc.exit_code

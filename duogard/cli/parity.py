@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 
 from duogard.cli._errors import UsageError
-from duogard.cli._methods import parse_method
 from duogard.cli._options import (
     add_data_options,
     build_model_from_args,
@@ -18,6 +17,7 @@ from duogard.cli._options import (
     parse_backends,
     resolve_backend,
 )
+from duogard.methods import parse_method
 
 __all__ = ["add_parser", "run"]
 
@@ -49,7 +49,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
 def run(args) -> int:
     """Print the lockstep table; exit 1 when the backends diverge."""
     from duogard.backend import DEFAULT_PAIR
-    from duogard.parity import compare
+    from duogard.parity import compare_backends
 
     check_common(args)
     backends = tuple(parse_backends(args.backends) or DEFAULT_PAIR)
@@ -70,7 +70,7 @@ def run(args) -> int:
         f"duogard parity: {title} on {data.name}, {spec.label}, {args.optimizer}(lr={lr}), "
         f"{args.steps} steps, {args.dtype}, {backends[0]} vs {backends[1]} (shared tangents)"
     )
-    report = compare(
+    report = compare_backends(
         model,
         "cross_entropy",
         opt,

@@ -13,7 +13,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from duogard.cli._errors import OutputError, RunFailedError, RunInterruptedError, UsageError
-from duogard.cli._methods import parse_method
 from duogard.cli._options import (
     add_data_options,
     add_distributed_options,
@@ -29,6 +28,7 @@ from duogard.cli._options import (
     run_in_group,
 )
 from duogard.cli._outputs import check_output_dir, check_output_file, check_resume, write_text
+from duogard.methods import parse_method
 
 __all__ = [
     "add_parser",

@@ -87,7 +87,7 @@ def pin_matmul_precision() -> Iterator[None]:
     Example::
 
         with dg.interop.pin_matmul_precision():
-            report = dg.parity.compare(...)
+            report = dg.parity.compare_backends(...)
     """
     restores = []
     try:

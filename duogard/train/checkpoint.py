@@ -205,7 +205,7 @@ def _serialise(params, opt_state, step, key, config, metrics) -> tuple[bytes, di
         tensors["key"] = data
         key_meta = {"shape": list(data.shape), "dtype": data.dtype.name, "backend": key_backend}
 
-    from duogard import __version__
+    from duogard._version import __version__
 
     manifest.update(
         duogard_version=__version__,

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 import duogard as dg
-from duogard.cli import UsageError, parse_method
+from duogard.methods import MethodError, parse_method
 
 __all__ = [
     "ConfigError",
@@ -124,7 +124,7 @@ def method_of(spec, *, allow_activity: bool = False):
         raise ConfigError(f"grad: expected a gradient method name such as 'forward', got {spec!r}")
     try:
         method = parse_method(spec, flag="grad")
-    except UsageError as exc:
+    except MethodError as exc:
         raise ConfigError(str(exc)) from None
     if method.name == "forward-activity" and not allow_activity:
         raise ConfigError(

@@ -75,7 +75,7 @@ class TorchRunner:
 
     Args:
         module: the ``nn.Module`` (trained in place).
-        method: a parsed ``grad`` (``duogard.cli.MethodSpec``).
+        method: a parsed ``grad`` (``duogard.methods.MethodSpec``).
         opt: the ``optimization`` config.
         seed: the seed of the tangents' key sequence.
     """

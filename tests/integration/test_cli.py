@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from duogard.cli import DEFAULT_METHODS, main
+from duogard.cli import main
+from duogard.methods import DEFAULT_METHODS
 
 from helpers import AVAILABLE
 

@@ -46,7 +46,7 @@ def _internal(exc):
 
 
 def _disk_full(mp):
-    mp.setattr("duogard.cli.compare.plot_runs", _raise(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))))
+    mp.setattr("duogard.comparison.plot_runs", _raise(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))))
 
 
 def _disk_full_after(saves: int):

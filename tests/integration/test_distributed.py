@@ -110,14 +110,14 @@ _WORKER = textwrap.dedent(
     found["single_to_dp"] = {"hash": digest(r.params), "steps": [h["step"] for h in r.history],
                              "params": [be.to_numpy(a).tolist() for a in dg.tree.tree_leaves(r.params)]}
     if name == "torch":  # the main job under torchrun: every run data-parallel, equal to one process
-        from duogard.cli.compare import compare
+        from duogard.comparison import compare_methods
         kw = dict(backends=["torch"], methods=["backprop", "forward:num_tangents=2"], steps=4,
                   batch_size=32, seed=3, out_dir=None, log=None, progress=False, diagnostics_every=0)
-        got = compare(model, base, distributed=True, **kw)
+        got = compare_methods(model, base, distributed=True, **kw)
         found["compare"] = {"world": got["config"]["world_size"],
                             "losses": [[h["loss"] for h in r["history"]] for r in got["runs"]]}
         if rank == 0:
-            single = compare(model, base, **kw)
+            single = compare_methods(model, base, **kw)
             found["compare"]["single"] = [[h["loss"] for h in r["history"]] for r in single["runs"]]
     with open(tmp / f"out-{rank}.json", "w") as f:
         json.dump(found, f)
@@ -314,7 +314,7 @@ def test_a_dead_rank_stops_the_others_and_torchrun_restarts_resume(runs):
 
 
 def test_compare_runs_every_method_data_parallel(runs):
-    """``compare(distributed=True)`` (what ``torchrun -m duogard compare`` runs): both ranks see
+    """``compare_methods(distributed=True)`` (what ``torchrun -m duogard compare`` runs): both ranks see
     the global loss of every step, equal to the single-process comparison's (float32, 1e-5)."""
     if "torch" not in runs:
         pytest.skip("needs torch")

@@ -31,7 +31,7 @@ import pytest
 import duogard as dg
 from duogard import losses, nn, optim
 from duogard.data import Dataset
-from duogard.parity import ParityReport, compare
+from duogard.parity import ParityReport, compare_backends
 
 
 def _arr(name, values, dtype=None):
@@ -59,8 +59,9 @@ def _fit_with_labels(name, label):
 
 
 def _compare(**kw):
-    """``parity.compare`` with placeholder model, optimizer and data: the argument checks come first."""
-    return compare(None, "cross_entropy", None, "backprop", None, **kw)
+    """``parity.compare_backends`` with placeholder model, optimizer and data: the argument checks
+    come first."""
+    return compare_backends(None, "cross_entropy", None, "backprop", None, **kw)
 
 
 def _convert(name, leaf, **kw):
@@ -308,14 +309,6 @@ def test_forward_takes_float16_params_with_float32_data_as_backprop_does(be, opt
     for g, p in zip(dg.tree.tree_leaves(grads), dg.tree.tree_leaves(params)):
         assert be.dtype_name(g.dtype) == "float16" and tuple(g.shape) == tuple(p.shape)
         assert np.isfinite(np.asarray(be.to_numpy(g), np.float32)).all()
-
-
-def test_the_cli_grammar_still_reads_true_and_false():
-    from duogard.cli import parse_method
-
-    assert parse_method("forward:lean=false").estimator.lean is False
-    assert parse_method("forward:orthogonal=true").estimator.orthogonal is True
-    assert parse_method("forward-activity:layerwise=no").estimator.layerwise is False
 
 
 def test_big_endian_numpy_input_works_as_native(be):

@@ -168,6 +168,69 @@ def test_the_framework_name_check_finds_what_it_looks_for():
     assert len(uses) == 8, text
 
 
+# ----------------------------------------------------------------------------- the command line
+
+
+#: Where the library may name its command-line package, with the reason, and no other place.
+ALLOWED_CLI_NAMES = {
+    "duogard/__main__.py": "``python -m duogard`` is the command itself",
+    "duogard/__init__.py": "the attribute ``duogard.cli``, imported on first use, never by the library",
+}
+
+
+def _cli_imports(source: str, module: str) -> list[str]:
+    """Where ``source`` (the code of ``module``, dotted) imports ``duogard.cli``: ``import``,
+    ``from ... import`` (absolute or relative, ``from duogard import cli`` included) and
+    ``importlib.import_module("duogard.cli...")``."""
+
+    def is_cli(name: str) -> bool:
+        return name == "duogard.cli" or name.startswith("duogard.cli.")
+
+    package = module.rsplit(".", 1)[0]
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        line = getattr(node, "lineno", "?")
+        if isinstance(node, ast.Import):
+            found += [f"{module}:{line} import {a.name}" for a in node.names if is_cli(a.name)]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: resolved against this module's package
+                parent = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*parent, base] if base else parent)
+            if is_cli(base) or any(is_cli(f"{base}.{a.name}") for a in node.names):
+                found.append(f"{module}:{line} from {base} import ...")
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and is_cli(node.value):
+            found.append(f"{module}:{line} {node.value!r}")
+    return found
+
+
+def test_no_library_module_imports_the_command_line():
+    """The command line is a front on the library: the library (``duogard/`` outside
+    ``duogard/cli/``) never imports it, so what a user can call lives in the library (the main
+    job is ``duogard.comparison``, the method grammar ``duogard.methods``)."""
+    found = []
+    for path in sorted((ROOT / "duogard").rglob("*.py")):
+        rel = path.relative_to(ROOT)
+        if rel.parts[:2] == ("duogard", "cli") or str(rel) in ALLOWED_CLI_NAMES:
+            continue
+        module = ".".join(rel.with_suffix("").parts).removesuffix(".__init__")
+        found += _cli_imports(path.read_text(), module if path.name != "__init__.py" else module + ".x")
+    assert not found, "\n".join(found)
+
+
+def test_the_command_line_import_check_finds_what_it_looks_for():
+    code = (
+        "import duogard.cli\nfrom duogard.cli.compare import run\nfrom duogard import cli\n"
+        "from ..cli import _options\nimport importlib\nimportlib.import_module('duogard.cli.train')\n"
+        "from duogard import climate, comparison\nimport duogard.client\n"
+    )
+    text = "\n".join(_cli_imports(code, "duogard.train.checkpoint"))
+    for what in ("import duogard.cli", "from duogard.cli.compare import", ":3 from duogard import",
+                 "from duogard.cli import", "'duogard.cli.train'"):  # fmt: skip
+        assert what in text, (what, text)
+    assert len(text.splitlines()) == 5, text
+
+
 # ----------------------------------------------------------------------------- the public surface
 
 

@@ -247,7 +247,7 @@ def test_cli_trains_checkpoints_resumes_and_compares_local_models(capsys, tmp_pa
 def test_parity_runs_local_methods_in_lockstep(both, digits):
     model = dg.train.build_model("local-mlp", 10, hidden=(8,), groups=2)
     for method in ("local-forward-activity", "local-forward"):
-        rep = dg.parity.compare(
+        rep = dg.parity.compare_backends(
             model, "cross_entropy", optim.sgd(0.05), method, digits, steps=5, batch_size=16
         )
         assert rep.first_divergence is None, rep.table()

@@ -21,7 +21,7 @@ import pytest
 
 import duogard as dg
 from duogard import nn, optim
-from duogard.cli._methods import parse_method
+from duogard.methods import parse_method
 from duogard.tree import tree_leaves, tree_map
 
 from helpers import one_rank_env, to_backend
@@ -241,7 +241,7 @@ def test_spsa_runs_data_parallel_with_k_plus_one_numbers(digits, monkeypatch):
 def test_spsa_parity_shares_the_perturbations(digits):
     """A parity run draws the perturbations once and gives both backends the same ones."""
     model = nn.Sequential(nn.Flatten(), nn.Linear(8), nn.relu, nn.Linear(10))
-    rep = dg.parity.compare(
+    rep = dg.parity.compare_backends(
         model, "cross_entropy", optim.sgd(0.01), "spsa", digits, steps=2, dtype="float64", calibrate=False
     )
     assert rep.first_divergence is None, rep.records

@@ -14,7 +14,7 @@ import pytest
 
 import duogard as dg
 from duogard import optim
-from duogard.parity import ParityReport, compare, default_tolerance
+from duogard.parity import ParityReport, compare_backends, default_tolerance
 from duogard.testing import assert_backends_agree
 from duogard.train import build_model
 
@@ -53,7 +53,7 @@ CNN_CASES = [
 
 @pytest.mark.parametrize("model,est,opt,dtype", MLP_CASES + CNN_CASES)
 def test_backends_agree_after_100_steps(digits, model, est, opt, dtype):
-    rep = compare(
+    rep = compare_backends(
         MODELS[model](),
         "cross_entropy",
         OPTIMIZERS[opt](),
@@ -85,13 +85,13 @@ def test_planted_adam_eps_is_caught_at_step_1(digits):
     # identical params and batch at step 1, so the gradients agree; the first update already
     # differs (eps 1e-3 against |g| ~ 1e-3 and below), so the params diverge at step 1
     opt = {"jax": optim.adam(1e-3, eps=1e-8), "torch": optim.adam(1e-3, eps=1e-3)}
-    rep = compare(_mlp(), "cross_entropy", opt, "backprop", digits, steps=5, batch_size=BATCH)
+    rep = compare_backends(_mlp(), "cross_entropy", opt, "backprop", digits, steps=5, batch_size=BATCH)
     assert rep.first_divergence == 1
     r1 = rep.records[0]
     assert r1["grad_rel"] < 1e-5 < 1e-4 < r1["param_rel"]
     assert "DIVERGE beyond rel 0.0001 first at step 1" in rep.table()
     # the control: the same eps on both sides agrees
-    same = compare(
+    same = compare_backends(
         _mlp(), "cross_entropy", optim.adam(1e-3, eps=1e-3), "backprop", digits, steps=5, batch_size=BATCH
     )
     assert same.first_divergence is None
@@ -105,7 +105,9 @@ def test_planted_schedule_difference_is_caught_at_step_11(digits, dtype):
         "jax": optim.sgd(optim.step_decay(0.05, step_size=10, gamma=0.5)),
         "torch": optim.sgd(optim.step_decay(0.05, step_size=20, gamma=0.5)),
     }
-    rep = compare(_mlp(), "cross_entropy", opt, "backprop", digits, steps=15, batch_size=BATCH, dtype=dtype)
+    rep = compare_backends(
+        _mlp(), "cross_entropy", opt, "backprop", digits, steps=15, batch_size=BATCH, dtype=dtype
+    )
     assert rep.first_divergence == 11, rep.table(every=1)
     assert max(r["param_rel"] for r in rep.records[:10]) <= TOL[dtype]
     r11 = rep.records[10]
@@ -127,7 +129,7 @@ def test_assert_backends_agree_names_step_leaf_and_distance(digits):
     with pytest.raises(AssertionError) as info:
         assert_backends_agree(_mlp(), "cross_entropy", opt, "backprop", digits, steps=5)
     msg = str(info.value)
-    rep = compare(_mlp(), "cross_entropy", opt, "backprop", digits, steps=5, batch_size=32)
+    rep = compare_backends(_mlp(), "cross_entropy", opt, "backprop", digits, steps=5, batch_size=32)
     r1 = rep.records[0]
     assert "diverge at step 1 of 5" in msg
     leaf = re.search(r"leaf '([^']+)'", msg).group(1)
@@ -141,7 +143,7 @@ def test_assert_backends_agree_names_step_leaf_and_distance(digits):
 
 def test_forward_tangents_are_shared(digits):
     # drawn independently, two K=1 forward gradients would be nearly orthogonal (rel ~ 1.4)
-    rep = compare(
+    rep = compare_backends(
         _mlp(),
         "cross_entropy",
         optim.sgd(0.05),
@@ -170,7 +172,7 @@ def test_default_tolerance():
 )
 def test_bad_arguments(digits, kw, match):
     with pytest.raises(ValueError, match=match):
-        compare(_mlp(), "cross_entropy", optim.sgd(0.1), "backprop", digits, steps=1, **kw)
+        compare_backends(_mlp(), "cross_entropy", optim.sgd(0.1), "backprop", digits, steps=1, **kw)
 
 
 def test_grad_difference_is_relative_to_the_runs_gradient_scale():
@@ -193,7 +195,7 @@ def test_grad_difference_is_relative_to_the_runs_gradient_scale():
 def test_float32_verdict_is_calibrated_on_a_float64_reference(digits):
     """float32: a step diverges only beyond tol AND 10x the run's own float32 rounding (a float64
     run of the same steps and tangents on torch): a faithful run passes and says so."""
-    rep = compare(
+    rep = compare_backends(
         _mlp(), "cross_entropy", optim.sgd(0.05), dg.estimator("forward"), digits, steps=12, batch_size=BATCH
     )
     assert rep.reference == "torch" and rep.first_divergence is None, rep.table(every=1)
@@ -202,8 +204,10 @@ def test_float32_verdict_is_calibrated_on_a_float64_reference(digits):
     assert "float32 rounding of a float64 run on torch" in rep.table()
     # a tol below float32 rounding: uncalibrated it cries wolf at once, calibrated it does not
     tiny = dict(steps=6, batch_size=BATCH, tol=1e-9)
-    loud = compare(_mlp(), "cross_entropy", optim.sgd(0.05), "backprop", digits, calibrate=False, **tiny)
-    calm = compare(_mlp(), "cross_entropy", optim.sgd(0.05), "backprop", digits, **tiny)
+    loud = compare_backends(
+        _mlp(), "cross_entropy", optim.sgd(0.05), "backprop", digits, calibrate=False, **tiny
+    )
+    calm = compare_backends(_mlp(), "cross_entropy", optim.sgd(0.05), "backprop", digits, **tiny)
     assert loud.first_divergence == 1 and calm.first_divergence is None, calm.table(every=1)
 
 
@@ -224,8 +228,8 @@ def test_calibrated_verdict_still_catches_a_one_op_difference_at_its_first_step(
         q[name]["weight"] = np.ascontiguousarray(w.reshape(w.shape[::-1]).T)
         assert not np.array_equal(q[name]["weight"], w)
         kw = {"model": model, "params": {"jax": p0, "torch": q}}
-    rep = compare(loss="cross_entropy", optimizer=optim.sgd(0.05), estimator="backprop", data=digits, steps=3,
-                  batch_size=BATCH, **kw)  # fmt: skip
+    rep = compare_backends(loss="cross_entropy", optimizer=optim.sgd(0.05), estimator="backprop",
+                           data=digits, steps=3, batch_size=BATCH, **kw)  # fmt: skip
     assert rep.reference is not None and rep.first_divergence == 1, rep.table(every=1)
 
 
@@ -238,9 +242,25 @@ def test_sides_hold_their_own_copies_of_the_params(digits, dtype):
     model = build_model("mlp", 10, hidden=(8,))
     params = model.init(0, digits.example_input, dtype=dtype)
     before = [a.copy() for a in dg.tree.tree_leaves(params)]
-    rep = compare(
+    rep = compare_backends(
         model, "cross_entropy", optim.sgd(0.05), "forward", digits, steps=2, dtype=dtype, params=params
     )
     assert rep.first_divergence is None
     for a, b in zip(dg.tree.tree_leaves(params), before):
         np.testing.assert_array_equal(a, b)
+
+
+def test_compare_is_a_deprecated_alias_of_compare_backends():
+    """``parity.compare`` was renamed (``duogard.compare_methods`` is the main job, a different
+    comparison). The old name still works for one release, with a DeprecationWarning naming the
+    new one."""
+    import duogard.parity as parity
+
+    with pytest.warns(DeprecationWarning, match=r"duogard\.parity\.compare is deprecated.*compare_backends"):
+        old = parity.compare
+    assert old is compare_backends
+    with pytest.warns(DeprecationWarning, match="compare_backends"):
+        from duogard.parity import compare  # noqa: F401
+    assert "compare" not in parity.__all__ and "compare_backends" in parity.__all__
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        parity.nope  # noqa: B018

@@ -48,7 +48,9 @@ def test_trainer_fit_parity_and_lean_reach_the_builder(be, digits, built):
     lean = dg.Trainer(model, estimator="forward", optimizer=optim.sgd(0.01), update="lean", backend=be.name)
     assert lean.step.strategy == "sgd-lean" and built[-1] == "sgd-lean"
     n = len(built)
-    dg.parity.compare(model, "cross_entropy", optim.adam(1e-3), "forward", digits, steps=1, calibrate=False)
+    dg.parity.compare_backends(
+        model, "cross_entropy", optim.adam(1e-3), "forward", digits, steps=1, calibrate=False
+    )
     assert built[n:] == ["optimizer", "optimizer"]  # one step per side, the Trainer's strategy
 
 

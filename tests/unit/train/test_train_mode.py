@@ -165,7 +165,9 @@ def test_lean_refuses_a_model_with_a_training_mode(be):
 def test_parity_runs_dropout_in_training_mode_on_both_sides(both, digits):
     model = _dropout_model()
     opt = optim.sgd(0.05)
-    report = dg.parity.compare(model, "cross_entropy", opt, "backprop", digits, steps=3, dtype="float32")
+    report = dg.parity.compare_backends(
+        model, "cross_entropy", opt, "backprop", digits, steps=3, dtype="float32"
+    )
     assert report.first_divergence is None
     # training mode: step 1's loss is the dropout loss with the step's model key, not eval mode's
     be = both[0]

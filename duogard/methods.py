@@ -1,13 +1,35 @@
-"""Gradient methods on the command line: ``name[:option=value,...]``, and the default learning rates."""
+"""Gradient methods written as text, ``name[:option=value,...]``, and the default learning rates.
+
+The grammar of ``duogard train --grad`` and ``duogard compare --methods``, of the examples'
+settings and of the benchmarks: :func:`parse_method` reads one method into a
+:class:`MethodSpec` (its estimator built once), :func:`parse_methods` a semicolon-separated
+list; :data:`LEARNING_RATES` is the one table of default learning rates. A malformed method
+raises :class:`MethodError` (a ``ValueError``), which the command reports as a usage error.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
 
-from duogard.cli._errors import UsageError
+__all__ = [
+    "MethodSpec",
+    "MethodError",
+    "parse_method",
+    "parse_methods",
+    "DEFAULT_METHODS",
+    "LEARNING_RATES",
+    "default_lr",
+]
 
-__all__ = ["MethodSpec", "parse_method", "parse_methods", "DEFAULT_METHODS", "LEARNING_RATES", "default_lr"]
+
+class MethodError(ValueError):
+    """A gradient method written wrongly: a malformed option, a bad ``lr``, an unknown method or
+    option, or an option of the wrong type. The message names where the text came from (the
+    ``flag`` of :func:`parse_method`) and the valid choices. The command exits 2 on it, as on
+    any usage error.
+    """
+
 
 #: The methods ``duogard compare`` runs by default; ``lr=`` is each one's SGD learning rate on
 #: the digits MLP (a sweep on seed 0: forward estimates are noisier and take smaller steps).
@@ -53,7 +75,7 @@ _BOOLEANS = {"true": True, "yes": True, "on": True, "false": False, "no": False,
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """A gradient method as written on the command line: ``name[:option=value,...]``.
+    """A gradient method as written in text (``--grad``, ``--methods``): ``name[:option=value,...]``.
 
     Options go to the estimator, except ``lr``: the method's own learning rate.
 
@@ -119,7 +141,7 @@ def _option_value(flag: str, spec: str, method: str, key: str, text: str, valid:
         return _value(text)
     if key not in valid:
         names = ", ".join([*valid, "lr"])
-        raise UsageError(f"{flag}: {method!r} has no option {key!r} in {spec!r}; its options: {names}")
+        raise MethodError(f"{flag}: {method!r} has no option {key!r} in {spec!r}; its options: {names}")
     default, value = valid[key], _value(text)
     kind = type(default) if isinstance(default, (bool, int, float, str)) else None
     if kind is str:
@@ -131,7 +153,7 @@ def _option_value(flag: str, spec: str, method: str, key: str, text: str, valid:
         or (kind is float and isinstance(value, (int, float)) and not isinstance(value, bool))
     )
     if not ok:
-        raise UsageError(f"{flag}: option {key} of {method!r} must be {_TYPE_NAMES[kind]}, got {text!r}")
+        raise MethodError(f"{flag}: option {key} of {method!r} must be {_TYPE_NAMES[kind]}, got {text!r}")
     return float(value) if kind is float else value
 
 
@@ -139,36 +161,36 @@ def parse_method(spec: str, *, flag: str = "--grad") -> MethodSpec:
     """``"forward:num_tangents=4,distribution=rademacher"`` -> a :class:`MethodSpec`.
 
     Args:
-        spec: the method as written on the command line.
+        spec: the method as written (on the command line, in a setting).
         flag: the flag it came from (named in errors).
 
     Returns:
         The parsed method, validated by building its estimator once.
 
     Raises:
-        UsageError: a malformed option, a bad ``lr``, an unknown method or option, or an
+        MethodError: a malformed option, a bad ``lr``, an unknown method or option, or an
             option of the wrong type (each message names ``flag`` and lists the valid choices).
     """
     if not isinstance(spec, str) or not spec.strip():
-        raise UsageError(f"{flag}: expected a gradient method name[:option=value,...], got {spec!r}")
+        raise MethodError(f"{flag}: expected a gradient method name[:option=value,...], got {spec!r}")
     name, _, rest = spec.strip().partition(":")
     name = name.strip()
     if not name:
-        raise UsageError(f"{flag}: a method name is missing before ':' in {spec!r}")
+        raise MethodError(f"{flag}: a method name is missing before ':' in {spec!r}")
     valid = _options_of(name)
     opts, lr = [], None
     for item in filter(None, (p.strip() for p in rest.split(","))):
         k, eq, v = item.partition("=")
         if not eq:
-            raise UsageError(f"{flag}: expected option=value in {spec!r}, got {item!r}")
+            raise MethodError(f"{flag}: expected option=value in {spec!r}, got {item!r}")
         k = k.strip().replace("-", "_")
         if k == "lr":
             try:
                 lr = float(v)
             except ValueError:
-                raise UsageError(f"{flag}: option lr must be a number in {spec!r}, got {v!r}") from None
+                raise MethodError(f"{flag}: option lr must be a number in {spec!r}, got {v!r}") from None
             if not lr > 0:
-                raise UsageError(f"{flag}: option lr must be > 0 in {spec!r}, got {v!r}")
+                raise MethodError(f"{flag}: option lr must be > 0 in {spec!r}, got {v!r}")
         else:
             opts.append((k, _option_value(flag, spec, name, k, v.strip(), valid)))
     from duogard.grad import estimator
@@ -176,7 +198,7 @@ def parse_method(spec: str, *, flag: str = "--grad") -> MethodSpec:
     try:  # unknown names and bad option values fail here, with the valid ones
         built = estimator(name, **dict(opts))
     except (TypeError, ValueError) as exc:
-        raise UsageError(f"{flag}: {exc}") from None
+        raise MethodError(f"{flag}: {exc}") from None
     return MethodSpec(name, tuple(opts), lr, built)
 
 
@@ -186,5 +208,5 @@ def parse_methods(text: str | None, *, flag: str = "--methods") -> list[MethodSp
         return [parse_method(m, flag=flag) for m in DEFAULT_METHODS]
     items = [m for m in text.split(";") if m.strip()]
     if not items:
-        raise UsageError(f"{flag}: expected one or more methods separated by ';', got {text!r}")
+        raise MethodError(f"{flag}: expected one or more methods separated by ';', got {text!r}")
     return [parse_method(m, flag=flag) for m in items]
