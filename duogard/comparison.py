@@ -68,12 +68,15 @@ def compare_methods(
             ``DataParallel`` of the same settings. Rank 0's summaries carry the test accuracy
             (evaluation runs on rank 0 only); ``config["world_size"]`` says how many ranks.
 
+    Every run's step computes no gradient norm (the table does not show it), so its
+    ``time_per_step`` is the method's and the framework's, as a hand-written step's would be.
+
     Returns:
         ``{"config": ..., "runs": [summary + history per run], "files": [...]}``.
     """
     from duogard import optim
     from duogard.backend import available_backends, backend
-    from duogard.train import DataParallel, Diagnostics, Evaluate, Progress, fit
+    from duogard.train import DataParallel, Diagnostics, Evaluate, Progress, Trainer, fit
     from duogard.tree import tree_size
 
     if distributed is True:
@@ -105,13 +108,16 @@ def compare_methods(
         if interrupt is not None:
             callbacks.append(interrupt.callback())
         dp = DataParallel(tangents=distributed.tangents, timeout=distributed.timeout) if distributed else None
+        # no gradient norm: the table does not show it, and its pass over the gradient (a dense
+        # one, for a factored estimate) is duogard's work, not the method's or the framework's
+        trainer = Trainer(
+            model, estimator=spec.estimator, optimizer=optim.sgd(schedule), backend=be_name, grad_norm=False
+        )
         res = fit(
             model,
             params0,
             data,
-            estimator=spec.estimator,
-            optimizer=optim.sgd(schedule),
-            backend=be_name,
+            trainer=trainer,
             steps=steps,
             batch_size=batch_size,
             seed=seed,
