@@ -11,6 +11,7 @@ backends; every float32 test gives its dtypes explicitly.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -28,6 +29,14 @@ try:
     # without them; DUOGARD_TEST_JAX_OPTIMIZE=1 keeps them (the benchmarks always do).
     if os.environ.get("DUOGARD_TEST_JAX_OPTIMIZE", "0") != "1":
         jax.config.update("jax_disable_most_optimizations", True)
+    # ... and the same programs compile again on every run: XLA's persistent cache keeps them
+    # on disk (tests/.jax-cache, ignored by git), so a second run of the fast loop skips most
+    # compiling. DUOGARD_TEST_JAX_CACHE=0 switches it off; a cache that went stale is only
+    # a cache miss (JAX keys every entry by the program, its options and the versions).
+    if os.environ.get("DUOGARD_TEST_JAX_CACHE", "1") != "0":
+        jax.config.update("jax_compilation_cache_dir", str(Path(__file__).parent / ".jax-cache"))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 except ImportError:  # pragma: no cover - the torch-only install
     pass
 
@@ -64,6 +73,16 @@ def rng():
 def digits():
     """scikit-learn's digits as a duogard dataset (1797 8x8 images, 10 classes), loaded once a module."""
     return dg.data.load("digits")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """After each test module, drop JAX's in-memory caches of traced and compiled programs: a
+    module's programs are rarely met again, and an xdist worker that kept every one grew past
+    5 GB over the suite (on disk, the persistent cache above keeps them)."""
+    yield
+    if "jax" in globals():
+        jax.clear_caches()
 
 
 def pytest_collection_modifyitems(config, items):
