@@ -204,7 +204,9 @@ def test_missing_framework_says_how_to_install(tmp_path):
             print("MSG:", e)
         print([str(b) for b in dg.available_backends() if b.name == "torch"])
     """)
-    env = dict(os.environ, PYTHONPATH=str(tmp_path))
+    # in front of the caller's path, which may name a checkout's backends (not the installed ones)
+    path = os.pathsep.join(p for p in (str(tmp_path), os.environ.get("PYTHONPATH", "")) if p)
+    env = dict(os.environ, PYTHONPATH=path)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr
     assert 'pip install "duogard[torch]"' in out.stdout
