@@ -14,7 +14,7 @@ import textwrap
 
 import pytest
 
-from helpers import AVAILABLE, ROOT
+from helpers import AVAILABLE, child_pythonpath
 
 pytestmark = pytest.mark.skipif(len(AVAILABLE) < 2, reason="needs both jax and torch")
 
@@ -80,7 +80,7 @@ def test_convert_honours_a_second_jax_cpu_device_and_refuses_a_tree_on_two():
         **os.environ,
         "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
         "JAX_PLATFORMS": "cpu",
-        "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "backends"), os.environ.get("PYTHONPATH", "")]),
+        "PYTHONPATH": child_pythonpath(),
     }
     out = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(CODE)],
