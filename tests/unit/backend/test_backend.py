@@ -576,6 +576,9 @@ def test_each_backend_reads_its_own_frameworks_facts(both):
     # collectives
     assert th.is_collective_failure(RuntimeError("[gloo] Connection closed by peer"))
     assert jx.is_collective_failure(RuntimeError("heartbeat timeout"))
+    # jaxlib raises gloo's failures as ValueErrors (a peer gone, or one that stalled past the timeout)
+    assert jx.is_collective_failure(ValueError("UNKNOWN: Gloo all-reduce failed: Connection reset by peer"))
+    assert jx.is_collective_failure(ValueError("UNKNOWN: Gloo all-gather failed: Timed out waiting 8000ms"))
     for be in both:
         assert not be.is_collective_failure(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
         assert not be.is_collective_failure(ValueError("timeout"))
