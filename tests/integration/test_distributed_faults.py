@@ -1,5 +1,5 @@
 """Data-parallel runs that go wrong, on both backends: a rank that stalls, dies or never joins,
-and SIGTERM.
+and ranks launched with different model sizes.
 
 Each survivor must fail through duogard: one line naming the rank that stopped and the timeout,
 a checkpoint of the last good step with ``--checkpoint``, exit 1. On JAX the coordination service
@@ -9,7 +9,7 @@ stalled peer hung XLA's collectives for 30 minutes whatever ``--dist-timeout`` s
 The stall and the death are a test hook in a wrapper of ``duogard.cli.main`` (rank 1 sleeps, or
 exits, before its step 3); the ranks are two processes with the launch variables torchrun sets,
 started by the test itself, so that no agent stops the survivor before it has said what it
-says.
+says. The differing model size is launched by torchrun.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import pytest
 
 from helpers import AVAILABLE, child_pythonpath, free_port
 
+TORCHRUN = Path(sys.executable).with_name("torchrun")
 TINY = ["train", "--steps", "6", "--hidden", "8", "--batch-size", "16", "--quiet"]
 #: --dist-timeout of the stall: long enough for a loaded machine's start-up skew between ranks
 TIMEOUT = 10
@@ -37,7 +38,9 @@ _HOOK = textwrap.dedent(
     import os, sys, time
     fault, argv = sys.argv[1], sys.argv[2:]
     if os.environ["RANK"] == "1":
-        if fault in ("stall", "die"):
+        if fault == "hidden":  # a different model size on rank 1
+            argv = [*argv, "--hidden", "16"]
+        elif fault in ("stall", "die"):
             from duogard.train import DataParallel
             before = DataParallel.before_step
 
@@ -133,6 +136,24 @@ def test_a_rank_that_never_joins_is_a_clear_error_naming_the_timeout(hook, backe
     said = "rank 0 of 2 could not join"
     assert said in out and "within 4 s (DataParallel(timeout=...), --dist-timeout)" in out, out[-4000:]
     assert not any(a in out for a in ("Check failure stack trace", "Terminating process")), out[-4000:]
+
+
+@pytest.mark.skipif(not TORCHRUN.exists(), reason="needs torchrun (torch) as the launcher")
+@pytest.mark.parametrize("backend", AVAILABLE)
+def test_a_rank_with_another_model_size_is_refused_naming_the_flag(hook, backend):
+    """torchrun starts one command on every rank; rank 1's wrapper adds ``--hidden 16``. The ranks
+    compare their configuration before the first step: each names the flag, none crashes in gloo
+    (rank 1's larger gradient once died in gloo with EnforceNotMet, blaming the wrong rank).
+    """
+    cmd = [str(TORCHRUN), "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(free_port()), "--monitor-interval", "1", str(hook), "hidden",
+           *TINY, "--backend", backend, "--dist-timeout", "60"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=180)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out[-4000:]
+    said = "the ranks do not run the same configuration: --hidden (rank(s) [1] differ from rank 0)"
+    assert out.count(said) == 2, out[-4000:]  # both ranks say it
+    assert "EnforceNotMet" not in out and "Check failure stack trace" not in out, out[-4000:]
 
 
 @pytest.mark.parametrize("backend", AVAILABLE)
