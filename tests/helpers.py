@@ -6,6 +6,9 @@ them by name instead of importing a conftest.
 
 from __future__ import annotations
 
+import os
+import socket
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -75,3 +78,30 @@ def one_rank_env(monkeypatch, world: int = 1):
     be = dg.backend("torch")
     monkeypatch.setattr(be, "dist_init", lambda timeout=300.0: (0, world))
     return be
+
+
+def free_port() -> int:
+    """A free port on loopback whose successor is free too (a data-parallel launch's
+    ``MASTER_PORT``: JAX's coordinator takes ``MASTER_PORT + 1``).
+    """
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port >= 65535:
+            continue
+        try:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", port + 1))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no free pair of ports on loopback")
+
+
+def child_pythonpath() -> str:
+    """``$PYTHONPATH`` for a Python process a test starts: this checkout first, then the tests' own
+    path, so the child imports the duogard and the backends under test (a checkout's, not another
+    installed copy's: a backend lacking a contract name refuses to load).
+    """
+    return os.pathsep.join([str(ROOT), *(p for p in sys.path if p)])

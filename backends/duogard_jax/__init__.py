@@ -126,6 +126,7 @@ __all__ = [
     "threads_for",
     # framework facts
     "float64_always",
+    "one_host_device",
     "gpu_preallocation_fixed",
     "forward_mode_cause",
     "exchange_device",
@@ -218,6 +219,7 @@ install_hint = 'pip install "duogard[jax]"'
 #: use duogard's hand-written forward rules for its own layers where they apply?
 fast_jvp_rules = False  # jax.jvp through XLA is as fast as hand-written rules
 float64_always = False  # float64 only in JAX's 64-bit mode (enable_float64)
+one_host_device = False  # JAX tells its CPU devices apart (--xla_force_host_platform_device_count)
 xp = jnp
 
 float32 = jnp.float32

@@ -24,9 +24,10 @@ _NARROW = {"float64": "float32", "int64": "int32", "uint64": "uint32", "complex1
 
 
 def _jax_device(device):
-    """The JAX device for ``("cpu", 0)`` / ``("cuda", i)``, or None if this JAX has none."""
+    """The JAX device for ``("cpu", i)`` / ``("cuda", i)``, or None if this JAX has none."""
     if device[0] == "cpu":
-        return jax.local_devices(backend="cpu")[0]
+        cpus = jax.local_devices(backend="cpu")
+        return cpus[device[1]] if 0 <= device[1] < len(cpus) else None
     try:
         gpus = jax.local_devices(backend="gpu")
     except RuntimeError:  # no GPU plugin installed
@@ -35,6 +36,26 @@ def _jax_device(device):
         if getattr(d, "local_hardware_id", d.id) == device[1]:
             return d
     return None
+
+
+def cpu_index(device) -> int | None:
+    """The position of JAX CPU device ``device`` among this process's CPU devices (the exchange's
+    ``("cpu", i)``), or None for a device of another process. DLPack names every JAX CPU device
+    CPU 0, so the exchange asks JAX itself.
+    """
+    try:
+        return jax.local_devices(backend="cpu").index(device)
+    except ValueError:
+        return None
+
+
+def _spec(x) -> tuple[str, int]:
+    """Where single-device array ``x`` is, as the exchange names it (its CPU device's index too)."""
+    spec = device_spec(x.__dlpack_device__())
+    if spec[0] == "cpu":
+        index = cpu_index(next(iter(x.devices())))
+        spec = ("cpu", 0 if index is None else index)
+    return spec
 
 
 def dlpack_device(x, *, where=None):
@@ -48,10 +69,16 @@ def dlpack_device(x, *, where=None):
             f"convert: a JAX array sharded over {len(x.devices())} devices cannot be "
             "exchanged by DLPack; gather it onto one device first (jax.device_put)"
         )
-    return device_spec(x.__dlpack_device__())
+    return _spec(x)
 
 
 def device_problem(device):
+    if device[0] == "cpu" and _jax_device(device) is None:
+        count = len(jax.local_devices(backend="cpu"))
+        return (
+            f"this JAX has {count} CPU device{'s' if count != 1 else ''} (cpu:0 to cpu:{count - 1}); "
+            "more need XLA_FLAGS=--xla_force_host_platform_device_count=N before JAX starts"
+        )
     if _jax_device(device) is None:
         return "this JAX has no such device (a CUDA build of JAX is needed: pip install 'jax[cuda12]')"
     return None
@@ -97,7 +124,7 @@ def dlpack_share(x):
     here = _SHARDING_DEVICE.get(sharding, False)
     if here is False:
         try:
-            here = None if len(sharding.device_set) != 1 else device_spec(x.__dlpack_device__())
+            here = None if len(sharding.device_set) != 1 else _spec(x)
         except (ValueError, BufferError):  # a device DLPack does not name: the general route says so
             here = None
         if len(_SHARDING_DEVICE) >= 64:

@@ -33,7 +33,10 @@ def exchange_device(device):
         return None
     kind = {"gpu": "cuda", "rocm": "cuda"}.get(device.platform, device.platform)
     if kind == "cpu":
-        return "cpu", 0
+        from ._dlpack import cpu_index  # the exchange numbers JAX's CPU devices itself
+
+        index = cpu_index(device)
+        return None if index is None else ("cpu", index)
     if kind == "cuda":
         index = getattr(device, "local_hardware_id", None)  # None on older jaxlib
         return "cuda", int(device.id if index is None else index)

@@ -129,6 +129,7 @@ __all__ = [
     "threads_for",
     # framework facts
     "float64_always",
+    "one_host_device",
     "gpu_preallocation_fixed",
     "forward_mode_cause",
     "exchange_device",
@@ -221,6 +222,7 @@ install_hint = 'pip install torch==2.13.0 "duogard[torch]"'
 #: use duogard's hand-written forward rules for its own layers where they apply?
 fast_jvp_rules = True  # torch.func.jvp pays for dual tensors op by op; duogard's own rules are faster
 float64_always = True  # torch holds float64 whenever asked
+one_host_device = True  # every CPU tensor is in the one host memory: torch's CPU has no index
 xp = _fast_xp  # array_api_compat.torch, its per-step calls sent straight to torch
 
 float32 = torch.float32

@@ -54,7 +54,8 @@ def dist_init(timeout: float = 300.0) -> tuple[int, int]:
     except (RuntimeError, ValueError) as exc:  # DistStoreError, DistNetworkError are RuntimeErrors
         raise DistributedError(
             f"torch dist_init: rank {env.rank} of {env.world_size} could not join the {group} "
-            f"process group at {env.master_addr}:{env.master_port}: {str(exc).splitlines()[0]}"
+            f"process group at {env.master_addr}:{env.master_port} within {timeout:g} s "
+            f"(DataParallel(timeout=...), --dist-timeout): {str(exc).splitlines()[0]}"
         ) from exc
     return dist.get_rank(), dist.get_world_size()
 

@@ -40,6 +40,8 @@ def dlpack_device(x, *, where=None):
 
 
 def device_problem(device):
+    if device[0] == "cpu" and device[1]:  # convert names torch's CPU ("cpu", 0) (one_host_device)
+        return "PyTorch has one CPU device, cpu:0 (JAX's other CPU devices are JAX's own)"
     if device[0] == "cpu" or (torch.cuda.is_available() and device[1] < torch.cuda.device_count()):
         return None
     return "this PyTorch has no such device (a CUDA build of PyTorch is needed)"

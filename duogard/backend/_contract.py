@@ -43,6 +43,11 @@ class Backend(NNOps, RandomOps, DistributedOps, FrameworkFacts, Protocol):
     #: Whether the framework holds float64 whatever its global settings (PyTorch: True; JAX:
     #: False, only in its 64-bit mode); a parity run prefers it for its float64 reference.
     float64_always: bool
+    #: Whether the framework holds all host memory as one CPU device, so that every
+    #: ``("cpu", i)`` of the exchange is its CPU (PyTorch: True); False where it tells CPU devices
+    #: apart (JAX: ``("cpu", i)`` is its i-th local CPU device, several with
+    #: ``XLA_FLAGS=--xla_force_host_platform_device_count=N``).
+    one_host_device: bool
     #: The framework's array-API namespace (``jax.numpy``, ``array_api_compat.torch``).
     xp: Any
     #: The framework's dtypes.
@@ -342,7 +347,8 @@ class Backend(NNOps, RandomOps, DistributedOps, FrameworkFacts, Protocol):
             where: names ``x`` in error messages (``convert`` passes the leaf's path).
 
         Returns:
-            ``("cpu", 0)`` or ``("cuda", index)``.
+            ``("cpu", index)`` (index 0 unless the framework tells CPU devices apart, see
+            :attr:`one_host_device`) or ``("cuda", index)``.
 
         Raises:
             TypeError: ``x`` is traced (inside a transform it has no buffer to share).

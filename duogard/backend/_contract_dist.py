@@ -80,13 +80,15 @@ class DistributedOps(Protocol):
         Idempotent: a second call returns the group already joined. torch: ``init_process_group``
         with gloo (NCCL when the default device is CUDA) and ``timeout`` for every collective.
         JAX: ``jax.distributed.initialize`` with the coordinator at ``MASTER_ADDR:MASTER_PORT+1``
-        (``$DUOGARD_JAX_COORDINATOR_PORT`` overrides the port), gloo CPU collectives, and
-        ``timeout`` as the initialisation and heartbeat timeout; it must run before JAX makes
-        any array.
+        (``$DUOGARD_JAX_COORDINATOR_PORT`` overrides the port), gloo CPU collectives bounded by
+        ``timeout``, and the coordination service set up so that a rank that stops is duogard's
+        error on the others, not JAX's abort (see ``duogard_jax._distributed``); it must run
+        before JAX makes any array. A rank whose peers do not all join within ``timeout`` fails
+        (JAX: says so and exits 1, before JAX's own deadline would abort the process).
 
         Args:
-            timeout: seconds a collective (torch) or a missing peer (JAX heartbeats) may take
-                before the run fails instead of hanging.
+            timeout: seconds the join, and each collective, may wait for a peer before the run
+                fails instead of hanging.
 
         Returns:
             ``(rank, world_size)``.
@@ -145,7 +147,10 @@ class DistributedOps(Protocol):
         """
 
     def dist_shutdown(self) -> None:
-        """Leave the process group (nothing when none was joined)."""
+        """Leave the process group (nothing when none was joined). JAX: after a run that went
+        well the ranks leave together (a barrier, bounded by the join's timeout), and rank 0,
+        which hosts the coordination service, leaves last; it also runs at exit.
+        """
 
     def is_collective_failure(self, exc: BaseException) -> bool:
         """Whether ``exc``, raised in a data-parallel step, is this framework's report of a failed

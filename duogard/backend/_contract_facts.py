@@ -31,7 +31,8 @@ class FrameworkFacts(Protocol):
 
     def exchange_device(self, device: Any) -> Device | None:
         """``device``, one of this framework's device objects (a ``torch.device``, a JAX
-        ``Device``), as the exchange names it: ``("cpu", 0)`` or ``("cuda", index)``. None for
+        ``Device``), as the exchange names it: ``("cpu", index)`` (0 unless the framework tells
+        CPU devices apart: :attr:`Backend.one_host_device`) or ``("cuda", index)``. None for
         anything else, and for a device of this framework that is neither a CPU nor a CUDA/ROCm
         GPU (the caller says what it takes).
         """

@@ -28,7 +28,9 @@ __all__ = [
 #: buffer it does not copy, the strictest of the importers'.
 SHARE_ALIGNMENT = 64
 
-#: A device as the DLPack exchange names it: ``("cpu", 0)`` or ``("cuda", index)``.
+#: A device as the DLPack exchange names it: ``("cpu", index)`` or ``("cuda", index)``. The CPU's
+#: index is 0 except in a framework that tells CPU devices apart (JAX with
+#: ``--xla_force_host_platform_device_count``: ``Backend.one_host_device`` is False).
 Device = tuple[str, int]
 
 
@@ -136,8 +138,8 @@ def device_spec(dl_device: tuple[int, int]) -> Device:
 
 
 def device_label(device: Device) -> str:
-    """``"cpu"`` or ``"cuda:1"``."""
-    return "cpu" if device[0] == "cpu" else f"{device[0]}:{device[1]}"
+    """``"cpu"`` (``"cpu:1"`` for a second CPU device) or ``"cuda:1"``."""
+    return "cpu" if tuple(device) == ("cpu", 0) else f"{device[0]}:{device[1]}"
 
 
 def leaf_name(where: Callable[[], str] | None) -> str:

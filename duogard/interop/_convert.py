@@ -64,14 +64,18 @@ Dtypes
     missing.
 
 Devices
-    Every array leaf has a device (NumPy arrays: the CPU). With ``device=None`` all array
-    leaves must be on one device and the results stay there; leaves on different devices
-    (CPU against CUDA, or two GPUs) raise ``ValueError``, as does a device the target
-    framework cannot hold (NumPy holds CPU memory only; a CPU-only JAX holds no CUDA
-    memory). ``device="cpu"``, ``"cuda:1"``, a ``torch.device`` or a JAX ``Device`` says
-    where the results go: leaves elsewhere are moved (a copy), by the source framework
-    when it can reach the target device, else by the target framework after a zero-copy
-    import.
+    Every array leaf has a device (NumPy arrays: the CPU). JAX tells its CPU devices apart
+    (``cpu:0`` and ``cpu:1`` with ``XLA_FLAGS=--xla_force_host_platform_device_count=2``);
+    PyTorch and NumPy hold all host memory as one device, ``cpu`` (``cpu:0``). With
+    ``device=None`` all array leaves must be on one device and the results stay there; leaves
+    on different devices (CPU against CUDA, two GPUs, or two JAX CPU devices) raise
+    ``ValueError`` naming the leaves and asking for ``device=``, as does a device the target
+    framework cannot hold (NumPy holds CPU memory only; a CPU-only JAX holds no CUDA memory;
+    JAX has no ``cpu:N`` beyond its device count). ``device="cpu"``, ``"cpu:1"``,
+    ``"cuda:1"``, a ``torch.device`` or a JAX ``Device`` says where the results go: leaves
+    elsewhere are moved (a copy), by the source framework when it can reach the target
+    device, else by the target framework after a zero-copy import. Into PyTorch or NumPy any
+    ``"cpu:N"`` is their CPU: a leaf on any JAX CPU device crosses without a copy.
 
 Streams (CUDA)
     The consumer's ``from_dlpack`` receives the array object and passes its own stream to
@@ -136,8 +140,9 @@ def convert(
         tensors, NumPy arrays or scalars, or Python scalars (returned unchanged).
       to: ``"jax"``, ``"torch"`` or ``"numpy"`` (or a duogard backend module).
       device: where the results go: ``None`` (stay where the leaves are, which must be one
-        device), ``"cpu"``, ``"cuda"`` (``"cuda:0"``), ``"cuda:1"``, a ``torch.device`` or a
-        JAX device. Leaves elsewhere are moved there (a copy).
+        device), ``"cpu"`` (``"cpu:0"``), ``"cpu:1"`` (JAX's second CPU device), ``"cuda"``
+        (``"cuda:0"``), ``"cuda:1"``, a ``torch.device`` or a JAX device. Leaves elsewhere are
+        moved there (a copy).
       copy: ``None`` shares memory wherever the layout allows and copies where it does
         not; ``True`` always copies; ``False`` never copies and raises ``ValueError`` where
         a copy would be needed (strided or misaligned views, device moves, downcasts).
@@ -181,6 +186,7 @@ def convert(
         dest = _common_device(devices, tree)
     else:
         dest = _parse_device(device)
+    dest = _place(target, dest)
     if dest is not None and _device_problem(target, dest) is not None:
         raise ValueError(_unreachable_message(target, dest, device is None))
     out = [
@@ -292,9 +298,9 @@ def _holds(target, here, device) -> bool:
             return False
     if here is None:
         return True
-    reachable = _REACHABLE.get((target, here))
+    reachable = _REACHABLE.get((target, here))  # where the leaves are: their device is one
     if reachable is None:
-        reachable = _REACHABLE[(target, here)] = _device_problem(target, here) is None
+        reachable = _REACHABLE[(target, here)] = _device_problem(target, _place(target, here)) is None
     return reachable
 
 
@@ -401,20 +407,20 @@ def _path(tree, i: int) -> str:
 
 
 def _parse_device(device) -> tuple[str, int]:
-    """A device argument -> ('cpu', 0) or ('cuda', index)."""
+    """A device argument -> ('cpu', index) or ('cuda', index)."""
     if isinstance(device, str):
         kind, _, index = device.strip().lower().partition(":")
         kind = {"gpu": "cuda"}.get(kind, kind)
         if kind in ("cpu", "cuda") and (index == "" or index.isdigit()):
-            return kind, int(index or 0) if kind == "cuda" else 0
+            return kind, int(index or 0)
     else:  # a framework's device object: its backend knows it (none of a framework never imported)
         for be in imported_backends():
             spec = be.exchange_device(device)
             if spec is not None:
                 return spec
     raise ValueError(
-        f"convert: device must be None, 'cpu', 'cuda', 'cuda:N', a torch.device or a JAX "
-        f"CPU/GPU device, got {device!r}"
+        f"convert: device must be None, 'cpu', 'cpu:N', 'cuda', 'cuda:N', a torch.device or a "
+        f"JAX CPU/GPU device, got {device!r}"
     )
 
 
@@ -439,10 +445,23 @@ def _common_device(devices, tree):
 # ----------------------------------------------------------------------------- devices
 
 
+def _place(owner, dev):
+    """Device ``dev`` as ``owner`` (a backend or _NUMPY) tells devices apart: NumPy and a backend
+    with one host device (PyTorch) hold every CPU index in their one CPU, ``("cpu", 0)``; JAX
+    keeps its CPU devices apart. None stays None.
+    """
+    if dev is None or dev[0] != "cpu" or not dev[1]:
+        return dev
+    return ("cpu", 0) if owner is _NUMPY or owner.one_host_device else dev
+
+
 def _device_problem(owner, dev) -> str | None:
     """Why arrays of ``owner`` (a backend or _NUMPY) cannot live on device ``dev``, or None."""
     if owner is _NUMPY:
-        return None if dev[0] == "cpu" else "NumPy arrays live in host memory"
+        # host memory is NumPy's one device: it moves nothing to a JAX CPU device of its own
+        if dev[0] == "cpu":
+            return None if not dev[1] else "NumPy has one CPU device"
+        return "NumPy arrays live in host memory"
     return owner.device_problem(dev)
 
 
@@ -459,7 +478,8 @@ def _unreachable_message(target, dest, implicit) -> str:
 
 def _convert_leaf(x, source, target, src_dev, dest, *, copy, allow_downcast, where):
     """One array leaf from ``source`` to ``target`` (backend modules or _NUMPY)."""
-    move = dest is not None and dest != src_dev
+    # a move: ``dest`` (placed as the target tells devices apart) is not where the leaf is
+    move = dest is not None and dest != _place(target, src_dev)
     # the source moves the leaf when it can reach dest (before the exchange), else the target
     # imports it where it is (zero-copy) and moves it then
     by_source = move and _device_problem(source, dest) is None

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import AVAILABLE, ROOT, one_rank_env
+from helpers import AVAILABLE, child_pythonpath, free_port, one_rank_env
 
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 
@@ -170,27 +169,10 @@ _FAULT_WORKER = textwrap.dedent(
 )
 
 
-def _free_port() -> int:
-    """A free port whose successor is free too (JAX's coordinator takes MASTER_PORT + 1)."""
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port >= 65535:
-            continue
-        try:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", port + 1))
-        except OSError:
-            continue
-        return port
-    raise RuntimeError("no free pair of ports on loopback")
-
-
 def _launch(script: Path, args: list[str], *, extra: tuple = (), nproc: int = 2) -> subprocess.Popen:
     cmd = [str(TORCHRUN), "--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1",
-           "--master-port", str(_free_port()), *extra, str(script), *args]  # fmt: skip
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+           "--master-port", str(free_port()), *extra, str(script), *args]  # fmt: skip
+    env = dict(os.environ, PYTHONPATH=child_pythonpath(), OMP_NUM_THREADS="1")
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
 
 
@@ -415,9 +397,9 @@ def test_jax_roll_call_uses_the_coordination_service(tmp_path):
     pytest.importorskip("jax")
     script = tmp_path / "roll.py"
     script.write_text(_JAX_ROLL_CALL)
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env = dict(os.environ, PYTHONPATH=child_pythonpath())
     proc = subprocess.run(
-        [sys.executable, str(script), str(_free_port())], capture_output=True, text=True, env=env, timeout=120
+        [sys.executable, str(script), str(free_port())], capture_output=True, text=True, env=env, timeout=120
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "ROLL [0, 2]" in proc.stdout, proc.stdout[-2000:]

@@ -204,7 +204,9 @@ def test_missing_framework_says_how_to_install(tmp_path):
             print("MSG:", e)
         print([str(b) for b in dg.available_backends() if b.name == "torch"])
     """)
-    env = dict(os.environ, PYTHONPATH=str(tmp_path))
+    # in front of the caller's path, which may name a checkout's backends (not the installed ones)
+    path = os.pathsep.join(p for p in (str(tmp_path), os.environ.get("PYTHONPATH", "")) if p)
+    env = dict(os.environ, PYTHONPATH=path)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr
     assert 'pip install "duogard[torch]"' in out.stdout
@@ -574,6 +576,9 @@ def test_each_backend_reads_its_own_frameworks_facts(both):
     # collectives
     assert th.is_collective_failure(RuntimeError("[gloo] Connection closed by peer"))
     assert jx.is_collective_failure(RuntimeError("heartbeat timeout"))
+    # jaxlib raises gloo's failures as ValueErrors (a peer gone, or one that stalled past the timeout)
+    assert jx.is_collective_failure(ValueError("UNKNOWN: Gloo all-reduce failed: Connection reset by peer"))
+    assert jx.is_collective_failure(ValueError("UNKNOWN: Gloo all-gather failed: Timed out waiting 8000ms"))
     for be in both:
         assert not be.is_collective_failure(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
         assert not be.is_collective_failure(ValueError("timeout"))
