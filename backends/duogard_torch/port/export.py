@@ -36,6 +36,7 @@ from .helpers import (
     Unsupported,
     UnsupportedTorchOpsError,
     dtype_of,
+    in_mode,
     module_path,
     module_path_root,
     real_cause,
@@ -95,7 +96,6 @@ def capture(module: nn.Module, example: torch.Tensor, *, train: bool):
     Raises:
         ExportCaptureError: export failed (its ``cause`` is the original exception).
     """
-    was_training = module.training
     recorder = _Recorder(module)
     cumulative = [
         m
@@ -108,13 +108,13 @@ def capture(module: nn.Module, example: torch.Tensor, *, train: bool):
         recorder.functions.append((cls, recorder.stack[-1] if recorder.stack else ""))
         return original.__func__(cls, *args, **kwargs)
 
-    module.train(train)
     for m in cumulative:
         m.momentum = 0.1
     torch.autograd.Function.apply = classmethod(apply)
     try:
-        ep = torch.export.export(module, (example,), strict=False)
-        ep = ep.run_decompositions()
+        with in_mode(module, train):
+            ep = torch.export.export(module, (example,), strict=False)
+            ep = ep.run_decompositions()
     except Exception as exc:
         raise ExportCaptureError(type(module).__name__, exc) from exc
     finally:
@@ -122,7 +122,6 @@ def capture(module: nn.Module, example: torch.Tensor, *, train: bool):
         for m in cumulative:
             m.momentum = None
         recorder.close()
-        module.train(was_training)
     return ep, recorder.functions
 
 

@@ -27,7 +27,7 @@ from duogard.nn import Module
 from duogard.tree import flatten_dict
 
 from .export import ExportCaptureError, capture, lower_exported
-from .helpers import UnsupportedTorchOpsError, real_cause
+from .helpers import UnsupportedTorchOpsError, in_mode, real_cause
 from .lower import lower_module
 from .training import PortableTrainMode, batchnorm_state_names, key_for_backend, train_mode_layers
 
@@ -170,9 +170,7 @@ class TorchModel(Module):
             # params share memory with torch.from_numpy)
             trainable = set(self.trainable_names)
             full = {k: v if k in trainable else v.clone() for k, v in full.items()}
-        was_training = self.module.training
-        self.module.train(bool(train))
-        try:
+        with in_mode(self.module, bool(train)):
             if not train:
                 return torch.func.functional_call(self.module, full, (x,))
             mode = PortableTrainMode(key_for_backend(be, key), update_running_stats=update_state)
@@ -182,8 +180,6 @@ class TorchModel(Module):
                 return {k: full[k] for k in self._state_names}
             with mode:
                 return torch.func.functional_call(self.module, full, (x,))
-        finally:
-            self.module.train(was_training)
 
     # ------------------------------------------------------------------ training hooks
     @property
