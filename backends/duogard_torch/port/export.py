@@ -43,7 +43,12 @@ from .helpers import (
 )
 from .registry import NodeInfo, Run
 
-__all__ = ["ExportCaptureError", "ExportedGraph", "capture", "lower_exported"]
+__all__ = ["KEPT", "ExportCaptureError", "ExportedGraph", "capture", "lower_exported"]
+
+#: operators the capture keeps whole instead of decomposing (each has a rule of its own):
+#: ``scaled_dot_product_attention``, whose decomposition breaks the views export recorded after
+#: it with the fused kernel's strides (:mod:`.aten.attention`)
+KEPT = (torch.ops.aten.scaled_dot_product_attention.default,)
 
 
 class ExportCaptureError(RuntimeError):
@@ -114,7 +119,7 @@ def capture(module: nn.Module, example: torch.Tensor, *, train: bool):
     try:
         with in_mode(module, train):
             ep = torch.export.export(module, (example,), strict=False)
-            ep = ep.run_decompositions()
+            ep = ep.run_decompositions(_decompositions())
     except Exception as exc:
         raise ExportCaptureError(type(module).__name__, exc) from exc
     finally:
@@ -123,6 +128,14 @@ def capture(module: nn.Module, example: torch.Tensor, *, train: bool):
             m.momentum = None
         recorder.close()
     return ep, recorder.functions
+
+
+def _decompositions() -> dict:
+    """The core ATen decompositions, less those of the operators lowered whole (:data:`KEPT`)."""
+    table = torch.export.default_decompositions()
+    for op in KEPT:
+        table.pop(op, None)
+    return table
 
 
 # ============================================================================ the lowered graph
@@ -266,6 +279,14 @@ def _narrowed(be) -> dict:
     return out
 
 
+def _attention_dropout(node) -> bool:
+    """An attention node with dropout on its weights: it takes the next dropout index."""
+    if node.target is not torch.ops.aten.scaled_dot_product_attention.default:
+        return False
+    p = node.kwargs.get("dropout_p", node.args[4] if len(node.args) > 4 else 0.0)
+    return float(p) > 0
+
+
 def _used_outputs(node) -> set:
     return {u.args[1] for u in node.users if u.op == "call_function" and u.target is operator.getitem}
 
@@ -316,7 +337,7 @@ def lower_exported(module: nn.Module, ep, functions=()) -> ExportedGraph:
         try:
             if rule is None:
                 raise Unsupported(None)
-            if node.target is torch.ops.aten.native_dropout.default:
+            if node.target is torch.ops.aten.native_dropout.default or _attention_dropout(node):
                 info.extra["dropout_index"] = dropouts
                 dropouts += 1
             if node.target is torch.ops.aten._native_batch_norm_legit_functional.default:

@@ -73,7 +73,7 @@ class PortableTrainMode(TorchFunctionMode):
 
     def _sdpa(self, args, kwargs):
         a = dict(zip(_SDPA_PARAMS, args), **kwargs)
-        if a.get("dropout_p", 0.0) > 0 and not a.get("enable_gqa", False):
+        if a.get("dropout_p", 0.0) > 0:
             return self._attention(**a)
         return None
 
@@ -96,12 +96,17 @@ class PortableTrainMode(TorchFunctionMode):
         finally:
             F.dropout, F.scaled_dot_product_attention = saved
 
-    def _attention(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **_):
-        # the math form of scaled_dot_product_attention, with the portable dropout where
-        # torch.export's decomposition has its dropout (on the attention weights)
+    def _attention(
+        self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False
+    ):
+        # the math form of scaled_dot_product_attention, with the portable dropout where the
+        # lowering (duogard_torch.port.aten.attention) has its dropout (on the weights)
         n_q, n_k = query.shape[-2], key.shape[-2]
-        scale = 1.0 / float(query.shape[-1]) ** 0.5 if scale is None else scale
-        scores = (query @ key.transpose(-2, -1)) * scale
+        if enable_gqa:
+            key = key.repeat_interleave(query.shape[-3] // key.shape[-3], dim=-3)
+            value = value.repeat_interleave(query.shape[-3] // value.shape[-3], dim=-3)
+        root = (1.0 / float(query.shape[-1]) ** 0.5 if scale is None else scale) ** 0.5
+        scores = (query * root) @ (key * root).transpose(-2, -1)
         if is_causal:
             causal = torch.ones(n_q, n_k, dtype=torch.bool, device=query.device).tril()
             scores = scores.masked_fill(~causal, float("-inf"))
@@ -110,8 +115,10 @@ class PortableTrainMode(TorchFunctionMode):
                 scores = scores.masked_fill(~attn_mask, float("-inf"))
             else:
                 scores = scores + attn_mask
-        weights = self._dropout(torch.softmax(scores, dim=-1), float(dropout_p))
-        return weights @ value
+        weights = torch.softmax(scores, dim=-1)
+        if is_causal or attn_mask is not None:  # a row with every key masked: 0, not NaN
+            weights = torch.where((scores != float("-inf")).any(-1, keepdim=True), weights, 0.0)
+        return self._dropout(weights, float(dropout_p)) @ value
 
     def _dropout(self, x, p):
         if p == 0.0:  # torch.export drops these: they take no index

