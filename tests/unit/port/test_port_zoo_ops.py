@@ -18,7 +18,7 @@ import torch.nn as tnn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
-from duogard.interop import from_torch  # noqa: E402
+from duogard.interop import UnsupportedTorchOpsError, from_torch  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
 
@@ -137,3 +137,55 @@ def test_attention_dropout_is_the_same_portable_draw_on_both_backends():
     assert model.lowered_path == "export", model.lowered_fallback_reason
     other = model.apply(model.params, jnp.asarray(x), train=True, key=jbe.key(4))
     assert np.abs(np.asarray(other) - np.asarray(got)).max() > 1e-3  # the masks are drawn
+
+
+# ----------------------------------------------------------------------------- as_strided
+
+
+class ChannelsLastPool(tnn.Module):
+    """ConvNeXt's head: adaptive average pooling of a channels-last activation (its
+    decomposition leaves ``as_strided(mean, size, channels-last strides)``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = tnn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        return F.adaptive_avg_pool2d(self.conv(x).to(memory_format=torch.channels_last), 1)
+
+
+class Strided(tnn.Module):
+    """as_strided views of a channels-last and of a contiguous input: the layout itself, a
+    transpose, a window at an offset, overlapping windows."""
+
+    def forward(self, x):  # (2, 3, 4, 5)
+        cl = (x * 2).to(memory_format=torch.channels_last)
+        same = cl.as_strided(cl.shape, cl.stride())
+        flat = x.reshape(8, 15)
+        transposed = flat.as_strided((15, 8), (1, 15))
+        offset = flat.as_strided((3, 4), (15, 1), 17)
+        windows = flat.as_strided((7, 2, 15), (15, 15, 1))  # rows i and i + 1: overlapping
+        return same.sum() + transposed.sum(0)[:3].sum() + offset.mean() + (windows * windows).sum(), windows
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("module", [ChannelsLastPool, Strided])
+def test_as_strided_views_of_the_inputs_memory_layout(module, dtype):
+    model = check_against_torch(module(), (2, 3, 4, 5) if module is Strided else (2, 3, 7, 6), dtype)
+    ops = [
+        s.op
+        for s in model.lower(
+            example_input=jnp.zeros((2, 3, 4, 5) if module is Strided else (2, 3, 7, 6), dtype=dtype)
+        ).steps
+    ]
+    assert torch.ops.aten.as_strided.default in ops
+
+
+def test_as_strided_of_a_layout_it_cannot_see_through_is_refused_by_name():
+    class Gappy(tnn.Module):
+        def forward(self, x):
+            y = x[:, ::2]  # every other column: not a dense layout
+            return y.as_strided((2, 2), (1, 2))
+
+    with pytest.raises(UnsupportedTorchOpsError, match=r"as_strided.*not a dense layout"):
+        from_torch(Gappy(), torch.zeros(4, 6), lower=True)
