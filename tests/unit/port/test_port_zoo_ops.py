@@ -189,3 +189,38 @@ def test_as_strided_of_a_layout_it_cannot_see_through_is_refused_by_name():
 
     with pytest.raises(UnsupportedTorchOpsError, match=r"as_strided.*not a dense layout"):
         from_torch(Gappy(), torch.zeros(4, 6), lower=True)
+
+
+# ----------------------------------------------------------------------------- max pooling
+
+
+class Pool(tnn.Module):
+    def __init__(self, padding=0, ceil_mode=True, stride=2):
+        super().__init__()
+        self.pool = tnn.MaxPool2d(3, stride, padding=padding, ceil_mode=ceil_mode, return_indices=True)
+
+    def forward(self, x):
+        values, indices = self.pool(x)
+        return values * 2, indices
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize(
+    "kw,shape",
+    [
+        ({}, (2, 3, 10, 9)),  # SqueezeNet's MaxPool2d(3, 2, ceil_mode=True): partial last windows
+        ({"padding": 1}, (2, 3, 11, 8)),
+        ({"ceil_mode": False, "stride": 1}, (3, 7, 6)),  # unbatched, the indices alone
+    ],
+)
+def test_max_pool_with_ceil_mode_and_its_indices(kw, shape, dtype):
+    check_against_torch(Pool(**kw), shape, dtype)
+
+
+def test_max_pool_indices_are_int64_as_torch_gives_them():
+    model = from_torch(Pool(), torch.zeros(1, 1, 5, 5))
+    x = np.arange(25, dtype=np.float32).reshape(1, 1, 5, 5)[..., ::-1].copy()
+    _, idx = model.apply(model.params, jnp.asarray(x))
+    _, ref = Pool()(torch.from_numpy(x))
+    assert model.lowered_path == "export" and str(idx.dtype) == "int64"
+    np.testing.assert_array_equal(np.asarray(idx), ref.numpy())
