@@ -9,7 +9,8 @@ it to the core ATen operator set; :func:`lower_exported` maps every node to a ru
   NumPy;
 - buffer mutations (batch norm's running statistics in training mode) are graph outputs:
   :meth:`ExportedGraph.run_with_state` returns them as new arrays, nothing is mutated;
-- the i-th ``native_dropout`` node of the graph draws its mask from ``fold_in(key, i)``.
+- the i-th random node of the graph (``native_dropout``, ``bernoulli.p``, attention with dropout)
+  draws its mask from ``fold_in(key, i)``.
 
 Every node is checked when the graph is lowered: unsupported operators (and custom
 ``torch.autograd.Function`` calls, whose own backward/jvp cannot be lowered) are reported
@@ -279,6 +280,10 @@ def _narrowed(be) -> dict:
     return out
 
 
+#: the random operators: the i-th of them in the graph draws from ``fold_in(key, i)``
+_DRAWS = (torch.ops.aten.native_dropout.default, torch.ops.aten.bernoulli.p)
+
+
 def _attention_dropout(node) -> bool:
     """An attention node with dropout on its weights: it takes the next dropout index."""
     if node.target is not torch.ops.aten.scaled_dot_product_attention.default:
@@ -337,7 +342,7 @@ def lower_exported(module: nn.Module, ep, functions=()) -> ExportedGraph:
         try:
             if rule is None:
                 raise Unsupported(None)
-            if node.target is torch.ops.aten.native_dropout.default or _attention_dropout(node):
+            if node.target in _DRAWS or _attention_dropout(node):
                 info.extra["dropout_index"] = dropouts
                 dropouts += 1
             if node.target is torch.ops.aten._native_batch_norm_legit_functional.default:

@@ -224,3 +224,69 @@ def test_max_pool_indices_are_int64_as_torch_gives_them():
     _, ref = Pool()(torch.from_numpy(x))
     assert model.lowered_path == "export" and str(idx.dtype) == "int64"
     np.testing.assert_array_equal(np.asarray(idx), ref.numpy())
+
+
+# ----------------------------------------------------------------------------- training-mode draws
+
+
+class StochasticDepth(tnn.Module):
+    """torchvision.ops.StochasticDepth's row mode, as it writes it (``bernoulli_`` in place)."""
+
+    def __init__(self, p):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        if not self.training:
+            return x
+        noise = torch.empty([x.shape[0]] + [1] * (x.ndim - 1), dtype=x.dtype)
+        noise = noise.bernoulli_(1 - self.p)
+        return x * noise.div_(1 - self.p)
+
+
+class Draws(tnn.Module):
+    """In-place dropout (MobileNetV3, EfficientNet), stochastic depth, a functional bernoulli."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = tnn.Linear(6, 6)
+        self.drop = tnn.Dropout(0.3, inplace=True)
+        self.depth = StochasticDepth(0.5)
+        self.out = tnn.Linear(6, 6)
+
+    def forward(self, x):
+        h = self.depth(self.drop(torch.tanh(self.lin(x))))
+        return self.out(h) * torch.bernoulli(torch.zeros_like(x), 0.5)
+
+
+def test_in_place_dropout_and_stochastic_depth_draw_the_same_masks_on_both_backends():
+    torch.manual_seed(0)
+    module = Draws()
+    x = np.random.default_rng(0).normal(size=(8, 6)).astype(np.float32)
+    model = from_torch(module, torch.from_numpy(x))
+    assert model.has_train_mode
+    jbe, tbe = dg.backend("jax"), dg.backend("torch")
+    primals = model.trainable()
+    tangents = {
+        k: np.random.default_rng(1).normal(size=v.shape).astype(np.float32) for k, v in primals.items()
+    }
+    outs = []
+    for seed in (0, 1):
+        got, dgot = jax.jvp(
+            lambda p: model.apply(p, jnp.asarray(x), train=True, key=jbe.key(seed)),
+            ({k: jnp.asarray(v) for k, v in primals.items()},),
+            ({k: jnp.asarray(v) for k, v in tangents.items()},),
+        )
+        assert model.lowered_path == "export", model.lowered_fallback_reason
+        ref, dref = torch.func.jvp(
+            lambda p: model.apply(p, torch.from_numpy(x), train=True, key=tbe.key(seed)),
+            ({k: torch.from_numpy(v) for k, v in primals.items()},),
+            ({k: torch.from_numpy(v) for k, v in tangents.items()},),
+        )
+        np.testing.assert_allclose(np.asarray(got), _np(ref), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(dgot), _np(dref), rtol=1e-5, atol=1e-6)
+        outs.append(np.asarray(got))
+    assert np.abs(outs[0] - outs[1]).max() > 1e-3  # the masks are drawn from the key
+    # in eval mode nothing is drawn but the functional bernoulli, which needs a key
+    with pytest.raises(ValueError, match="bernoulli draw .* needs an explicit random key"):
+        model.apply(model.params, jnp.asarray(x))
