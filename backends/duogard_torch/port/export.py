@@ -9,7 +9,8 @@ it to the core ATen operator set; :func:`lower_exported` maps every node to a ru
   NumPy;
 - buffer mutations (batch norm's running statistics in training mode) are graph outputs:
   :meth:`ExportedGraph.run_with_state` returns them as new arrays, nothing is mutated;
-- the i-th ``native_dropout`` node of the graph draws its mask from ``fold_in(key, i)``.
+- the i-th random node of the graph (``native_dropout``, ``bernoulli.p``, attention with dropout)
+  draws its mask from ``fold_in(key, i)``.
 
 Every node is checked when the graph is lowered: unsupported operators (and custom
 ``torch.autograd.Function`` calls, whose own backward/jvp cannot be lowered) are reported
@@ -36,13 +37,19 @@ from .helpers import (
     Unsupported,
     UnsupportedTorchOpsError,
     dtype_of,
+    in_mode,
     module_path,
     module_path_root,
     real_cause,
 )
 from .registry import NodeInfo, Run
 
-__all__ = ["ExportCaptureError", "ExportedGraph", "capture", "lower_exported"]
+__all__ = ["KEPT", "ExportCaptureError", "ExportedGraph", "capture", "lower_exported"]
+
+#: operators the capture keeps whole instead of decomposing (each has a rule of its own):
+#: ``scaled_dot_product_attention``, whose decomposition breaks the views export recorded after
+#: it with the fused kernel's strides (:mod:`.aten.attention`)
+KEPT = (torch.ops.aten.scaled_dot_product_attention.default,)
 
 
 class ExportCaptureError(RuntimeError):
@@ -95,7 +102,6 @@ def capture(module: nn.Module, example: torch.Tensor, *, train: bool):
     Raises:
         ExportCaptureError: export failed (its ``cause`` is the original exception).
     """
-    was_training = module.training
     recorder = _Recorder(module)
     cumulative = [
         m
@@ -108,13 +114,13 @@ def capture(module: nn.Module, example: torch.Tensor, *, train: bool):
         recorder.functions.append((cls, recorder.stack[-1] if recorder.stack else ""))
         return original.__func__(cls, *args, **kwargs)
 
-    module.train(train)
     for m in cumulative:
         m.momentum = 0.1
     torch.autograd.Function.apply = classmethod(apply)
     try:
-        ep = torch.export.export(module, (example,), strict=False)
-        ep = ep.run_decompositions()
+        with in_mode(module, train):
+            ep = torch.export.export(module, (example,), strict=False)
+            ep = ep.run_decompositions(_decompositions())
     except Exception as exc:
         raise ExportCaptureError(type(module).__name__, exc) from exc
     finally:
@@ -122,8 +128,15 @@ def capture(module: nn.Module, example: torch.Tensor, *, train: bool):
         for m in cumulative:
             m.momentum = None
         recorder.close()
-        module.train(was_training)
     return ep, recorder.functions
+
+
+def _decompositions() -> dict:
+    """The core ATen decompositions, less those of the operators lowered whole (:data:`KEPT`)."""
+    table = torch.export.default_decompositions()
+    for op in KEPT:
+        table.pop(op, None)
+    return table
 
 
 # ============================================================================ the lowered graph
@@ -267,6 +280,18 @@ def _narrowed(be) -> dict:
     return out
 
 
+#: the random operators: the i-th of them in the graph draws from ``fold_in(key, i)``
+_DRAWS = (torch.ops.aten.native_dropout.default, torch.ops.aten.bernoulli.p)
+
+
+def _attention_dropout(node) -> bool:
+    """An attention node with dropout on its weights: it takes the next dropout index."""
+    if node.target is not torch.ops.aten.scaled_dot_product_attention.default:
+        return False
+    p = node.kwargs.get("dropout_p", node.args[4] if len(node.args) > 4 else 0.0)
+    return float(p) > 0
+
+
 def _used_outputs(node) -> set:
     return {u.args[1] for u in node.users if u.op == "call_function" and u.target is operator.getitem}
 
@@ -317,7 +342,7 @@ def lower_exported(module: nn.Module, ep, functions=()) -> ExportedGraph:
         try:
             if rule is None:
                 raise Unsupported(None)
-            if node.target is torch.ops.aten.native_dropout.default:
+            if node.target in _DRAWS or _attention_dropout(node):
                 info.extra["dropout_index"] = dropouts
                 dropouts += 1
             if node.target is torch.ops.aten._native_batch_norm_legit_functional.default:

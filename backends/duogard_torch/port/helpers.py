@@ -10,6 +10,7 @@ from __future__ import annotations
 import operator
 import traceback
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -28,6 +29,7 @@ __all__ = [
     "describe",
     "device_kw",
     "dtype_of",
+    "in_mode",
     "module_path",
     "module_path_root",
     "pad_constant",
@@ -40,6 +42,22 @@ __all__ = [
 
 _TORCH_DIR = str(Path(torch.__file__).parent)
 _PORT_DIR = str(Path(__file__).parent)
+
+
+@contextmanager
+def in_mode(module, train: bool):
+    """``module`` in training (or eval) mode inside the block, and afterwards every submodule in
+    its own mode again: a submodule in eval mode inside a root in training mode (a wrapper
+    around ``model.eval()``) stays in eval mode, where ``module.train(was_training)`` would
+    switch it (and its dropout) on.
+    """
+    modes = [(m, m.training) for m in module.modules()]
+    module.train(train)
+    try:
+        yield module
+    finally:
+        for m, mode in modes:
+            m.training = mode
 
 
 class Unsupported(Exception):  # noqa: N818 - a signal between rule builders and the lowerings

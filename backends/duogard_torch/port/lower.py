@@ -32,6 +32,7 @@ from .helpers import (
     Unsupported,
     UnsupportedTorchOpsError,
     describe,
+    in_mode,
     module_path,
     real_cause,
     training_key,
@@ -206,13 +207,9 @@ def lower_module(module: nn.Module, *, train: bool) -> LoweredGraph:
     Raises:
         UnsupportedTorchOpsError: one error listing every op that cannot be lowered.
     """
-    was_training = module.training
-    module.train(train)
-    try:
+    with in_mode(module, train):
         graph = trace(module)
         return _lower_graph(module, graph)
-    finally:
-        module.train(was_training)
 
 
 def _lower_graph(module: nn.Module, graph: torch.fx.Graph) -> LoweredGraph:

@@ -27,8 +27,9 @@ from duogard.nn import Module
 from duogard.tree import flatten_dict
 
 from .export import ExportCaptureError, capture, lower_exported
-from .helpers import UnsupportedTorchOpsError, real_cause
+from .helpers import UnsupportedTorchOpsError, in_mode, real_cause
 from .lower import lower_module
+from .tied import aliases_of, resolve, tie_groups, with_aliases
 from .training import PortableTrainMode, batchnorm_state_names, key_for_backend, train_mode_layers
 
 __all__ = ["TorchModel", "UnsupportedTorchOpsError", "from_torch", "to_torch"]
@@ -50,7 +51,12 @@ class TorchModel(Module):
         module: the wrapped torch module (never modified by :meth:`apply`).
         params: the module's parameters AND buffers at wrapping time, a flat dict of NumPy
             arrays keyed exactly like ``module.state_dict()``. NumPy, so that every backend
-            starts from identical numbers.
+            starts from identical numbers. A tensor the module holds under several names (tied
+            weights: an LM head sharing the embedding) is ONE entry, under its first name.
+        tied: ``{first name: (first name, other names ...)}`` for every tied tensor (empty
+            without tied weights): the lowered graphs read the first name's entry for every
+            name of its group, and :func:`to_torch` writes it to all of them;
+            :meth:`state_dict` gives params under every name.
         trainable_names: names of the parameters with ``requires_grad`` (what an estimator
             should differentiate); everything else (buffers, frozen parameters) is state.
 
@@ -86,7 +92,9 @@ class TorchModel(Module):
         state = module.state_dict(keep_vars=True)
         # NumPy has no bfloat16: the torch backend's to_numpy gives ml_dtypes' (JAX's own)
         to_numpy = backend("torch").to_numpy
-        self.params = {k: to_numpy(v).copy() for k, v in state.items()}
+        self.tied = tie_groups(module)
+        self._aliases = aliases_of(self.tied)
+        self.params = {k: to_numpy(v).copy() for k, v in state.items() if k not in self._aliases}
         self.trainable_names = tuple(k for k, p in module.named_parameters() if p.requires_grad)
         self._state_names = batchnorm_state_names(module)
         self._lowered: dict[tuple, Any] = {}
@@ -143,8 +151,25 @@ class TorchModel(Module):
         params = self.params if params is None else _flat_params(params, "TorchModel.trainable")
         return {k: params[k] for k in self.trainable_names}
 
+    def state_dict(self, params: dict | None = None) -> dict:
+        """``params`` (default: :attr:`params`) under every ``state_dict`` name of the module: each
+        tied tensor's value under all the names that share it (for a checkpoint, or a copy of
+        the module whose weights are not tied). The arrays are not copied.
+        """
+        params = self.params if params is None else _flat_params(params, "TorchModel.state_dict")
+        return with_aliases(dict(params), self._aliases)
+
     def _full_params(self, params, be, where: str, device=None) -> dict:
         params = _flat_params(params, where)
+        tied = sorted(k for k in params if k in self._aliases)
+        if tied:
+            raise KeyError(
+                f"{where}: {', '.join(repr(k) for k in tied)} "
+                f"{'is' if len(tied) == 1 else 'are'} tied to "
+                f"{', '.join(repr(self._aliases[k]) for k in tied)} (one tensor in "
+                f"{type(self.module).__name__}): pass each tied tensor once, under the name "
+                "model.params holds it"
+            )
         unknown = sorted(set(params) - set(self.params))
         missing = sorted(k for k in self.trainable_names if k not in params)
         if unknown or missing:
@@ -170,9 +195,7 @@ class TorchModel(Module):
             # params share memory with torch.from_numpy)
             trainable = set(self.trainable_names)
             full = {k: v if k in trainable else v.clone() for k, v in full.items()}
-        was_training = self.module.training
-        self.module.train(bool(train))
-        try:
+        with in_mode(self.module, bool(train)):
             if not train:
                 return torch.func.functional_call(self.module, full, (x,))
             mode = PortableTrainMode(key_for_backend(be, key), update_running_stats=update_state)
@@ -182,8 +205,6 @@ class TorchModel(Module):
                 return {k: full[k] for k in self._state_names}
             with mode:
                 return torch.func.functional_call(self.module, full, (x,))
-        finally:
-            self.module.train(was_training)
 
     # ------------------------------------------------------------------ training hooks
     @property
@@ -229,7 +250,7 @@ class TorchModel(Module):
             return self._torch_apply(params, x, key=key, train=True, update_state=True)
         be = backend_of(x)
         graph = self.lower(train=True, example_input=x)
-        full = self._full_params(params, be, "TorchModel.update_state")
+        full = with_aliases(self._full_params(params, be, "TorchModel.update_state"), self._aliases)
         _, new = graph.run_with_state(be, full, x, key=key_for_backend(be, key))
         return {k: new.get(k, full[k]) for k in self._state_names}
 
@@ -322,7 +343,8 @@ class TorchModel(Module):
         # torch: put NumPy params on x's device (jax places them on its default device)
         device = be.device_of(x) if isinstance(x, torch.Tensor) else None
         full = self._full_params(params, be, "TorchModel.apply", device=device)
-        return graph.run(be, full, x, key=key_for_backend(be, key))
+        # every name of a tied tensor reads the one entry (the gradient of all its uses)
+        return graph.run(be, with_aliases(full, self._aliases), x, key=key_for_backend(be, key))
 
     def output_shape(self, input_shape: tuple) -> tuple:
         return self.init_params(None, input_shape, None)[1]
@@ -385,7 +407,13 @@ def from_torch(module, example_input=None, *, lower: bool = False) -> TorchModel
 def to_torch(params, module, *, strict: bool = True):
     """Load ``params`` into ``module`` in place, with ``load_state_dict``.
 
-    Values are copied into the module's tensors (their dtype and device are kept).
+    Values are copied into the module's tensors (their dtype and device are kept). A tensor
+    the module holds under several names (tied weights) takes the value given under any one
+    of them, and stays one tensor (``lm_head.weight is transformer.wte.weight`` still holds):
+    a ported model's params, which hold it once (:attr:`TorchModel.tied`), load as they are.
+    Into a module whose weights are NOT tied (a copy that was untied, or built with
+    ``tie_word_embeddings=False``), load ``model.state_dict(params)``, which gives the value
+    under every name.
 
     Args:
         params: a dict keyed like ``module.state_dict()`` (flat, or nested by module path) of
@@ -400,11 +428,16 @@ def to_torch(params, module, *, strict: bool = True):
     Raises:
         TypeError: ``module`` is not a ``torch.nn.Module``.
         KeyError: the keys do not match (it lists the missing and unexpected ones).
-        ValueError: a shape does not match the module's.
+        ValueError: a shape does not match the module's, or a tied tensor is given two
+            different values.
     """
     if not isinstance(module, torch.nn.Module):
         raise TypeError(f"to_torch: module must be a torch.nn.Module, got {type(module).__name__}")
+    tbe = backend("torch")
     flat = _flat_params(params, "to_torch")
+    flat = resolve(
+        flat, tie_groups(module), lambda v: tbe.to_numpy(v) if isinstance(v, torch.Tensor) else v, "to_torch"
+    )
     current = module.state_dict()
     missing = sorted(set(current) - set(flat))
     unexpected = sorted(set(flat) - set(current))
@@ -414,7 +447,6 @@ def to_torch(params, module, *, strict: bool = True):
             + (f"; missing keys {missing}" if missing and strict else "")
             + (f"; unexpected keys {unexpected}" if unexpected else "")
         )
-    tbe = backend("torch")
     state = {}
     for k, v in flat.items():
         t = v if isinstance(v, torch.Tensor) else tbe.asarray(_maybe_numpy(v))

@@ -5,8 +5,9 @@ Dropout masks are duogard's portable draws, so that a module gives the same trai
 output on torch and on JAX for the same key: the i-th dropout applied in execution order
 (i = 0, 1, 2 ...) keeps an entry where ``be.bernoulli(be.fold_in(key, i), 1 - p, shape)`` is
 true and outputs ``where(keep, x / (1 - p), 0)``. On torch tensors :class:`PortableTrainMode`
-(a ``TorchFunctionMode``) intercepts ``F.dropout`` inside the real module; the lowered graphs
-count their dropout nodes in graph order (the execution order).
+(a ``TorchFunctionMode``) intercepts ``F.dropout``, attention's dropout and ``bernoulli`` draws
+of a float probability (stochastic depth) inside the real module; the lowered graphs count
+their random nodes in graph order (the execution order).
 """
 
 from __future__ import annotations
@@ -53,6 +54,13 @@ class PortableTrainMode(TorchFunctionMode):
             a = bound.arguments
             if a["training"]:
                 return self._dropout(a["input"], float(a["p"]))
+        if (
+            func in (torch.bernoulli, torch.Tensor.bernoulli, torch.Tensor.bernoulli_)
+            and self.key is not None
+        ):
+            out = self._bernoulli(func, args, kwargs)
+            if out is not None:
+                return out
         if func is F.scaled_dot_product_attention and self.key is not None:
             out = self._sdpa(args, kwargs)
             if out is not None:
@@ -73,7 +81,7 @@ class PortableTrainMode(TorchFunctionMode):
 
     def _sdpa(self, args, kwargs):
         a = dict(zip(_SDPA_PARAMS, args), **kwargs)
-        if a.get("dropout_p", 0.0) > 0 and not a.get("enable_gqa", False):
+        if a.get("dropout_p", 0.0) > 0:
             return self._attention(**a)
         return None
 
@@ -96,12 +104,17 @@ class PortableTrainMode(TorchFunctionMode):
         finally:
             F.dropout, F.scaled_dot_product_attention = saved
 
-    def _attention(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **_):
-        # the math form of scaled_dot_product_attention, with the portable dropout where
-        # torch.export's decomposition has its dropout (on the attention weights)
+    def _attention(
+        self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False
+    ):
+        # the math form of scaled_dot_product_attention, with the portable dropout where the
+        # lowering (duogard_torch.port.aten.attention) has its dropout (on the weights)
         n_q, n_k = query.shape[-2], key.shape[-2]
-        scale = 1.0 / float(query.shape[-1]) ** 0.5 if scale is None else scale
-        scores = (query @ key.transpose(-2, -1)) * scale
+        if enable_gqa:
+            key = key.repeat_interleave(query.shape[-3] // key.shape[-3], dim=-3)
+            value = value.repeat_interleave(query.shape[-3] // value.shape[-3], dim=-3)
+        root = (1.0 / float(query.shape[-1]) ** 0.5 if scale is None else scale) ** 0.5
+        scores = (query * root) @ (key * root).transpose(-2, -1)
         if is_causal:
             causal = torch.ones(n_q, n_k, dtype=torch.bool, device=query.device).tril()
             scores = scores.masked_fill(~causal, float("-inf"))
@@ -110,8 +123,26 @@ class PortableTrainMode(TorchFunctionMode):
                 scores = scores.masked_fill(~attn_mask, float("-inf"))
             else:
                 scores = scores + attn_mask
-        weights = self._dropout(torch.softmax(scores, dim=-1), float(dropout_p))
-        return weights @ value
+        weights = torch.softmax(scores, dim=-1)
+        if is_causal or attn_mask is not None:  # a row with every key masked: 0, not NaN
+            weights = torch.where((scores != float("-inf")).any(-1, keepdim=True), weights, 0.0)
+        return self._dropout(weights, float(dropout_p)) @ value
+
+    def _bernoulli(self, func, args, kwargs):
+        # x.bernoulli_(p), torch.bernoulli(x, p): a draw of probability p (a float) in x's shape,
+        # the next index (the lowering's aten.bernoulli.p); probabilities given as a tensor
+        # stay torch's own draw
+        default = 0.5 if func is torch.Tensor.bernoulli_ else None  # else x holds the probabilities
+        x, p = args[0], (args[1] if len(args) > 1 else kwargs.get("p", default))
+        if not isinstance(p, (int, float)) or isinstance(p, bool):
+            return None
+        index = self.count
+        self.count += 1
+        be = self._be
+        keep = be.bernoulli(be.fold_in(self.key, index), float(p), tuple(x.shape), device=x.device).to(
+            x.dtype
+        )
+        return x.copy_(keep) if func is torch.Tensor.bernoulli_ else keep
 
     def _dropout(self, x, p):
         if p == 0.0:  # torch.export drops these: they take no index
@@ -132,9 +163,15 @@ def key_for_backend(be, key):
     return be.key_from_data(backend_of(key).key_data(key))
 
 
+#: stochastic depth's modules, by class name (torchvision's ``p``, timm's ``drop_prob``): they
+#: draw with ``bernoulli_`` in training
+_DROP_PATHS = ("StochasticDepth", "DropPath")
+
+
 def train_mode_layers(module: nn.Module) -> list[str]:
     """The submodules that compute differently in training: dropout with p > 0, batch norm,
-    attention with dropout > 0 (paths, ``"<root>"`` for the module itself).
+    attention with dropout > 0, stochastic depth (torchvision's ``StochasticDepth``, timm's
+    ``DropPath``) with p > 0 (paths, ``"<root>"`` for the module itself).
     """
     found = []
     for name, m in module.named_modules():
@@ -143,6 +180,8 @@ def train_mode_layers(module: nn.Module) -> list[str]:
         elif isinstance(m, nn.modules.batchnorm._BatchNorm):
             found.append(name or "<root>")
         elif isinstance(m, nn.MultiheadAttention) and m.dropout > 0:
+            found.append(name or "<root>")
+        elif type(m).__name__ in _DROP_PATHS and (getattr(m, "p", None) or getattr(m, "drop_prob", None)):
             found.append(name or "<root>")
     return found
 

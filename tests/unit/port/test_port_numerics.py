@@ -192,6 +192,13 @@ def test_64_bit_results_are_refused_when_jax_x64_is_off():
         model = from_torch(module, x)
         got = model.apply(model.params, jnp.asarray(x.numpy()))
         np.testing.assert_allclose(np.asarray(got), module(x).detach().numpy(), rtol=1e-5, atol=1e-6)
+
+        # max pooling's int64 indices address one input plane: they run in 32 bits too
+        pool = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.MaxPool2d(3, 2, ceil_mode=True))
+        x = torch.randn(1, 1, 9, 9)
+        model = from_torch(pool, x)
+        got = model.apply(model.params, jnp.asarray(x.numpy()))
+        np.testing.assert_allclose(np.asarray(got), pool(x).detach().numpy(), rtol=1e-5, atol=1e-6)
         print("ok")
     """
     env = {k: v for k, v in os.environ.items() if k != "JAX_ENABLE_X64"}

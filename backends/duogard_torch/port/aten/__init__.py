@@ -11,8 +11,9 @@ set, not from a list of Python spellings.
 
 Each family registers its rules by decorator in its own module, independent of the others:
 :mod:`.elementwise`, :mod:`.reductions`, :mod:`.shape`, :mod:`.indexing`, :mod:`.creation`,
-:mod:`.layers` (convolution, normalisation, dropout, softmax, embedding) and :mod:`.pooling`
-(pooling, resampling).
+:mod:`.layers` (convolution, normalisation, dropout, softmax, embedding), :mod:`.pooling`
+(pooling, resampling) and :mod:`.attention` (``scaled_dot_product_attention``, which the capture
+keeps whole).
 
 ``python -m duogard_torch.port.optable [PATH]`` writes the operator table of the docs
 (``docs/torch-ops.md``); a test keeps that file in sync with :func:`rules`.
@@ -26,7 +27,7 @@ from pathlib import Path
 from ..helpers import describe
 from ..registry import AtenRule, NodeInfo, Run, merge
 from ..rules import function_rules, method_rules
-from . import creation, elementwise, indexing, layers, pooling, reductions, shape
+from . import attention, creation, elementwise, indexing, layers, pooling, reductions, shape
 
 __all__ = ["AtenRule", "NodeInfo", "Run", "op_name", "rules", "table_markdown", "write_table"]
 
@@ -38,6 +39,7 @@ _RULES = merge(
     creation.RULES,
     layers.RULES,
     pooling.RULES,
+    attention.RULES,
 )
 
 

@@ -102,6 +102,11 @@ def _empty_strided(rt, info, size, stride, dtype=None, **kw):
     return _empty(rt, info, size, dtype=dtype)
 
 
+@register(aten.empty_permuted.default, doc=_EMPTY)
+def _empty_permuted(rt, info, size, physical_layout, dtype=None, **kw):
+    return _empty(rt, info, size, dtype=dtype)
+
+
 @register(aten.copy.default, doc="xp.broadcast_to, xp.astype (as torch casts)", bounded=False)
 def _copy(rt, info, x, src, non_blocking=False):
     return cast(rt, rt.be.xp.broadcast_to(src, tuple(x.shape)), x.dtype)

@@ -207,6 +207,24 @@ def _dropout(rt, info, x, p, train):
     return xp.where(keep, x / (1.0 - p), xp.zeros_like(x)), keep
 
 
+def _bernoulli_check(node, info):
+    p = node.args[1] if len(node.args) > 1 else node.kwargs.get("p", 0.5)
+    if not isinstance(p, (int, float)):
+        raise Unsupported(f"bernoulli with a probability of type {type(p).__name__}")
+
+
+@register(
+    aten.bernoulli.p,
+    doc="be.bernoulli(be.fold_in(key, i), p) in x's dtype: the graph's i-th random draw, as a dropout's "
+    "(in-place dropout, stochastic depth)",
+    check=_bernoulli_check,
+)
+def _bernoulli(rt, info, x, p=0.5, generator=None):
+    key = rt.key_for(info.extra["dropout_index"], f"bernoulli draw {info.path or 'of the root module'}")
+    keep = rt.be.bernoulli(key, float(p), tuple(x.shape), device=rt.be.device_of(x))
+    return rt.be.xp.astype(keep, x.dtype)
+
+
 @register(aten._softmax.default, doc="be.softmax")
 def _softmax(rt, info, x, dim, half_to_float=False):
     return rt.be.softmax(x, axis=dim)

@@ -9,7 +9,7 @@ import math
 import numpy as np
 import torch
 
-from ..helpers import Unsupported, as_tuple, device_kw
+from ..helpers import Unsupported, as_tuple, device_kw, pad_constant
 from ..registry import AtenRule, RuleTable
 
 __all__ = ["RULES"]
@@ -24,23 +24,70 @@ def _as4d(xp, x):
 
 
 def _max_pool_check(node, info):
-    if info.used_outputs - {0}:
-        raise Unsupported(f"max_pool2d_with_indices's outputs {sorted(info.used_outputs - {0})} are read")
     args = list(node.args) + [None] * 6
     if args[4] not in (None, 1, [1, 1], (1, 1)):
         raise Unsupported(f"max_pool2d with dilation={args[4]}")
-    if args[5]:
-        raise Unsupported("max_pool2d with ceil_mode=True")
 
 
-@register(aten.max_pool2d_with_indices.default, doc="be.max_pool2d (values only)", check=_max_pool_check)
+def pool_size(n: int, k: int, s: int, p: int, ceil_mode: bool) -> int:
+    """Torch's pooling output length: with ``ceil_mode`` a last, partial window is kept when
+    it starts inside the input or its left padding.
+    """
+    out = (n + 2 * p - k + (s - 1 if ceil_mode else 0)) // s + 1
+    if ceil_mode and (out - 1) * s >= n + p:
+        out -= 1
+    return out
+
+
+def _lowest(xp, dtype):
+    return -math.inf if xp.isdtype(dtype, "real floating") else int(xp.iinfo(dtype).min)
+
+
+def _windows(rt, x, k, s, p, out):
+    """Every window of ``x`` (N, C, H, W) padded with the lowest value (never a maximum): an array
+    (N, C, oh, ow, kh * kw), the window's entries in row-major order.
+    """
+    xp = rt.be.xp
+    h, w = int(x.shape[-2]), int(x.shape[-1])
+    extra = [max((out[i] - 1) * s[i] + k[i] - (h, w)[i] - p[i], 0) for i in range(2)]
+    padded = pad_constant(rt, x, (p[1], extra[1], p[0], extra[0]), _lowest(xp, x.dtype))
+    parts = []
+    for a in range(k[0]):
+        rows = padded[..., a : a + s[0] * (out[0] - 1) + 1 : s[0], :]
+        for b in range(k[1]):
+            parts.append(rows[..., b : b + s[1] * (out[1] - 1) + 1 : s[1]])
+    return xp.stack(parts, axis=-1)
+
+
+@register(
+    aten.max_pool2d_with_indices.default,
+    doc="be.max_pool2d; with ceil_mode or the indices read, the windows' xp.argmax "
+    "(the first maximum, as torch) and the value there",
+    check=_max_pool_check,
+    bounded=True,  # the indices address one input plane
+)
 def _max_pool(rt, info, x, kernel_size, stride=(), padding=0, dilation=1, ceil_mode=False):
     xp = rt.be.xp
     x, unbatched = _as4d(xp, x)
     k = as_tuple(kernel_size, 2)
     s = as_tuple(stride, 2) if stride else k
-    y = rt.be.max_pool2d(x, kernel_size=k, stride=s, padding=as_tuple(padding, 2))
-    return (y[0] if unbatched else y), None
+    p = as_tuple(padding, 2)
+    h, w = int(x.shape[-2]), int(x.shape[-1])
+    out = tuple(pool_size((h, w)[i], k[i], s[i], p[i], bool(ceil_mode)) for i in range(2))
+    if not (info.used_outputs - {0}) and not ceil_mode:
+        y = rt.be.max_pool2d(x, kernel_size=k, stride=s, padding=p)
+        return (y[0] if unbatched else y), None
+    win = _windows(rt, x, k, s, p, out)
+    arg = xp.argmax(win, axis=-1, keepdims=True)
+    y = xp.squeeze(xp.take_along_axis(win, arg, axis=-1), axis=-1)  # the tangent of that entry
+    arg = xp.squeeze(arg, axis=-1)
+    # the input position of window (i, j)'s entry (a, b): (i * sh - ph + a) * W + j * sw - pw + b
+    top = np.arange(out[0]).reshape(-1, 1) * s[0] - p[0]
+    left = np.arange(out[1]).reshape(1, -1) * s[1] - p[1]
+    base = rt.be.asarray((top * w + left).astype(np.int64), **device_kw(rt))
+    arg = xp.astype(arg, base.dtype)  # int64, or JAX's int32 without its 64-bit mode
+    index = base + (arg // k[1]) * w + arg % k[1]
+    return (y[0] if unbatched else y), (index[0] if unbatched else index)
 
 
 def _avg_pool_check(node, info):

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import operator
 
+import numpy as np
 import torch
 
-from ..helpers import cast, slice_axis
+from ..helpers import Unsupported, cast, device_kw, slice_axis
 from ..registry import AtenRule, RuleTable
 
 __all__ = ["RULES"]
@@ -138,6 +139,85 @@ def _roll(rt, info, x, shifts, dims=()):
 @register(aten.repeat.default, doc="xp.tile")
 def _repeat(rt, info, x, repeats):
     return rt.be.xp.tile(x, tuple(repeats))
+
+
+# ============================================================================ as_strided
+
+
+def _positions(shape, strides, offset=0) -> np.ndarray:
+    """The storage position of every element of a strided view (an int64 array of ``shape``)."""
+    pos = np.full(tuple(shape), offset, dtype=np.int64)
+    for axis, (n, s) in enumerate(zip(shape, strides)):
+        view = [1] * len(shape)
+        view[axis] = n
+        pos = pos + np.arange(n, dtype=np.int64).reshape(view) * s
+    return pos
+
+
+def _memory_order(shape, strides):
+    """The axes from the outermost to the innermost in memory, if the strides lay ``shape`` out
+    densely (a permutation of a contiguous layout: channels-last, a transpose ...); else None.
+    """
+    order = sorted(range(len(shape)), key=lambda a: (-strides[a], -a))
+    expected = 1
+    for axis in reversed(order):
+        if shape[axis] != 1 and strides[axis] != expected:
+            return None
+        expected *= shape[axis]
+    return order
+
+
+def _as_strided_check(node, info):
+    """What ``as_strided``'s strides address, in the input's own memory layout (as export recorded
+    it): the input itself, a permutation of its memory order, or (any other view inside the
+    input) the positions to take.
+    """
+    src = node.args[0].meta.get("val")
+    if not isinstance(src, torch.Tensor):
+        raise Unsupported("the input's layout was not recorded")
+    shape, strides = tuple(int(n) for n in src.shape), tuple(int(s) for s in src.stride())
+    size, stride = [int(n) for n in node.args[1]], [int(s) for s in node.args[2]]
+    offset = node.args[3] if len(node.args) > 3 else node.kwargs.get("storage_offset")
+    base = int(src.storage_offset())
+    offset = base if offset is None else int(offset)
+    order = _memory_order(shape, strides)
+    if order is None:
+        raise Unsupported(f"as_strided of an input whose strides {strides} are not a dense layout of {shape}")
+    numel = int(np.prod(shape))
+    wanted = _positions(size, stride, offset - base)
+    if wanted.size and (wanted.min() < 0 or wanted.max() >= numel):
+        raise Unsupported(
+            f"as_strided reads outside its input (size {size}, stride {stride}, offset {offset})"
+        )
+    if size == list(shape) and np.array_equal(wanted, _positions(shape, strides)):
+        info.extra["as_strided"] = ("same",)
+        return
+    out_order = _memory_order(size, stride)
+    if out_order is not None and offset == base and wanted.size == numel:
+        inverse = tuple(int(i) for i in np.argsort(out_order))
+        info.extra["as_strided"] = ("permute", order, tuple(size[a] for a in out_order), inverse)
+        return
+    info.extra["as_strided"] = ("take", order, wanted)
+
+
+@register(
+    aten.as_strided.default,
+    doc="the view its strides address in the input's memory layout: xp.reshape and xp.permute_dims, "
+    "or xp.take of the addressed elements (overlapping windows); a non-dense input is refused",
+    check=_as_strided_check,
+)
+def _as_strided(rt, info, x, size, stride, storage_offset=None):
+    xp = rt.be.xp
+    plan = info.extra["as_strided"]
+    if plan[0] == "same":
+        return x
+    flat = xp.reshape(xp.permute_dims(x, tuple(plan[1])), (-1,))  # the elements in memory order
+    if plan[0] == "permute":
+        return xp.permute_dims(xp.reshape(flat, plan[2]), plan[3])
+    index = rt.be.asarray(
+        plan[2].reshape(-1).astype(np.int32 if flat.shape[0] < 2**31 else np.int64), **device_kw(rt)
+    )
+    return xp.reshape(xp.take(flat, index, axis=0), tuple(int(n) for n in size))
 
 
 # ============================================================================ copies, casts, no-ops
