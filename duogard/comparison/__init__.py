@@ -2,8 +2,11 @@
 weights, steps and batches; a table, a plot of loss against steps and wall-clock, and a JSON file.
 
 :func:`compare_methods` runs it and returns the runs; :func:`write_outputs` writes
-``compare.json`` and ``compare.png``, :func:`format_table` the table the command prints,
-:func:`plot_runs` the plot. Methods are :class:`~duogard.methods.MethodSpec` or their text
+``compare.json``, ``compare.png`` and ``compare-pareto.png``, :func:`format_table` the table the
+command prints, :func:`plot_runs` the plot and :func:`plot_pareto` the Pareto view (test accuracy
+against step memory and against training seconds). :func:`compare_sweep` reruns the comparison
+for each depth or batch size (:func:`write_sweep_outputs`, :func:`format_sweep_table`,
+:func:`plot_sweep`). Methods are :class:`~duogard.methods.MethodSpec` or their text
 (:mod:`duogard.methods`). Not to be confused with :func:`duogard.parity.compare_backends`,
 which runs two backends in lockstep on one method and reports where they diverge.
 """
@@ -16,9 +19,28 @@ from pathlib import Path
 
 import numpy as np
 
+from duogard.comparison._views import (
+    SWEEP_PARAMETERS,
+    check_sweep,
+    format_sweep_table,
+    plot_pareto,
+    plot_runs,
+    plot_sweep,
+)
 from duogard.methods import DEFAULT_METHODS, MethodSpec, parse_method
 
-__all__ = ["compare_methods", "write_outputs", "format_table", "plot_runs"]
+__all__ = [
+    "compare_methods",
+    "write_outputs",
+    "format_table",
+    "plot_runs",
+    "plot_pareto",
+    "compare_sweep",
+    "write_sweep_outputs",
+    "format_sweep_table",
+    "plot_sweep",
+    "SWEEP_PARAMETERS",
+]
 
 
 def compare_methods(
@@ -34,6 +56,8 @@ def compare_methods(
     seed: int = 0,
     model_name: str = "mlp",
     diagnostics_every: int = 25,
+    target_accuracy: float | None = 0.9,
+    eval_every: int | None = None,
     out_dir="duogard-out",
     title: str = "",
     progress=None,
@@ -56,7 +80,12 @@ def compare_methods(
         seed: weights, batches and tangents follow it.
         model_name: the model's name in the learning-rate table.
         diagnostics_every: steps between cosine diagnostics of the estimators (0: never).
-        out_dir: where ``compare.json`` and ``compare.png`` go (None: nowhere).
+        target_accuracy: each run reports the steps and training seconds until its test
+            accuracy first reaches this (:class:`~duogard.train.TimeToTarget`); None: no target.
+        eval_every: steps between test evaluations (None: a hundredth of ``steps``, at least
+            1), which is how finely the time to the target is known.
+        out_dir: where ``compare.json``, ``compare.png`` and ``compare-pareto.png`` go (None:
+            nowhere).
         title: the plot's title.
         progress: progress bars (None: when stderr is a terminal).
         log: prints one line per finished run (None: silent).
@@ -70,13 +99,17 @@ def compare_methods(
 
     Every run's step computes no gradient norm (the table does not show it), so its
     ``time_per_step`` is the method's and the framework's, as a hand-written step's would be.
+    Each run's ``train_seconds`` is the sum of its timed steps (the first step's compilation
+    included; evaluations, diagnostics and callbacks not), the clock of ``seconds_to_target``,
+    of each evaluation's ``train_seconds`` and of the Pareto view; ``total_seconds`` is the
+    run's wall-clock with all of them.
 
     Returns:
-        ``{"config": ..., "runs": [summary + history per run], "files": [...]}``.
+        ``{"config": ..., "runs": [summary + evaluations + history per run], "files": [...]}``.
     """
     from duogard import optim
     from duogard.backend import available_backends, backend
-    from duogard.train import DataParallel, Diagnostics, Evaluate, Progress, Trainer, fit
+    from duogard.train import DataParallel, Diagnostics, Evaluate, Progress, TimeToTarget, Trainer, fit
     from duogard.tree import tree_size
 
     if distributed is True:
@@ -90,6 +123,9 @@ def compare_methods(
     if backends is None:
         backends = [b.name for b in available_backends() if b.available]
     specs = [m if isinstance(m, MethodSpec) else parse_method(m, flag="--methods") for m in methods]
+    if eval_every is None:
+        eval_every = max(steps // 100, 1)
+    target = TimeToTarget(target_accuracy) if target_accuracy is not None else None
     params0 = model.init(seed, data.example_input)
     # threading chosen for the work's size (torch: one thread for small steps), said once
     work = 2.0 * batch_size * tree_size(params0)
@@ -102,7 +138,7 @@ def compare_methods(
             break
         lr = learning_rate if learning_rate is not None else spec.learning_rate(model_name)
         schedule = optim.exponential_decay(lr, rate=decay) if decay else lr
-        callbacks = [Evaluate(), Progress(progress)]
+        callbacks = [Evaluate(eval_every), Progress(progress), *([target] if target else [])]
         if diagnostics_every and spec.name != "backprop":
             callbacks.append(Diagnostics(diagnostics_every))
         if interrupt is not None:
@@ -125,7 +161,9 @@ def compare_methods(
             distributed=dp or False,
         )
         world = dp.world_size if dp else 1
-        summary = res.summary() | {"method": spec.label, "learning_rate": lr}
+        summary = res.summary() | {"method": spec.label, "learning_rate": lr} | _clocked(res)
+        if target:
+            summary |= target.summary()
         runs.append(
             summary
             | {"history": [{k: h[k] for k in ("step", "loss", "time") if k in h} for h in res.history]}
@@ -134,6 +172,7 @@ def compare_methods(
             log(
                 f"  {be_name:>5} {spec.label:<45} loss {summary['final_loss']:.4f}  "
                 f"test acc {summary['test_accuracy']:.3f}  {1e3 * summary['time_per_step']:.2f} ms/step"
+                + (f"  to {target.target:g}: {_to_target(summary)}" if target else "")
             )
     result = {
         "config": {
@@ -143,6 +182,8 @@ def compare_methods(
             "batch_size": batch_size,
             "seed": seed,
             "decay": decay,
+            "target_accuracy": target_accuracy,
+            "eval_every": eval_every,
             "backends": list(backends),
             "methods": [s.label for s in specs],
             "threads": threads,
@@ -157,18 +198,109 @@ def compare_methods(
     return result
 
 
+def compare_sweep(
+    model,
+    data,
+    *,
+    parameter: str,
+    values,
+    out_dir="duogard-out",
+    title: str = "",
+    log=print,
+    interrupt=None,
+    **kwargs,
+) -> dict:
+    """Run :func:`compare_methods` once for each value of ``parameter``, so each method's step
+    memory can be read against depth or batch size.
+
+    Args:
+        model: for ``"depth"``, a function ``depth -> model`` (the command's: that many hidden
+            layers of ``--hidden``'s width); for ``"batch_size"``, a model or such a function.
+        data: the dataset.
+        parameter: ``"depth"`` or ``"batch_size"`` (:data:`SWEEP_PARAMETERS`).
+        values: distinct positive ints, in the order to run them.
+        out_dir: where ``compare-sweep.json`` and ``compare-sweep.png`` go (None: nowhere).
+        title: the plot's title.
+        log: prints a line per value and per finished run (None: silent).
+        interrupt: as in :func:`compare_methods`; the sweep ends with the interrupted value.
+        **kwargs: the other arguments of :func:`compare_methods` (every value gets the same;
+            ``batch_size`` not when it is swept).
+
+    Returns:
+        ``{"config": {"parameter", "values", "interrupted"}, "points": [{"value", "config",
+        "runs"}], "files": [...]}``: each point is a comparison's result, its runs without the
+        per-step history (their evaluations stay).
+    """
+    parameter, values = check_sweep(parameter, values)
+    is_model = hasattr(model, "init")
+    if parameter == "depth" and is_model:
+        raise TypeError("compare_sweep: a depth sweep needs model=a function depth -> model, got a model")
+    if parameter == "batch_size" and "batch_size" in kwargs:
+        raise TypeError("compare_sweep: batch_size is the swept parameter: give it in values only")
+    points = []
+    for value in values:
+        if interrupt is not None and interrupt.requested:
+            break
+        if log:
+            log(f"{parameter} = {value}")
+        extra = {"batch_size": value} if parameter == "batch_size" else {}
+        m = model if is_model else model(value)
+        res = compare_methods(m, data, out_dir=None, log=log, interrupt=interrupt, **kwargs, **extra)
+        runs = [{k: v for k, v in r.items() if k != "history"} for r in res["runs"]]
+        points.append({"value": value, "config": res["config"], "runs": runs})
+    interrupted = bool(interrupt is not None and interrupt.requested)
+    result = {
+        "config": {"parameter": parameter, "values": values, "interrupted": interrupted},
+        "points": points,
+    }
+    if out_dir is not None:
+        result["files"] = write_sweep_outputs(result, out_dir, title=title)
+    return result
+
+
+def write_sweep_outputs(result: dict, out_dir, *, title: str = "") -> list[str]:
+    """Write ``compare-sweep.json`` and ``compare-sweep.png`` of :func:`compare_sweep`'s
+    ``result`` in ``out_dir``; returns their paths.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "compare-sweep.json").write_text(json.dumps(result, indent=1, default=_json_default))
+    c = result["points"][0]["config"] if result["points"] else {}
+    on = f"{title or c.get('model', '')} on {c['dataset']}, {c['steps']} steps, " if c else title
+    plot_sweep(result, out / "compare-sweep.png", title=f"{on}{result['config']['parameter']} swept")
+    return [str(out / "compare-sweep.json"), str(out / "compare-sweep.png")]
+
+
+def _clocked(res) -> dict:
+    """The run's training seconds (its timed steps, summed) and its evaluations on that clock."""
+    clock = np.cumsum([h.get("step_time", 0.0) for h in res.history])
+    first = res.history[0]["step"] if res.history else 1
+    evals = [
+        {k: e[k] for k in ("step", "test_loss", "test_accuracy")}
+        | {"train_seconds": float(clock[e["step"] - first]) if e["step"] >= first else 0.0}
+        for e in res.evals
+    ]
+    return {"train_seconds": float(clock[-1]) if len(clock) else 0.0, "evals": evals}
+
+
+def _to_target(run: dict) -> str:
+    if run.get("steps_to_target") is None:
+        return "never"
+    return f"{run['steps_to_target']} steps, {run['seconds_to_target']:.2f} s"
+
+
 def write_outputs(result: dict, out_dir, *, title: str = "") -> list[str]:
-    """Write ``compare.json`` and ``compare.png`` of :func:`compare_methods`'s ``result`` in ``out_dir``."""
+    """Write ``compare.json``, ``compare.png`` and ``compare-pareto.png`` of
+    :func:`compare_methods`'s ``result`` in ``out_dir``; returns their paths.
+    """
     c = result["config"]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "compare.json").write_text(json.dumps(result, indent=1, default=_json_default))
-    plot_runs(
-        result["runs"],
-        out / "compare.png",
-        title=f"{title or c['model']} on {c['dataset']}, {c['steps']} steps, batch {c['batch_size']}",
-    )
-    return [str(out / "compare.json"), str(out / "compare.png")]
+    title = f"{title or c['model']} on {c['dataset']}, {c['steps']} steps, batch {c['batch_size']}"
+    plot_runs(result["runs"], out / "compare.png", title=title)
+    plot_pareto(result["runs"], out / "compare-pareto.png", title=title)
+    return [str(out / "compare.json"), str(out / "compare.png"), str(out / "compare-pareto.png")]
 
 
 def _json_default(o):
@@ -181,87 +313,37 @@ def format_table(runs: list[dict]) -> str:
     """The comparison table (one row per backend x method). ``step MB`` is the step's own memory
     (``step_memory_bytes``: arrays alive within one step beyond params, optimizer state and
     batch); the process's RSS growth stays in ``compare.json`` as ``process_rss_peak_bytes``.
+    With a target accuracy, ``steps to T`` and ``s to T`` are the step of the first evaluation
+    at or above it and the training seconds to it (``never``: not reached).
     """
+    target = next((r["target_accuracy"] for r in runs if r.get("target_accuracy") is not None), None)
     head = ("backend", "method", "final loss", "test acc", "ms/step", "total s", "step MB", "cosine")
+    if target is not None:
+        head += (f"steps to {target:g}", f"s to {target:g}")
     rows = []
     for r in runs:
         cos = r.get("mean_cosine", float("nan"))
         mem = r.get("step_memory_bytes")
-        rows.append(
-            (
-                r["backend"],
-                r["method"],
-                f"{r['final_loss']:.4f}",
-                f"{r['test_accuracy']:.3f}",
-                f"{1e3 * r['time_per_step']:.2f}",
-                f"{r['total_seconds']:.1f}",
-                "-" if mem is None else f"{mem / 2**20:.2f}",
-                "-" if math.isnan(cos) else f"{cos:.3f}",
-            )
+        row = (
+            r["backend"],
+            r["method"],
+            f"{r['final_loss']:.4f}",
+            f"{r['test_accuracy']:.3f}",
+            f"{1e3 * r['time_per_step']:.2f}",
+            f"{r['total_seconds']:.1f}",
+            "-" if mem is None else f"{mem / 2**20:.2f}",
+            "-" if math.isnan(cos) else f"{cos:.3f}",
         )
+        if target is not None:
+            reached = r.get("steps_to_target") is not None
+            row += (
+                str(r["steps_to_target"]) if reached else "never",
+                f"{r['seconds_to_target']:.2f}" if reached else "-",
+            )
+        rows.append(row)
     widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(head)]
 
     def line(cells):
         return "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
 
     return "\n".join([line(head), line(["-" * w for w in widths]), *(line(r) for r in rows)])
-
-
-def _smooth(y: np.ndarray, k: int) -> np.ndarray:
-    if k <= 1 or len(y) < k:
-        return y
-    c = np.cumsum(np.insert(y, 0, 0.0))
-    head = c[1:k] / np.arange(1, k)
-    return np.concatenate([head, (c[k:] - c[:-k]) / k])
-
-
-_STYLES = ("-", "--", ":", "-.")
-
-
-def plot_runs(runs: list[dict], path, *, title: str = "") -> None:
-    """Loss against step and against wall-clock, one line per run (moving average of 25), and
-    each run's step memory (a bar per run).
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    backends = list(dict.fromkeys(r["backend"] for r in runs))  # a line style per backend
-    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(17, 4.5))
-    for i, r in enumerate(runs):
-        h = r["history"]
-        step = np.array([x["step"] for x in h])
-        loss = _smooth(np.array([x["loss"] for x in h], dtype=float), 25)
-        t = np.array([x["time"] for x in h])
-        style = _STYLES[backends.index(r["backend"]) % len(_STYLES)]
-        label = f"{r['backend']} {r['method']}"
-        (line,) = ax1.plot(step, loss, style, label=label)
-        ax2.plot(t, loss, style, label=label)
-        mem = r.get("step_memory_bytes") or 0
-        ax3.barh(i, mem / 2**20, color=line.get_color(), hatch=None if style == "-" else "//")
-    _memory_panel(ax3, runs)
-    for ax, xl in ((ax1, "step"), (ax2, "wall-clock seconds")):
-        ax.set_xlabel(xl)
-        ax.set_ylabel("training loss (moving average)")
-        ax.set_yscale("log")
-        ax.grid(alpha=0.3)
-    ax1.legend(fontsize=7)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def _memory_panel(ax, runs: list[dict]) -> None:
-    """Label the step-memory bars: one per run, top to bottom in the table's order."""
-    mbs = [(r.get("step_memory_bytes") or 0) / 2**20 for r in runs]
-    for i, (r, mb) in enumerate(zip(runs, mbs)):
-        size = "-" if r.get("step_memory_bytes") is None else f"{mb:.2f}"
-        ax.annotate(f" {size}  {r['backend']} {r['method']}", (mb, i), va="center", fontsize=7)
-    ax.set_xlim(0, 2.2 * max(mbs, default=0) or 1)
-    ax.set_yticks([])
-    ax.invert_yaxis()
-    ax.set_xlabel("step memory, MiB")
-    ax.set_title("arrays alive in a step beyond params, optimizer state, batch", fontsize=8)
-    ax.grid(axis="x", alpha=0.3)
