@@ -101,7 +101,7 @@ def _frontier(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
 
 def _label_groups(points, labels, near: float = 0.03):
     """One label per group of points that would print over each other (within ``near`` of the
-    axes' spans of each other): the group's labels, one a line, at its first point.
+    axes' spans of each other): the group's labels joined by commas, at its first point.
     """
     if not points:
         return []
@@ -115,33 +115,36 @@ def _label_groups(points, labels, near: float = 0.03):
                 break
         else:
             groups.append(((x, y), [text]))
-    return [(xy, "\n".join(texts)) for xy, texts in groups]
+    return [(xy, ",".join(texts)) for xy, texts in groups]
 
 
 def plot_pareto(runs: list[dict], path, *, title: str = "") -> None:
     """The Pareto view: final test accuracy against step memory and against training seconds,
-    one point per run labelled by backend and method (a colour per method, a marker per
-    backend); the dashed line joins the runs that no other beats on both axes.
+    one point per run (a colour per method, a marker per backend) numbered as in the table and
+    labelled by backend and method in the legend; the dashed line joins the runs that no other
+    beats on both axes.
     """
     plt = _pyplot()
     backends = list(dict.fromkeys(r["backend"] for r in runs))
     methods = list(dict.fromkeys(r["method"] for r in runs))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    fig, axes = plt.subplots(1, 2, figsize=(14, 5.5))
+    fig, axes = plt.subplots(1, 2, figsize=(14, 5.5 + 0.16 * len(runs)))
     panels = ((axes[0], _mib, "step memory, MiB"),
               (axes[1], _seconds, "training seconds (timed steps; evaluations excluded)"))  # fmt: skip
     for ax, x_of, xlabel in panels:
         points, labels = [], []
-        for r in runs:
+        for i, r in enumerate(runs, 1):
             x, y = x_of(r), r.get("test_accuracy", float("nan"))
             if math.isnan(y) or math.isnan(x):
                 continue
             points.append((x, y))
-            labels.append(f"{r['backend']} {r['method']}")
+            labels.append(str(i))
             color = colors[methods.index(r["method"]) % len(colors)]
-            ax.scatter([x], [y], color=color, marker="os^D"[backends.index(r["backend"]) % 4], zorder=3)
+            marker = "os^D"[backends.index(r["backend"]) % 4]
+            label = f"{i}  {r['backend']} {r['method']}" if ax is axes[0] else None
+            ax.scatter([x], [y], color=color, marker=marker, zorder=3, label=label)
         for (x, y), text in _label_groups(points, labels):
-            ax.annotate(text, (x, y), xytext=(4, 0), textcoords="offset points", fontsize=6, va="center")
+            ax.annotate(text, (x, y), xytext=(5, 3), textcoords="offset points", fontsize=7)
         front = _frontier(points)
         if len(front) > 1:
             ax.plot(*zip(*front), "--", color="0.5", lw=1, zorder=2, drawstyle="steps-post")
@@ -151,7 +154,8 @@ def plot_pareto(runs: list[dict], path, *, title: str = "") -> None:
     axes[0].set_title("accuracy against step memory (up and left is better)", fontsize=9)
     axes[1].set_title("accuracy against training time", fontsize=9)
     fig.suptitle(title)
-    fig.tight_layout()
+    fig.legend(loc="lower center", ncol=2, fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0.03 + 0.08 * math.ceil(len(runs) / 2) / 3, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
