@@ -114,8 +114,8 @@ def _run(args) -> int:
         resolve_backend(name, "--backends")
     check_every("--diagnostics-every", args.diagnostics_every, zero=True)
     check_every("--eval-every", args.eval_every)
-    target = parse_target(args.target_accuracy)
-    sweep = parse_sweep(args.sweep)
+    target = _parse_target(args.target_accuracy)
+    sweep = _parse_sweep(args.sweep)
     if sweep is not None and sweep[0] == "depth":
         _check_depth_flags(args)
     dist = data_parallel(args)
@@ -172,7 +172,7 @@ def _run(args) -> int:
     return 0
 
 
-def parse_target(text: str) -> float | None:
+def _parse_target(text: str) -> float | None:
     """``--target-accuracy``: an accuracy in (0, 1], or none (no target)."""
     if text.strip().lower() in ("none", "never", "off"):
         return None
@@ -193,7 +193,7 @@ _SWEEP_NAMES = {
 }
 
 
-def parse_sweep(text: str | None) -> tuple[str, list[int]] | None:
+def _parse_sweep(text: str | None) -> tuple[str, list[int]] | None:
     """``--sweep depth=2,4,8`` or ``batch=64,256`` -> ``("depth", [2, 4, 8])`` (None: no sweep)."""
     if text is None:
         return None
