@@ -1,5 +1,7 @@
 """``duogard compare``, the main job: every backend x gradient method with the same data, initial
-weights, steps and batches; a table, a plot of loss against steps and wall-clock, and a JSON file.
+weights, steps and batches; a table, a plot of loss against steps and wall-clock, the Pareto view
+(accuracy against step memory and training time) and a JSON file. ``--sweep depth=2,4,8`` (or
+``batch=64,256``) reruns it per value and plots step memory against the swept value.
 
 This module is the command's front (its flags, the output checks, Ctrl-C); the job itself is the
 library's :func:`duogard.comparison.compare_methods`. ``compare``, ``write_outputs``,
@@ -10,11 +12,12 @@ library's :func:`duogard.comparison.compare_methods`. ``compare``, ``write_outpu
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import warnings
 
 from duogard import comparison
-from duogard.cli._errors import RunInterruptedError
+from duogard.cli._errors import RunInterruptedError, UsageError
 from duogard.cli._options import (
     add_data_options,
     add_distributed_options,
@@ -23,7 +26,9 @@ from duogard.cli._options import (
     check_every,
     data_parallel,
     load_data,
+    model_sizes,
     parse_backends,
+    parse_hidden,
     resolve_backend,
     run_in_group,
 )
@@ -59,7 +64,32 @@ def add_parser(sub) -> argparse.ArgumentParser:
         help="exponential learning-rate decay k: lr0*exp(-k*step) (default 0: constant)",
     )
     c.add_argument("--diagnostics-every", type=int, default=25)
-    c.add_argument("--out", default="duogard-out", help="output directory (compare.json, compare.png)")
+    c.add_argument(
+        "--target-accuracy",
+        default="0.9",
+        help="report each run's steps and training seconds until its test accuracy first reaches "
+        "this (default 0.9; none: no target)",
+    )
+    c.add_argument(
+        "--eval-every",
+        type=int,
+        default=None,
+        help="steps between test evaluations, the resolution of the time to target "
+        "(default: a hundredth of --steps)",
+    )
+    c.add_argument(
+        "--sweep",
+        default=None,
+        metavar="depth=2,4,8|batch=64,256",
+        help="rerun the comparison for each depth (hidden layers of --hidden's width; mlp, "
+        "local-mlp) or batch size, and plot step memory against it (compare-sweep.json, .png)",
+    )
+    c.add_argument(
+        "--out",
+        default="duogard-out",
+        help="output directory (compare.json, compare.png, compare-pareto.png; with --sweep "
+        "compare-sweep.json, compare-sweep.png)",
+    )
     c.add_argument("--quiet", action="store_true")
     add_distributed_options(c)
     return c
@@ -83,6 +113,11 @@ def _run(args) -> int:
     for name in backends or ():
         resolve_backend(name, "--backends")
     check_every("--diagnostics-every", args.diagnostics_every, zero=True)
+    check_every("--eval-every", args.eval_every)
+    target = _parse_target(args.target_accuracy)
+    sweep = _parse_sweep(args.sweep)
+    if sweep is not None and sweep[0] == "depth":
+        _check_depth_flags(args)
     dist = data_parallel(args)
     # under torchrun every rank runs every fit; rank 0 alone prints and writes
     rank0 = dist is None or os.environ.get("RANK", "0") == "0"
@@ -95,25 +130,26 @@ def _run(args) -> int:
     )
     data = load_data(args, say=say)
     model, title = build_model_from_args(args, data)
+    common = dict(
+        backends=backends,
+        methods=specs,
+        steps=args.steps,
+        learning_rate=args.lr,
+        decay=args.decay,
+        seed=args.seed,
+        model_name=args.model,
+        diagnostics_every=args.diagnostics_every,
+        target_accuracy=target,
+        eval_every=args.eval_every,
+        progress=False if args.quiet or not rank0 else None,
+        log=say,
+        distributed=dist,
+    )
+    if sweep is not None:
+        return _run_sweep(args, data, sweep, common, rank0)
     with InterruptGuard() as guard:
         result = comparison.compare_methods(
-            model,
-            data,
-            backends=backends,
-            methods=specs,
-            steps=args.steps,
-            batch_size=args.batch_size,
-            learning_rate=args.lr,
-            decay=args.decay,
-            seed=args.seed,
-            model_name=args.model,
-            diagnostics_every=args.diagnostics_every,
-            out_dir=None,
-            title=title,
-            progress=False if args.quiet or not rank0 else None,
-            log=say,
-            interrupt=guard,
-            distributed=dist,
+            model, data, batch_size=args.batch_size, out_dir=None, title=title, interrupt=guard, **common
         )
     if not rank0:
         return 0
@@ -131,6 +167,120 @@ def _run(args) -> int:
         last = f" ({runs[-1]['backend']} {runs[-1]['method']} at step {runs[-1]['steps']})" if runs else ""
         raise RunInterruptedError(
             f"{guard.what} after {len(runs)} of {len(result['config']['backends']) * len(specs)} runs{last}",
+            exit_code=guard.exit_code,
+        )
+    return 0
+
+
+def _parse_target(text: str) -> float | None:
+    """``--target-accuracy``: an accuracy in (0, 1], or none (no target)."""
+    if text.strip().lower() in ("none", "never", "off"):
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value <= 1:
+        raise UsageError(f"--target-accuracy must be an accuracy in (0, 1] or none, got {text!r}")
+    return value
+
+
+_SWEEP_NAMES = {
+    "depth": "depth",
+    "batch": "batch_size",
+    "batch-size": "batch_size",
+    "batch_size": "batch_size",
+}
+
+
+def _parse_sweep(text: str | None) -> tuple[str, list[int]] | None:
+    """``--sweep depth=2,4,8`` or ``batch=64,256`` -> ``("depth", [2, 4, 8])`` (None: no sweep)."""
+    if text is None:
+        return None
+    name, eq, rest = text.partition("=")
+    parameter = _SWEEP_NAMES.get(name.strip().lower())
+    try:
+        values = [int(v) for v in rest.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not eq or parameter is None or not values or min(values) < 1 or len(set(values)) != len(values):
+        raise UsageError(
+            f"--sweep must be depth=N,N,... or batch=N,N,... (distinct positive ints), got {text!r}"
+        )
+    return parameter, values
+
+
+def _check_depth_flags(args) -> None:
+    """``--sweep depth`` needs an MLP and one hidden width (checked before any work)."""
+    if args.model not in ("mlp", "local-mlp"):
+        raise UsageError(
+            f"--sweep depth needs --model mlp or local-mlp (its hidden layers), got {args.model}"
+        )
+    if args.hidden is not None and len(set(parse_hidden(args.hidden, "digits"))) != 1:
+        raise UsageError(
+            f"--sweep depth repeats one hidden width: give --hidden W, got --hidden {args.hidden}"
+        )
+
+
+def _depth_models(args, data, depths):
+    """``depth -> model``: ``depth`` hidden layers of ``--hidden``'s one width (mlp, local-mlp;
+    each default is one width too).
+    """
+    width = model_sizes(args, data)["hidden"][0]
+
+    def build(depth):
+        a = copy.copy(args)
+        a.hidden = ",".join([str(width)] * depth)
+        return build_model_from_args(a, data)
+
+    for d in depths:  # a bad --groups fails now, before any run
+        build(d)
+    return (lambda depth: build(depth)[0]), f"{args.model} of width {width}"
+
+
+def _run_sweep(args, data, sweep, common, rank0) -> int:
+    """``--sweep``: the comparison per value, each one's table, then step memory against the value."""
+    from duogard.cli._interrupt import InterruptGuard
+
+    parameter, values = sweep
+    if parameter == "depth":
+        model, title = _depth_models(args, data, values)
+        common["batch_size"] = args.batch_size
+    else:
+        model, title = build_model_from_args(args, data)
+        big = [v for v in values if v > data.num_train]
+        if big:
+            raise UsageError(
+                f"--sweep batch={big[0]} is larger than the training set of {data.name} ({data.num_train})"
+            )
+    with InterruptGuard() as guard:
+        result = comparison.compare_sweep(
+            model,
+            data,
+            parameter=parameter,
+            values=values,
+            out_dir=None,
+            title=title,
+            interrupt=guard,
+            **common,
+        )
+    if not rank0:
+        return 0
+    for point in result["points"]:
+        print(f"\n{parameter} = {point['value']}")
+        print(comparison.format_table(point["runs"]))
+    print()
+    print(comparison.format_sweep_table(result), flush=True)
+    if args.out:
+        try:
+            files = comparison.write_sweep_outputs(result, args.out, title=title)
+        except OSError as exc:
+            raise output_error(exc, "--out", args.out) from exc
+        for f in files:
+            print(f"wrote {f}")
+    if guard.requested:
+        raise RunInterruptedError(
+            f"{guard.what} after {len(result['points'])} of {len(values)} values of {parameter}",
             exit_code=guard.exit_code,
         )
     return 0

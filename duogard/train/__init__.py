@@ -15,6 +15,7 @@ from duogard.train._callbacks import (
     LogFile,
     OnNonFinite,
     Progress,
+    TimeToTarget,
 )
 from duogard.train._distributed import DataParallel, DistributedError
 from duogard.train._fit import fit
@@ -46,6 +47,7 @@ __all__ = [
     "FitRun",
     "Evaluate",
     "Diagnostics",
+    "TimeToTarget",
     "LogFile",
     "Progress",
     "Checkpointer",

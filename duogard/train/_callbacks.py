@@ -22,6 +22,7 @@ __all__ = [
     "FitRun",
     "Evaluate",
     "Diagnostics",
+    "TimeToTarget",
     "LogFile",
     "Progress",
     "Checkpointer",
@@ -157,6 +158,55 @@ class Evaluate(Callback):
         }
         run.result.evals.append(entry)
         record.update(test_loss=ev["loss"], test_accuracy=ev["accuracy"])
+
+
+class TimeToTarget(Callback):
+    """The first evaluation whose test accuracy reaches ``target``: its step and the training
+    seconds to it.
+
+    Reads the ``test_accuracy`` that an :class:`Evaluate` in the same list adds to a step's
+    record, so the answer is as fine as that evaluation's ``every``. The clock is the run's
+    training time: the sum of its timed steps' seconds (each record's ``step_time``; the first
+    step's compilation included) up to and including the step that reached the target.
+    Evaluations, diagnostics, the other callbacks and the batches' preparation are not on it.
+
+    Args:
+        target: the test accuracy to reach, in (0, 1].
+
+    Attributes (after the run):
+        step: the step of the first evaluation at or above ``target`` (None: never reached).
+        seconds: the training seconds to that step (None: never reached).
+        accuracy: the test accuracy of that evaluation (None: never reached).
+    """
+
+    order = 20  # after Evaluate (10), which adds the accuracy it reads
+
+    def __init__(self, target: float):
+        if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0 < target <= 1:
+            raise ValueError(f"TimeToTarget: target must be an accuracy in (0, 1], got {target!r}")
+        self.target = float(target)
+        self.step: int | None = None
+        self.seconds: float | None = None
+        self.accuracy: float | None = None
+        self._clock = 0.0
+
+    def on_fit_start(self, run):
+        self.step = self.seconds = self.accuracy = None
+        self._clock = 0.0
+
+    def on_step_end(self, run, record):
+        self._clock += record.get("step_time", 0.0)
+        acc = record.get("test_accuracy")
+        if self.step is None and acc is not None and acc >= self.target:
+            self.step, self.seconds, self.accuracy = record["step"], self._clock, float(acc)
+
+    def summary(self) -> dict:
+        """``target_accuracy``, ``steps_to_target`` and ``seconds_to_target`` (None: not reached)."""
+        return {
+            "target_accuracy": self.target,
+            "steps_to_target": self.step,
+            "seconds_to_target": self.seconds,
+        }
 
 
 class Diagnostics(Callback):

@@ -19,7 +19,10 @@ def test_compare_methods_is_the_librarys():
     assert dg.compare_methods is compare_methods
     assert compare_methods.__module__ == "duogard.comparison"
     assert "compare_methods" in dg.__all__ and "comparison" in dg.__all__ and "methods" in dg.__all__
-    assert set(comparison.__all__) == {"compare_methods", "write_outputs", "format_table", "plot_runs"}
+    assert set(comparison.__all__) == {
+        "compare_methods", "write_outputs", "format_table", "plot_runs", "plot_pareto",
+        "compare_sweep", "write_sweep_outputs", "format_sweep_table", "plot_sweep", "SWEEP_PARAMETERS",
+    }  # fmt: skip
 
 
 OLD_NAMES = {"compare": "compare_methods", **{n: n for n in ("write_outputs", "format_table", "plot_runs")}}
@@ -50,7 +53,7 @@ def test_compare_methods_runs_every_backend_and_method_and_writes_its_files(be, 
     assert [r["method"] for r in out["runs"]] == ["backprop", "forward(num_tangents=2)"]
     assert [r["learning_rate"] for r in out["runs"]] == [0.1, parse_method("forward").learning_rate()]
     assert out["config"]["backends"] == [be.name] and not out["config"]["interrupted"]
-    assert out["files"] == [str(tmp_path / "compare.json"), str(tmp_path / "compare.png")]
+    assert out["files"] == [str(tmp_path / f) for f in ("compare.json", "compare.png", "compare-pareto.png")]
     assert json.loads((tmp_path / "compare.json").read_text())["config"]["steps"] == 3
     table = format_table(out["runs"]).splitlines()
     assert table[0].split()[:2] == ["backend", "method"] and len(table) == 4
