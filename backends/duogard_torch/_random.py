@@ -77,7 +77,7 @@ def fold_in(key, data: int):
 
 @torch.compiler.disable
 def fold_in_many(key, data):
-    return torch.as_tensor(host.fold_in_many(_words_of(key), [int(d) for d in data]).astype(np.int64))
+    return torch.from_numpy(host.fold_in_many(_words_of(key), data))
 
 
 def key_data(key) -> np.ndarray:

@@ -26,8 +26,9 @@ from duogard.backend import _philox as spec
 
 __all__ = ["draw_many", "fold_in_many", "kernel", "words"]
 
+_MASK64 = (1 << 64) - 1
 _KINDS = {"words": 0, "uniform": 1, "normal": 2, "rademacher": 3}
-_LOADED: list = []  # [(the kernel's draw function, its blocks function), or None]
+_LOADED: list = []  # [(the kernel's draw and fold_in functions), or None]
 
 
 def kernel():
@@ -41,7 +42,7 @@ def kernel():
     return _LOADED[0] and _LOADED[0][0]
 
 
-def _blocks():
+def _fold():
     return kernel() and _LOADED[0][1]
 
 
@@ -51,13 +52,13 @@ def _load():
         return None
     try:
         lib = ctypes.CDLL(spec_.origin)
-        draw, blocks = lib.duogard_philox_draw, lib.duogard_philox_blocks
+        draw, fold = lib.duogard_philox_draw, lib.duogard_philox_fold_in
     except (OSError, AttributeError):  # a stale or foreign build: the specification serves
         return None
     p, i64 = ctypes.c_void_p, ctypes.c_int64
     draw.restype, draw.argtypes = ctypes.c_int, [ctypes.c_int, ctypes.c_int, p, p, i64, p]
-    blocks.restype, blocks.argtypes = None, [p, p, i64, p]
-    return draw, blocks
+    fold.restype, fold.argtypes = None, [ctypes.c_uint32, ctypes.c_uint32, p, i64, p]
+    return draw, fold
 
 
 def _run(fn, kind: str, keys, counts, dtype) -> np.ndarray:
@@ -93,17 +94,13 @@ def words(key, n: int) -> np.ndarray:
 
 
 def fold_in_many(key, data) -> np.ndarray:
-    """``fold_in(key, d)`` for every ``d`` in ``data`` (a ``(len(data), 2)`` uint32 array):
-    :func:`duogard.backend._philox.fold_in_many_words`, one kernel call for all of them.
+    """``fold_in(key, d)`` for every ``d`` in ``data``, as a ``(len(data), 2)`` int64 array of
+    the two words: :func:`duogard.backend._philox.fold_in_many_words`, in one kernel call.
     """
-    fn = _blocks()
+    fn = _fold()
     if fn is None:
-        return spec.fold_in_many_words(key, data)
-    z = np.asarray([int(d) & ((1 << 64) - 1) for d in data], dtype=np.uint64)
-    counters = np.zeros((len(z), 4), dtype=np.uint32)
-    counters[:, 0], counters[:, 1], counters[:, 3] = z & 0xFFFFFFFF, z >> np.uint64(32), spec.FOLD_TAG
-    keys = np.empty((len(z), 2), dtype=np.uint32)
-    keys[:] = np.asarray(key, dtype=np.uint64) & 0xFFFFFFFF
-    out = np.empty((len(z), 4), dtype=np.uint32)
-    fn(counters.ctypes.data, keys.ctypes.data, len(z), out.ctypes.data)
-    return np.ascontiguousarray(out[:, :2])
+        return spec.fold_in_many_words(key, data).astype(np.int64)
+    d = np.array([int(x) & _MASK64 for x in data], dtype=np.uint64)
+    out = np.empty((len(d), 2), dtype=np.int64)
+    fn(int(key[0]) & 0xFFFFFFFF, int(key[1]) & 0xFFFFFFFF, d.ctypes.data, len(d), out.ctypes.data)
+    return out

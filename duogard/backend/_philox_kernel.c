@@ -270,27 +270,24 @@ int duogard_philox_draw(int kind, int f64, const uint32_t *keys, const int64_t *
     return 0;
 }
 
-/* Philox-4x32-10 of n counters (n, 4) under their keys (n, 2) into out (n, 4): the key
- * derivations (split, fold_in) of many keys in one call. */
-void duogard_philox_blocks(const uint32_t *counters, const uint32_t *keys, int64_t n, uint32_t *out) {
+/* fold_in(key, data[j]) for every j: the first two words of philox(key, (lo, hi, 0, 2)) with
+ * (hi, lo) the words of data[j], written as int64 pairs (the torch backend's key layout). */
+void duogard_philox_fold_in(uint32_t k0, uint32_t k1, const uint64_t *data, int64_t n, int64_t *out) {
     for (int64_t j = 0; j < n; j++) {
-        uint32_t c0 = counters[4 * j], c1 = counters[4 * j + 1], c2 = counters[4 * j + 2], c3 = counters[4 * j + 3];
-        uint32_t k0 = keys[2 * j], k1 = keys[2 * j + 1];
+        uint32_t c0 = (uint32_t)data[j], c1 = (uint32_t)(data[j] >> 32), c2 = 0, c3 = 2, a0 = k0, a1 = k1;
         for (int r = 0; r < ROUNDS; r++) {
             uint64_t p0 = (uint64_t)c0 * M0, p1 = (uint64_t)c2 * M1;
-            uint32_t n0 = (uint32_t)(p1 >> 32) ^ c1 ^ k0;
-            uint32_t n2 = (uint32_t)(p0 >> 32) ^ c3 ^ k1;
+            uint32_t n0 = (uint32_t)(p1 >> 32) ^ c1 ^ a0;
+            uint32_t n2 = (uint32_t)(p0 >> 32) ^ c3 ^ a1;
             c0 = n0;
             c1 = (uint32_t)p1;
             c2 = n2;
             c3 = (uint32_t)p0;
-            k0 += W0;
-            k1 += W1;
+            a0 += W0;
+            a1 += W1;
         }
-        out[4 * j] = c0;
-        out[4 * j + 1] = c1;
-        out[4 * j + 2] = c2;
-        out[4 * j + 3] = c3;
+        out[2 * j] = c0;
+        out[2 * j + 1] = c1;
     }
 }
 
