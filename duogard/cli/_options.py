@@ -44,11 +44,12 @@ def add_data_options(p: argparse.ArgumentParser, *, many_backends: bool = False)
         )
     p.add_argument("--dataset", default="digits", help=DATASETS_HELP)
     p.add_argument("--data-dir", default=None, help="directory with the MNIST/Fashion-MNIST IDX files")
-    p.add_argument("--model", default="mlp", choices=("logreg", "mlp", "cnn", "local-mlp"))
+    p.add_argument("--model", default="mlp", choices=("logreg", "mlp", "cnn", "local-mlp", "local-mixer"))
     p.add_argument(
         "--hidden",
         default=None,
-        help="MLP hidden sizes, comma-separated (default: 128 on digits, 1024,1024 otherwise)",
+        help="MLP hidden sizes, comma-separated (default: 128 on digits, 1024,1024 otherwise); "
+        "local-mlp: 256,256,256 on digits; local-mixer: the channels of each block (default 64,64,64)",
     )
     p.add_argument(
         "--channels",
@@ -66,7 +67,14 @@ def add_data_options(p: argparse.ArgumentParser, *, many_backends: bool = False)
         "--groups",
         type=int,
         default=None,
-        help="local-mlp: groups (local heads) per hidden layer (default: 8)",
+        help="local-mlp, local-mixer: groups (local heads) per hidden layer or block (default: 8)",
+    )
+    p.add_argument(
+        "--patch",
+        type=int,
+        default=None,
+        help="local-mixer: side of the square patches (tokens) the images are cut into "
+        "(default: 4, 2 on the 8x8 digits)",
     )
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
@@ -159,7 +167,7 @@ def _positive(flag: str, value):
 
 def check_common(args) -> None:
     """The checks argparse's types do not make (before any data is loaded)."""
-    for flag in ("batch_size", "channels", "cnn_hidden", "groups", "lr"):
+    for flag in ("batch_size", "channels", "cnn_hidden", "groups", "patch", "lr"):
         if hasattr(args, flag):
             _positive("--" + flag.replace("_", "-"), getattr(args, flag))
     if getattr(args, "steps", 1) < 1:  # 0 steps would print nan for every figure
@@ -253,6 +261,12 @@ def model_sizes(args, data) -> dict:
     if args.model == "local-mlp":
         hidden = parse_hidden(args.hidden or ("256,256,256" if small else None), data.name)
         return {"hidden": hidden, "groups": getattr(args, "groups", None) or 8}
+    if args.model == "local-mixer":
+        return {
+            "hidden": parse_hidden(args.hidden or "64,64,64", data.name),
+            "groups": getattr(args, "groups", None) or 8,
+            "patch": getattr(args, "patch", None) or (2 if small else 4),
+        }
     return {}
 
 
@@ -279,9 +293,34 @@ def build_model_from_args(args, data):
         sizes = "-".join(map(str, (data.x_train[0].size, *hidden, data.num_classes)))
         model = build_model("local-mlp", data.num_classes, hidden=hidden, groups=groups)
         return model, f"local MLP {sizes} (LayerNorm, {groups} local heads a layer)"
+    if args.model == "local-mixer":
+        return _local_mixer(args, data, **sizes)
     hidden = sizes["hidden"]
     sizes = "-".join(map(str, (data.x_train[0].size, *hidden, data.num_classes)))
     return build_model("mlp", data.num_classes, hidden=hidden), f"MLP {sizes}"
+
+
+def _local_mixer(args, data, *, hidden, groups, patch):
+    from duogard.train import build_model
+
+    shape = tuple(data.x_train.shape[1:])
+    if len(shape) != 3 or shape[1] % patch or shape[2] % patch:
+        raise UsageError(
+            f"--model local-mixer needs images (C, H, W) with sides divisible by --patch {patch}, "
+            f"got {data.name} examples of shape {shape}"
+        )
+    if any(h % groups for h in hidden):
+        raise UsageError(
+            f"--groups {groups} must divide every block's channels, got --hidden "
+            + (args.hidden or ",".join(map(str, hidden)))
+        )
+    tokens = (shape[1] // patch) * (shape[2] // patch)
+    model = build_model("local-mixer", data.num_classes, hidden=hidden, groups=groups, patch=patch)
+    channels = "-".join(map(str, hidden))
+    return model, (
+        f"LocalMixer {tokens} patches of {patch}x{patch}, blocks of {channels} channels, "
+        f"{groups} local heads a block"
+    )
 
 
 def build_optimizer(args, spec, *, model: str | None = None):

@@ -55,6 +55,8 @@ RESUME_FLAGS = (
     "hidden",
     "channels",
     "cnn_hidden",
+    "groups",
+    "patch",
     "batch_size",
     "seed",
     "grad",

@@ -22,11 +22,13 @@ gradient of that objective, except ``"forward-guess"`` which estimates the end-t
 - ``"forward-guess"``: guessed tangents (Fournier et al. 2023).
 
 In the forward-gradient ones the heads and the output part get their exact local gradient
-(a linear head's is ``(p - y)ᵀ h``: no backward pass through the network). Their blocks must
-be: parameterless layers (``LayerNorm(elementwise_affine=False)``, Flatten ...), one
-:class:`duogard.nn.Linear`, then elementwise activations or Dropout: then group g's units
-depend on group g's rows of the Linear only, which is what makes the group-wise estimates
-unbiased. The training loss these estimators return is the task loss at the model's output.
+(a linear head's is ``(p - y)ᵀ h``: no backward pass through the network). Their blocks may
+hold any layers that keep the examples apart; each layer with parameters is perturbed, and
+which group's (and token's) loss each perturbation is credited to follows from the layers
+after it (:mod:`duogard.grad._local_plan`): with ``LayerNorm(elementwise_affine=False)``,
+one Linear and elementwise activations (``local-mlp``), group g's units depend on group g's
+rows only, which makes the group-wise estimates unbiased with one group's variance. The
+training loss these estimators return is the task loss at the model's output.
 """
 
 from __future__ import annotations
@@ -34,8 +36,9 @@ from __future__ import annotations
 from duogard.backend import check_generator
 from duogard.grad._base import Estimator, params_backend, register
 from duogard.grad._forward import forward_mode_errors
+from duogard.grad._local_plan import BlockPlan, combine, per_term, rows_are_units, site_grads
 from duogard.grad._objective import Supervised, _unpack
-from duogard.nn import Activation, Dropout, Linear, Local, Sequential
+from duogard.nn import Local, Sequential
 
 __all__ = [
     "LocalBackprop",
@@ -49,7 +52,6 @@ __all__ = [
 ]
 
 _DISTRIBUTIONS = ("normal", "rademacher")
-_NOT_ELEMENTWISE = ("softmax", "log_softmax")
 
 
 def local_model_of(loss_fn, method: str):
@@ -173,51 +175,6 @@ class LocalBackprop(Estimator):
         return task, grads
 
 
-class _BlockPlan:
-    """A Local block split as the forward-gradient estimators need it: parameterless layers,
-    one Linear (the position ``linear``), then elementwise layers.
-    """
-
-    def __init__(self, index: int, block: Local, method: str):
-        linears = [j for j, layer in enumerate(block.layers) if isinstance(layer, Linear)]
-        if len(linears) != 1:
-            raise TypeError(
-                f"{method}: block {index} must hold exactly one nn.Linear (then each group's units "
-                f"depend on its own rows only), got {len(linears)}; use local-backprop for other blocks"
-            )
-        self.index, self.block, self.linear = index, block, linears[0]
-        for j, layer in enumerate(block.layers[self.linear + 1 :], start=self.linear + 1):
-            elementwise = isinstance(layer, Dropout) or (
-                isinstance(layer, Activation) and layer.name not in _NOT_ELEMENTWISE
-            )
-            if not elementwise:
-                raise TypeError(
-                    f"{method}: block {index}'s layer {j} ({layer!r}) comes after its Linear but is not "
-                    "elementwise (an activation or Dropout); the groups would mix. Use local-backprop"
-                )
-
-    def check_params(self, p, method: str) -> None:
-        for j in range(len(self.block.layers)):
-            if j != self.linear and p.get(str(j)):
-                raise TypeError(
-                    f"{method}: block {self.index}'s layer {j} ({type(self.block.layers[j]).__name__}) "
-                    "has parameters; only the block's Linear may (e.g. LayerNorm(elementwise_affine=False))"
-                )
-
-    def run(self, be, p, layers, x, key, train):
-        """Apply ``layers`` (a range of the block's positions) to ``x``."""
-        for j in layers:
-            lk = None if key is None else self.block.layer_key(be, key, j)
-            x = self.block.layers[j].forward(be, p.get(str(j), {}), x, key=lk, train=train)
-        return x
-
-    def before(self, be, p, x, key, train):
-        return self.run(be, p, range(self.linear), x, key, train)
-
-    def after(self, be, p, z, key, train):
-        return self.run(be, p, range(self.linear + 1, len(self.block.layers)), z, key, train)
-
-
 class _LocalForwardBase(Estimator):
     """The traversal that the local forward gradients share: each block's estimate from its
     input, the heads' and the output part's exact gradients, the task loss.
@@ -236,31 +193,31 @@ class _LocalForwardBase(Estimator):
             raise ValueError(f"{self.name}: {exc}") from None
         self.distribution = distribution
         self._plans: dict = {}
-        self._shape_cache: dict = {}
 
-    def _plan(self, loss_fn, params):
+    def _plan(self, loss_fn, params, x_shape):
+        """``(model, loss, plans, top)``; the plans are cached per model and input shape."""
         model, loss, blocks, top = local_model_of(loss_fn, self.name)
-        cached = self._plans.get(id(model))
-        if cached is None or cached[0] is not model:
-            cached = (model, [_BlockPlan(i, model.layers[i], self.name) for i in blocks])
-            self._plans = {id(model): cached}
         _check_parameterless(params, model, top, self.name)
-        for plan in cached[1]:
-            plan.check_params(params[str(plan.index)], self.name)
+        key = (id(model), tuple(x_shape[1:]))
+        cached = self._plans.get(key)
+        if cached is None or cached[0] is not model:
+            shapes = [(1, *x_shape[1:]), *model.layer_shapes((1, *x_shape[1:]))]
+            cached = (model, [BlockPlan(i, model.layers[i], params[str(i)], shapes[i]) for i in blocks])
+            self._plans = {key: cached}
         return model, loss, cached[1], top
 
     def _draw(self, be, key, shape, like):
         draw = be.rademacher if self.distribution == "rademacher" else be.normal
         return draw(key, tuple(shape), dtype=like.dtype, device=be.device_of(like), generator=self.generator)
 
-    def _block_grads(self, be, plan, p, xin, y, loss, tangent, key, train):
-        """``(h, grads of the block's Linear)``: the block's output and its estimate."""
+    def _block_grads(self, be, plan, p, x0, y, loss, tangent, key, train):
+        """``(h, {site: grads})``: the block's output and its sites' estimates."""
         raise NotImplementedError
 
     def estimate(self, loss_fn, params, batch, tangents):
-        model, loss, plans, top = self._plan(loss_fn, params)
-        be = params_backend(params)
         x, y, key = _unpack(batch)
+        model, loss, plans, top = self._plan(loss_fn, params, tuple(x.shape))
+        be = params_backend(params)
         train = key is not None
         grads = {}
         by_index = {plan.index: plan for plan in plans}
@@ -271,14 +228,20 @@ class _LocalForwardBase(Estimator):
                     x = layer.forward(be, params.get(name, {}), x, key=lk, train=train)
                     continue
                 plan, p = by_index[i], params[name]
-                xin = plan.before(be, p, x, lk, train)
-                h, lin = self._block_grads(be, plan, p, xin, y, loss, tangents[name], lk, train)
-                grads[name] = {str(plan.linear): lin, "head": _head_grads(be, layer, p, h, y, loss)}
+                h, sites = self._block_grads(be, plan, p, x, y, loss, tangents.get(name), lk, train)
+                grads[name] = {**sites, "head": _head_grads(be, layer, p, h, y, loss)}
                 x = h
         value, top_grads = _output_grads(be, model, params, top, x, y, loss, key)
         for name, g in top_grads.items():
             grads[name] = g
         return value, _like(params, grads)
+
+    @staticmethod
+    def _by_site(plan, tangent):
+        """A block's tangents by site: one site's are given bare, several by position."""
+        if len(plan.sites) == 1:
+            return {str(plan.sites[0]): tangent}
+        return tangent or {}
 
 
 def _head_grads(be, block, p, h, y, loss):
@@ -314,7 +277,7 @@ def _like(params, grads):
 
 
 def _group_rows(xp, t, groups: int):
-    """``t`` (``(D, ...)`` or ``(B, D)`` with ``axis``) as ``groups`` groups of consecutive rows."""
+    """``t`` (``(D, ...)``) as ``groups`` groups of consecutive rows."""
     return xp.reshape(t, (groups, t.shape[0] // groups, *t.shape[1:]))
 
 
@@ -323,14 +286,18 @@ class LocalForwardActivity(_LocalForwardBase):
     """Activity-perturbed forward gradients under local losses (LG-FG-A; Ren, Kornblith, Liao,
     Hinton, ICLR 2023).
 
-    In each :class:`duogard.nn.Local` block the output ``z`` of its Linear is perturbed by a
-    draw ``u`` of ``z``'s shape (one per example). Group g's local loss sees group g's units
-    only, so one JVP of the per-example, per-group losses along ``u`` gives each group's
-    directional derivative ``d[g, b] = ∇_{z_g[b]} L_g · u_g[b]``; the estimate of
-    ``∂L/∂z_g[b]`` is ``d[g, b] u_g[b]``, unbiased (``E[u uᵀ] = I``), its variance set by the
-    group's width. The Linear's gradients follow from its input: ``Σ_b ĝ_z[b] ⊗ x[b]`` (the
-    same contraction as forward-activity). The heads and the output part get their exact
-    gradient (see :mod:`duogard.grad._local`).
+    In each :class:`duogard.nn.Local` block the output ``z`` of every layer with parameters
+    (its *sites*: a Linear, a mixer's TokenLinear and GroupedLinear ...) is perturbed by a draw
+    ``u`` of ``z``'s shape (one per example), all of the block's at once. Group g's local loss
+    sees group g's units only (of each token, for a mixer's patch-wise losses), so one JVP of
+    the per-example, per-group (per-token) losses along ``u`` gives each term's directional
+    derivative ``d[g, b, t]``; the estimate of the gradient at the site's units of group g
+    (token t) is ``d[g, b, t]`` times their perturbation: unbiased (``E[u uᵀ] = I``, the
+    sites' draws independent), its variance set by one group's width. A site whose later
+    layers mix the groups (or the tokens) uses the sum of the terms it reaches
+    (:mod:`duogard.grad._local_plan`). The site's params' gradients follow from its input:
+    ``Σ_b ĝ_z[b] ⊗ x[b]`` for a Linear (the same contraction as forward-activity). The heads
+    and the output part get their exact gradient (see :mod:`duogard.grad._local`).
 
     Args:
         num_tangents: K (default 1): the mean of K estimates, each from its own perturbation
@@ -338,8 +305,9 @@ class LocalForwardActivity(_LocalForwardBase):
         distribution: ``"normal"`` (default) or ``"rademacher"``.
         generator: ``"portable"`` (default: the same draws on every backend) or ``"native"``.
 
-    :meth:`sample` gives ``{block name: u}`` (``u`` shaped like the block's Linear output, with
-    a leading K axis when K > 1).
+    :meth:`sample` gives ``{block name: u}`` (``u`` shaped like the site's output, with a
+    leading K axis when K > 1), or ``{block name: {site position: u}}`` for a block with
+    several sites.
     """
 
     def __init__(self, *, num_tangents: int = 1, distribution: str = "normal", generator: str = "portable"):
@@ -349,58 +317,51 @@ class LocalForwardActivity(_LocalForwardBase):
         self.num_tangents = num_tangents
 
     def sample(self, loss_fn, params, batch, key):
-        model, _, plans, _ = self._plan(loss_fn, params)
         be = params_backend(params)
         x, _, _ = _unpack(batch)
-        shapes = self._shapes(model, tuple(x.shape))
+        _, _, plans, _ = self._plan(loss_fn, params, tuple(x.shape))
         keys = be.split(key, len(plans))
-        lead = () if self.num_tangents == 1 else (self.num_tangents,)
-        return {
-            str(plan.index): self._draw(be, keys[j], (*lead, *shapes[plan.index]), x)
-            for j, plan in enumerate(plans)
-        }
+        lead = (x.shape[0],) if self.num_tangents == 1 else (self.num_tangents, x.shape[0])
+        out = {}
+        for j, plan in enumerate(plans):
+            if len(plan.sites) == 1:
+                out[str(plan.index)] = self._draw(be, keys[j], (*lead, *plan.shapes[plan.sites[0]]), x)
+            elif plan.sites:
+                site_keys = be.split(keys[j], len(plan.sites))
+                out[str(plan.index)] = {
+                    str(s): self._draw(be, site_keys[n], (*lead, *plan.shapes[s]), x)
+                    for n, s in enumerate(plan.sites)
+                }
+        return out
 
-    def _shapes(self, model, x_shape):
-        """The shape of each block's Linear output, for an input shape."""
-        cache = self._shape_cache
-        key = (id(model), x_shape)
-        if key not in cache:
-            shapes, shape = {}, x_shape
-            for i, layer in enumerate(model.layers):
-                if isinstance(layer, Local):
-                    inner = layer.layer_shapes(shape)
-                    linear = next(j for j, m in enumerate(layer.layers) if isinstance(m, Linear))
-                    shapes[i] = inner[linear]
-                shape = layer.output_shape(shape)
-            cache.clear()
-            cache[key] = shapes
-        return cache[key]
-
-    def _block_grads(self, be, plan, p, xin, y, loss, u, key, train):
+    def _block_grads(self, be, plan, p, x0, y, loss, u, key, train):
         xp = be.xp
         block, groups = plan.block, plan.block.groups
-        lin_p = p[str(plan.linear)]
-        lin = block.layers[plan.linear]
-        z = lin.forward(be, lin_p, xin)
+        u = self._by_site(plan, u)
+        xin = plan.prefix(be, p, x0, key, train)
+        if not plan.sites:
+            return plan.rest(be, p, xin, x0, key, train)[0], {}
 
-        def shares(zz):  # each example's share of each group's batch-mean loss: (G, B)
-            h = plan.after(be, p, zz, key, train)
-            return _per_example(be, loss, block.heads(be, p, h), y, groups), h
+        def terms(deltas):  # each term's share of its group's batch-mean loss: (G, B, T)
+            h, inputs = plan.rest(be, p, xin, x0, key, train, deltas=deltas)
+            return per_term(be, loss, block.token_logits(be, p, h), y, groups), (h, inputs)
 
-        b = z.shape[0]
-        if u.ndim == z.ndim:
-            _, d, h = be.jvp(shares, (z,), (u,), has_aux=True)
-            # ĝ_z[b, group g] = d[g, b] u[b, group g]
-            each = xp.reshape(u, (b, groups, -1)) * xp.matrix_transpose(d)[:, :, None]
-            gz = xp.reshape(each, tuple(z.shape))
+        first = u[str(plan.sites[0])]
+        k = None if first.ndim == len(plan.shapes[plan.sites[0]]) + 1 else first.shape[0]
+        if k is None:
+            zeros = {n: xp.zeros_like(t) for n, t in u.items()}
+            _, d, (h, inputs) = be.jvp(terms, (zeros,), (u,), has_aux=True)
+            d, u = d[None], {n: t[None] for n, t in u.items()}
         else:  # K perturbations: the mean of the K estimates
-            _, d, h = be.vmap(lambda t: be.jvp(shares, (z,), (t,), has_aux=True))(u)
-            k, h = u.shape[0], h[0]
-            each = xp.reshape(u, (k, b, groups, -1)) * xp.permute_dims(d, (0, 2, 1))[..., None]
-            gz = xp.reshape(xp.sum(each, axis=0) / k, tuple(z.shape))
-        out = {"weight": xp.matmul(xp.matrix_transpose(gz), xin)}
-        if lin.bias:
-            out["bias"] = xp.sum(gz, axis=0)
+            zeros = {n: xp.zeros_like(t[0]) for n, t in u.items()}
+            _, d, (h, inputs) = be.vmap(lambda t: be.jvp(terms, (zeros,), (t,), has_aux=True))(u)
+            h, inputs = h[0], {n: a[0] for n, a in inputs.items()}
+        out = {}
+        for s in plan.sites:
+            n = str(s)
+            gz = combine(xp, d, u[n], groups, plan.kept[s])
+            lk = None if key is None else block.layer_key(be, key, s)
+            out[n] = site_grads(be, block.layers[s], p[n], inputs[n], gz, lk, train)
         return h, out
 
 
@@ -416,49 +377,72 @@ def _per_example(be, loss, logits, y, groups: int):
 class LocalForward(_LocalForwardBase):
     """Weight-perturbed forward gradients under local losses (LG-FG-W).
 
-    In each :class:`duogard.nn.Local` block the Linear's weight and bias get a tangent ``v``
-    (one for the batch); group g's rows feed group g's local loss only, so one JVP of the
-    per-group losses gives each group's directional derivative ``d_g = ∇_{θ_g} L_g · v_g`` and
-    the estimate ``d_g v_g`` of its rows' gradient: unbiased, the variance set by the group's
-    share of the block's parameters. The heads and the output part get their exact gradient.
+    In each :class:`duogard.nn.Local` block the params of every layer that has some (its
+    sites) get a tangent ``v`` (one for the batch); where a site's rows are its output units
+    (a Linear, a GroupedLinear) and its later layers keep the groups apart, group g's rows
+    feed group g's local loss only, so one JVP of the per-group losses gives each group's
+    directional derivative ``d_g`` and the estimate ``d_g v_g`` of its rows' gradient:
+    unbiased, the variance set by the group's share of the block's parameters. Other sites
+    get ``(Σ_g d_g) v`` (unbiased, noisier). The heads and the output part get their exact
+    gradient.
 
     Args:
         distribution: ``"normal"`` (default) or ``"rademacher"``.
         generator: ``"portable"`` (default: the same draws on every backend) or ``"native"``.
 
-    :meth:`sample` gives ``{block name: {"weight": v_w, "bias": v_b}}``.
+    :meth:`sample` gives ``{block name: {"weight": v_w, "bias": v_b}}`` for a block with one
+    site, ``{block name: {site position: {...}}}`` for one with several.
     """
 
     def sample(self, loss_fn, params, batch, key):
-        _, _, plans, _ = self._plan(loss_fn, params)
         be = params_backend(params)
+        x, _, _ = _unpack(batch)
+        _, _, plans, _ = self._plan(loss_fn, params, tuple(x.shape))
         keys = be.split(key, len(plans))
         out = {}
         for j, plan in enumerate(plans):
-            lin_p = params[str(plan.index)][str(plan.linear)]
-            names = sorted(lin_p)  # by name: a framework may keep a dict's keys in another order
-            leaf_keys = be.split(keys[j], len(names))
-            out[str(plan.index)] = {  # in the params' own order (torch's pytrees compare it)
-                n: self._draw(be, leaf_keys[names.index(n)], tuple(a.shape), a) for n, a in lin_p.items()
-            }
+            site_keys = [keys[j]] if len(plan.sites) == 1 else be.split(keys[j], max(len(plan.sites), 1))
+            drawn = {}
+            for n, s in enumerate(plan.sites):
+                lin_p = params[str(plan.index)][str(s)]
+                names = sorted(lin_p)  # by name: a framework may keep a dict's keys in another order
+                leaf_keys = be.split(site_keys[n], len(names))
+                drawn[str(s)] = {  # in the params' own order (torch's pytrees compare it)
+                    m: self._draw(be, leaf_keys[names.index(m)], tuple(a.shape), a) for m, a in lin_p.items()
+                }
+            if drawn:
+                out[str(plan.index)] = drawn[str(plan.sites[0])] if len(plan.sites) == 1 else drawn
         return out
 
-    def _block_grads(self, be, plan, p, xin, y, loss, v, key, train):
+    def _block_grads(self, be, plan, p, x0, y, loss, v, key, train):
         xp = be.xp
         block, groups = plan.block, plan.block.groups
-        lin = block.layers[plan.linear]
+        v = self._by_site(plan, v)
+        xin = plan.prefix(be, p, x0, key, train)
+        if not plan.sites:
+            return plan.rest(be, p, xin, x0, key, train)[0], {}
 
-        def group_losses(lp):  # each group's batch-mean loss: (G,)
-            h = plan.after(be, p, lin.forward(be, lp, xin), key, train)
+        def group_losses(sp):  # each group's batch-mean loss: (G,)
+            h, _ = plan.rest(be, p, xin, x0, key, train, site_params=sp)
             return xp.sum(_per_example(be, loss, block.heads(be, p, h), y, groups), axis=1), h
 
-        lin_p = p[str(plan.linear)]
-        v = {n: v[n] for n in lin_p}  # the params' key order (given tangents may come in another)
-        _, d, h = be.jvp(group_losses, (lin_p,), (v,), has_aux=True)
+        sp = {str(s): p[str(s)] for s in plan.sites}
+        # the params' key order (given tangents may come in another)
+        v = {n: {m: v[n][m] for m in sp[n]} for n in sp}
+        _, d, h = be.jvp(group_losses, (sp,), (v,), has_aux=True)
         out = {}
-        for n, t in v.items():
-            rows = _group_rows(xp, t, groups)
-            out[n] = xp.reshape(xp.reshape(d, (groups,) + (1,) * (rows.ndim - 1)) * rows, tuple(t.shape))
+        for s in plan.sites:
+            n = str(s)
+            if rows_are_units(block.layers[s]) and plan.kept[s][0]:
+                out[n] = {
+                    m: xp.reshape(
+                        xp.reshape(d, (groups,) + (1,) * t.ndim) * _group_rows(xp, t, groups), tuple(t.shape)
+                    )
+                    for m, t in v[n].items()
+                }
+            else:
+                total = xp.sum(d)
+                out[n] = {m: total * t for m, t in v[n].items()}
         return h, out
 
 

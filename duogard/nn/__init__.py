@@ -22,6 +22,7 @@ from duogard.nn._activations import (
 from duogard.nn._conv import Conv2d
 from duogard.nn._linear import Linear
 from duogard.nn._local import Local
+from duogard.nn._mixer import GroupedLinear, Patches, TokenLinear, TokenMean
 from duogard.nn._module import Lambda, Module, Sequential
 from duogard.nn._norm import Dropout, LayerNorm
 from duogard.nn._pool import AvgPool2d, Flatten, MaxPool2d
@@ -32,6 +33,10 @@ __all__ = [
     "Lambda",
     "Local",
     "Linear",
+    "GroupedLinear",
+    "TokenLinear",
+    "Patches",
+    "TokenMean",
     "Conv2d",
     "MaxPool2d",
     "AvgPool2d",

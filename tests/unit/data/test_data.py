@@ -196,6 +196,29 @@ def test_mnist_from_idx_files(tmp_path, gz):
         assert (tmp_path / "mnist" / "train-images-idx3-ubyte.gz").read_bytes()[:2] == b"\x1f\x8b"
 
 
+def test_digits_upsampled_to_28x28_as_mnist_idx_files(tmp_path, digits):
+    """``write_digits_idx`` gives MNIST's four files from the digits (bilinear, as torch's
+    ``interpolate(align_corners=False)``), with load("digits")'s split and labels."""
+    assert data.write_digits_idx(tmp_path / "d28") == tmp_path / "d28"
+    ds = data.load("mnist", data_dir=tmp_path / "d28")
+    assert ds.x_train.shape == (len(digits.x_train), 1, 28, 28) and ds.x_test.shape[1:] == (1, 28, 28)
+    np.testing.assert_array_equal(ds.y_train, digits.y_train)
+    np.testing.assert_array_equal(ds.y_test, digits.y_test)
+    up = np.clip(np.rint(data.upsample(digits.x_train[:5, 0].astype(np.float64), 28) * 255), 0, 255) / 255
+    np.testing.assert_allclose(ds.x_train[:5, 0], up, atol=1e-7)
+    # a bilinear resize keeps a constant image constant and each image's mean, about
+    flat = data.upsample(np.full((2, 8, 8), 0.5), 28)
+    np.testing.assert_allclose(flat, 0.5, rtol=1e-12)
+    assert abs(up.mean() - digits.x_train[:5].mean()) < 0.02
+    # torch's bilinear interpolation, where it is installed
+    torch = pytest.importorskip("torch")
+    x = np.random.default_rng(0).random((2, 8, 8))
+    ref = torch.nn.functional.interpolate(torch.tensor(x)[:, None], size=(28, 28), mode="bilinear")
+    np.testing.assert_allclose(data.upsample(x, 28), ref[:, 0].numpy(), atol=1e-12)
+    with pytest.raises(ValueError, match="positive int size"):
+        data.upsample(x, 0)
+
+
 def test_fashion_mnist_directly_in_data_dir_and_dotted_names(tmp_path):
     arrays = _write_set(tmp_path, seed=1)
     (tmp_path / "train-images-idx3-ubyte").rename(tmp_path / "train-images.idx3-ubyte")

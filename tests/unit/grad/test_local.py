@@ -89,20 +89,38 @@ def test_local_block_errors():
     batch = (be.asarray(np.zeros((2, 5), np.float32)), be.asarray(np.array([0, 1])))
     with pytest.raises(TypeError, match="no nn.Local block"):
         est(supervised(mlp), p, batch, be.key(0))
-    two = nn.Sequential(nn.Local(nn.Linear(4), nn.relu, nn.Linear(4), num_classes=3), nn.Linear(3))
-    with pytest.raises(TypeError, match="exactly one nn.Linear"):
-        est(supervised(two), to_backend(be, two.init(0, (2, 5))), batch, be.key(0))
-    mixing = nn.Sequential(nn.Local(nn.Linear(4), nn.softmax, num_classes=3, groups=2), nn.Linear(3))
-    with pytest.raises(TypeError, match="not elementwise"):
-        est(supervised(mixing), to_backend(be, mixing.init(0, (2, 5))), batch, be.key(0))
-    affine = nn.Sequential(nn.Local(nn.LayerNorm(), nn.Linear(4), num_classes=3), nn.Linear(3))
-    with pytest.raises(TypeError, match="only the block's Linear may"):
-        est(supervised(affine), to_backend(be, affine.init(0, (2, 5))), batch, be.key(0))
-    # LG-BP takes any block
-    loss, _ = dg.estimator("local-backprop")(
-        supervised(affine), to_backend(be, affine.init(0, (2, 5))), batch
-    )
-    assert np.isfinite(float(loss))
+    inside = nn.Sequential(nn.Linear(4), nn.Local(nn.Linear(4), num_classes=3), nn.Linear(3))
+    with pytest.raises(TypeError, match="has parameters but is outside any nn.Local block"):
+        est(supervised(inside), to_backend(be, inside.init(0, (2, 5))), batch, be.key(0))
+    with pytest.raises(ValueError, match="must be its input's"):
+        nn.Local(nn.Linear(4), num_classes=3, residual=True).init(0, (2, 5))
+
+
+def test_which_terms_each_site_reaches():
+    """Every layer with params is a site; the layers after it say which losses it reaches."""
+    from duogard.grad._local_plan import BlockPlan
+
+    def kept(block, shape):
+        return BlockPlan(1, block, block.init(0, shape), shape).kept
+
+    norm = lambda **kw: nn.LayerNorm(elementwise_affine=False, **kw)  # noqa: E731
+    # local-mlp's block: the Linear's groups stay apart
+    assert kept(nn.Local(norm(), nn.Linear(4), nn.relu, num_classes=3, groups=2), (2, 5)) == {1: (True, True)}
+    # a second Linear, a softmax or a LayerNorm over all units mixes the groups
+    two = nn.Local(nn.Linear(4), nn.relu, nn.Linear(4), num_classes=3, groups=2)
+    assert kept(two, (2, 5)) == {0: (False, True), 2: (True, True)}
+    assert kept(nn.Local(nn.Linear(4), nn.softmax, num_classes=3, groups=2), (2, 5)) == {0: (False, True)}
+    affine = nn.Local(nn.LayerNorm(), nn.Linear(4), norm(), num_classes=3, groups=2)
+    assert kept(affine, (2, 5)) == {0: (False, True), 1: (False, True)}
+    # a mixer's block: token mixing reaches every group of its token, the channel MLP one group
+    mixer = nn.Local(norm(), nn.TokenLinear(3), norm(), nn.relu, nn.Linear(4), norm(groups=2), nn.relu,
+                     nn.GroupedLinear(4, 2), norm(groups=4), num_classes=3, groups=2)  # fmt: skip
+    assert kept(mixer, (2, 3, 4)) == {1: (False, True), 4: (True, True), 7: (True, True)}
+    # a token mixing after a site mixes its tokens (each unit on its own); then a Linear its groups
+    late = nn.Local(nn.Linear(4), nn.TokenLinear(3), num_classes=3, groups=2)
+    assert kept(late, (2, 3, 4)) == {0: (True, False), 1: (True, True)}
+    both = nn.Local(nn.Linear(4), nn.TokenLinear(3), nn.Linear(4), num_classes=3, groups=2)
+    assert kept(both, (2, 3, 4)) == {0: (False, False), 1: (False, True), 2: (True, True)}
 
 
 # -------------------------------------------------------------------- the objective and LG-BP
