@@ -89,7 +89,7 @@ static inline float log_f(float u) {
  * multiple k of pi/2 (pi/2 in three parts, Cody and Waite), Taylor polynomials on
  * [-pi/4, pi/4], then the quadrant k mod 4 (odd quadrants swap cos and sin, and the signs
  * follow). Branch-free; within a few ulp of cosf and sinf. */
-static inline float cos_f(float t) {
+static inline void sincos_f(float t, float *c, float *s) {
     float kf = (float)(int32_t)(t * 0.636619772f + 0.5f);
     int32_t k = (int32_t)kf & 3;
     float r = ((t - kf * 1.5703125f) - kf * 4.83751297e-4f) - kf * 7.54978995e-8f, r2 = r * r;
@@ -103,30 +103,10 @@ static inline float cos_f(float t) {
     cp = cp * r2 - 1.0f / 720.0f;
     cp = cp * r2 + 1.0f / 24.0f;
     cp = cp * r2 - 0.5f;
-    float sr = r + r * r2 * sp, cr = 1.0f + r2 * cp;
-    uint32_t odd = 0u - (uint32_t)(k & 1); /* all ones in odd quadrants: cos t = -+sin r */
-    uint32_t a = (bits_of(sr) & odd) | (bits_of(cr) & ~odd);
-    return float_of(a ^ ((uint32_t)((k + 1) >> 1) & 1u) << 31); /* negative for k = 1, 2 */
-}
-
-static inline float sin_f(float t) {
-    float kf = (float)(int32_t)(t * 0.636619772f + 0.5f);
-    int32_t k = (int32_t)kf & 3;
-    float r = ((t - kf * 1.5703125f) - kf * 4.83751297e-4f) - kf * 7.54978995e-8f, r2 = r * r;
-    float sp = -1.0f / 39916800.0f, cp = 1.0f / 479001600.0f;
-    sp = sp * r2 + 1.0f / 362880.0f;
-    sp = sp * r2 - 1.0f / 5040.0f;
-    sp = sp * r2 + 1.0f / 120.0f;
-    sp = sp * r2 - 1.0f / 6.0f;
-    cp = cp * r2 - 1.0f / 3628800.0f;
-    cp = cp * r2 + 1.0f / 40320.0f;
-    cp = cp * r2 - 1.0f / 720.0f;
-    cp = cp * r2 + 1.0f / 24.0f;
-    cp = cp * r2 - 0.5f;
-    float sr = r + r * r2 * sp, cr = 1.0f + r2 * cp;
-    uint32_t odd = 0u - (uint32_t)(k & 1); /* all ones in odd quadrants: sin t = +-cos r */
-    uint32_t b = (bits_of(cr) & odd) | (bits_of(sr) & ~odd);
-    return float_of(b ^ ((uint32_t)(k >> 1) << 31)); /* negative for k = 2, 3 */
+    uint32_t sr = bits_of(r + r * r2 * sp), cr = bits_of(1.0f + r2 * cp);
+    uint32_t odd = 0u - (uint32_t)(k & 1); /* all ones in odd quadrants: cos and sin swap */
+    *c = float_of(((sr & odd) | (cr & ~odd)) ^ ((uint32_t)((k + 1) >> 1) & 1u) << 31); /* - for k = 1, 2 */
+    *s = float_of(((cr & odd) | (sr & ~odd)) ^ ((uint32_t)(k >> 1) << 31));            /* - for k = 2, 3 */
 }
 
 #define CHUNK 64 /* blocks per pass: a chunk's words and numbers stay in the L1 cache */
@@ -184,9 +164,10 @@ static void normal_f(uint32_t k0, uint32_t k1, int64_t n, float *out) {
         for (int q = 0; q < 2; q++) {
             for (int i = 0; i < CHUNK; i++) {
                 float r = sqrtf(-2.0f * log_f(unit_f(w[2 * q][i])));
-                float t = two_pi * unit_f(w[2 * q + 1][i]);
-                z[2 * q][i] = r * cos_f(t);
-                z[2 * q + 1][i] = r * sin_f(t);
+                float c, s;
+                sincos_f(two_pi * unit_f(w[2 * q + 1][i]), &c, &s);
+                z[2 * q][i] = r * c;
+                z[2 * q + 1][i] = r * s;
             }
         }
         for (int i = 0; i < CHUNK; i++)
