@@ -156,12 +156,7 @@ def _run(args) -> int:
     print()
     print(comparison.format_table(result["runs"]), flush=True)
     if args.out:
-        try:
-            files = comparison.write_outputs(result, args.out, title=title)
-        except OSError as exc:
-            raise output_error(exc, "--out", args.out) from exc
-        for f in files:
-            print(f"wrote {f}")
+        _write(comparison.write_outputs, result, args.out, title)
     if guard.requested:
         runs = result["runs"]
         last = f" ({runs[-1]['backend']} {runs[-1]['method']} at step {runs[-1]['steps']})" if runs else ""
@@ -272,12 +267,7 @@ def _run_sweep(args, data, sweep, common, rank0) -> int:
     print()
     print(comparison.format_sweep_table(result), flush=True)
     if args.out:
-        try:
-            files = comparison.write_sweep_outputs(result, args.out, title=title)
-        except OSError as exc:
-            raise output_error(exc, "--out", args.out) from exc
-        for f in files:
-            print(f"wrote {f}")
+        _write(comparison.write_sweep_outputs, result, args.out, title)
     if guard.requested:
         raise RunInterruptedError(
             f"{guard.what} after {len(result['points'])} of {len(values)} values of {parameter}",
@@ -307,3 +297,15 @@ def __getattr__(name: str):
         )
         return getattr(comparison, new)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _write(write, result, out, title: str) -> None:
+    """Write ``result``'s files into ``out`` with ``write`` and name each; a failure is an
+    output error naming ``--out``.
+    """
+    try:
+        files = write(result, out, title=title)
+    except OSError as exc:
+        raise output_error(exc, "--out", out) from exc
+    for f in files:
+        print(f"wrote {f}")
