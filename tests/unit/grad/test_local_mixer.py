@@ -198,3 +198,13 @@ def test_mixer_follows_the_same_trajectory_on_both_backends(both, digits, method
             )
         if exact:
             assert a[-10:].mean() < a[:10].mean()  # and it learns
+
+
+def test_parity_runs_the_mixer_in_lockstep(both, digits):
+    """Blocks of several sites give nested tangents ({block: {site: u}}): parity shares them."""
+    model = _mixer(hidden=(16, 16), groups=2, classes=10)
+    for method in ("local-forward-activity", "local-forward"):
+        rep = dg.parity.compare_backends(
+            model, "cross_entropy", optim.sgd(0.05), method, digits, steps=5, batch_size=16
+        )
+        assert rep.first_divergence is None, rep.table()
