@@ -28,9 +28,10 @@
 
 enum { KIND_WORDS = 0, KIND_UNIFORM = 1, KIND_NORMAL = 2, KIND_SIGNS = 3 };
 
-/* Philox-4x32-10 of the counter (c, 0, 0, 0) under the key (k0, k1): four words. */
-static inline void block(uint32_t c, uint32_t k0, uint32_t k1, uint32_t out[4]) {
-    uint32_t c0 = c, c1 = 0, c2 = 0, c3 = 0;
+/* Philox-4x32-10 of the counter c (four words, replaced by the output) under the key (k0, k1).
+ * blocks_chunk below runs the same rounds with the counters in the inner loop, so they vectorise. */
+static inline void philox(uint32_t c[4], uint32_t k0, uint32_t k1) {
+    uint32_t c0 = c[0], c1 = c[1], c2 = c[2], c3 = c[3];
     for (int r = 0; r < ROUNDS; r++) {
         uint64_t p0 = (uint64_t)c0 * M0, p1 = (uint64_t)c2 * M1;
         uint32_t n0 = (uint32_t)(p1 >> 32) ^ c1 ^ k0;
@@ -42,10 +43,17 @@ static inline void block(uint32_t c, uint32_t k0, uint32_t k1, uint32_t out[4]) 
         k0 += W0;
         k1 += W1;
     }
-    out[0] = c0;
-    out[1] = c1;
-    out[2] = c2;
-    out[3] = c3;
+    c[0] = c0;
+    c[1] = c1;
+    c[2] = c2;
+    c[3] = c3;
+}
+
+/* The block of the counter (c, 0, 0, 0): the words of a key's stream. */
+static inline void block(uint32_t c, uint32_t k0, uint32_t k1, uint32_t out[4]) {
+    out[0] = c;
+    out[1] = out[2] = out[3] = 0;
+    philox(out, k0, k1);
 }
 
 static inline uint32_t bits_of(float x) {
@@ -255,20 +263,10 @@ int duogard_philox_draw(int kind, int f64, const uint32_t *keys, const int64_t *
  * (hi, lo) the words of data[j], written as int64 pairs (the torch backend's key layout). */
 void duogard_philox_fold_in(uint32_t k0, uint32_t k1, const uint64_t *data, int64_t n, int64_t *out) {
     for (int64_t j = 0; j < n; j++) {
-        uint32_t c0 = (uint32_t)data[j], c1 = (uint32_t)(data[j] >> 32), c2 = 0, c3 = 2, a0 = k0, a1 = k1;
-        for (int r = 0; r < ROUNDS; r++) {
-            uint64_t p0 = (uint64_t)c0 * M0, p1 = (uint64_t)c2 * M1;
-            uint32_t n0 = (uint32_t)(p1 >> 32) ^ c1 ^ a0;
-            uint32_t n2 = (uint32_t)(p0 >> 32) ^ c3 ^ a1;
-            c0 = n0;
-            c1 = (uint32_t)p1;
-            c2 = n2;
-            c3 = (uint32_t)p0;
-            a0 += W0;
-            a1 += W1;
-        }
-        out[2 * j] = c0;
-        out[2 * j + 1] = c1;
+        uint32_t c[4] = {(uint32_t)data[j], (uint32_t)(data[j] >> 32), 0, 2};
+        philox(c, k0, k1);
+        out[2 * j] = c[0];
+        out[2 * j + 1] = c[1];
     }
 }
 
