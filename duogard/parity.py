@@ -13,13 +13,13 @@ method).
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from duogard import losses as _losses
+from duogard._deprecated import moved
 from duogard.backend import DEFAULT_PAIR
 from duogard.backend import backend as _backend
 from duogard.tree import flatten_dict, tree_map
@@ -322,11 +322,6 @@ _DEPRECATED = {"compare": "compare_backends"}
 def __getattr__(name: str):
     if name in _DEPRECATED:
         new = _DEPRECATED[name]
-        warnings.warn(
-            f"duogard.parity.{name} is deprecated and goes in the next release: use "
-            f"duogard.parity.{new} (duogard.compare_methods is the main job, every backend x method)",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return globals()[new]
+        note = "duogard.compare_methods is the main job, every backend x method"
+        return moved(f"duogard.parity.{name}", f"duogard.parity.{new}", globals()[new], note)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

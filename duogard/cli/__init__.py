@@ -18,10 +18,10 @@ that could not be written, an error inside duogard: one line, ``--debug`` for th
 from __future__ import annotations
 
 import argparse
-import warnings
 from collections.abc import Sequence
 
 from duogard import methods as _methods
+from duogard._deprecated import moved
 from duogard.cli import bench, compare, parity, train
 from duogard.cli._errors import UsageError, report_errors
 
@@ -80,10 +80,5 @@ _DEPRECATED = (
 
 def __getattr__(name: str):
     if name in _DEPRECATED:
-        warnings.warn(
-            f"duogard.cli.{name} is deprecated and goes in the next release: use duogard.methods.{name}",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return getattr(_methods, name)
+        return moved(f"duogard.cli.{name}", f"duogard.methods.{name}", getattr(_methods, name))
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -14,9 +14,9 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import warnings
 
 from duogard import comparison
+from duogard._deprecated import moved
 from duogard.cli._errors import RunInterruptedError, UsageError
 from duogard.cli._options import (
     add_data_options,
@@ -288,14 +288,10 @@ _DEPRECATED = {
 def __getattr__(name: str):
     if name in _DEPRECATED:
         new = _DEPRECATED[name]
-        warnings.warn(
-            f"duogard.cli.compare.{name} is deprecated and goes in the next release: use "
-            f"duogard.comparison.{new} (the library's; duogard.parity.compare_backends is the "
-            "cross-backend parity run)",
-            DeprecationWarning,
-            stacklevel=2,
+        note = "the library's; duogard.parity.compare_backends is the cross-backend parity run"
+        return moved(
+            f"duogard.cli.compare.{name}", f"duogard.comparison.{new}", getattr(comparison, new), note
         )
-        return getattr(comparison, new)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

@@ -21,8 +21,7 @@ package imports no framework. ``from_torch`` is the old name of :func:`from_torc
 (deprecated: ``duogard.from_torch`` ports a ``torch.nn.Module``).
 """
 
-import warnings
-
+from duogard._deprecated import moved
 from duogard.backend import extras_module
 from duogard.optim._base import (
     EmptyState,
@@ -112,11 +111,6 @@ _DEPRECATED = {"from_torch": "from_torch_optimizer"}
 def __getattr__(name: str):
     if name in _DEPRECATED:
         new = _DEPRECATED[name]
-        warnings.warn(
-            f"duogard.optim.{name} is deprecated and goes in the next release: use "
-            f"duogard.optim.{new} (duogard.from_torch ports a torch.nn.Module)",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return _extra(new)
+        note = "duogard.from_torch ports a torch.nn.Module"
+        return moved(f"duogard.optim.{name}", f"duogard.optim.{new}", _extra(new), note)
     return _extra(name)
