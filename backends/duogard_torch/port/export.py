@@ -9,8 +9,8 @@ it to the core ATen operator set; :func:`lower_exported` maps every node to a ru
   NumPy;
 - buffer mutations (batch norm's running statistics in training mode) are graph outputs:
   :meth:`ExportedGraph.run_with_state` returns them as new arrays, nothing is mutated;
-- the i-th random node of the graph (``native_dropout``, ``bernoulli.p``, attention with dropout)
-  draws its mask from ``fold_in(key, i)``.
+- the i-th random node of the graph (``native_dropout``, ``bernoulli.p``/``.Tensor``, ``rand``,
+  attention with dropout) draws from ``fold_in(key, i)``.
 
 Every node is checked when the graph is lowered: unsupported operators (and custom
 ``torch.autograd.Function`` calls, whose own backward/jvp cannot be lowered) are reported
@@ -281,7 +281,12 @@ def _narrowed(be) -> dict:
 
 
 #: the random operators: the i-th of them in the graph draws from ``fold_in(key, i)``
-_DRAWS = (torch.ops.aten.native_dropout.default, torch.ops.aten.bernoulli.p)
+_DRAWS = (
+    torch.ops.aten.native_dropout.default,
+    torch.ops.aten.bernoulli.p,
+    torch.ops.aten.bernoulli.Tensor,
+    torch.ops.aten.rand.default,
+)
 
 
 def _attention_dropout(node) -> bool:

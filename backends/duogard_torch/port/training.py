@@ -61,6 +61,8 @@ class PortableTrainMode(TorchFunctionMode):
             out = self._bernoulli(func, args, kwargs)
             if out is not None:
                 return out
+        if func is torch.rand and self.key is not None and kwargs.get("generator") is None:
+            return self._rand(args, kwargs)
         if func is F.scaled_dot_product_attention and self.key is not None:
             out = self._sdpa(args, kwargs)
             if out is not None:
@@ -130,19 +132,40 @@ class PortableTrainMode(TorchFunctionMode):
 
     def _bernoulli(self, func, args, kwargs):
         # x.bernoulli_(p), torch.bernoulli(x, p): a draw of probability p (a float) in x's shape,
-        # the next index (the lowering's aten.bernoulli.p); probabilities given as a tensor
-        # stay torch's own draw
+        # the next index (the lowering's aten.bernoulli.p); torch.bernoulli(probs) and
+        # x.bernoulli_(probs): one probability per entry, uniform(key) < probs in the
+        # probabilities' dtype (the lowering's rand < p, and aten.bernoulli.Tensor)
         default = 0.5 if func is torch.Tensor.bernoulli_ else None  # else x holds the probabilities
         x, p = args[0], (args[1] if len(args) > 1 else kwargs.get("p", default))
-        if not isinstance(p, (int, float)) or isinstance(p, bool):
+        if p is None:
+            p = x
+        if isinstance(p, torch.Tensor):
+            probs = p.detach().broadcast_to(x.shape)
+        elif isinstance(p, (int, float)) and not isinstance(p, bool):
+            probs = None
+        else:
             return None
         index = self.count
         self.count += 1
         be = self._be
-        keep = be.bernoulli(be.fold_in(self.key, index), float(p), tuple(x.shape), device=x.device).to(
-            x.dtype
-        )
+        key = be.fold_in(self.key, index)
+        if probs is None:
+            keep = be.bernoulli(key, float(p), tuple(x.shape), device=x.device)
+        else:
+            keep = be.uniform(key, tuple(x.shape), dtype=probs.dtype, device=x.device) < probs
+        keep = keep.to(x.dtype)
         return x.copy_(keep) if func is torch.Tensor.bernoulli_ else keep
+
+    def _rand(self, args, kwargs):
+        # torch.rand(*size, dtype=...): the next index's uniform numbers (the lowering's aten.rand)
+        size = args[0] if len(args) == 1 and isinstance(args[0], (tuple, list, torch.Size)) else args
+        dtype = kwargs.get("dtype") or torch.get_default_dtype()
+        index = self.count
+        self.count += 1
+        be = self._be
+        return be.uniform(
+            be.fold_in(self.key, index), tuple(int(s) for s in size), dtype=dtype, device=kwargs.get("device")
+        )
 
     def _dropout(self, x, p):
         if p == 0.0:  # torch.export drops these: they take no index

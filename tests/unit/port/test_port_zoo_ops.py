@@ -290,3 +290,123 @@ def test_in_place_dropout_and_stochastic_depth_draw_the_same_masks_on_both_backe
     # in eval mode nothing is drawn but the functional bernoulli, which needs a key
     with pytest.raises(ValueError, match="bernoulli draw .* needs an explicit random key"):
         model.apply(model.params, jnp.asarray(x))
+
+
+# ----------------------------------------------------------------------------- average pooling
+
+
+class AvgPool(tnn.Module):
+    def __init__(self, **kw):
+        super().__init__()
+        self.pool = tnn.AvgPool2d(**kw)
+
+    def forward(self, x):
+        return self.pool(x) * 2
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize(
+    "kw,shape",
+    [
+        (dict(kernel_size=3, stride=2, ceil_mode=True), (2, 3, 10, 9)),  # partial last windows
+        (dict(kernel_size=3, stride=2, padding=1, ceil_mode=True), (2, 2, 8, 11)),
+        (dict(kernel_size=3, stride=2, padding=1, ceil_mode=True, count_include_pad=False), (1, 2, 8, 7)),
+        (dict(kernel_size=(2, 3), stride=(1, 2), padding=(1, 1), divisor_override=5), (2, 7, 6)),
+    ],
+)
+def test_avg_pool_with_ceil_mode_and_a_divisor_override(kw, shape, dtype):
+    check_against_torch(AvgPool(**kw), shape, dtype)
+
+
+# ----------------------------------------------------------------------------- index_put
+
+
+class IndexPut(tnn.Module):
+    """Writes into a buffer at constant integer indices (set and accumulate, a repeated index,
+    negative ones, two index tensors), and through a boolean mask."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = tnn.Linear(4, 4)
+
+    def forward(self, x):
+        h = torch.tanh(self.lin(x))  # (6, 4)
+        out = torch.zeros(5, 4, dtype=h.dtype)
+        out[torch.tensor([0, -1, 2])] = h[:3]
+        acc = torch.ones(5, 4, dtype=h.dtype).index_put((torch.tensor([1, 3, 1]),), h[3:], accumulate=True)
+        grid = torch.zeros(3, 4, dtype=h.dtype)
+        grid[torch.tensor([0, 2]), torch.tensor([[1], [3]])] = h[0, 0] * h[1, 1]
+        masked = h.clone()
+        masked[h > 0.2] = 0.5
+        return out + acc, grid, masked
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_index_put_sets_and_accumulates_as_torch(dtype):
+    model = check_against_torch(IndexPut(), (6, 4), dtype)
+    # the torch backend runs the same lowering
+    x = torch.from_numpy(np.random.default_rng(2).normal(size=(6, 4)).astype(dtype))
+    module = IndexPut().to(getattr(torch, dtype))
+    module.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in model.params.items()})
+    got = model.apply({k: torch.from_numpy(np.asarray(v)) for k, v in model.params.items()}, x)
+    with torch.no_grad():
+        for g, r in zip(got, module(x)):
+            np.testing.assert_allclose(_np(g), _np(r), **TOL[dtype])
+
+
+def test_index_put_with_a_mask_and_many_values_is_refused_by_name():
+    class MaskedRows(tnn.Module):
+        def forward(self, x):
+            y = x.clone()
+            y[x[:, 0] > 0] = x[:2] * 0  # as many rows as the mask has: data-dependent
+            return y
+
+    with pytest.raises(UnsupportedTorchOpsError, match="index_put.*boolean mask"):
+        from_torch(MaskedRows(), torch.ones(2, 3), lower=True)
+
+
+# ----------------------------------------------------------------------------- tensor probabilities
+
+
+class TensorDraws(tnn.Module):
+    """Bernoulli draws with one probability per entry: functional (captured as rand < p) and in
+    place (``bernoulli_(p)``), as gating and sparsifying layers write them."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = tnn.Linear(6, 6)
+
+    def forward(self, x):
+        h = self.lin(x) * 4  # probabilities spread over (0, 1)
+        p = torch.sigmoid(h).detach()
+        gate = torch.bernoulli(p)
+        noise = torch.empty_like(h).bernoulli_(p)
+        return h * gate, gate, noise, torch.rand(x.shape[0], 2)
+
+
+def test_bernoulli_with_tensor_probabilities_draws_the_same_masks_on_both_backends():
+    torch.manual_seed(0)
+    module = TensorDraws()
+    x = np.random.default_rng(0).normal(size=(512, 6)).astype(np.float32)
+    model = from_torch(module, torch.from_numpy(x))
+    jbe, tbe = dg.backend("jax"), dg.backend("torch")
+    got = [np.asarray(a) for a in model.apply(model.params, jnp.asarray(x), train=True, key=jbe.key(3))]
+    assert model.lowered_path == "export", model.lowered_fallback_reason
+    ref = [_np(a) for a in model.apply(model.params, torch.from_numpy(x), train=True, key=tbe.key(3))]
+    for g, r in zip(got, ref):
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6)
+    gate, noise, uniform = got[1], got[2], got[3]
+    assert 0 <= uniform.min() and uniform.max() < 1 and abs(uniform.mean() - 0.5) < 0.05
+    assert set(np.unique(gate)) <= {0.0, 1.0} and set(np.unique(noise)) <= {0.0, 1.0}
+    assert (gate != noise).mean() > 0.2  # two draws, two keys
+    # each entry is 1 with its own probability: the mean over entries matches the mean of p
+    with torch.no_grad():
+        p = torch.sigmoid(module.lin(torch.from_numpy(x)) * 4).numpy()
+    for draw in (gate, noise):
+        assert abs(draw.mean() - p.mean()) < 0.03, (draw.mean(), p.mean())
+        assert (p > 0.9).sum() > 50 and (p < 0.1).sum() > 50
+        assert draw[p > 0.9].mean() > 0.85 and draw[p < 0.1].mean() < 0.15
+    other = np.asarray(model.apply(model.params, jnp.asarray(x), train=True, key=jbe.key(4))[1])
+    assert (other != gate).any()  # the masks come from the key
+    with pytest.raises(ValueError, match="(rand|bernoulli) draw .* needs an explicit random key"):
+        model.apply(model.params, jnp.asarray(x))

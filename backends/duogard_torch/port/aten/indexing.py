@@ -7,10 +7,12 @@ In-place writes in a forward (``x[:, 0] = y``, ``x[1:3] = y``) reach the decompo
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
-from ..helpers import cast, device_kw, pad_constant
+from ..helpers import Unsupported, cast, device_kw, pad_constant
 from ..registry import AtenRule, RuleTable
 
 __all__ = ["RULES"]
@@ -66,6 +68,73 @@ def _select_scatter(rt, info, x, src, dim, index):
 def _slice_scatter(rt, info, x, src, dim=0, start=None, end=None, step=1):
     n = int(x.shape[dim % x.ndim])
     return _scatter_positions(rt, x, src, dim, range(n)[slice(start, end, step)])
+
+
+def _meta(node):
+    return node.meta.get("val") if hasattr(node, "meta") else None
+
+
+def _index_put_check(node, info):
+    indices = list(node.args[1])
+    while indices and indices[-1] is None:  # trailing full slices
+        indices.pop()
+    metas = [_meta(i) for i in indices]
+    if not indices or any(i is None for i in indices) or any(m is None for m in metas):
+        raise Unsupported("index_put with full slices before or between its index tensors")
+    if any(m.dtype == torch.bool for m in metas):
+        values = _meta(node.args[2])
+        if len(metas) != 1 or values is None or values.numel() != 1:
+            raise Unsupported(
+                "index_put with a boolean mask and more than one value (its length depends on the data)"
+            )
+
+
+@register(
+    aten.index_put.default,
+    doc="xp.where of a boolean mask; integer indices: the written rows' values taken by the last "
+    "index that writes each (set) or their one-hot xp.matmul sum (accumulate)",
+    check=_index_put_check,
+)
+def _index_put(rt, info, x, indices, values, accumulate=False):
+    """``x[indices] = values`` (``+=`` with ``accumulate``) as a new array.
+
+    Index tensors address the leading axes (trailing full slices allowed). A boolean mask
+    writes one value where it is true. Integer indices (negative ones count from the end,
+    broadcast together) are flattened to positions along the indexed axes: a one-hot
+    (positions, rows) array says which position writes which row. Without ``accumulate`` a row
+    written more than once keeps the last write (torch leaves the order of repeated indices
+    undefined); with it the writes are summed by a matmul of the one-hot, so a non-finite value
+    spreads NaN to the other written rows of its column.
+    """
+    xp = rt.be.xp
+    indices = list(indices)
+    while indices and indices[-1] is None:
+        indices.pop()
+    if str(indices[0].dtype).removeprefix("torch.") == "bool":
+        mask = xp.reshape(indices[0], tuple(indices[0].shape) + (1,) * (x.ndim - indices[0].ndim))
+        v = cast(rt, xp.reshape(values, ()), x.dtype)
+        return xp.where(mask, x + v if accumulate else v, x)
+    lead = [int(n) for n in x.shape[: len(indices)]]
+    rest = tuple(int(n) for n in x.shape[len(indices) :])
+    shape = np.broadcast_shapes(*(tuple(i.shape) for i in indices))
+    position = None
+    for axis_index, n in zip(indices, lead):
+        i = xp.broadcast_to(axis_index, shape)
+        i = xp.where(i < 0, i + n, i)
+        position = i if position is None else position * n + i
+    rows = math.prod(lead)
+    position = xp.reshape(position, (-1, 1))
+    onehot = position == xp.arange(rows, dtype=position.dtype, **device_kw(rt))[None, :]  # (M, rows)
+    flat = xp.reshape(x, (rows, -1))
+    vals = xp.reshape(cast(rt, xp.broadcast_to(values, tuple(shape) + rest), x.dtype), (onehot.shape[0], -1))
+    if accumulate:
+        return xp.reshape(flat + xp.matmul(xp.matrix_transpose(xp.astype(onehot, x.dtype)), vals), x.shape)
+    # the last write of each row: the largest position index m with onehot[m, row]
+    m = onehot.shape[0]
+    order = xp.arange(1, m + 1, dtype=position.dtype, **device_kw(rt))[:, None]
+    last = xp.max(xp.where(onehot, order, xp.zeros_like(order)), axis=0)  # 0: not written
+    taken = xp.take(vals, xp.where(last > 0, last - 1, last), axis=0)
+    return xp.reshape(xp.where((last > 0)[:, None], taken, flat), x.shape)
 
 
 @register(aten.diagonal.default, doc="x[..., rows, cols] (advanced indexing)")

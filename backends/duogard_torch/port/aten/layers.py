@@ -8,7 +8,7 @@ import math
 
 import torch
 
-from ..helpers import Unsupported, as_tuple, channel_view, pad_constant, slice_axis
+from ..helpers import Unsupported, as_tuple, channel_view, device_kw, dtype_of, pad_constant, slice_axis
 from ..registry import AtenRule, RuleTable
 
 __all__ = ["RULES"]
@@ -223,6 +223,37 @@ def _bernoulli(rt, info, x, p=0.5, generator=None):
     key = rt.key_for(info.extra["dropout_index"], f"bernoulli draw {info.path or 'of the root module'}")
     keep = rt.be.bernoulli(key, float(p), tuple(x.shape), device=rt.be.device_of(x))
     return rt.be.xp.astype(keep, x.dtype)
+
+
+def _tensor_draw_check(node, info):
+    p = node.args[1] if len(node.args) > 1 else node.kwargs.get("p")
+    if not hasattr(p, "meta"):  # a graph node (a tensor of probabilities); a float is bernoulli.p
+        raise Unsupported(f"bernoulli with a probability of type {type(p).__name__}")
+
+
+@register(
+    aten.bernoulli.Tensor,
+    doc="be.uniform(be.fold_in(key, i)) < p in x's dtype: the graph's i-th random draw, one "
+    "probability per entry (``x.bernoulli_(p)``)",
+    check=_tensor_draw_check,
+)
+def _bernoulli_tensor(rt, info, x, p, generator=None):
+    key = rt.key_for(info.extra["dropout_index"], f"bernoulli draw {info.path or 'of the root module'}")
+    xp = rt.be.xp
+    p = xp.broadcast_to(p, tuple(x.shape))
+    keep = rt.be.uniform(key, tuple(x.shape), dtype=p.dtype, device=rt.be.device_of(x)) < p
+    return xp.astype(keep, x.dtype)
+
+
+@register(
+    aten.rand.default,
+    doc="be.uniform(be.fold_in(key, i)): the graph's i-th random draw (``torch.rand``; "
+    "``torch.bernoulli(p)`` captures as ``rand(...) < p``)",
+)
+def _rand(rt, info, size, dtype=None, layout=None, device=None, pin_memory=None):
+    key = rt.key_for(info.extra["dropout_index"], f"rand draw {info.path or 'of the root module'}")
+    dt = dtype_of(rt.be, dtype if dtype is not None else torch.float32)
+    return rt.be.uniform(key, tuple(int(s) for s in size), dtype=dt, **device_kw(rt))
 
 
 @register(aten._softmax.default, doc="be.softmax")

@@ -90,15 +90,26 @@ def _max_pool(rt, info, x, kernel_size, stride=(), padding=0, dilation=1, ceil_m
     return (y[0] if unbatched else y), (index[0] if unbatched else index)
 
 
-def _avg_pool_check(node, info):
-    args = list(node.args) + [None] * 7
-    if args[4]:
-        raise Unsupported("avg_pool2d with ceil_mode=True")
-    if args[6] is not None:
-        raise Unsupported("avg_pool2d with divisor_override")
+def _avg_matrix(n: int, k: int, s: int, p: int, out: int, include_pad: bool, divisor: bool) -> np.ndarray:
+    """The (out, n) averaging matrix of one axis, as torch counts a window: it ends at the
+    padding's end at most (a ceil_mode window past it is cut), ``include_pad`` (count_include_pad) counts the
+    padded part of it, else only its input entries; with ``divisor`` (a divisor_override) ones.
+    A window's divisor is the product of its two axes' counts, so a 2-d pooling is separable.
+    """
+    m = np.zeros((out, n))
+    for i in range(out):
+        start = i * s - p
+        end = min(start + k, n + p)
+        lo, hi = max(start, 0), min(end, n)
+        count = (end - start) if include_pad else (hi - lo)
+        m[i, lo:hi] = 1.0 if divisor else 1.0 / max(count, 1)
+    return m
 
 
-@register(aten.avg_pool2d.default, doc="be.avg_pool2d", check=_avg_pool_check)
+@register(
+    aten.avg_pool2d.default,
+    doc="be.avg_pool2d; with ceil_mode or divisor_override, separable averaging matrices (xp.matmul)",
+)
 def _avg_pool(
     rt,
     info,
@@ -114,13 +125,30 @@ def _avg_pool(
     x, unbatched = _as4d(xp, x)
     k = as_tuple(kernel_size, 2)
     s = as_tuple(stride, 2) if stride else k
-    y = rt.be.avg_pool2d(
-        x, kernel_size=k, stride=s, padding=as_tuple(padding, 2), count_include_pad=bool(count_include_pad)
-    )
+    p = as_tuple(padding, 2)
+    if ceil_mode or divisor_override:
+        hw = (int(x.shape[-2]), int(x.shape[-1]))
+        mh, mw = (
+            _avg_matrix(
+                hw[i],
+                k[i],
+                s[i],
+                p[i],
+                pool_size(hw[i], k[i], s[i], p[i], bool(ceil_mode)),
+                bool(count_include_pad),
+                bool(divisor_override),
+            )
+            for i in range(2)
+        )
+        y = _resample(rt, x, mh, mw)
+        if divisor_override:
+            y = y / divisor_override
+    else:
+        y = rt.be.avg_pool2d(x, kernel_size=k, stride=s, padding=p, count_include_pad=bool(count_include_pad))
     return y[0] if unbatched else y
 
 
-@register(aten.avg_pool1d.default, doc="be.avg_pool2d over (1, L)", check=_avg_pool_check)
+@register(aten.avg_pool1d.default, doc="be.avg_pool2d over (1, L)")
 def _avg_pool1d(rt, info, x, kernel_size, stride=(), padding=0, ceil_mode=False, count_include_pad=True):
     xp = rt.be.xp
     k, s, p = (
