@@ -95,12 +95,13 @@ class _Block(torch.autograd.Function):
             ds = dqs @ kb.transpose(-2, -1) if dkb is None else qs @ dkb.transpose(-2, -1)
         else:
             ds = None
+        own = ds is not None  # an array of this rule's, which it may overwrite
         if dbias is not None:
             ds = dbias if ds is None else ds + dbias
         dl2 = None if dl is None else alpha * dl
         do2 = None if do is None else alpha * do
         if ds is not None:
-            pds = p * ds
+            pds = ds.mul_(p) if own and _may_overwrite(ds, p) else p * ds
             dl2 = _plus(dl2, pds.sum(dim=-1, keepdim=True))
             do2 = _plus(do2, pds @ vb)
         if dvb is not None:
@@ -124,6 +125,14 @@ class _Block(torch.autograd.Function):
         g_l = None if gl is None else alpha * gl
         g_o = None if go is None else alpha * go
         return g_qs, g_kb, g_vb, g_bias, None, None, g_l, g_o
+
+
+def _may_overwrite(target, other) -> bool:
+    """Whether ``target.mul_(other)`` is allowed: under vmap (``generate_vmap_rule`` runs the
+    rules on batched tensors) only where ``target`` is batched wherever ``other`` is.
+    """
+    batched = torch._C._functorch.is_batchedtensor
+    return batched(target) or not batched(other)
 
 
 def _plus(a, b):

@@ -145,16 +145,28 @@ def test_attention_gradient_matches_the_math_form(be, case):
 
 
 def test_attention_jvp_under_vmap_and_jit(be):
-    """K tangents at once (``vmap`` of ``jvp``, as the forward estimators run it), compiled."""
+    """K tangents at once (``vmap`` of ``jvp``, as the forward estimators run it), compiled; and
+    a vmap over the queries with one shared tangent (the rule's arrays batched differently)."""
     arrays, _ = _inputs(seed=3)
     q, k, v = (be.asarray(a) for a in arrays)
-    stack = be.asarray(np.random.default_rng(4).standard_normal((4, *arrays[1].shape)))
+    rng = np.random.default_rng(4)
+    stack = be.asarray(rng.standard_normal((4, *arrays[1].shape)))
 
     def directional(f):
         return be.jit(lambda k, ts: be.vmap(lambda t: be.jvp(lambda kk: f(q, kk, v), (k,), (t,))[1])(ts))
 
     got = directional(lambda q, k, v: be.attention(q, k, v, block=16))(k, stack)
     want = directional(lambda q, k, v: _math(be, q, k, v))(k, stack)
+    np.testing.assert_allclose(be.to_numpy(got), be.to_numpy(want), **F64)
+
+    queries = be.asarray(rng.standard_normal((3, *arrays[0].shape)))
+    dq = be.asarray(rng.standard_normal(arrays[0].shape))
+
+    def per_query(f):
+        return be.vmap(lambda qq: be.jvp(lambda x: f(x, k, v), (qq,), (dq,))[1])(queries)
+
+    got = per_query(lambda q, k, v: be.attention(q, k, v, causal=True, block=16))
+    want = per_query(lambda q, k, v: _math(be, q, k, v, causal=True))
     np.testing.assert_allclose(be.to_numpy(got), be.to_numpy(want), **F64)
 
 
