@@ -1,7 +1,7 @@
 """The blockwise attention's JVP (``be.attention``) against the math form: step memory and time.
 
 For each backend and sequence length (queries = keys = L; batch 1, 4 heads of 64, float32,
-blocks of 512 keys, no mask unless ``--causal``):
+blocks of 512 keys (``--block``), no mask unless ``--causal``):
 
 - memory: the step memory of one JVP along tangents of q, k and v (``be.step_memory``: XLA's
   temp and output bytes of the compiled JVP on JAX, the storages the call allocates on torch),
@@ -18,6 +18,7 @@ one intra-op thread (``--threads``), JAX its own pool.
 
     python benchmarks/attention_jvp.py                   # L = 1024, 2048, 4096
     python benchmarks/attention_jvp.py --quick           # L = 256, 512, 1024, fewer rounds
+    python benchmarks/attention_jvp.py --tiny            # a smoke test: L = 64, 128, blocks of 16
     python benchmarks/attention_jvp.py --json FILE       # also write every figure
 """
 
@@ -33,8 +34,6 @@ import numpy as np
 
 import duogard as dg
 from duogard_bench._common import format_table, machine_info, median
-
-BLOCK = 512
 
 
 def _math(be, q, k, v, causal):
@@ -63,11 +62,11 @@ def _native(be, causal):
     return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
 
-def _programs(be, causal):
+def _programs(be, causal, block):
     """``{name: (function, number of array arguments)}`` for one backend."""
 
     def blockwise(q, k, v):
-        return be.attention(q, k, v, causal=causal, block=BLOCK)
+        return be.attention(q, k, v, causal=causal, block=block)
 
     def plain(q, k, v):
         return _math(be, q, k, v, causal)
@@ -84,11 +83,11 @@ def _programs(be, causal):
     }
 
 
-def measure(be, length, *, heads, dim, rounds, causal):
+def measure(be, length, *, heads, dim, rounds, causal, block=512):
     """One row: memory and median times of the programs at ``length``."""
     rng = np.random.default_rng(length)
     arrays = [be.asarray(rng.standard_normal((1, heads, length, dim)), dtype="float32") for _ in range(6)]
-    programs = _programs(be, causal)
+    programs = _programs(be, causal, block)
     row = {"backend": be.name, "length": length}
     for fn, n in programs.values():  # compiled (JAX) and warm before anything is measured
         be.synchronize(fn(*arrays[:n]))
@@ -155,6 +154,7 @@ def _table(rows) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="L = 256, 512, 1024, 3 rounds")
+    p.add_argument("--tiny", action="store_true", help="a smoke test: L = 64, 128, 1 head of 8, blocks of 16")
     p.add_argument("--lengths", default=None, help="comma-separated sequence lengths")
     found = ",".join(b.name for b in dg.available_backends() if b.available)
     p.add_argument("--backends", default=found, help="comma-separated (default: every one installed)")
@@ -162,23 +162,27 @@ def main(argv=None) -> int:
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--dim", type=int, default=64)
     p.add_argument("--causal", action="store_true", help="a causal mask")
+    p.add_argument("--block", type=int, default=512, help="keys per block")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     p.add_argument("--json", default=None, help="write every figure here")
     a = p.parse_args(argv)
-    lengths = [int(n) for n in (a.lengths or ("256,512,1024" if a.quick else "1024,2048,4096")).split(",")]
-    rounds = a.rounds or (3 if a.quick else 7)
+    if a.tiny:
+        a.heads, a.dim, a.block = 1, 8, 16
+    default = "64,128" if a.tiny else "256,512,1024" if a.quick else "1024,2048,4096"
+    lengths = [int(n) for n in (a.lengths or default).split(",")]
+    rounds = a.rounds or (1 if a.tiny else 3 if a.quick else 7)
     info = machine_info(" ".join(sys.argv))
     if "torch" in a.backends:
         import torch
 
         torch.set_num_threads(a.threads)
     print(f"# {info['cpu']}, {info['cores']} cores, load {info['load_average']}; torch threads {a.threads}")
-    print(f"# batch 1, {a.heads} heads of {a.dim}, float32, blocks of {BLOCK} keys, causal={a.causal}")
+    print(f"# batch 1, {a.heads} heads of {a.dim}, float32, blocks of {a.block} keys, causal={a.causal}")
     rows = []
     for name in a.backends.split(","):
         be = dg.backend(name)
         for length in lengths:
-            r = measure(be, length, heads=a.heads, dim=a.dim, rounds=rounds, causal=a.causal)
+            r = measure(be, length, heads=a.heads, dim=a.dim, rounds=rounds, causal=a.causal, block=a.block)
             rows.append(r)
             print(
                 f"{name} L={length}: JVP memory {r['jvp-bytes'] / 2**20:.1f} MiB (math "
@@ -191,7 +195,7 @@ def main(argv=None) -> int:
     print(f"# load at the end {machine_info('')['load_average']}")
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"machine": info, "block": BLOCK, "rows": rows}, f, indent=1)
+            json.dump({"machine": info, "block": a.block, "rows": rows}, f, indent=1)
     return 0
 
 
