@@ -171,11 +171,11 @@ def main(argv=None) -> int:
     default = "64,128" if a.tiny else "256,512,1024" if a.quick else "1024,2048,4096"
     lengths = [int(n) for n in (a.lengths or default).split(",")]
     rounds = a.rounds or (1 if a.tiny else 3 if a.quick else 7)
-    info = machine_info(" ".join(sys.argv))
     if "torch" in a.backends:
         import torch
 
         torch.set_num_threads(a.threads)
+    info = machine_info(" ".join(sys.argv))  # after the threads are set: it records them
     print(f"# {info['cpu']}, {info['cores']} cores, load {info['load_average']}; torch threads {a.threads}")
     print(f"# batch 1, {a.heads} heads of {a.dim}, float32, blocks of {a.block} keys, causal={a.causal}")
     rows = []
@@ -192,7 +192,8 @@ def main(argv=None) -> int:
             )
     print()
     print(_table(rows))
-    print(f"# load at the end {machine_info('')['load_average']}")
+    info["load_average_end"] = machine_info("")["load_average"]
+    print(f"# load at the end {info['load_average_end']}")
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"machine": info, "block": a.block, "rows": rows}, f, indent=1)
