@@ -1,10 +1,10 @@
 """The JAX backend of duogard.
 
 It implements :class:`duogard.backend.Backend`, where every op is documented once; the functions
-here stay short, with a comment where JAX and PyTorch differ. The ops live in modules by
-concern, with the same names in ``duogard_torch``: ``_arrays`` (arrays, dtypes, devices,
-numerics), ``_nn``, ``_autodiff``, ``_random``, ``_tree``, ``_dlpack`` (the exchange with other
-frameworks) and ``_memory`` (a step's memory).
+here stay short, with a comment where JAX and PyTorch differ. The ops live in modules by concern,
+with the same names in ``duogard_torch``: ``_arrays`` (arrays, dtypes, devices, numerics), ``_nn``,
+``_attention`` (attention over key blocks), ``_autodiff``, ``_random``, ``_tree``, ``_dlpack`` (the
+exchange with other frameworks) and ``_memory`` (a step's memory).
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from ._arrays import (
     threads_for,
     to_numpy,
 )
+from ._attention import attention
 from ._autodiff import (
     add_outer_,
     add_scaled_,
@@ -159,6 +160,7 @@ __all__ = [
     "nll_values",
     "logsumexp",
     "layer_norm",
+    "attention",
     # autodiff and compilation
     "jvp",
     "vjp",

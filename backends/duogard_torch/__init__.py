@@ -1,12 +1,12 @@
 """The PyTorch backend of duogard.
 
 It implements :class:`duogard.backend.Backend`, where every op is documented once; the functions
-here stay short, with a comment where PyTorch and JAX differ. Autodiff goes through
-``torch.func`` with JAX's signatures; randomness takes explicit keys (a key is a CPU int64 tensor
-of two 32-bit words, hashed into a fresh ``torch.Generator`` seed per draw). The ops live in
-modules by concern, with the same names in ``duogard_jax``: ``_arrays`` (arrays, dtypes, devices,
-numerics), ``_nn``, ``_autodiff``, ``_random``, ``_tree``, ``_dlpack`` (the exchange with other
-frameworks) and ``_memory`` (a step's memory).
+here stay short, with a comment where PyTorch and JAX differ. Autodiff goes through ``torch.func``
+with JAX's signatures; randomness takes explicit keys (a key is a CPU int64 tensor of two 32-bit
+words, hashed into a fresh ``torch.Generator`` seed per draw). The ops live in modules by concern,
+with the same names in ``duogard_jax``: ``_arrays`` (arrays, dtypes, devices, numerics), ``_nn``,
+``_attention`` (attention over key blocks), ``_autodiff``, ``_random``, ``_tree``, ``_dlpack`` (the
+exchange with other frameworks) and ``_memory`` (a step's memory).
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from ._arrays import (
     threads_for,
     to_numpy,
 )
+from ._attention import attention
 from ._autodiff import (
     add_outer_,
     add_scaled_,
@@ -162,6 +163,7 @@ __all__ = [
     "nll_values",
     "logsumexp",
     "layer_norm",
+    "attention",
     # autodiff and compilation
     "jvp",
     "vjp",

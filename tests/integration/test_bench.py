@@ -285,3 +285,21 @@ def test_main_job_bench_times_compares_methods_beside_hand_written_steps(tmp_pat
     text = mod.report(mod.rows(fake))
     assert "MISS  torch backprop" in text and "PASS  jax   backprop" in text
     assert "MISS  torch/JAX backprop" in text and "PASS  torch/JAX forward " in text
+
+
+def test_attention_jvp_bench_tiny_measures_linear_memory(tmp_path):
+    """benchmarks/attention_jvp.py --tiny: both backends, two lengths; the blockwise JVP's memory
+    doubles with the length (one block of scores), the math form's grows faster; the JSON holds
+    every row."""
+    from helpers import ROOT, load_script
+
+    mod = load_script(ROOT / "benchmarks" / "attention_jvp.py", "attention_jvp_bench")
+    path = tmp_path / "attention.json"
+    assert mod.main(["--tiny", "--lengths", "128,256", "--json", str(path)]) == 0
+    rows = {(r["backend"], r["length"]): r for r in json.loads(path.read_text())["rows"]}
+    assert set(rows) == {(b, n) for b in ("jax", "torch") for n in (128, 256)}
+    for backend in ("jax", "torch"):
+        short, long = rows[backend, 128], rows[backend, 256]
+        assert 1.5 < long["jvp-bytes"] / short["jvp-bytes"] < 2.5, backend
+        assert long["math-jvp-bytes"] / short["math-jvp-bytes"] > 3, backend
+        assert all(long[k] > 0 for k in ("fwd-ms", "jvp-ms", "native-fwd-ms", "jvp/fwd")), backend

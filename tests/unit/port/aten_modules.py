@@ -11,7 +11,7 @@ import torch
 import torch.nn as tnn
 import torch.nn.functional as F
 
-__all__ = ["Attn", "BasicBlock", "Breadth", "Funcs", "ResNet18", "Spatial"]
+__all__ = ["Attn", "BasicBlock", "Breadth", "Funcs", "LongAttn", "ResNet18", "Spatial"]
 
 
 class Funcs(tnn.Module):
@@ -120,6 +120,25 @@ class Attn(tnn.Module):
         q = h.reshape(h.shape[0], h.shape[1], 2, 4).transpose(1, 2)
         o = F.scaled_dot_product_attention(q, q, q, is_causal=True).transpose(1, 2).reshape(h.shape)
         return self.rms(a + o)
+
+
+class LongAttn(tnn.Module):
+    """F.scaled_dot_product_attention over more keys than one block of the blockwise lowering:
+    causal with grouped-query heads (4 query heads, 2 key/value heads), and a padding mask."""
+
+    def __init__(self):
+        super().__init__()
+        self.q = tnn.Linear(8, 8)
+        self.kv = tnn.Linear(8, 8)
+
+    def forward(self, x):  # (N, L, 8), L > 512
+        n, length, _ = x.shape
+        q = self.q(x).reshape(n, length, 4, 2).transpose(1, 2)
+        k, v = self.kv(x).reshape(n, length, 2, 2, 2).permute(2, 0, 3, 1, 4)  # (N, 2, L, 2) each
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        keep = (x[..., :1] > -1.0).transpose(1, 2)[:, None]  # (N, 1, 1, L): padding
+        b = F.scaled_dot_product_attention(q, q, q, attn_mask=keep)
+        return (a + b).transpose(1, 2).reshape(n, length, 8)
 
 
 class BasicBlock(tnn.Module):

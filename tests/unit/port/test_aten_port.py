@@ -21,7 +21,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from duogard.interop import UnsupportedTorchOpsError, from_torch  # noqa: E402
 
-from aten_modules import Attn, Breadth, Funcs, ResNet18, Spatial  # noqa: E402
+from aten_modules import Attn, Breadth, Funcs, LongAttn, ResNet18, Spatial  # noqa: E402
 from helpers import ROOT  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
@@ -51,6 +51,7 @@ CASES = {
     "breadth": (Breadth, (3, 6)),
     "spatial": (Spatial, (2, 3, 4, 8)),
     "attention": (Attn, (2, 5, 8)),
+    "long-attention": (LongAttn, (2, 600, 8)),  # be.attention: blocks of 512 keys
     "transformer": (lambda: tnn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True), (2, 5, 8)),
     "resnet18": (lambda: _randomise_batchnorms(ResNet18()), (2, 3, 32, 32)),
 }
@@ -95,6 +96,34 @@ def test_lowered_output_and_forward_gradient_match_torch(case):
     scale = float(np.abs(_np(tdout)).max())
     assert scale > 0
     np.testing.assert_allclose(np.asarray(dout), _np(tdout), rtol=1e-5, atol=2e-6 * max(1.0, scale))
+
+
+def test_long_attention_takes_the_blockwise_op_on_both_backends():
+    """Over more than one block of keys the lowering calls be.attention (JAX: its custom_jvp;
+    one block or fewer: the math form). On torch tensors the lowered graph's JVP needs no
+    sdpa_kernel(MATH) either way: the blockwise op has its own forward-mode rule, and the math
+    form's causal mask is made without a torch tensor (which torch.func.jvp would wrap)."""
+    torch.manual_seed(0)
+    module = LongAttn().eval()
+    rng = np.random.default_rng(1)
+    tbe = dg.backend("torch")
+    for length, blockwise in ((512, False), (600, True)):
+        x = rng.normal(size=(1, length, 8)).astype(np.float32)
+        xt = torch.from_numpy(x)
+        model = from_torch(module, xt)
+        jaxpr = str(jax.make_jaxpr(model.apply)(model.params, jnp.asarray(x)))
+        assert ("custom_jvp_call" in jaxpr) is blockwise, length
+
+        graph = model.lower(example_input=xt)
+        params = {k: torch.from_numpy(v) for k, v in model.params.items()}
+        tangents = {k: torch.randn(v.shape) for k, v in params.items()}
+        out, dout = torch.func.jvp(lambda p: graph.run(tbe, p, xt), (params,), (tangents,))
+        with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+            want, dwant = torch.func.jvp(
+                lambda p: torch.func.functional_call(module, p, (xt,)), (params,), (tangents,)
+            )
+        np.testing.assert_allclose(_np(out), _np(want), **F32)
+        np.testing.assert_allclose(_np(dout), _np(dwant), rtol=1e-5, atol=1e-5)
 
 
 def test_graphs_are_cached_per_shape_and_run_under_jit():

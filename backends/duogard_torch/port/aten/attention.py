@@ -6,12 +6,18 @@ the views after the attention with the strides of torch's fused CPU kernel (its 
 out (batch, length, heads, dim)), which the decomposed math form does not have, so
 ``run_decompositions`` fails on the first ``view`` of the output (Hugging Face GPT-2:
 ``Cannot view a tensor with shape [2, 16, 64] and strides (64, 128, 1)``).
+
+Over more than :data:`BLOCK` keys (and without dropout) it is the backend's blockwise attention
+(``be.attention``: the online softmax over key blocks, whose forward-mode rule holds one block of
+scores, not the ``(Lq, Lk)`` matrix); up to one block, the math form, whose numbers are torch's
+math kernel's. The two agree to rounding (the blocks change the order of the sums).
 """
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from ..helpers import device_kw
@@ -22,6 +28,9 @@ __all__ = ["RULES"]
 aten = torch.ops.aten
 RULES = RuleTable("attention", AtenRule)
 register = RULES.register
+
+#: keys per block of the blockwise attention; a longer sequence of keys takes it
+BLOCK = 512
 
 
 def _repeat_heads(xp, x, n: int):
@@ -36,7 +45,9 @@ def _repeat_heads(xp, x, n: int):
 @register(
     aten.scaled_dot_product_attention.default,
     doc="softmax(q kᵀ · scale + mask) v with xp.matmul and be.softmax (rows masked out entirely "
-    "give 0, as torch's math kernel); dropout on the weights is the graph's next portable dropout",
+    "give 0, as torch's math kernel); over more than 512 keys without dropout, be.attention (key "
+    "blocks, online softmax: a forward-mode rule without the (Lq, Lk) matrix); dropout on the "
+    "weights is the graph's next portable dropout",
 )
 def _sdpa(rt, info, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
     xp, be = rt.be.xp, rt.be
@@ -44,11 +55,14 @@ def _sdpa(rt, info, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, sca
     if enable_gqa:
         k = _repeat_heads(xp, k, int(q.shape[-3]) // int(k.shape[-3]))
         v = _repeat_heads(xp, v, int(q.shape[-3]) // int(v.shape[-3]))
+    if n_k > BLOCK and not dropout_p > 0:
+        return be.attention(q, k, v, mask=attn_mask, causal=is_causal, scale=scale, block=BLOCK)
     root = math.sqrt(1.0 / math.sqrt(int(q.shape[-1])) if scale is None else float(scale))
     scores = xp.matmul(q * root, xp.matrix_transpose(k * root))  # torch scales both, as here
     keep = None
     if is_causal:
-        keep = be.asarray(torch.ones(n_q, n_k, dtype=torch.bool).tril().numpy(), **device_kw(rt))
+        # NumPy: a torch tensor made here would be wrapped under torch.func.jvp (no .numpy())
+        keep = be.asarray(np.tril(np.ones((n_q, n_k), dtype=bool)), **device_kw(rt))
     if attn_mask is not None:
         if attn_mask.dtype == xp.bool:
             keep = attn_mask if keep is None else xp.logical_and(keep, attn_mask)
