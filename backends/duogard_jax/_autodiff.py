@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import inspect
+
 import jax
 import jax.numpy as jnp
 
 from ._memory import observed
+
+# XLA:CPU expands the optimization barriers that jax.checkpoint puts around its recomputation
+# early (the pass "cse_barrier_expander", before layout assignment), and a later CSE pass then
+# merges the recomputed values into the forward pass's: on a CPU a checkpointed program
+# recomputed nothing and kept every activation. Without that pass the barriers stay until code
+# generation, where they cost nothing, as on GPU. A program without barriers compiles the same.
+_CPU_COMPILER_OPTIONS = {"xla_disable_hlo_passes": "cse_barrier_expander"}
+_JIT_TAKES_OPTIONS = "compiler_options" in inspect.signature(jax.jit).parameters
 
 
 def jvp(f, primals, tangents, has_aux=False):
@@ -32,8 +42,15 @@ def jit(f, *, static_argnums=None, static_argnames=None, donate_argnums=None, co
     # compiled unless compile is False (torch's default is eager); observed by step_memory
     if compile is not None and not compile:
         return f
+    options = {}
+    if _JIT_TAKES_OPTIONS and jax.default_backend() == "cpu":
+        options["compiler_options"] = _CPU_COMPILER_OPTIONS  # activation checkpointing on CPU
     program = jax.jit(
-        f, static_argnums=static_argnums, static_argnames=static_argnames, donate_argnums=donate_argnums
+        f,
+        static_argnums=static_argnums,
+        static_argnames=static_argnames,
+        donate_argnums=donate_argnums,
+        **options,
     )
     return observed(program)
 

@@ -443,6 +443,26 @@ def test_checkpointed_backprop_equals_backprop(be, every):
         assert jaxpr.count("prevent_cse=") == -(-len(model.layers) // every), jaxpr  # one remat each
 
 
+def test_a_compiled_checkpointed_step_recomputes_on_jax():
+    """XLA:CPU used to expand jax.checkpoint's optimisation barriers early and merge the
+    recomputation back into the forward pass (CSE): the compiled program then held every
+    activation. duogard's jit keeps them: the compiled gradient has more matrix products."""
+    pytest.importorskip("jax")
+    be = dg.backend("jax")
+    model = nn.Sequential(
+        nn.Linear(16), nn.relu, nn.Linear(16), nn.relu, nn.Linear(16), nn.relu, nn.Linear(3)
+    )
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((8, 5)), rng.integers(0, 3, 8)
+    params = to_backend(be, model.init(0, x))
+    batch, loss_fn = (be.asarray(x), be.asarray(y)), dg.grad.supervised(model)
+    dots = []
+    for est in (dg.estimator("backprop"), dg.estimator("backprop", checkpoint=True, checkpoint_every=2)):
+        program = be.jit(lambda p, est=est: est(loss_fn, p, batch)[1])
+        dots.append(program.lower(params).compile().as_text().count(" dot("))
+    assert dots[1] > dots[0], dots
+
+
 def test_checkpointed_backprop_trains_as_backprop(be, digits):
     """Through the Trainer's (jitted on JAX) step: the same params after 4 steps, float64."""
     model = nn.Sequential(nn.Flatten(), nn.Linear(8), nn.relu, nn.Linear(10))
