@@ -7,6 +7,8 @@ import inspect
 import jax
 import jax.numpy as jnp
 
+from duogard.tree import tree_leaves
+
 from ._memory import observed
 
 # XLA:CPU expands the optimization barriers that jax.checkpoint puts around its recomputation
@@ -28,6 +30,19 @@ def vjp(f, *primals):
 
 def value_and_grad(f, argnums=0, has_aux=False):
     return jax.value_and_grad(f, argnums=argnums, has_aux=has_aux)
+
+
+def grad_stream(f, params, *args):
+    # one program computes the whole gradient (XLA schedules it): handed over leaf by leaf after
+    value, pullback = jax.vjp(lambda p: f(p, *args), params)
+
+    def backward(apply):
+        (grads,) = pullback(jnp.ones_like(value))
+        leaves = tree_leaves(grads)
+        for i in reversed(range(len(leaves))):  # the order of a reverse pass through a Sequential
+            apply(i, leaves[i])
+
+    return value, backward
 
 
 def grad(f, argnums=0, has_aux=False):
