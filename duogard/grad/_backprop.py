@@ -45,6 +45,25 @@ class Backprop(Estimator):
 
     def estimate(self, loss_fn, params, batch, tangents=None):
         be = params_backend(params)
+        return be.value_and_grad(self._objective(be, loss_fn))(params, batch)
+
+    @property
+    def in_backward(self) -> bool:
+        """Whether the estimate is the reverse pass's own gradient (a subclass with an
+        :meth:`estimate` of its own says no), so that an SGD update may apply it leaf by leaf
+        inside that pass: ``update="sgd-in-backward"`` (:mod:`duogard.step`).
+        """
+        return type(self).estimate is Backprop.estimate
+
+    def grad_stream(self, loss_fn, params, batch):
+        """:meth:`estimate`'s loss and gradient, the gradient handed over leaf by leaf:
+        ``(loss, backward)`` from ``be.grad_stream`` (:meth:`duogard.backend.Backend.grad_stream`),
+        checkpointed as :meth:`estimate` is.
+        """
+        be = params_backend(params)
+        return be.grad_stream(self._objective(be, loss_fn), params, batch)
+
+    def _objective(self, be, loss_fn):
         if self.checkpoint:
             loss_fn = checkpointed_loss(be, loss_fn, self.checkpoint_every)
-        return be.value_and_grad(lambda p, b: check_loss(be, loss_fn(p, b), "backprop"))(params, batch)
+        return lambda p, b: check_loss(be, loss_fn(p, b), "backprop")

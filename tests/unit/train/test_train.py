@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import duogard as dg
-from duogard import optim
+from duogard import nn, optim
 from duogard.train import (
     Checkpointer,
     Diagnostics,
@@ -718,14 +718,31 @@ def _nan_grad_loss(out, y):
 
 
 @pytest.mark.parametrize(
-    "opt,est",
-    [(optim.sgd(0.05), "backprop"), (optim.adam(1e-3), "backprop"), (optim.sgd(0.05), "forward")],
-    ids=["sgd-in-place", "optimizer", "sgd-factored"],
+    "opt,est,update",
+    [
+        (optim.sgd(0.05), "backprop", "sgd-in-place"),
+        (optim.sgd(0.05), "backprop", "sgd-in-backward"),
+        (optim.adam(1e-3), "backprop", "optimizer"),
+        (optim.sgd(0.05), "forward", "sgd-factored"),
+    ],
+    ids=["sgd-in-place", "sgd-in-backward", "optimizer", "sgd-factored"],
 )
-def test_grad_norm_off_still_refuses_a_nan_gradient_under_a_finite_loss(be, mlp, params0, digits, opt, est):
+def test_grad_norm_off_still_refuses_a_nan_gradient_under_a_finite_loss(
+    be, mlp, params0, digits, opt, est, update
+):
     """Without the norm, a NaN gradient with a finite loss used to make every parameter NaN (and
-    "skip" returned them without a word): now the step keeps its inputs and fit sees it."""
-    tr = Trainer(mlp, loss=_nan_grad_loss, optimizer=opt, estimator=est, backend=be.name, grad_norm=False)
+    "skip" returned them without a word): now the step keeps its inputs and fit sees it. (The
+    NaN starts at the loss, so the in-backward step meets it in the first gradient it is handed.)"""
+    tr = Trainer(
+        mlp,
+        loss=_nan_grad_loss,
+        optimizer=opt,
+        estimator=est,
+        backend=be.name,
+        grad_norm=False,
+        update=update,
+    )
+    assert tr.update_strategy == update
     with pytest.raises(
         NonFiniteError, match=r"non-finite gradient at step 1 \(loss=[0-9.]+, \|grad\|\^2=nan"
     ):
@@ -763,8 +780,12 @@ def test_the_trainer_names_its_update_strategy(be, mlp):
     from duogard.train import choose_update
 
     fwd, lean = dg.estimator("forward"), dg.estimator("forward", lean=True)
+    # backprop with plain SGD: applied in the backward pass where the backend streams gradients
+    in_backward = "sgd-in-backward" if be.streams_gradients else "sgd-in-place"
+    checkpointed = dg.estimator("backprop", checkpoint=True)
     cases = [
-        (optim.sgd(0.1), "backprop", "sgd-in-place"),
+        (optim.sgd(0.1), "backprop", in_backward),
+        (optim.sgd(0.1), checkpointed, in_backward),
         (optim.sgd(0.1), fwd, "sgd-factored"),
         (optim.sgd(0.1, weight_decay=0.1), dg.estimator("forward", num_tangents=2), "sgd-in-place"),
         (optim.sgd(0.1), dg.estimator("forward", projection=True), "sgd-in-place"),
@@ -773,8 +794,11 @@ def test_the_trainer_names_its_update_strategy(be, mlp):
         (optim.adam(1e-3), "backprop", "optimizer"),
     ]
     for opt, est, want in cases:
-        assert choose_update(opt, dg.grad.estimator(est) if isinstance(est, str) else est) == want
+        est = dg.grad.estimator(est) if isinstance(est, str) else est
+        assert choose_update(opt, est, be=be) == want
         assert Trainer(mlp, optimizer=opt, estimator=est, backend=be.name).update_strategy == want
+        if want == "sgd-in-backward":  # without a backend: as one that computes gradients whole
+            assert choose_update(opt, est) == "sgd-in-place"
     with pytest.raises(ValueError, match="lean=True.*without momentum"):
         choose_update(optim.adam(1e-3), lean)
 
@@ -789,20 +813,27 @@ class _Halved(dg.grad.Forward):
         return loss, dg.tree.tree_map(lambda a: a / 2, g)
 
 
-@pytest.mark.parametrize("strategy", ["sgd-in-place", "sgd-factored", "sgd-lean"])
+@pytest.mark.parametrize(
+    "strategy",
+    ["sgd-in-place", "sgd-factored", "sgd-lean", "sgd-in-backward", "sgd-in-backward-checkpointed"],
+)
 def test_each_sgd_strategy_gives_the_numbers_of_update_then_apply(be, mlp, params0, digits, strategy):
-    """Bitwise: every SGD strategy against the "optimizer" strategy's opt.update + apply_updates on the
-    same estimate (a momentum-free sgd's chain, with weight decay and a schedule)."""
+    """Every SGD strategy against the "optimizer" strategy's opt.update + apply_updates on the
+    same estimate (a momentum-free sgd's chain, with weight decay and a schedule), to rounding."""
     est = {
         "sgd-in-place": _Halved(),
         "sgd-factored": dg.estimator("forward"),
         "sgd-lean": dg.estimator("forward", lean=True),
+        "sgd-in-backward": dg.estimator("backprop"),
+        "sgd-in-backward-checkpointed": dg.estimator("backprop", checkpoint=True, checkpoint_every=2),
     }[strategy]
+    strategy = strategy.removesuffix("-checkpointed")
     opt = optim.sgd(optim.exponential_decay(0.1, rate=0.1), weight_decay=0.01)
     chained = optim.chain(
         optim.add_decayed_weights(0.01), optim.scale_by_learning_rate(optim.exponential_decay(0.1, rate=0.1))
     )
-    fast = Trainer(mlp, optimizer=opt, estimator=est, backend=be.name, grad_norm=False)
+    update = strategy if strategy == "sgd-in-backward" else "auto"  # auto picks it on torch only
+    fast = Trainer(mlp, optimizer=opt, estimator=est, backend=be.name, grad_norm=False, update=update)
     same = dg.estimator("forward") if strategy == "sgd-lean" else est  # lean's draws, unfused
     slow = Trainer(mlp, optimizer=chained, estimator=same, backend=be.name, grad_norm=False)
     assert fast.update_strategy == strategy and slow.update_strategy == "optimizer"
@@ -816,3 +847,60 @@ def test_each_sgd_strategy_gives_the_numbers_of_update_then_apply(be, mlp, param
         assert float(lp) == pytest.approx(float(lq), rel=1e-6)  # two compiled programs: rounding
     for a, b in zip(_leaves(dg.tree.tree_map(be.to_numpy, p)), _leaves(dg.tree.tree_map(be.to_numpy, q))):
         np.testing.assert_allclose(a, b, rtol=2e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("checkpoint", [False, True])
+def test_in_backward_is_the_in_place_step_bitwise(be, mlp, params0, digits, checkpoint):
+    """The update applied in the backward pass writes the same bits as the one applied after it
+    (one PlainSGD.apply_ per leaf, the same coefficient; on JAX two compiled programs, which give
+    the same bits here too); |g|² is summed leaf by leaf: equal to rounding."""
+    est = dg.estimator("backprop", checkpoint=True, checkpoint_every=2) if checkpoint else "backprop"
+    opt = optim.sgd(optim.exponential_decay(0.1, rate=0.1), weight_decay=0.01)
+    runs = {}
+    for update in ("sgd-in-backward", "sgd-in-place"):
+        tr = Trainer(mlp, optimizer=opt, estimator=est, backend=be.name, update=update)
+        assert tr.update_strategy == update
+        runs[update] = fit(mlp, params0, digits, trainer=tr, steps=4, batch_size=BATCH, callbacks=[])
+    fused, after = runs["sgd-in-backward"], runs["sgd-in-place"]
+    _assert_bitwise(fused.params, after.params)
+    assert _losses(fused) == _losses(after)
+    np.testing.assert_allclose(
+        [h["grad_norm"] for h in fused.history], [h["grad_norm"] for h in after.history], rtol=1e-6
+    )
+
+
+def test_in_backward_refuses_a_non_finite_loss_before_the_backward_pass(be, mlp, params0, digits):
+    tr = Trainer(mlp, optimizer=optim.sgd(0.1), backend=be.name, update="sgd-in-backward")
+    params, state = tr.init_state(params0)
+    before = _leaves(dg.tree.tree_map(be.to_numpy, params))
+    x, y = (np.asarray(a).copy() for a in digits.batch_at(0, BATCH))
+    x[0] = np.inf
+    new, new_state, loss, gsq = tr.step(params, state, be.asarray(x), be.asarray(y), be.key(0))
+    assert not math.isfinite(float(loss)) and math.isnan(float(gsq))
+    _assert_bitwise(dg.tree.tree_map(be.to_numpy, new), before)
+    assert float(optim.step_count(new_state)) == 0
+
+
+def test_in_backward_keeps_the_updates_written_before_a_non_finite_gradient(be, digits):
+    """The documented exception: a NaN that appears inside the network (here between the two
+    hidden layers: 0 * d sqrt(0)) reaches the gradients of the layers below it only. The
+    in-backward step has already written the layers above (their gradients came first and were
+    freed); it leaves the layers below and the optimizer state unchanged and reports NaN, so fit
+    refuses the step. The in-place step, which holds the whole gradient, writes nothing."""
+    poison = nn.Lambda(lambda a: a + 0.0 * dg.backend_of(a).xp.sqrt(a[:1, :1] - a[:1, :1]), name="poison")
+    model = nn.Sequential(nn.Flatten(), nn.Linear(8), nn.relu, poison, nn.Linear(8), nn.relu, nn.Linear(10))
+    p0 = model.init(0, digits.example_input)
+    x, y = (be.asarray(a) for a in digits.batch_at(0, BATCH))
+    for update in ("sgd-in-backward", "sgd-in-place"):
+        tr = Trainer(model, optimizer=optim.sgd(0.1), backend=be.name, update=update)
+        params, state = tr.init_state(p0)
+        new, new_state, loss, gsq = tr.step(params, state, x, y, be.key(0))
+        assert math.isfinite(float(loss)) and math.isnan(float(gsq))
+        assert float(optim.step_count(new_state)) == 0
+        new = dg.tree.tree_map(be.to_numpy, new)
+        _assert_bitwise(new["1"], p0["1"])  # below the NaN: never written
+        above = [np.array_equal(new[k]["weight"], p0[k]["weight"]) for k in ("4", "6")]
+        assert above == ([False, False] if update == "sgd-in-backward" else [True, True]), update
+    tr = Trainer(model, optimizer=optim.sgd(0.1), backend=be.name, update="sgd-in-backward")
+    with pytest.raises(NonFiniteError, match="non-finite gradient at step 1"):
+        fit(model, p0, digits, trainer=tr, steps=2, batch_size=BATCH, callbacks=[])
