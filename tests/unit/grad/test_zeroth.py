@@ -21,6 +21,7 @@ import pytest
 
 import duogard as dg
 from duogard import nn, optim
+from duogard.grad._checkpoint import segment_length
 from duogard.methods import parse_method
 from duogard.tree import tree_leaves, tree_map
 
@@ -413,7 +414,7 @@ def _dropout_mlp():
     return nn.Sequential(nn.Linear(8), nn.tanh, nn.Dropout(0.3), nn.Linear(8), nn.relu, nn.Linear(3))
 
 
-@pytest.mark.parametrize("every", [1, 2, 4])
+@pytest.mark.parametrize("every", [1, 2, 4, None])
 def test_checkpointed_backprop_equals_backprop(be, every):
     """Same loss and gradient to rounding, dropout in training mode included (the recomputed
     segments see the same keys, so the same masks); and the segments really are checkpointed.
@@ -439,6 +440,7 @@ def test_checkpointed_backprop_equals_backprop(be, every):
     else:
         import jax
 
+        every = every or segment_length(len(model.layers))  # None: ⌈√7⌉ = 3
         jaxpr = str(jax.make_jaxpr(lambda p: est(loss_fn, p, batch))(params))
         assert jaxpr.count("prevent_cse=") == -(-len(model.layers) // every), jaxpr  # one remat each
 
@@ -487,6 +489,7 @@ def test_checkpoint_options_and_losses_it_cannot_segment(be):
         with pytest.raises(ValueError, match=needle):
             dg.estimator("backprop", **bad)
     assert repr(dg.estimator("backprop")) == "estimator('backprop')"
+    assert [segment_length(n) for n in (1, 2, 4, 5, 9, 10, 18)] == [1, 2, 2, 3, 3, 4, 5]  # ⌈√L⌉
     spec = parse_method("backprop:checkpoint=true,checkpoint_every=2")
     assert spec.estimator.checkpoint and spec.estimator.checkpoint_every == 2
     params = {"w": be.asarray(np.ones(3))}
