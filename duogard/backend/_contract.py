@@ -250,7 +250,9 @@ class Backend(NNOps, RandomOps, DistributedOps, FrameworkFacts, Protocol):
         (activation checkpointing, rematerialisation): the same values and gradients, less
         memory between the forward and backward passes, one more forward pass of ``f``.
 
-        ``jax.checkpoint(f)``; torch: ``torch.utils.checkpoint.checkpoint(f, *args,
+        ``jax.checkpoint(f)`` (on a CPU, :meth:`jit` compiles without XLA's
+        ``cse_barrier_expander`` pass, which let a later CSE merge the recomputation back into
+        the forward pass); torch: ``torch.utils.checkpoint.checkpoint(f, *args,
         use_reentrant=False)`` (its random state is not restored: duogard's randomness comes
         from explicit keys, which the recomputation sees again; under a ``torch.func``
         transform, which refuses its saved-tensor hooks, it raises a RuntimeError).
