@@ -21,6 +21,15 @@ A step is, in order:
 
    - ``"optimizer"``: any optimizer: ``updates, state = opt.update(grads, state, params)`` and
      ``apply_updates`` (new arrays).
+   - ``"sgd-in-backward"``: the same optimizer with ``estimator("backprop")`` (checkpointed or
+     not) on a backend whose reverse pass hands each gradient over as it completes
+     (``be.streams_gradients``: PyTorch): each leaf is updated in place by ``PlainSGD.apply_``
+     as soon as its gradient is complete, and the gradient is freed before the pass goes on
+     (``be.grad_stream``: torch's "optimizer step in the backward pass"), so the step never
+     holds the whole gradient; the loss is checked before the reverse pass. The same numbers
+     as ``"sgd-in-place"`` (bitwise on torch; the norm ``|g|²`` summed leaf by leaf, to
+     rounding). Elsewhere (JAX, where one program computes the gradient whole) it runs, with
+     these numbers, but ``"auto"`` does not pick it.
    - ``"sgd-in-place"``: a momentum-free :func:`duogard.optim.sgd`
      (:class:`~duogard.optim.PlainSGD`) with any estimator: each leaf is updated in one pass, in
      place on torch and into the donated buffer on JAX, by ``PlainSGD.apply_``.
@@ -40,7 +49,15 @@ A step is, in order:
    ``opt.update`` + ``apply_updates`` on both backends).
 
 A step whose loss or gradient is not finite returns the params and optimizer state it was
-given, unchanged, and its fourth result is NaN.
+given, unchanged, and its fourth result is NaN. One exception, by construction:
+``"sgd-in-backward"`` writes each leaf before the next gradient exists, so when a gradient
+leaf is not finite under a finite loss, the leaves handed over before it (the layers after it)
+keep their update; that leaf and the later ones are left unchanged, the optimizer state too,
+and the fourth result is NaN as for any refused step. Undoing those updates would need their
+gradients, which is the memory the strategy saves. A non-finite loss is caught before the
+reverse pass (nothing is written), and a NaN or inf that starts at the loss reaches the last
+layer's gradient first (nothing is written either); use ``update="sgd-in-place"`` for an
+all-or-nothing step whatever the cause.
 """
 
 from __future__ import annotations
@@ -48,10 +65,10 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-from duogard.grad import SPSA, Forward, LeanStep, ZerothLeanStep
+from duogard.grad import SPSA, Backprop, Forward, LeanStep, ZerothLeanStep
 from duogard.grad._objective import MODEL_KEY, Batch, model_batch
 from duogard.optim import PlainSGD, apply_updates
-from duogard.tree import Rank1, tree_leaves, tree_map
+from duogard.tree import Rank1, tree_flatten, tree_leaves, tree_map, tree_unflatten
 
 __all__ = [
     "Batch",
@@ -66,12 +83,25 @@ __all__ = [
 
 #: The update strategies: the five that :func:`choose_update` picks from, in the order it
 #: considers them, and ``"none"`` (no update: the step returns the estimate).
-UPDATE_STRATEGIES = ("zo-lean", "sgd-lean", "sgd-factored", "sgd-in-place", "optimizer", "none")
-_ALIASES = {"lean": "sgd-lean", "factored": "sgd-factored", "in-place": "sgd-in-place"}
+UPDATE_STRATEGIES = (
+    "zo-lean",
+    "sgd-lean",
+    "sgd-factored",
+    "sgd-in-backward",
+    "sgd-in-place",
+    "optimizer",
+    "none",
+)
+_ALIASES = {
+    "lean": "sgd-lean",
+    "factored": "sgd-factored",
+    "in-place": "sgd-in-place",
+    "in-backward": "sgd-in-backward",
+}
 
 
-def choose_update(optimizer, estimator, update: str = "auto") -> str:
-    """The update strategy for this optimizer and estimator.
+def choose_update(optimizer, estimator, update: str = "auto", *, be=None) -> str:
+    """The update strategy for this optimizer and estimator (on backend ``be``).
 
     Args:
         optimizer: a ``GradientTransformation`` (None only with ``update="none"``).
@@ -79,11 +109,13 @@ def choose_update(optimizer, estimator, update: str = "auto") -> str:
         update: ``"auto"`` (the cheapest strategy that gives the optimizer's numbers:
             ``"zo-lean"`` for ``estimator("spsa", lean=True)``, ``"sgd-lean"`` for
             ``estimator("forward", lean=True)``, ``"sgd-factored"`` for a one-tangent forward
-            gradient (or one-query SPSA) with a momentum-free SGD, ``"sgd-in-place"`` for any
-            other estimator with it, ``"optimizer"`` otherwise), or one of
-            :data:`UPDATE_STRATEGIES` (``"factored"`` and ``"in-place"`` are short for the
-            ``sgd-`` names; ``"lean"`` for ``"zo-lean"`` with SPSA, ``"sgd-lean"`` otherwise)
-            to state it.
+            gradient (or one-query SPSA) with a momentum-free SGD, ``"sgd-in-backward"`` for
+            ``estimator("backprop")`` with it on a backend that streams gradients (``be`` given,
+            ``be.streams_gradients``), ``"sgd-in-place"`` for any other estimator with it,
+            ``"optimizer"`` otherwise), or one of :data:`UPDATE_STRATEGIES` (``"factored"``,
+            ``"in-place"`` and ``"in-backward"`` are short for the ``sgd-`` names; ``"lean"``
+            for ``"zo-lean"`` with SPSA, ``"sgd-lean"`` otherwise) to state it.
+        be: the backend the step runs on (None: pick as if it computed gradients whole).
 
     Returns:
         One of :data:`UPDATE_STRATEGIES`.
@@ -92,7 +124,7 @@ def choose_update(optimizer, estimator, update: str = "auto") -> str:
         ValueError: an unknown strategy, or one that this optimizer and estimator cannot run
             (the SGD strategies need a momentum-free :func:`duogard.optim.sgd`; ``"sgd-lean"``
             and ``"sgd-factored"`` need a forward estimator that allows them, ``"zo-lean"`` an
-            SPSA estimator).
+            SPSA estimator, ``"sgd-in-backward"`` a backprop estimator).
     """
     if not isinstance(update, str):
         raise TypeError(f"update must be a strategy name (a str), got {type(update).__name__}")
@@ -102,13 +134,18 @@ def choose_update(optimizer, estimator, update: str = "auto") -> str:
         raise ValueError(f"update must be 'auto' or one of {UPDATE_STRATEGIES}, got {update!r}")
     plain = isinstance(optimizer, PlainSGD)
     forward = isinstance(estimator, Forward)  # SPSA is one too: the same tangents, K numbers
+    backward = isinstance(estimator, Backprop) and estimator.in_backward
     if update == "auto":
         if zeroth and estimator.lean:
             update = "zo-lean"
         elif forward and estimator.lean:
             update = "sgd-lean"
+        elif plain and forward and estimator.factored_form:
+            update = "sgd-factored"
+        elif plain and backward and getattr(be, "streams_gradients", False):
+            update = "sgd-in-backward"
         elif plain:
-            update = "sgd-factored" if forward and estimator.factored_form else "sgd-in-place"
+            update = "sgd-in-place"
         else:
             update = "optimizer"
     if update in ("none", "optimizer"):
@@ -129,6 +166,11 @@ def choose_update(optimizer, estimator, update: str = "auto") -> str:
     if update == "sgd-lean" and (estimator.orthogonal or estimator.projection):
         raise ValueError(
             "update='sgd-lean' draws each leaf's tangent on its own: not with orthogonal/projection"
+        )
+    if update == "sgd-in-backward" and not backward:
+        raise ValueError(
+            f"update='sgd-in-backward' applies the gradient of reverse mode as it comes: it needs "
+            f"estimator('backprop'), got {estimator!r:.100}"
         )
     if update == "sgd-factored" and not (forward and estimator.factored_form):
         raise ValueError(
@@ -209,10 +251,14 @@ def build_step(
     Returns:
         A :class:`Step`.
     """
-    strategy = choose_update(optimizer, estimator, update)
+    strategy = choose_update(optimizer, estimator, update, be=be)
     if tangents not in ("draw", "given"):
         raise ValueError(f"build_step: tangents must be 'draw' or 'given', got {tangents!r}")
     jit_kw = {} if compile is None else {"compile": bool(compile)}
+    if strategy == "sgd-in-backward" and (collective is not None or tangents == "given" or return_estimate):
+        strategy = "sgd-in-place"  # the whole gradient is needed: reduced, compared or returned
+    if strategy == "sgd-in-backward":
+        return _in_backward_step(be, loss_fn, estimator, optimizer, train_mode, state, grad_norm, jit_kw)
     if strategy == "sgd-lean":
         return _lean_step(be, loss_fn, estimator, optimizer, train_mode, state, collective, compile)
     if strategy == "zo-lean":
@@ -281,6 +327,78 @@ def build_step(
     if state is not None:
         fn = _stateful(be, fn, state, jit_kw)
     return Step(fn, be=be, strategy=strategy, exchange=exchange)
+
+
+def _in_backward_step(be, loss_fn, estimator, optimizer, train_mode, state, grad_norm, jit_kw) -> Step:
+    """The ``"sgd-in-backward"`` step: ``PlainSGD.apply_`` on each leaf as ``be.grad_stream``
+    hands its gradient over, the loss checked first (see the module docstring for a gradient
+    that is not finite).
+
+    Outside a traced program every check is read on the host (nothing is written for a refused
+    leaf); inside one (JAX) the same checks select with ``where``.
+    """
+    xp = be.xp
+
+    def step(params, opt_state, x, y, key, given=None):
+        if given is not None:
+            raise ValueError("update='sgd-in-backward' computes its own gradient; it takes no tangents")
+        batch = model_batch(be, x, y, key, train_mode)
+        value, backward = estimator.grad_stream(loss_fn, params, batch)
+        ok = _finite(be, value)
+        if ok is False:  # read on the host: no reverse pass, nothing written
+            return params, opt_state, value, xp.full_like(value, float("nan"))
+        lr, new_state = optimizer.advance(opt_state)
+        update = optimizer.updater(be, lr)
+        leaves, treedef = tree_flatten(params)
+        new = list(leaves)
+        run = {"ok": ok, "gsq": 0.0}  # |g|² on the host (a float), or a 0-d array when traced
+
+        def apply(i, grad):
+            # |g_i|², or the sum: a NaN or inf in the leaf makes either NaN or inf (_all_finite)
+            part = be.sum_of_squares([grad]) if grad_norm else xp.sum(grad)
+            if be.is_tracing(part):
+                run["ok"] = _and(be, run["ok"], xp.isfinite(part))
+                run["gsq"] = run["gsq"] + part
+            else:  # one read on the host: the check, and this leaf's part of the norm
+                part = float(part)
+                run["ok"] = run["ok"] and math.isfinite(part)
+                run["gsq"] += part
+            if run["ok"] is True:
+                new[i] = update(leaves[i], grad)
+            elif run["ok"] is not False:  # traced: where the running check holds
+                new[i] = update(leaves[i], grad, where=run["ok"])
+
+        backward(apply)
+        ok = run["ok"]
+        if grad_norm and ok is not False:
+            gsq = xp.full_like(value, run["gsq"]) if isinstance(run["gsq"], float) else run["gsq"]
+        else:
+            gsq = _zero_or_nan(be, ok, value)
+        return tree_unflatten(treedef, new), keep_if(be, ok, new_state, opt_state), value, gsq
+
+    fn = be.jit(step, donate_argnums=(0,), **jit_kw)
+    if state is not None:
+        fn = _stateful(be, fn, state, jit_kw)
+    return Step(fn, be=be, strategy="sgd-in-backward")
+
+
+def _finite(be, x):
+    """Whether 0-d ``x`` is finite (true, for a bool): a Python bool read on the host outside a
+    traced program, else a 0-d bool array.
+    """
+    xp = be.xp
+    if be.is_tracing(x):
+        return x if xp.isdtype(x.dtype, "bool") else xp.isfinite(x)
+    return bool(x) if xp.isdtype(x.dtype, "bool") else math.isfinite(float(x))
+
+
+def _and(be, a, b):
+    """``a and b`` for two checks of :func:`_finite` (Python bools, or 0-d bool arrays)."""
+    if isinstance(a, bool) and isinstance(b, bool):
+        return a and b
+    if a is True or b is True:
+        return b if a is True else a
+    return be.xp.logical_and(a, b)
 
 
 def _lean_step(be, loss_fn, estimator, optimizer, train_mode, state, collective, compile) -> Step:

@@ -44,6 +44,7 @@ from ._autodiff import (
     checkpoint,
     compile_count,
     grad,
+    grad_stream,
     is_tracing,
     jit,
     jvp,
@@ -128,6 +129,7 @@ __all__ = [
     # framework facts
     "float64_always",
     "one_host_device",
+    "streams_gradients",
     "gpu_preallocation_fixed",
     "forward_mode_cause",
     "exchange_device",
@@ -166,6 +168,7 @@ __all__ = [
     "vjp",
     "value_and_grad",
     "grad",
+    "grad_stream",
     "vmap",
     "jit",
     "checkpoint",
@@ -222,6 +225,7 @@ install_hint = 'pip install "duogard[jax]"'
 fast_jvp_rules = False  # jax.jvp through XLA is as fast as hand-written rules
 float64_always = False  # float64 only in JAX's 64-bit mode (enable_float64)
 one_host_device = False  # JAX tells its CPU devices apart (--xla_force_host_platform_device_count)
+streams_gradients = False  # one compiled program computes the whole gradient (grad_stream)
 xp = jnp
 
 float32 = jnp.float32

@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
+import inspect
+
 import jax
 import jax.numpy as jnp
 
+from duogard.tree import tree_leaves
+
 from ._memory import observed
+
+# XLA:CPU expands the optimization barriers that jax.checkpoint puts around its recomputation
+# early (the pass "cse_barrier_expander", before layout assignment), and a later CSE pass then
+# merges the recomputed values into the forward pass's: on a CPU a checkpointed program
+# recomputed nothing and kept every activation. Without that pass the barriers stay until code
+# generation, where they cost nothing, as on GPU. A program without barriers compiles the same.
+_CPU_COMPILER_OPTIONS = {"xla_disable_hlo_passes": "cse_barrier_expander"}
+_JIT_TAKES_OPTIONS = "compiler_options" in inspect.signature(jax.jit).parameters
 
 
 def jvp(f, primals, tangents, has_aux=False):
@@ -20,6 +32,19 @@ def value_and_grad(f, argnums=0, has_aux=False):
     return jax.value_and_grad(f, argnums=argnums, has_aux=has_aux)
 
 
+def grad_stream(f, params, *args):
+    # one program computes the whole gradient (XLA schedules it): handed over leaf by leaf after
+    value, pullback = jax.vjp(lambda p: f(p, *args), params)
+
+    def backward(apply):
+        (grads,) = pullback(jnp.ones_like(value))
+        leaves = tree_leaves(grads)
+        for i in reversed(range(len(leaves))):  # the order of a reverse pass through a Sequential
+            apply(i, leaves[i])
+
+    return value, backward
+
+
 def grad(f, argnums=0, has_aux=False):
     return jax.grad(f, argnums=argnums, has_aux=has_aux)
 
@@ -32,8 +57,15 @@ def jit(f, *, static_argnums=None, static_argnames=None, donate_argnums=None, co
     # compiled unless compile is False (torch's default is eager); observed by step_memory
     if compile is not None and not compile:
         return f
+    options = {}
+    if _JIT_TAKES_OPTIONS and jax.default_backend() == "cpu":
+        options["compiler_options"] = _CPU_COMPILER_OPTIONS  # activation checkpointing on CPU
     program = jax.jit(
-        f, static_argnums=static_argnums, static_argnames=static_argnames, donate_argnums=donate_argnums
+        f,
+        static_argnums=static_argnums,
+        static_argnames=static_argnames,
+        donate_argnums=donate_argnums,
+        **options,
     )
     return observed(program)
 

@@ -46,6 +46,7 @@ from ._autodiff import (
     checkpoint,
     compile_count,
     grad,
+    grad_stream,
     is_tracing,
     jit,
     jvp,
@@ -131,6 +132,7 @@ __all__ = [
     # framework facts
     "float64_always",
     "one_host_device",
+    "streams_gradients",
     "gpu_preallocation_fixed",
     "forward_mode_cause",
     "exchange_device",
@@ -169,6 +171,7 @@ __all__ = [
     "vjp",
     "value_and_grad",
     "grad",
+    "grad_stream",
     "vmap",
     "jit",
     "checkpoint",
@@ -225,6 +228,7 @@ install_hint = 'pip install torch==2.13.0 "duogard[torch]"'
 fast_jvp_rules = True  # torch.func.jvp pays for dual tensors op by op; duogard's own rules are faster
 float64_always = True  # torch holds float64 whenever asked
 one_host_device = True  # every CPU tensor is in the one host memory: torch's CPU has no index
+streams_gradients = True  # eager autograd hands each gradient over as it completes (grad_stream)
 xp = _fast_xp  # array_api_compat.torch, its per-step calls sent straight to torch
 
 float32 = torch.float32

@@ -68,6 +68,53 @@ def _autograd_value_and_grad(f, argnums, has_aux, args, kwargs):
     return value, tree_unflatten(treedef, grads)
 
 
+def grad_stream(f, params, *args):
+    # eager autograd hands each leaf's gradient over as it is accumulated (a post-accumulate-grad
+    # hook: torch's "optimizer step in the backward pass"); under a torch.func transform or
+    # torch.compile the gradient is computed whole and handed over leaf by leaf
+    if not _plain_autograd_ok((params,), 0):
+        value, grads = value_and_grad(f)(params, *args)
+        return value, functools.partial(_hand_over, tree_leaves(grads))
+    leaves, treedef = tree_flatten(params)
+    inputs = [x.detach().requires_grad_(True) for x in leaves]
+    with torch.enable_grad():
+        value = f(tree_unflatten(treedef, inputs), *args)
+    if not isinstance(value, torch.Tensor) or value.ndim != 0:
+        raise RuntimeError(
+            f"grad_stream: the function must return a scalar tensor, got "
+            f"{type(value).__name__} of shape {tuple(getattr(value, 'shape', ()))}"
+        )
+
+    def backward(apply):
+        done = [False] * len(inputs)
+
+        def hook(i):
+            def handed(t):
+                g, t.grad = t.grad, None  # the gradient leaves with apply
+                done[i] = True
+                apply(i, g)
+
+            return handed
+
+        handles = [t.register_post_accumulate_grad_hook(hook(i)) for i, t in enumerate(inputs)]
+        try:
+            if value.requires_grad:
+                torch.autograd.backward(value, inputs=inputs)
+        finally:
+            for h in handles:
+                h.remove()
+        for i, x in enumerate(leaves):  # params the value does not depend on: a zero gradient
+            if not done[i]:
+                apply(i, torch.zeros_like(x))
+
+    return value.detach(), backward
+
+
+def _hand_over(grads, apply):
+    for i in reversed(range(len(grads))):  # the order of a reverse pass through a Sequential
+        apply(i, grads[i])
+
+
 def grad(f, argnums=0, has_aux=False):
     return torch.func.grad(f, argnums=argnums, has_aux=has_aux)
 
@@ -110,6 +157,8 @@ def compile_count(fn):
 def sum_of_squares(leaves):
     # one call for every leaf's norm (torch.optim's clip_grad_norm_ does the same), not a
     # vector_norm and a pow per leaf: eager ops cost microseconds each at small sizes
+    if len(leaves) == 1 and not leaves[0].is_cuda:  # one leaf (the in-backward step's): the same bits
+        return torch.linalg.vector_norm(leaves[0]).square()
     norms = torch._foreach_norm(list(leaves))
     dtype = norms[0].dtype
     if any(n.dtype != dtype for n in norms):

@@ -48,6 +48,11 @@ class Backend(NNOps, RandomOps, DistributedOps, FrameworkFacts, Protocol):
     #: apart (JAX: ``("cpu", i)`` is its i-th local CPU device, several with
     #: ``XLA_FLAGS=--xla_force_host_platform_device_count=N``).
     one_host_device: bool
+    #: Whether the reverse pass hands each gradient over as soon as it is complete, before the
+    #: next ones exist (:meth:`grad_stream`: eager autograd, PyTorch: True), so that an update
+    #: applied there frees each gradient before the pass goes on; False where one compiled
+    #: program computes the whole gradient (JAX: XLA schedules the step as a whole).
+    streams_gradients: bool
     #: The framework's array-API namespace (``jax.numpy``, ``array_api_compat.torch``).
     xp: Any
     #: The framework's dtypes.
@@ -184,6 +189,34 @@ class Backend(NNOps, RandomOps, DistributedOps, FrameworkFacts, Protocol):
         ``has_aux``), the gradient in argument ``argnums``; ``f`` returns a scalar.
         """
 
+    def grad_stream(self, f: Callable, params: Any, *args: Any) -> tuple:
+        """Reverse mode that hands the gradient over leaf by leaf: ``(value, backward)``.
+
+        ``value`` is ``f(params, *args)``, a scalar (a plain array: the caller may read it
+        before the reverse pass, e.g. to skip it for a non-finite loss). ``backward(apply)``
+        runs the reverse pass and calls ``apply(index, grad)`` once for each leaf of ``params``
+        (``index`` into ``tree_leaves(params)``; a leaf that ``f`` does not depend on gets
+        zeros), then drops its reference to ``grad``. Where :attr:`streams_gradients`
+        holds, each call comes as soon as that leaf's gradient is complete, in the order the
+        pass completes them (the last layer first): the pass no longer reads that leaf of
+        ``params``, so ``apply`` may overwrite it in place, and a gradient the caller lets go
+        is freed before the next exists; otherwise the gradient is computed whole first (in
+        one program under :meth:`jit`) and handed over in reverse leaf order. Call
+        ``backward`` at most once; not calling it frees what the forward pass kept.
+
+        PyTorch: ``torch.autograd.backward`` with a post-accumulate-grad hook on each leaf (the
+        documented "optimizer step in the backward pass"); under a ``torch.func`` transform or
+        ``torch.compile``, the whole gradient first. JAX: ``jax.vjp``, the whole gradient first.
+
+        Args:
+            f: ``f(params, *args) -> scalar``.
+            params: the pytree to differentiate in.
+            *args: the other arguments, held constant.
+
+        Returns:
+            ``(value, backward)``.
+        """
+
     def grad(self, f: Callable, argnums: int | Sequence[int] = 0, has_aux: bool = False) -> Callable:
         """A function returning the gradient of scalar ``f`` in argument ``argnums`` (and ``aux``
         after it when ``has_aux``).
@@ -217,7 +250,9 @@ class Backend(NNOps, RandomOps, DistributedOps, FrameworkFacts, Protocol):
         (activation checkpointing, rematerialisation): the same values and gradients, less
         memory between the forward and backward passes, one more forward pass of ``f``.
 
-        ``jax.checkpoint(f)``; torch: ``torch.utils.checkpoint.checkpoint(f, *args,
+        ``jax.checkpoint(f)`` (on a CPU, :meth:`jit` compiles without XLA's
+        ``cse_barrier_expander`` pass, which let a later CSE merge the recomputation back into
+        the forward pass); torch: ``torch.utils.checkpoint.checkpoint(f, *args,
         use_reentrant=False)`` (its random state is not restored: duogard's randomness comes
         from explicit keys, which the recomputation sees again; under a ``torch.func``
         transform, which refuses its saved-tensor hooks, it raises a RuntimeError).

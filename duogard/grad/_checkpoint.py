@@ -2,13 +2,26 @@
 
 from __future__ import annotations
 
+import math
+
 from duogard.grad._objective import Supervised, _unpack
 from duogard.nn import Sequential
 
-__all__ = ["checkpointed_loss"]
+__all__ = ["checkpointed_loss", "segment_length"]
 
 
-def checkpointed_loss(be, loss_fn, every: int):
+def segment_length(layers: int) -> int:
+    """⌈√L⌉: the layers per segment of the default checkpointing of L layers.
+
+    Checkpointing keeps each segment's input through the backward pass and one segment's
+    activations at a time while it is recomputed: for L layers in segments of k, about L/k + k
+    layers' worth, least near k = √L (Chen, Xu, Zhang and Guestrin 2016, "Training deep nets
+    with sublinear memory cost"). Rounded up: fewer, longer segments when L is not a square.
+    """
+    return math.isqrt(layers - 1) + 1 if layers > 1 else 1
+
+
+def checkpointed_loss(be, loss_fn, every: int | None = None):
     """``loss_fn`` with each segment of ``every`` consecutive layers of its model checkpointed.
 
     The loss must be ``supervised(Sequential, loss)`` (:func:`duogard.grad.supervised` of a
@@ -21,7 +34,8 @@ def checkpointed_loss(be, loss_fn, every: int):
     Args:
         be: the backend of the params.
         loss_fn: the loss to segment.
-        every: layers per segment (1: every layer on its own).
+        every: layers per segment (1: every layer on its own); None: ⌈√L⌉ for the model's L
+            layers (:func:`segment_length`).
 
     Returns:
         ``loss(params, batch)``, the checkpointed loss.
@@ -42,6 +56,7 @@ def checkpointed_loss(be, loss_fn, every: int):
             "expensive part of your own loss in be.checkpoint(fn)"
         )
     layers = model.layers
+    every = segment_length(len(layers)) if every is None else every
     segments = [range(i, min(i + every, len(layers))) for i in range(0, len(layers), every)]
 
     def segment(indices):

@@ -135,15 +135,23 @@ class PlainSGD(GradientTransformation):
             if not bool(where):
                 return params
             where = None
+        one = self.updater(be, lr, scale=scale)
+        return tree_map(lambda param, grad: one(param, grad, where), params, grads)
+
+    def updater(self, be, lr, *, scale=None):
+        """:meth:`apply_` for the leaves of one step, the coefficient ``-lr·scale`` computed once
+        per dtype (the same numbers): ``update(param, grad, where=None) -> param``, for a step
+        that meets its leaves one at a time (``update="sgd-in-backward"``).
+        """
         coefs: dict = {}
 
-        def one(param, grad):
+        def one(param, grad, where=None):
             coef = coefs.get(param.dtype)
             if coef is None:
                 coef = coefs[param.dtype] = self._coefficient(be, lr, param.dtype, scale)
             return self._apply(be, param, grad, lr, coef, where)
 
-        return tree_map(one, params, grads)
+        return one
 
     @staticmethod
     def _coefficient(be, lr, dtype, scale):

@@ -407,7 +407,9 @@ _ACTIONS = ("raise", "skip")
 class OnNonFinite(Callback):
     """What to do when a step's loss (or gradient) is not finite.
 
-    A non-finite step never updates anything. ``"raise"`` (the default policy of
+    A non-finite step never updates anything (one exception: the ``"sgd-in-backward"`` update
+    keeps what it wrote before a gradient turned non-finite inside the network; see
+    :mod:`duogard.step`). ``"raise"`` (the default policy of
     :func:`duogard.fit`) stops the run with :class:`~duogard.train.NonFiniteError`, which
     carries the last good params; ``"skip"`` drops the step, keeps the previous params and
     counts it in ``result.skipped_steps``.

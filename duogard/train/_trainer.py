@@ -30,7 +30,9 @@ class Trainer:
     may then reuse their buffers (the SGD update strategies write in place on torch and into
     donated buffers on JAX). Pass each step the params that the previous one returned, never
     older ones. When the loss or the gradient is not finite, the step returns the params and
-    optimizer state it was given, unchanged, and a NaN fourth result.
+    optimizer state it was given, unchanged, and a NaN fourth result (with one exception, the
+    ``"sgd-in-backward"`` strategy under a gradient that turns non-finite inside the network:
+    see :mod:`duogard.step`).
 
     A model with a training mode (``model.has_train_mode``: dropout, batch norm; duogard's
     ``nn.Dropout`` and ported torch modules alike) runs with ``train=True`` in every training
@@ -52,14 +54,17 @@ class Trainer:
             gradient). With False that result is 0 for a finite step and NaN for one that
             refused a non-finite loss or gradient (a finiteness check replaces the norm).
         update: the update strategy: ``"auto"`` (default: chosen from the optimizer and the
-            estimator by :func:`duogard.step.choose_update`) or one of ``"optimizer"``,
-            ``"sgd-in-place"``, ``"sgd-factored"``, ``"sgd-lean"`` (``"lean"``: the
-            layer-by-layer forward-gradient step whose memory stays flat in depth),
-            ``"zo-lean"`` (SPSA's in-place MeZO step; ``"lean"`` with an SPSA estimator).
+            estimator and the backend by :func:`duogard.step.choose_update`) or one of
+            ``"optimizer"``, ``"sgd-in-place"``, ``"sgd-in-backward"`` (backprop's SGD update
+            applied leaf by leaf in the backward pass: on torch the whole gradient never
+            exists), ``"sgd-factored"``, ``"sgd-lean"`` (``"lean"``: the layer-by-layer
+            forward-gradient step whose memory stays flat in depth), ``"zo-lean"`` (SPSA's
+            in-place MeZO step; ``"lean"`` with an SPSA estimator).
 
     Attributes:
         update_strategy: how the step applies the estimate: ``"optimizer"``, ``"sgd-in-place"``,
-            ``"sgd-factored"``, ``"sgd-lean"`` or ``"zo-lean"`` (see :mod:`duogard.step`).
+            ``"sgd-in-backward"``, ``"sgd-factored"``, ``"sgd-lean"`` or ``"zo-lean"`` (see
+            :mod:`duogard.step`).
         step: the :class:`duogard.step.Step` that :func:`duogard.step.build_step` built.
         train_mode: the training steps run the model with ``train=True`` (``model.has_train_mode``).
         state_names: the model's state entries in ``params`` (empty for a stateless model).
@@ -86,7 +91,7 @@ class Trainer:
         self.grad_norm = bool(grad_norm)
         self.train_mode = bool(getattr(model, "has_train_mode", False))
         self.state_names = tuple(model.initial_state()) if getattr(model, "has_state", False) else ()
-        self._compile, self._update = compile, choose_update(self.optimizer, est, update)
+        self._compile, self._update = compile, choose_update(self.optimizer, est, update, be=be)
         self._steps: dict = {}  # data-parallel steps, built once per collective
         self.step = self.build_step()
         self.update_strategy = self.step.strategy

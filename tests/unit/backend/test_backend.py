@@ -269,6 +269,51 @@ def test_autodiff_signatures_match_jax(be):
     np.testing.assert_allclose(be.to_numpy(be.jit(f)(x)), 9.0)
 
 
+def test_sum_of_squares_of_one_leaf_has_the_bits_of_that_leaf_among_others(be):
+    """The in-backward step sums |g|² one leaf at a time (torch takes a shorter path for one
+    leaf): the same bits as the leaf's part in a call over several (a zero leaf adds exactly 0)."""
+    rng = np.random.default_rng(0)
+    for shape in [(10,), (128, 64), (256, 256), (3, 3, 4, 4)]:
+        for dtype in (np.float32, np.float64):
+            x = be.asarray((3 * rng.standard_normal(shape)).astype(dtype))
+            zero = be.asarray(np.zeros(1, dtype))
+            one, many = be.sum_of_squares([x]), be.sum_of_squares([x, zero])
+            assert np.asarray(be.to_numpy(one)).tobytes() == np.asarray(be.to_numpy(many)).tobytes()
+
+
+def test_grad_stream_hands_each_gradient_over_once(be):
+    """``grad_stream``: value_and_grad's value and gradient, each leaf handed over once (zeros
+    for a leaf the value does not depend on); where the backend streams gradients (torch), the
+    last layer's comes first, while the earlier ones are still to be computed, and ``apply`` may
+    overwrite a leaf it was handed without changing the gradients still to come."""
+    rng = np.random.default_rng(0)
+    params = {k: be.asarray(rng.normal(size=s)) for k, s in (("a", (4, 3)), ("b", (2, 4)), ("unused", (2,)))}
+    x = be.asarray(rng.normal(size=(5, 3)))
+
+    def f(p, x):
+        h = be.xp.tanh(x @ be.xp.matrix_transpose(p["a"]))
+        return be.xp.sum((h @ be.xp.matrix_transpose(p["b"])) ** 2)
+
+    want_v, want = be.value_and_grad(f)(params, x)
+    value, backward = be.grad_stream(f, params, x)
+    assert float(value) == pytest.approx(float(want_v), rel=1e-15)
+    names, seen = sorted(params), {}
+
+    def apply(i, g):
+        seen[names[i]] = np.asarray(be.to_numpy(g)).copy()
+        if be.streams_gradients:  # the pass no longer reads it: overwrite it, in place
+            params[names[i]] = be.add_scaled_(params[names[i]], g, 1e3)
+
+    backward(apply)
+    assert sorted(seen) == names
+    order = list(seen)
+    if be.streams_gradients:
+        assert order == ["b", "a", "unused"]  # the last layer first, the unused leaf last
+    for k in names:
+        np.testing.assert_allclose(seen[k], np.asarray(be.to_numpy(want[k])), rtol=1e-13, atol=0)
+    np.testing.assert_array_equal(seen["unused"], np.zeros(2))
+
+
 @pytest.mark.parametrize("shape", [(1,), (7,), (3, 5), (64,), (65, 3)])
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_rademacher_signs_any_shape(be, shape, dtype):

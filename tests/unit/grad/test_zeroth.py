@@ -21,6 +21,7 @@ import pytest
 
 import duogard as dg
 from duogard import nn, optim
+from duogard.grad._checkpoint import segment_length
 from duogard.methods import parse_method
 from duogard.tree import tree_leaves, tree_map
 
@@ -413,7 +414,7 @@ def _dropout_mlp():
     return nn.Sequential(nn.Linear(8), nn.tanh, nn.Dropout(0.3), nn.Linear(8), nn.relu, nn.Linear(3))
 
 
-@pytest.mark.parametrize("every", [1, 2, 4])
+@pytest.mark.parametrize("every", [1, 2, 4, None])
 def test_checkpointed_backprop_equals_backprop(be, every):
     """Same loss and gradient to rounding, dropout in training mode included (the recomputed
     segments see the same keys, so the same masks); and the segments really are checkpointed.
@@ -439,8 +440,29 @@ def test_checkpointed_backprop_equals_backprop(be, every):
     else:
         import jax
 
+        every = every or segment_length(len(model.layers))  # None: ⌈√7⌉ = 3
         jaxpr = str(jax.make_jaxpr(lambda p: est(loss_fn, p, batch))(params))
         assert jaxpr.count("prevent_cse=") == -(-len(model.layers) // every), jaxpr  # one remat each
+
+
+def test_a_compiled_checkpointed_step_recomputes_on_jax():
+    """XLA:CPU used to expand jax.checkpoint's optimisation barriers early and merge the
+    recomputation back into the forward pass (CSE): the compiled program then held every
+    activation. duogard's jit keeps them: the compiled gradient has more matrix products."""
+    pytest.importorskip("jax")
+    be = dg.backend("jax")
+    model = nn.Sequential(
+        nn.Linear(16), nn.relu, nn.Linear(16), nn.relu, nn.Linear(16), nn.relu, nn.Linear(3)
+    )
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((8, 5)), rng.integers(0, 3, 8)
+    params = to_backend(be, model.init(0, x))
+    batch, loss_fn = (be.asarray(x), be.asarray(y)), dg.grad.supervised(model)
+    dots = []
+    for est in (dg.estimator("backprop"), dg.estimator("backprop", checkpoint=True, checkpoint_every=2)):
+        program = be.jit(lambda p, est=est: est(loss_fn, p, batch)[1])
+        dots.append(program.lower(params).compile().as_text().count(" dot("))
+    assert dots[1] > dots[0], dots
 
 
 def test_checkpointed_backprop_trains_as_backprop(be, digits):
@@ -467,6 +489,7 @@ def test_checkpoint_options_and_losses_it_cannot_segment(be):
         with pytest.raises(ValueError, match=needle):
             dg.estimator("backprop", **bad)
     assert repr(dg.estimator("backprop")) == "estimator('backprop')"
+    assert [segment_length(n) for n in (1, 2, 4, 5, 9, 10, 18)] == [1, 2, 2, 3, 3, 4, 5]  # ⌈√L⌉
     spec = parse_method("backprop:checkpoint=true,checkpoint_every=2")
     assert spec.estimator.checkpoint and spec.estimator.checkpoint_every == 2
     params = {"w": be.asarray(np.ones(3))}

@@ -143,6 +143,8 @@ def test_lean_stated_on_the_trainer_is_the_lean_estimator(be, digits):
             "one tangent",
         ),
         ("sgd-lean", lambda: optim.sgd(0.1), "backprop", "forward estimator"),
+        ("in-backward", lambda: optim.sgd(0.1), "forward", r"needs estimator\('backprop'\)"),
+        ("sgd-in-backward", lambda: optim.adam(1e-3), "backprop", "without momentum"),
         ("fused", lambda: optim.sgd(0.1), "forward", "update must be 'auto' or one of"),
         ("optimizer", lambda: None, "forward", "needs an optimizer"),
     ],
@@ -151,6 +153,31 @@ def test_a_strategy_that_cannot_run_is_refused(update, opt, est, match):
     est = dg.estimator(est) if isinstance(est, str) else est()
     with pytest.raises(ValueError, match=match):
         choose_update(opt(), est, update)
+
+
+def test_in_backward_gives_way_where_the_whole_gradient_is_needed(be):
+    """A parity run compares the gradient, ``forward_grad_`` returns it and a data-parallel step
+    reduces it (next test): the in-backward strategy becomes the in-place one there."""
+    loss_fn, est, opt = dg.grad.supervised(_mlp()), dg.estimator("backprop"), optim.sgd(0.1)
+    kw = dict(update="in-backward", compile=False)
+    assert build_step(be, loss_fn, est, opt, **kw).strategy == "sgd-in-backward"
+    for more in ({"tangents": "given"}, {"return_estimate": True}):
+        assert build_step(be, loss_fn, est, opt, **kw, **more).strategy == "sgd-in-place"
+
+
+def test_in_backward_runs_data_parallel_as_the_in_place_step(digits, monkeypatch):
+    be = one_rank_env(monkeypatch)  # one rank, no group joined
+    model = _mlp()
+    p0 = model.init(0, digits.example_input)
+    tr = dg.Trainer(model, optimizer=optim.sgd(0.01), backend="torch")
+    assert tr.update_strategy == "sgd-in-backward"
+    seen = []
+    dp = dg.train.DataParallel()
+    r = dg.fit(model, p0, digits, trainer=tr, steps=3, distributed=dp, callbacks=[_Spy(seen)])
+    assert seen[0].strategy == "sgd-in-place" and seen[0].exchange == "gradient"
+    single = dg.fit(model, p0, digits, trainer=tr, steps=3, callbacks=[])
+    for a, b in zip(tree_leaves(_np(be, r.params)), tree_leaves(_np(be, single.params))):
+        np.testing.assert_array_equal(a, b)  # one rank: the single-process (in-backward) run, bitwise
 
 
 def test_the_batch_names_its_parts(be, digits):
