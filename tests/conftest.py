@@ -1,8 +1,9 @@
 """Shared fixtures: every layer/loss/optimizer/estimator test runs on each backend.
 
 Shared helpers (not fixtures) live in ``tests/helpers.py``; tests import them from there.
-Everything under ``tests/integration/`` is marked ``integration`` here: the fast loop is
-``pytest -m "not integration"``.
+Everything under ``tests/integration/`` is marked ``integration`` here, and the end-to-end tests
+elsewhere (trajectories, accuracy runs, torch.compile) carry the mark themselves: the fast loop
+is ``pytest -m "not integration"``.
 
 JAX's 64-bit mode is switched on once here, so float64 checks are real float64 on both
 backends; every float32 test gives its dtypes explicitly.
@@ -10,6 +11,9 @@ backends; every float32 test gives its dtypes explicitly.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
 import os
 from pathlib import Path
 
@@ -19,6 +23,13 @@ import pytest
 import duogard as dg
 
 from helpers import AVAILABLE
+
+# glibc's malloc_trim (None elsewhere: macOS, musl)
+try:
+    _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    _LIBC.malloc_trim  # noqa: B018 - glibc only
+except (OSError, AttributeError):
+    _LIBC = None
 
 try:
     import jax
@@ -75,14 +86,36 @@ def digits():
     return dg.data.load("digits")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _release_compiled_programs():
-    """After each test module, drop JAX's in-memory caches of traced and compiled programs: a
-    module's programs are rarely met again, and an xdist worker that kept every one grew past
-    5 GB over the suite (on disk, the persistent cache above keeps them)."""
+# A worker's resident memory, kept under this many MiB between tests (DUOGARD_TEST_RSS_MB)
+_RSS_LIMIT = int(os.environ.get("DUOGARD_TEST_RSS_MB", "1200")) * 2**20
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def _rss() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * _PAGE
+    except OSError:  # no procfs (macOS): never over the limit
+        return 0
+
+
+@pytest.fixture(autouse=True)
+def _bounded_memory():
+    """After a test that leaves the worker above the limit, drop JAX's in-memory caches of
+    traced and compiled programs (a test's programs are rarely met again; on disk, the
+    persistent cache above keeps them) and hand the freed heap back to the system (glibc keeps
+    what was freed in its arenas). Without it an xdist worker grew past 5 GB over the suite;
+    clearing after every module instead cost seconds a module (freeing an XLA executable takes
+    milliseconds) and still let one module's programs reach 2.7 GB.
+    """
     yield
+    if _rss() < _RSS_LIMIT:
+        return
     if "jax" in globals():
         jax.clear_caches()
+    gc.collect()
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
 
 
 def pytest_collection_modifyitems(config, items):

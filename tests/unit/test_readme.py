@@ -16,6 +16,7 @@ def test_readme_has_runnable_blocks():
     assert len(BLOCKS) >= 2
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("i", range(len(BLOCKS)))
 def test_readme_block_runs(i, capsys):
     exec(compile(BLOCKS[i], f"README block {i}", "exec"), {"__name__": "readme"})

@@ -299,7 +299,7 @@ def test_a_forward_gradient_with_half_precision_params_is_finite(be, dtype, opti
     assert np.linalg.norm(g - g32) < 0.05 * np.linalg.norm(g32)
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_torch_compiled_draws_follow_the_spec(monkeypatch):
     """Large portable normal and sign draws on a CPU run kernels compiled by torch.compile (the
     rounds fused with Box-Muller or the bit unpacking): the spec's numbers, as the eager path's.

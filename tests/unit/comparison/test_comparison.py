@@ -72,7 +72,7 @@ def test_compare_methods_names_itself_in_its_errors(digits):
 # ----------------------------------------------------------------------------- acceptance (issue 7)
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_digits_acceptance_within_the_compare_budget(be):
     """Backprop MLP >= 95% and a forward method >= 90% test accuracy on digits with
     ``duogard compare``'s defaults (80/20 split, seed 0, 2500 steps, hidden 128, the

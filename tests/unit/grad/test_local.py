@@ -214,6 +214,7 @@ def test_forward_guess_projects_the_gradient_onto_the_local_gradient(be):
 
 
 # -------------------------------------------------------------------- same numbers, both backends
+@pytest.mark.integration
 @pytest.mark.parametrize("method", LOCAL)
 def test_local_methods_follow_the_same_trajectory_on_both_backends(both, digits, method):
     """The first 100 steps of each method: the same losses and params on JAX and torch (float32,
@@ -240,6 +241,7 @@ def test_local_methods_follow_the_same_trajectory_on_both_backends(both, digits,
 
 
 # ------------------------------------------------------------------ through the CLI, no special case
+@pytest.mark.integration
 def test_cli_trains_checkpoints_resumes_and_compares_local_models(capsys, tmp_path):
     from duogard.cli import main
 

@@ -170,6 +170,7 @@ def _leaves_with_paths(tree, path=()):
         yield path, tree
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("method", ("backprop", *LOCAL))
 def test_mixer_follows_the_same_trajectory_on_both_backends(both, digits, method):
     """Through fit on the digits (16 tokens of 2x2 pixels, portable draws): the same losses and
@@ -200,6 +201,7 @@ def test_mixer_follows_the_same_trajectory_on_both_backends(both, digits, method
             assert a[-10:].mean() < a[:10].mean()  # and it learns
 
 
+@pytest.mark.integration
 def test_parity_runs_the_mixer_in_lockstep(both, digits):
     """Blocks of several sites give nested tangents ({block: {site: u}}): parity shares them."""
     model = _mixer(hidden=(16, 16), groups=2, classes=10)

@@ -51,6 +51,7 @@ CNN_CASES = [
 ]
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("model,est,opt,dtype", MLP_CASES + CNN_CASES)
 def test_backends_agree_after_100_steps(digits, model, est, opt, dtype):
     rep = compare_backends(

@@ -780,6 +780,7 @@ def test_grad_norm_off_still_refuses_a_nan_gradient_under_a_finite_loss(
     _assert_bitwise(res.params, params0)
 
 
+@pytest.mark.integration
 @pytest.mark.skipif("torch" not in AVAILABLE, reason="needs torch")
 def test_torch_compile_step_matches_the_eager_step(mlp, params0, digits):
     """Trainer(compile=True) on torch (torch.compile) with a forward gradient: the keyed draws run
