@@ -36,6 +36,7 @@ from duogard.backend import available_backends, backend, backend_of, extras_modu
 from duogard.comparison import compare_methods
 from duogard.grad import estimator, supervised
 from duogard.interop import convert
+from duogard.nn import lora
 from duogard.train import Trainer, fit
 
 __all__ = [
@@ -68,6 +69,7 @@ __all__ = [
     "Trainer",
     "convert",
     "compare_methods",
+    "lora",
     # registered extras of the torch backend (loaded on first use)
     "from_torch",
     "to_torch",

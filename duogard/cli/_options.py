@@ -18,6 +18,7 @@ __all__ = [
     "parse_hidden",
     "load_data",
     "build_model_from_args",
+    "with_lora",
     "model_sizes",
     "parse_backends",
     "OPTIMIZERS",
@@ -75,6 +76,34 @@ def add_data_options(p: argparse.ArgumentParser, *, many_backends: bool = False)
         default=None,
         help="local-mixer: side of the square patches (tokens) the images are cut into "
         "(default: 4, 2 on the 8x8 digits)",
+    )
+    p.add_argument(
+        "--lora",
+        type=int,
+        default=None,
+        metavar="RANK",
+        help="train LoRA adapters of this rank on the model's Linear layers, every base weight frozen "
+        "(the base: the model's init from --seed, or --lora-base)",
+    )
+    p.add_argument(
+        "--lora-alpha",
+        type=float,
+        default=None,
+        help="with --lora: the update is (alpha / rank) B A (default: rank)",
+    )
+    p.add_argument(
+        "--lora-targets",
+        default="*",
+        metavar="PATTERNS",
+        help="with --lora: the Linear layers to adapt, fnmatch patterns of their names in the params "
+        "('1', '3'; '|' between patterns; default '*': all)",
+    )
+    p.add_argument(
+        "--lora-base",
+        default=None,
+        metavar="DIR",
+        help="with --lora: the base weights, from a checkpoint of the same model "
+        "(duogard train --checkpoint DIR)",
     )
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
@@ -186,6 +215,15 @@ def check_common(args) -> None:
             threads_from_env(f"DUOGARD_{name.upper()}_THREADS")
         except ValueError as exc:
             raise UsageError(str(exc)) from None
+    lora = getattr(args, "lora", None)
+    if lora is not None and lora < 1:
+        raise UsageError(f"--lora must be a positive int (the adapters' rank), got {lora}")
+    if lora is None:
+        given = [f for f in ("lora_alpha", "lora_base") if getattr(args, f, None) is not None]
+        given += ["lora_targets"] if getattr(args, "lora_targets", "*") != "*" else []
+        if given:
+            raise UsageError(f"--{given[0].replace('_', '-')} only applies with --lora RANK")
+    _positive("--lora-alpha", getattr(args, "lora_alpha", None))
     timeout = getattr(args, "dist_timeout", None)
     if timeout is not None and not 0 < timeout <= MAX_DIST_TIMEOUT:
         raise UsageError(
@@ -271,7 +309,42 @@ def model_sizes(args, data) -> dict:
 
 
 def build_model_from_args(args, data):
-    """``(model, title)`` for ``--model`` and its size flags (the paper's sizes beyond digits)."""
+    """``(model, title)`` for ``--model`` and its size flags (the paper's sizes beyond digits),
+    with LoRA adapters on its Linear layers under ``--lora`` (:func:`with_lora`).
+    """
+    model, title = _build_model(args, data)
+    if getattr(args, "lora", None) is None:
+        return model, title
+    return with_lora(args, data, model, title)
+
+
+def with_lora(args, data, model, title):
+    """``--lora RANK``: ``(the adapted model, its title)``. The base weights are the model's init
+    from ``--seed`` (its adapters' own draws differ), or ``--lora-base DIR``'s params.
+    """
+    import duogard as dg
+
+    base = model.init(args.seed, data.example_input)
+    if args.lora_base is not None:
+        from duogard.train.checkpoint import CheckpointError, load_checkpoint
+
+        try:
+            base = load_checkpoint(args.lora_base, like_params=base).params
+        except (OSError, CheckpointError) as exc:
+            raise UsageError(f"--lora-base {args.lora_base}: {exc}") from None
+    try:
+        model = dg.lora(model, base, rank=args.lora, alpha=args.lora_alpha, targets=args.lora_targets)
+    except (ValueError, TypeError) as exc:
+        raise UsageError(f"--lora {args.lora}: {exc}") from None
+    lora = model.lora
+    where = f"from {args.lora_base}" if args.lora_base else f"frozen, seed {args.seed}"
+    return model, (
+        f"{title}, LoRA rank {lora.rank} alpha {lora.alpha:g} on {len(lora.targets)} Linear layers "
+        f"({', '.join(lora.targets)}; base {where})"
+    )
+
+
+def _build_model(args, data):
     from duogard.train import build_model
 
     sizes = model_sizes(args, data)

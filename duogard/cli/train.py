@@ -63,6 +63,10 @@ RESUME_FLAGS = (
     "optimizer",
     "lr",
     "decay",
+    "lora",
+    "lora_alpha",
+    "lora_targets",
+    "lora_base",
 )
 #: ``--max-skipped``'s default: a run that skipped more than half its steps (``--on-nan skip``) fails.
 MAX_SKIPPED = 0.5
@@ -219,6 +223,9 @@ def run_flags(args, spec, data, lr: float) -> dict:
         "lr": float(lr),
         "decay": float(args.decay),
     }
+    if args.lora is not None:  # recorded only for a LoRA run: older checkpoints compare as they did
+        flags |= {"lora": args.lora, "lora_alpha": args.lora_alpha, "lora_targets": args.lora_targets,
+                  "lora_base": args.lora_base}  # fmt: skip
     return flags
 
 

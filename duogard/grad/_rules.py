@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from duogard import losses as _losses
 from duogard.grad._objective import Supervised, _unpack
-from duogard.nn import Activation, Conv2d, Dropout, Flatten, Linear, Sequential
+from duogard.nn import Activation, Conv2d, Dropout, Flatten, Frozen, Linear, LoRALinear, Sequential
 from duogard.tree import Rank1
 
 __all__ = ["plan", "sequential_activity_jvp", "sequential_loss_jvp"]
@@ -44,15 +44,21 @@ def plan(loss_fn, batch, *, convolutions: bool = True):
         return None
     if len(batch) == 3 and batch[2] is not None:  # dropout in training mode: generic path
         return None
-    if not any(isinstance(layer, (Linear, Conv2d)) for layer in loss_fn.model.layers):
+    layers = loss_fn.model.layers
+    if not any(isinstance(layer, (Linear, Conv2d, LoRALinear)) for layer in layers):
         return None
-    if not convolutions and any(isinstance(layer, Conv2d) for layer in loss_fn.model.layers):
+    if not convolutions and any(isinstance(_unfrozen(layer), Conv2d) for layer in layers):
         return None
-    for layer in loss_fn.model.layers:
-        if not layer.has_params or isinstance(layer, (Linear, Conv2d)):
+    for layer in layers:
+        if not layer.has_params or isinstance(layer, (Linear, Conv2d, LoRALinear)):
             continue
         return None  # a layer with params but no rule here (LayerNorm, users' layers ...)
     return loss_fn.model, loss_fn.loss
+
+
+def _unfrozen(layer):
+    """The layer a :class:`Frozen` holds (itself for any other layer)."""
+    return layer.layer if isinstance(layer, Frozen) else layer
 
 
 def _after_batch(xp, t, k: int):
@@ -139,12 +145,36 @@ def _conv(be, layer, p, tp, x, tx, k):
     return y, ty
 
 
+def _lora_linear(be, layer, p, tp, x, tx, k):
+    """``y = x Wᵀ + b + s (x Aᵀ) Bᵀ`` (W, b frozen): ``ẏ = ẋ Wᵀ + ḣ Bᵀ + h Ḃᵀ`` with
+    ``h = s x Aᵀ`` and ``ḣ = s (ẋ Aᵀ + x Ȧᵀ)``: three of :func:`_linear`'s products, the
+    adapters' rank-1 tangents kept factored.
+    """
+    y, ty = _linear(be, layer.linear, layer.constants(be, x), {}, x, tx, k)
+    h, th = _linear(be, layer.down, {"weight": p["lora_A"]}, _as_weight(tp, "lora_A"), x, tx, k)
+    h = h * layer.scale
+    th = None if th is None else th * layer.scale
+    z, tz = _linear(be, layer.up, {"weight": p["lora_B"]}, _as_weight(tp, "lora_B"), h, th, k)
+    if tz is None:
+        return y + z, ty
+    return y + z, tz if ty is None else ty + tz
+
+
+def _as_weight(tp, name):
+    return {"weight": tp[name]} if name in tp else {}
+
+
 def _layer(be, layer, p, tp, x, tx, k):
     """``(y, ty)``: the layer's output and its K tangents, batch-major: ``ty`` is ``(B, K, ...)``."""
     if isinstance(layer, Linear):
         return _linear(be, layer, p, tp, x, tx, k)
     if isinstance(layer, Conv2d):
         return _conv(be, layer, p, tp, x, tx, k)
+    if isinstance(layer, LoRALinear):
+        return _lora_linear(be, layer, p, tp, x, tx, k)
+    if isinstance(layer, Frozen) and isinstance(layer.layer, (Linear, Conv2d)):
+        # no param tangents: only the incoming ones pass through the frozen weights
+        return _layer(be, layer.layer, layer.constants(be, x), {}, x, tx, k)
     if isinstance(layer, Flatten):
         y = layer.forward(be, {}, x)
         return y, None if tx is None else be.xp.reshape(tx, (y.shape[0], k, *y.shape[1:]))

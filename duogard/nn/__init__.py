@@ -22,6 +22,7 @@ from duogard.nn._activations import (
 from duogard.nn._conv import Conv2d
 from duogard.nn._linear import Linear
 from duogard.nn._local import Local
+from duogard.nn._lora import Frozen, LoRALinear, LoRASequential, lora
 from duogard.nn._mixer import GroupedLinear, Patches, TokenLinear, TokenMean
 from duogard.nn._module import Lambda, Module, Sequential
 from duogard.nn._norm import Dropout, LayerNorm
@@ -43,6 +44,10 @@ __all__ = [
     "Flatten",
     "Dropout",
     "LayerNorm",
+    "lora",
+    "LoRALinear",
+    "LoRASequential",
+    "Frozen",
     "Activation",
     "activation",
     "ACTIVATIONS",

@@ -24,10 +24,12 @@ import torch.func
 
 from duogard.backend import backend, backend_of
 from duogard.nn import Module
+from duogard.nn._module import init_rng
 from duogard.tree import flatten_dict
 
 from .export import ExportCaptureError, capture, lower_exported
 from .helpers import UnsupportedTorchOpsError, in_mode, real_cause
+from .lora import adapt
 from .lower import lower_module
 from .tied import aliases_of, resolve, tie_groups, with_aliases
 from .training import PortableTrainMode, batchnorm_state_names, key_for_backend, train_mode_layers
@@ -59,6 +61,10 @@ class TorchModel(Module):
             :meth:`state_dict` gives params under every name.
         trainable_names: names of the parameters with ``requires_grad`` (what an estimator
             should differentiate); everything else (buffers, frozen parameters) is state.
+        lora: None, or for a model made by :func:`duogard.lora` (:meth:`with_lora`) what it
+            adapts (targets, rank, alpha, scale): then :attr:`module` is a copy of the base
+            module with the adapters, :attr:`trainable_names` are the adapters only, ``init``
+            draws them and :meth:`merge` folds them into the base weights.
 
         lowered_path: ``"export"`` or ``"fx"``: how the last lowered graph was captured (None
             before any lowering); ``lowered_fallback_reason`` says why export was not used.
@@ -96,7 +102,10 @@ class TorchModel(Module):
         self._aliases = aliases_of(self.tied)
         self.params = {k: to_numpy(v).copy() for k, v in state.items() if k not in self._aliases}
         self.trainable_names = tuple(k for k, p in module.named_parameters() if p.requires_grad)
+        self._buffer_names = frozenset(self.params) - {k for k, _ in module.named_parameters()}
+        self._placed: dict = {}  # the entries taken from self.params, per backend and device
         self._state_names = batchnorm_state_names(module)
+        self.lora = None
         self._lowered: dict[tuple, Any] = {}
         self._example_spec = None
         self.lowered_path = None
@@ -117,8 +126,12 @@ class TorchModel(Module):
         """The module's own weights and buffers (copies, NumPy), keyed like its ``state_dict``.
 
         ``seed`` is ignored: the weights are those the torch module already holds (it was
-        initialised by torch). ``dtype`` (optional) casts the floating-point entries.
+        initialised by torch). ``dtype`` (optional) casts the floating-point entries. A LoRA
+        model's params are its adapters, drawn from ``seed`` (``A`` as torch.nn.Linear's weight,
+        ``B`` zeros): see :func:`duogard.lora`.
         """
+        if self.lora is not None:
+            return self.lora.draw(init_rng(0 if seed is None else seed), self.params, dtype)
         out = {k: v.copy() for k, v in self.params.items()}
         if dtype is not None:
             dt = np.dtype(dtype if isinstance(dtype, str) else getattr(dtype, "name", dtype))
@@ -130,7 +143,9 @@ class TorchModel(Module):
         with torch.no_grad():
             x = torch.zeros(tuple(input_shape), dtype=torch.float32)
             out = self._torch_apply(self.params, x, key=None, train=False)
-        return self.init(), tuple(out.shape)
+        if self.lora is None:
+            return self.init(), tuple(out.shape)
+        return self.lora.draw(init_rng(0) if rng is None else rng, self.params), tuple(out.shape)
 
     def forward(self, be, params, x, *, key=None, train=False):
         return self.apply(params, x, key=key, train=train)
@@ -159,6 +174,34 @@ class TorchModel(Module):
         params = self.params if params is None else _flat_params(params, "TorchModel.state_dict")
         return with_aliases(dict(params), self._aliases)
 
+    # ------------------------------------------------------------------ LoRA
+    def with_lora(self, params=None, *, rank: int, alpha: float | None = None, targets="*") -> TorchModel:
+        """This module with LoRA adapters on its ``torch.nn.Linear`` and Hugging Face ``Conv1D``
+        submodules (named by module path), every base weight frozen (``params``, default
+        :attr:`params`): a model whose params are the adapters (:mod:`.lora` says how; the
+        arguments are :func:`duogard.lora`'s, which calls it).
+        """
+        if self.lora is not None:
+            raise TypeError(
+                "lora: model is adapted already; merge its adapters first (model.merge(adapters))"
+            )
+        module, spec, base_params = adapt(self, params, rank=rank, alpha=alpha, targets=targets)
+        spec_in = self._example_spec
+        example = None if spec_in is None else torch.zeros(spec_in[0], dtype=getattr(torch, spec_in[1]))
+        model = TorchModel(module, example)
+        model.params.update(base_params)  # the base weights (those given), frozen
+        model.lora, model.trainable_names = spec, spec.names
+        return model
+
+    def merge(self, adapters) -> dict:
+        """A LoRA model's base params (NumPy, keyed like the base model's) with the adapters
+        folded into the targeted weights, ``W + scale · B A``: ``dg.to_torch(model.merge(a),
+        base_module)`` loads them into the original module.
+        """
+        if self.lora is None:
+            raise TypeError("TorchModel.merge: this model has no LoRA adapters (see duogard.lora)")
+        return self.lora.merge(self.params, _flat_params(adapters, "TorchModel.merge"), self.tied)
+
     def _full_params(self, params, be, where: str, device=None) -> dict:
         params = _flat_params(params, where)
         tied = sorted(k for k in params if k in self._aliases)
@@ -180,9 +223,22 @@ class TorchModel(Module):
                 + (f"missing trainable keys {missing}" if missing else "")
             )
         full = {}
+        placed = self._placed.setdefault((be.name, repr(device)), {})
         for k, v in self.params.items():
-            value = params.get(k, v)
-            full[k] = value if be.is_array(value) else be.asarray(_maybe_numpy(value), device=device)
+            if k in params:
+                value = params[k]
+                full[k] = value if be.is_array(value) else be.asarray(_maybe_numpy(value), device=device)
+                continue
+            # an entry not given (a buffer, a frozen weight) is placed once per backend and device,
+            # not at every call (on CUDA that would copy every frozen weight to the GPU each step);
+            # inside a trace it is a constant of the program, made anew
+            cached = placed.get(k)
+            if cached is not None and cached[0] is v:
+                full[k] = cached[1]
+                continue
+            full[k] = be.asarray(v, device=device)
+            if not be.is_tracing(full[k]):
+                placed[k] = (v, full[k])
         return full
 
     # ------------------------------------------------------------------ torch path
@@ -192,9 +248,9 @@ class TorchModel(Module):
         if train:
             # buffers are updated in place by torch's layers (num_batches_tracked.add_, or
             # running statistics): they run on clones, never on the caller's arrays (NumPy
-            # params share memory with torch.from_numpy)
-            trainable = set(self.trainable_names)
-            full = {k: v if k in trainable else v.clone() for k, v in full.items()}
+            # params share memory with torch.from_numpy); parameters, frozen ones included, are
+            # only read
+            full = {k: v.clone() if k in self._buffer_names else v for k, v in full.items()}
         with in_mode(self.module, bool(train)):
             if not train:
                 return torch.func.functional_call(self.module, full, (x,))
@@ -351,6 +407,12 @@ class TorchModel(Module):
 
     def __repr__(self) -> str:
         n = sum(int(np.prod(self.params[k].shape)) for k in self.trainable_names)
+        if self.lora is not None:
+            lora = self.lora
+            return (
+                f"lora(from_torch({type(self.module).__name__}), rank={lora.rank}, alpha={lora.alpha:g}, "
+                f"{len(lora.targets)} Linear layers, {n} trainable parameters)"
+            )
         return f"from_torch({type(self.module).__name__}, {n} trainable parameters)"
 
 
