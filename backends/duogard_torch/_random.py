@@ -23,6 +23,7 @@ import warnings
 
 import numpy as np
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from duogard.backend import _philox as spec
 from duogard.backend import _philox_host as host
@@ -213,6 +214,10 @@ def _compiled(kind: str, key, n: int, dtype):
         return None
     if torch._C._functorch.peek_interpreter_stack() is not None:
         return None  # under torch.func.vmap / jvp / grad, which a compiled function refuses
+    if _get_current_dispatch_mode() is not None:
+        # under a dispatch mode (step memory's storage tracker), which torch.compile refuses: a
+        # failed compilation here would switch compiled draws off for the process
+        return None
     work = _working(dtype)
     body, per_block = _KERNEL_OF[kind]
     if (kind, work) not in _KERNELS:
@@ -288,8 +293,21 @@ def _on_host(kind: str, key, n: int, dtype, device):
     """``n`` numbers of ``kind`` drawn on the host (the kernel, else the NumPy specification)
     and copied over once: the same numbers (normal ones to float rounding).
     """
-    flat = host.draw_many(kind, [_words_of(key)], [n], _host_dtype(dtype))
-    return torch.from_numpy(flat).to(device=device, dtype=dtype)
+    return _host_draw(kind, [_words_of(key)], [n], dtype).to(device=device, dtype=dtype)
+
+
+def _host_draw(kind: str, words, counts, dtype):
+    """The host kernel's numbers (:func:`duogard.backend._philox_host.draw_many`) as a CPU tensor
+    of the host dtype: written into a tensor torch allocated, so that its allocation is seen
+    where torch's are (the step memory tracker counts the tangents); under a torch.func
+    transform, whose tensors have no NumPy view, through a NumPy array.
+    """
+    hd = _host_dtype(dtype)
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        return torch.from_numpy(host.draw_many(kind, words, counts, hd))
+    buf = torch.empty(int(sum(counts)), dtype=torch.float64 if hd == np.float64 else torch.float32)
+    host.draw_many(kind, words, counts, hd, out=buf.numpy())
+    return buf
 
 
 def _portable_normal(key, n: int, dtype, device):
@@ -388,7 +406,7 @@ def draw_rows(kind, keys, sizes, rows, dtype="float32", device=None, generator="
     counts = [rows * sizes[j] for j in small]
     if small:
         words = np.stack([np.asarray(_words_of(keys[j]), dtype=np.uint32) for j in small])
-        flat = torch.from_numpy(host.draw_many(kind, words, counts, _host_dtype(dtype))).to(device, dtype)
+        flat = _host_draw(kind, words, counts, dtype).to(device, dtype)
         if len(sizes) == 1 or (rows == 1 and len(small) == len(sizes)):
             return flat.reshape(rows, -1)  # one row of blocks side by side: the concatenation
     out = torch.empty((rows, sum(sizes)), dtype=dtype, device=device)

@@ -61,28 +61,48 @@ def _load():
     return draw, fold
 
 
-def _run(fn, kind: str, keys, counts, dtype) -> np.ndarray:
+def _run(fn, kind: str, keys, counts, dtype, out=None) -> np.ndarray:
     keys = np.ascontiguousarray(np.asarray(keys, dtype=np.uint32).reshape(-1, 2))
     counts = np.ascontiguousarray(np.asarray(counts, dtype=np.int64).reshape(-1))
     if len(keys) != len(counts) or (counts < 0).any():
         raise ValueError(f"draw_many: {len(keys)} keys for {len(counts)} counts, or a negative count")
-    out = np.empty(int(counts.sum()), dtype=dtype)
+    out = _out(out, int(counts.sum()), dtype)
     f64 = int(dtype == np.float64)
     if fn(_KINDS[kind], f64, keys.ctypes.data, counts.ctypes.data, len(counts), out.ctypes.data) != 0:
         raise RuntimeError(f"the Philox kernel refused the draw kind {kind!r}")  # not reached
     return out
 
 
-def draw_many(kind: str, keys, counts, dtype=np.float32) -> np.ndarray:
+def draw_many(kind: str, keys, counts, dtype=np.float32, out=None) -> np.ndarray:
     """``kind(keys[j], counts[j])`` (``"normal"``, ``"rademacher"`` or ``"uniform"``) for every
     ``j``, concatenated, in ``dtype`` (float32 or float64: a half-precision draw is the float32
     one rounded, which the caller does): :func:`duogard.backend._philox.draw_many`'s numbers.
+
+    ``out``: a contiguous 1-d array of ``dtype`` and the total count to write them into (a
+    framework's own buffer: the torch backend's, so that its allocation is the framework's);
+    returned.
     """
     dtype = np.dtype(dtype).type
     fn = kernel()
     if fn is None or kind not in ("normal", "rademacher", "uniform") or dtype not in (np.float32, np.float64):
-        return spec.draw_many(kind, keys, counts, dtype)
-    return _run(fn, kind, keys, counts, dtype)
+        numbers = spec.draw_many(kind, keys, counts, dtype)
+        if out is None:
+            return numbers
+        _out(out, numbers.size, dtype)[...] = numbers
+        return out
+    return _run(fn, kind, keys, counts, dtype, out)
+
+
+def _out(out, n: int, dtype) -> np.ndarray:
+    """``out`` checked (a fresh array where None)."""
+    if out is None:
+        return np.empty(n, dtype=dtype)
+    if out.dtype != dtype or out.shape != (n,) or not out.flags.c_contiguous or not out.flags.writeable:
+        raise ValueError(
+            f"draw_many: out must be a writable contiguous array of {n} {np.dtype(dtype).name}, got "
+            f"{out.dtype.name} of shape {out.shape}"
+        )
+    return out
 
 
 def words(key, n: int) -> np.ndarray:

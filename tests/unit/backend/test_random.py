@@ -328,3 +328,31 @@ def test_torch_compiled_draws_follow_the_spec(monkeypatch):
     monkeypatch.setenv("DUOGARD_COMPILE_DRAWS", "0")  # the eager path: the same numbers
     np.testing.assert_allclose(_np(bt, bt.normal(k, (n,))), compiled["normal"], rtol=2e-6, atol=2e-6)
     np.testing.assert_array_equal(_np(bt, bt.rademacher(k, (n,))), compiled["signs"])
+
+
+@pytest.mark.parametrize("path", ["host", "compiled"])
+def test_draws_under_the_step_memory_tracker_are_counted_and_keep_compiled_draws_on(
+    monkeypatch, recwarn, path
+):
+    """measure_step_memory runs a step under a dispatch mode. A draw of the host kernel is
+    written into a tensor torch allocates, so the tracker counts it (a NumPy array wrapped by
+    torch.from_numpy was invisible to it: the torch figure left the tangents out); a large draw
+    that would be compiled runs eagerly there (torch.compile refuses the mode), with the spec's
+    numbers, without a warning and without switching compiled draws off for the process (it
+    did both)."""
+    pytest.importorskip("torch")
+    from duogard_torch import _random as torch_random
+
+    bt = dg.backend("torch")
+    monkeypatch.setattr(torch_random, "_COMPILE_MIN", 1 << 14)
+    monkeypatch.setattr(torch_random, "_KERNELS", {})
+    if path == "compiled":
+        monkeypatch.setattr(torch_random, "_host_limit", lambda device: 0)
+    n, k = 20_003, bt.fold_in(bt.key(3), 9)
+    out = []
+    assert bt.step_memory(lambda: out.append(bt.normal(k, (n,)))) >= 4 * n
+    np.testing.assert_allclose(
+        _np(bt, out[0]), spec.normal(spec.fold_in_words(spec.key_words(3), 9), n), rtol=2e-6, atol=2e-6
+    )
+    assert not [w for w in recwarn if "torch.compile" in str(w.message)]
+    assert None not in torch_random._KERNELS.values()  # nothing switched off
