@@ -264,6 +264,7 @@ def test_cli_trains_checkpoints_resumes_and_compares_local_models(capsys, tmp_pa
     assert "--groups 3 must divide every hidden size" in capsys.readouterr().err
 
 
+@pytest.mark.integration
 def test_parity_runs_local_methods_in_lockstep(both, digits):
     model = dg.train.build_model("local-mlp", 10, hidden=(8,), groups=2)
     for method in ("local-forward-activity", "local-forward"):

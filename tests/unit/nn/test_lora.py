@@ -136,6 +136,7 @@ def test_fit_trains_only_the_adapters_and_lowers_the_loss(be, digits, name):
         np.testing.assert_array_equal(flatten_dict(model.base_params)[k], v)
 
 
+@pytest.mark.integration
 @pytest.mark.skipif(len(AVAILABLE) < 2, reason="needs both jax and torch installed")
 @pytest.mark.parametrize("name", ["backprop", "forward"])
 def test_the_two_backends_follow_the_same_trajectory(digits, name):

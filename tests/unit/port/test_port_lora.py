@@ -113,6 +113,7 @@ def test_jvp_along_an_adapter_tangent_is_torch_func_jvp_and_the_finite_differenc
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("name", ["backprop", "forward"])
 def test_only_the_adapters_train_and_the_backends_follow_the_same_trajectory(digits, name):
     module, base, model, _ = _setup(targets="*")
