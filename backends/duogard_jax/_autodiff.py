@@ -57,9 +57,11 @@ def jit(f, *, static_argnums=None, static_argnames=None, donate_argnums=None, co
     # compiled unless compile is False (torch's default is eager); observed by step_memory
     if compile is not None and not compile:
         return f
-    options = {}
-    if _JIT_TAKES_OPTIONS and jax.default_backend() == "cpu":
-        options["compiler_options"] = _CPU_COMPILER_OPTIONS  # activation checkpointing on CPU
+    # activation checkpointing on CPU. Given on every platform: asking which one this is
+    # (jax.default_backend()) would start XLA's backend, which must wait for
+    # jax.distributed.initialize in a data-parallel run; elsewhere the barriers reach code
+    # generation anyway, so the option changes nothing there
+    options = {"compiler_options": _CPU_COMPILER_OPTIONS} if _JIT_TAKES_OPTIONS else {}
     program = jax.jit(
         f,
         static_argnums=static_argnums,
